@@ -1,0 +1,152 @@
+"""gRPC interceptors, one concern each.
+
+Server side:
+- TraceContextServerInterceptor: continues the caller's W3C trace context.
+- ErrorMappingServerInterceptor: a ValueError escaping a handler becomes
+  INVALID_ARGUMENT with its message (never an opaque UNKNOWN), other exceptions are
+  logged with the method name and become INTERNAL.
+Client side:
+- TraceContextClientInterceptor: puts the current trace context into metadata.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import grpc
+from opentelemetry import context as otel_context
+
+from services.common.logging import get_logger
+from services.common.tracing import context_from_metadata, context_to_dict
+
+log = get_logger(__name__)
+
+
+class TraceContextServerInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        parent = context_from_metadata(handler_call_details.invocation_metadata)
+        return _wrap_handler(handler, lambda behavior: _with_context(behavior, parent))
+
+
+class ErrorMappingServerInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        return _wrap_handler(handler, lambda behavior: _map_errors(behavior, method))
+
+
+def _wrap_handler(handler, wrap):
+    if handler.unary_unary:
+        return handler._replace(unary_unary=wrap(handler.unary_unary))
+    if handler.unary_stream:
+        return handler._replace(unary_stream=wrap(handler.unary_stream))
+    if handler.stream_unary:
+        return handler._replace(stream_unary=wrap(handler.stream_unary))
+    if handler.stream_stream:
+        return handler._replace(stream_stream=wrap(handler.stream_stream))
+    return handler
+
+
+def _with_context(behavior, parent):
+    if inspect.isasyncgenfunction(behavior):
+
+        async def gen(request, context):
+            token = otel_context.attach(parent)
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            finally:
+                otel_context.detach(token)
+
+        return gen
+
+    async def call(request, context):
+        token = otel_context.attach(parent)
+        try:
+            return await behavior(request, context)
+        finally:
+            otel_context.detach(token)
+
+    return call
+
+
+async def _abort_for(exc: Exception, context, method: str):
+    if isinstance(exc, ValueError):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    log.exception("rpc_failed", method=method)
+    await context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal error: {type(exc).__name__}: {exc}")
+
+
+def _map_errors(behavior, method):
+    if inspect.isasyncgenfunction(behavior):
+
+        async def gen(request, context):
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            except (grpc.aio.AbortError, grpc.aio.AioRpcError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - mapped to a status below
+                await _abort_for(exc, context, method)
+
+        return gen
+
+    async def call(request, context):
+        try:
+            return await behavior(request, context)
+        except (grpc.aio.AbortError, grpc.aio.AioRpcError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped to a status below
+            await _abort_for(exc, context, method)
+
+    return call
+
+
+class _TraceClientBase:
+    @staticmethod
+    def _details(client_call_details):
+        metadata = list(client_call_details.metadata or [])
+        keys = {k for k, _ in metadata}
+        metadata.extend((k, v) for k, v in context_to_dict().items() if k not in keys)
+        return client_call_details._replace(metadata=metadata) if hasattr(
+            client_call_details, "_replace"
+        ) else grpc.aio.ClientCallDetails(
+            client_call_details.method,
+            client_call_details.timeout,
+            metadata,
+            client_call_details.credentials,
+            client_call_details.wait_for_ready,
+        )
+
+
+class TraceUnaryUnary(_TraceClientBase, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        return await continuation(self._details(client_call_details), request)
+
+
+class TraceUnaryStream(_TraceClientBase, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        return await continuation(self._details(client_call_details), request)
+
+
+class TraceStreamUnary(_TraceClientBase, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
+class TraceStreamStream(_TraceClientBase, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
+def default_server_interceptors() -> list[grpc.aio.ServerInterceptor]:
+    return [TraceContextServerInterceptor(), ErrorMappingServerInterceptor()]
+
+
+def default_client_interceptors() -> list:
+    return [TraceUnaryUnary(), TraceUnaryStream(), TraceStreamUnary(), TraceStreamStream()]

@@ -1,0 +1,1 @@
+"""Suite-wide fixtures. Component fixtures live in the conftest next to their tests."""
