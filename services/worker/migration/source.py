@@ -1,0 +1,385 @@
+"""Source side: the multi-stage live-migration protocol of one request.
+
+Block ranges of a request with block_size 4, while it decodes (x = computed token):
+
+    block table:  [ 0 ][ 1 ][ 2 ][ 3 ][ 4 ]
+    tokens:       xxxx xxxx xxxx xxxx xx..
+    stage 0:      |<--- full blocks --->|          copied while decoding continues
+    stage 1:                          [4] ...     blocks completed during stage 0
+    last stage:   request suspended; the partial tail block(s) + state, then commit
+
+Full blocks are append-only and never written again, so stages read them off the engine
+thread while it keeps stepping, then check on the engine thread that the request still
+owns them (not preempted, finished or aborted meanwhile). Only the last stage stops the
+request, and it copies a bounded number of blocks: downtime does not grow with length.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import torch
+from opentelemetry.trace import Status, StatusCode
+
+from kvtransport import TrafficClass, Transport
+from kvtransport.errors import TransportError
+from services.common.logging import bind_context, get_logger
+from services.common.tracing import context_to_dict, get_tracer
+from services.worker.async_engine import AsyncEngine
+from services.worker.engine import LLMEngine, RequestStatus
+from services.worker.migration.config import MigrationConfig
+from services.worker.migration.status import (
+    SOURCE_TRANSITIONS,
+    AbortReason,
+    MigrationStatus,
+    check_transition,
+)
+from services.worker.migration.types import (
+    CommitOffer,
+    DestinationClient,
+    MigrationResult,
+    MigrationTarget,
+    PrepareOffer,
+    RequestHandoff,
+    StageOffer,
+)
+
+log = get_logger(__name__)
+tracer = get_tracer(__name__)
+
+
+class MigrationAborted(Exception):
+    def __init__(self, reason: AbortReason, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else str(reason))
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    status: RequestStatus | None
+    block_ids: tuple[int, ...]
+    num_computed_tokens: int
+    num_tokens: int
+
+
+@dataclass
+class _Migration:
+    migration_id: str
+    request_id: str
+    target: MigrationTarget
+    status: MigrationStatus = MigrationStatus.PREPARING
+    num_stages: int = 0
+    num_blocks_sent: int = 0
+    num_bytes: int = 0
+    downtime_ms: float = 0.0
+    is_preempted: bool = False  # set from the engine thread by the preemption callback
+
+    def set_status(self, status: MigrationStatus) -> None:
+        check_transition(SOURCE_TRANSITIONS, self.status, status)
+        self.status = status
+
+
+def _snapshot(engine: LLMEngine, request_id: str) -> _Snapshot:
+    status = engine.request_status(request_id)
+    if status is None or status.is_finished:
+        return _Snapshot(status, (), 0, 0)
+    state = engine.export_request_state(request_id)
+    block_ids = (
+        tuple(engine.request_block_ids(request_id)) if status is not RequestStatus.WAITING else ()
+    )
+    return _Snapshot(status, block_ids, state.num_computed_tokens, state.num_tokens)
+
+
+class MigrationSource:
+    """Runs outgoing migrations for one worker."""
+
+    def __init__(
+        self,
+        instance_id: str,
+        async_engine: AsyncEngine,
+        transport: Transport,
+        config: MigrationConfig,
+        client_for: Callable[[MigrationTarget], DestinationClient],
+        handoff_for: Callable[[str, object], RequestHandoff],
+        on_committed: Callable[[RequestHandoff, MigrationTarget], Awaitable[None] | None]
+        | None = None,
+    ) -> None:
+        """handoff_for(request_id, state) wraps the engine state with what the worker
+        keeps beside it (owner gateway, trace context, placement epoch)."""
+        self._instance_id = instance_id
+        self._engine = async_engine
+        self._transport = transport
+        self._config = config
+        self._client_for = client_for
+        self._handoff_for = handoff_for
+        self._on_committed = on_committed
+        self._active: dict[str, _Migration] = {}
+        self._lock = threading.Lock()
+        self._slots = asyncio.Semaphore(config.max_outgoing)
+        self.results: list[MigrationResult] = []
+        async_engine.engine.add_preemption_callback(self._on_preempted)
+
+    @property
+    def num_active(self) -> int:
+        return len(self._active)
+
+    def is_migrating(self, request_id: str) -> bool:
+        return request_id in self._active
+
+    def _on_preempted(self, request_id: str) -> None:  # engine thread
+        with self._lock:
+            migration = self._active.get(request_id)
+            if migration is not None:
+                migration.is_preempted = True
+
+    async def migrate(self, request_id: str, target: MigrationTarget) -> MigrationResult:
+        """Move request_id to target; the request keeps running here on any failure."""
+        migration_id = uuid.uuid4().hex[:16]
+        if request_id in self._active:
+            return MigrationResult(
+                migration_id, request_id, MigrationStatus.ABORTED, "already_migrating"
+            )
+        migration = _Migration(migration_id, request_id, target)
+        with self._lock:
+            self._active[request_id] = migration
+        started = time.perf_counter()
+        try:
+            async with self._slots:
+                with (
+                    bind_context(request_id=request_id, migration_id=migration_id),
+                    tracer.start_as_current_span(
+                        "migration",
+                        attributes={
+                            "llmesh.request_id": request_id,
+                            "llmesh.migration_id": migration_id,
+                            "llmesh.src_instance_id": self._instance_id,
+                            "llmesh.dst_instance_id": target.instance_id,
+                        },
+                    ) as span,
+                ):
+                    reason = ""
+                    try:
+                        await self._run(migration)
+                    except MigrationAborted as exc:
+                        reason = str(exc)
+                        span.set_status(Status(StatusCode.ERROR, reason))
+                    span.set_attribute("llmesh.outcome", migration.status.value)
+                    span.set_attribute("llmesh.num_stages", migration.num_stages)
+                    span.set_attribute("llmesh.num_blocks", migration.num_blocks_sent)
+                    span.set_attribute("llmesh.num_bytes", migration.num_bytes)
+                    span.set_attribute("llmesh.downtime_ms", migration.downtime_ms)
+                    log.info(
+                        "migration_finished",
+                        status=migration.status.value,
+                        reason=reason,
+                        num_stages=migration.num_stages,
+                        num_blocks=migration.num_blocks_sent,
+                        downtime_ms=round(migration.downtime_ms, 3),
+                        dst_instance_id=target.instance_id,
+                    )
+        finally:
+            with self._lock:
+                self._active.pop(request_id, None)
+        result = MigrationResult(
+            migration_id=migration_id,
+            request_id=request_id,
+            status=migration.status.value,
+            reason=reason,
+            num_stages=migration.num_stages,
+            num_blocks=migration.num_blocks_sent,
+            downtime_ms=migration.downtime_ms,
+            num_bytes=migration.num_bytes,
+            duration_ms=(time.perf_counter() - started) * 1000,
+        )
+        self.results.append(result)
+        del self.results[:-256]
+        return result
+
+    # ---- protocol --------------------------------------------------------------------
+
+    async def _run(self, m: _Migration) -> None:
+        client = self._client_for(m.target)
+        engine = self._engine.engine
+        block_size = engine.config.block_size
+        snap = await self._engine.run(lambda e: _snapshot(e, m.request_id))
+        if snap.status is not RequestStatus.RUNNING:
+            m.set_status(MigrationStatus.ABORTED)
+            raise MigrationAborted(AbortReason.REQUEST_NOT_RUNNING, str(snap.status))
+
+        # 1. Handshake: the destination reserves blocks under a lease.
+        try:
+            reply = await client.prepare(
+                PrepareOffer(
+                    migration_id=m.migration_id,
+                    request_id=m.request_id,
+                    src_instance_id=self._instance_id,
+                    src_transport_address=self._transport.address,
+                    num_blocks=len(snap.block_ids) + self._config.reserve_slack_blocks,
+                    lease_ms=self._config.lease_ms,
+                    num_tokens=snap.num_tokens,
+                    trace_context=context_to_dict(),
+                )
+            )
+        except ConnectionError as exc:
+            m.set_status(MigrationStatus.ABORTED)
+            raise MigrationAborted(AbortReason.DESTINATION_UNREACHABLE, str(exc)) from exc
+        if not reply.accepted:
+            m.set_status(MigrationStatus.ABORTED)
+            raise MigrationAborted(AbortReason.DESTINATION_REFUSED, reply.reason)
+        if reply.kv_block_nbytes != engine.kv_block_nbytes:
+            await self._abort_remote(client, m, AbortReason.INCOMPATIBLE)
+            raise MigrationAborted(
+                AbortReason.INCOMPATIBLE,
+                f"destination blocks are {reply.kv_block_nbytes} bytes, ours {engine.kv_block_nbytes}",
+            )
+        m.set_status(MigrationStatus.COPYING)
+
+        # 2. Stages: copy full blocks while the request keeps decoding.
+        num_sent = 0
+        try:
+            while True:
+                snap = await self._engine.run(lambda e: _snapshot(e, m.request_id))
+                self._check_still_owned(m, snap)
+                num_full = snap.num_computed_tokens // block_size
+                if (
+                    num_full - num_sent <= self._config.last_stage_max_blocks
+                    or m.num_stages >= self._config.max_stages - 1
+                ):
+                    break
+                block_ids = list(snap.block_ids[num_sent:num_full])
+                with tracer.start_as_current_span("migration.stage") as span:
+                    # Full blocks never change: read them beside the engine's steps.
+                    data = await asyncio.to_thread(engine.read_kv_blocks, block_ids)
+                    check = await self._engine.run(lambda e: _snapshot(e, m.request_id))
+                    self._check_still_owned(m, check, expect_prefix=snap.block_ids[:num_full])
+                    await self._send_stage(client, m, num_sent, data, is_last=False, span=span)
+                num_sent = num_full
+        except MigrationAborted:
+            await self._abort_remote(client, m, None)
+            raise
+
+        # 3. Last stage: stop the request, copy the rest, commit.
+        downtime_start = time.perf_counter()
+
+        def suspend(e: LLMEngine):
+            s = _snapshot(e, m.request_id)
+            if s.status is not RequestStatus.RUNNING or m.is_preempted:
+                return s, None
+            e.suspend_request(m.request_id)
+            return s, e.export_request_state(m.request_id)
+
+        snap, state = await self._engine.run(suspend)
+        if state is None:
+            await self._abort_remote(client, m, None)
+            self._check_still_owned(m, snap)  # raises with the precise reason
+            raise MigrationAborted(AbortReason.REQUEST_FINISHED, str(snap.status))
+        m.set_status(MigrationStatus.STOPPED)
+        num_blocks = math.ceil(state.num_computed_tokens / block_size)
+        try:
+            with tracer.start_as_current_span("migration.last_stage") as span:
+                tail_ids = list(snap.block_ids[num_sent:num_blocks])
+                data = engine.read_kv_blocks(tail_ids) if tail_ids else None
+                await self._send_stage(client, m, num_sent, data, is_last=True, span=span)
+            m.set_status(MigrationStatus.COMMITTING)
+            handoff = self._handoff_for(m.request_id, state)
+            committed, detail = await self._commit(
+                client, CommitOffer(m.migration_id, handoff, num_blocks)
+            )
+        except MigrationAborted as exc:
+            await self._resume_here(m)
+            await self._abort_remote(client, m, exc.reason)
+            raise
+        if not committed:
+            await self._resume_here(m)
+            await self._abort_remote(client, m, AbortReason.COMMIT_REFUSED)
+            raise MigrationAborted(AbortReason.COMMIT_REFUSED, detail)
+        await self._engine.run(lambda e: e.remove_request(m.request_id))
+        m.downtime_ms = (time.perf_counter() - downtime_start) * 1000
+        m.set_status(MigrationStatus.COMMITTED)
+        if self._on_committed is not None:
+            result = self._on_committed(handoff, m.target)
+            if asyncio.iscoroutine(result):
+                await result
+
+    def _check_still_owned(
+        self, m: _Migration, snap: _Snapshot, expect_prefix: tuple[int, ...] = ()
+    ) -> None:
+        if m.is_preempted or snap.status is RequestStatus.WAITING:
+            raise MigrationAborted(AbortReason.REQUEST_PREEMPTED)
+        if snap.status is None or snap.status.is_finished:
+            raise MigrationAborted(AbortReason.REQUEST_FINISHED, str(snap.status))
+        if snap.block_ids[: len(expect_prefix)] != expect_prefix:
+            raise MigrationAborted(AbortReason.REQUEST_PREEMPTED, "block table changed")
+
+    async def _send_stage(
+        self, client, m: _Migration, first: int, data: torch.Tensor | None, is_last: bool, span
+    ) -> None:
+        num_blocks = 0 if data is None else data.shape[2]
+        transfer_id = f"mig-{m.migration_id}-{m.num_stages}"
+        offer = StageOffer(m.migration_id, m.num_stages, first, num_blocks, transfer_id, is_last)
+        span.set_attribute("llmesh.stage_index", m.num_stages)
+        span.set_attribute("llmesh.num_blocks", num_blocks)
+        try:
+            ready, reason = await client.stage(offer)
+        except ConnectionError as exc:
+            raise MigrationAborted(AbortReason.DESTINATION_UNREACHABLE, str(exc)) from exc
+        if not ready:
+            raise MigrationAborted(AbortReason.DESTINATION_REFUSED, reason)
+        if data is not None:
+            handle = None
+            try:
+                handle = await self._transport.send(
+                    m.target.transport_address,
+                    transfer_id,
+                    [data],
+                    TrafficClass.KV,
+                    context_to_dict(),
+                )
+                await asyncio.wait_for(handle.wait(), self._config.transfer_timeout_s)
+            except (TransportError, TimeoutError) as exc:
+                if handle is not None:  # stop the bytes and settle the handle
+                    with contextlib.suppress(TransportError):
+                        await handle.cancel()
+                raise MigrationAborted(
+                    AbortReason.TRANSFER_FAILED, f"{type(exc).__name__}: {exc}"
+                ) from exc
+            nbytes = data.numel() * data.element_size()
+            span.set_attribute("llmesh.num_bytes", nbytes)
+            m.num_bytes += nbytes
+        m.num_stages += 1
+        m.num_blocks_sent += num_blocks
+
+    async def _commit(self, client, offer: CommitOffer) -> tuple[bool, str]:
+        last_error: Exception | None = None
+        for _ in range(self._config.commit_attempts):
+            try:
+                return await client.commit(offer)
+            except ConnectionError as exc:  # idempotent: retrying cannot run it twice
+                last_error = exc
+                await asyncio.sleep(0.05)
+        # The destination is unreachable: if it adopted the request it is dead now, so
+        # resuming here keeps the request running in exactly one place.
+        raise MigrationAborted(AbortReason.DESTINATION_UNREACHABLE, str(last_error))
+
+    async def _resume_here(self, m: _Migration) -> None:
+        def resume(e: LLMEngine) -> None:
+            if e.request_status(m.request_id) is RequestStatus.SUSPENDED:
+                e.resume_request(m.request_id)
+
+        await self._engine.run(resume)
+        if m.status is not MigrationStatus.ABORTED:
+            m.set_status(MigrationStatus.ABORTED)
+
+    async def _abort_remote(self, client, m: _Migration, reason: AbortReason | None) -> None:
+        if m.status is not MigrationStatus.ABORTED:
+            m.set_status(MigrationStatus.ABORTED)
+        with contextlib.suppress(ConnectionError):  # else its lease frees the reservation
+            await client.abort(m.migration_id, str(reason or "aborted_by_source"))

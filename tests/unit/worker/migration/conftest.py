@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.worker.engine import EngineConfig
+from services.worker.migration import MigrationConfig
+from tests.unit.worker.migration.harness import Node, Stream
+
+torch.set_num_threads(1)
+
+ENGINE_CONFIG = EngineConfig(block_size=4, num_kv_blocks=512, max_model_len=2048)
+
+
+@pytest.fixture
+async def cluster():
+    """cluster(config=MigrationConfig(...)) -> (a, b, streams); both nodes are checked
+    clean (integrity, all blocks free, no transfers left) and stopped at the end."""
+    nodes: list[Node] = []
+    streams: dict[str, Stream] = {}
+
+    async def make(
+        config: MigrationConfig = MigrationConfig(), engine_config: EngineConfig = ENGINE_CONFIG
+    ):
+        a = Node("a", streams, engine_config, config)
+        b = Node("b", streams, engine_config, config)
+        peers = {"a": a, "b": b}
+        for node in (a, b):
+            nodes.append(node)
+            await node.start(peers)
+        return a, b, streams
+
+    yield make
+    try:
+        for node in nodes:
+            await node.assert_clean()
+    finally:
+        for node in nodes:
+            await node.stop()
