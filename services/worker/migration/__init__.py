@@ -18,7 +18,7 @@ See docs/migration.md for the abort paths and the downtime argument.
 from services.worker.migration.config import MigrationConfig
 from services.worker.migration.destination import MigrationDestination
 from services.worker.migration.source import MigrationSource
-from services.worker.migration.status import AbortReason, MigrationStatus
+from services.worker.migration.status import AbortReason, MigrationMode, MigrationStatus
 from services.worker.migration.types import (
     CommitOffer,
     DestinationClient,
@@ -36,6 +36,7 @@ __all__ = [
     "DestinationClient",
     "MigrationConfig",
     "MigrationDestination",
+    "MigrationMode",
     "MigrationResult",
     "MigrationSource",
     "MigrationStatus",

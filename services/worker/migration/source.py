@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import threading
 import time
@@ -38,6 +39,7 @@ from services.worker.migration.config import MigrationConfig
 from services.worker.migration.status import (
     SOURCE_TRANSITIONS,
     AbortReason,
+    MigrationMode,
     MigrationStatus,
     check_transition,
 )
@@ -75,6 +77,7 @@ class _Migration:
     migration_id: str
     request_id: str
     target: MigrationTarget
+    mode: MigrationMode = MigrationMode.LIVE
     status: MigrationStatus = MigrationStatus.PREPARING
     num_stages: int = 0
     num_blocks_sent: int = 0
@@ -140,14 +143,20 @@ class MigrationSource:
             if migration is not None:
                 migration.is_preempted = True
 
-    async def migrate(self, request_id: str, target: MigrationTarget) -> MigrationResult:
-        """Move request_id to target; the request keeps running here on any failure."""
+    async def migrate(
+        self, request_id: str, target: MigrationTarget, mode: MigrationMode = MigrationMode.LIVE
+    ) -> MigrationResult:
+        """Move request_id to target; the request keeps running here on any failure.
+
+        mode LIVE is the Llumnix protocol; BLOCKING_COPY (stop, copy every block) and
+        RECOMPUTE (stop, re-prefill at the destination) are the baselines it is measured
+        against, and RECOMPUTE also moves a request where no data plane is reachable."""
         migration_id = uuid.uuid4().hex[:16]
         if request_id in self._active:
             return MigrationResult(
                 migration_id, request_id, MigrationStatus.ABORTED, "already_migrating"
             )
-        migration = _Migration(migration_id, request_id, target)
+        migration = _Migration(migration_id, request_id, target, MigrationMode(mode))
         with self._lock:
             self._active[request_id] = migration
         started = time.perf_counter()
@@ -222,7 +231,9 @@ class MigrationSource:
                     request_id=m.request_id,
                     src_instance_id=self._instance_id,
                     src_transport_address=self._transport.address,
-                    num_blocks=len(snap.block_ids) + self._config.reserve_slack_blocks,
+                    num_blocks=0
+                    if m.mode is MigrationMode.RECOMPUTE
+                    else len(snap.block_ids) + self._config.reserve_slack_blocks,
                     lease_ms=self._config.lease_ms,
                     num_tokens=snap.num_tokens,
                     trace_context=context_to_dict(),
@@ -245,7 +256,7 @@ class MigrationSource:
         # 2. Stages: copy full blocks while the request keeps decoding.
         num_sent = 0
         try:
-            while True:
+            while m.mode is MigrationMode.LIVE:
                 snap = await self._engine.run(lambda e: _snapshot(e, m.request_id))
                 self._check_still_owned(m, snap)
                 num_full = snap.num_computed_tokens // block_size
@@ -282,12 +293,15 @@ class MigrationSource:
             self._check_still_owned(m, snap)  # raises with the precise reason
             raise MigrationAborted(AbortReason.REQUEST_FINISHED, str(snap.status))
         m.set_status(MigrationStatus.STOPPED)
+        if m.mode is MigrationMode.RECOMPUTE:  # no KV travels: the destination re-prefills
+            state = dataclasses.replace(state, num_computed_tokens=0)
         num_blocks = math.ceil(state.num_computed_tokens / block_size)
         try:
-            with tracer.start_as_current_span("migration.last_stage") as span:
-                tail_ids = list(snap.block_ids[num_sent:num_blocks])
-                data = engine.read_kv_blocks(tail_ids) if tail_ids else None
-                await self._send_stage(client, m, num_sent, data, is_last=True, span=span)
+            if m.mode is not MigrationMode.RECOMPUTE:
+                with tracer.start_as_current_span("migration.last_stage") as span:
+                    tail_ids = list(snap.block_ids[num_sent:num_blocks])
+                    data = engine.read_kv_blocks(tail_ids) if tail_ids else None
+                    await self._send_stage(client, m, num_sent, data, is_last=True, span=span)
             m.set_status(MigrationStatus.COMMITTING)
             handoff = self._handoff_for(m.request_id, state)
             committed, detail = await self._commit(

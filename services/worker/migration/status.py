@@ -84,6 +84,14 @@ class AbortReason(StrEnum):
     ABORTED_BY_SOURCE = "aborted_by_source"  # destination: AbortMigration
 
 
+class MigrationMode(StrEnum):
+    """How the request's KV reaches the destination."""
+
+    LIVE = "live"  # stages while decoding, then a short stop-and-copy (Llumnix)
+    BLOCKING_COPY = "blocking_copy"  # stop, copy every block, resume (baseline)
+    RECOMPUTE = "recompute"  # stop, send only tokens; the destination re-prefills (baseline)
+
+
 class IllegalTransition(RuntimeError):
     """An internal invariant broke: a status moved along an edge not listed above."""
 

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from services.worker.engine import SamplingParams
-from services.worker.migration import MigrationConfig, MigrationStatus
+from services.worker.migration import MigrationConfig, MigrationMode, MigrationStatus
 from tests.unit.worker.migration.conftest import ENGINE_CONFIG
 from tests.unit.worker.migration.harness import reference_tokens
 
@@ -231,3 +231,21 @@ async def test_migrations_both_ways_at_once_with_new_arrivals(cluster):
     for rid in expected:
         await asyncio.wait_for(streams[rid].finished.wait(), 60)
         assert streams[rid].tokens == expected[rid], rid
+
+
+@pytest.mark.parametrize("mode", [MigrationMode.BLOCKING_COPY, MigrationMode.RECOMPUTE])
+async def test_baseline_modes_also_preserve_tokens(cluster, mode):
+    a, b, streams = await cluster()
+    params = SamplingParams(max_tokens=60, temperature=0.8, seed=3, ignore_eos=True)
+    p = prompt(9, 70)
+    expected = reference_tokens(ENGINE_CONFIG, p, params)
+    await a.add("r", p, params)
+    await wait_tokens(streams, "r", 5)
+    result = await a.source.migrate("r", b.target(), mode)
+    assert result.status == MigrationStatus.COMMITTED
+    if mode is MigrationMode.RECOMPUTE:
+        assert (result.num_stages, result.num_blocks, result.num_bytes) == (0, 0, 0)
+    else:
+        assert result.num_stages == 1 and result.num_blocks >= 70 // 4
+    await asyncio.wait_for(streams["r"].finished.wait(), 60)
+    assert streams["r"].tokens == expected
