@@ -13,16 +13,14 @@ from kvtransport import Backend, TransportConfig, make_transport
 from services.worker.async_engine import AsyncEngine
 from services.worker.engine import EngineConfig, LLMEngine, SamplingParams
 from services.worker.migration import (
-    CommitOffer,
     MigrationConfig,
     MigrationDestination,
     MigrationSource,
     MigrationTarget,
-    PrepareOffer,
-    PrepareReply,
     RequestHandoff,
     StageOffer,
 )
+from services.worker.migration.local import LocalDestinationClient
 
 
 @dataclass
@@ -34,28 +32,17 @@ class Stream:
     finished: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-class LocalClient:
-    """DestinationClient calling a MigrationDestination directly, with fault hooks."""
+class LocalClient(LocalDestinationClient):
+    """The in-process client with fault hooks: before_stage(offer) may rewrite or delay."""
 
     def __init__(self, destination: MigrationDestination) -> None:
-        self.destination = destination
-        self.before_stage = None  # async hook(offer) -> offer, may raise ConnectionError
-        self.num_commits = 0
-
-    async def prepare(self, offer: PrepareOffer) -> PrepareReply:
-        return await self.destination.prepare(offer)
+        super().__init__(destination)
+        self.before_stage = None
 
     async def stage(self, offer: StageOffer):
         if self.before_stage is not None:
             offer = await self.before_stage(offer)
-        return await self.destination.stage(offer)
-
-    async def commit(self, offer: CommitOffer):
-        self.num_commits += 1
-        return await self.destination.commit(offer)
-
-    async def abort(self, migration_id: str, reason: str) -> bool:
-        return await self.destination.abort(migration_id, reason)
+        return await super().stage(offer)
 
 
 class Node:

@@ -1,0 +1,277 @@
+"""`./llmesh bench migration --json`: live-migration downtime vs blocking copy vs recompute.
+
+Two real engines (each on its own thread, one torch thread each) exchange KV over a
+real UCX transport in this process. The model has a realistic KV size per token for its
+layer count (8 layers x 8 KV heads x 64 dims, fp32: 32 KiB/token). For each context
+length a request is prefilled on instance a, decodes beside 3 background requests, and
+is moved a -> b by each method (moved back live, unmeasured, between methods).
+
+Downtime is what the request's token stream sees: the gap between its last token on
+the source and its first on the destination, minus one decode step on the destination
+(the step it would have spent anyway). Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench._checkpoint import llama_config, write_checkpoint
+from kvtransport import Backend, TransportConfig, make_transport
+from services.common.logging import setup_logging
+from services.worker.async_engine import AsyncEngine
+from services.worker.engine import EngineConfig, LLMEngine, SamplingParams
+from services.worker.migration import (
+    MigrationConfig,
+    MigrationDestination,
+    MigrationMode,
+    MigrationSource,
+    MigrationStatus,
+    MigrationTarget,
+    RequestHandoff,
+)
+from services.worker.migration.local import LocalDestinationClient
+
+DEFAULT_LENGTHS = (256, 1024, 2048, 4096, 8192)
+NUM_BACKGROUND = 3
+
+
+class Node:
+    """One engine + transport + both migration roles; records when each token appeared."""
+
+    def __init__(self, name: str, model_dir: Path, max_len: int, log: dict[str, list]) -> None:
+        self.name = name
+        self.log = log  # request id -> [(time, node name)] per output token
+        config = EngineConfig(
+            model=str(model_dir),
+            memory_capacity_bytes=2 * 1024**3,
+            max_model_len=max_len,
+            max_num_batched_tokens=1024,
+        )
+        self.engine = LLMEngine(config)
+        self.async_engine = AsyncEngine(self.engine, self._on_step, snapshot_interval_s=0.5)
+        self.transport = make_transport(TransportConfig(backend=Backend.UCX))
+        self.finished: set[str] = set()
+
+    def _on_step(self, outputs, snapshot) -> None:
+        now = time.perf_counter()
+        for out in outputs:
+            self.log.setdefault(out.request_id, []).extend(
+                [(now, self.name)] * len(out.new_token_ids)
+            )
+            if out.finished:
+                self.finished.add(out.request_id)
+
+    async def start(self, peers: dict[str, Node]) -> None:
+        await self.transport.start()
+        self.async_engine.start()
+        config = MigrationConfig(transfer_timeout_s=120, lease_ms=60_000, rpc_timeout_s=120)
+        self.destination = MigrationDestination(self.async_engine, self.transport, config)
+        self.destination.start()
+        self.source = MigrationSource(
+            self.name,
+            self.async_engine,
+            self.transport,
+            config,
+            client_for=lambda target: LocalDestinationClient(peers[target.instance_id].destination),
+            handoff_for=lambda request_id, state: RequestHandoff(state, owner_address="bench"),
+        )
+
+    def target(self) -> MigrationTarget:
+        return MigrationTarget(self.name, "", self.transport.address)
+
+    async def stop(self) -> None:
+        await self.destination.close()
+        await self.async_engine.stop()
+        await self.transport.close()
+
+
+async def wait_tokens(log, request_id: str, count: int, timeout: float = 600) -> None:
+    deadline = time.perf_counter() + timeout
+    while len(log.get(request_id, ())) < count:
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"{request_id} did not reach {count} tokens")
+        await asyncio.sleep(0.005)
+
+
+def handover_gap(entries, start: int, src: str, dst: str) -> tuple[float, float]:
+    """(gap between the last src token and the first dst token after index start,
+    median dst inter-token interval right after) in seconds."""
+    for i in range(max(start, 1), len(entries)):
+        if entries[i][1] == dst and entries[i - 1][1] == src:
+            after = [
+                entries[j + 1][0] - entries[j][0] for j in range(i, min(i + 6, len(entries) - 1))
+            ]
+            return entries[i][0] - entries[i - 1][0], statistics.median(after)
+    raise RuntimeError("no handover found in the token stream")
+
+
+def interval_mean(entries, t0: float, t1: float) -> float | None:
+    times = [t for t, _ in entries if t0 <= t <= t1]
+    if len(times) < 2:
+        return None
+    return (times[-1] - times[0]) / (len(times) - 1)
+
+
+async def move(a: Node, b: Node, log, request_id: str, mode: MigrationMode) -> dict:
+    """Move request_id a -> b by mode; the stream-visible downtime and the slowdown of a's
+    other requests while it ran."""
+    start_index = len(log[request_id])
+    t0 = time.perf_counter()
+    result = await a.source.migrate(request_id, b.target(), mode)
+    t1 = time.perf_counter()
+    if result.status != MigrationStatus.COMMITTED:
+        raise RuntimeError(f"{mode} migration failed: {result}")
+    await wait_tokens(log, request_id, len(log[request_id]) + 8)
+    gap, dst_step = handover_gap(log[request_id], start_index, a.name, b.name)
+    during = [interval_mean(log[f"bg{i}"], t0, t1) for i in range(NUM_BACKGROUND)]
+    before = [
+        interval_mean(log[f"bg{i}"], t0 - max(1.0, 3 * (t1 - t0)), t0)
+        for i in range(NUM_BACKGROUND)
+    ]
+    return {
+        "downtime_ms": max(gap - dst_step, 0.0) * 1000,
+        "coordinator_downtime_ms": result.downtime_ms,
+        "duration_ms": result.duration_ms,
+        "num_stages": result.num_stages,
+        "num_blocks": result.num_blocks,
+        "num_bytes": result.num_bytes,
+        "bg_during_s": [d for d in during if d is not None],
+        "bg_before_s": [b for b in before if b is not None],
+    }
+
+
+async def run(lengths: list[int], progress) -> dict:
+    torch.set_num_threads(1)  # one core per engine thread on a 2-core machine
+    max_len = max(lengths) + 2048
+    model_dir = write_checkpoint(
+        Path(tempfile.gettempdir()) / "llmesh-bench-migration-model",
+        llama_config(
+            num_layers=8,
+            hidden_size=256,
+            num_heads=8,
+            num_kv_heads=8,
+            head_dim=64,
+            intermediate_size=512,
+            max_position_embeddings=max_len,
+        ),
+    )
+    log: dict[str, list] = {}
+    a, b = Node("a", model_dir, max_len, log), Node("b", model_dir, max_len, log)
+    peers = {"a": a, "b": b}
+    await a.start(peers)
+    await b.start(peers)
+    rng = random.Random(0)
+    rows = []
+    try:
+        progress(
+            f"model: 8 layers, KV {a.engine.kv_block_nbytes // 16 // 1024} KiB/token; lengths {lengths}"
+        )
+        for length in lengths:
+            log.clear()
+            for i in range(NUM_BACKGROUND):
+                prompt = [rng.randrange(256) for _ in range(32)]
+                await a.async_engine.run(
+                    lambda e, i=i, p=prompt: e.add_request(
+                        f"bg{i}", p, SamplingParams(max_tokens=1500, ignore_eos=True)
+                    )
+                )
+            rid = f"r{length}"
+            prompt = [rng.randrange(256) for _ in range(length)]
+            await a.async_engine.run(
+                lambda e, r=rid, p=prompt: e.add_request(
+                    r, p, SamplingParams(max_tokens=1500, ignore_eos=True)
+                )
+            )
+            await wait_tokens(log, rid, 8)
+            entries = log[rid]
+            decode_step = statistics.median(
+                entries[j + 1][0] - entries[j][0] for j in range(len(entries) - 6, len(entries) - 1)
+            )
+            row = {"context_length": length, "decode_step_ms": decode_step * 1000}
+            for mode in (MigrationMode.LIVE, MigrationMode.BLOCKING_COPY, MigrationMode.RECOMPUTE):
+                row[mode.value] = await move(a, b, log, rid, mode)
+                if mode is not MigrationMode.RECOMPUTE:
+                    await b.source.migrate(rid, a.target())  # back to a, unmeasured
+                    await wait_tokens(log, rid, len(log[rid]) + 3)
+                progress(
+                    f"  ctx {length:5d}  {mode.value:13s} downtime {row[mode.value]['downtime_ms']:9.1f} ms"
+                )
+            for node in (a, b):
+                for request_id in [rid] + [f"bg{i}" for i in range(NUM_BACKGROUND)]:
+                    await node.async_engine.run(lambda e, r=request_id: e.abort_request(r))
+            rows.append(row)
+        for node in (a, b):
+            await node.async_engine.run(lambda e: e.check_integrity())
+            free = await node.async_engine.run(lambda e: e.block_manager.num_free_blocks)
+            assert free == node.engine.block_manager.num_total_blocks, f"{node.name} leaked blocks"
+    finally:
+        await a.stop()
+        await b.stop()
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict:
+    live = rows[-1]["live"]
+    during = statistics.mean(live["bg_during_s"]) if live["bg_during_s"] else None
+    before = statistics.mean(live["bg_before_s"]) if live["bg_before_s"] else None
+    slowdown = (during / before - 1) * 100 if during and before else None
+    return {
+        "context_lengths": [r["context_length"] for r in rows],
+        "live_downtime_ms": [round(r["live"]["downtime_ms"], 3) for r in rows],
+        "blocking_copy_ms": [round(r["blocking_copy"]["downtime_ms"], 3) for r in rows],
+        "recompute_ms": [round(r["recompute"]["downtime_ms"], 3) for r in rows],
+        "decode_step_ms": round(rows[-1]["decode_step_ms"], 3),
+        "decode_step_ms_per_length": [round(r["decode_step_ms"], 3) for r in rows],
+        "source_slowdown_pct": None if slowdown is None else round(slowdown, 1),
+        "live_coordinator_downtime_ms": [
+            round(r["live"]["coordinator_downtime_ms"], 3) for r in rows
+        ],
+        "live_num_stages": [r["live"]["num_stages"] for r in rows],
+        "live_mib_copied": [round(r["live"]["num_bytes"] / 2**20, 1) for r in rows],
+    }
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="llmesh bench migration", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the JSON summary as the last line"
+    )
+    parser.add_argument(
+        "--lengths",
+        default=",".join(map(str, DEFAULT_LENGTHS)),
+        help="context lengths, comma-separated",
+    )
+    args = parser.parse_args(argv)
+    lengths = sorted(int(x) for x in args.lengths.split(","))
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+    setup_logging("bench-migration", level="WARNING")
+    rows = asyncio.run(run(lengths, progress))
+    summary = summarize(rows)
+    print(
+        f"{'context':>8} {'live ms':>9} {'blocking ms':>12} {'recompute ms':>13} {'step ms':>8} {'stages':>6}"
+    )
+    for i, length in enumerate(summary["context_lengths"]):
+        print(
+            f"{length:8d} {summary['live_downtime_ms'][i]:9.2f} {summary['blocking_copy_ms'][i]:12.2f} "
+            f"{summary['recompute_ms'][i]:13.2f} {summary['decode_step_ms_per_length'][i]:8.2f} {summary['live_num_stages'][i]:6d}"
+        )
+    print(
+        f"source slowdown during live migration at {lengths[-1]}: {summary['source_slowdown_pct']}%"
+    )
+    print(json.dumps(summary))
+    return 0
