@@ -68,7 +68,7 @@ class RequestState(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., output_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., num_computed_tokens: _Optional[int] = ..., arrival_time: _Optional[float] = ..., owner_address: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("instance_id", "seq", "num_running", "num_waiting", "num_total_blocks", "num_used_blocks", "num_hol_blocks", "num_running_high_priority", "virtual_usage", "freeness", "is_terminating", "num_preemptions", "num_migrating", "running")
+    __slots__ = ("instance_id", "seq", "num_running", "num_waiting", "num_total_blocks", "num_used_blocks", "num_hol_blocks", "num_running_high_priority", "virtual_usage", "freeness", "is_terminating", "num_preemptions", "num_migrating", "running", "is_integrity_checked", "integrity_error", "num_waiting_blocks", "num_headroom_blocks")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,10 @@ class LoadReport(_message.Message):
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     NUM_MIGRATING_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
+    IS_INTEGRITY_CHECKED_FIELD_NUMBER: _ClassVar[int]
+    INTEGRITY_ERROR_FIELD_NUMBER: _ClassVar[int]
+    NUM_WAITING_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_HEADROOM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     seq: int
     num_running: int
@@ -97,7 +101,11 @@ class LoadReport(_message.Message):
     num_preemptions: int
     num_migrating: int
     running: _containers.RepeatedCompositeFieldContainer[RunningRequest]
-    def __init__(self, instance_id: _Optional[str] = ..., seq: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_used_blocks: _Optional[int] = ..., num_hol_blocks: _Optional[int] = ..., num_running_high_priority: _Optional[int] = ..., virtual_usage: _Optional[float] = ..., freeness: _Optional[float] = ..., is_terminating: _Optional[bool] = ..., num_preemptions: _Optional[int] = ..., num_migrating: _Optional[int] = ..., running: _Optional[_Iterable[_Union[RunningRequest, _Mapping]]] = ...) -> None: ...
+    is_integrity_checked: bool
+    integrity_error: str
+    num_waiting_blocks: int
+    num_headroom_blocks: int
+    def __init__(self, instance_id: _Optional[str] = ..., seq: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_used_blocks: _Optional[int] = ..., num_hol_blocks: _Optional[int] = ..., num_running_high_priority: _Optional[int] = ..., virtual_usage: _Optional[float] = ..., freeness: _Optional[float] = ..., is_terminating: _Optional[bool] = ..., num_preemptions: _Optional[int] = ..., num_migrating: _Optional[int] = ..., running: _Optional[_Iterable[_Union[RunningRequest, _Mapping]]] = ..., is_integrity_checked: _Optional[bool] = ..., integrity_error: _Optional[str] = ..., num_waiting_blocks: _Optional[int] = ..., num_headroom_blocks: _Optional[int] = ...) -> None: ...
 
 class RunningRequest(_message.Message):
     __slots__ = ("request_id", "num_tokens", "num_blocks", "priority")
@@ -112,7 +120,7 @@ class RunningRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., num_blocks: _Optional[int] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class InstanceInfo(_message.Message):
-    __slots__ = ("instance_id", "address", "transport_address", "transport_backend", "model_id", "memory_capacity_bytes", "block_size", "layer_start", "layer_end", "num_layers", "max_model_len")
+    __slots__ = ("instance_id", "address", "transport_address", "transport_backend", "model_id", "memory_capacity_bytes", "block_size", "layer_start", "layer_end", "num_layers", "max_model_len", "vocab_size", "eos_token_id")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +132,8 @@ class InstanceInfo(_message.Message):
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     address: str
     transport_address: bytes
@@ -135,4 +145,6 @@ class InstanceInfo(_message.Message):
     layer_end: int
     num_layers: int
     max_model_len: int
-    def __init__(self, instance_id: _Optional[str] = ..., address: _Optional[str] = ..., transport_address: _Optional[bytes] = ..., transport_backend: _Optional[str] = ..., model_id: _Optional[str] = ..., memory_capacity_bytes: _Optional[int] = ..., block_size: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., max_model_len: _Optional[int] = ...) -> None: ...
+    vocab_size: int
+    eos_token_id: int
+    def __init__(self, instance_id: _Optional[str] = ..., address: _Optional[str] = ..., transport_address: _Optional[bytes] = ..., transport_backend: _Optional[str] = ..., model_id: _Optional[str] = ..., memory_capacity_bytes: _Optional[int] = ..., block_size: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_id: _Optional[int] = ...) -> None: ...

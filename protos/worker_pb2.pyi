@@ -32,8 +32,10 @@ class WorkerAbortResponse(_message.Message):
     def __init__(self, aborted: _Optional[bool] = ...) -> None: ...
 
 class GetLoadRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("check_integrity",)
+    CHECK_INTEGRITY_FIELD_NUMBER: _ClassVar[int]
+    check_integrity: bool
+    def __init__(self, check_integrity: _Optional[bool] = ...) -> None: ...
 
 class MigrateOutRequest(_message.Message):
     __slots__ = ("dst_instance_id", "dst_address", "dst_transport_address", "request_id", "num_requests", "wait")

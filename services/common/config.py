@@ -25,7 +25,11 @@ class ConfigError(ValueError):
 
 
 def env_name(prefix: str, field: str) -> str:
-    return f"{ENV_PREFIX}{prefix.upper()}_{field.upper()}" if prefix else f"{ENV_PREFIX}{field.upper()}"
+    return (
+        f"{ENV_PREFIX}{prefix.upper()}_{field.upper()}"
+        if prefix
+        else f"{ENV_PREFIX}{field.upper()}"
+    )
 
 
 def _parse(raw: str, annotation: Any, name: str) -> Any:

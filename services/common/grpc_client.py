@@ -29,7 +29,9 @@ def aio_channel(address: str, interceptors=None) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(
         address,
         options=CHANNEL_OPTIONS,
-        interceptors=list(interceptors) if interceptors is not None else default_client_interceptors(),
+        interceptors=list(interceptors)
+        if interceptors is not None
+        else default_client_interceptors(),
     )
 
 
@@ -43,7 +45,9 @@ async def check_health(address: str, service: str = "", timeout: float = 1.0) ->
     async with grpc.aio.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
-            reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+            reply = await stub.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
         except grpc.aio.AioRpcError:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -46,7 +46,9 @@ class GrpcServer:
         self.bind = bind
         self.grace_s = grace_s
         self.server = grpc.aio.server(
-            interceptors=list(interceptors) if interceptors is not None else default_server_interceptors(),
+            interceptors=list(interceptors)
+            if interceptors is not None
+            else default_server_interceptors(),
             options=SERVER_OPTIONS,
         )
         self.health = health.aio.HealthServicer()
@@ -54,11 +56,24 @@ class GrpcServer:
         self.port: int = 0
         self._service_names: list[str] = []
         self._stopped = asyncio.Event()
+        self._is_stopped = False
 
     @property
     def address(self) -> str:
         host = self.bind.rsplit(":", 1)[0]
         return f"{host}:{self.port}"
+
+    def bind_port(self) -> str:
+        """Bind now (before servicers that need the address are built); returns host:port.
+
+        Servicers must be added before `start()` (gRPC only registers method handlers
+        on a server that has not started), so bind first when they need the address.
+        """
+        if self.port == 0:
+            self.port = self.server.add_insecure_port(self.bind)
+            if self.port == 0:
+                raise OSError(f"{self.service}: could not bind {self.bind}")
+        return self.address
 
     async def start(self, service_names: list[str]) -> None:
         """Bind, enable reflection for service_names, start with health NOT_SERVING."""
@@ -66,9 +81,7 @@ class GrpcServer:
         reflection.enable_server_reflection(
             [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
-        self.port = self.server.add_insecure_port(self.bind)
-        if self.port == 0:
-            raise OSError(f"{self.service}: could not bind {self.bind}")
+        self.bind_port()
         await self.server.start()
         await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
         log.info("grpc_server_started", address=self.address, services=service_names)
@@ -78,7 +91,11 @@ class GrpcServer:
             await self.health.set(name, status)
 
     async def set_serving(self, serving: bool = True) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         await self._set_all(status)
 
     def install_signal_handlers(self) -> None:
@@ -89,12 +106,20 @@ class GrpcServer:
     def request_stop(self) -> None:
         self._stopped.set()
 
+    async def wait_stop_requested(self) -> None:
+        """Block until SIGTERM/SIGINT or request_stop() (the caller then stops in order)."""
+        await self._stopped.wait()
+
     async def wait_for_termination(self) -> None:
         """Block until SIGTERM/SIGINT or request_stop(), then stop gracefully."""
         await self._stopped.wait()
         await self.stop()
 
     async def stop(self) -> None:
+        """Health NOT_SERVING, then let in-flight RPCs finish for grace_s. Idempotent."""
+        if self._is_stopped:
+            return
+        self._is_stopped = True
         log.info("grpc_server_stopping", grace_s=self.grace_s)
         await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(self.grace_s)

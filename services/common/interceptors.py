@@ -2,9 +2,10 @@
 
 Server side:
 - TraceContextServerInterceptor: continues the caller's W3C trace context.
-- ErrorMappingServerInterceptor: a ValueError escaping a handler becomes
-  INVALID_ARGUMENT with its message (never an opaque UNKNOWN), other exceptions are
-  logged with the method name and become INTERNAL.
+- ErrorMappingServerInterceptor: a `ServiceError` (services.common.errors) escaping a
+  handler becomes its status code, a ValueError becomes INVALID_ARGUMENT, both with
+  the message as details (never an opaque UNKNOWN); other exceptions are logged with
+  the method name and become INTERNAL.
 Client side:
 - TraceContextClientInterceptor: puts the current trace context into metadata.
 """
@@ -16,6 +17,7 @@ import inspect
 import grpc
 from opentelemetry import context as otel_context
 
+from services.common.errors import ServiceError
 from services.common.logging import get_logger
 from services.common.tracing import context_from_metadata, context_to_dict
 
@@ -76,10 +78,14 @@ def _with_context(behavior, parent):
 
 
 async def _abort_for(exc: Exception, context, method: str):
+    if isinstance(exc, ServiceError):
+        await context.abort(exc.code, str(exc))
     if isinstance(exc, ValueError):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     log.exception("rpc_failed", method=method)
-    await context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal error: {type(exc).__name__}: {exc}")
+    await context.abort(
+        grpc.StatusCode.INTERNAL, f"{method}: internal error: {type(exc).__name__}: {exc}"
+    )
 
 
 def _map_errors(behavior, method):
@@ -113,14 +119,16 @@ class _TraceClientBase:
         metadata = list(client_call_details.metadata or [])
         keys = {k for k, _ in metadata}
         metadata.extend((k, v) for k, v in context_to_dict().items() if k not in keys)
-        return client_call_details._replace(metadata=metadata) if hasattr(
-            client_call_details, "_replace"
-        ) else grpc.aio.ClientCallDetails(
-            client_call_details.method,
-            client_call_details.timeout,
-            metadata,
-            client_call_details.credentials,
-            client_call_details.wait_for_ready,
+        return (
+            client_call_details._replace(metadata=metadata)
+            if hasattr(client_call_details, "_replace")
+            else grpc.aio.ClientCallDetails(
+                client_call_details.method,
+                client_call_details.timeout,
+                metadata,
+                client_call_details.credentials,
+                client_call_details.wait_for_ready,
+            )
         )
 
 

@@ -28,7 +28,9 @@ def setup_logging(service: str, level: str = "INFO", json_output: bool = True) -
     numeric = getattr(logging, level.upper(), None)
     if not isinstance(numeric, int):
         raise ValueError(f"log level {level!r} is not one of DEBUG, INFO, WARNING, ERROR")
-    renderer = structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer()
+    renderer = (
+        structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer()
+    )
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -35,7 +35,9 @@ def setup_tracing(
     elif otlp_endpoint:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True)))
+        provider.add_span_processor(
+            BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True))
+        )
     trace.set_tracer_provider(provider)
     _provider = provider
     return provider
@@ -68,6 +70,8 @@ def metadata_with_context(
     return (*tuple(metadata), *context_to_dict(ctx).items())
 
 
-def context_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> otel_context.Context:
+def context_from_metadata(
+    metadata: Iterable[tuple[str, str | bytes]] | None,
+) -> otel_context.Context:
     carrier = {k: v for k, v in (metadata or ()) if isinstance(v, str)}
     return extract(carrier)

@@ -1,18 +1,75 @@
 """Scheduling policies: pure functions of load snapshots, shared by the live
-scheduler and the simulator. Importing this package registers every policy."""
+scheduler and the simulator. Importing this package registers every policy.
+
+    kind        method                                          registered names (default first)
+    dispatch    choose(loads, DispatchInfo) -> instance_id|None freest, round_robin, load_balance
+    migration   pair(loads) -> [MigrationPair]                  freeness, none
+    selection   select(running, num_requests, max_blocks)       lowest_priority_first,
+                  -> [request_id]                                 shortest_first, longest_first
+    scaling     decide(loads, now, num_pending) -> ScaleDecision freeness_band
+
+See docs/policies.md for the load model and every default.
+"""
 
 from services.scheduler.policies import dispatch as _dispatch  # noqa: F401  (registers)
+from services.scheduler.policies import migration as _migration  # noqa: F401  (registers)
+from services.scheduler.policies import scaling as _scaling  # noqa: F401  (registers)
+from services.scheduler.policies import selection as _selection  # noqa: F401  (registers)
 from services.scheduler.policies.dispatch import DispatchInfo, DispatchPolicy
-from services.scheduler.policies.load import InstanceLoad, LoadModelConfig, freeness, virtual_usage
-from services.scheduler.policies.registry import DISPATCH_POLICIES, make_dispatch_policy
+from services.scheduler.policies.load import (
+    InstanceLoad,
+    LoadModelConfig,
+    RunningRequest,
+    freeness,
+    is_high_priority,
+    make_instance_load,
+    virtual_usage,
+)
+from services.scheduler.policies.migration import MigrationConfig, MigrationPair, MigrationPolicy
+from services.scheduler.policies.registry import (
+    DISPATCH_POLICIES,
+    MIGRATION_POLICIES,
+    SCALING_POLICIES,
+    SELECTION_POLICIES,
+    make_dispatch_policy,
+    make_migration_policy,
+    make_scaling_policy,
+    make_selection_policy,
+)
+from services.scheduler.policies.scaling import (
+    ScaleAction,
+    ScaleDecision,
+    ScalingConfig,
+    ScalingPolicy,
+    average_freeness,
+)
+from services.scheduler.policies.selection import SelectionPolicy
 
 __all__ = [
     "DISPATCH_POLICIES",
+    "MIGRATION_POLICIES",
+    "SCALING_POLICIES",
+    "SELECTION_POLICIES",
     "DispatchInfo",
     "DispatchPolicy",
     "InstanceLoad",
     "LoadModelConfig",
+    "MigrationConfig",
+    "MigrationPair",
+    "MigrationPolicy",
+    "RunningRequest",
+    "ScaleAction",
+    "ScaleDecision",
+    "ScalingConfig",
+    "ScalingPolicy",
+    "SelectionPolicy",
+    "average_freeness",
     "freeness",
+    "is_high_priority",
     "make_dispatch_policy",
+    "make_instance_load",
+    "make_migration_policy",
+    "make_scaling_policy",
+    "make_selection_policy",
     "virtual_usage",
 ]

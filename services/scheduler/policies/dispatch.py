@@ -1,4 +1,17 @@
-"""Dispatch policies: choose the instance for a new request."""
+"""Dispatch policies: choose the instance for a new request.
+
+Registered names:
+    freest        Llumnix: highest freeness once the request is queued there;
+                  priority-aware (high-priority requests see the headroom reserved for
+                  them as free). The default.
+    round_robin   baseline: instances in id order, one after another.
+    load_balance  baseline (INFaaS++-like): lowest physical demand ratio
+                  (used blocks + blocks all queued requests need) / total blocks; no
+                  virtual usage, so no de-fragmentation, headroom or drain signal.
+
+Every policy skips terminating instances and `DispatchInfo.exclude_instance_ids`, and
+returns None when nothing is left. Ties go to the lowest instance id.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +19,7 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from services.scheduler.policies.load import InstanceLoad
+from services.scheduler.policies.load import InstanceLoad, freeness, is_high_priority
 from services.scheduler.policies.registry import register_dispatch
 
 
@@ -17,6 +30,8 @@ class DispatchInfo:
     request_id: str
     num_prompt_tokens: int
     priority: int = 0
+    # Instances to avoid (e.g. one that just failed for this request).
+    exclude_instance_ids: tuple[str, ...] = ()
 
 
 class DispatchPolicy:
@@ -28,18 +43,49 @@ class DispatchPolicy:
         raise NotImplementedError
 
 
+def _candidates(loads: Sequence[InstanceLoad], request: DispatchInfo) -> list[InstanceLoad]:
+    excluded = set(request.exclude_instance_ids)
+    return [ld for ld in loads if not ld.is_terminating and ld.instance_id not in excluded]
+
+
 @register_dispatch("freest")
 class FreestDispatch(DispatchPolicy):
-    """Llumnix: the instance with the highest freeness; ties go to the lowest id."""
+    """Llumnix: the instance that is freest once it holds the request; ties to the lowest id.
+
+    With `count_request_demand` (the default, paired with de-fragmentation) each
+    instance is ranked by the freeness the load model gives it with the new request
+    queued there: on an instance with an empty queue the request becomes the
+    head-of-line request, so its prompt blocks join the virtual usage; behind an
+    existing queue it adds nothing (the head of line already counts). Without it,
+    instances are ranked by their current freeness (Llumnix without de-fragmentation).
+
+    A high-priority request looks through the headroom reserved for high-priority
+    requests (`InstanceLoad.high_priority_freeness`): the headroom keeps normal
+    requests away from instances running high-priority ones, not high-priority
+    requests themselves. With no headroom configured both rankings are the same.
+    """
 
     name = "freest"
 
+    def __init__(self, count_request_demand: bool = True) -> None:
+        self.count_request_demand = count_request_demand
+
     def choose(self, loads, request):
-        candidates = [load for load in loads if not load.is_terminating]
+        candidates = _candidates(loads, request)
         if not candidates:
             return None
-        best = max(candidates, key=lambda load: (load.freeness, _neg_id(load.instance_id)))
+        is_high = is_high_priority(request.priority)
+        best = min(
+            candidates, key=lambda ld: (-self.freeness_with(ld, request, is_high), ld.instance_id)
+        )
         return best.instance_id
+
+    def freeness_with(self, load: InstanceLoad, request: DispatchInfo, is_high: bool) -> float:
+        """The instance's freeness once `request` is queued there."""
+        usage = load.virtual_usage - (load.num_headroom_blocks if is_high else 0)
+        if self.count_request_demand and load.num_waiting == 0:
+            usage += -(-request.num_prompt_tokens // load.block_size)
+        return freeness(load.num_total_blocks, usage, load.num_running)
 
 
 @register_dispatch("round_robin")
@@ -52,12 +98,38 @@ class RoundRobinDispatch(DispatchPolicy):
         self._counter = itertools.count()
 
     def choose(self, loads, request):
-        candidates = sorted(load.instance_id for load in loads if not load.is_terminating)
+        candidates = sorted(ld.instance_id for ld in _candidates(loads, request))
         if not candidates:
             return None
         return candidates[next(self._counter) % len(candidates)]
 
 
-def _neg_id(instance_id: str) -> tuple[int, ...]:
-    # max() with ties broken toward the lexicographically smallest id.
-    return tuple(-ord(c) for c in instance_id)
+@register_dispatch("load_balance")
+class LoadBalanceDispatch(DispatchPolicy):
+    """Baseline (INFaaS++-like): least physical demand; ties to fewer requests, then id.
+
+    demand = (used blocks + blocks every queued request needs) / total blocks. It sees
+    memory, not virtual usage: no head-of-line weighting, no priority headroom.
+    """
+
+    name = "load_balance"
+
+    def choose(self, loads, request):
+        candidates = _candidates(loads, request)
+        if not candidates:
+            return None
+        best = min(
+            candidates,
+            key=lambda ld: (
+                _demand_ratio(ld),
+                ld.num_running + ld.num_waiting,
+                ld.instance_id,
+            ),
+        )
+        return best.instance_id
+
+
+def _demand_ratio(load: InstanceLoad) -> float:
+    if load.num_total_blocks <= 0:
+        return float("inf")
+    return (load.num_used_blocks + load.num_waiting_blocks) / load.num_total_blocks

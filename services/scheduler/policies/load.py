@@ -12,12 +12,22 @@ can run before it runs out of KV blocks, after "virtual" demands are counted:
 
 The worker's llumlet computes this from its engine and reports it; the simulator
 computes it from the same engine classes, so both feed the policies the same numbers.
+`make_instance_load` is the one place that turns raw engine counts into a snapshot.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
+
+# Priorities follow the protos: 0 is normal, anything above is "high".
+NORMAL_PRIORITY = 0
+
+
+def is_high_priority(priority: int) -> bool:
+    return priority > NORMAL_PRIORITY
 
 
 @dataclass(frozen=True)
@@ -26,7 +36,7 @@ class LoadModelConfig:
 
     # Count the head-of-line waiting request's block demand (de-fragmentation).
     enable_defrag: bool = True
-    # Blocks of headroom reserved per running high-priority request.
+    # Blocks of headroom reserved per running high-priority request (0 = no priority support).
     high_priority_headroom_blocks: int = 0
 
     def __post_init__(self) -> None:
@@ -34,6 +44,15 @@ class LoadModelConfig:
             raise ValueError(
                 f"high_priority_headroom_blocks={self.high_priority_headroom_blocks} must be >= 0"
             )
+
+
+class RunningRequest(NamedTuple):
+    """A running request as a load snapshot lists it (a plain 4-tuple works too)."""
+
+    request_id: str
+    num_tokens: int
+    num_blocks: int
+    priority: int = NORMAL_PRIORITY
 
 
 @dataclass(frozen=True)
@@ -55,6 +74,32 @@ class InstanceLoad:
     address: str = ""
     # Running requests that may be migrated: (request_id, num_tokens, num_blocks, priority).
     running: tuple[tuple[str, int, int, int], ...] = field(default=())
+    # Blocks all waiting requests need (the load-balance-only baseline counts them).
+    num_waiting_blocks: int = 0
+    # The part of `virtual_usage` that is high-priority headroom (high-priority
+    # requests may use it, so priority-aware dispatch looks through it).
+    num_headroom_blocks: int = 0
+    # Cumulative preemptions since the instance started.
+    num_preemptions: int = 0
+    # Tokens per KV block (turns a prompt length into a block demand).
+    block_size: int = 16
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.num_total_blocks - self.num_used_blocks
+
+    @property
+    def high_priority_freeness(self) -> float:
+        """Freeness as a high-priority request sees it: headroom counts as free."""
+        if self.is_terminating:
+            return -math.inf
+        return freeness(
+            self.num_total_blocks, self.virtual_usage - self.num_headroom_blocks, self.num_running
+        )
+
+
+def headroom_blocks(num_running_high_priority: int, config: LoadModelConfig) -> int:
+    return num_running_high_priority * config.high_priority_headroom_blocks
 
 
 def virtual_usage(
@@ -64,12 +109,13 @@ def virtual_usage(
     is_terminating: bool,
     config: LoadModelConfig = LoadModelConfig(),
 ) -> float:
+    """Physical blocks + head-of-line demand + high-priority headroom; +inf if terminating."""
     if is_terminating:
         return math.inf
     usage = float(num_used_blocks)
     if config.enable_defrag:
         usage += num_hol_blocks
-    usage += num_running_high_priority * config.high_priority_headroom_blocks
+    usage += headroom_blocks(num_running_high_priority, config)
     return usage
 
 
@@ -78,3 +124,48 @@ def freeness(num_total_blocks: int, usage: float, num_running: int) -> float:
     if math.isinf(usage):
         return -math.inf
     return (num_total_blocks - usage) / max(num_running, 1)
+
+
+def make_instance_load(
+    instance_id: str,
+    *,
+    num_total_blocks: int,
+    num_used_blocks: int,
+    num_running: int,
+    num_waiting: int = 0,
+    num_hol_blocks: int = 0,
+    num_waiting_blocks: int = 0,
+    num_running_high_priority: int = 0,
+    is_terminating: bool = False,
+    num_migrating: int = 0,
+    num_preemptions: int = 0,
+    running: Iterable[tuple[str, int, int, int]] = (),
+    address: str = "",
+    block_size: int = 16,
+    config: LoadModelConfig = LoadModelConfig(),
+) -> InstanceLoad:
+    """A snapshot with `virtual_usage` and `freeness` filled in by the load model."""
+    usage = virtual_usage(
+        num_used_blocks, num_hol_blocks, num_running_high_priority, is_terminating, config
+    )
+    return InstanceLoad(
+        instance_id=instance_id,
+        num_total_blocks=num_total_blocks,
+        num_used_blocks=num_used_blocks,
+        num_running=num_running,
+        num_waiting=num_waiting,
+        num_hol_blocks=num_hol_blocks,
+        num_running_high_priority=num_running_high_priority,
+        is_terminating=is_terminating,
+        num_migrating=num_migrating,
+        virtual_usage=usage,
+        freeness=freeness(num_total_blocks, usage, num_running),
+        address=address,
+        running=tuple(RunningRequest(*r) for r in running),
+        num_waiting_blocks=num_waiting_blocks,
+        num_headroom_blocks=0
+        if is_terminating
+        else headroom_blocks(num_running_high_priority, config),
+        num_preemptions=num_preemptions,
+        block_size=block_size,
+    )

@@ -1,0 +1,76 @@
+"""The worker's engine: a paged-KV Llama engine with continuous batching (plain torch).
+
+See docs/engine.md for a walk-through of one request's lifecycle.
+"""
+
+from services.worker.engine.block_manager import BlockManager
+from services.worker.engine.config import EngineConfig, ModelConfig, RopeConfig
+from services.worker.engine.cost_model import (
+    BUILTIN_PROFILES,
+    CostModel,
+    CostModelExecutor,
+    CostModelProfile,
+    get_profile,
+)
+from services.worker.engine.engine import LLMEngine
+from services.worker.engine.errors import (
+    BlockIntegrityError,
+    DuplicateRequestError,
+    EmptyPromptError,
+    EngineInputError,
+    EngineStateError,
+    InvalidBlocksError,
+    InvalidRequestIdError,
+    InvalidRequestStateError,
+    InvalidSamplingParamsError,
+    InvalidTokenError,
+    NoFreeBlocksError,
+    PromptTooLongError,
+    UnknownRequestError,
+)
+from services.worker.engine.executor import Executor, ExecutorOutput, TorchExecutor
+from services.worker.engine.layers import LayerChange
+from services.worker.engine.outputs import EngineStats, RequestOutput, RequestView, StepInfo
+from services.worker.engine.request import RequestState, RequestStatus
+from services.worker.engine.sampling_params import SamplingParams
+from services.worker.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
+
+__all__ = [
+    "BUILTIN_PROFILES",
+    "BlockIntegrityError",
+    "BlockManager",
+    "CostModel",
+    "CostModelExecutor",
+    "CostModelProfile",
+    "DuplicateRequestError",
+    "EmptyPromptError",
+    "EngineConfig",
+    "EngineInputError",
+    "EngineStateError",
+    "EngineStats",
+    "Executor",
+    "ExecutorOutput",
+    "InvalidBlocksError",
+    "InvalidRequestIdError",
+    "InvalidRequestStateError",
+    "InvalidSamplingParamsError",
+    "InvalidTokenError",
+    "LLMEngine",
+    "LayerChange",
+    "ModelConfig",
+    "NoFreeBlocksError",
+    "PromptTooLongError",
+    "RequestOutput",
+    "RequestState",
+    "RequestStatus",
+    "RequestView",
+    "RopeConfig",
+    "SamplingParams",
+    "ScheduledRequest",
+    "Scheduler",
+    "SchedulerOutput",
+    "StepInfo",
+    "TorchExecutor",
+    "UnknownRequestError",
+    "get_profile",
+]

@@ -1,0 +1,174 @@
+"""The receiving side of `llmesh bench transport`: a kvtransport in a child process.
+
+Commands arrive over a multiprocessing pipe and run concurrently; every reply carries
+the command's id. Completion times are time.monotonic(), one clock for every process on
+the host, so the parent computes one-way latencies and end-to-end throughput directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+START_TIMEOUT_S = 120.0
+RECV_TIMEOUT_S = 60.0
+
+
+def _serve(conn, config_kwargs: dict) -> None:
+    asyncio.run(_Server(conn, config_kwargs).run())
+
+
+class _Server:
+    def __init__(self, conn, config_kwargs: dict) -> None:
+        self._conn = conn
+        self._config_kwargs = config_kwargs
+        self._send_lock = threading.Lock()
+        self._buffers: dict[tuple[int, int], Any] = {}
+        self._sinks: dict[str, asyncio.Event] = {}
+
+    async def run(self) -> None:
+        from kvtransport import TransportConfig, make_transport
+
+        self._transport = make_transport(TransportConfig(**self._config_kwargs))
+        await self._transport.start()
+        self._reply(0, self._transport.address)
+        loop = asyncio.get_running_loop()
+        tasks = set()
+        while True:
+            message = await loop.run_in_executor(None, self._conn.recv)
+            if message is None:
+                break
+            task = loop.create_task(self._execute(*message))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        await self._transport.close()
+
+    def _reply(self, op_id: int, result: Any) -> None:
+        with self._send_lock:
+            self._conn.send((op_id, result))
+
+    async def _execute(self, op_id: int, op: str, args: tuple) -> None:
+        try:
+            result = await getattr(self, f"_op_{op}")(op_id, *args)
+        except Exception as exc:  # reported to the parent, which fails the benchmark
+            result = ("error", f"{type(exc).__name__}: {exc}")
+        self._reply(op_id, result)
+
+    def _buffer(self, nbytes: int, slot: int):
+        import torch
+
+        key = (nbytes, slot)
+        if key not in self._buffers:  # reused across runs, like perftest's buffers
+            self._buffers[key] = torch.ones(nbytes, dtype=torch.uint8)
+        return self._buffers[key]
+
+    async def _op_expect(self, op_id: int, transfers: list[tuple[str, int]]) -> dict:
+        """Post receives into reused buffers, say 'ready', then report completion times."""
+        done_at: dict[str, float] = {}
+
+        async def receive(transfer_id: str, nbytes: int, slot: int) -> None:
+            buffer = self._buffer(nbytes, slot)
+            await self._transport.recv(transfer_id, into=[buffer], timeout=RECV_TIMEOUT_S)
+            done_at[transfer_id] = time.monotonic()
+
+        tasks = [
+            asyncio.create_task(receive(tid, nbytes, slot))
+            for slot, (tid, nbytes) in enumerate(transfers)
+        ]
+        await asyncio.sleep(0)  # every recv() has registered its transfer id
+        self._reply(-op_id, "ready")
+        await asyncio.gather(*tasks)
+        return done_at
+
+    async def _op_activations(self, op_id: int, prefix: str, count: int) -> list[float]:
+        """Receive activations prefix-0 .. prefix-(count-1) in order; their arrival times."""
+        done_at = []
+        for index in range(count):
+            await self._transport.recv(f"{prefix}-{index}", timeout=RECV_TIMEOUT_S)
+            done_at.append(time.monotonic())
+        return done_at
+
+    async def _op_sink(self, op_id: int, prefix: str, nbytes: int) -> int:
+        """Receive prefix-0, prefix-1, ... until stop_sink; the number received."""
+        from kvtransport import TransferCancelled
+
+        stop = self._sinks[prefix] = asyncio.Event()
+        buffer = self._buffer(nbytes, -1)
+        count = 0
+        while not stop.is_set():
+            try:
+                await self._transport.recv(
+                    f"{prefix}-{count}", into=[buffer], timeout=RECV_TIMEOUT_S
+                )
+            except TransferCancelled:
+                break
+            count += 1
+        return count
+
+    async def _op_stop_sink(self, op_id: int, prefix: str, next_index: int) -> bool:
+        self._sinks[prefix].set()
+        return await self._transport.cancel_recv(f"{prefix}-{next_index}")
+
+
+class TransportPeer:
+    """Parent-side handle of the child; kill() by PID if anything goes wrong."""
+
+    def __init__(self, **config_kwargs: Any) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._conn, child_conn = context.Pipe()
+        self.process = context.Process(target=_serve, args=(child_conn, config_kwargs))
+        self.process.start()
+        child_conn.close()
+        self._lock = threading.Lock()
+        self._replies: dict[int, Any] = {}
+        self._next_op_id = 1
+        try:
+            self.address: bytes = self._wait(0, START_TIMEOUT_S)
+        except BaseException:
+            self.kill()
+            raise
+
+    def request(self, op: str, *args: Any) -> int:
+        op_id = self._next_op_id
+        self._next_op_id += 1
+        self._conn.send((op_id, op, args))
+        return op_id
+
+    async def ready(self, op_id: int) -> None:
+        """For `expect`: wait until the child's receives are posted."""
+        await self.reply(-op_id)
+
+    async def reply(self, op_id: int, timeout: float = 300.0) -> Any:
+        result = await asyncio.get_running_loop().run_in_executor(None, self._wait, op_id, timeout)
+        if isinstance(result, tuple) and result and result[0] == "error":
+            raise RuntimeError(f"benchmark peer failed: {result[1]}")
+        return result
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            with contextlib.suppress(OSError):
+                self._conn.send(None)
+            self.process.join(15)
+        self.kill()
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            os.kill(self.process.pid, signal.SIGKILL)
+        self.process.join(10)
+
+    def _wait(self, op_id: int, timeout: float) -> Any:
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while op_id not in self._replies:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._conn.poll(remaining):
+                    raise TimeoutError(f"benchmark peer: no reply to op {op_id}")
+                reply_id, result = self._conn.recv()
+                self._replies[reply_id] = result
+            return self._replies.pop(op_id)

@@ -1,0 +1,55 @@
+"""`llmesh-gateway` / `python -m gateway`: run the client-facing gateway."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from gateway.config import GatewayConfig
+from services.common.config import ConfigError, load_config
+from services.common.logging import setup_logging
+from services.common.tracing import setup_tracing, shutdown_tracing
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="llmesh-gateway",
+        description="llmesh gateway (client API). Every flag also reads LLMESH_GATEWAY_<FLAG>.",
+    )
+    parser.add_argument("--bind", help="host:port of the client API (port 0 = any free port)")
+    parser.add_argument(
+        "--advertise-address", dest="advertise_address", help="address workers push outputs to"
+    )
+    parser.add_argument("--scheduler", dest="scheduler_address", help="scheduler host:port")
+    parser.add_argument("--model", help="'tiny' or a checkpoint directory (for its tokenizer)")
+    parser.add_argument("--max-inflight-requests", dest="max_inflight_requests", type=int)
+    parser.add_argument("--max-waiting-per-instance", dest="max_waiting_per_instance", type=int)
+    parser.add_argument("--log-level", dest="log_level")
+    parser.add_argument("--otlp-endpoint", dest="otlp_endpoint")
+    parser.add_argument(
+        "--ready-file", dest="ready_file", help="write the bound address here once serving"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(GatewayConfig, "GATEWAY", vars(args))
+    except ConfigError as exc:
+        print(f"llmesh-gateway: {exc}", file=sys.stderr)
+        return 2
+    setup_logging("gateway", config.log_level)
+    setup_tracing("llmesh-gateway", config.otlp_endpoint or None)
+    from gateway.server import serve
+
+    try:
+        asyncio.run(serve(config))
+    finally:
+        shutdown_tracing()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""A small Python client for the llmesh gateway, over the generated gRPC stubs.
+
+    async with AsyncClient("127.0.0.1:50051") as client:
+        async for chunk in client.generate_stream("Hello", max_tokens=8):
+            print(chunk.token_ids)
+        result = await client.generate(prompt_token_ids=[1, 2, 3], seed=7)
+
+    with Client("127.0.0.1:50051") as client:
+        print(client.generate("Hello").text)
+
+Values are sent as given (the gateway validates them); errors raise GatewayError with
+the gRPC status code and the gateway's message. Every call has a deadline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from protos import common_pb2, gateway_pb2, gateway_pb2_grpc
+from services.common.grpc_client import CHANNEL_OPTIONS
+
+DEFAULT_TIMEOUT_S = 120.0  # whole-generation deadline unless a call says otherwise
+CONTROL_TIMEOUT_S = 5.0  # abort, model info
+
+_FINISH_NAMES = {
+    common_pb2.FINISH_REASON_UNSPECIFIED: None,
+    common_pb2.FINISH_REASON_LENGTH: "length",
+    common_pb2.FINISH_REASON_STOP: "stop",
+    common_pb2.FINISH_REASON_ABORT: "abort",
+    common_pb2.FINISH_REASON_ERROR: "error",
+}
+
+
+class GatewayError(Exception):
+    """A call failed: `code` is the grpc.StatusCode, `details` the gateway's message."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Some tokens of a streamed generation."""
+
+    request_id: str
+    first_token_index: int
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str | None  # "length" | "stop" | "abort" | "error" on the last chunk
+    instance_id: str
+    seed: int | None  # set on the first chunk
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A whole generation."""
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str | None
+    num_prompt_tokens: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_id: str
+    vocab_size: int
+    max_model_len: int
+    eos_token_id: int
+    num_instances: int
+
+
+def build_request(
+    prompt: str | None = None,
+    *,
+    prompt_token_ids: Sequence[int] | None = None,
+    max_tokens: int = 16,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    stop_token_ids: Sequence[int] = (),
+    ignore_eos: bool = False,
+    request_id: str = "",
+    priority: int = 0,
+    detokenize: bool = False,
+) -> gateway_pb2.GenerateRequest:
+    sampling = common_pb2.SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        stop_token_ids=list(stop_token_ids),
+        ignore_eos=ignore_eos,
+    )
+    if seed is not None:
+        sampling.seed = seed
+    return gateway_pb2.GenerateRequest(
+        prompt=prompt or "",
+        prompt_token_ids=list(prompt_token_ids or ()),
+        sampling=sampling,
+        request_id=request_id,
+        priority=priority,
+        detokenize=detokenize,
+    )
+
+
+def _chunk(message: gateway_pb2.GenerateChunk) -> Chunk:
+    return Chunk(
+        request_id=message.request_id,
+        first_token_index=message.first_token_index,
+        token_ids=tuple(message.token_ids),
+        text=message.text,
+        finish_reason=_FINISH_NAMES.get(message.finish_reason),
+        instance_id=message.instance_id,
+        seed=message.seed if message.HasField("seed") else None,
+    )
+
+
+def _generation(reply: gateway_pb2.GenerateResponse) -> Generation:
+    return Generation(
+        request_id=reply.request_id,
+        token_ids=tuple(reply.token_ids),
+        text=reply.text,
+        finish_reason=_FINISH_NAMES.get(reply.finish_reason),
+        num_prompt_tokens=reply.num_prompt_tokens,
+        seed=reply.seed,
+    )
+
+
+def _model_info(reply: gateway_pb2.ModelInfo) -> ModelInfo:
+    return ModelInfo(
+        reply.model_id,
+        reply.vocab_size,
+        reply.max_model_len,
+        reply.eos_token_id,
+        reply.num_instances,
+    )
+
+
+def _error(exc: grpc.RpcError) -> GatewayError:
+    return GatewayError(exc.code(), exc.details() or "")
+
+
+class AsyncClient:
+    """asyncio client; one channel, reused by every call."""
+
+    def __init__(self, address: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+
+    async def generate_stream(
+        self, prompt: str | None = None, *, timeout_s: float | None = None, **kwargs
+    ) -> AsyncIterator[Chunk]:
+        """Chunks as they are produced; leaving the loop early cancels (aborts) the request."""
+        call = self._stub.Generate(
+            build_request(prompt, **kwargs), timeout=timeout_s or self.timeout_s
+        )
+        try:
+            async for message in call:
+                yield _chunk(message)
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc) from None
+        finally:
+            call.cancel()
+
+    async def generate(
+        self, prompt: str | None = None, *, timeout_s: float | None = None, **kwargs
+    ) -> Generation:
+        try:
+            reply = await self._stub.GenerateUnary(
+                build_request(prompt, **kwargs), timeout=timeout_s or self.timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc) from None
+        return _generation(reply)
+
+    async def abort(self, request_id: str, *, timeout_s: float = CONTROL_TIMEOUT_S) -> bool:
+        try:
+            reply = await self._stub.Abort(
+                gateway_pb2.AbortRequest(request_id=request_id), timeout=timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc) from None
+        return reply.aborted
+
+    async def model_info(self, *, timeout_s: float = CONTROL_TIMEOUT_S) -> ModelInfo:
+        try:
+            reply = await self._stub.GetModelInfo(
+                gateway_pb2.GetModelInfoRequest(), timeout=timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise _error(exc) from None
+        return _model_info(reply)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+class Client:
+    """Blocking client with the same calls as AsyncClient."""
+
+    def __init__(self, address: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+
+    def generate_stream(
+        self, prompt: str | None = None, *, timeout_s: float | None = None, **kwargs
+    ) -> Iterator[Chunk]:
+        call = self._stub.Generate(
+            build_request(prompt, **kwargs), timeout=timeout_s or self.timeout_s
+        )
+        try:
+            for message in call:
+                yield _chunk(message)
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+        finally:
+            call.cancel()
+
+    def generate(
+        self, prompt: str | None = None, *, timeout_s: float | None = None, **kwargs
+    ) -> Generation:
+        try:
+            reply = self._stub.GenerateUnary(
+                build_request(prompt, **kwargs), timeout=timeout_s or self.timeout_s
+            )
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+        return _generation(reply)
+
+    def abort(self, request_id: str, *, timeout_s: float = CONTROL_TIMEOUT_S) -> bool:
+        try:
+            reply = self._stub.Abort(
+                gateway_pb2.AbortRequest(request_id=request_id), timeout=timeout_s
+            )
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+        return reply.aborted
+
+    def model_info(self, *, timeout_s: float = CONTROL_TIMEOUT_S) -> ModelInfo:
+        try:
+            reply = self._stub.GetModelInfo(gateway_pb2.GetModelInfoRequest(), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            raise _error(exc) from None
+        return _model_info(reply)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

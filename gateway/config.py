@@ -1,0 +1,67 @@
+"""Gateway configuration: defaults, then LLMESH_GATEWAY_<FIELD> env vars, then flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.config import require
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Knobs of one gateway process."""
+
+    bind: str = "127.0.0.1:50051"  # host:port of the client API (port 0 = chosen by the OS)
+    advertise_address: str = ""  # where workers push outputs; empty = the bound address
+    scheduler_address: str = "127.0.0.1:50052"  # global scheduler host:port
+    model: str = "tiny"  # model whose tokenizer turns text prompts into ids ("tiny" or a path)
+    max_inflight_requests: int = 4096  # admission: more concurrent requests get RESOURCE_EXHAUSTED
+    max_waiting_per_instance: int = (
+        1024  # admission: refuse when every instance has this many queued
+    )
+    max_placements: int = 4  # instances tried per placement before the client gets UNAVAILABLE
+    dispatch_timeout_ms: int = 1000  # deadline of Scheduler.Dispatch
+    submit_timeout_ms: int = 5000  # deadline of Worker.Submit
+    abort_timeout_ms: int = 2000  # deadline of Worker.Abort
+    cluster_view_refresh_ms: int = 500  # how often the cached cluster view is refreshed
+    cluster_view_stale_ms: int = 3000  # older than this, fall back to round robin, not freeness
+    cluster_view_forget_ms: int = (
+        10000  # keep an instance this long after the scheduler stops listing it
+    )
+    lost_instance_ttl_ms: int = 10000  # avoid an instance this long after it was lost
+    health_watch_rotate_s: float = 300.0  # deadline of each worker health Watch (then re-opened)
+    log_level: str = "INFO"  # DEBUG, INFO, WARNING or ERROR
+    otlp_endpoint: str = ""  # OTLP/gRPC trace collector (empty = traces not exported)
+    ready_file: str = ""  # write {"address", "pid"} here once serving (process launchers)
+    grace_s: float = 5.0  # graceful-stop grace period
+
+    def __post_init__(self) -> None:
+        require(":" in self.bind, f"bind={self.bind!r} must be host:port")
+        require(
+            self.advertise_address == "" or ":" in self.advertise_address,
+            f"advertise_address={self.advertise_address!r} must be host:port or empty",
+        )
+        require(
+            ":" in self.scheduler_address,
+            f"scheduler_address={self.scheduler_address!r} must be host:port",
+        )
+        require(self.model != "", "model must be 'tiny' or a checkpoint path, got ''")
+        for name in (
+            "max_inflight_requests",
+            "max_waiting_per_instance",
+            "max_placements",
+            "dispatch_timeout_ms",
+            "submit_timeout_ms",
+            "abort_timeout_ms",
+            "cluster_view_refresh_ms",
+            "cluster_view_stale_ms",
+            "cluster_view_forget_ms",
+            "lost_instance_ttl_ms",
+        ):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value > 0, f"{name}={value!r} must be an int > 0")
+        require(
+            self.health_watch_rotate_s > 0,
+            f"health_watch_rotate_s={self.health_watch_rotate_s} must be > 0",
+        )
+        require(self.grace_s >= 0, f"grace_s={self.grace_s} must be >= 0")

@@ -1,0 +1,163 @@
+"""Where to run a request: ask the scheduler, else decide locally.
+
+    1. Scheduler.Dispatch (with a deadline)               the normal path
+    2. "freest" over the gateway's cached cluster view    scheduler down, view fresh
+    3. round robin over every instance ever seen          scheduler down, view stale
+
+Instances the gateway saw die recently are excluded on every path, as are the ones the
+caller excludes (e.g. those that already failed this request).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import itertools
+import math
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from gateway.cluster_view import ClusterView
+from protos import scheduler_pb2
+from services.common.errors import UnavailableError
+from services.common.logging import get_logger
+from services.scheduler.policies import DispatchInfo, freeness, make_dispatch_policy
+
+log = get_logger(__name__)
+
+
+class PlacementSource(enum.Enum):
+    SCHEDULER = "scheduler"
+    CACHED_VIEW = "cached_view"
+    ROUND_ROBIN = "round_robin"
+
+
+@dataclass(frozen=True)
+class Placement:
+    instance_id: str
+    address: str
+    source: PlacementSource
+
+
+class LostInstances:
+    """Instances seen dying, remembered for `ttl_s` so no path sends work there."""
+
+    def __init__(self, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl_s = ttl_s
+        self._clock = clock
+        self._lost_at: dict[str, float] = {}
+
+    def add(self, instance_id: str) -> None:
+        self._lost_at[instance_id] = self._clock()
+
+    def recent(self) -> set[str]:
+        now = self._clock()
+        self._lost_at = {i: t for i, t in self._lost_at.items() if now - t < self.ttl_s}
+        return set(self._lost_at)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        scheduler_stub,
+        view: ClusterView,
+        lost: LostInstances,
+        *,
+        timeout_s: float,
+        view_stale_s: float,
+    ) -> None:
+        self._stub = scheduler_stub
+        self._view = view
+        self._lost = lost
+        self._timeout_s = timeout_s
+        self._view_stale_s = view_stale_s
+        self._freest = make_dispatch_policy("freest")
+        self._round_robin = itertools.count()
+        # Requests (and their prompt blocks) this gateway placed locally since the view
+        # last changed.
+        self._local_counts: Counter[str] = Counter()
+        self._local_blocks: Counter[str] = Counter()
+        self._local_counts_view_at: float | None = None
+
+    async def choose(
+        self, request_id: str, num_prompt_tokens: int, priority: int, exclude: set[str]
+    ) -> Placement:
+        excluded = set(exclude) | self._lost.recent()
+        if not self._view.is_scheduler_reachable and self._view.updated_at is not None:
+            # The background refresh already found the scheduler down: do not pay a
+            # Dispatch deadline per request until it is back.
+            placement = self.choose_locally(request_id, num_prompt_tokens, priority, excluded)
+            if placement is not None:
+                return placement
+        try:
+            reply = await self._stub.Dispatch(
+                scheduler_pb2.DispatchRequest(
+                    request_id=request_id,
+                    num_prompt_tokens=num_prompt_tokens,
+                    priority=priority,
+                    exclude_instance_ids=sorted(excluded),
+                ),
+                timeout=self._timeout_s,
+            )
+            return Placement(reply.instance_id, reply.address, PlacementSource.SCHEDULER)
+        except grpc.aio.AioRpcError as exc:
+            # RESOURCE_EXHAUSTED: the scheduler knows no candidate (e.g. it just restarted
+            # and has not re-learned the instances); the cached view may still know some.
+            log.warning("dispatch_fallback", code=exc.code().name, details=exc.details())
+        placement = self.choose_locally(request_id, num_prompt_tokens, priority, excluded)
+        if placement is None:
+            raise UnavailableError(
+                f"no instance can take request {request_id!r}: the scheduler did not place it and the "
+                f"gateway knows no other live instance (excluded {sorted(excluded)})"
+            )
+        return placement
+
+    def choose_locally(
+        self, request_id: str, num_prompt_tokens: int, priority: int, excluded: set[str]
+    ) -> Placement | None:
+        candidates = {i: v for i, v in self._view.instances.items() if i not in excluded}
+        if not candidates:
+            return None
+        if self._view.age_s() <= self._view_stale_s:
+            instance_id = self._freest.choose(
+                self._adjusted_loads(candidates),
+                DispatchInfo(request_id, num_prompt_tokens, priority),
+            )
+            source = PlacementSource.CACHED_VIEW
+        else:
+            ids = sorted(candidates)
+            instance_id = ids[next(self._round_robin) % len(ids)]
+            source = PlacementSource.ROUND_ROBIN
+        if instance_id is None:
+            return None
+        spec = candidates[instance_id].spec
+        self._local_counts[instance_id] += 1
+        self._local_blocks[instance_id] += math.ceil(num_prompt_tokens / max(spec.block_size, 1))
+        return Placement(instance_id, spec.address, source)
+
+    def _adjusted_loads(self, candidates):
+        """Cached loads plus what this gateway placed since (so it does not herd)."""
+        if self._local_counts_view_at != self._view.updated_at:
+            self._local_counts.clear()
+            self._local_blocks.clear()
+            self._local_counts_view_at = self._view.updated_at
+        loads = []
+        for instance_id, view in candidates.items():
+            load = view.load.to_instance_load(
+                address=view.spec.address, block_size=view.spec.block_size
+            )
+            extra = self._local_counts[instance_id]
+            if extra and not math.isinf(load.virtual_usage):
+                usage = load.virtual_usage + self._local_blocks[instance_id]
+                load = dataclasses.replace(
+                    load,
+                    num_waiting=load.num_waiting + extra,
+                    virtual_usage=usage,
+                    freeness=freeness(load.num_total_blocks, usage, load.num_running + extra),
+                )
+            loads.append(load)
+        return loads

@@ -1,0 +1,110 @@
+"""`serve()`: the gateway process, wired together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from gateway.admission import AdmissionControl
+from gateway.cluster_view import ClusterView, refresh_forever
+from gateway.config import GatewayConfig
+from gateway.dispatcher import Dispatcher, LostInstances
+from gateway.servicer import GatewayServicer, OutputSinkServicer, SessionTable
+from gateway.tokenizer import load_tokenizer
+from gateway.workers import WorkerPool
+from protos import gateway_pb2_grpc, scheduler_pb2_grpc
+from services.common.grpc_client import aio_channel
+from services.common.grpc_server import GrpcServer
+from services.common.logging import get_logger
+from services.common.procs import write_ready_file
+
+log = get_logger(__name__)
+
+
+async def _close_sinks_when_drained(
+    sessions: SessionTable, sink: OutputSinkServicer, grace_s: float
+) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(sessions.wait_empty(), grace_s)
+    sink.close()
+
+
+async def serve(config: GatewayConfig, server: GrpcServer | None = None) -> None:
+    """Run the gateway until SIGTERM/SIGINT (or `server.request_stop()`)."""
+    tokenizer = load_tokenizer(config.model)
+    server = server or GrpcServer("gateway", config.bind, grace_s=config.grace_s)
+    owner_address = config.advertise_address or server.bind_port()
+
+    scheduler_channel = aio_channel(config.scheduler_address)
+    scheduler_stub = scheduler_pb2_grpc.SchedulerStub(scheduler_channel)
+    view = ClusterView(forget_after_s=config.cluster_view_forget_ms / 1000)
+    lost = LostInstances(ttl_s=config.lost_instance_ttl_ms / 1000)
+    sessions = SessionTable()
+
+    def on_lost(instance_id: str, reason: str) -> None:
+        lost.add(instance_id)
+        sessions.on_instance_lost(instance_id, reason)
+
+    pool = WorkerPool(
+        on_lost,
+        submit_timeout_s=config.submit_timeout_ms / 1000,
+        abort_timeout_s=config.abort_timeout_ms / 1000,
+        watch_rotate_s=config.health_watch_rotate_s,
+    )
+    dispatcher = Dispatcher(
+        scheduler_stub,
+        view,
+        lost,
+        timeout_s=config.dispatch_timeout_ms / 1000,
+        view_stale_s=config.cluster_view_stale_ms / 1000,
+    )
+    gateway_pb2_grpc.add_GatewayServicer_to_server(
+        GatewayServicer(
+            sessions=sessions,
+            view=view,
+            dispatcher=dispatcher,
+            pool=pool,
+            admission=AdmissionControl(
+                config.max_inflight_requests, config.max_waiting_per_instance
+            ),
+            tokenizer=tokenizer,
+            owner_address=owner_address,
+            model_id=config.model,
+            max_placements=config.max_placements,
+        ),
+        server.server,
+    )
+    sink = OutputSinkServicer(sessions, pool)
+    gateway_pb2_grpc.add_OutputSinkServicer_to_server(sink, server.server)
+    await server.start(service_names=["llmesh.v1.Gateway", "llmesh.v1.OutputSink"])
+    refresher = asyncio.create_task(
+        refresh_forever(
+            view,
+            scheduler_stub,
+            interval_s=config.cluster_view_refresh_ms / 1000,
+            timeout_s=config.dispatch_timeout_ms / 1000,
+        )
+    )
+    await server.set_serving()
+    if config.ready_file:
+        write_ready_file(config.ready_file, server.address)
+    log.info(
+        "gateway_ready",
+        address=server.address,
+        owner_address=owner_address,
+        scheduler=config.scheduler_address,
+    )
+    try:
+        server.install_signal_handlers()
+        await server.wait_stop_requested()
+    finally:
+        # In-flight streams get the grace period (their tokens still arrive over the
+        # output sinks); the sinks close once they are done.
+        await asyncio.gather(
+            server.stop(), _close_sinks_when_drained(sessions, sink, config.grace_s)
+        )
+        refresher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await refresher
+        await pool.close()
+        await scheduler_channel.close()

@@ -1,0 +1,194 @@
+"""One client request at the gateway, from placement to its last chunk.
+
+    start()  --dispatch--> Placement --Worker.Submit--> PLACED
+    chunks() yields the contiguous tokens as the worker pushes them (via the tracker);
+             when the instance is lost, re-places the request with prompt + tokens
+             received so far (failover by recompute) and keeps streaming;
+    close()  aborts the request on its worker if the client went away early.
+
+The session never talks protobuf except for the RequestState it submits.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import NamedTuple
+
+import grpc
+
+from gateway.dispatcher import Dispatcher
+from gateway.tracker import PlacementStatus, RequestTracker
+from gateway.validation import GenerationSpec
+from gateway.workers import WorkerPool
+from services.common.convert import request_to_proto
+from services.common.errors import AlreadyExistsError, UnavailableError
+from services.common.logging import get_logger
+from services.common.messages import FinishReason, RequestSpec
+from services.common.tracing import context_to_dict
+
+log = get_logger(__name__)
+
+
+class Chunk(NamedTuple):
+    """Tokens [first_token_index, first_token_index + len(token_ids)) of the output.
+
+    (A NamedTuple: one is made per streamed message.)"""
+
+    first_token_index: int
+    token_ids: list[int]
+    finish_reason: FinishReason
+    instance_id: str
+
+
+class GenerationSession:
+    def __init__(
+        self,
+        spec: GenerationSpec,
+        tracker: RequestTracker,
+        dispatcher: Dispatcher,
+        pool: WorkerPool,
+        owner_address: str,
+        max_placements: int,
+    ) -> None:
+        self.spec = spec
+        self.tracker = tracker
+        self._dispatcher = dispatcher
+        self._pool = pool
+        self._owner_address = owner_address
+        self._max_placements = max_placements
+        self._excluded: set[str] = set()
+        self._arrival_time = time.time()
+        self._trace_context = context_to_dict()
+        self.num_placements = 0
+
+    @property
+    def request_id(self) -> str:
+        return self.spec.request_id
+
+    def _request_state(self):
+        return request_to_proto(
+            RequestSpec(
+                request_id=self.spec.request_id,
+                prompt_token_ids=self.spec.prompt_token_ids,
+                sampling=self.spec.sampling,
+                output_token_ids=tuple(self.tracker.tokens),
+                priority=self.spec.priority,
+                num_computed_tokens=0,
+                arrival_time=self._arrival_time,
+                owner_address=self._owner_address,
+                trace_context=self._trace_context,
+            )
+        )
+
+    async def place(self) -> None:
+        """Dispatch and submit, trying other instances when one refuses or is down.
+
+        Raises UnavailableError when no instance took it, ValueError when a worker
+        found the request itself invalid.
+        """
+        last_error = ""
+        for _ in range(self._max_placements):
+            placement = await self._dispatcher.choose(
+                self.request_id,
+                len(self.spec.prompt_token_ids) + len(self.tracker.tokens),
+                self.spec.priority,
+                self._excluded,
+            )
+            # Before Submit: a loss noticed while Submit is in flight must reach us.
+            self.tracker.mark_placed(placement.instance_id)
+            try:
+                await self._pool.submit(
+                    placement.instance_id, placement.address, self._request_state()
+                )
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code == grpc.StatusCode.INVALID_ARGUMENT:
+                    self.tracker.mark_unplaced()
+                    raise ValueError(exc.details()) from None
+                if (
+                    code == grpc.StatusCode.ALREADY_EXISTS
+                    and self.tracker.tokens == []
+                    and self.num_placements == 0
+                ):
+                    raise AlreadyExistsError(exc.details()) from None
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    # It may have been admitted after all: make sure it does not run twice.
+                    self._pool.abort_soon(placement.instance_id, self.request_id)
+                self.tracker.mark_unplaced()
+                self._excluded.add(placement.instance_id)
+                last_error = f"{placement.instance_id}: {code.name}: {exc.details()}"
+                log.warning(
+                    "submit_failed",
+                    instance_id=placement.instance_id,
+                    code=code.name,
+                    details=exc.details(),
+                )
+                continue
+            self.num_placements += 1
+            if self.tracker.is_finished:  # aborted while Submit was in flight
+                self._abort_on_worker()
+                return
+            log.info(
+                "request_placed",
+                instance_id=placement.instance_id,
+                source=placement.source.value,
+                num_resumed_tokens=len(self.tracker.tokens),
+            )
+            return
+        raise UnavailableError(
+            f"no worker could take request {self.request_id!r} after {self._max_placements} tries "
+            f"(last: {last_error})"
+        )
+
+    async def chunks(self) -> AsyncIterator[Chunk]:
+        """The output as contiguous chunks; the last one carries the finish reason."""
+        tracker = self.tracker
+        num_sent = 0
+        while True:
+            if tracker.needs_placement:
+                lost_instance = tracker.instance_id
+                log.warning(
+                    "request_failover",
+                    instance_id=lost_instance,
+                    reason=tracker.lost_reason,
+                    num_tokens_received=len(tracker.tokens),
+                )
+                if lost_instance is not None:
+                    self._excluded.add(lost_instance)
+                tracker.mark_unplaced()
+                await self.place()
+                continue
+            num_tokens = len(tracker.tokens)
+            is_finished = tracker.is_finished
+            if num_tokens > num_sent or is_finished:
+                yield Chunk(
+                    first_token_index=num_sent,
+                    token_ids=tracker.tokens[num_sent:num_tokens],
+                    finish_reason=tracker.finish_reason if is_finished else FinishReason.NONE,
+                    instance_id=tracker.instance_id or "",
+                )
+                num_sent = num_tokens
+                if is_finished:
+                    return
+                continue
+            await tracker.wait_changed()
+
+    def abort(self) -> bool:
+        """Finish the stream as ABORT and stop the request on its worker.
+
+        Also used when the client stream ends early. False if it had already finished.
+        """
+        if self.tracker.is_finished:
+            return False
+        is_on_worker = self.tracker.status is PlacementStatus.PLACED
+        self.tracker.finish_aborted()
+        if is_on_worker:
+            self._abort_on_worker()
+        # Otherwise a placement may be in flight: place() aborts once Submit returns.
+        return True
+
+    def _abort_on_worker(self) -> None:
+        if self.tracker.instance_id:
+            log.info("request_abort", instance_id=self.tracker.instance_id)
+            self._pool.abort_soon(self.tracker.instance_id, self.request_id)

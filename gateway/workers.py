@@ -1,0 +1,159 @@
+"""Channels to the workers this gateway submits to, and how it learns that one died.
+
+Each worker in use gets one channel and one grpc.health.v1 Watch stream. A kill -9
+closes the worker's sockets, so the Watch fails at once; a hung or partitioned worker
+is caught by channel keepalive. Before declaring a worker lost the pool confirms with
+a Check (a Watch can also end for benign reasons, e.g. a GOAWAY). A worker that turns
+NOT_SERVING (graceful shutdown) counts as lost too, so its requests move elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos import worker_pb2, worker_pb2_grpc
+from services.common.grpc_client import aio_channel, check_health
+from services.common.logging import get_logger
+
+log = get_logger(__name__)
+
+WORKER_SERVICE = "llmesh.v1.Worker"
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+class WorkerLink:
+    """One worker: its channel, stub and health watch."""
+
+    def __init__(self, instance_id: str, address: str) -> None:
+        self.instance_id = instance_id
+        self.address = address
+        self.channel = aio_channel(address)
+        self.stub = worker_pb2_grpc.WorkerStub(self.channel)
+        self.watch_task: asyncio.Task | None = None
+
+
+class WorkerPool:
+    """Worker links by instance id; calls `on_lost(instance_id, reason)` when one dies."""
+
+    def __init__(
+        self,
+        on_lost: Callable[[str, str], None],
+        *,
+        submit_timeout_s: float,
+        abort_timeout_s: float,
+        watch_rotate_s: float,
+    ) -> None:
+        self._on_lost = on_lost
+        self._submit_timeout_s = submit_timeout_s
+        self._abort_timeout_s = abort_timeout_s
+        self._watch_rotate_s = watch_rotate_s
+        self._links: dict[str, WorkerLink] = {}
+        self._background: set[asyncio.Task] = set()
+        # Watches outlive the request that opened them: log without its request id.
+        self._root_context = contextvars.copy_context()
+
+    def link(self, instance_id: str, address: str) -> WorkerLink:
+        link = self._links.get(instance_id)
+        if link is not None and link.address != address:
+            self._drop(link)  # the instance came back elsewhere
+            link = None
+        if link is None:
+            link = WorkerLink(instance_id, address)
+            link.watch_task = asyncio.create_task(
+                self._watch(link), context=self._root_context.copy()
+            )
+            self._links[instance_id] = link
+        return link
+
+    async def submit(self, instance_id: str, address: str, state) -> worker_pb2.SubmitResponse:
+        link = self.link(instance_id, address)
+        return await link.stub.Submit(
+            worker_pb2.SubmitRequest(state=state), timeout=self._submit_timeout_s
+        )
+
+    def abort_soon(self, instance_id: str, request_id: str) -> None:
+        """Best-effort Worker.Abort in the background (safe to call from a cancelled task)."""
+        task = asyncio.create_task(self._abort(instance_id, request_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _abort(self, instance_id: str, request_id: str) -> bool:
+        link = self._links.get(instance_id)
+        if link is None:
+            return False  # lost, or never used: nothing of ours runs there
+        try:
+            reply = await link.stub.Abort(
+                worker_pb2.WorkerAbortRequest(request_id=request_id), timeout=self._abort_timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.info(
+                "worker_abort_failed",
+                request_id=request_id,
+                instance_id=instance_id,
+                code=exc.code().name,
+            )
+            return False
+        return reply.aborted
+
+    async def _watch(self, link: WorkerLink) -> None:
+        health = health_pb2_grpc.HealthStub(link.channel)
+        while True:
+            reason = await self._watch_once(health)
+            if reason is None:
+                continue  # the stream's deadline passed: re-open it
+            if not reason.startswith("health status") and await check_health(
+                link.address, WORKER_SERVICE, timeout=1.0
+            ):
+                await asyncio.sleep(0.1)
+                continue  # a benign stream end; the worker still answers
+            break
+        log.warning(
+            "worker_lost", instance_id=link.instance_id, address=link.address, reason=reason
+        )
+        if self._links.get(link.instance_id) is link:
+            del self._links[link.instance_id]
+        self._on_lost(link.instance_id, reason)
+        await link.channel.close()
+
+    async def _watch_once(self, health) -> str | None:
+        """Follow one Watch stream; the reason it ended, or None for a deadline rotation."""
+        request = health_pb2.HealthCheckRequest(service=WORKER_SERVICE)
+        call = health.Watch(request, timeout=self._watch_rotate_s)
+        try:
+            async for reply in call:
+                if reply.status != _SERVING:
+                    name = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+                    return f"health status {name}"
+            return "health watch ended"
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                return None
+            return f"health watch failed: {exc.code().name}"
+        finally:
+            call.cancel()
+
+    def _drop(self, link: WorkerLink) -> None:
+        if link.watch_task is not None:
+            link.watch_task.cancel()
+        self._links.pop(link.instance_id, None)
+        task = asyncio.create_task(link.channel.close())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        for link in list(self._links.values()):
+            if link.watch_task is not None:
+                link.watch_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await link.watch_task
+            await link.channel.close()
+        self._links.clear()
+        for task in list(self._background):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(task, timeout=1.0)

@@ -1,0 +1,390 @@
+"""Receiver: `recv` and everything that can happen to a transfer on the receiving side.
+
+Life of one receive (numbers match the comments below):
+    1. claim the record for the transfer id (or find the sender's header already here);
+    2. wait for the header, bounded by the deadline;
+    3. choose destinations: the caller's `into` tensors, or a pooled buffer;
+    4. inline transfers: copy the payload from the header; others: post every chunk's
+       buffer on the fabric and wait for all of them, the deadline, or an interrupt;
+    5. any failure ends in _abandon, which guarantees nothing writes into the buffers
+       afterwards and tells the sender (Reject) when this side gave up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import numpy as np
+import torch
+
+from kvtransport.base import ReceivedTransfer
+from kvtransport.buffers import BufferPool
+from kvtransport.config import TransportConfig
+from kvtransport.errors import (
+    PeerUnreachable,
+    TransferCancelled,
+    TransferMismatch,
+    TransferTimeout,
+    TransportError,
+)
+from kvtransport.fabric import Fabric
+from kvtransport.incoming import ENDED_STATUSES, IncomingStatus, IncomingTable, IncomingTransfer
+from kvtransport.tensors import byte_view, check_receivable, packed_layout, unpack
+from kvtransport.wire import (
+    CancelTransfer,
+    ChunkRef,
+    RejectTransfer,
+    TransferHeader,
+    encode,
+    plan_chunks,
+)
+
+log = logging.getLogger(__name__)
+
+# send_reject(sender_address, frame): deliver a control frame to a peer, best effort.
+SendReject = Callable[[bytes, bytes], None]
+# report_peer_lost(address, error): tell the whole transport a peer is gone.
+ReportPeerLost = Callable[[bytes, PeerUnreachable], None]
+
+
+class _SenderCancelled(TransferCancelled):
+    def __init__(self, message: CancelTransfer) -> None:
+        super().__init__(
+            f"transfer {message.transfer_id!r} cancelled by its sender ({message.reason})"
+        )
+        self.num_chunks_issued = message.num_chunks_issued
+
+
+class Receiver:
+    def __init__(
+        self,
+        fabric: Fabric,
+        pool: BufferPool,
+        config: TransportConfig,
+        send_reject: SendReject,
+        report_peer_lost: ReportPeerLost,
+    ) -> None:
+        self._fabric = fabric
+        self._pool = pool
+        self._config = config
+        self._send_reject = send_reject
+        self._report_peer_lost = report_peer_lost
+        self._table = IncomingTable()
+        # Senders known dead. Nothing from them is ever received again: with UCX, matching
+        # a dead sender's chunk after its first failure can crash the process.
+        self._lost_senders: set[bytes] = set()
+        self._tasks: set[asyncio.Task] = set()
+        self.num_bytes_received = 0
+
+    @property
+    def num_incoming(self) -> int:
+        return sum(1 for entry in self._table if entry.status not in ENDED_STATUSES)
+
+    @property
+    def num_remembered(self) -> int:
+        return sum(1 for entry in self._table if entry.status in ENDED_STATUSES)
+
+    async def recv(
+        self,
+        transfer_id: str,
+        into: Sequence[torch.Tensor] | None,
+        timeout: float | None,
+    ) -> ReceivedTransfer:
+        if not isinstance(transfer_id, str) or not transfer_id:
+            raise ValueError(f"transfer_id must be a non-empty string, got {transfer_id!r}")
+        timeout = self._config.recv_timeout_s if timeout is None else timeout
+        if not isinstance(timeout, int | float) or not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if into is not None:
+            into = [into] if isinstance(into, torch.Tensor) else list(into)
+            for index, tensor in enumerate(into):
+                check_receivable(tensor, index)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        entry = self._claim(transfer_id)  # 1
+        pooled: torch.Tensor | None = None
+        try:
+            await self._wait(entry.header_arrived, entry, deadline, timeout)  # 2
+            header = entry.header
+            assert header is not None
+            tensors, views, pooled = self._destinations(header, into)  # 3
+            if header.is_inline:  # 4
+                self._fill_inline(entry, views)
+            else:
+                futures = self._post(entry, plan_chunks(header.tensors, header.chunk_bytes), views)
+                if futures:
+                    everything = asyncio.gather(*futures)
+                    everything.add_done_callback(_retrieve)
+                    try:
+                        await self._wait(everything, entry, deadline, timeout)
+                    except PeerUnreachable as exc:
+                        self._report_peer_lost(header.sender, exc)
+                        raise
+                self._fabric.finish_chunks(header.key)
+                entry.is_posted = False
+            self._table.remove(entry)
+            return ReceivedTransfer(
+                transfer_id, tensors, header.sender, header.traffic_class, dict(header.metadata)
+            )
+        except BaseException as exc:
+            error = await self._abandon(entry, exc)  # 5
+            if pooled is not None:
+                self._pool.release(pooled)
+            if error is exc or isinstance(exc, asyncio.CancelledError):
+                raise
+            raise error from exc
+        finally:
+            if not entry.settled.done():
+                entry.settled.set_result(None)
+
+    async def cancel_recv(self, transfer_id: str) -> bool:
+        entry = self._table.get(transfer_id)
+        if entry is None or entry.status in ENDED_STATUSES:
+            return False
+        if not entry.is_claimed:  # announced, nobody receiving: refuse it
+            self._reject(entry, "cancelled by the receiver before any recv()")
+            return True
+        entry.interrupt_with(
+            TransferCancelled(f"receive of {transfer_id!r} cancelled by the receiver")
+        )
+        await asyncio.shield(entry.settled)
+        return True
+
+    # -- control messages -------------------------------------------------------------
+
+    def on_header(self, header: TransferHeader, payload: memoryview) -> None:
+        entry = self._table.get(header.transfer_id)
+        if self._table.is_key_known(header.key):
+            log.warning("ignoring header of %r: key already in use", header.transfer_id)
+            return
+        if entry is None:
+            entry = self._new_entry(header.transfer_id, IncomingStatus.ANNOUNCED)
+            entry.header = header
+            entry.inline_payload = bytes(payload) if header.is_inline else None
+            self._table.add(entry)
+        elif entry.status is IncomingStatus.WAITING:
+            self._table.attach_header(entry, header)
+            entry.inline_payload = bytes(payload) if header.is_inline else None
+            entry.set_status(IncomingStatus.RECEIVING)
+            entry.header_arrived.set_result(None)
+        elif entry.status is IncomingStatus.REJECTED and entry.header is None:
+            self._table.attach_header(entry, header)  # this side gave up before it came
+            self._reject(entry, "the receiver gave up before the transfer arrived")
+        else:
+            duplicate = self._new_entry(header.transfer_id, IncomingStatus.REJECTED)
+            duplicate.header = header
+            self._table.add(duplicate, index_id=False)
+            self._reject(duplicate, f"duplicate transfer id {header.transfer_id!r}")
+            return
+        if header.sender in self._lost_senders:  # a header that was already on its way
+            self.on_peer_lost(header.sender, PeerUnreachable("the sender was lost"))
+
+    def on_cancel(self, message: CancelTransfer) -> None:
+        entry = self._table.by_key(message.key)
+        if entry is None:
+            return
+        if entry.status is IncomingStatus.ANNOUNCED:
+            entry.set_status(IncomingStatus.CANCELLED)
+            self._remember(entry)
+            self._drain(entry, message.num_chunks_issued)
+        elif entry.status is IncomingStatus.RECEIVING:
+            entry.interrupt_with(_SenderCancelled(message))
+        elif entry.status is IncomingStatus.REJECTED:
+            self._drain(entry, message.num_chunks_issued)
+
+    def on_peer_lost(self, peer_address: bytes, error: PeerUnreachable) -> None:
+        self._lost_senders.add(peer_address)
+        for entry in self._table:
+            if entry.header is None or entry.header.sender != peer_address:
+                continue
+            if entry.status is IncomingStatus.RECEIVING:
+                entry.interrupt_with(error)
+            elif entry.status is IncomingStatus.ANNOUNCED:
+                entry.set_status(IncomingStatus.FAILED)
+                self._remember(entry)
+                self._drain(entry, 0)  # frees anything a wire had staged for it
+
+    def sweep(self, now: float) -> None:
+        """Reject transfers nobody claimed in time; forget old tombstones."""
+        for entry in self._table:
+            if entry.forget_at is not None and now >= entry.forget_at:
+                self._table.remove(entry)
+            elif (
+                entry.status is IncomingStatus.ANNOUNCED
+                and now - entry.created_at >= self._config.unclaimed_timeout_s
+            ):
+                self._reject(entry, f"not claimed within {self._config.unclaimed_timeout_s}s")
+
+    async def close(self) -> None:
+        for entry in self._table:
+            if entry.status in (IncomingStatus.WAITING, IncomingStatus.RECEIVING):
+                entry.interrupt_with(TransportError("transport closed"))
+        for entry in self._table:
+            if entry.is_claimed:
+                await asyncio.shield(entry.settled)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- internals --------------------------------------------------------------------
+
+    def _new_entry(self, transfer_id: str, status: IncomingStatus) -> IncomingTransfer:
+        now = asyncio.get_running_loop().time()
+        return IncomingTransfer(transfer_id, status, created_at=now)
+
+    def _claim(self, transfer_id: str) -> IncomingTransfer:
+        entry = self._table.get(transfer_id)
+        if entry is None:
+            entry = self._new_entry(transfer_id, IncomingStatus.WAITING)
+            self._table.add(entry)
+        elif entry.status is IncomingStatus.ANNOUNCED:
+            entry.set_status(IncomingStatus.RECEIVING)
+            entry.header_arrived.set_result(None)
+        elif entry.status is IncomingStatus.CANCELLED:
+            raise TransferCancelled(f"transfer {transfer_id!r} was cancelled by its sender")
+        elif entry.status is IncomingStatus.FAILED:
+            raise PeerUnreachable(f"the sender of {transfer_id!r} was lost")
+        elif entry.status is IncomingStatus.REJECTED:
+            raise TransferCancelled(f"transfer {transfer_id!r} was abandoned by this receiver")
+        else:
+            raise TransportError(f"transfer {transfer_id!r} is already being received")
+        entry.is_claimed = True
+        return entry
+
+    async def _wait(self, future, entry: IncomingTransfer, deadline: float, timeout: float):
+        remaining = deadline - asyncio.get_running_loop().time()
+        done, _ = await asyncio.wait(
+            {future, entry.interrupt},
+            timeout=max(0.0, remaining),
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if entry.interrupt in done:
+            raise entry.interrupt.exception()
+        if future in done:
+            return future.result()
+        raise TransferTimeout(f"transfer {entry.transfer_id!r} not received within {timeout}s")
+
+    def _destinations(self, header: TransferHeader, into: list[torch.Tensor] | None):
+        specs = header.tensors
+        if into is not None:
+            if len(into) != len(specs):
+                raise TransferMismatch(
+                    f"into has {len(into)} tensors, transfer {header.transfer_id!r} "
+                    f"sends {len(specs)}"
+                )
+            for index, (tensor, spec) in enumerate(zip(into, specs, strict=True)):
+                if tensor.nbytes != spec.nbytes:
+                    raise TransferMismatch(
+                        f"into[{index}] has {tensor.nbytes} bytes, transfer "
+                        f"{header.transfer_id!r} sends {spec.nbytes} "
+                        f"({spec.dtype}{list(spec.shape)})"
+                    )
+            return list(into), [byte_view(t) for t in into], None
+        offsets, total = packed_layout(specs)
+        if total == 0:
+            tensors = [torch.empty(spec.shape, dtype=spec.torch_dtype) for spec in specs]
+            return tensors, [byte_view(t) for t in tensors], None
+        pooled = self._pool.acquire(total)
+        tensors = unpack(pooled, specs, offsets)
+        views = [
+            pooled[offset : offset + spec.nbytes].numpy()
+            for offset, spec in zip(offsets, specs, strict=True)
+        ]
+        return tensors, views, pooled
+
+    def _fill_inline(self, entry: IncomingTransfer, views: list[np.ndarray]) -> None:
+        payload = entry.inline_payload or b""
+        offset = 0
+        for view in views:
+            view[:] = np.frombuffer(payload, dtype=np.uint8, count=view.nbytes, offset=offset)
+            offset += view.nbytes
+        entry.num_bytes_received += offset
+        self.num_bytes_received += offset
+
+    def _post(self, entry: IncomingTransfer, chunks: list[ChunkRef], views: list[np.ndarray]):
+        assert entry.header is not None
+        targets = [
+            (chunk.seq, views[chunk.tensor_index][chunk.offset : chunk.offset + chunk.nbytes])
+            for chunk in chunks
+        ]
+        futures = self._fabric.post_chunks(entry.header.key, targets)
+        entry.is_posted = True
+        for chunk, future in zip(chunks, futures, strict=True):
+            entry.chunk_futures[chunk.seq] = future
+            future.add_done_callback(partial(self._on_chunk, entry, chunk))
+        return futures
+
+    def _on_chunk(self, entry: IncomingTransfer, chunk: ChunkRef, future: asyncio.Future) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        entry.completed_seqs.add(chunk.seq)
+        entry.num_bytes_received += chunk.nbytes
+        self.num_bytes_received += chunk.nbytes
+
+    async def _abandon(self, entry: IncomingTransfer, exc: BaseException) -> BaseException:
+        """Make the buffers safe again and record why; returns the error to raise."""
+        key = entry.header.key if entry.header is not None else None
+        if isinstance(exc, _SenderCancelled):
+            if entry.is_posted:
+                # The sender is alive and says which chunks it issued: let those land
+                # (they would otherwise stay queued on the wire), withdraw the rest.
+                issued = [f for s, f in entry.chunk_futures.items() if s <= exc.num_chunks_issued]
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        asyncio.gather(*issued, return_exceptions=True),
+                        self._config.cancel_grace_s,
+                    )
+                await self._fabric.abort_chunks(key)
+            else:
+                self._drain(entry, exc.num_chunks_issued)
+            entry.set_status(IncomingStatus.CANCELLED)
+            self._remember(entry)
+            return exc
+        if entry.is_posted:
+            await self._fabric.abort_chunks(key)
+            entry.is_posted = False
+        if isinstance(exc, PeerUnreachable):
+            entry.set_status(IncomingStatus.FAILED)
+            self._remember(entry)
+            return exc
+        # This side gave up (timeout, cancel_recv, mismatch, caller cancelled, closing).
+        reason = "receiver task cancelled" if isinstance(exc, asyncio.CancelledError) else str(exc)
+        self._reject(entry, reason)
+        if isinstance(exc, TransportError | asyncio.CancelledError):
+            return exc
+        return TransportError(f"receive of {entry.transfer_id!r} failed: {exc!r}")
+
+    def _reject(self, entry: IncomingTransfer, reason: str) -> None:
+        entry.set_status(IncomingStatus.REJECTED)
+        self._remember(entry)
+        if entry.header is not None:
+            header = entry.header
+            frame = encode(RejectTransfer(header.transfer_id, header.key, reason))
+            self._send_reject(header.sender, frame)
+
+    def _remember(self, entry: IncomingTransfer) -> None:
+        now = asyncio.get_running_loop().time()
+        entry.forget_at = now + self._config.tombstone_ttl_s
+
+    def _drain(self, entry: IncomingTransfer, num_chunks_issued: int) -> None:
+        """Consume chunks the sender issued that no buffer will ever be posted for."""
+        header = entry.header
+        if header is None or header.is_inline or header.sender in self._lost_senders:
+            return
+        chunks = plan_chunks(header.tensors, header.chunk_bytes)[:num_chunks_issued]
+        sizes = [(c.seq, c.nbytes) for c in chunks if c.seq not in entry.completed_seqs]
+        task = asyncio.get_running_loop().create_task(
+            self._fabric.drain_chunks(header.key, sizes, self._config.cancel_grace_s)
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_retrieve)
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.debug("background receive step failed: %s", future.exception())

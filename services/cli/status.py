@@ -1,0 +1,151 @@
+"""`llmesh status`: the cluster as the global scheduler sees it, as a table (or JSON)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+
+import grpc
+
+from protos import scheduler_pb2, scheduler_pb2_grpc
+from services.common.config import load_config
+from services.common.convert import instance_spec_from_proto, load_from_proto
+from services.common.messages import InstanceSpec, LoadSnapshot
+
+HELP = "show the instances the scheduler knows (running, waiting, KV usage, freeness)"
+TIMEOUT_S = 3.0
+
+
+@dataclass(frozen=True)
+class ClientAddresses:
+    """Where the CLI finds the mesh: LLMESH_GATEWAY_ADDRESS / LLMESH_SCHEDULER_ADDRESS."""
+
+    gateway_address: str = "127.0.0.1:50051"  # the gateway's client API
+    scheduler_address: str = "127.0.0.1:50052"  # the global scheduler
+
+
+def default_addresses() -> ClientAddresses:
+    return load_config(ClientAddresses, "")
+
+
+@dataclass(frozen=True)
+class InstanceRow:
+    spec: InstanceSpec
+    load: LoadSnapshot
+    ms_since_report: int
+
+
+def fetch_cluster(
+    scheduler_address: str, timeout_s: float = TIMEOUT_S
+) -> tuple[list[InstanceRow], str]:
+    """(instances, dispatch policy); raises grpc.RpcError if the scheduler does not answer."""
+    with grpc.insecure_channel(scheduler_address) as channel:
+        state = scheduler_pb2_grpc.SchedulerStub(channel).GetClusterState(
+            scheduler_pb2.GetClusterStateRequest(), timeout=timeout_s
+        )
+    rows = [
+        InstanceRow(instance_spec_from_proto(i.info), load_from_proto(i.load), i.ms_since_report)
+        for i in state.instances
+    ]
+    return rows, state.dispatch_policy
+
+
+def _freeness(value: float) -> str:
+    return "-inf (draining)" if math.isinf(value) and value < 0 else f"{value:.1f}"
+
+
+def render_table(rows: list[InstanceRow], title: str):
+    """A rich Table of the instances."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+        title=title,
+        title_justify="left",
+        caption="KV used = blocks used/total; queued = blocks waiting requests need; age = since last report",
+        caption_justify="left",
+    )
+    for column in (
+        "instance",
+        "address",
+        "run",
+        "wait",
+        "KV used",
+        "freeness",
+        "queued",
+        "age",
+    ):
+        table.add_column(
+            column, justify="left" if column in ("instance", "address") else "right", no_wrap=True
+        )
+    for row in rows:
+        load = row.load
+        usage = load.num_used_blocks / load.num_total_blocks if load.num_total_blocks else 0.0
+        table.add_row(
+            row.spec.instance_id,
+            row.spec.address,
+            str(load.num_running),
+            str(load.num_waiting),
+            f"{load.num_used_blocks}/{load.num_total_blocks} {usage:.0%}",
+            _freeness(load.freeness),
+            str(load.num_waiting_blocks),
+            f"{row.ms_since_report}ms",
+        )
+    if not rows:
+        table.add_row("(none registered)", *[""] * 7)
+    return table
+
+
+def rows_to_json(rows: list[InstanceRow], dispatch_policy: str) -> dict:
+    return {
+        "dispatch_policy": dispatch_policy,
+        "instances": [
+            {
+                "instance_id": r.spec.instance_id,
+                "address": r.spec.address,
+                "model_id": r.spec.model_id,
+                "num_running": r.load.num_running,
+                "num_waiting": r.load.num_waiting,
+                "num_used_blocks": r.load.num_used_blocks,
+                "num_total_blocks": r.load.num_total_blocks,
+                "num_waiting_blocks": r.load.num_waiting_blocks,
+                "freeness": r.load.freeness if math.isfinite(r.load.freeness) else None,
+                "is_terminating": r.load.is_terminating,
+                "num_preemptions": r.load.num_preemptions,
+                "ms_since_report": r.ms_since_report,
+            }
+            for r in rows
+        ],
+    }
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument(
+        "--scheduler",
+        help="scheduler host:port (default: $LLMESH_SCHEDULER_ADDRESS or 127.0.0.1:50052)",
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run(args) -> int:
+    address = args.scheduler or default_addresses().scheduler_address
+    try:
+        rows, policy = fetch_cluster(address)
+    except grpc.RpcError as exc:
+        print(
+            f"llmesh status: the scheduler at {address} does not answer ({exc.code().name}); is the mesh up?",
+            file=sys.stderr,
+        )
+        return 1
+    if args.json:
+        print(json.dumps(rows_to_json(rows, policy)))
+        return 0
+    from rich.console import Console
+
+    Console().print(render_table(rows, f"llmesh cluster (scheduler {address}, dispatch: {policy})"))
+    return 0

@@ -1,0 +1,156 @@
+"""`llmesh up`: a whole mesh on this machine, one OS process per service.
+
+Starts the scheduler, N workers and the gateway on loopback (the same way compose
+runs them: `python -m <service> --flags`), waits until every one is healthy and the
+gateway sees all workers, then shows a live table of the instances. Ctrl-C or SIGTERM
+stops everything (gateway, workers, scheduler, in that order); children also get
+SIGTERM from the kernel should this process die abruptly, so none is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+
+from services.cli.status import fetch_cluster, render_table
+from services.common.procs import LocalMesh, ServiceStartError
+
+HELP = "start scheduler, gateway and workers on this machine and show a live cluster table"
+REFRESH_S = 0.5
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--workers", type=int, default=2, help="number of workers (default 2)")
+    parser.add_argument(
+        "--model", default="tiny", help="'tiny' (embedded, no download) or a checkpoint directory"
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="interface every service binds (default loopback)"
+    )
+    parser.add_argument(
+        "--gateway-port", type=int, default=50051, help="client API port (0 = any free port)"
+    )
+    parser.add_argument(
+        "--scheduler-port", type=int, default=50052, help="scheduler port (0 = any free port)"
+    )
+    parser.add_argument(
+        "--log-dir", default=None, help="where each service logs (default: a new temp dir)"
+    )
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch threads per worker (default: cores / workers)",
+    )
+    parser.add_argument("--no-table", action="store_true", help="do not draw the live table")
+
+
+class _StopRequested:
+    """Set by SIGINT/SIGTERM; the main loop polls it."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signal_name = ""
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+        self.event.set()
+
+
+def run(args) -> int:
+    if args.workers < 1:
+        print(f"llmesh up: --workers={args.workers} must be >= 1", file=sys.stderr)
+        return 2
+    threads = args.torch_threads or max(1, (os.cpu_count() or 1) // args.workers)
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="llmesh-up-"))
+    stop = _StopRequested()
+    stop.install()
+    mesh = LocalMesh(
+        log_dir=log_dir,
+        num_workers=args.workers,
+        model=args.model,
+        host=args.host,
+        scheduler_port=args.scheduler_port,
+        gateway_port=args.gateway_port,
+        worker_args=("--torch-threads", str(threads)),
+    )
+    print(
+        f"llmesh: starting scheduler, {args.workers} worker(s) and gateway (model {args.model}); logs in {log_dir}"
+    )
+    try:
+        mesh.start()
+    except (ServiceStartError, OSError) as exc:
+        print(f"llmesh up: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    try:
+        _print_banner(mesh, args)
+        _watch(mesh, stop, show_table=not args.no_table and sys.stdout.isatty())
+    finally:
+        print("llmesh: stopping gateway, workers and scheduler ...", flush=True)
+        mesh.stop()
+        print("llmesh: stopped", flush=True)
+    return 0
+
+
+def _print_banner(mesh: LocalMesh, args) -> None:
+    gateway = mesh.gateway_address
+    default_gateway = gateway == "127.0.0.1:50051"
+    flag = "" if default_gateway else f" --gateway {gateway}"
+    print(
+        f"\nllmesh is up: gateway {gateway}  scheduler {mesh.scheduler_address}  "
+        f"workers {', '.join(f'{w.name}={w.address}' for w in mesh.workers)}\n"
+        f'  try:  ./llmesh generate{flag} "Hello, llmesh" --max-tokens 16\n'
+        f"        ./llmesh status{'' if mesh.scheduler_address == '127.0.0.1:50052' else ' --scheduler ' + mesh.scheduler_address}\n"
+        f"  Ctrl-C stops everything.\n",
+        flush=True,
+    )
+
+
+def _watch(mesh: LocalMesh, stop: _StopRequested, show_table: bool) -> None:
+    """Until a stop signal: redraw the table, report services that exit on their own."""
+    reported_dead: set[str] = set()
+    live = None
+    if show_table:
+        from rich.live import Live
+
+        live = Live(render_table([], "llmesh cluster"), refresh_per_second=4, transient=False)
+        live.start()
+    try:
+        while not stop.event.wait(REFRESH_S):
+            for proc in mesh.processes():
+                if not proc.is_alive() and proc.name not in reported_dead:
+                    reported_dead.add(proc.name)
+                    message = f"llmesh: {proc.name} exited with code {proc.popen.returncode}; log: {proc.log_path}"
+                    if live is not None:
+                        live.console.print(message)
+                    else:
+                        print(message, flush=True)
+            if live is not None:
+                live.update(_table(mesh))
+    finally:
+        if live is not None:
+            live.stop()
+    if stop.signal_name:
+        print(f"llmesh: got {stop.signal_name}", flush=True)
+
+
+def _table(mesh: LocalMesh):
+    title = f"llmesh cluster  (gateway {mesh.gateway_address}, {time.strftime('%H:%M:%S')})"
+    try:
+        rows, policy = fetch_cluster(mesh.scheduler_address, timeout_s=1.0)
+    except grpc.RpcError as exc:
+        return render_table([], f"{title}  scheduler unreachable: {exc.code().name}")
+    return render_table(rows, f"{title}  dispatch: {policy}")

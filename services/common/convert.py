@@ -1,0 +1,245 @@
+"""protobuf <-> services.common.messages, in one place.
+
+Only servicers and service clients call these; everything behind them sees dataclasses.
+"""
+
+from __future__ import annotations
+
+from protos import common_pb2, gateway_pb2
+from services.common.messages import (
+    FinishReason,
+    InstanceSpec,
+    LoadSnapshot,
+    OutputDelta,
+    RequestSpec,
+    RunningRequestSummary,
+    SamplingSpec,
+)
+
+_FINISH_TO_PROTO = {
+    FinishReason.NONE: common_pb2.FINISH_REASON_UNSPECIFIED,
+    FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
+    FinishReason.ABORT: common_pb2.FINISH_REASON_ABORT,
+    FinishReason.ERROR: common_pb2.FINISH_REASON_ERROR,
+}
+_FINISH_FROM_PROTO = {v: k for k, v in _FINISH_TO_PROTO.items()}
+
+
+def finish_reason_to_proto(reason: FinishReason) -> int:
+    return _FINISH_TO_PROTO[reason]
+
+
+def finish_reason_from_proto(value: int) -> FinishReason:
+    try:
+        return _FINISH_FROM_PROTO[value]
+    except KeyError:
+        raise ValueError(f"finish_reason={value} is not a known FinishReason") from None
+
+
+# ---- InstanceInfo -----------------------------------------------------------------
+
+
+def instance_spec_to_proto(spec: InstanceSpec) -> common_pb2.InstanceInfo:
+    return common_pb2.InstanceInfo(
+        instance_id=spec.instance_id,
+        address=spec.address,
+        transport_address=spec.transport_address,
+        transport_backend=spec.transport_backend,
+        model_id=spec.model_id,
+        memory_capacity_bytes=spec.memory_capacity_bytes,
+        block_size=spec.block_size,
+        layer_start=spec.layer_start,
+        layer_end=spec.layer_end,
+        num_layers=spec.num_layers,
+        max_model_len=spec.max_model_len,
+        vocab_size=spec.vocab_size,
+        eos_token_id=spec.eos_token_id,
+    )
+
+
+def instance_spec_from_proto(info: common_pb2.InstanceInfo) -> InstanceSpec:
+    if not info.instance_id:
+        raise ValueError("info.instance_id must not be empty")
+    if not info.address:
+        raise ValueError("info.address must not be empty")
+    if info.block_size <= 0:
+        raise ValueError(f"info.block_size={info.block_size} must be > 0")
+    return InstanceSpec(
+        instance_id=info.instance_id,
+        address=info.address,
+        model_id=info.model_id,
+        block_size=info.block_size,
+        num_layers=info.num_layers,
+        layer_start=info.layer_start,
+        layer_end=info.layer_end,
+        max_model_len=info.max_model_len,
+        vocab_size=info.vocab_size,
+        eos_token_id=info.eos_token_id,
+        memory_capacity_bytes=info.memory_capacity_bytes,
+        transport_address=bytes(info.transport_address),
+        transport_backend=info.transport_backend,
+    )
+
+
+# ---- LoadReport -------------------------------------------------------------------
+
+
+def load_to_proto(load: LoadSnapshot) -> common_pb2.LoadReport:
+    return common_pb2.LoadReport(
+        instance_id=load.instance_id,
+        seq=load.seq,
+        num_running=load.num_running,
+        num_waiting=load.num_waiting,
+        num_total_blocks=load.num_total_blocks,
+        num_used_blocks=load.num_used_blocks,
+        num_hol_blocks=load.num_hol_blocks,
+        num_running_high_priority=load.num_running_high_priority,
+        virtual_usage=load.virtual_usage,
+        freeness=load.freeness,
+        is_terminating=load.is_terminating,
+        num_preemptions=load.num_preemptions,
+        num_migrating=load.num_migrating,
+        running=[
+            common_pb2.RunningRequest(
+                request_id=r.request_id,
+                num_tokens=r.num_tokens,
+                num_blocks=r.num_blocks,
+                priority=r.priority,
+            )
+            for r in load.running
+        ],
+        is_integrity_checked=load.is_integrity_checked,
+        integrity_error=load.integrity_error,
+        num_waiting_blocks=load.num_waiting_blocks,
+        num_headroom_blocks=load.num_headroom_blocks,
+    )
+
+
+def load_from_proto(report: common_pb2.LoadReport) -> LoadSnapshot:
+    if not report.instance_id:
+        raise ValueError("load report instance_id must not be empty")
+    return LoadSnapshot(
+        instance_id=report.instance_id,
+        seq=report.seq,
+        num_running=report.num_running,
+        num_waiting=report.num_waiting,
+        num_total_blocks=report.num_total_blocks,
+        num_used_blocks=report.num_used_blocks,
+        num_hol_blocks=report.num_hol_blocks,
+        num_running_high_priority=report.num_running_high_priority,
+        virtual_usage=report.virtual_usage,
+        freeness=report.freeness,
+        is_terminating=report.is_terminating,
+        num_preemptions=report.num_preemptions,
+        num_migrating=report.num_migrating,
+        running=tuple(
+            RunningRequestSummary(r.request_id, r.num_tokens, r.num_blocks, r.priority)
+            for r in report.running
+        ),
+        is_integrity_checked=report.is_integrity_checked,
+        integrity_error=report.integrity_error,
+        num_waiting_blocks=report.num_waiting_blocks,
+        num_headroom_blocks=report.num_headroom_blocks,
+    )
+
+
+# ---- SamplingParams / RequestState ------------------------------------------------
+
+
+def sampling_to_proto(sampling: SamplingSpec) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(
+        max_tokens=sampling.max_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        seed=sampling.seed,
+        stop_token_ids=list(sampling.stop_token_ids),
+        ignore_eos=sampling.ignore_eos,
+    )
+
+
+def request_to_proto(spec: RequestSpec) -> common_pb2.RequestState:
+    return common_pb2.RequestState(
+        request_id=spec.request_id,
+        prompt_token_ids=list(spec.prompt_token_ids),
+        output_token_ids=list(spec.output_token_ids),
+        sampling=sampling_to_proto(spec.sampling),
+        priority=spec.priority,
+        num_computed_tokens=spec.num_computed_tokens,
+        arrival_time=spec.arrival_time,
+        owner_address=spec.owner_address,
+        trace_context=dict(spec.trace_context),
+    )
+
+
+def request_from_proto(state: common_pb2.RequestState) -> RequestSpec:
+    """A RequestState from a peer service. Values are checked by the engine itself;
+    only what it cannot know (ids, addresses, seed presence) is checked here."""
+    if not state.request_id:
+        raise ValueError("state.request_id must not be empty")
+    if not state.owner_address:
+        raise ValueError("state.owner_address must not be empty")
+    if not state.sampling.HasField("seed"):
+        raise ValueError("state.sampling.seed must be set")
+    s = state.sampling
+    return RequestSpec(
+        request_id=state.request_id,
+        prompt_token_ids=tuple(state.prompt_token_ids),
+        output_token_ids=tuple(state.output_token_ids),
+        sampling=SamplingSpec(
+            max_tokens=s.max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p if s.top_p != 0 else 1.0,
+            top_k=s.top_k,
+            seed=s.seed,
+            stop_token_ids=tuple(s.stop_token_ids),
+            ignore_eos=s.ignore_eos,
+        ),
+        priority=state.priority,
+        num_computed_tokens=state.num_computed_tokens,
+        arrival_time=state.arrival_time,
+        owner_address=state.owner_address,
+        trace_context=dict(state.trace_context),
+    )
+
+
+# ---- OutputBatch ------------------------------------------------------------------
+
+
+# The token path: one OutputBatch per step, one entry per running request. `add()`
+# with keywords is the cheapest way to fill a repeated message field with upb.
+
+
+def outputs_to_proto(instance_id: str, deltas: list[OutputDelta]) -> gateway_pb2.OutputBatch:
+    batch = gateway_pb2.OutputBatch(instance_id=instance_id)
+    add = batch.outputs.add
+    for d in deltas:
+        if d.finish_reason is FinishReason.NONE:
+            add(
+                request_id=d.request_id,
+                first_token_index=d.first_token_index,
+                token_ids=d.token_ids,
+            )
+        else:
+            add(
+                request_id=d.request_id,
+                first_token_index=d.first_token_index,
+                token_ids=d.token_ids,
+                finish_reason=_FINISH_TO_PROTO[d.finish_reason],
+                error=d.error,
+            )
+    return batch
+
+
+def outputs_from_proto(batch: gateway_pb2.OutputBatch) -> list[OutputDelta]:
+    return [
+        OutputDelta(
+            o.request_id,
+            o.first_token_index,
+            tuple(o.token_ids),
+            _FINISH_FROM_PROTO[o.finish_reason] if o.finish_reason else FinishReason.NONE,
+            o.error,
+        )
+        for o in batch.outputs
+    ]

@@ -1,0 +1,46 @@
+"""Errors a servicer raises to answer with a specific gRPC status.
+
+Handlers stay thin: they raise one of these (or a plain `ValueError` for bad input)
+and `ErrorMappingServerInterceptor` turns it into the status code with the message as
+details. The message must name the offending field or id.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ServiceError(Exception):
+    """Base class: `code` is the gRPC status the caller receives."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class NotFoundError(ServiceError):
+    """The named request, instance or migration does not exist here."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExistsError(ServiceError):
+    """A request id is already in use."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class ResourceExhaustedError(ServiceError):
+    """Admission control refused the call (mesh or instance full)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class UnavailableError(ServiceError):
+    """No instance can serve the call right now (retry later)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class FailedPreconditionError(ServiceError):
+    """The target exists but is in the wrong state (e.g. draining, not ready)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION

@@ -1,0 +1,142 @@
+"""The instance registry: who is alive, what they reported, and what was just sent to them.
+
+Liveness is a lease: registration starts it and every load report renews it; an
+instance silent for `lease_s` is dropped by `expire()`. Reports carry a per-process
+sequence number so a late report never overwrites a newer one.
+
+Between two reports from an instance the scheduler may dispatch many requests to it.
+Each dispatch is remembered as *pending* demand and added to the instance's load until
+a report younger than the dispatch arrives, so a burst does not all land on the one
+instance that looked freest 50 ms ago.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from services.common.messages import InstanceSpec, LoadSnapshot
+from services.scheduler.policies import InstanceLoad, freeness
+
+
+@dataclass
+class PendingDispatch:
+    """A request sent to an instance that its reports may not show yet."""
+
+    request_id: str
+    num_blocks: int
+    dispatched_at: float
+
+
+@dataclass
+class InstanceRecord:
+    """Everything the scheduler knows about one instance."""
+
+    spec: InstanceSpec
+    load: LoadSnapshot
+    registered_at: float
+    last_report_at: float
+    pending: list[PendingDispatch] = field(default_factory=list)
+
+    def effective_load(self) -> InstanceLoad:
+        """The reported load plus dispatches the report cannot reflect yet."""
+        load = self.load.to_instance_load(
+            address=self.spec.address, block_size=self.spec.block_size
+        )
+        if not self.pending or math.isinf(load.virtual_usage):
+            return load
+        extra_blocks = sum(p.num_blocks for p in self.pending)
+        usage = load.virtual_usage + extra_blocks
+        # Dispatched but not yet in a report: queued there, with their prompt demand.
+        return dataclasses.replace(
+            load,
+            num_waiting=load.num_waiting + len(self.pending),
+            virtual_usage=usage,
+            freeness=freeness(load.num_total_blocks, usage, load.num_running),
+        )
+
+
+class InstanceRegistry:
+    """Live instances by id. Not thread-safe: used from the scheduler's event loop only."""
+
+    def __init__(self, lease_s: float, clock: Callable[[], float] = time.monotonic):
+        if lease_s <= 0:
+            raise ValueError(f"lease_s={lease_s} must be > 0")
+        self.lease_s = lease_s
+        self._clock = clock
+        self._records: dict[str, InstanceRecord] = {}
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, instance_id: str) -> bool:
+        return instance_id in self._records
+
+    def register(self, spec: InstanceSpec) -> None:
+        """Add or replace an instance; a re-registration restarts its sequence numbers."""
+        now = self._clock()
+        total = (
+            self._records[spec.instance_id].load.num_total_blocks if spec.instance_id in self else 0
+        )
+        self._records[spec.instance_id] = InstanceRecord(
+            spec=spec,
+            load=LoadSnapshot.empty(spec.instance_id, total),
+            registered_at=now,
+            last_report_at=now,
+        )
+
+    def report(self, load: LoadSnapshot) -> bool:
+        """Record a load report and renew the lease. False if the instance is unknown.
+
+        A report with a sequence number not above the last one is ignored (but still
+        renews the lease: the instance is evidently alive).
+        """
+        record = self._records.get(load.instance_id)
+        if record is None:
+            return False
+        now = self._clock()
+        record.last_report_at = now
+        if load.seq > record.load.seq or record.load.seq == 0:
+            record.load = load
+            # A report sent after a dispatch reached the worker reflects it; one report
+            # interval is about how long that takes, so drop what is older than that.
+            record.pending = [
+                p for p in record.pending if now - p.dispatched_at < self._pending_ttl()
+            ]
+        return True
+
+    def _pending_ttl(self) -> float:
+        return min(0.5, self.lease_s / 4)
+
+    def note_dispatch(self, instance_id: str, request_id: str, num_blocks: int) -> None:
+        record = self._records.get(instance_id)
+        if record is not None:
+            record.pending.append(PendingDispatch(request_id, num_blocks, self._clock()))
+
+    def deregister(self, instance_id: str) -> bool:
+        return self._records.pop(instance_id, None) is not None
+
+    def expire(self) -> list[str]:
+        """Drop instances whose lease ran out; returns their ids."""
+        now = self._clock()
+        expired = [i for i, r in self._records.items() if now - r.last_report_at > self.lease_s]
+        for instance_id in expired:
+            del self._records[instance_id]
+        return expired
+
+    def get(self, instance_id: str) -> InstanceRecord | None:
+        return self._records.get(instance_id)
+
+    def records(self) -> list[InstanceRecord]:
+        """All live instances, by id."""
+        return [self._records[i] for i in sorted(self._records)]
+
+    def loads(self) -> list[InstanceLoad]:
+        """Policy snapshots of all live instances, pending dispatches included."""
+        return [r.effective_load() for r in self.records()]
+
+    def ms_since_report(self, record: InstanceRecord) -> int:
+        return int((self._clock() - record.last_report_at) * 1000)

@@ -1,0 +1,144 @@
+"""gRPC adapter of the global scheduler: protobuf in, registry/policy calls, protobuf out.
+
+Never on the token path: it only sees registrations, load reports and one Dispatch
+call per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+from opentelemetry import trace
+
+from protos import scheduler_pb2, scheduler_pb2_grpc
+from services.common.convert import (
+    instance_spec_from_proto,
+    instance_spec_to_proto,
+    load_from_proto,
+    load_to_proto,
+)
+from services.common.errors import NotFoundError, ResourceExhaustedError
+from services.common.logging import bind_context, get_logger
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.policies import DispatchInfo, make_dispatch_policy
+from services.scheduler.registry import InstanceRegistry
+
+log = get_logger(__name__)
+tracer = trace.get_tracer("llmesh.scheduler")
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
+    def __init__(self, config: SchedulerConfig, registry: InstanceRegistry):
+        self.config = config
+        self.registry = registry
+        self.dispatch_policy = make_dispatch_policy(config.dispatch_policy)
+        # instance id -> commands waiting to go down its StreamLoad stream.
+        self._commands: dict[str, asyncio.Queue[scheduler_pb2.SchedulerCommand]] = {}
+        self.num_migrations_ordered = 0
+
+    async def RegisterInstance(self, request, context):
+        spec = instance_spec_from_proto(request.info)
+        self.registry.register(spec)
+        log.info(
+            "instance_registered",
+            instance_id=spec.instance_id,
+            address=spec.address,
+            model_id=spec.model_id,
+            layers=f"[{spec.layer_start},{spec.layer_end})",
+        )
+        return scheduler_pb2.RegisterInstanceResponse(
+            lease_ms=self.config.lease_ms, report_interval_ms=self.config.report_interval_ms
+        )
+
+    async def StreamLoad(self, request_iterator, context):
+        """Reports in, commands out. The reader runs as its own task so commands can
+        be sent while the worker is between reports."""
+        queue: asyncio.Queue[scheduler_pb2.SchedulerCommand] = asyncio.Queue()
+        instance_ids: list[str] = []
+
+        async def read_reports() -> None:
+            async for report in request_iterator:
+                load = load_from_proto(report)
+                if not instance_ids:
+                    instance_ids.append(load.instance_id)
+                    self._commands[load.instance_id] = queue
+                if not self.registry.report(load):
+                    raise NotFoundError(
+                        f"instance_id {load.instance_id!r} is not registered; call RegisterInstance first"
+                    )
+
+        reader = asyncio.create_task(read_reports())
+        try:
+            while True:
+                getter = asyncio.create_task(queue.get())
+                done, _ = await asyncio.wait({reader, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield getter.result()
+                    continue
+                getter.cancel()
+                reader.result()  # re-raises NotFoundError / stream errors
+                return
+        finally:
+            reader.cancel()
+            if instance_ids and self._commands.get(instance_ids[0]) is queue:
+                del self._commands[instance_ids[0]]
+
+    async def DeregisterInstance(self, request, context):
+        if self.registry.deregister(request.instance_id):
+            log.info("instance_deregistered", instance_id=request.instance_id)
+        return scheduler_pb2.DeregisterInstanceResponse()
+
+    async def Dispatch(self, request, context):
+        with (
+            tracer.start_as_current_span("scheduler.dispatch"),
+            bind_context(request_id=request.request_id),
+        ):
+            if request.num_prompt_tokens < 0:
+                raise ValueError(f"num_prompt_tokens={request.num_prompt_tokens} must be >= 0")
+            info = DispatchInfo(
+                request_id=request.request_id,
+                num_prompt_tokens=request.num_prompt_tokens,
+                priority=request.priority,
+                exclude_instance_ids=tuple(request.exclude_instance_ids),
+            )
+            instance_id = self.dispatch_policy.choose(self.registry.loads(), info)
+            if instance_id is None:
+                raise ResourceExhaustedError(
+                    f"no instance can take request {request.request_id!r}: "
+                    f"{len(self.registry)} registered, excluded {list(request.exclude_instance_ids)}"
+                )
+            record = self.registry.get(instance_id)
+            assert record is not None
+            block_size = max(record.spec.block_size, 1)
+            self.registry.note_dispatch(
+                instance_id, request.request_id, math.ceil(request.num_prompt_tokens / block_size)
+            )
+            log.info(
+                "dispatched", instance_id=instance_id, num_prompt_tokens=request.num_prompt_tokens
+            )
+            return scheduler_pb2.DispatchResponse(
+                instance_id=instance_id, address=record.spec.address
+            )
+
+    async def GetClusterState(self, request, context):
+        return scheduler_pb2.ClusterState(
+            instances=[
+                scheduler_pb2.InstanceState(
+                    info=instance_spec_to_proto(r.spec),
+                    load=load_to_proto(r.load),
+                    ms_since_report=self.registry.ms_since_report(r),
+                )
+                for r in self.registry.records()
+            ],
+            num_migrations_ordered=self.num_migrations_ordered,
+            dispatch_policy=self.dispatch_policy.name,
+        )
+
+    def send_command(self, instance_id: str, command: scheduler_pb2.SchedulerCommand) -> bool:
+        """Queue a command for an instance's StreamLoad stream (migration issue)."""
+        queue = self._commands.get(instance_id)
+        if queue is None:
+            return False
+        queue.put_nowait(command)
+        return True

@@ -1,0 +1,376 @@
+"""The cluster simulator: N instances, the global scheduler's loops, virtual time.
+
+What runs on the event loop:
+
+    arrival         dispatch policy over fresh load snapshots -> instance queue
+    step end        engine update (tokens, finishes), last-stage hand-offs, next step
+    migration tick  every MigrationConfig.interval_s: pair -> select -> migrate;
+                    terminating instances hand their queued requests back to dispatch
+    scaling tick    every ScalingConfig.interval_s: up (instance ready after
+                    `instance_startup_s`) or down (mark terminating, drain, remove)
+
+Instances advance independently: each has its own step timeline from the cost model.
+Load snapshots are exact at decision time (the live mesh sees ~50 ms old reports).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from services.scheduler.policies import (
+    DispatchInfo,
+    ScaleAction,
+    make_dispatch_policy,
+    make_migration_policy,
+    make_scaling_policy,
+    make_selection_policy,
+)
+from services.simulator.config import SimConfig
+from services.simulator.instance import TOKEN_ID, SimInstance
+from services.simulator.loop import EventLoop
+from services.simulator.metrics import LatencySummary, RequestRecord, summarize
+from services.simulator.migration import (
+    MigrationCost,
+    MigrationManager,
+    MigrationStats,
+    SimMigration,
+)
+from services.simulator.profiles import SimProfile, get_profile
+from services.simulator.workload import SimRequest
+from services.worker.engine.config import EngineConfig
+from services.worker.engine.request import RequestState
+
+
+class SimulationError(RuntimeError):
+    """The simulation broke an invariant (conservation, block integrity, deadlock)."""
+
+
+@dataclass
+class SimResult:
+    records: list[RequestRecord]
+    summary: LatencySummary
+    migration: MigrationStats
+    makespan_s: float  # last finish time
+    instance_seconds: float  # sum of instance lifetimes up to the makespan (startup included)
+    num_events: int
+    num_steps: int
+    wall_s: float
+    cpu_s: float  # process CPU time (wall time is noisy on a shared machine)
+    # (time, number of instances alive) at every change, for plots.
+    instance_timeline: list[tuple[float, int]] = field(default_factory=list)
+
+    def summary_for(self, is_high_priority: bool) -> LatencySummary:
+        return summarize(r for r in self.records if (r.priority > 0) == is_high_priority)
+
+
+class Simulator:
+    def __init__(
+        self,
+        config: SimConfig,
+        requests: Sequence[SimRequest],
+        profile: SimProfile | None = None,
+    ) -> None:
+        self.config = config
+        self.profile = profile or get_profile(config.profile, block_size=config.block_size)
+        if self.profile.block_size != config.block_size:
+            raise ValueError(
+                f"profile block_size={self.profile.block_size} != block_size={config.block_size}"
+            )
+        self.requests = list(requests)
+        for a, b in zip(self.requests, self.requests[1:], strict=False):
+            if b.arrival_s < a.arrival_s:
+                raise ValueError(f"requests must be sorted by arrival time ({b.request_id})")
+        self.max_model_len = config.max_model_len or self.profile.max_model_len
+        for r in self.requests:
+            if r.num_prompt_tokens + r.num_output_tokens > self.max_model_len:
+                raise ValueError(
+                    f"request {r.request_id}: {r.num_prompt_tokens} + {r.num_output_tokens} "
+                    f"tokens exceed max_model_len={self.max_model_len}"
+                )
+        num_kv_blocks = config.num_kv_blocks or self.profile.num_kv_blocks
+        if self.max_model_len > num_kv_blocks * config.block_size:
+            raise ValueError(
+                f"max_model_len={self.max_model_len} does not fit a pool of {num_kv_blocks} "
+                f"blocks of {config.block_size} tokens (a request could never finish)"
+            )
+        self.engine_config = EngineConfig(
+            block_size=config.block_size,
+            memory_capacity_bytes=self.profile.memory_capacity_bytes,
+            num_kv_blocks=num_kv_blocks,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            scheduling_policy=config.scheduling_policy,
+        )
+        self.loop = EventLoop()
+        # Counting the new request's demand is de-fragmentation at dispatch time.
+        dispatch_options = (
+            {"count_request_demand": config.load_model.enable_defrag}
+            if config.dispatch == "freest"
+            else {}
+        )
+        self.dispatch_policy = make_dispatch_policy(config.dispatch, **dispatch_options)
+        self.migration_policy = make_migration_policy(
+            config.migration, config=config.migration_config
+        )
+        self.selection_policy = make_selection_policy(config.selection)
+        self.scaling_policy = (
+            make_scaling_policy("freeness_band", config=config.scaling) if config.scaling else None
+        )
+        self.migrations = MigrationManager(
+            self.loop,
+            MigrationCost(
+                bytes_per_block=self.profile.kv_bytes_per_token * config.block_size,
+                bandwidth_bytes_per_s=config.migration_bandwidth_bytes_per_s,
+                stage_overhead_s=config.migration_stage_overhead_s,
+                last_stage_max_blocks=config.last_stage_max_blocks,
+            ),
+            on_commit=self._on_commit,
+            on_change=self._kick,
+        )
+        self.records = {
+            r.request_id: RequestRecord(
+                r.request_id, r.arrival_s, r.priority, r.num_prompt_tokens, r.num_output_tokens
+            )
+            for r in self.requests
+        }
+        self.instances: dict[str, SimInstance] = {}  # alive: starting, ready or draining
+        self.removed: list[SimInstance] = []
+        self.num_pending = 0  # instances starting up
+        self.parked: list[SimRequest | RequestState] = []  # nowhere to dispatch them yet
+        self.num_finished = 0
+        self._next_instance = 0
+        self._timeline: list[tuple[float, int]] = []
+        self._prompts: dict[int, list[int]] = {}
+
+    # ---- running ------------------------------------------------------------------
+
+    def run(self) -> SimResult:
+        start, start_cpu = time.perf_counter(), time.process_time()
+        for _ in range(self.config.num_instances):
+            self._add_instance(ready_at=0.0)
+        self._timeline.append((0.0, len(self.instances)))
+        if self.requests:
+            self.loop.at(self.requests[0].arrival_s, self._on_arrival, 0)
+        if self.config.migration != "none":
+            self.loop.at(self.config.migration_config.interval_s, self._on_migration_tick)
+        if self.config.scaling is not None:
+            self.loop.at(self.config.scaling.interval_s, self._on_scaling_tick)
+        # Ticks stop once every request finished; the rest drains (e.g. a migration
+        # whose request finished first aborts at its stage end and frees its reservation).
+        self.loop.run(lambda: False)
+        if not self._is_done():
+            raise SimulationError(
+                f"stalled at t={self.loop.now:.3f}: "
+                f"{self.num_finished}/{len(self.requests)} requests finished"
+            )
+        return self._result(time.perf_counter() - start, time.process_time() - start_cpu)
+
+    def _is_done(self) -> bool:
+        return self.num_finished == len(self.requests)
+
+    def _result(self, wall_s: float, cpu_s: float) -> SimResult:
+        records = list(self.records.values())
+        for record in records:
+            if record.num_finishes != 1 or record.num_generated != record.num_output_tokens:
+                raise SimulationError(f"request {record.request_id} broke conservation: {record}")
+        makespan = max((r.finish_s for r in records), default=0.0)
+        everyone = [*self.instances.values(), *self.removed]
+        if self.config.check_integrity:
+            for instance in everyone:
+                instance.engine.check_integrity()
+                if not instance.is_empty:
+                    raise SimulationError(
+                        f"instance {instance.instance_id} is not empty at the end"
+                    )
+        instance_seconds = sum(
+            max(0.0, min(makespan, inst.removed_s if inst.removed_s is not None else makespan))
+            - min(inst.created_s, makespan)
+            for inst in everyone
+        )
+        return SimResult(
+            records=records,
+            summary=summarize(records, self.migrations.stats.num_committed),
+            migration=self.migrations.stats,
+            makespan_s=makespan,
+            instance_seconds=instance_seconds,
+            num_events=self.loop.num_events,
+            num_steps=sum(inst.num_steps for inst in everyone),
+            wall_s=wall_s,
+            cpu_s=cpu_s,
+            instance_timeline=self._timeline,
+        )
+
+    # ---- instances ----------------------------------------------------------------
+
+    def _add_instance(self, ready_at: float) -> SimInstance:
+        instance_id = f"i{self._next_instance:02d}"
+        self._next_instance += 1
+        instance = SimInstance(
+            instance_id,
+            self.engine_config,
+            self.profile.cost_profile,
+            self.config.load_model,
+            created_s=self.loop.now,
+        )
+        self.instances[instance_id] = instance
+        if ready_at <= self.loop.now:
+            instance.ready_s = self.loop.now
+        else:
+            self.num_pending += 1
+            self.loop.at(ready_at, self._on_ready, instance)
+        return instance
+
+    def _on_ready(self, instance: SimInstance) -> None:
+        instance.ready_s = self.loop.now
+        self.num_pending -= 1
+        parked, self.parked = self.parked, []
+        for item in parked:
+            self._dispatch(item)
+
+    def _ready(self) -> list[SimInstance]:
+        return [inst for inst in self.instances.values() if inst.ready_s is not None]
+
+    def _kick(self, instance: SimInstance) -> None:
+        """Starts the instance's next step if it is idle and has work."""
+        if instance.is_busy or instance.ready_s is None or instance.removed_s is not None:
+            return
+        started = instance.start_step(self.loop.now)
+        if started is None:
+            self._maybe_remove(instance)
+            return
+        end_s, preempted = started
+        for request_id in preempted:
+            record = self.records[request_id]
+            record.num_preemptions += 1
+            if math.isnan(record.preempted_at_s):
+                record.preempted_at_s = self.loop.now
+        self.loop.at(end_s, self._on_step_end, instance)
+
+    def _on_step_end(self, instance: SimInstance) -> None:
+        now = self.loop.now
+        records = self.records
+        for out in instance.finish_step():
+            record = records[out.request_id]
+            if record.num_generated == 0:
+                record.first_token_s = now
+            record.num_generated = out.first_token_index + len(out.new_token_ids)
+            if record.preempted_at_s == record.preempted_at_s:  # not NaN: recovering
+                record.preemption_loss_s += now - record.preempted_at_s
+                record.preempted_at_s = math.nan
+            if out.finished:
+                record.finish_s = now
+                record.num_finishes += 1
+                record.instance_id = instance.instance_id
+                self.num_finished += 1
+        self.migrations.on_step_end(instance)
+        self._kick(instance)
+
+    def _maybe_remove(self, instance: SimInstance) -> None:
+        if instance.is_terminating and instance.is_empty and instance.num_migrating == 0:
+            instance.removed_s = self.loop.now
+            del self.instances[instance.instance_id]
+            self.removed.append(instance)
+            self._timeline.append((self.loop.now, len(self.instances)))
+
+    # ---- dispatch -----------------------------------------------------------------
+
+    def _on_arrival(self, index: int) -> None:
+        request = self.requests[index]
+        if index + 1 < len(self.requests):
+            self.loop.at(self.requests[index + 1].arrival_s, self._on_arrival, index + 1)
+        self._dispatch(request)
+
+    def _dispatch(self, item: SimRequest | RequestState) -> None:
+        """Sends a new request (SimRequest) or a re-dispatched queued one (RequestState)."""
+        if isinstance(item, SimRequest):
+            num_prompt = item.num_prompt_tokens
+            priority = item.priority if self.config.use_priorities else 0
+        else:
+            num_prompt, priority = len(item.prompt_token_ids), item.priority
+        ready = [inst for inst in self._ready() if not inst.is_terminating]
+        instance_id = self.dispatch_policy.choose(
+            [inst.load() for inst in ready], DispatchInfo(item.request_id, num_prompt, priority)
+        )
+        if instance_id is None:
+            self.parked.append(item)
+            return
+        instance = self.instances[instance_id]
+        if isinstance(item, SimRequest):
+            instance.add_request(
+                item.request_id,
+                self._prompt(num_prompt),
+                item.num_output_tokens,
+                priority,
+                item.arrival_s,
+            )
+        else:
+            instance.import_request(item, [])
+        self._kick(instance)
+
+    def _prompt(self, num_tokens: int) -> list[int]:
+        # Token values do not matter to the cost model; share one list per length.
+        prompt = self._prompts.get(num_tokens)
+        if prompt is None:
+            prompt = self._prompts[num_tokens] = [TOKEN_ID] * num_tokens
+        return prompt
+
+    # ---- migration ----------------------------------------------------------------
+
+    def _on_migration_tick(self, _arg: object = None) -> None:
+        if self._is_done():
+            return
+        ready = self._ready()
+        for instance in ready:
+            if instance.is_terminating:
+                self._hand_back_queued(instance)
+        for pair in self.migration_policy.pair([inst.load() for inst in ready]):
+            src, dst = self.instances[pair.src_instance_id], self.instances[pair.dst_instance_id]
+            bm = src.block_manager
+            candidates = [
+                (r.request_id, r.num_tokens, len(bm.block_ids(r.request_id)), r.priority)
+                for r in src.scheduler.running
+                if src.can_migrate(r.request_id)
+            ]
+            chosen = self.selection_policy.select(
+                candidates, pair.num_requests, max_blocks=dst.block_manager.num_free_blocks
+            )
+            for request_id in chosen:
+                if not self.migrations.start(src, dst, request_id):
+                    break
+        self.loop.at(
+            self.loop.now + self.config.migration_config.interval_s, self._on_migration_tick
+        )
+
+    def _hand_back_queued(self, instance: SimInstance) -> None:
+        """A draining instance's queued requests hold no KV: dispatch them again."""
+        for request in list(instance.scheduler.waiting):
+            self._dispatch(instance.remove(request.request_id))
+        self._maybe_remove(instance)
+
+    def _on_commit(self, migration: SimMigration) -> None:
+        self.records[migration.request.request_id].num_migrations += 1
+
+    # ---- scaling ------------------------------------------------------------------
+
+    def _on_scaling_tick(self, _arg: object = None) -> None:
+        if self._is_done():
+            return
+        assert self.scaling_policy is not None and self.config.scaling is not None
+        ready = self._ready()
+        decision = self.scaling_policy.decide(
+            [inst.load() for inst in ready], self.loop.now, self.num_pending
+        )
+        if decision.action is ScaleAction.UP:
+            for _ in range(decision.num_instances):
+                self._add_instance(ready_at=self.loop.now + self.config.instance_startup_s)
+            self._timeline.append((self.loop.now, len(self.instances)))
+        elif decision.action is ScaleAction.DOWN:
+            instance = self.instances[decision.instance_id]
+            instance.is_terminating = True
+            instance.touch()
+            self._hand_back_queued(instance)
+        self.loop.at(self.loop.now + self.config.scaling.interval_s, self._on_scaling_tick)

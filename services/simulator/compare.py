@@ -1,0 +1,307 @@
+"""The comparison report behind `llmesh simulate --compare`.
+
+Four experiments on one cluster shape (16 instances of the `llama-7b-a10` profile by
+default), each a set of independent simulations run on a process pool:
+
+    compare     round_robin / load_balance / llumnix / llumnix_no_defrag at three rates
+    priority    10% high-priority requests, Llumnix with and without priority support
+    autoscale   a load that rises and falls: auto-scaled fleet vs a fixed one
+    fidelity    4 tiny-model instances on the calibrated profile (the sim side of the
+                real-mesh comparison; the real side is filled in by the mesh bench)
+
+The default workload is the one docs/simulator.md describes: bursty Gamma arrivals
+(CV 2) with long-tailed (bounded power law) prompt and output lengths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from services.scheduler.policies import LoadModelConfig, MigrationConfig, ScalingConfig
+from services.simulator.cluster import SimResult, Simulator
+from services.simulator.config import SimConfig
+from services.simulator.workload import WorkloadConfig, generate, parse_length
+
+POLICY_NAMES = ("round_robin", "load_balance", "llumnix", "llumnix_no_defrag")
+
+
+def policy_config(name: str, base: SimConfig) -> SimConfig:
+    """`base` turned into one of the compared systems."""
+    if name == "round_robin":
+        return dataclasses.replace(base, dispatch="round_robin", migration="none")
+    if name == "load_balance":  # INFaaS++-like: load-aware dispatch, no migration
+        return dataclasses.replace(base, dispatch="load_balance", migration="none")
+    if name == "llumnix":
+        return dataclasses.replace(base, dispatch="freest", migration="freeness")
+    if name == "llumnix_no_defrag":
+        load_model = dataclasses.replace(base.load_model, enable_defrag=False)
+        return dataclasses.replace(
+            base, dispatch="freest", migration="freeness", load_model=load_model
+        )
+    raise ValueError(f"policy {name!r} is not one of {POLICY_NAMES}")
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """What `--compare` runs (every field has a CLI flag)."""
+
+    num_instances: int = 16
+    num_requests: int = 10_000
+    profile: str = "llama-7b-a10"
+    # Mean request rates (req/s) of the policy comparison, low to high.
+    rates: tuple[float, ...] = (16.0, 20.0, 22.0)
+    arrival: str = "gamma"
+    cv: float = 2.0
+    prompt: str = "zipf:1.5:16:4000"
+    output: str = "zipf:1.5:16:4000"
+    seed: int = 0
+    # Priority run: rate (None = the highest of `rates`), share of high-priority requests,
+    # and the headroom reserved per running high-priority request.
+    priority_rate: float | None = None
+    high_priority_fraction: float = 0.1
+    high_priority_headroom_blocks: int = 64
+    # Auto-scaling run: a repeating (duration_s, rate) schedule; fleet bounds.
+    autoscale_schedule: tuple[tuple[float, float], ...] = ((120.0, 6.0), (120.0, 20.0))
+    autoscale_min_instances: int = 4
+    # Fidelity run (sim side): instances, requests, rate, profile.
+    fidelity_instances: int = 4
+    fidelity_requests: int = 300
+    fidelity_rate: float = 8.0
+    fidelity_profile: str = "tiny-cpu"
+    # Processes running simulations side by side.
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        if not self.rates or any(r <= 0 for r in self.rates):
+            raise ValueError(f"rates={self.rates} must be positive and non-empty")
+        if self.workers < 1:
+            raise ValueError(f"workers={self.workers} must be >= 1")
+        if not 1 <= self.autoscale_min_instances <= self.num_instances:
+            raise ValueError(
+                f"autoscale_min_instances={self.autoscale_min_instances} must be in "
+                f"[1, num_instances={self.num_instances}]"
+            )
+        parse_length(self.prompt), parse_length(self.output)  # validates the specs
+
+    def workload(self, rate: float, **changes: Any) -> WorkloadConfig:
+        return WorkloadConfig(
+            num_requests=self.num_requests,
+            rate=rate,
+            arrival=self.arrival,
+            cv=self.cv,
+            prompt=parse_length(self.prompt),
+            output=parse_length(self.output),
+            seed=self.seed,
+            **changes,
+        )
+
+    def base(self) -> SimConfig:
+        return SimConfig(num_instances=self.num_instances, profile=self.profile)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One simulation: a label for the report, the cluster, the workload."""
+
+    label: str
+    config: SimConfig
+    workload: WorkloadConfig
+
+
+def run_job(job: Job) -> dict[str, Any]:
+    """Runs one simulation and boils it down to plain data (picklable, JSON-able)."""
+    result = Simulator(job.config, generate(job.workload)).run()
+    return {
+        "label": job.label,
+        **result.summary.to_dict(),
+        "high": result.summary_for(is_high_priority=True).to_dict(),
+        "normal": result.summary_for(is_high_priority=False).to_dict(),
+        "makespan_s": round(result.makespan_s, 3),
+        "instance_seconds": round(result.instance_seconds, 1),
+        "wall_s": round(result.wall_s, 2),
+        "cpu_s": round(result.cpu_s, 2),
+        "num_steps": result.num_steps,
+        "max_downtime_s": round(result.migration.max_downtime_s, 6),
+        "timeline": _thin(result),
+    }
+
+
+def _thin(result: SimResult, max_points: int = 400) -> list[tuple[float, int]]:
+    timeline = result.instance_timeline
+    step = max(1, len(timeline) // max_points)
+    return [(round(t, 2), n) for t, n in timeline[::step]]
+
+
+def run_jobs(
+    jobs: Sequence[Job], workers: int, progress: Callable[[str], None] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Results by label; with workers > 1 on a process pool (each simulation is serial)."""
+    results: dict[str, dict[str, Any]] = {}
+    if workers == 1:
+        for job in jobs:
+            results[job.label] = run_job(job)
+            if progress:
+                progress(_progress_line(results[job.label]))
+        return results
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+        for result in pool.map(run_job, jobs):
+            results[result["label"]] = result
+            if progress:
+                progress(_progress_line(result))
+    return results
+
+
+def _progress_line(r: dict[str, Any]) -> str:
+    return (
+        f"  done {r['label']}: p99 TTFT {r['p99_ttft_s']}s, {r['num_requests']} requests, "
+        f"{r['wall_s']}s wall"
+    )
+
+
+# ---- the experiments ------------------------------------------------------------------
+
+
+def compare_jobs(cfg: CompareConfig) -> list[Job]:
+    base = cfg.base()
+    return [
+        Job(f"compare/{rate:g}/{name}", policy_config(name, base), cfg.workload(rate))
+        for rate in cfg.rates
+        for name in POLICY_NAMES
+    ]
+
+
+def priority_jobs(cfg: CompareConfig) -> list[Job]:
+    rate = cfg.priority_rate or max(cfg.rates)
+    workload = cfg.workload(rate, high_priority_fraction=cfg.high_priority_fraction)
+    llumnix = policy_config("llumnix", cfg.base())
+    with_priority = dataclasses.replace(
+        llumnix,
+        scheduling_policy="priority",
+        load_model=LoadModelConfig(high_priority_headroom_blocks=cfg.high_priority_headroom_blocks),
+    )
+    without = dataclasses.replace(llumnix, use_priorities=False)
+    return [
+        Job("priority/with", with_priority, workload),
+        Job("priority/without", without, workload),
+    ]
+
+
+def autoscale_jobs(cfg: CompareConfig) -> list[Job]:
+    workload = cfg.workload(1.0, rate_schedule=cfg.autoscale_schedule)
+    fixed = policy_config("llumnix", cfg.base())
+    scaled = dataclasses.replace(
+        fixed,
+        num_instances=cfg.autoscale_min_instances,
+        scaling=ScalingConfig(
+            min_instances=cfg.autoscale_min_instances, max_instances=cfg.num_instances
+        ),
+    )
+    return [Job("autoscale/scaled", scaled, workload), Job("autoscale/fixed", fixed, workload)]
+
+
+def fidelity_jobs(cfg: CompareConfig) -> list[Job]:
+    config = SimConfig(
+        num_instances=cfg.fidelity_instances,
+        profile=cfg.fidelity_profile,
+        # The real workers' engine defaults (EngineConfig): the sim must match them.
+        max_num_seqs=64,
+        max_num_batched_tokens=512,
+        migration_config=MigrationConfig(),
+    )
+    workload = WorkloadConfig(
+        num_requests=cfg.fidelity_requests,
+        rate=cfg.fidelity_rate,
+        arrival="poisson",
+        prompt=parse_length("uniform:16:128"),
+        output=parse_length("uniform:16:64"),
+        max_total_tokens=2048,
+        seed=cfg.seed,
+    )
+    return [Job("fidelity/sim", config, workload)]
+
+
+def run_compare(
+    cfg: CompareConfig,
+    progress: Callable[[str], None] | None = None,
+    real_fidelity: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """Runs every experiment; returns the report object (the JSON of the last line)."""
+    jobs = compare_jobs(cfg) + priority_jobs(cfg) + autoscale_jobs(cfg) + fidelity_jobs(cfg)
+    # Longest first keeps the pool busy to the end.
+    jobs.sort(key=lambda j: -j.workload.num_requests)
+    results = run_jobs(jobs, cfg.workers, progress)
+    return build_report(cfg, results, real_fidelity)
+
+
+def build_report(
+    cfg: CompareConfig,
+    results: dict[str, dict[str, Any]],
+    real_fidelity: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    keys = (
+        "mean_ttft_s",
+        "p99_ttft_s",
+        "mean_tpot_s",
+        "p99_tpot_s",
+        "p99_e2e_s",
+        "preemptions",
+        "preemption_loss_s",
+        "migrations",
+    )
+    compare = [
+        {"rate": rate, "policy": name, **{k: results[f"compare/{rate:g}/{name}"][k] for k in keys}}
+        for rate in cfg.rates
+        for name in POLICY_NAMES
+    ]
+    with_p, without_p = results["priority/with"], results["priority/without"]
+    scaled, fixed = results["autoscale/scaled"], results["autoscale/fixed"]
+    sim_fid = results["fidelity/sim"]
+    top = f"compare/{max(cfg.rates):g}/llumnix"
+    real = real_fidelity or {}
+    return {
+        "compare": compare,
+        "priority": {
+            "high_p99_ttft_s": with_p["high"]["p99_ttft_s"],
+            "high_p99_ttft_no_priority_s": without_p["high"]["p99_ttft_s"],
+            "normal_p99_ttft_s": with_p["normal"]["p99_ttft_s"],
+            "normal_p99_ttft_no_priority_s": without_p["normal"]["p99_ttft_s"],
+            "rate": cfg.priority_rate or max(cfg.rates),
+        },
+        "autoscale": {
+            "instance_seconds": scaled["instance_seconds"],
+            "instance_seconds_fixed": fixed["instance_seconds"],
+            "p99_ttft_s": scaled["p99_ttft_s"],
+            "p99_ttft_fixed_s": fixed["p99_ttft_s"],
+            "timeline": scaled["timeline"],
+        },
+        "fidelity": {
+            "real_mean_ttft_s": real.get("mean_ttft_s"),
+            "sim_mean_ttft_s": sim_fid["mean_ttft_s"],
+            "real_mean_tpot_s": real.get("mean_tpot_s"),
+            "sim_mean_tpot_s": sim_fid["mean_tpot_s"],
+            "note": real.get(
+                "note",
+                "real side not measured here: run the same workload on a 4-worker mesh "
+                "(bench/simulator_fidelity.py) and pass it in",
+            ),
+        },
+        "wall_seconds_16x10k": results[top]["wall_s"],
+        "cpu_seconds_16x10k": results[top]["cpu_s"],
+        "config": {
+            "num_instances": cfg.num_instances,
+            "num_requests": cfg.num_requests,
+            "profile": cfg.profile,
+            "arrival": cfg.arrival,
+            "cv": cfg.cv,
+            "prompt": cfg.prompt,
+            "output": cfg.output,
+            "seed": cfg.seed,
+            "workers": cfg.workers,
+            "cpus": os.cpu_count(),
+        },
+    }

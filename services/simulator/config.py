@@ -1,0 +1,83 @@
+"""Configuration of one simulation run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.scheduler.policies import (
+    DISPATCH_POLICIES,
+    MIGRATION_POLICIES,
+    SELECTION_POLICIES,
+    LoadModelConfig,
+    MigrationConfig,
+    ScalingConfig,
+)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """A cluster, its engines' knobs, and the policies that drive it."""
+
+    # Instances at t = 0 (the auto-scaler may add and remove some).
+    num_instances: int = 16
+    # Cost-model profile name (see services/simulator/profiles.py).
+    profile: str = "llama-7b-a10"
+    # KV blocks per instance; None = the profile's.
+    num_kv_blocks: int | None = None
+    # Tokens per KV block.
+    block_size: int = 16
+    # Longest request (prompt + output); None = the profile's.
+    max_model_len: int | None = None
+    # Engine: most requests in a running batch.
+    max_num_seqs: int = 256
+    # Engine: token budget per step. >= the longest prompt means whole-prompt prefill
+    # (vLLM v0 / Llumnix's testbed): a prompt is admitted only when all its blocks fit.
+    max_num_batched_tokens: int = 4096
+    # Engine queue order: "fcfs" or "priority".
+    scheduling_policy: str = "fcfs"
+    # False: the engine and the policies see every request as normal priority.
+    use_priorities: bool = True
+    # Registered policy names.
+    dispatch: str = "freest"
+    migration: str = "freeness"
+    selection: str = "lowest_priority_first"
+    # Knobs of the load model, the migration loop and the auto-scaler (None = fixed fleet).
+    load_model: LoadModelConfig = LoadModelConfig()
+    migration_config: MigrationConfig = MigrationConfig()
+    scaling: ScalingConfig | None = None
+    # Seconds from a scale-up decision until the new instance serves (model load).
+    instance_startup_s: float = 10.0
+    # Migration link bandwidth (bytes/s; 64 Gb/s-class network = 8e9).
+    migration_bandwidth_bytes_per_s: float = 8e9
+    # Fixed cost of each migration stage (control RPCs), seconds.
+    migration_stage_overhead_s: float = 0.001
+    # Stop-and-copy once at most this many blocks remain to copy.
+    last_stage_max_blocks: int = 2
+    # Run every block manager's integrity check at the end.
+    check_integrity: bool = True
+
+    def __post_init__(self) -> None:
+        if self.num_instances < 1:
+            raise ValueError(f"num_instances={self.num_instances} must be >= 1")
+        for name, registry in (
+            ("dispatch", DISPATCH_POLICIES),
+            ("migration", MIGRATION_POLICIES),
+            ("selection", SELECTION_POLICIES),
+        ):
+            value = getattr(self, name)
+            if value not in registry:
+                raise ValueError(f"{name}={value!r} is not one of {sorted(registry)}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks={self.num_kv_blocks} must be >= 1")
+        if self.block_size < 1:
+            raise ValueError(f"block_size={self.block_size} must be >= 1")
+        if self.instance_startup_s < 0:
+            raise ValueError(f"instance_startup_s={self.instance_startup_s} must be >= 0")
+        if not self.migration_bandwidth_bytes_per_s > 0:
+            raise ValueError(
+                f"migration_bandwidth_bytes_per_s={self.migration_bandwidth_bytes_per_s} must be > 0"
+            )
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ValueError(
+                f"scheduling_policy={self.scheduling_policy!r} is not fcfs or priority"
+            )

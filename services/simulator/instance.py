@@ -1,0 +1,157 @@
+"""One simulated instance: the real engine (accounting only) on a virtual clock.
+
+Each instance is an `LLMEngine(executor="cost_model")`: the worker's own scheduler,
+block manager and cost-model executor, with no tensors. `LLMEngine.step()` is
+schedule -> execute -> update in one call; the simulator splits it at the virtual
+time boundary so the step's outputs appear when the step ends:
+
+    start_step(now)   scheduler.schedule(); executor.execute(batch) gives the tokens
+                      and the modelled duration d  -> returns now + d
+    finish_step()     scheduler.update_from_output(batch, tokens) at now + d
+
+Migrations and re-dispatch use the engine's own hooks (reserve_blocks, suspend_request,
+remove_request, import_request), the ones the live llumlet uses.
+"""
+
+from __future__ import annotations
+
+from services.scheduler.policies import InstanceLoad, LoadModelConfig, make_instance_load
+from services.worker.engine.config import EngineConfig
+from services.worker.engine.cost_model import CostModelProfile
+from services.worker.engine.engine import LLMEngine
+from services.worker.engine.executor import ExecutorOutput
+from services.worker.engine.outputs import RequestOutput
+from services.worker.engine.request import RequestState, RequestStatus
+from services.worker.engine.sampling_params import SamplingParams
+from services.worker.engine.scheduler import SchedulerOutput
+
+# Prompt tokens are all this id (their values do not matter to the cost model).
+TOKEN_ID = 1
+
+
+class SimInstance:
+    def __init__(
+        self,
+        instance_id: str,
+        engine_config: EngineConfig,
+        profile: CostModelProfile,
+        load_config: LoadModelConfig,
+        created_s: float = 0.0,
+    ) -> None:
+        self.instance_id = instance_id
+        self.engine = LLMEngine(engine_config, executor="cost_model", profile=profile)
+        self.scheduler = self.engine.scheduler
+        self.block_manager = self.engine.block_manager
+        self.load_config = load_config
+        self.created_s = created_s
+        self.ready_s: float | None = None  # set when it can take requests
+        self.removed_s: float | None = None
+        self.is_terminating = False
+        self.num_migrating = 0  # migrations in flight, either direction
+        self.migrating_out: set[str] = set()  # request ids being copied away
+        self._batch: SchedulerOutput | None = None
+        self._result: ExecutorOutput | None = None
+        self._load: InstanceLoad | None = None
+        self.num_steps = 0
+        self.busy_s = 0.0
+
+    # ---- state --------------------------------------------------------------------
+
+    @property
+    def is_busy(self) -> bool:
+        return self._batch is not None
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduler.requests and self.block_manager.num_used_blocks == 0
+
+    def touch(self) -> None:
+        """Its load changed: the next `load()` recomputes the snapshot."""
+        self._load = None
+
+    def load(self) -> InstanceLoad:
+        """The Llumnix load snapshot (cached until `touch`)."""
+        if self._load is None:
+            self._load = self._compute_load()
+        return self._load
+
+    def _compute_load(self) -> InstanceLoad:
+        # The same inputs the llumlet reports (LLMEngine.stats), without the dataclass.
+        scheduler, bm = self.scheduler, self.block_manager
+        waiting = scheduler.waiting
+        return make_instance_load(
+            self.instance_id,
+            num_total_blocks=bm.num_total_blocks,
+            num_used_blocks=bm.num_used_blocks,
+            num_running=len(scheduler.running),
+            num_waiting=len(waiting),
+            num_hol_blocks=bm.num_blocks_for(waiting[0].num_tokens) if waiting else 0,
+            num_waiting_blocks=sum(bm.num_blocks_for(r.num_tokens) for r in waiting),
+            num_running_high_priority=sum(1 for r in scheduler.running if r.priority > 0),
+            is_terminating=self.is_terminating,
+            num_migrating=self.num_migrating,
+            num_preemptions=scheduler.num_preemptions,
+            block_size=bm.block_size,
+            config=self.load_config,
+        )
+
+    # ---- requests -----------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        num_output_tokens: int,
+        priority: int,
+        arrival_s: float,
+    ) -> None:
+        params = SamplingParams(max_tokens=num_output_tokens, ignore_eos=True, seed=0)
+        self.engine.add_request(request_id, prompt_token_ids, params, priority, arrival_s)
+        self.touch()
+
+    def remove(self, request_id: str) -> RequestState:
+        """Hands a request over (migration commit, or a queued one re-dispatched)."""
+        state = self.engine.remove_request(request_id)
+        self.touch()
+        return state
+
+    def import_request(self, state: RequestState, block_ids: list[int]) -> None:
+        """A migrated request (KV in reserved `block_ids`), or a queued one (no blocks)."""
+        self.engine.import_request(state, block_ids)
+        self.touch()
+
+    def can_migrate(self, request_id: str) -> bool:
+        """A decoding request (prefill done) that is not moving already."""
+        request = self.scheduler.requests.get(request_id)
+        return (
+            request is not None
+            and request.status is RequestStatus.RUNNING
+            and request.num_computed_tokens == request.num_tokens - 1
+            and request_id not in self.migrating_out
+        )
+
+    # ---- stepping -----------------------------------------------------------------
+
+    def start_step(self, now: float) -> tuple[float, list[str]] | None:
+        """Schedules one step; returns (end time, preempted request ids), or None if idle."""
+        assert self._batch is None
+        batch = self.scheduler.schedule()
+        if batch.is_empty and not batch.preempted_request_ids:
+            return None
+        # A step that only preempted (nothing fit) takes no time; the next one retries.
+        result = self.engine.executor.execute(batch) if batch.requests else None
+        duration = result.elapsed_s if result is not None else 0.0
+        self._batch, self._result = batch, result
+        self.num_steps += 1
+        self.busy_s += duration
+        self.touch()
+        return now + duration, batch.preempted_request_ids
+
+    def finish_step(self) -> list[RequestOutput]:
+        batch, result = self._batch, self._result
+        assert batch is not None
+        self._batch = self._result = None
+        self.touch()
+        if result is None:
+            return []
+        return self.scheduler.update_from_output(batch, result.sampled_token_ids)

@@ -1,0 +1,141 @@
+"""Readable tables (and an optional PNG) for simulation results."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[_fmt(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    line = "  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(out)
+
+
+def compare_tables(report: dict[str, Any]) -> str:
+    """The whole comparison report as text."""
+    cfg = report["config"]
+    parts = [
+        f"Policy comparison: {cfg['num_instances']} x {cfg['profile']}, "
+        f"{cfg['num_requests']} requests per run, {cfg['arrival']} arrivals (CV {cfg['cv']}), "
+        f"prompt {cfg['prompt']}, output {cfg['output']}, seed {cfg['seed']}",
+        table(
+            (
+                "rate",
+                "policy",
+                "mean TTFT",
+                "P99 TTFT",
+                "mean TPOT",
+                "P99 TPOT",
+                "P99 E2E",
+                "preempt",
+                "preempt loss/req",
+                "migrations",
+            ),
+            [
+                (
+                    r["rate"],
+                    r["policy"],
+                    r["mean_ttft_s"],
+                    r["p99_ttft_s"],
+                    r["mean_tpot_s"],
+                    r["p99_tpot_s"],
+                    r["p99_e2e_s"],
+                    r["preemptions"],
+                    r["preemption_loss_s"],
+                    r["migrations"],
+                )
+                for r in report["compare"]
+            ],
+        ),
+    ]
+    p = report["priority"]
+    parts += [
+        "",
+        f"Priorities (rate {p['rate']}, Llumnix; P99 TTFT in seconds):",
+        table(
+            ("class", "with priority", "without priority"),
+            [
+                ("high", p["high_p99_ttft_s"], p["high_p99_ttft_no_priority_s"]),
+                ("normal", p["normal_p99_ttft_s"], p["normal_p99_ttft_no_priority_s"]),
+            ],
+        ),
+    ]
+    a = report["autoscale"]
+    parts += [
+        "",
+        "Auto-scaling (Llumnix, rising and falling load):",
+        table(
+            ("fleet", "instance-seconds", "P99 TTFT"),
+            [
+                ("auto-scaled", a["instance_seconds"], a["p99_ttft_s"]),
+                ("fixed", a["instance_seconds_fixed"], a["p99_ttft_fixed_s"]),
+            ],
+        ),
+    ]
+    f = report["fidelity"]
+    parts += [
+        "",
+        "Fidelity (4 tiny workers, calibrated profile):",
+        table(
+            ("side", "mean TTFT", "mean TPOT"),
+            [
+                ("real mesh", f["real_mean_ttft_s"], f["real_mean_tpot_s"]),
+                ("simulator", f["sim_mean_ttft_s"], f["sim_mean_tpot_s"]),
+            ],
+        ),
+    ]
+    if f.get("note"):
+        parts.append(f"  note: {f['note']}")
+    parts += [
+        "",
+        f"One {cfg['num_instances']} x {cfg['num_requests']} simulation: "
+        f"{report['wall_seconds_16x10k']} s wall, {report['cpu_seconds_16x10k']} s CPU",
+    ]
+    return "\n".join(parts)
+
+
+def plot_compare(report: dict[str, Any], path: str | Path) -> str | None:
+    """Writes a PNG (P99 TTFT and preemption loss per rate and policy, the auto-scaler's
+    fleet size over time); returns the path, or None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = report["compare"]
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for name in policies:
+        mine = [r for r in rows if r["policy"] == name]
+        rates = [r["rate"] for r in mine]
+        axes[0].plot(rates, [r["p99_ttft_s"] for r in mine], marker="o", label=name)
+        axes[1].plot(rates, [r["preemption_loss_s"] for r in mine], marker="o", label=name)
+    axes[0].set(xlabel="request rate (req/s)", ylabel="P99 TTFT (s)", yscale="log")
+    axes[1].set(xlabel="request rate (req/s)", ylabel="preemption loss per request (s)")
+    axes[0].legend()
+    timeline = report["autoscale"]["timeline"]
+    if timeline:
+        times, counts = zip(*timeline, strict=True)
+        axes[2].step(times, counts, where="post")
+    axes[2].set(xlabel="time (s)", ylabel="instances (auto-scaled)")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)

@@ -1,0 +1,209 @@
+"""The engine on its own thread, with an asyncio face.
+
+The LLMEngine is single-threaded by contract. One dedicated thread owns it and runs
+
+    loop:  run queued calls  ->  step() if there is work  ->  hand outputs to asyncio
+           (sleep until a call arrives when idle)
+
+so every other access (admission, abort, load snapshots, and later the migration
+coordinator's suspend/read KV/remove) goes through `await async_engine.run(fn)`, which
+executes fn(engine) on that thread *between two steps* and returns its result. torch
+releases the GIL inside its kernels, so the asyncio thread keeps serving RPCs while a
+step runs.
+
+After every step the thread calls `on_step(outputs, snapshot)` on the event loop;
+`snapshot` is a fresh EngineSnapshot when the load changed (at most every
+`snapshot_interval_s`), else None.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import contextvars
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from services.common.logging import get_logger
+from services.worker.engine import EngineStats, LLMEngine, RequestOutput, RequestView
+
+log = get_logger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """The engine's load at one instant, taken on the engine thread."""
+
+    stats: EngineStats
+    running: tuple[RequestView, ...]
+    num_waiting_blocks: int  # blocks every waiting request needs for its tokens
+    taken_at: float  # time.monotonic()
+
+
+def take_snapshot(engine: LLMEngine) -> EngineSnapshot:
+    """Only call on the engine thread (or before it starts)."""
+    block_manager = engine.block_manager
+    return EngineSnapshot(
+        stats=engine.stats(),
+        running=tuple(engine.running_requests()),
+        # Queued demand (total, not just head-of-line); the engine exposes its queue.
+        num_waiting_blocks=sum(
+            block_manager.num_blocks_for(r.num_tokens) for r in engine.scheduler.waiting
+        ),
+        taken_at=time.monotonic(),
+    )
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine thread is not running (stopped, or not started yet)."""
+
+
+class AsyncEngine:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        on_step: Callable[[list[RequestOutput], EngineSnapshot | None], None],
+        *,
+        snapshot_interval_s: float = 0.05,
+        idle_wait_s: float = 0.5,
+    ) -> None:
+        self.engine = engine
+        self._on_step = on_step
+        self._snapshot_interval_s = snapshot_interval_s
+        self._idle_wait_s = idle_wait_s
+        self._calls: collections.deque[tuple[Callable[[LLMEngine], Any], asyncio.Future]] = (
+            collections.deque()
+        )
+        self._wakeup = threading.Event()
+        self._is_stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._context: contextvars.Context | None = None
+        self.snapshot = take_snapshot(engine)
+        self._last_snapshot_key: tuple[int, ...] | None = None
+        self.num_steps = 0
+        self.num_step_tokens = 0  # tokens computed over all steps (prefill + decode)
+        self.step_wall_s = 0.0  # wall time inside engine.step()
+        self._started_at = 0.0
+
+    def start(self) -> None:
+        """Start the engine thread; call from the event loop that will receive outputs."""
+        self._loop = asyncio.get_running_loop()
+        # Callbacks run in the starting task's context (service name bound, no request).
+        self._context = contextvars.copy_context()
+        self._started_at = time.perf_counter()
+        self._thread = threading.Thread(target=self._thread_main, name="engine", daemon=True)
+        self._thread.start()
+
+    async def run(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run fn(engine) on the engine thread between two steps; its result or exception."""
+        if self._thread is None or self._is_stopping:
+            raise EngineStoppedError("the engine thread is not running")
+        assert self._loop is not None
+        future: asyncio.Future = self._loop.create_future()
+        self._calls.append((fn, future))
+        self._wakeup.set()
+        return await future
+
+    async def stop(self) -> None:
+        """Finish the current step and pending calls, then end the thread."""
+        if self._thread is None or self._is_stopping:
+            return
+        self._is_stopping = True
+        self._wakeup.set()
+        await asyncio.to_thread(self._thread.join)
+        log.info(
+            "engine_thread_stopped",
+            num_steps=self.num_steps,
+            num_step_tokens=self.num_step_tokens,
+            step_wall_s=round(self.step_wall_s, 3),
+            uptime_s=round(time.perf_counter() - self._started_at, 3),
+        )
+
+    # ---- engine thread ----------------------------------------------------------------
+
+    def _thread_main(self) -> None:
+        while True:
+            did_call = self._run_calls()
+            if self._is_stopping:
+                self._run_calls()
+                return
+            engine = self.engine
+            outputs: list[RequestOutput] = []
+            if engine.has_unfinished_requests():
+                try:
+                    step_start = time.perf_counter()
+                    outputs = engine.step()
+                    self.step_wall_s += time.perf_counter() - step_start
+                    self.num_steps += 1
+                    self.num_step_tokens += engine.last_step.num_batched_tokens
+                except Exception:  # an engine bug: fail what it runs, keep serving
+                    log.exception("engine_step_failed")
+                    outputs = self._fail_all(engine)
+            elif not did_call:
+                # Idle: publish the final load before sleeping, then wait for a call.
+                snapshot = self._maybe_snapshot(force=True)
+                if snapshot is not None:
+                    self._call_soon(self._on_step, [], snapshot)
+                self._wakeup.wait(self._idle_wait_s)
+                self._wakeup.clear()
+                continue
+            snapshot = self._maybe_snapshot(force=False)
+            if outputs or snapshot is not None:
+                self._call_soon(self._on_step, outputs, snapshot)
+
+    def _maybe_snapshot(self, force: bool) -> EngineSnapshot | None:
+        """A new snapshot if the load changed (and, unless forced, the interval passed)."""
+        stats = self.engine.stats()
+        key = (stats.num_running, stats.num_waiting, stats.num_used_blocks, stats.num_hol_blocks)
+        now = time.monotonic()
+        if key == self._last_snapshot_key:
+            return None
+        if not force and now - self.snapshot.taken_at < self._snapshot_interval_s:
+            return None
+        self._last_snapshot_key = key
+        self.snapshot = take_snapshot(self.engine)
+        return self.snapshot
+
+    def _run_calls(self) -> bool:
+        did_call = False
+        while self._calls:
+            fn, future = self._calls.popleft()
+            did_call = True
+            try:
+                result = fn(self.engine)
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting caller
+                self._call_soon(_set_exception, future, exc)
+            else:
+                self._call_soon(_set_result, future, result)
+        return did_call
+
+    def _fail_all(self, engine: LLMEngine) -> list[RequestOutput]:
+        request_ids = list(engine.scheduler.requests)
+        for request_id in request_ids:
+            engine.abort_request(request_id)
+        outputs = engine.step() if engine.has_unfinished_requests() else []
+        for output in outputs:
+            if output.finish_reason == "abort":
+                output.finish_reason = "error"
+        return outputs
+
+    def _call_soon(self, fn, *args) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the process is exiting
+            self._loop.call_soon_threadsafe(fn, *args, context=self._context)
+
+
+def _set_result(future: asyncio.Future, result: Any) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)

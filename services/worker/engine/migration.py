@@ -1,0 +1,155 @@
+"""Llumnix live-migration hooks of the engine.
+
+Source side                                  Destination side
+                                             reserve_blocks(n)        (handshake)
+read_kv_blocks(blocks[a:b]) while decoding   write_kv_blocks(reserved[a:b], data)   (stages)
+suspend_request(id)                          (stop-and-copy: last blocks + state)
+export_request_state(id), read_kv_blocks     write_kv_blocks, import_request(state, reserved)
+remove_request(id)                           (commit: the destination resumes decoding)
+resume_request(id) if the migration aborts   release_blocks(reserved) if it aborts
+
+A request mid-decode has num_computed_tokens == num_tokens - 1: its last sampled token
+is fed on the destination, which then samples exactly what the source would have.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from services.worker.engine.errors import (
+    DuplicateRequestError,
+    EngineStateError,
+    InvalidBlocksError,
+    InvalidRequestStateError,
+    NoFreeBlocksError,
+    UnknownRequestError,
+)
+from services.worker.engine.request import Request, RequestState, RequestStatus
+
+if TYPE_CHECKING:
+    from services.worker.engine.engine import LLMEngine
+
+
+class MigrationMixin:
+    """Migration hooks for LLMEngine (kept apart to keep engine.py small)."""
+
+    def _request(self: LLMEngine, request_id: str) -> Request:
+        request = self.scheduler.requests.get(request_id)
+        if request is None:
+            raise UnknownRequestError(f"no request {request_id!r} in the engine")
+        return request
+
+    def export_request_state(self: LLMEngine, request_id: str) -> RequestState:
+        return self._request(request_id).to_state()
+
+    def request_block_ids(self: LLMEngine, request_id: str) -> list[int]:
+        self._request(request_id)
+        return list(self.block_manager.block_ids(request_id))
+
+    def _check_block_ids(self: LLMEngine, block_ids: list[int]) -> None:
+        total = self.block_manager.num_total_blocks
+        if len(set(block_ids)) != len(block_ids) or not all(
+            isinstance(b, int) and 0 <= b < total for b in block_ids
+        ):
+            raise InvalidBlocksError(
+                f"block ids must be distinct ints in [0, {total}), got {block_ids}"
+            )
+
+    def read_kv_blocks(self: LLMEngine, block_ids: list[int]) -> torch.Tensor:
+        """A contiguous copy of the blocks' KV for every layer held, shaped
+        (num_layers_held, 2, len(block_ids), block_size, num_kv_heads, head_dim)."""
+        self._check_block_ids(block_ids)
+        if self.kv_cache is None:
+            raise EngineStateError("a simulated engine holds no KV tensors")
+        return self.kv_cache.read_blocks(block_ids)
+
+    def write_kv_blocks(
+        self: LLMEngine, block_ids: list[int], data: torch.Tensor, layer_start: int | None = None
+    ) -> None:
+        """Writes read_kv_blocks-shaped data; layer_start picks the first layer written
+        (default: the first held), so a subset of layers can be written."""
+        self._check_block_ids(block_ids)
+        if self.kv_cache is None:
+            raise EngineStateError("a simulated engine holds no KV tensors")
+        self.kv_cache.write_blocks(block_ids, data, layer_start)
+
+    def reserve_blocks(self: LLMEngine, num_blocks: int) -> list[int]:
+        """Blocks held outside any request (a migration destination's pre-allocation)."""
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 0:
+            raise InvalidBlocksError(f"num_blocks must be an int >= 0, got {num_blocks!r}")
+        if not self.block_manager.can_reserve(num_blocks):
+            raise NoFreeBlocksError(
+                f"cannot reserve {num_blocks} blocks: {self.block_manager.num_free_blocks} free"
+            )
+        return self.block_manager.reserve(num_blocks)
+
+    def release_blocks(self: LLMEngine, block_ids: list[int]) -> None:
+        self.block_manager.release(list(block_ids))
+
+    def suspend_request(self: LLMEngine, request_id: str) -> None:
+        """Stops scheduling a running request; it keeps its blocks (stop-and-copy)."""
+        request = self._request(request_id)
+        if request.status is not RequestStatus.RUNNING:
+            raise InvalidRequestStateError(
+                f"request {request_id!r} is {request.status.value}, not running"
+            )
+        request.set_status(RequestStatus.SUSPENDED)
+
+    def resume_request(self: LLMEngine, request_id: str) -> None:
+        request = self._request(request_id)
+        if request.status is not RequestStatus.SUSPENDED:
+            raise InvalidRequestStateError(
+                f"request {request_id!r} is {request.status.value}, not suspended"
+            )
+        request.set_status(RequestStatus.RUNNING)
+
+    def remove_request(self: LLMEngine, request_id: str) -> RequestState:
+        """Hands the request over (migration committed): frees its blocks, emits nothing."""
+        request = self._request(request_id)
+        state = request.to_state()
+        self.scheduler.finish(request, RequestStatus.MIGRATED)
+        return state
+
+    def import_request(self: LLMEngine, state: RequestState, block_ids: list[int]) -> None:
+        """Adopts a request whose KV for its first num_computed_tokens tokens is already in
+        `block_ids` (reserved here, in block-table order). It continues exactly as it would
+        have where it came from."""
+        if state.request_id in self.scheduler.requests:
+            raise DuplicateRequestError(f"request {state.request_id!r} is already in the engine")
+        params = self._check_params(state.params)
+        self._check_prompt(list(state.prompt_token_ids))
+        self._check_prompt(list(state.prompt_token_ids) + list(state.output_token_ids))
+        if not 0 <= state.num_computed_tokens < state.num_tokens:
+            raise InvalidRequestStateError(
+                f"num_computed_tokens={state.num_computed_tokens} must be in [0, {state.num_tokens})"
+            )
+        last = state.output_token_ids[-1] if state.output_token_ids else None
+        stops = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stops.update(self.model_config.eos_token_ids)
+        if len(state.output_token_ids) >= params.max_tokens or last in stops:
+            raise InvalidRequestStateError(f"request {state.request_id!r} has already finished")
+        needed = self.block_manager.num_blocks_for(state.num_computed_tokens)
+        if len(block_ids) < needed:
+            raise InvalidBlocksError(
+                f"{len(block_ids)} blocks cannot hold {state.num_computed_tokens} tokens of KV"
+            )
+        self.block_manager.check_reserved(list(block_ids))
+        request = Request(
+            state.request_id,
+            list(state.prompt_token_ids),
+            params,
+            state.priority,
+            state.arrival_time,
+            self._take_seq_no(),
+            output_token_ids=list(state.output_token_ids),
+            num_computed_tokens=state.num_computed_tokens,
+        )
+        if state.num_computed_tokens == 0:  # nothing computed: queue it like a new request
+            self.block_manager.release(list(block_ids))
+            self.scheduler.add_waiting(request)
+            return
+        self.block_manager.adopt(state.request_id, list(block_ids))
+        self.scheduler.add_running(request)

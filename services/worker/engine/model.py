@@ -1,0 +1,234 @@
+"""A Llama-architecture decoder in plain torch (RMSNorm, RoPE, GQA, SwiGLU).
+
+The model holds a contiguous layer range [layer_start, layer_end) of the full model
+(all of it by default). The embedding lives with the first stage, the final norm and
+lm_head with the last:
+
+    token ids --embed--> hidden --layers[start:end)--> hidden --norm, lm_head--> logits
+               (start == 0 only)                              (end == num_layers only)
+
+Attention is passed in as a function, so the same layers run over the paged KV cache
+(attention.py) or over a whole sequence with no cache (`forward_dense`, the reference
+the tests compare against). Shapes: T = tokens in the flat batch, H = hidden size,
+nh / nkv = query / KV heads, hd = head dim, V = vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+from services.worker.engine.config import ModelConfig
+
+# attention(layer_idx, q (T, nh, hd), k (T, nkv, hd), v (T, nkv, hd)) -> (T, nh * hd)
+AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer, with q/k/v and gate/up fused into single matmuls."""
+
+    input_norm: torch.Tensor  # (H,)
+    qkv_proj: torch.Tensor  # (q_size + 2 * kv_size, H): rows q, then k, then v
+    o_proj: torch.Tensor  # (H, q_size)
+    post_attention_norm: torch.Tensor  # (H,)
+    gate_up_proj: torch.Tensor  # (2 * I, H): rows gate, then up
+    down_proj: torch.Tensor  # (H, I)
+    qkv_bias: torch.Tensor | None = None
+    o_bias: torch.Tensor | None = None
+    gate_up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (getattr(self, f.name) for f in fields(self)) if t is not None]
+
+
+@dataclass
+class StageWeights:
+    """The weights a stage holding layers [layer_start, layer_end) keeps."""
+
+    layer_start: int
+    layer_end: int
+    layers: dict[int, LayerWeights]
+    embed_tokens: torch.Tensor | None  # (V, H), first stage only
+    norm: torch.Tensor | None  # (H,), last stage only
+    lm_head: torch.Tensor | None  # (V, H), last stage only; may be embed_tokens (tied)
+
+    def tensors(self) -> list[torch.Tensor]:
+        tensors = [t for layer in self.layers.values() for t in layer.tensors()]
+        return tensors + [t for t in (self.embed_tokens, self.norm, self.lm_head) if t is not None]
+
+    def nbytes(self) -> int:
+        """Bytes held, counting a tensor shared by two names (tied lm_head) once."""
+        unique = {t.data_ptr(): t.numel() * t.element_size() for t in self.tensors()}
+        return sum(unique.values())
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Same op order as HF LlamaRMSNorm: normalise in float32, cast back, then scale.
+    x_float = x.float()
+    variance = x_float.pow(2).mean(-1, keepdim=True)
+    return weight * (x_float * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """(hd/2,) float32 inverse frequencies, computed exactly as transformers does."""
+    rope, dim = config.rope, config.head_dim
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if rope.rope_type == "linear":
+        inv_freq = inv_freq / rope.factor
+    elif rope.rope_type == "llama3":
+        old_context_len = rope.original_max_position_embeddings
+        low_freq_wavelen = old_context_len / rope.low_freq_factor
+        high_freq_wavelen = old_context_len / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old_context_len / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        inv_freq = torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (T, heads, hd); cos, sin (T, 1, hd/2). HF's rotate_half convention."""
+    x1, x2 = x.chunk(2, dim=-1)  # (T, heads, hd/2) each
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class LlamaModel:
+    def __init__(self, config: ModelConfig, weights: StageWeights) -> None:
+        self.config = config
+        self.weights = weights
+        self.inv_freq = rope_inv_freq(config)
+        self.scale = config.head_dim**-0.5
+        any_tensor = weights.tensors()[0]
+        self.dtype: torch.dtype = any_tensor.dtype
+        self.device: torch.device = any_tensor.device
+
+    # ---- which part of the model this is -------------------------------------------
+
+    @property
+    def layer_start(self) -> int:
+        return self.weights.layer_start
+
+    @property
+    def layer_end(self) -> int:
+        return self.weights.layer_end
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.weights.layer_start == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.weights.layer_end == self.config.num_layers
+
+    @property
+    def is_complete(self) -> bool:
+        return self.is_first_stage and self.is_last_stage
+
+    def nbytes(self) -> int:
+        return self.weights.nbytes()
+
+    # ---- forward pieces -------------------------------------------------------------
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """(T,) int64 -> (T, H)."""
+        assert self.weights.embed_tokens is not None, "only the first stage embeds"
+        return F.embedding(token_ids, self.weights.embed_tokens)
+
+    def rope_cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T,) int64 positions -> cos, sin (T, 1, hd/2) in the model dtype."""
+        freqs = (
+            positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
+        )  # (T, hd/2)
+        return freqs.cos().to(self.dtype)[:, None, :], freqs.sin().to(self.dtype)[:, None, :]
+
+    def forward_layers(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        attention: AttentionFn,
+        layer_start: int | None = None,
+        layer_end: int | None = None,
+    ) -> torch.Tensor:
+        """Runs layers [layer_start, layer_end) (default: all held) on hidden (T, H)."""
+        layer_start = self.layer_start if layer_start is None else layer_start
+        layer_end = self.layer_end if layer_end is None else layer_end
+        if not self.layer_start <= layer_start <= layer_end <= self.layer_end:
+            raise ValueError(
+                f"layers [{layer_start}, {layer_end}) are not all held; this model holds "
+                f"[{self.layer_start}, {self.layer_end})"
+            )
+        cos, sin = self.rope_cos_sin(positions)
+        for layer_idx in range(layer_start, layer_end):
+            hidden = self._layer(layer_idx, hidden, cos, sin, attention)
+        return hidden
+
+    def _layer(
+        self,
+        layer_idx: int,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention: AttentionFn,
+    ) -> torch.Tensor:
+        c, w = self.config, self.weights.layers[layer_idx]
+        num_tokens = hidden.shape[0]
+        x = rms_norm(hidden, w.input_norm, c.rms_norm_eps)
+        qkv = F.linear(x, w.qkv_proj, w.qkv_bias)  # (T, q_size + 2 kv_size)
+        # q and k sit side by side in each row: rotate both heads' sets in one go.
+        qk = qkv[:, : c.q_size + c.kv_size].view(
+            num_tokens, c.num_heads + c.num_kv_heads, c.head_dim
+        )
+        qk = apply_rope(qk, cos, sin)  # (T, nh + nkv, hd)
+        q, k = qk[:, : c.num_heads], qk[:, c.num_heads :]  # (T, nh, hd), (T, nkv, hd)
+        v = qkv[:, c.q_size + c.kv_size :].view(
+            num_tokens, c.num_kv_heads, c.head_dim
+        )  # (T, nkv, hd)
+        attn = attention(layer_idx, q, k, v)  # (T, nh * hd)
+        hidden = hidden + F.linear(attn, w.o_proj, w.o_bias)
+        x = rms_norm(hidden, w.post_attention_norm, c.rms_norm_eps)
+        gate, up = F.linear(x, w.gate_up_proj, w.gate_up_bias).chunk(2, dim=-1)  # (T, I) each
+        return hidden + F.linear(F.silu(gate) * up, w.down_proj, w.down_bias)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(R, H) last-layer hidden states -> (R, V) float32 logits."""
+        assert self.weights.norm is not None and self.weights.lm_head is not None, "last stage only"
+        x = rms_norm(hidden, self.weights.norm, self.config.rms_norm_eps)
+        return F.linear(x, self.weights.lm_head).float()
+
+    # ---- reference path -------------------------------------------------------------
+
+    def forward_dense(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits (T, V) for every position of one sequence, plain causal attention, no
+        cache. The reference the paged engine must match token for token."""
+        assert self.is_complete, "the dense reference needs the whole model"
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        positions = torch.arange(len(token_ids), device=self.device)
+        hidden = self.forward_layers(self.embed(ids), positions, self.dense_attention)
+        return self.compute_logits(hidden)
+
+    def dense_attention(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """Causal attention over one whole sequence: q (T, nh, hd), k, v (T, nkv, hd)."""
+        del layer_idx
+        num_tokens, group = q.shape[0], self.config.num_queries_per_kv
+        k = k.repeat_interleave(group, dim=1)  # (T, nh, hd)
+        v = v.repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1),
+            k.transpose(0, 1),
+            v.transpose(0, 1),
+            is_causal=True,
+            scale=self.scale,
+        )  # (nh, T, hd)
+        return out.transpose(0, 1).reshape(num_tokens, -1)  # (T, nh * hd)

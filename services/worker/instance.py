@@ -1,0 +1,218 @@
+"""One worker instance: the engine thread, its output router and its llumlet, and the
+bookkeeping that ties a request to the gateway that owns it and to its trace.
+
+The servicer calls `submit` / `abort` / `load`; the engine thread calls `on_step`
+(on the event loop) after every step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+from opentelemetry import trace
+
+from services.common.errors import AlreadyExistsError
+from services.common.logging import bind_context, get_logger
+from services.common.messages import FinishReason, LoadSnapshot, OutputDelta, RequestSpec
+from services.common.tracing import context_from_dict
+from services.worker.async_engine import AsyncEngine, EngineSnapshot, take_snapshot
+from services.worker.engine import (
+    DuplicateRequestError,
+    LLMEngine,
+    RequestOutput,
+    RequestState,
+    SamplingParams,
+)
+from services.worker.llumlet import Llumlet
+from services.worker.output_router import OutputRouter
+
+log = get_logger(__name__)
+tracer = trace.get_tracer("llmesh.worker")
+
+
+def engine_state(spec: RequestSpec) -> RequestState:
+    """A request for the engine; output tokens already delivered are kept, so a
+    failover resumes at the next position with the same seed (recompute)."""
+    s = spec.sampling
+    params = SamplingParams(
+        max_tokens=s.max_tokens,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        seed=s.seed,
+        stop_token_ids=s.stop_token_ids,
+        ignore_eos=s.ignore_eos,
+    )
+    return RequestState(
+        request_id=spec.request_id,
+        prompt_token_ids=spec.prompt_token_ids,
+        output_token_ids=spec.output_token_ids,
+        params=params,
+        priority=spec.priority,
+        num_computed_tokens=0,
+        arrival_time=spec.arrival_time,
+    )
+
+
+def delta_from_output(output: RequestOutput, failure: str | None = None) -> OutputDelta:
+    """failure: why this worker gave the request up (its gateway then resumes it elsewhere)."""
+    if not output.finished:
+        return OutputDelta(output.request_id, output.first_token_index, tuple(output.new_token_ids))
+    if output.finish_reason == "error":
+        failure = failure or "engine step failed"
+    reason = (
+        FinishReason.ERROR
+        if failure is not None
+        else FinishReason.from_engine(output.finish_reason)
+    )
+    return OutputDelta(
+        output.request_id,
+        output.first_token_index,
+        tuple(output.new_token_ids),
+        reason,
+        (failure or "") if reason is FinishReason.ERROR else "",
+    )
+
+
+class WorkerInstance:
+    def __init__(self, engine: LLMEngine, llumlet: Llumlet, owner_unreachable_s: float) -> None:
+        self.instance_id = llumlet.spec.instance_id
+        self.llumlet = llumlet
+        self.router = OutputRouter(self.instance_id, owner_unreachable_s, self._abort_orphans)
+        self.async_engine = AsyncEngine(engine, self.on_step)
+        self._spans: dict[str, trace.Span] = {}
+        self._failures: dict[str, str] = {}  # request id -> why this worker gives it up
+        self._tasks: set[asyncio.Task] = set()
+
+    def start(self) -> None:
+        self.async_engine.start()
+
+    # ---- requests ---------------------------------------------------------------------
+
+    async def submit(self, spec: RequestSpec) -> None:
+        """Admit a request (new, or resumed after a failover). Raises ValueError subclasses
+        for bad input and AlreadyExistsError for an id already here."""
+        if spec.num_computed_tokens != 0:
+            raise ValueError(
+                f"state.num_computed_tokens={spec.num_computed_tokens} must be 0 (KV arrives only by migration)"
+            )
+        state = engine_state(spec)
+        log.info("X_submit_received", request_id=spec.request_id)
+        span = tracer.start_span(
+            "worker.request",
+            context=context_from_dict(spec.trace_context),
+            attributes={
+                "llmesh.request_id": spec.request_id,
+                "llmesh.instance_id": self.instance_id,
+                "llmesh.num_prompt_tokens": len(spec.prompt_token_ids),
+                "llmesh.num_resumed_tokens": len(spec.output_token_ids),
+            },
+        )
+        self.router.register(spec.request_id, spec.owner_address)
+        try:
+            await self.async_engine.run(lambda engine: engine.import_request(state, []))
+        except DuplicateRequestError as exc:
+            span.end()
+            raise AlreadyExistsError(str(exc)) from None
+        except BaseException:
+            self.router.unregister(spec.request_id)
+            span.end()
+            raise
+        self._spans[spec.request_id] = span
+        with trace.use_span(span), bind_context(request_id=spec.request_id):
+            log.info(
+                "request_admitted",
+                owner=spec.owner_address,
+                num_prompt_tokens=len(spec.prompt_token_ids),
+                num_resumed_tokens=len(spec.output_token_ids),
+            )
+
+    async def abort(self, request_id: str) -> bool:
+        """True if the request was here; its ABORT output follows with the next step."""
+        aborted = await self.async_engine.run(lambda engine: engine.abort_request(request_id))
+        with bind_context(request_id=request_id):
+            log.info("request_abort", aborted=aborted)
+        return aborted
+
+    def _abort_orphans(self, request_ids: list[str]) -> None:
+        """Their gateway is gone: nobody can receive the tokens."""
+        for request_id in request_ids:
+            self.router.unregister(request_id)
+            self._spawn(self.abort(request_id))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- engine thread callback -------------------------------------------------------
+
+    def on_step(self, outputs: list[RequestOutput], snapshot: EngineSnapshot | None) -> None:
+        if outputs:
+            deltas = [delta_from_output(o, self._failures.pop(o.request_id, None)) for o in outputs]
+            self.router.publish(deltas)
+            for delta in deltas:
+                if delta.is_finished:
+                    self._finish(delta)
+        if snapshot is not None:
+            self.llumlet.on_snapshot(snapshot)
+
+    def _finish(self, delta: OutputDelta) -> None:
+        self.router.unregister(delta.request_id)
+        span = self._spans.pop(delta.request_id, None)
+        if span is not None:
+            span.set_attribute("llmesh.finish_reason", delta.finish_reason.value)
+            span.set_attribute(
+                "llmesh.num_output_tokens", delta.first_token_index + len(delta.token_ids)
+            )
+            with trace.use_span(span, end_on_exit=True), bind_context(request_id=delta.request_id):
+                log.info(
+                    "request_finished",
+                    finish_reason=delta.finish_reason.value,
+                    num_output_tokens=delta.first_token_index + len(delta.token_ids),
+                )
+
+    # ---- load -------------------------------------------------------------------------
+
+    async def load(self, check_integrity: bool = False) -> LoadSnapshot:
+        """A fresh load report taken between two steps, optionally with the integrity check."""
+
+        def take(engine: LLMEngine) -> tuple[EngineSnapshot, str]:
+            error = ""
+            if check_integrity:
+                try:
+                    engine.check_integrity()
+                except AssertionError as exc:
+                    error = str(exc) or type(exc).__name__
+            return take_snapshot(engine), error
+
+        snapshot, error = await self.async_engine.run(take)
+        load = self.llumlet.current_load(snapshot)
+        if check_integrity:
+            load = replace(load, is_integrity_checked=True, integrity_error=error)
+        return load
+
+    async def stop(self) -> None:
+        """Give every request here up (ERROR: the gateways resume them elsewhere), flush
+        those last outputs, stop the engine thread and the output streams."""
+
+        def give_up_all(engine: LLMEngine) -> int:
+            request_ids = list(engine.scheduler.requests)
+            for request_id in request_ids:
+                self._failures[request_id] = "worker shutting down"
+                engine.abort_request(request_id)
+            return len(request_ids)
+
+        try:
+            num_given_up = await self.async_engine.run(give_up_all)
+            await self.async_engine.run(lambda engine: None)  # after the step that emits them
+        except RuntimeError:
+            num_given_up = 0
+        if num_given_up:
+            log.info("requests_given_up_on_shutdown", num_requests=num_given_up)
+        await self.async_engine.stop()
+        await self.router.close()
+        for span in self._spans.values():
+            span.end()
+        self._spans.clear()

@@ -1,0 +1,160 @@
+"""The llumlet: the worker's agent toward the global scheduler (Llumnix).
+
+    register (retry with backoff until the scheduler answers)
+      -> StreamLoad: a LoadReport every report interval and whenever the load changed
+         (at most every MIN_REPORT_GAP_S), commands come back on the same stream
+      -> stream broken (scheduler died or restarted): register again, stream again
+
+It turns engine snapshots into LoadSnapshots with the policies' load model
+(`make_instance_load`), so the scheduler, the gateway's fallback and the simulator all
+read the same virtual usage and freeness. Migration commands arrive here later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import grpc
+
+from protos import scheduler_pb2, scheduler_pb2_grpc
+from services.common.convert import instance_spec_to_proto, load_to_proto
+from services.common.grpc_client import DEFAULT_TIMEOUT_S, aio_channel
+from services.common.logging import get_logger
+from services.common.messages import InstanceSpec, LoadSnapshot
+from services.scheduler.policies import LoadModelConfig, make_instance_load
+from services.worker.async_engine import EngineSnapshot
+
+log = get_logger(__name__)
+
+MIN_REPORT_GAP_S = 0.025
+REGISTER_BACKOFF_S = (0.1, 2.0)  # first retry, longest wait
+
+
+def load_from_snapshot(
+    instance_id: str,
+    snapshot: EngineSnapshot,
+    seq: int,
+    config: LoadModelConfig,
+    block_size: int,
+    is_terminating: bool = False,
+    num_migrating: int = 0,
+) -> LoadSnapshot:
+    stats = snapshot.stats
+    running = sorted(snapshot.running, key=lambda r: (r.num_tokens, r.request_id))  # shortest first
+    load = make_instance_load(
+        instance_id,
+        num_total_blocks=stats.num_total_blocks,
+        num_used_blocks=stats.num_used_blocks,
+        num_running=stats.num_running,
+        num_waiting=stats.num_waiting,
+        num_hol_blocks=stats.num_hol_blocks,
+        num_waiting_blocks=snapshot.num_waiting_blocks,
+        num_running_high_priority=stats.num_running_high_priority,
+        is_terminating=is_terminating,
+        num_migrating=num_migrating,
+        num_preemptions=stats.num_preemptions,
+        running=[(r.request_id, r.num_tokens, r.num_blocks, r.priority) for r in running],
+        block_size=block_size,
+        config=config,
+    )
+    return LoadSnapshot.from_instance_load(load, seq)
+
+
+class Llumlet:
+    def __init__(
+        self,
+        spec: InstanceSpec,
+        scheduler_address: str,
+        load_config: LoadModelConfig,
+        initial_snapshot: EngineSnapshot,
+        report_interval_s: float,
+    ) -> None:
+        self.spec = spec
+        self.scheduler_address = scheduler_address
+        self.load_config = load_config
+        self.report_interval_s = report_interval_s
+        self.is_terminating = False
+        self.num_migrating = 0
+        self.is_registered = False
+        self._snapshot = initial_snapshot
+        self._seq = 0
+        self._changed = asyncio.Event()
+        self._channel = aio_channel(scheduler_address)
+        self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
+
+    def on_snapshot(self, snapshot: EngineSnapshot) -> None:
+        """A new engine snapshot (from the engine thread's per-step callback)."""
+        self._snapshot = snapshot
+        self._changed.set()
+
+    def current_load(self, snapshot: EngineSnapshot | None = None) -> LoadSnapshot:
+        self._seq += 1
+        return load_from_snapshot(
+            self.spec.instance_id,
+            snapshot or self._snapshot,
+            self._seq,
+            self.load_config,
+            self.spec.block_size,
+            self.is_terminating,
+            self.num_migrating,
+        )
+
+    async def run(self) -> None:
+        """Register and stream load reports until cancelled."""
+        backoff_s = REGISTER_BACKOFF_S[0]
+        while True:
+            try:
+                reply = await self._stub.RegisterInstance(
+                    scheduler_pb2.RegisterInstanceRequest(info=instance_spec_to_proto(self.spec)),
+                    timeout=DEFAULT_TIMEOUT_S,
+                )
+                if reply.report_interval_ms > 0:
+                    self.report_interval_s = reply.report_interval_ms / 1000
+                self.is_registered = True
+                backoff_s = REGISTER_BACKOFF_S[0]
+                log.info("registered", scheduler=self.scheduler_address, lease_ms=reply.lease_ms)
+                call = self._stub.StreamLoad(self._reports())
+                async for command in call:
+                    self._on_command(command)
+                log.warning("load_stream_closed_by_scheduler")
+            except grpc.aio.AioRpcError as exc:
+                if self.is_registered:
+                    log.warning("scheduler_lost", code=exc.code().name, details=exc.details())
+                self.is_registered = False
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, REGISTER_BACKOFF_S[1])
+
+    async def _reports(self):
+        """A report now, then one per report interval, or sooner when the load changed
+        (but never more often than MIN_REPORT_GAP_S)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            self._changed.clear()
+            yield load_to_proto(self.current_load())
+            sent_at = loop.time()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), self.report_interval_s)
+            gap_s = MIN_REPORT_GAP_S - (loop.time() - sent_at)
+            if gap_s > 0:
+                await asyncio.sleep(gap_s)
+
+    def _on_command(self, command: scheduler_pb2.SchedulerCommand) -> None:
+        kind = command.WhichOneof("command")
+        if kind == "drain":
+            self.is_terminating = command.drain.is_terminating
+            self._changed.set()
+            log.info("drain_command", is_terminating=self.is_terminating)
+        else:
+            log.warning("scheduler_command_not_supported_yet", command=kind)
+
+    async def deregister(self, timeout_s: float = 2.0) -> None:
+        """Leave the registry at once (graceful shutdown) instead of waiting for the lease."""
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await self._stub.DeregisterInstance(
+                scheduler_pb2.DeregisterInstanceRequest(instance_id=self.spec.instance_id),
+                timeout=timeout_s,
+            )
+
+    async def close(self) -> None:
+        await self._channel.close()

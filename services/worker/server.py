@@ -1,0 +1,109 @@
+"""`serve()`: the worker process, wired together.
+
+bind (health NOT_SERVING) -> load the engine (off the event loop) -> start the engine
+thread -> SERVING -> register with the scheduler and stream load reports
+SIGTERM -> NOT_SERVING (gateways move its requests) -> deregister -> give requests
+up -> stop the engine thread -> stop the server
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+
+import torch
+
+from protos import worker_pb2_grpc
+from services.common.grpc_server import GrpcServer
+from services.common.logging import get_logger
+from services.common.messages import InstanceSpec
+from services.common.procs import write_ready_file
+from services.scheduler.policies import LoadModelConfig
+from services.worker.async_engine import take_snapshot
+from services.worker.config import WorkerConfig
+from services.worker.engine import LLMEngine
+from services.worker.instance import WorkerInstance
+from services.worker.llumlet import Llumlet
+from services.worker.servicer import WorkerServicer
+
+log = get_logger(__name__)
+
+# Placeholder until kvtransport/ provides the UCX worker address.
+TRANSPORT_BACKEND_NONE = "none"
+
+
+def instance_spec(
+    config: WorkerConfig, engine: LLMEngine, instance_id: str, address: str
+) -> InstanceSpec:
+    model = engine.model_config
+    eos = engine.eos_token_id
+    return InstanceSpec(
+        instance_id=instance_id,
+        address=address,
+        model_id=config.model,
+        block_size=engine.config.block_size,
+        num_layers=model.num_layers,
+        layer_start=engine.layer_start,
+        layer_end=engine.layer_end,
+        max_model_len=engine.max_model_len,
+        vocab_size=model.vocab_size,
+        eos_token_id=-1 if eos is None else eos,
+        memory_capacity_bytes=engine.config.memory_capacity_bytes,
+        transport_address=b"",
+        transport_backend=TRANSPORT_BACKEND_NONE,
+    )
+
+
+async def serve(config: WorkerConfig, server: GrpcServer | None = None) -> None:
+    """Run one worker until SIGTERM/SIGINT (or `server.request_stop()`)."""
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    import sys
+
+    sys.setswitchinterval(float(__import__("os").environ.get("X_SWITCH", "0.005")))
+    instance_id = config.instance_id or f"worker-{uuid.uuid4().hex[:8]}"
+    server = server or GrpcServer("worker", config.bind, grace_s=config.grace_s)
+    servicer = WorkerServicer()
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server.server)
+    await server.start(service_names=["llmesh.v1.Worker"])
+    server.install_signal_handlers()
+    address = config.advertise_address or server.address
+    log.info("engine_loading", model=config.model, instance_id=instance_id)
+    engine = await asyncio.to_thread(LLMEngine, config.engine_config())
+    spec = instance_spec(config, engine, instance_id, address)
+    llumlet = Llumlet(
+        spec,
+        config.scheduler_address,
+        LoadModelConfig(
+            enable_defrag=config.enable_defrag,
+            high_priority_headroom_blocks=config.high_priority_headroom_blocks,
+        ),
+        take_snapshot(engine),
+        report_interval_s=config.report_interval_ms / 1000,
+    )
+    instance = WorkerInstance(engine, llumlet, config.owner_unreachable_s)
+    instance.start()
+    servicer.instance = instance
+    await server.set_serving()
+    reporter = asyncio.create_task(llumlet.run())
+    if config.ready_file:
+        write_ready_file(config.ready_file, address)
+    log.info(
+        "worker_ready",
+        address=address,
+        instance_id=instance_id,
+        num_kv_blocks=engine.block_manager.num_total_blocks,
+        max_model_len=engine.max_model_len,
+    )
+    try:
+        await server.wait_stop_requested()
+    finally:
+        await server.set_serving(False)
+        reporter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reporter
+        await llumlet.deregister()
+        await instance.stop()
+        await server.stop()
+        await llumlet.close()

@@ -1,0 +1,85 @@
+"""The command line against real processes: generate/status, and `up` leaving nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+
+from gateway.client import Client
+from services.cli.main import main
+from services.common.procs import REPO_ROOT
+from tests.integration.conftest import reference_tokens
+
+
+def test_generate_and_status_through_the_mesh(mesh, reference_engine, capsys):
+    code = main(["generate", "--gateway", mesh.gateway_address, "--prompt-ids", "1,2,3", "--max-tokens", "4", "--seed", "3", "--json"])  # fmt: skip
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    [expected] = reference_tokens(reference_engine, [([1, 2, 3], {"max_tokens": 4, "seed": 3})])
+    assert (result["token_ids"], result["finish_reason"], result["seed"]) == (expected, "length", 3)
+
+    assert main(["generate", "--gateway", mesh.gateway_address, "--prompt-ids", "1,x"]) == 2
+    assert "--prompt-ids='1,x' must be comma-separated ints" in capsys.readouterr().err
+
+    assert main(["status", "--scheduler", mesh.scheduler_address, "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert sorted(i["instance_id"] for i in status["instances"]) == sorted(
+        w.name for w in mesh.live_workers()
+    )
+    assert status["dispatch_policy"] == "freest"
+
+
+def _lines(stream) -> queue.Queue:
+    lines: queue.Queue = queue.Queue()
+
+    def pump() -> None:
+        for line in stream:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+def test_up_serves_and_sigterm_stops_every_process(tmp_path):
+    up = subprocess.Popen(
+        [sys.executable, "-m", "services.cli.main", "up", "--workers", "1", "--gateway-port", "0",
+         "--scheduler-port", "0", "--no-table", "--log-dir", str(tmp_path)],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+    try:
+        lines = _lines(up.stdout)
+        output = []
+        while not any("llmesh is up" in line for line in output):
+            line = lines.get(timeout=180)
+            assert line is not None, "".join(output)
+            output.append(line)
+        output.append(lines.get(timeout=10))  # the "try: ./llmesh generate" line
+        gateway = re.search(r"llmesh is up: gateway (\S+)", "".join(output)).group(1)
+        assert "./llmesh generate --gateway" in "".join(output)
+        with Client(gateway, timeout_s=60) as client:
+            assert len(client.generate(prompt_token_ids=[1, 2], max_tokens=3).token_ids) == 3
+        children = [json.loads(p.read_text())["pid"] for p in tmp_path.glob("*.ready.json")]
+        assert len(children) == 3  # scheduler, worker, gateway
+
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=60) == 0
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+    for pid in children:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        raise AssertionError(f"child process {pid} outlived `llmesh up`")

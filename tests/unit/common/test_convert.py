@@ -1,0 +1,68 @@
+"""services.common.convert: protobuf <-> dataclasses round trips, and edge checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from protos import common_pb2
+from services.common.convert import (
+    instance_spec_from_proto,
+    instance_spec_to_proto,
+    load_from_proto,
+    load_to_proto,
+    outputs_from_proto,
+    outputs_to_proto,
+    request_from_proto,
+    request_to_proto,
+)
+from services.common.messages import (
+    FinishReason,
+    InstanceSpec,
+    LoadSnapshot,
+    OutputDelta,
+    RequestSpec,
+    RunningRequestSummary,
+    SamplingSpec,
+)
+
+
+def test_instance_spec_round_trip():
+    spec = InstanceSpec("w", "h:1", "tiny", 16, 4, 0, 4, 2048, 258, 257, 1 << 28, b"\x01ucx", "ucx")
+    assert instance_spec_from_proto(instance_spec_to_proto(spec)) == spec
+
+
+def test_load_round_trip_keeps_infinity():
+    load = LoadSnapshot(
+        "w", 9, 2, 1, 100, 40, 5, 1, math.inf, -math.inf, True, 3, 1,
+        (RunningRequestSummary("r", 20, 2, 1),), 7, 10, True, "bad",
+    )  # fmt: skip
+    assert load_from_proto(load_to_proto(load)) == load
+
+
+def test_request_round_trip_and_required_fields():
+    spec = RequestSpec(
+        request_id="r",
+        prompt_token_ids=(1, 2),
+        sampling=SamplingSpec(4, 0.5, 0.75, 3, 11, (9,), True),
+        output_token_ids=(5,),
+        priority=1,
+        arrival_time=12.5,
+        owner_address="gw:1",
+        trace_context={"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"},
+    )
+    assert request_from_proto(request_to_proto(spec)) == spec
+    state = request_to_proto(spec)
+    state.sampling.ClearField("seed")
+    with pytest.raises(ValueError, match="state.sampling.seed must be set"):
+        request_from_proto(state)
+    with pytest.raises(ValueError, match="state.owner_address"):
+        request_from_proto(common_pb2.RequestState(request_id="r"))
+
+
+def test_output_batch_round_trip():
+    deltas = [OutputDelta("a", 0, (1, 2)), OutputDelta("b", 3, (), FinishReason.ERROR, "boom")]
+    batch = outputs_to_proto("w", deltas)
+    assert batch.instance_id == "w"
+    assert outputs_from_proto(batch) == deltas

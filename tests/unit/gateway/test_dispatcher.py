@@ -1,0 +1,143 @@
+"""gateway.dispatcher and cluster_view: scheduler first, then the cached view, then round robin."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from gateway.admission import AdmissionControl
+from gateway.cluster_view import ClusterView, InstanceView
+from gateway.dispatcher import Dispatcher, LostInstances, PlacementSource
+from protos import scheduler_pb2
+from services.common.errors import ResourceExhaustedError, UnavailableError
+from services.common.messages import InstanceSpec, LoadSnapshot
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeRpcError(grpc.aio.AioRpcError):
+    def __init__(self, code: grpc.StatusCode) -> None:
+        super().__init__(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=code.name)
+
+
+class FakeScheduler:
+    def __init__(self, reply=None, code=None) -> None:
+        self.reply, self.code, self.requests = reply, code, []
+
+    async def Dispatch(self, request, timeout):
+        assert timeout > 0  # every call has a deadline
+        self.requests.append(request)
+        if self.code is not None:
+            raise FakeRpcError(self.code)
+        return self.reply
+
+
+def view_of(clock, *loads: tuple[str, int, int, int]) -> ClusterView:
+    """loads: (instance id, used blocks, running, waiting) of 100-block instances."""
+    view = ClusterView(forget_after_s=10.0, clock=clock)
+    view.update(
+        [
+            InstanceView(
+                InstanceSpec(i, f"addr-{i}", "tiny", 16, 4, 0, 4, 2048, 258, 257),
+                LoadSnapshot(
+                    i,
+                    1,
+                    running,
+                    waiting,
+                    100,
+                    used,
+                    virtual_usage=used,
+                    freeness=(100 - used) / max(running, 1),
+                ),
+            )
+            for i, used, running, waiting in loads
+        ]
+    )
+    return view
+
+
+def make(clock, view, scheduler, lost=None):
+    return Dispatcher(
+        scheduler, view, lost or LostInstances(5.0, clock), timeout_s=1.0, view_stale_s=3.0
+    )
+
+
+async def test_the_scheduler_decides_when_it_answers_and_sees_the_exclusions():
+    clock = Clock()
+    lost = LostInstances(5.0, clock)
+    lost.add("dead")
+    scheduler = FakeScheduler(scheduler_pb2.DispatchResponse(instance_id="b", address="addr-b"))
+    placement = await make(clock, view_of(clock, ("a", 0, 0, 0)), scheduler, lost).choose(
+        "r", 10, 0, {"bad"}
+    )
+    assert (placement.instance_id, placement.address, placement.source) == (
+        "b",
+        "addr-b",
+        PlacementSource.SCHEDULER,
+    )
+    assert list(scheduler.requests[0].exclude_instance_ids) == ["bad", "dead"]
+
+
+async def test_scheduler_down_uses_freeness_of_the_cached_view_without_herding():
+    clock = Clock()
+    view = view_of(clock, ("a", 90, 1, 0), ("b", 10, 1, 0), ("c", 20, 1, 0))
+    dispatcher = make(clock, view, FakeScheduler(code=grpc.StatusCode.UNAVAILABLE))
+    chosen = [(await dispatcher.choose(f"r{i}", 320, 0, set())) for i in range(3)]
+    assert {p.source for p in chosen} == {PlacementSource.CACHED_VIEW}
+    # With the request's 20 blocks (320 tokens): b=70, c=60, a=-10. Each placement
+    # counts against the instance it went to (b: 70, then 50), so the burst does not
+    # all land on b: b, b, then c.
+    assert [p.instance_id for p in chosen] == ["b", "b", "c"]
+
+
+async def test_stale_view_falls_back_to_round_robin_and_skips_lost_instances():
+    clock = Clock()
+    view = view_of(clock, ("a", 0, 0, 0), ("b", 0, 0, 0), ("c", 0, 0, 0))
+    lost = LostInstances(5.0, clock)
+    lost.add("b")
+    dispatcher = make(clock, view, FakeScheduler(code=grpc.StatusCode.DEADLINE_EXCEEDED), lost)
+    clock.now += 4.0  # view older than view_stale_s
+    chosen = [(await dispatcher.choose(f"r{i}", 16, 0, set())).instance_id for i in range(4)]
+    assert chosen == ["a", "c", "a", "c"]
+    clock.now += 5.0  # b's loss is forgotten after the TTL
+    assert lost.recent() == set()
+
+
+async def test_no_candidate_anywhere_is_unavailable():
+    clock = Clock()
+    dispatcher = make(
+        clock, view_of(clock, ("a", 0, 0, 0)), FakeScheduler(code=grpc.StatusCode.UNAVAILABLE)
+    )
+    with pytest.raises(UnavailableError, match="no instance can take request 'r'"):
+        await dispatcher.choose("r", 16, 0, {"a"})
+
+
+def test_view_keeps_instances_a_restarted_scheduler_forgot_for_a_while():
+    clock = Clock()
+    view = view_of(clock, ("a", 0, 0, 0), ("b", 0, 0, 0))
+    limits = view.model_limits()
+    view.update([])  # the restarted scheduler knows nobody yet
+    assert sorted(view.instances) == ["a", "b"]
+    clock.now += 11.0
+    view.update([])
+    assert view.instances == {}
+    assert view.model_limits() == limits  # the model does not change
+    assert limits.max_tokens_per_instance == 100 * 16
+
+
+def test_admission_control_limits():
+    clock = Clock()
+    admission = AdmissionControl(max_inflight_requests=2, max_waiting_per_instance=3)
+    view = view_of(clock, ("a", 0, 1, 3), ("b", 0, 1, 2))
+    admission.check(1, view)
+    with pytest.raises(ResourceExhaustedError, match="max_inflight_requests=2"):
+        admission.check(2, view)
+    full = view_of(clock, ("a", 0, 1, 3), ("b", 0, 1, 5))
+    with pytest.raises(ResourceExhaustedError, match="max_waiting_per_instance"):
+        admission.check(0, full)

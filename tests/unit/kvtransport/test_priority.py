@@ -1,0 +1,183 @@
+"""PeerScheduler against a fake link: exact issue order, window, pause, cancel, timeout."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from kvtransport import (
+    PeerUnreachable,
+    SchedulingPolicy,
+    TrafficClass,
+    TransferCancelled,
+    TransferStatus,
+    TransferTimeout,
+    TransportConfig,
+)
+from kvtransport.fabric import ChunkOut, ControlOut, PeerLink
+from kvtransport.handles import SendHandle
+from kvtransport.priority import Outbound, PeerScheduler
+from kvtransport.wire import MAGIC, CancelTransfer, decode
+
+KV, ACT = TrafficClass.KV, TrafficClass.ACTIVATION
+
+
+class FakeLink(PeerLink):
+    def __init__(self) -> None:
+        self.sent: list[tuple[object, asyncio.Future]] = []
+        self.is_aborted = False
+
+    def start_send(self, message):
+        future = asyncio.get_running_loop().create_future()
+        self.sent.append((message, future))
+        return future
+
+    async def abort(self) -> None:
+        self.is_aborted = True
+
+    def labels(self) -> list[str]:
+        return [_label(message) for message, _ in self.sent]
+
+    def complete(self, label: str) -> None:
+        for message, future in self.sent:
+            if _label(message) == label and not future.done():
+                future.set_result(None)
+                return
+        raise AssertionError(f"{label} not in flight; sent: {self.labels()}")
+
+
+def _label(message) -> str:
+    if isinstance(message, ChunkOut):
+        return f"{message.key}:{message.seq}"
+    if message.frame.startswith(MAGIC):
+        cancel = decode(memoryview(message.frame))[0]
+        assert isinstance(cancel, CancelTransfer)
+        return f"cancel:{cancel.key}:{cancel.num_chunks_issued}"
+    return message.frame.decode()
+
+
+class Harness:
+    def __init__(self, **config_kwargs) -> None:
+        self.link = FakeLink()
+        self.finished: list[str] = []
+        self.failed: list[PeerScheduler] = []
+        self.scheduler = PeerScheduler(
+            b"peer",
+            self.link,
+            TransportConfig(**config_kwargs),
+            lambda outbound: self.finished.append(outbound.handle.transfer_id),
+            self.failed.append,
+        )
+
+    def submit(self, key: int, traffic_class: TrafficClass, num_chunks: int) -> SendHandle:
+        name = f"{traffic_class.value}{key}"
+        messages = [ControlOut(f"hdr{key}".encode(), traffic_class, 0)]
+        messages += [
+            ChunkOut(key, seq, np.zeros(10, dtype=np.uint8), traffic_class)
+            for seq in range(1, num_chunks + 1)
+        ]
+        handle = SendHandle(name, traffic_class, 10 * num_chunks, self.scheduler)
+        self.scheduler.submit(Outbound(handle, key, messages, []))
+        return handle
+
+
+async def settle() -> None:
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+async def test_activation_is_issued_at_once_while_kv_fills_its_window():
+    h = Harness(kv_window=2)
+    kv = h.submit(1, KV, num_chunks=4)
+    assert h.link.labels() == ["hdr1", "1:1"]
+    assert kv.status is TransferStatus.SENDING
+    h.submit(2, ACT, num_chunks=2)
+    assert h.link.labels() == ["hdr1", "1:1", "hdr2", "2:1", "2:2"]
+    h.link.complete("hdr1")
+    await settle()
+    assert h.link.labels()[-1] == "1:2"
+
+
+async def test_fifo_makes_the_activation_wait_for_every_kv_chunk():
+    h = Harness(kv_window=2, scheduling=SchedulingPolicy.FIFO)
+    h.submit(1, KV, num_chunks=2)
+    h.submit(2, ACT, num_chunks=0)
+    assert h.link.labels() == ["hdr1", "1:1"]
+    h.link.complete("hdr1")
+    await settle()
+    assert h.link.labels() == ["hdr1", "1:1", "1:2"]
+    h.link.complete("1:1")
+    await settle()
+    assert h.link.labels() == ["hdr1", "1:1", "1:2", "hdr2"]
+
+
+async def test_pause_stops_new_chunks_and_lets_the_next_kv_transfer_go():
+    h = Harness(kv_window=1)
+    first = h.submit(1, KV, num_chunks=3)
+    second = h.submit(2, KV, num_chunks=1)
+    pausing = first.pause()
+    await settle()
+    assert not pausing.done()  # hdr1 still in flight
+    h.link.complete("hdr1")
+    await pausing
+    assert first.status is TransferStatus.PAUSED
+    assert h.link.labels() == ["hdr1", "hdr2"]
+    h.link.complete("hdr2")
+    await settle()
+    h.link.complete("2:1")
+    await settle()
+    assert second.status is TransferStatus.DONE
+    assert h.link.labels() == ["hdr1", "hdr2", "2:1"]
+    first.resume()
+    assert first.status is TransferStatus.SENDING
+    assert h.link.labels()[-1] == "1:1"
+
+
+async def test_cancel_tells_the_receiver_how_many_chunks_were_issued():
+    h = Harness(kv_window=2)
+    handle = h.submit(7, KV, num_chunks=5)
+    h.link.complete("hdr7")
+    await settle()
+    assert h.link.labels() == ["hdr7", "7:1", "7:2"]
+    cancelling = asyncio.create_task(handle.cancel())
+    await settle()
+    assert h.link.labels()[-1] == "cancel:7:2"
+    assert not cancelling.done()  # chunks 1 and 2 are still in flight
+    h.link.complete("7:1")
+    h.link.complete("7:2")
+    assert await cancelling is True
+    assert handle.status is TransferStatus.CANCELLED
+    assert handle.num_bytes_sent == 20
+    with pytest.raises(TransferCancelled):
+        await handle.wait()
+    assert h.finished == ["kv7"]
+    assert "7:3" not in h.link.labels()
+
+
+async def test_cancel_after_everything_was_issued_returns_false_and_completes():
+    h = Harness(kv_window=4)
+    handle = h.submit(3, KV, num_chunks=1)
+    cancelling = asyncio.create_task(handle.cancel())
+    await settle()
+    h.link.complete("hdr3")
+    h.link.complete("3:1")
+    assert await cancelling is False
+    assert handle.status is TransferStatus.DONE
+
+
+async def test_a_send_that_never_completes_fails_the_peer_after_the_timeout():
+    h = Harness(kv_window=1, send_timeout_s=0.05)
+    stuck = h.submit(1, KV, num_chunks=2)
+    other = h.submit(2, ACT, num_chunks=0)
+    h.link.complete("hdr2")
+    await settle()
+    assert other.status is TransferStatus.DONE
+    waiting = h.submit(3, KV, num_chunks=1)
+    with pytest.raises(TransferTimeout):
+        await stuck.wait()
+    with pytest.raises(PeerUnreachable):
+        await waiting.wait()
+    assert h.failed == [h.scheduler]
+    assert h.link.labels()[-1] == "cancel:1:0"  # best effort: the peer may be alive

@@ -1,0 +1,153 @@
+import pytest
+
+from services.scheduler.policies import DISPATCH_POLICIES, DispatchInfo, make_dispatch_policy
+from tests.unit.scheduler.policies.snapshots import load
+
+NORMAL = DispatchInfo("req", num_prompt_tokens=32)
+HIGH = DispatchInfo("req-high", num_prompt_tokens=32, priority=1)
+
+
+def test_registered_dispatch_names():
+    assert sorted(DISPATCH_POLICIES) == ["freest", "load_balance", "round_robin"]
+
+
+def test_unknown_dispatch_name_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"'nope' is unknown; choose from \['freest'"):
+        make_dispatch_policy("nope")
+
+
+# ---- freest -----------------------------------------------------------------------
+
+
+def test_freest_picks_the_highest_freeness():
+    # freeness: a = (100-60)/4 = 10, b = (100-50)/2 = 25, c = (100-10)/10 = 9
+    loads = [load("a", 60, 4), load("b", 50, 2), load("c", 10, 10)]
+    assert make_dispatch_policy("freest").choose(loads, NORMAL) == "b"
+
+
+def test_freest_counts_head_of_line_demand():
+    # b has fewer used blocks but a queued 80-block prompt: (100-20-80)/2 = 0 < a's 10
+    loads = [load("a", 60, 4), load("b", 20, 2, waiting=1, hol=80)]
+    assert make_dispatch_policy("freest").choose(loads, NORMAL) == "a"
+
+
+def test_freest_breaks_ties_toward_the_lowest_id():
+    loads = [load("c", 50, 5), load("a", 50, 5), load("b", 50, 5)]
+    assert make_dispatch_policy("freest").choose(loads, NORMAL) == "a"
+
+
+def test_freest_tie_break_handles_ids_that_prefix_each_other():
+    loads = [load("ab", 50, 5), load("a", 50, 5)]
+    assert make_dispatch_policy("freest").choose(loads, NORMAL) == "a"
+
+
+def test_freest_skips_terminating_instances():
+    loads = [load("a", 90, 9), load("b", 0, 0, terminating=True)]
+    assert make_dispatch_policy("freest").choose(loads, NORMAL) == "a"
+
+
+def test_freest_returns_none_for_an_empty_cluster():
+    assert make_dispatch_policy("freest").choose([], NORMAL) is None
+
+
+def test_freest_returns_none_when_every_instance_is_terminating():
+    loads = [load("a", terminating=True), load("b", terminating=True)]
+    assert make_dispatch_policy("freest").choose(loads, NORMAL) is None
+
+
+def test_freest_still_dispatches_when_every_instance_is_overloaded():
+    # All busy: freeness a = (100-130)/10 = -3, b = (100-100-40)/8 = -5; least bad wins.
+    loads = [load("a", 100, 10, waiting=3, hol=30), load("b", 100, 8, waiting=1, hol=40)]
+    assert make_dispatch_policy("freest").choose(loads, NORMAL) == "a"
+
+
+def test_freest_honours_exclusions():
+    loads = [load("a", 10, 1), load("b", 50, 5)]
+    info = DispatchInfo("r", 8, exclude_instance_ids=("a",))
+    assert make_dispatch_policy("freest").choose(loads, info) == "b"
+
+
+def test_freest_keeps_normal_requests_off_high_priority_headroom():
+    # a runs a high-priority request: headroom 40 -> freeness (100-20-40)/2 = 20;
+    # b: (100-50)/2 = 25. Normal requests go to b.
+    loads = [load("a", 20, 2, high=1, headroom=40), load("b", 50, 2, headroom=40)]
+    assert make_dispatch_policy("freest").choose(loads, NORMAL) == "b"
+
+
+def test_freest_lets_high_priority_requests_use_the_headroom():
+    # Seen through the headroom, a is (100-20)/2 = 40 free, more than b's 25.
+    loads = [load("a", 20, 2, high=1, headroom=40), load("b", 50, 2, headroom=40)]
+    assert make_dispatch_policy("freest").choose(loads, HIGH) == "a"
+
+
+def test_freest_without_headroom_ranks_high_priority_like_normal():
+    loads = [load("a", 20, 2, high=1), load("b", 50, 2)]
+    policy = make_dispatch_policy("freest")
+    assert policy.choose(loads, HIGH) == policy.choose(loads, NORMAL) == "a"
+
+
+# ---- round_robin --------------------------------------------------------------------
+
+
+def test_round_robin_cycles_in_id_order_whatever_the_load():
+    loads = [load("b", 99, 9), load("a", 0, 0), load("c", 50, 1)]
+    policy = make_dispatch_policy("round_robin")
+    assert [policy.choose(loads, NORMAL) for _ in range(5)] == ["a", "b", "c", "a", "b"]
+
+
+def test_round_robin_skips_terminating_instances():
+    loads = [load("a"), load("b", terminating=True), load("c")]
+    policy = make_dispatch_policy("round_robin")
+    assert [policy.choose(loads, NORMAL) for _ in range(3)] == ["a", "c", "a"]
+
+
+def test_round_robin_returns_none_for_an_empty_cluster():
+    assert make_dispatch_policy("round_robin").choose([], NORMAL) is None
+
+
+def test_round_robin_instances_keep_separate_counters():
+    loads = [load("a"), load("b")]
+    first, second = make_dispatch_policy("round_robin"), make_dispatch_policy("round_robin")
+    assert first.choose(loads, NORMAL) == "a"
+    assert first.choose(loads, NORMAL) == "b"
+    assert second.choose(loads, NORMAL) == "a"
+
+
+# ---- load_balance -------------------------------------------------------------------
+
+
+def test_load_balance_picks_the_lowest_physical_demand_ratio():
+    # demand: a = (60+0)/100, b = (30+40)/100, c = (50+0)/100
+    loads = [load("a", 60, 3), load("b", 30, 1, waiting=2, waiting_blocks=40), load("c", 50, 9)]
+    assert make_dispatch_policy("load_balance").choose(loads, NORMAL) == "c"
+
+
+def test_load_balance_ignores_batch_size_and_head_of_line_weighting():
+    # freest would pick b ((100-40)/1 = 60 vs a's (100-30)/10 = 7); load_balance sees 30 < 40.
+    loads = [load("a", 30, 10), load("b", 40, 1)]
+    assert make_dispatch_policy("load_balance").choose(loads, NORMAL) == "a"
+    assert make_dispatch_policy("freest").choose(loads, NORMAL) == "b"
+
+
+def test_load_balance_ignores_high_priority_headroom():
+    loads = [load("a", 20, 2, high=2, headroom=40), load("b", 30, 2)]
+    assert make_dispatch_policy("load_balance").choose(loads, NORMAL) == "a"
+
+
+def test_load_balance_compares_ratios_across_pool_sizes():
+    loads = [load("a", 50, 1, total=100), load("b", 80, 1, total=200)]
+    assert make_dispatch_policy("load_balance").choose(loads, NORMAL) == "b"
+
+
+def test_load_balance_ties_go_to_fewer_requests_then_lowest_id():
+    loads = [load("c", 50, 2), load("b", 50, 1, waiting=1), load("a", 50, 3)]
+    assert make_dispatch_policy("load_balance").choose(loads, NORMAL) == "b"
+    loads = [load("c", 50, 2), load("b", 50, 2)]
+    assert make_dispatch_policy("load_balance").choose(loads, NORMAL) == "b"
+
+
+def test_load_balance_skips_terminating_and_handles_an_empty_cluster():
+    policy = make_dispatch_policy("load_balance")
+    assert policy.choose([load("a", 0, 0, terminating=True), load("b", 90, 9)], NORMAL) == "b"
+    assert policy.choose([load("a", terminating=True)], NORMAL) is None
+    assert policy.choose([], NORMAL) is None

@@ -1,0 +1,78 @@
+"""services.scheduler.registry: leases, report ordering, pending dispatches."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.common.messages import InstanceSpec, LoadSnapshot
+from services.scheduler.registry import InstanceRegistry
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def spec(instance_id: str) -> InstanceSpec:
+    return InstanceSpec(instance_id, f"addr-{instance_id}", "tiny", 16, 4, 0, 4, 2048, 258, 257)
+
+
+def load(instance_id: str, seq: int, used: int = 0, running: int = 0) -> LoadSnapshot:
+    return LoadSnapshot(
+        instance_id, seq, running, 0, 100, used, virtual_usage=used, freeness=100 - used
+    )
+
+
+def test_lease_runs_out_without_reports_and_reports_renew_it():
+    clock = Clock()
+    registry = InstanceRegistry(lease_s=3.0, clock=clock)
+    registry.register(spec("a"))
+    registry.register(spec("b"))
+    clock.now = 2.0
+    assert registry.report(load("a", 1)) is True
+    clock.now = 3.5
+    assert registry.expire() == ["b"]
+    assert [r.spec.instance_id for r in registry.records()] == ["a"]
+    clock.now = 5.1
+    assert registry.expire() == ["a"]
+    assert len(registry) == 0
+
+
+def test_unknown_instance_reports_are_refused():
+    registry = InstanceRegistry(lease_s=1.0)
+    assert registry.report(load("ghost", 1)) is False
+
+
+def test_older_reports_never_overwrite_newer_ones_until_re_registration():
+    registry = InstanceRegistry(lease_s=1.0)
+    registry.register(spec("a"))
+    registry.report(load("a", 5, used=50))
+    registry.report(load("a", 4, used=10))
+    assert registry.get("a").load.num_used_blocks == 50
+    registry.register(spec("a"))  # a restarted process counts from 1 again
+    registry.report(load("a", 1, used=7))
+    assert registry.get("a").load.num_used_blocks == 7
+
+
+def test_pending_dispatches_count_until_a_later_report():
+    clock = Clock()
+    registry = InstanceRegistry(lease_s=2.0, clock=clock)
+    registry.register(spec("a"))
+    registry.report(load("a", 1, used=10, running=1))
+    registry.note_dispatch("a", "r1", num_blocks=5)
+    registry.note_dispatch("a", "r2", num_blocks=3)
+    [effective] = registry.loads()
+    assert (effective.virtual_usage, effective.num_waiting, effective.freeness) == (18.0, 2, 82.0)
+    assert effective.address == "addr-a" and effective.block_size == 16
+    clock.now = 1.0  # older than the pending TTL (0.5 s): the next report shows them
+    registry.report(load("a", 2, used=18, running=3))
+    [effective] = registry.loads()
+    assert (effective.virtual_usage, effective.num_waiting) == (18.0, 0)
+
+
+def test_lease_must_be_positive():
+    with pytest.raises(ValueError, match="lease_s=0"):
+        InstanceRegistry(lease_s=0)

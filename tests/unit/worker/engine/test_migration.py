@@ -1,0 +1,217 @@
+"""Llumnix live-migration hooks: reserve, copy KV in stages, suspend, import, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from services.worker.engine import (
+    DuplicateRequestError,
+    InvalidBlocksError,
+    InvalidRequestStateError,
+    NoFreeBlocksError,
+    RequestState,
+    RequestStatus,
+    SamplingParams,
+    UnknownRequestError,
+)
+from tests.unit.worker.engine.helpers import collect, random_prompts, run_to_completion
+
+PROMPT = random_prompts(seed=7, num_prompts=1, min_len=21, max_len=21)[0]
+OTHERS = random_prompts(seed=8, num_prompts=3, min_len=5, max_len=30)
+
+
+def unmoved(make_engine, params: SamplingParams) -> list[int]:
+    engine = make_engine(num_kv_blocks=64, block_size=4)
+    engine.add_request("r", PROMPT, params)
+    return run_to_completion(engine)["r"]
+
+
+def migrate(source, destination, request_id: str, tokens: dict[str, list[int]]) -> None:
+    """Llumnix's protocol: pre-allocate, copy blocks while decoding, stop-and-copy, commit."""
+    state = source.export_request_state(request_id)
+    reserved = destination.reserve_blocks(
+        destination.block_manager.num_blocks_for(state.num_tokens + 8)
+    )
+    # Stage 1: copy the full blocks computed so far while the request keeps decoding.
+    source_blocks = source.request_block_ids(request_id)
+    num_copied = (
+        source.export_request_state(request_id).num_computed_tokens // source.config.block_size
+    )
+    destination.write_kv_blocks(
+        reserved[:num_copied], source.read_kv_blocks(source_blocks[:num_copied])
+    )
+    for _ in range(3):
+        collect(source.step(), tokens)
+    # Last stage: stop the request between steps and copy what is left with its state.
+    source.suspend_request(request_id)
+    state = source.export_request_state(request_id)
+    assert state.num_computed_tokens == state.num_tokens - 1  # last sampled token not fed yet
+    source_blocks = source.request_block_ids(request_id)
+    num_needed = destination.block_manager.num_blocks_for(state.num_computed_tokens)
+    destination.write_kv_blocks(
+        reserved[num_copied:num_needed], source.read_kv_blocks(source_blocks[num_copied:num_needed])
+    )
+    wire = RequestState.from_dict(json.loads(json.dumps(state.to_dict())))
+    assert wire == state
+    destination.import_request(wire, reserved[:num_needed])
+    destination.release_blocks(reserved[num_needed:])
+    assert source.remove_request(request_id) == state
+    assert source.request_status(request_id) is None
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_tokens=24, ignore_eos=True),
+        SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=11, ignore_eos=True),
+    ],
+    ids=["greedy", "sampled"],
+)
+def test_migrated_request_continues_exactly_as_unmoved(make_engine, params):
+    expected = unmoved(make_engine, params)
+    source = make_engine(num_kv_blocks=64, block_size=4)
+    destination = make_engine(num_kv_blocks=64, block_size=4)
+    for i, prompt in enumerate(OTHERS):  # different neighbours and block ids on each side
+        source.add_request(f"src{i}", prompt, SamplingParams(max_tokens=40, ignore_eos=True))
+    destination.add_request("dst0", OTHERS[0][::-1], SamplingParams(max_tokens=40, ignore_eos=True))
+    destination.step()
+    source.add_request("r", PROMPT, params)
+    tokens: dict[str, list[int]] = {}
+    for _ in range(5):
+        collect(source.step(), tokens)
+    migrate(source, destination, "r", tokens)
+    assert (
+        destination.request_block_ids("r")[0] != source.block_manager.num_total_blocks
+    )  # moved blocks
+    run_to_completion(destination, tokens)
+    assert tokens["r"] == expected
+    run_to_completion(source)
+
+
+def test_suspended_request_resumes_where_it_stopped(make_engine):
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    expected = unmoved(make_engine, params)
+    engine = make_engine(num_kv_blocks=64, block_size=4)
+    engine.add_request("r", PROMPT, params)
+    engine.add_request("other", OTHERS[0], params)
+    tokens = collect(engine.step(), {})
+    engine.suspend_request("r")
+    with pytest.raises(InvalidRequestStateError, match="not running"):
+        engine.suspend_request("r")
+    blocks = engine.request_block_ids("r")
+    for _ in range(3):
+        collect(engine.step(), tokens)
+    assert len(tokens["r"]) == 1 and engine.request_block_ids("r") == blocks
+    assert engine.stats().num_suspended == 1
+    engine.resume_request("r")
+    with pytest.raises(InvalidRequestStateError, match="not suspended"):
+        engine.resume_request("r")
+    assert run_to_completion(engine, tokens)["r"] == expected
+
+
+def test_preemption_of_a_migrating_request_is_reported(make_engine):
+    engine = make_engine(num_kv_blocks=3, block_size=4)
+    preempted = []
+    engine.add_preemption_callback(preempted.append)
+    engine.add_request("old", [1] * 4, SamplingParams(max_tokens=8, ignore_eos=True))
+    engine.add_request("migrating", [2] * 4, SamplingParams(max_tokens=8, ignore_eos=True))
+    engine.step()
+    engine.step()
+    assert preempted == ["migrating"]  # the llumlet aborts the migration on this
+    with pytest.raises(InvalidRequestStateError):
+        engine.suspend_request("migrating")  # waiting now, nothing to stop-and-copy
+    assert engine.request_block_ids("migrating") == []
+    run_to_completion(engine)
+
+
+def test_import_rejects_bad_blocks_and_states(make_engine):
+    source = make_engine(num_kv_blocks=16, block_size=4)
+    destination = make_engine(num_kv_blocks=16, block_size=4)
+    source.add_request("r", [5] * 9, SamplingParams(max_tokens=4, ignore_eos=True))
+    source.step()
+    state = source.export_request_state("r")  # 9 tokens computed: 3 blocks
+    assert (state.num_computed_tokens, state.num_tokens) == (9, 10)
+    reserved = destination.reserve_blocks(3)
+    assert reserved == [0, 1, 2]
+    with pytest.raises(InvalidBlocksError, match="2 blocks cannot hold 9 tokens"):
+        destination.import_request(state, reserved[:2])
+    with pytest.raises(InvalidBlocksError, match="not reserved"):
+        destination.import_request(state, [0, 1, 5])
+    with pytest.raises(InvalidRequestStateError, match="num_computed_tokens=10"):
+        destination.import_request(
+            RequestState(**{**state.__dict__, "num_computed_tokens": 10}), reserved
+        )
+    finished = RequestState(**{**state.__dict__, "output_token_ids": (1, 2, 3, 4)})
+    with pytest.raises(InvalidRequestStateError, match="already finished"):
+        destination.import_request(finished, reserved)
+    stopped = RequestState(
+        **{**state.__dict__, "output_token_ids": (257,), "params": SamplingParams(max_tokens=4)}
+    )
+    with pytest.raises(InvalidRequestStateError, match="already finished"):
+        destination.import_request(stopped, reserved)  # its last token was EOS
+    destination.import_request(state, reserved)
+    with pytest.raises(DuplicateRequestError):
+        destination.import_request(state, [])
+    assert destination.request_block_ids("r") == [0, 1, 2]
+    assert destination.request_status("r") is RequestStatus.RUNNING
+    destination.abort_request("r")
+    source.abort_request("r")
+
+
+def test_reservations_are_bounded_and_released(make_engine):
+    engine = make_engine(num_kv_blocks=4, block_size=4)
+    with pytest.raises(NoFreeBlocksError, match="cannot reserve 5 blocks: 4 free"):
+        engine.reserve_blocks(5)
+    reserved = engine.reserve_blocks(4)
+    engine.add_request("r", [1, 2], SamplingParams(max_tokens=2))
+    assert engine.step() == []  # no room while the reservation holds every block
+    assert engine.stats().num_hol_blocks == 1
+    engine.release_blocks(reserved)
+    assert len(run_to_completion(engine)["r"]) == 2
+    with pytest.raises(InvalidBlocksError):
+        engine.release_blocks(reserved)
+
+
+def test_read_and_write_kv_blocks_shapes(make_engine):
+    engine = make_engine(num_kv_blocks=8, block_size=4)
+    engine.add_request("r", [3] * 6, SamplingParams(max_tokens=2))
+    engine.step()
+    blocks = engine.request_block_ids("r")
+    data = engine.read_kv_blocks(blocks)
+    assert tuple(data.shape) == (
+        4,
+        2,
+        2,
+        4,
+        2,
+        32,
+    )  # (layers, K/V, blocks, block_size, kv heads, head dim)
+    assert data.is_contiguous()
+    assert data.numel() * data.element_size() == 2 * engine.kv_block_nbytes
+    assert data[:, :, 1, 2:].abs().sum() == 0  # slots past the 6 computed tokens are untouched
+    spare = engine.reserve_blocks(2)
+    engine.write_kv_blocks(spare, data)
+    assert engine.read_kv_blocks(spare).equal(data)
+    with pytest.raises(ValueError, match="expected"):
+        engine.write_kv_blocks(spare[:1], data)
+    with pytest.raises(InvalidBlocksError):
+        engine.read_kv_blocks([8])
+    engine.release_blocks(spare)
+    with pytest.raises(UnknownRequestError):
+        engine.request_block_ids("nobody")
+    run_to_completion(engine)
+
+
+def test_remove_request_emits_nothing_and_frees_blocks(make_engine):
+    engine = make_engine(num_kv_blocks=8, block_size=4)
+    engine.add_request("r", [3] * 6, SamplingParams(max_tokens=5))
+    engine.add_request("w", [3] * 6, SamplingParams(max_tokens=5), arrival_time=1e12)
+    engine.step()
+    engine.remove_request("r")
+    assert engine.stats().num_used_blocks == 2
+    assert all(o.request_id == "w" for o in engine.step())
+    engine.remove_request("w")
+    assert engine.step() == []
+    assert not engine.has_unfinished_requests()

@@ -1,0 +1,54 @@
+"""services.worker.llumlet: engine snapshots become load reports with Llumnix's load model."""
+
+from __future__ import annotations
+
+import math
+
+from services.scheduler.policies import LoadModelConfig
+from services.worker.async_engine import EngineSnapshot
+from services.worker.engine import EngineStats, RequestView
+from services.worker.llumlet import load_from_snapshot
+
+
+def snapshot(
+    num_running=2, num_waiting=1, used=30, hol=4, waiting_blocks=4, high=0
+) -> EngineSnapshot:
+    stats = EngineStats(
+        num_running=num_running,
+        num_waiting=num_waiting,
+        num_total_blocks=100,
+        num_free_blocks=100 - used,
+        num_used_blocks=used,
+        num_hol_blocks=hol,
+        num_running_high_priority=high,
+        num_preemptions=3,
+        num_reserved_blocks=0,
+        num_suspended=0,
+    )
+    running = (
+        RequestView("long", 200, 13, 0, 10, False),
+        RequestView("short", 40, 3, 1, 2, False),
+    )
+    return EngineSnapshot(stats, running, waiting_blocks, taken_at=0.0)
+
+
+def test_virtual_usage_and_freeness_follow_the_load_model():
+    load = load_from_snapshot("w", snapshot(), seq=7, config=LoadModelConfig(), block_size=16)
+    # usage = 30 used + 4 head-of-line; freeness = (100 - 34) / 2 running
+    assert (load.seq, load.virtual_usage, load.freeness) == (7, 34.0, 33.0)
+    assert (load.num_waiting_blocks, load.num_preemptions) == (4, 3)
+    assert [r.request_id for r in load.running] == ["short", "long"]  # shortest first
+
+
+def test_headroom_and_draining():
+    config = LoadModelConfig(high_priority_headroom_blocks=10)
+    load = load_from_snapshot("w", snapshot(high=1), seq=1, config=config, block_size=16)
+    assert (load.virtual_usage, load.num_headroom_blocks) == (44.0, 10)
+    draining = load_from_snapshot(
+        "w", snapshot(), seq=2, config=config, block_size=16, is_terminating=True
+    )
+    assert (
+        draining.is_terminating
+        and math.isinf(draining.virtual_usage)
+        and draining.freeness == -math.inf
+    )

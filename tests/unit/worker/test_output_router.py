@@ -1,0 +1,85 @@
+"""services.worker.output_router: one stream per gateway, one message per step."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from protos import common_pb2, gateway_pb2, gateway_pb2_grpc
+from services.common.grpc_server import GrpcServer
+from services.common.messages import FinishReason, OutputDelta
+from services.worker.output_router import OutputRouter
+
+
+class FakeSink(gateway_pb2_grpc.OutputSinkServicer):
+    def __init__(self) -> None:
+        self.batches: list[gateway_pb2.OutputBatch] = []
+        self.num_streams = 0
+        self.received = asyncio.Event()
+
+    async def PushOutputs(self, request_iterator, context):
+        self.num_streams += 1
+        async for batch in request_iterator:
+            self.batches.append(batch)
+            self.received.set()
+        return gateway_pb2.PushOutputsAck(num_batches=len(self.batches))
+
+
+@pytest.fixture
+async def sinks():
+    servers, fakes = [], []
+    for name in ("gw-a", "gw-b"):
+        server = GrpcServer(name, "127.0.0.1:0", grace_s=0)
+        fake = FakeSink()
+        gateway_pb2_grpc.add_OutputSinkServicer_to_server(fake, server.server)
+        await server.start(["llmesh.v1.OutputSink"])
+        servers.append(server)
+        fakes.append(fake)
+    yield [(s.address, f) for s, f in zip(servers, fakes, strict=True)]
+    for server in servers:
+        await server.stop()
+
+
+async def wait_for(predicate, timeout_s=5.0):
+    async with asyncio.timeout(timeout_s):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+async def test_each_step_is_one_batch_per_owning_gateway(sinks):
+    (addr_a, sink_a), (addr_b, sink_b) = sinks
+    gone: list[list[str]] = []
+    router = OutputRouter("worker-7", owner_unreachable_s=5.0, on_owner_gone=gone.append)
+    router.register("r1", addr_a)
+    router.register("r2", addr_a)
+    router.register("r3", addr_b)
+    router.publish(
+        [OutputDelta("r1", 0, (11,)), OutputDelta("r2", 0, (21,)), OutputDelta("r3", 0, (31,))]
+    )
+    await wait_for(lambda: sink_a.batches and sink_b.batches)
+    router.publish(
+        [OutputDelta("r1", 1, (12,), FinishReason.LENGTH), OutputDelta("unknown", 0, (1,))]
+    )
+    await wait_for(lambda: len(sink_a.batches) == 2)
+    await router.close()
+
+    assert [[(o.request_id, list(o.token_ids)) for o in b.outputs] for b in sink_a.batches] == [
+        [("r1", [11]), ("r2", [21])],
+        [("r1", [12])],
+    ]
+    assert sink_a.batches[1].outputs[0].finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert {b.instance_id for b in sink_a.batches + sink_b.batches} == {"worker-7"}
+    assert [list(o.token_ids) for b in sink_b.batches for o in b.outputs] == [[31]]
+    assert (sink_a.num_streams, sink_b.num_streams, gone) == (1, 1, [])
+
+
+async def test_an_unreachable_gateway_gets_its_requests_given_up():
+    gone: list[list[str]] = []
+    router = OutputRouter("worker-7", owner_unreachable_s=0.3, on_owner_gone=gone.append)
+    router.register("r1", "127.0.0.1:1")  # nothing listens there
+    router.register("r2", "127.0.0.1:1")
+    router.publish([OutputDelta("r1", 0, (1,))])
+    await wait_for(lambda: gone)
+    assert sorted(gone[0]) == ["r1", "r2"]
+    await router.close()
