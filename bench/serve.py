@@ -1,8 +1,8 @@
 """`llmesh bench serve`: one engine in-process vs the same engine served by the mesh.
 
 Same workload both ways, in one run: N requests (P-token prompts, M new tokens each,
-greedy, no EOS stop), C of them in flight at any time (closed loop: a new request
-starts when one finishes).
+greedy, no EOS stop; defaults 128 x 128 -> 128, like `bench engine`), C of them in
+flight at any time (closed loop: a new request starts when one finishes).
 
     direct   an LLMEngine in this process, stepped in a loop (no RPC at all)
     mesh     scheduler + gateway + 1 worker as separate processes on loopback; C client
@@ -36,8 +36,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--concurrency", type=int, default=64, help="streams in flight")
     parser.add_argument("--requests", type=int, default=128, help="requests in total")
-    parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--model", default="tiny")
     parser.add_argument(
         "--rounds", type=int, default=2, help="alternating rounds; the best of each counts"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import grpc
 
@@ -43,9 +44,8 @@ class GatewayError(Exception):
         self.details = details
 
 
-@dataclass(frozen=True)
-class Chunk:
-    """Some tokens of a streamed generation."""
+class Chunk(NamedTuple):
+    """Some tokens of a streamed generation (a NamedTuple: one per streamed message)."""
 
     request_id: str
     first_token_index: int

@@ -152,12 +152,15 @@ class Dispatcher:
             )
             extra = self._local_counts[instance_id]
             if extra and not math.isinf(load.virtual_usage):
-                usage = load.virtual_usage + self._local_blocks[instance_id]
+                # Placed here but not in the view yet: queued there, with their demand.
+                blocks = self._local_blocks[instance_id]
+                usage = load.virtual_usage + blocks
                 load = dataclasses.replace(
                     load,
                     num_waiting=load.num_waiting + extra,
+                    num_waiting_blocks=load.num_waiting_blocks + blocks,
                     virtual_usage=usage,
-                    freeness=freeness(load.num_total_blocks, usage, load.num_running + extra),
+                    freeness=freeness(load.num_total_blocks, usage, load.num_running),
                 )
             loads.append(load)
         return loads

@@ -51,6 +51,7 @@ async def serve(config: GatewayConfig, server: GrpcServer | None = None) -> None
         abort_timeout_s=config.abort_timeout_ms / 1000,
         watch_rotate_s=config.health_watch_rotate_s,
     )
+    sessions.on_moved = pool.link  # watch a migration's destination like any worker in use
     dispatcher = Dispatcher(
         scheduler_stub,
         view,

@@ -34,6 +34,8 @@ class SessionTable:
 
     def __init__(self) -> None:
         self._sessions: dict[str, GenerationSession] = {}
+        # on_moved(instance_id, address): a request migrated there (watch that worker).
+        self.on_moved = None
         self._empty = asyncio.Event()
         self._empty.set()
 
@@ -64,6 +66,8 @@ class SessionTable:
         for delta in deltas:
             session = self._sessions.get(delta.request_id)
             if session is not None:
+                if delta.moved_to_instance_id and self.on_moved is not None:
+                    self.on_moved(delta.moved_to_instance_id, delta.moved_to_address)
                 session.tracker.on_output(delta, instance_id)
             elif not delta.is_finished:
                 orphans.append(delta.request_id)
@@ -243,7 +247,8 @@ class OutputSinkServicer(gateway_pb2_grpc.OutputSinkServicer):
         self._aborted_orphans[request_id] = None
         if len(self._aborted_orphans) > 10_000:
             self._aborted_orphans.popitem(last=False)
-        log.info("orphan_output_aborted", request_id=request_id, instance_id=instance_id)
+        # Usually a request the client just cancelled (its Abort is on the way).
+        log.debug("orphan_output_aborted", request_id=request_id, instance_id=instance_id)
         self._pool.abort_soon(instance_id, request_id)
 
     async def PushOutputs(self, request_iterator, context):

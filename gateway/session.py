@@ -1,10 +1,11 @@
 """One client request at the gateway, from placement to its last chunk.
 
-    start()  --dispatch--> Placement --Worker.Submit--> PLACED
+    place()  --dispatch--> Placement --Worker.Submit--> PLACED (other instances on refusal)
     chunks() yields the contiguous tokens as the worker pushes them (via the tracker);
              when the instance is lost, re-places the request with prompt + tokens
              received so far (failover by recompute) and keeps streaming;
-    close()  aborts the request on its worker if the client went away early.
+    abort()  finishes the stream as ABORT and aborts the request on its worker (client
+             abort, or the client went away early).
 
 The session never talks protobuf except for the RequestState it submits.
 """
@@ -24,7 +25,7 @@ from gateway.workers import WorkerPool
 from services.common.convert import request_to_proto
 from services.common.errors import AlreadyExistsError, UnavailableError
 from services.common.logging import get_logger
-from services.common.messages import FinishReason, RequestSpec
+from services.common.messages import FinishReason, OutputDelta, RequestSpec
 from services.common.tracing import context_to_dict
 
 log = get_logger(__name__)
@@ -156,6 +157,13 @@ class GenerationSession:
                 )
                 if lost_instance is not None:
                     self._excluded.add(lost_instance)
+                if len(tracker.tokens) >= self.spec.sampling.max_tokens:
+                    # Every token arrived but not the finish flag: nothing left to run.
+                    tracker.on_output(
+                        OutputDelta(self.request_id, len(tracker.tokens), (), FinishReason.LENGTH),
+                        lost_instance or "",
+                    )
+                    continue
                 tracker.mark_unplaced()
                 await self.place()
                 continue

@@ -43,7 +43,8 @@ class RequestTracker:
         self._pending: dict[int, int] = {}
         self.finish_reason = FinishReason.NONE
         self._finish_at: int | None = None
-        self.instance_id: str | None = None  # instance it was last submitted to
+        self.instance_id: str | None = None  # instance running it (submitted or migrated to)
+        self.placement_epoch = 0  # newest placement seen: +1 per committed migration
         self.status = PlacementStatus.UNPLACED
         self.lost_reason = ""
         self.num_duplicates = 0
@@ -61,6 +62,13 @@ class RequestTracker:
         """Merge tokens from any instance; only the current instance can fail the request."""
         if self.is_finished:
             return
+        if delta.placement_epoch > self.placement_epoch:
+            # A live migration moved it: follow the newest placement, whichever stream
+            # (the source's move notice or the destination's tokens) arrives first.
+            self.placement_epoch = delta.placement_epoch
+            self.instance_id = delta.moved_to_instance_id or instance_id
+            if self.status is PlacementStatus.LOST:
+                self.status = PlacementStatus.PLACED
         for offset, token_id in enumerate(delta.token_ids):
             index = delta.first_token_index + offset
             if index < len(self.tokens):
@@ -105,6 +113,7 @@ class RequestTracker:
 
     def mark_placed(self, instance_id: str) -> None:
         self.instance_id = instance_id
+        self.placement_epoch = 0  # a fresh Submit starts a new placement history
         if self.status is not PlacementStatus.DONE:
             self.status = PlacementStatus.PLACED
 

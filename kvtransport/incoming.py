@@ -62,17 +62,15 @@ class IncomingTransfer:
     header: TransferHeader | None = None
     inline_payload: bytes | None = None
     is_claimed: bool = False  # a recv() owns this record
-    is_posted: bool = False  # its chunk buffers are posted on the fabric
-    chunk_futures: dict[int, asyncio.Future] = field(default_factory=dict)
+    is_posted: bool = False  # its chunk buffers are being posted on the fabric
+    targets: list = field(default_factory=list)  # (ChunkRef, destination view) per chunk
+    num_posted: int = 0  # targets[:num_posted] have a receive posted
+    chunk_futures: dict[int, asyncio.Future] = field(default_factory=dict)  # by seq
     completed_seqs: set[int] = field(default_factory=set)
     num_bytes_received: int = 0
     forget_at: float | None = None  # ended records are dropped after this time
-    header_arrived: asyncio.Future = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
-    interrupt: asyncio.Future = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
+    error: TransportError | None = None  # why the recv() must stop (first reason wins)
+    waiter: asyncio.Future | None = None  # what the owning recv() awaits right now
     settled: asyncio.Future = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -83,11 +81,17 @@ class IncomingTransfer:
         assert status in ALLOWED_TRANSITIONS[self.status], f"{self.status} -> {status}"
         self.status = status
 
+    def wake(self) -> None:
+        """Something the recv() waits for happened: let it re-check (one loop turn)."""
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
     def interrupt_with(self, error: TransportError) -> None:
-        """Wake the recv() that owns this record with `error` (first one wins)."""
-        if not self.interrupt.done():
-            self.interrupt.set_exception(error)
-            self.interrupt.exception()  # retrieved: a recv may already have finished
+        """Make the recv() that owns this record raise `error` (first reason wins)."""
+        if self.error is None:
+            self.error = error
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(self.error)
 
 
 class IncomingTable:

@@ -6,8 +6,9 @@ the scheduler re-evaluates on every event: submit, completion, pause/resume, can
 PRIORITY (default):
     1. every ACTIVATION message, as soon as it is submitted (never queued behind KV);
     2. KV chunks, oldest transfer first, skipping paused ones, while fewer than
-       `kv_window` KV chunks are in flight. A chunk boundary is therefore the longest
-       an activation waits, and pause() takes effect there.
+       `kv_window` KV chunks are in flight (headers are small and never wait). A chunk
+       boundary is therefore the longest an activation waits, and pause() takes
+       effect there.
 FIFO (baseline): messages in submission order, one transfer after another, at most
     `kv_window` in flight; an activation waits behind every KV byte queued before it.
 
@@ -28,7 +29,7 @@ import torch
 from kvtransport.base import TrafficClass
 from kvtransport.config import SchedulingPolicy, TransportConfig
 from kvtransport.errors import PeerUnreachable, TransferCancelled, TransferTimeout, TransportError
-from kvtransport.fabric import ControlOut, OutMessage, PeerLink
+from kvtransport.fabric import ChunkOut, ControlOut, OutMessage, PeerLink
 from kvtransport.handles import SendHandle, TransferStatus
 from kvtransport.wire import CancelTransfer, encode
 
@@ -83,9 +84,11 @@ class PeerScheduler:
         self._config = config
         self._on_transfer_finished = on_transfer_finished
         self._on_failed = on_failed
-        self._queue: list[Outbound] = []
+        self._queue: list[Outbound] = []  # every unfinished transfer, in submission order
+        self._issuable: list[Outbound] = []  # those with messages not issued yet, same order
         self._by_handle: dict[SendHandle, Outbound] = {}
-        self._num_in_flight = {TrafficClass.ACTIVATION: 0, TrafficClass.KV: 0}
+        # Chunks (not headers: small, eager) issued and not yet taken, per class.
+        self._num_chunks_in_flight = {TrafficClass.ACTIVATION: 0, TrafficClass.KV: 0}
         self._tasks: set[asyncio.Task] = set()
         self.is_failed = False
 
@@ -97,6 +100,7 @@ class PeerScheduler:
         if self.is_failed:
             raise PeerUnreachable("link to peer failed; retry to reconnect")
         self._queue.append(outbound)
+        self._issuable.append(outbound)
         self._by_handle[outbound.handle] = outbound
         self._issue_ready()
 
@@ -195,21 +199,23 @@ class PeerScheduler:
     # -- internals --------------------------------------------------------------------
 
     def _next_ready(self) -> Outbound | None:
+        window = self._config.kv_window
         if self._config.scheduling is SchedulingPolicy.FIFO:
-            if sum(self._num_in_flight.values()) >= self._config.kv_window:
+            # The plain baseline: any message, header or chunk, waits for the window.
+            if sum(ob.num_in_flight for ob in self._queue) >= window:
                 return None
-            for outbound in self._queue:
-                if outbound.is_cancelling or not outbound.has_next:
-                    continue
-                return None if outbound.is_paused else outbound
+            for outbound in self._issuable:
+                if not outbound.is_cancelling:
+                    return None if outbound.is_paused else outbound
             return None
-        for outbound in self._queue:
+        for outbound in self._issuable:
             if outbound.handle.traffic_class is TrafficClass.ACTIVATION and outbound.is_issuable:
                 return outbound
-        if self._num_in_flight[TrafficClass.KV] >= self._config.kv_window:
-            return None
-        for outbound in self._queue:
-            if outbound.handle.traffic_class is TrafficClass.KV and outbound.is_issuable:
+        is_window_full = self._num_chunks_in_flight[TrafficClass.KV] >= window
+        for outbound in self._issuable:
+            is_kv = outbound.handle.traffic_class is TrafficClass.KV
+            # A header (next_index 0) is small and eager: it never waits for the window.
+            if is_kv and outbound.is_issuable and (outbound.next_index == 0 or not is_window_full):
                 return outbound
         return None
 
@@ -218,11 +224,14 @@ class PeerScheduler:
         while not self.is_failed and (outbound := self._next_ready()) is not None:
             message = outbound.messages[outbound.next_index]
             outbound.next_index += 1
+            if not outbound.has_next:
+                self._issuable.remove(outbound)
             if outbound.handle.status is TransferStatus.QUEUED:
                 outbound.handle.set_status(TransferStatus.SENDING)
             outbound.num_in_flight += 1
             outbound.idle.clear()
-            self._num_in_flight[outbound.handle.traffic_class] += 1
+            if isinstance(message, ChunkOut):
+                self._num_chunks_in_flight[outbound.handle.traffic_class] += 1
             try:
                 future = self.link.start_send(message)
             except TransportError as exc:
@@ -234,7 +243,8 @@ class PeerScheduler:
     def _on_sent(self, outbound: Outbound, message: OutMessage, timer, future) -> None:
         timer.cancel()
         outbound.num_in_flight -= 1
-        self._num_in_flight[outbound.handle.traffic_class] -= 1
+        if isinstance(message, ChunkOut):
+            self._num_chunks_in_flight[outbound.handle.traffic_class] -= 1
         if outbound.num_in_flight == 0:
             outbound.idle.set()
         error = TransferCancelled("send withdrawn") if future.cancelled() else future.exception()
@@ -292,6 +302,8 @@ class PeerScheduler:
         self, outbound: Outbound, status: TransferStatus, error: TransportError | None = None
     ) -> None:
         self._queue.remove(outbound)
+        if outbound in self._issuable:
+            self._issuable.remove(outbound)
         del self._by_handle[outbound.handle]
         outbound.handle.finish(status, error)
         outbound.idle.set()  # nobody waits for a finished transfer's chunks

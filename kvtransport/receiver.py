@@ -24,16 +24,16 @@ import torch
 from kvtransport.base import ReceivedTransfer
 from kvtransport.buffers import BufferPool
 from kvtransport.config import TransportConfig
+from kvtransport.destinations import copy_inline, destinations
 from kvtransport.errors import (
     PeerUnreachable,
     TransferCancelled,
-    TransferMismatch,
     TransferTimeout,
     TransportError,
 )
 from kvtransport.fabric import Fabric
 from kvtransport.incoming import ENDED_STATUSES, IncomingStatus, IncomingTable, IncomingTransfer
-from kvtransport.tensors import byte_view, check_receivable, packed_layout, unpack
+from kvtransport.tensors import check_receivable
 from kvtransport.wire import (
     CancelTransfer,
     ChunkRef,
@@ -44,6 +44,10 @@ from kvtransport.wire import (
 )
 
 log = logging.getLogger(__name__)
+
+# Receive buffers kept posted per transfer. The sender has at most kv_window chunks in
+# flight, so a few more than that keeps every arriving chunk matched on arrival.
+POSTED_CHUNKS_AHEAD = 8
 
 # send_reject(sender_address, frame): deliver a control frame to a peer, best effort.
 SendReject = Callable[[bytes, bytes], None]
@@ -108,22 +112,22 @@ class Receiver:
         entry = self._claim(transfer_id)  # 1
         pooled: torch.Tensor | None = None
         try:
-            await self._wait(entry.header_arrived, entry, deadline, timeout)  # 2
+            await self._wait_until(lambda: entry.header is not None, entry, deadline, timeout)  # 2
             header = entry.header
             assert header is not None
-            tensors, views, pooled = self._destinations(header, into)  # 3
+            tensors, views, pooled = destinations(header, into, self._pool)  # 3
             if header.is_inline:  # 4
                 self._fill_inline(entry, views)
             else:
-                futures = self._post(entry, plan_chunks(header.tensors, header.chunk_bytes), views)
-                if futures:
-                    everything = asyncio.gather(*futures)
-                    everything.add_done_callback(_retrieve)
-                    try:
-                        await self._wait(everything, entry, deadline, timeout)
-                    except PeerUnreachable as exc:
-                        self._report_peer_lost(header.sender, exc)
-                        raise
+                chunks = plan_chunks(header.tensors, header.chunk_bytes)
+                self._start_chunks(entry, chunks, views)
+                try:
+                    await self._wait_until(
+                        lambda: len(entry.completed_seqs) == len(chunks), entry, deadline, timeout
+                    )
+                except PeerUnreachable as exc:
+                    self._report_peer_lost(header.sender, exc)
+                    raise
                 self._fabric.finish_chunks(header.key)
                 entry.is_posted = False
             self._table.remove(entry)
@@ -170,7 +174,7 @@ class Receiver:
             self._table.attach_header(entry, header)
             entry.inline_payload = bytes(payload) if header.is_inline else None
             entry.set_status(IncomingStatus.RECEIVING)
-            entry.header_arrived.set_result(None)
+            entry.wake()
         elif entry.status is IncomingStatus.REJECTED and entry.header is None:
             self._table.attach_header(entry, header)  # this side gave up before it came
             self._reject(entry, "the receiver gave up before the transfer arrived")
@@ -243,7 +247,6 @@ class Receiver:
             self._table.add(entry)
         elif entry.status is IncomingStatus.ANNOUNCED:
             entry.set_status(IncomingStatus.RECEIVING)
-            entry.header_arrived.set_result(None)
         elif entry.status is IncomingStatus.CANCELLED:
             raise TransferCancelled(f"transfer {transfer_id!r} was cancelled by its sender")
         elif entry.status is IncomingStatus.FAILED:
@@ -255,83 +258,93 @@ class Receiver:
         entry.is_claimed = True
         return entry
 
-    async def _wait(self, future, entry: IncomingTransfer, deadline: float, timeout: float):
-        remaining = deadline - asyncio.get_running_loop().time()
-        done, _ = await asyncio.wait(
-            {future, entry.interrupt},
-            timeout=max(0.0, remaining),
-            return_when=asyncio.FIRST_COMPLETED,
-        )
-        if entry.interrupt in done:
-            raise entry.interrupt.exception()
-        if future in done:
-            return future.result()
-        raise TransferTimeout(f"transfer {entry.transfer_id!r} not received within {timeout}s")
+    async def _wait_until(
+        self, is_ready, entry: IncomingTransfer, deadline: float, timeout: float
+    ) -> None:
+        """Wait for is_ready(); raise the entry's interrupt, or TransferTimeout at deadline.
 
-    def _destinations(self, header: TransferHeader, into: list[torch.Tensor] | None):
-        specs = header.tensors
-        if into is not None:
-            if len(into) != len(specs):
-                raise TransferMismatch(
-                    f"into has {len(into)} tensors, transfer {header.transfer_id!r} "
-                    f"sends {len(specs)}"
+        Whoever changes the entry resolves `entry.waiter` directly (wake/interrupt_with),
+        so a wake-up costs one event-loop turn: activations depend on it.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            if entry.error is not None:
+                raise entry.error
+            if is_ready():
+                return
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise TransferTimeout(
+                    f"transfer {entry.transfer_id!r} not received within {timeout}s"
                 )
-            for index, (tensor, spec) in enumerate(zip(into, specs, strict=True)):
-                if tensor.nbytes != spec.nbytes:
-                    raise TransferMismatch(
-                        f"into[{index}] has {tensor.nbytes} bytes, transfer "
-                        f"{header.transfer_id!r} sends {spec.nbytes} "
-                        f"({spec.dtype}{list(spec.shape)})"
-                    )
-            return list(into), [byte_view(t) for t in into], None
-        offsets, total = packed_layout(specs)
-        if total == 0:
-            tensors = [torch.empty(spec.shape, dtype=spec.torch_dtype) for spec in specs]
-            return tensors, [byte_view(t) for t in tensors], None
-        pooled = self._pool.acquire(total)
-        tensors = unpack(pooled, specs, offsets)
-        views = [
-            pooled[offset : offset + spec.nbytes].numpy()
-            for offset, spec in zip(offsets, specs, strict=True)
-        ]
-        return tensors, views, pooled
+            entry.waiter = loop.create_future()
+            timer = loop.call_later(remaining, _expire, entry.waiter)
+            try:
+                await entry.waiter
+            except TimeoutError:
+                pass  # the loop re-checks and raises TransferTimeout
+            finally:
+                timer.cancel()
+                entry.waiter = None
 
     def _fill_inline(self, entry: IncomingTransfer, views: list[np.ndarray]) -> None:
-        payload = entry.inline_payload or b""
-        offset = 0
-        for view in views:
-            view[:] = np.frombuffer(payload, dtype=np.uint8, count=view.nbytes, offset=offset)
-            offset += view.nbytes
-        entry.num_bytes_received += offset
-        self.num_bytes_received += offset
+        num_bytes = copy_inline(entry.inline_payload or b"", views)
+        entry.num_bytes_received += num_bytes
+        self.num_bytes_received += num_bytes
 
-    def _post(self, entry: IncomingTransfer, chunks: list[ChunkRef], views: list[np.ndarray]):
-        assert entry.header is not None
-        targets = [
-            (chunk.seq, views[chunk.tensor_index][chunk.offset : chunk.offset + chunk.nbytes])
+    def _start_chunks(
+        self, entry: IncomingTransfer, chunks: list[ChunkRef], views: list[np.ndarray]
+    ) -> None:
+        entry.targets = [
+            (chunk, views[chunk.tensor_index][chunk.offset : chunk.offset + chunk.nbytes])
             for chunk in chunks
         ]
-        futures = self._fabric.post_chunks(entry.header.key, targets)
         entry.is_posted = True
-        for chunk, future in zip(chunks, futures, strict=True):
+        self._post_more(entry)
+
+    def _post_more(self, entry: IncomingTransfer) -> None:
+        """Keep POSTED_CHUNKS_AHEAD receive buffers posted (chunks beyond wait on the wire).
+
+        Posting every chunk of a 256 MiB transfer at once would hold the event loop for
+        tens of milliseconds, which an activation arriving meanwhile would pay for.
+        """
+        if not entry.is_posted or entry.error is not None:
+            return
+        assert entry.header is not None
+        num_in_flight = len(entry.chunk_futures) - len(entry.completed_seqs)
+        end = min(len(entry.targets), entry.num_posted + POSTED_CHUNKS_AHEAD - num_in_flight)
+        batch = entry.targets[entry.num_posted : end]
+        if not batch:
+            return
+        entry.num_posted = end
+        futures = self._fabric.post_chunks(
+            entry.header.key, [(chunk.seq, view) for chunk, view in batch]
+        )
+        for (chunk, _), future in zip(batch, futures, strict=True):
             entry.chunk_futures[chunk.seq] = future
             future.add_done_callback(partial(self._on_chunk, entry, chunk))
-        return futures
 
     def _on_chunk(self, entry: IncomingTransfer, chunk: ChunkRef, future: asyncio.Future) -> None:
-        if future.cancelled() or future.exception() is not None:
+        if future.cancelled():
+            return
+        error = future.exception()
+        if error is not None:
+            entry.interrupt_with(error)
             return
         entry.completed_seqs.add(chunk.seq)
         entry.num_bytes_received += chunk.nbytes
         self.num_bytes_received += chunk.nbytes
+        self._post_more(entry)
+        entry.wake()
 
     async def _abandon(self, entry: IncomingTransfer, exc: BaseException) -> BaseException:
         """Make the buffers safe again and record why; returns the error to raise."""
         key = entry.header.key if entry.header is not None else None
+        was_posted, entry.is_posted = entry.is_posted, False  # post nothing more
         if isinstance(exc, _SenderCancelled):
-            if entry.is_posted:
-                # The sender is alive and says which chunks it issued: let those land
-                # (they would otherwise stay queued on the wire), withdraw the rest.
+            if was_posted:
+                # The sender is alive and says which chunks it issued: let the posted
+                # ones among them land, withdraw the rest...
                 issued = [f for s, f in entry.chunk_futures.items() if s <= exc.num_chunks_issued]
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
@@ -339,14 +352,13 @@ class Receiver:
                         self._config.cancel_grace_s,
                     )
                 await self._fabric.abort_chunks(key)
-            else:
-                self._drain(entry, exc.num_chunks_issued)
+            # ...and consume the issued ones no buffer was posted for.
+            self._drain(entry, exc.num_chunks_issued)
             entry.set_status(IncomingStatus.CANCELLED)
             self._remember(entry)
             return exc
-        if entry.is_posted:
+        if was_posted:
             await self._fabric.abort_chunks(key)
-            entry.is_posted = False
         if isinstance(exc, PeerUnreachable):
             entry.set_status(IncomingStatus.FAILED)
             self._remember(entry)
@@ -383,6 +395,11 @@ class Receiver:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(_retrieve)
+
+
+def _expire(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 def _retrieve(future: asyncio.Future) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from functools import partial
 
 import numpy as np
 
@@ -34,12 +35,13 @@ from kvtransport.config import TransportConfig
 from kvtransport.core import FabricTransport
 from kvtransport.errors import PeerUnreachable, TransportError
 from kvtransport.fabric import ChunkOut, Fabric, FabricEvents, OutMessage, PeerLink
-from kvtransport.ucx_worker import UcxWorker
+from kvtransport.ucx_worker import IS_RNDV_THRESH_FROM_USER, UcxWorker
 from kvtransport.wire import decode
 
 log = logging.getLogger(__name__)
 
 ADDRESS_PREFIX = b"ucx:"
+_POSTED = object()  # a mailbox slot whose receive has not completed
 MAILBOX_TAG = 1 << 63
 SEQ_BITS = 24
 
@@ -52,6 +54,20 @@ def _raw_address(address: bytes) -> bytes:
     if not address.startswith(ADDRESS_PREFIX) or len(address) <= len(ADDRESS_PREFIX):
         raise ValueError(f"not a UCX transport address: {bytes(address[:16])!r}...")
     return bytes(address[len(ADDRESS_PREFIX) :])
+
+
+def _ucx_options(config: TransportConfig) -> dict[str, str]:
+    """UCX context options: the config's, plus a rendezvous threshold of one mailbox slot.
+
+    Everything that fits a mailbox slot (headers, inline activations) then travels
+    eagerly through shared memory: no rendezvous handshake, and no waiting in UCX's
+    queue behind the KV chunk reads (CMA) of the same peer, which is what lets an
+    activation overtake KV inside UCX too. Chunks are always far above it.
+    """
+    options = dict(config.ucx_options)
+    if "RNDV_THRESH" not in options and not IS_RNDV_THRESH_FROM_USER:
+        options["RNDV_THRESH"] = str(config.mailbox_slot_bytes)
+    return options
 
 
 class UcxLink(PeerLink):
@@ -80,12 +96,12 @@ class UcxFabric(Fabric):
     def __init__(self, config: TransportConfig, pool: BufferPool) -> None:
         self._config = config
         self._pool = pool
-        self._worker = UcxWorker(dict(config.ucx_options), config.ucx_peer_error_handling)
+        self._worker = UcxWorker(_ucx_options(config), config.ucx_peer_error_handling)
         self._idle_scopes: list = []  # scope endpoints ready for another receive
         self._posted: dict[int, tuple[object, list[asyncio.Future]]] = {}
         self._slots: list[np.ndarray] = []
-        self._slot_futures: list[asyncio.Future] = []
-        self._mailbox_task: asyncio.Task | None = None
+        self._slot_outcomes: list[object] = []  # per slot: _POSTED, None (ok) or an error
+        self._next_slot = 0
         self._is_closing = False
 
     @property
@@ -96,11 +112,10 @@ class UcxFabric(Fabric):
         self._events = events
         self._worker.start()
         self._mailbox_scope = self._worker.create_endpoint(self._worker.address)
-        for _ in range(self._config.num_mailbox_slots):
-            slot = np.empty(self._config.mailbox_slot_bytes, dtype=np.uint8)
-            self._slots.append(slot)
-            self._slot_futures.append(self._post_slot(slot))
-        self._mailbox_task = asyncio.get_running_loop().create_task(self._read_mailbox())
+        for index in range(self._config.num_mailbox_slots):
+            self._slots.append(np.empty(self._config.mailbox_slot_bytes, dtype=np.uint8))
+            self._slot_outcomes.append(_POSTED)
+            self._post_slot(index)
 
     async def connect(self, peer_address: bytes) -> PeerLink:
         endpoint = self._worker.create_endpoint(_raw_address(peer_address))
@@ -109,10 +124,15 @@ class UcxFabric(Fabric):
     def post_chunks(
         self, key: int, targets: Sequence[tuple[int, np.ndarray]]
     ) -> list[asyncio.Future[None]]:
-        scope = self._idle_scopes.pop() if self._idle_scopes else self._new_scope()
-        futures = [self._worker.tag_recv(scope, view, chunk_tag(key, seq)) for seq, view in targets]
-        self._posted[key] = (scope, futures)
-        return futures
+        if key in self._posted:  # more buffers for a transfer already receiving
+            scope, futures = self._posted[key]
+        else:
+            scope = self._idle_scopes.pop() if self._idle_scopes else self._new_scope()
+            futures = []
+            self._posted[key] = (scope, futures)
+        new = [self._worker.tag_recv(scope, view, chunk_tag(key, seq)) for seq, view in targets]
+        futures.extend(new)
+        return new
 
     def finish_chunks(self, key: int) -> None:
         scope, _ = self._posted.pop(key)
@@ -149,40 +169,40 @@ class UcxFabric(Fabric):
         return self._worker.num_orphaned
 
     def num_pending(self) -> int:
-        return self._worker.num_pending - len(self._slot_futures)  # mailbox slots are permanent
+        return self._worker.num_pending - len(self._slots)  # mailbox slots are permanent
 
     async def close(self) -> None:
         self._is_closing = True
-        if self._mailbox_task is not None:
-            self._mailbox_task.cancel()
-            await asyncio.gather(self._mailbox_task, return_exceptions=True)
         self._worker.close()
-        self._slot_futures.clear()
 
     # -- internals --------------------------------------------------------------------
 
     def _new_scope(self):
         return self._worker.create_endpoint(self._worker.address)
 
-    def _post_slot(self, slot: np.ndarray) -> asyncio.Future:
-        return self._worker.tag_recv(self._mailbox_scope, slot, MAILBOX_TAG)
+    def _post_slot(self, index: int) -> None:
+        self._slot_outcomes[index] = _POSTED
+        self._worker.tag_recv_callback(
+            self._mailbox_scope, self._slots[index], MAILBOX_TAG, partial(self._on_slot, index)
+        )
 
-    async def _read_mailbox(self) -> None:
-        # Slots are matched in the order they were posted, so reading them round-robin
-        # processes control messages in arrival order (a Cancel after its header).
-        index = 0
-        while True:
-            future = self._slot_futures[index]
-            try:
-                await future
-            except TransportError as exc:
-                if self._is_closing:
-                    return
-                log.warning("mailbox receive failed (frame larger than a slot?): %s", exc)
+    def _on_slot(self, index: int, error: TransportError | None) -> None:
+        """Called by the worker as soon as a slot's receive completes."""
+        if self._is_closing:
+            return
+        self._slot_outcomes[index] = error
+        # Slots are matched in the order they were posted, but a small message can
+        # complete before a larger one ahead of it: deliver strictly in posting order
+        # (a Cancel never overtakes its header).
+        while self._slot_outcomes[self._next_slot] is not _POSTED:
+            ready = self._next_slot
+            outcome = self._slot_outcomes[ready]
+            if outcome is None:
+                self._deliver(memoryview(self._slots[ready]))
             else:
-                self._deliver(memoryview(self._slots[index]))
-            self._slot_futures[index] = self._post_slot(self._slots[index])
-            index = (index + 1) % len(self._slots)
+                log.warning("mailbox receive failed (frame larger than a slot?): %s", outcome)
+            self._post_slot(ready)
+            self._next_slot = (ready + 1) % len(self._slots)
 
     def _deliver(self, buffer: memoryview) -> None:
         try:

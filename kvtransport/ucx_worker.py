@@ -17,13 +17,18 @@ import ctypes
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
 # ucxx sets UCX_MEMTYPE_CACHE for old UCX versions; the bundled UCX 1.21 does not know it
 # and would warn on every context creation. Must be set before ucxx is imported.
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+# ucxx also sets UCX_RNDV_THRESH=8192 unless it is set; remember whether a user did.
+_UCXX_DEFAULT_RNDV_THRESH = "8192"
+IS_RNDV_THRESH_FROM_USER = os.environ.get("UCX_RNDV_THRESH", _UCXX_DEFAULT_RNDV_THRESH) != (
+    _UCXX_DEFAULT_RNDV_THRESH
+)
 
 import ucxx  # noqa: E402  (also loads libucx and sets UCX_RNDV_THRESH=8192 etc.)
 from ucxx._lib import libucxx as ucx_api  # noqa: E402
@@ -33,6 +38,8 @@ from ucxx.types import Tag, TagMask, TagMaskFull  # noqa: E402
 from kvtransport.errors import PeerUnreachable, TransferCancelled, TransportError  # noqa: E402
 
 log = logging.getLogger(__name__)
+
+OnDone = Callable[[TransportError | None], None]
 
 # A missed wakeup must never stall a transfer for long: progress at least this often
 # while anything is pending (ucxx's blocking mode uses the same safety net).
@@ -57,8 +64,8 @@ class UcxWorker:
     def __init__(self, options: Mapping[str, str], peer_error_handling: bool) -> None:
         self._options = dict(options)
         self._peer_error_handling = peer_error_handling
-        # request -> (its future, the Array keeping its memory alive, its endpoint)
-        self._pending: dict[ucx_api.UCXRequest, tuple[asyncio.Future, Array, object]] = {}
+        # request -> (its future or callback, the Array keeping its memory alive, its endpoint)
+        self._pending: dict[ucx_api.UCXRequest, tuple[asyncio.Future | OnDone, Array, object]] = {}
         self._requests_by_endpoint: dict[ucx_api.UCXEndpoint, set[ucx_api.UCXRequest]] = {}
         # Sends UCX could not withdraw when their endpoint closed (without peer error
         # handling a rendezvous send completes only when the peer fetches it). Their
@@ -109,11 +116,9 @@ class UcxWorker:
             self._worker.progress()
             self._settle()
             for request in self._requests_by_endpoint.pop(endpoint, set()):
-                future, array, _ = self._pending.pop(request)
+                target, array, _ = self._pending.pop(request)
                 self._orphans[request] = array
-                if not future.done():
-                    future.set_exception(PeerUnreachable("endpoint closed with the send in flight"))
-                    future.exception()
+                _complete(target, PeerUnreachable("endpoint closed with the request in flight"))
             self._schedule_progress()
 
     def tag_send(self, endpoint: ucx_api.UCXEndpoint, view: np.ndarray, tag: int):
@@ -125,6 +130,20 @@ class UcxWorker:
         array = Array(view)
         return self._track(endpoint.tag_recv(array, Tag(tag), TagMaskFull), array, endpoint)
 
+    def tag_recv_callback(
+        self, endpoint: ucx_api.UCXEndpoint, view: np.ndarray, tag: int, on_done: OnDone
+    ) -> None:
+        """Like tag_recv, but call on_done(error or None) right when UCX completes it.
+
+        No event-loop hop between completion and the callback: what the mailbox uses,
+        so that an activation's header reaches its recv() one loop turn sooner.
+        """
+        array = Array(view)
+        request = endpoint.tag_recv(array, Tag(tag), TagMaskFull)
+        self._pending[request] = (on_done, array, endpoint)
+        self._requests_by_endpoint[endpoint].add(request)
+        self._schedule_progress()
+
     def close(self) -> None:
         if self._is_closed:
             return
@@ -134,10 +153,8 @@ class UcxWorker:
         self._worker.cancel_inflight_requests(period=CLOSE_PERIOD_NS, max_attempts=1)
         self._worker.progress()
         self._settle()
-        for future, _, _ in self._pending.values():
-            if not future.done():
-                future.set_exception(TransportError("transport closed"))
-                future.exception()
+        for target, _, _ in self._pending.values():
+            _complete(target, TransportError("transport closed"))
         self._watchdog.cancel()
         self._loop.remove_reader(self._fd)
         if self._has_unexpected():
@@ -174,10 +191,12 @@ class UcxWorker:
         # One UCX progress step can be a whole chunk copy (CMA get): take steps only for
         # a time slice, then let the loop run, so a receiver busy with KV still resumes
         # an activation's task between chunks instead of after the whole transfer.
+        # Stop early, too, as soon as a request completes: whatever waits for it (an
+        # activation's header, the next chunk's post) runs in the next loop turn.
         deadline = time.perf_counter() + PROGRESS_SLICE_S
         is_sliced = False
         while self._worker.progress_once():
-            if time.perf_counter() >= deadline:
+            if self._settle() or time.perf_counter() >= deadline:
                 is_sliced = True
                 break
         self._settle()
@@ -185,30 +204,43 @@ class UcxWorker:
         if is_sliced or not self._worker.arm():
             self._schedule_progress()
 
-    def _settle(self) -> None:
+    def _settle(self) -> int:
+        """Settle every completed request; returns how many."""
         for request in [request for request in self._orphans if request.completed]:
             del self._orphans[request]
         done = [request for request in self._pending if request.completed]
         for request in done:
-            future, _, endpoint = self._pending.pop(request)
+            target, _, endpoint = self._pending.pop(request)
             self._requests_by_endpoint.get(endpoint, set()).discard(request)
             try:
                 request.check_error()
             except Exception as exc:  # noqa: BLE001 - mapped to the transport's errors
-                error = _map_error(exc)
-                if not future.done():
-                    future.set_exception(error)
-                    if isinstance(error, TransferCancelled):
-                        future.exception()  # withdrawn by us: nobody needs to look
+                _complete(target, _map_error(exc))
             else:
-                if not future.done():
-                    future.set_result(None)
+                _complete(target, None)
+        return len(done)
 
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(WATCHDOG_INTERVAL_S)
             if self._pending:
                 self._progress()
+
+
+def _complete(target: asyncio.Future | OnDone, error: TransportError | None) -> None:
+    """Settle a request's future, or call its callback (which must not raise)."""
+    if not isinstance(target, asyncio.Future):
+        try:
+            target(error)
+        except Exception:  # a callback bug must not stop the progress of every request
+            log.exception("UCX completion callback failed")
+    elif not target.done():
+        if error is None:
+            target.set_result(None)
+        else:
+            target.set_exception(error)
+            if isinstance(error, TransferCancelled):
+                target.exception()  # withdrawn by us: nobody needs to look
 
 
 def _immortalize(obj: object) -> None:

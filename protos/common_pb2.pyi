@@ -39,7 +39,7 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class RequestState(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "output_token_ids", "sampling", "priority", "num_computed_tokens", "arrival_time", "owner_address", "trace_context")
+    __slots__ = ("request_id", "prompt_token_ids", "output_token_ids", "sampling", "priority", "num_computed_tokens", "arrival_time", "owner_address", "trace_context", "placement_epoch")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class RequestState(_message.Message):
     ARRIVAL_TIME_FIELD_NUMBER: _ClassVar[int]
     OWNER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_EPOCH_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     output_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -65,7 +66,8 @@ class RequestState(_message.Message):
     arrival_time: float
     owner_address: str
     trace_context: _containers.ScalarMap[str, str]
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., output_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., num_computed_tokens: _Optional[int] = ..., arrival_time: _Optional[float] = ..., owner_address: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    placement_epoch: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., output_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., num_computed_tokens: _Optional[int] = ..., arrival_time: _Optional[float] = ..., owner_address: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., placement_epoch: _Optional[int] = ...) -> None: ...
 
 class LoadReport(_message.Message):
     __slots__ = ("instance_id", "seq", "num_running", "num_waiting", "num_total_blocks", "num_used_blocks", "num_hol_blocks", "num_running_high_priority", "virtual_usage", "freeness", "is_terminating", "num_preemptions", "num_migrating", "running", "is_integrity_checked", "integrity_error", "num_waiting_blocks", "num_headroom_blocks")

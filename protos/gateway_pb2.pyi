@@ -96,18 +96,24 @@ class OutputBatch(_message.Message):
     def __init__(self, instance_id: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[RequestOutput, _Mapping]]] = ...) -> None: ...
 
 class RequestOutput(_message.Message):
-    __slots__ = ("request_id", "first_token_index", "token_ids", "finish_reason", "error")
+    __slots__ = ("request_id", "first_token_index", "token_ids", "finish_reason", "error", "moved_to_instance_id", "moved_to_address", "placement_epoch")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_INDEX_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    MOVED_TO_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    MOVED_TO_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_EPOCH_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     first_token_index: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: _common_pb2.FinishReason
     error: str
-    def __init__(self, request_id: _Optional[str] = ..., first_token_index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., error: _Optional[str] = ...) -> None: ...
+    moved_to_instance_id: str
+    moved_to_address: str
+    placement_epoch: int
+    def __init__(self, request_id: _Optional[str] = ..., first_token_index: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., error: _Optional[str] = ..., moved_to_instance_id: _Optional[str] = ..., moved_to_address: _Optional[str] = ..., placement_epoch: _Optional[int] = ...) -> None: ...
 
 class PushOutputsAck(_message.Message):
     __slots__ = ("num_batches",)

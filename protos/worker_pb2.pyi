@@ -38,20 +38,22 @@ class GetLoadRequest(_message.Message):
     def __init__(self, check_integrity: _Optional[bool] = ...) -> None: ...
 
 class MigrateOutRequest(_message.Message):
-    __slots__ = ("dst_instance_id", "dst_address", "dst_transport_address", "request_id", "num_requests", "wait")
+    __slots__ = ("dst_instance_id", "dst_address", "dst_transport_address", "request_id", "num_requests", "wait", "mode")
     DST_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     DST_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DST_TRANSPORT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     WAIT_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     dst_instance_id: str
     dst_address: str
     dst_transport_address: bytes
     request_id: str
     num_requests: int
     wait: bool
-    def __init__(self, dst_instance_id: _Optional[str] = ..., dst_address: _Optional[str] = ..., dst_transport_address: _Optional[bytes] = ..., request_id: _Optional[str] = ..., num_requests: _Optional[int] = ..., wait: _Optional[bool] = ...) -> None: ...
+    mode: str
+    def __init__(self, dst_instance_id: _Optional[str] = ..., dst_address: _Optional[str] = ..., dst_transport_address: _Optional[bytes] = ..., request_id: _Optional[str] = ..., num_requests: _Optional[int] = ..., wait: _Optional[bool] = ..., mode: _Optional[str] = ...) -> None: ...
 
 class MigrateOutResponse(_message.Message):
     __slots__ = ("results",)

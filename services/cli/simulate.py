@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 HELP = "simulate a cluster under the Llumnix policies (or --compare all of them); last line is JSON"
 
@@ -41,6 +42,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="--compare: parallel processes")
     parser.add_argument("--plot", default="out/simulate_compare.png", help="--compare: PNG path")
+    parser.add_argument(
+        "--fidelity-real",
+        default=None,
+        help="--compare: JSON from `llmesh bench simulator_fidelity --out` (the real side)",
+    )
+    parser.add_argument(
+        "--fidelity-profile", default="tiny-cpu", help="--compare: profile of the fidelity run"
+    )
 
 
 def run(args) -> int:
@@ -126,6 +135,7 @@ def _run_compare(args) -> int:
         "output": args.output,
         "seed": args.seed,
         "workers": args.workers,
+        "fidelity_profile": args.fidelity_profile,
     }
     if args.requests:
         fields["num_requests"] = args.requests
@@ -133,7 +143,15 @@ def _run_compare(args) -> int:
         fields["rates"] = tuple(float(r) for r in args.rates.split(","))
     cfg = CompareConfig(**fields)
     print(f"running the comparison on {cfg.workers} process(es)...", flush=True)
-    report = run_compare(cfg, lambda line: print(line, flush=True))
+    real = None
+    if args.fidelity_real:
+        measured = json.loads(Path(args.fidelity_real).read_text())
+        real = {
+            "mean_ttft_s": measured["real_mean_ttft_s"],
+            "mean_tpot_s": measured["real_mean_tpot_s"],
+            "note": f"real side from {args.fidelity_real}",
+        }
+    report = run_compare(cfg, lambda line: print(line, flush=True), real)
     print()
     print(compare_tables(report))
     written = plot_compare(report, args.plot) if args.plot else None

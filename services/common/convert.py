@@ -215,7 +215,18 @@ def outputs_to_proto(instance_id: str, deltas: list[OutputDelta]) -> gateway_pb2
     batch = gateway_pb2.OutputBatch(instance_id=instance_id)
     add = batch.outputs.add
     for d in deltas:
-        if d.finish_reason is FinishReason.NONE:
+        if d.moved_to_instance_id or d.placement_epoch:  # rare: only around migrations
+            add(
+                request_id=d.request_id,
+                first_token_index=d.first_token_index,
+                token_ids=d.token_ids,
+                finish_reason=_FINISH_TO_PROTO[d.finish_reason],
+                error=d.error,
+                moved_to_instance_id=d.moved_to_instance_id,
+                moved_to_address=d.moved_to_address,
+                placement_epoch=d.placement_epoch,
+            )
+        elif d.finish_reason is FinishReason.NONE:
             add(
                 request_id=d.request_id,
                 first_token_index=d.first_token_index,
@@ -240,6 +251,9 @@ def outputs_from_proto(batch: gateway_pb2.OutputBatch) -> list[OutputDelta]:
             tuple(o.token_ids),
             _FINISH_FROM_PROTO[o.finish_reason] if o.finish_reason else FinishReason.NONE,
             o.error,
+            o.moved_to_instance_id,
+            o.moved_to_address,
+            o.placement_epoch,
         )
         for o in batch.outputs
     ]

@@ -191,6 +191,9 @@ class OutputDelta(NamedTuple):
     token_ids: tuple[int, ...]
     finish_reason: FinishReason = FinishReason.NONE
     error: str = ""
+    moved_to_instance_id: str = ""  # set by a migration source: where the request runs now
+    moved_to_address: str = ""  # worker address of moved_to_instance_id
+    placement_epoch: int = 0  # committed migrations of the request when this was sent
 
     @property
     def is_finished(self) -> bool:

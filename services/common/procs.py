@@ -9,7 +9,9 @@ polls for the file, so ports can be chosen by the OS (`--bind 127.0.0.1:0`).
 
 No orphans: children start in their own session (a Ctrl-C in the terminal reaches only
 the parent, which stops them in order) and, on Linux, get SIGTERM from the kernel if
-the parent dies without cleaning up (PR_SET_PDEATHSIG).
+the parent dies without cleaning up (PR_SET_PDEATHSIG). That signal fires when the
+*thread* that started the child exits, so start services from a long-lived thread
+(the main thread, as the CLI, the bench and pytest fixtures do).
 """
 
 from __future__ import annotations

@@ -54,6 +54,7 @@ class InstanceRecord:
         return dataclasses.replace(
             load,
             num_waiting=load.num_waiting + len(self.pending),
+            num_waiting_blocks=load.num_waiting_blocks + extra_blocks,
             virtual_usage=usage,
             freeness=freeness(load.num_total_blocks, usage, load.num_running),
         )

@@ -20,6 +20,7 @@ from services.common.convert import (
 )
 from services.common.errors import NotFoundError, ResourceExhaustedError
 from services.common.logging import bind_context, get_logger
+from services.common.messages import InstanceSpec
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.policies import DispatchInfo, make_dispatch_policy
 from services.scheduler.registry import InstanceRegistry
@@ -135,8 +136,52 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             dispatch_policy=self.dispatch_policy.name,
         )
 
+    async def Migrate(self, request, context):
+        """Admin: order src to migrate requests to dst (the source's llumlet picks which,
+        unless request_id names one). Answers once the order is on the source's stream."""
+        for field in ("src_instance_id", "dst_instance_id"):
+            if not getattr(request, field):
+                raise ValueError(f"{field} must not be empty")
+        if request.src_instance_id == request.dst_instance_id:
+            raise ValueError("src_instance_id and dst_instance_id must differ")
+        if request.num_requests < 0:
+            raise ValueError(f"num_requests={request.num_requests} must be >= 0")
+        dst = self.registry.get(request.dst_instance_id)
+        if self.registry.get(request.src_instance_id) is None or dst is None:
+            missing = request.src_instance_id if dst is not None else request.dst_instance_id
+            raise NotFoundError(f"instance {missing!r} is not registered")
+        ordered = self.order_migration(
+            request.src_instance_id, dst.spec, request.num_requests or 1, request.request_id
+        )
+        return scheduler_pb2.SchedulerMigrateResponse(ordered=ordered)
+
+    def order_migration(
+        self, src_instance_id: str, dst: InstanceSpec, num_requests: int, request_id: str = ""
+    ) -> bool:
+        """Send a MigrateCommand down src's load stream; False if it has no stream now."""
+        command = scheduler_pb2.SchedulerCommand(
+            migrate=scheduler_pb2.MigrateCommand(
+                dst_instance_id=dst.instance_id,
+                dst_address=dst.address,
+                dst_transport_address=dst.transport_address,
+                num_requests=num_requests,
+                request_id=request_id,
+            )
+        )
+        ordered = self.send_command(src_instance_id, command)
+        if ordered:
+            self.num_migrations_ordered += 1
+            log.info(
+                "migration_ordered",
+                src_instance_id=src_instance_id,
+                dst_instance_id=dst.instance_id,
+                num_requests=num_requests,
+                request_id=request_id,
+            )
+        return ordered
+
     def send_command(self, instance_id: str, command: scheduler_pb2.SchedulerCommand) -> bool:
-        """Queue a command for an instance's StreamLoad stream (migration issue)."""
+        """Queue a command for an instance's StreamLoad stream."""
         queue = self._commands.get(instance_id)
         if queue is None:
             return False

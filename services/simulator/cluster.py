@@ -106,13 +106,7 @@ class Simulator:
             scheduling_policy=config.scheduling_policy,
         )
         self.loop = EventLoop()
-        # Counting the new request's demand is de-fragmentation at dispatch time.
-        dispatch_options = (
-            {"count_request_demand": config.load_model.enable_defrag}
-            if config.dispatch == "freest"
-            else {}
-        )
-        self.dispatch_policy = make_dispatch_policy(config.dispatch, **dispatch_options)
+        self.dispatch_policy = make_dispatch_policy(config.dispatch)
         self.migration_policy = make_migration_policy(
             config.migration, config=config.migration_config
         )

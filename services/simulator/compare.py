@@ -22,7 +22,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from services.scheduler.policies import LoadModelConfig, MigrationConfig, ScalingConfig
+from services.scheduler.policies import LoadModelConfig, ScalingConfig
 from services.simulator.cluster import SimResult, Simulator
 from services.simulator.config import SimConfig
 from services.simulator.workload import WorkloadConfig, generate, parse_length
@@ -211,7 +211,9 @@ def fidelity_jobs(cfg: CompareConfig) -> list[Job]:
         # The real workers' engine defaults (EngineConfig): the sim must match them.
         max_num_seqs=64,
         max_num_batched_tokens=512,
-        migration_config=MigrationConfig(),
+        # The live mesh dispatches to the freest worker and has no migration loop yet.
+        dispatch="freest",
+        migration="none",
     )
     workload = WorkloadConfig(
         num_requests=cfg.fidelity_requests,
@@ -286,8 +288,9 @@ def build_report(
             "sim_mean_tpot_s": sim_fid["mean_tpot_s"],
             "note": real.get(
                 "note",
-                "real side not measured here: run the same workload on a 4-worker mesh "
-                "(bench/simulator_fidelity.py) and pass it in",
+                "real side not measured in this run: `llmesh bench simulator_fidelity "
+                "--out F.json` plays the same workload on a 4-worker mesh; pass "
+                "--fidelity-real F.json",
             ),
         },
         "wall_seconds_16x10k": results[top]["wall_s"],

@@ -34,6 +34,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--torch-threads", dest="torch_threads", type=int)
     parser.add_argument("--log-level", dest="log_level")
     parser.add_argument("--otlp-endpoint", dest="otlp_endpoint")
+    parser.add_argument("--transport-backend", dest="transport_backend", choices=["ucx", "tcp"])
+    parser.add_argument("--migration-selection", dest="migration_selection")
+    parser.add_argument("--migration-lease-ms", dest="migration_lease_ms", type=int)
+    parser.add_argument(
+        "--migration-transfer-timeout-s", dest="migration_transfer_timeout_s", type=float
+    )
+    parser.add_argument("--migration-fault", dest="migration_fault", help="tests only")
+    parser.add_argument(
+        "--migration-fault-pause-s", dest="migration_fault_pause_s", type=float, help="tests only"
+    )
     parser.add_argument(
         "--ready-file", dest="ready_file", help="write the bound address here once serving"
     )

@@ -100,9 +100,13 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._thread_main, name="engine", daemon=True)
         self._thread.start()
 
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and not self._is_stopping
+
     async def run(self, fn: Callable[[LLMEngine], T]) -> T:
         """Run fn(engine) on the engine thread between two steps; its result or exception."""
-        if self._thread is None or self._is_stopping:
+        if not self.is_running:
             raise EngineStoppedError("the engine thread is not running")
         assert self._loop is not None
         future: asyncio.Future = self._loop.create_future()
@@ -112,11 +116,12 @@ class AsyncEngine:
 
     async def stop(self) -> None:
         """Finish the current step and pending calls, then end the thread."""
-        if self._thread is None or self._is_stopping:
+        if self._thread is None:
             return
         self._is_stopping = True
         self._wakeup.set()
         await asyncio.to_thread(self._thread.join)
+        self._fail_pending_calls()  # calls queued after the thread's last look
         log.info(
             "engine_thread_stopped",
             num_steps=self.num_steps,
@@ -128,6 +133,20 @@ class AsyncEngine:
     # ---- engine thread ----------------------------------------------------------------
 
     def _thread_main(self) -> None:
+        try:
+            self._loop_forever()
+        except BaseException:  # a bug in this loop: fail loudly, never hang callers
+            log.exception("engine_thread_crashed")
+        finally:
+            self._is_stopping = True
+            self._fail_pending_calls()
+
+    def _fail_pending_calls(self) -> None:
+        while self._calls:
+            _, future = self._calls.popleft()
+            self._call_soon(_set_exception, future, EngineStoppedError("the engine thread stopped"))
+
+    def _loop_forever(self) -> None:
         while True:
             did_call = self._run_calls()
             if self._is_stopping:

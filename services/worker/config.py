@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from services.common.config import require
 from services.worker.engine import EngineConfig
+from services.worker.migration.config import MigrationConfig
 
 MiB = 1024 * 1024
 
@@ -36,6 +37,16 @@ class WorkerConfig:
     otlp_endpoint: str = ""  # OTLP/gRPC trace collector (empty = traces not exported)
     ready_file: str = ""  # write {"address", "pid"} here once serving (process launchers)
     grace_s: float = 5.0  # graceful-stop grace period
+    transport_backend: str = "ucx"  # data plane for KV: "ucx" (default) or "tcp" (fallback)
+    migration_selection: str = "lowest_priority_first"  # which running requests migrate first
+    migration_last_stage_max_blocks: int = 2  # stop-and-copy once this few blocks remain
+    migration_lease_ms: int = 3000  # a reservation whose source is silent this long is freed
+    migration_transfer_timeout_s: float = 20.0  # per-stage data-plane deadline
+    migration_max_incoming: int = 4  # concurrent incoming migrations accepted
+    # Fault injection for tests only: "pause_before_commit" or "pause_before_stage:N" makes
+    # the source log `migration_fault_paused` and sleep there (a test then kills a process).
+    migration_fault: str = ""
+    migration_fault_pause_s: float = 60.0  # how long a fault pause lasts
 
     def __post_init__(self) -> None:
         require(":" in self.bind, f"bind={self.bind!r} must be host:port")
@@ -65,7 +76,22 @@ class WorkerConfig:
             f"owner_unreachable_s={self.owner_unreachable_s} must be > 0",
         )
         require(self.grace_s >= 0, f"grace_s={self.grace_s} must be >= 0")
+        require(
+            self.transport_backend in ("ucx", "tcp"),
+            f"transport_backend={self.transport_backend!r} must be 'ucx' or 'tcp'",
+        )
+        self.migration_config()  # validates the migration fields
         self.engine_config()  # the engine validates its own fields
+
+    def migration_config(self) -> MigrationConfig:
+        return MigrationConfig(
+            last_stage_max_blocks=self.migration_last_stage_max_blocks,
+            lease_ms=self.migration_lease_ms,
+            transfer_timeout_s=self.migration_transfer_timeout_s,
+            max_incoming=self.migration_max_incoming,
+            fault=self.migration_fault,
+            fault_pause_s=self.migration_fault_pause_s,
+        )
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(

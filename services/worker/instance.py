@@ -15,7 +15,7 @@ from opentelemetry import trace
 from services.common.errors import AlreadyExistsError
 from services.common.logging import bind_context, get_logger
 from services.common.messages import FinishReason, LoadSnapshot, OutputDelta, RequestSpec
-from services.common.tracing import context_from_dict
+from services.common.tracing import context_from_dict, context_to_dict
 from services.worker.async_engine import AsyncEngine, EngineSnapshot, take_snapshot
 from services.worker.engine import (
     DuplicateRequestError,
@@ -25,6 +25,8 @@ from services.worker.engine import (
     SamplingParams,
 )
 from services.worker.llumlet import Llumlet
+from services.worker.migration import MigrationConfig, RequestHandoff
+from services.worker.migration.service import MigrationHooks, WorkerMigration
 from services.worker.output_router import OutputRouter
 
 log = get_logger(__name__)
@@ -84,9 +86,62 @@ class WorkerInstance:
         self._spans: dict[str, trace.Span] = {}
         self._failures: dict[str, str] = {}  # request id -> why this worker gives it up
         self._tasks: set[asyncio.Task] = set()
+        self.migration: WorkerMigration | None = None
 
     def start(self) -> None:
         self.async_engine.start()
+
+    def attach_migration(
+        self, transport, config: MigrationConfig, selection: str
+    ) -> WorkerMigration:
+        """Live migration over `transport` (started); call after start()."""
+        hooks = MigrationHooks(
+            owner_of=self.router.owner_of,
+            trace_context_of=self._trace_context_of,
+            publish=self.router.publish,
+            adopt=self._adopt,
+            forget=self._forget,
+            is_draining=lambda: self.llumlet.is_terminating,
+            on_count_changed=self._migration_count_changed,
+        )
+        self.migration = WorkerMigration(
+            self.instance_id, self.async_engine, transport, config, selection, hooks
+        )
+        self.migration.start()
+        return self.migration
+
+    # ---- migration hooks ---------------------------------------------------------------
+
+    def _trace_context_of(self, request_id: str) -> dict[str, str]:
+        span = self._spans.get(request_id)
+        return context_to_dict(trace.set_span_in_context(span)) if span is not None else {}
+
+    def _adopt(self, handoff: RequestHandoff) -> None:
+        """A request migrated in: outputs go to its owner; its span continues its trace."""
+        request_id = handoff.state.request_id
+        self.router.register(request_id, handoff.owner_address)
+        self._spans[request_id] = tracer.start_span(
+            "worker.request",
+            context=context_from_dict(handoff.trace_context),
+            attributes={
+                "llmesh.request_id": request_id,
+                "llmesh.instance_id": self.instance_id,
+                "llmesh.migrated_in": True,
+                "llmesh.num_computed_tokens": handoff.state.num_computed_tokens,
+            },
+        )
+
+    def _forget(self, request_id: str) -> None:
+        """A request migrated away (or its adoption failed): nothing more goes out here."""
+        self.router.unregister(request_id)
+        span = self._spans.pop(request_id, None)
+        if span is not None:
+            span.set_attribute("llmesh.migrated_out", True)
+            span.end()
+
+    def _migration_count_changed(self) -> None:
+        if self.migration is not None:
+            self.llumlet.set_num_migrating(self.migration.num_active)
 
     # ---- requests ---------------------------------------------------------------------
 
@@ -98,7 +153,6 @@ class WorkerInstance:
                 f"state.num_computed_tokens={spec.num_computed_tokens} must be 0 (KV arrives only by migration)"
             )
         state = engine_state(spec)
-        log.info("X_submit_received", request_id=spec.request_id)
         span = tracer.start_span(
             "worker.request",
             context=context_from_dict(spec.trace_context),
@@ -151,6 +205,14 @@ class WorkerInstance:
     def on_step(self, outputs: list[RequestOutput], snapshot: EngineSnapshot | None) -> None:
         if outputs:
             deltas = [delta_from_output(o, self._failures.pop(o.request_id, None)) for o in outputs]
+            epochs = self.migration.epochs if self.migration is not None else None
+            if epochs:  # requests that migrated in say which placement their tokens are from
+                deltas = [
+                    d._replace(placement_epoch=epochs[d.request_id])
+                    if d.request_id in epochs
+                    else d
+                    for d in deltas
+                ]
             self.router.publish(deltas)
             for delta in deltas:
                 if delta.is_finished:
@@ -160,6 +222,8 @@ class WorkerInstance:
 
     def _finish(self, delta: OutputDelta) -> None:
         self.router.unregister(delta.request_id)
+        if self.migration is not None:
+            self.migration.epochs.pop(delta.request_id, None)
         span = self._spans.pop(delta.request_id, None)
         if span is not None:
             span.set_attribute("llmesh.finish_reason", delta.finish_reason.value)
@@ -211,6 +275,8 @@ class WorkerInstance:
             num_given_up = 0
         if num_given_up:
             log.info("requests_given_up_on_shutdown", num_requests=num_given_up)
+        if self.migration is not None:
+            await self.migration.close()
         await self.async_engine.stop()
         await self.router.close()
         for span in self._spans.values():

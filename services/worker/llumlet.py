@@ -17,7 +17,7 @@ import contextlib
 
 import grpc
 
-from protos import scheduler_pb2, scheduler_pb2_grpc
+from protos import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from services.common.convert import instance_spec_to_proto, load_to_proto
 from services.common.grpc_client import DEFAULT_TIMEOUT_S, aio_channel
 from services.common.logging import get_logger
@@ -78,14 +78,22 @@ class Llumlet:
         self.num_migrating = 0
         self.is_registered = False
         self._snapshot = initial_snapshot
+        self._snapshot_version = 0
         self._seq = 0
         self._changed = asyncio.Event()
+        # on_migrate(MigrateCommand): the worker runs a migration the scheduler ordered.
+        self.on_migrate = None
         self._channel = aio_channel(scheduler_address)
         self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
+
+    def set_num_migrating(self, num_migrating: int) -> None:
+        self.num_migrating = num_migrating
+        self._changed.set()
 
     def on_snapshot(self, snapshot: EngineSnapshot) -> None:
         """A new engine snapshot (from the engine thread's per-step callback)."""
         self._snapshot = snapshot
+        self._snapshot_version += 1
         self._changed.set()
 
     def current_load(self, snapshot: EngineSnapshot | None = None) -> LoadSnapshot:
@@ -129,9 +137,21 @@ class Llumlet:
         """A report now, then one per report interval, or sooner when the load changed
         (but never more often than MIN_REPORT_GAP_S)."""
         loop = asyncio.get_running_loop()
+        cached_key, cached = None, None
         while True:
             self._changed.clear()
-            yield load_to_proto(self.current_load())
+            # A heartbeat with nothing new reuses the last report (64 running requests
+            # make building one cost more than copying it); only seq changes.
+            key = (self._snapshot_version, self.is_terminating, self.num_migrating)
+            if key != cached_key:
+                cached_key, cached = key, load_to_proto(self.current_load())
+                report = cached
+            else:
+                self._seq += 1
+                report = common_pb2.LoadReport()
+                report.CopyFrom(cached)
+                report.seq = self._seq
+            yield report
             sent_at = loop.time()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), self.report_interval_s)
@@ -145,8 +165,17 @@ class Llumlet:
             self.is_terminating = command.drain.is_terminating
             self._changed.set()
             log.info("drain_command", is_terminating=self.is_terminating)
+        elif kind == "migrate" and self.on_migrate is not None:
+            migrate = command.migrate
+            log.info(
+                "migrate_command",
+                dst_instance_id=migrate.dst_instance_id,
+                request_id=migrate.request_id,
+                num_requests=migrate.num_requests,
+            )
+            self.on_migrate(migrate)
         else:
-            log.warning("scheduler_command_not_supported_yet", command=kind)
+            log.warning("scheduler_command_not_supported", command=kind)
 
     async def deregister(self, timeout_s: float = 2.0) -> None:
         """Leave the registry at once (graceful shutdown) instead of waiting for the lease."""

@@ -14,6 +14,7 @@ import uuid
 
 import torch
 
+from kvtransport import TransportConfig, make_transport
 from protos import worker_pb2_grpc
 from services.common.grpc_server import GrpcServer
 from services.common.logging import get_logger
@@ -25,16 +26,18 @@ from services.worker.config import WorkerConfig
 from services.worker.engine import LLMEngine
 from services.worker.instance import WorkerInstance
 from services.worker.llumlet import Llumlet
+from services.worker.migration import MigrationTarget
 from services.worker.servicer import WorkerServicer
 
 log = get_logger(__name__)
 
-# Placeholder until kvtransport/ provides the UCX worker address.
-TRANSPORT_BACKEND_NONE = "none"
-
 
 def instance_spec(
-    config: WorkerConfig, engine: LLMEngine, instance_id: str, address: str
+    config: WorkerConfig,
+    engine: LLMEngine,
+    instance_id: str,
+    address: str,
+    transport_address: bytes,
 ) -> InstanceSpec:
     model = engine.model_config
     eos = engine.eos_token_id
@@ -50,8 +53,8 @@ def instance_spec(
         vocab_size=model.vocab_size,
         eos_token_id=-1 if eos is None else eos,
         memory_capacity_bytes=engine.config.memory_capacity_bytes,
-        transport_address=b"",
-        transport_backend=TRANSPORT_BACKEND_NONE,
+        transport_address=transport_address,
+        transport_backend=config.transport_backend,
     )
 
 
@@ -59,9 +62,7 @@ async def serve(config: WorkerConfig, server: GrpcServer | None = None) -> None:
     """Run one worker until SIGTERM/SIGINT (or `server.request_stop()`)."""
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
-    import sys
 
-    sys.setswitchinterval(float(__import__("os").environ.get("X_SWITCH", "0.005")))
     instance_id = config.instance_id or f"worker-{uuid.uuid4().hex[:8]}"
     server = server or GrpcServer("worker", config.bind, grace_s=config.grace_s)
     servicer = WorkerServicer()
@@ -71,7 +72,9 @@ async def serve(config: WorkerConfig, server: GrpcServer | None = None) -> None:
     address = config.advertise_address or server.address
     log.info("engine_loading", model=config.model, instance_id=instance_id)
     engine = await asyncio.to_thread(LLMEngine, config.engine_config())
-    spec = instance_spec(config, engine, instance_id, address)
+    transport = make_transport(TransportConfig(backend=config.transport_backend))
+    await transport.start()
+    spec = instance_spec(config, engine, instance_id, address, transport.address)
     llumlet = Llumlet(
         spec,
         config.scheduler_address,
@@ -84,6 +87,16 @@ async def serve(config: WorkerConfig, server: GrpcServer | None = None) -> None:
     )
     instance = WorkerInstance(engine, llumlet, config.owner_unreachable_s)
     instance.start()
+    migration = instance.attach_migration(
+        transport, config.migration_config(), config.migration_selection
+    )
+    llumlet.on_migrate = lambda command: migration.migrate_out_soon(
+        MigrationTarget(
+            command.dst_instance_id, command.dst_address, command.dst_transport_address
+        ),
+        command.request_id,
+        command.num_requests,
+    )
     servicer.instance = instance
     await server.set_serving()
     reporter = asyncio.create_task(llumlet.run())

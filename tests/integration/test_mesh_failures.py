@@ -18,7 +18,7 @@ TIMEOUT_S = 120.0
 
 def test_kill_9_worker_mid_generation_resumes_on_the_other(mesh, reference_engine):
     workload = [
-        ([(11 * i + j) % 256 for j in range(6 + i)], {"max_tokens": 160, "ignore_eos": True, "seed": 70 + i,
+        ([(11 * i + j) % 256 for j in range(6 + i)], {"max_tokens": 300, "ignore_eos": True, "seed": 70 + i,
                                                       "temperature": 0.0 if i % 2 else 0.75})
         for i in range(6)
     ]  # fmt: skip
@@ -30,10 +30,9 @@ def test_kill_9_worker_mid_generation_resumes_on_the_other(mesh, reference_engin
                 client.generate_stream(prompt_token_ids=p, request_id=f"failover-{i}", **s)
                 for i, (p, s) in enumerate(workload)
             ]
-            received: list[list] = [[] for _ in streams]
-            # Every request is running and has produced a token somewhere.
-            for stream, chunks in zip(streams, received, strict=True):
-                chunks.append(await anext(stream))
+            # All start at once; each has produced a token somewhere, none is near its end.
+            firsts = await asyncio.gather(*(anext(stream) for stream in streams))
+            received: list[list] = [[first] for first in firsts]
             by_instance = {}
             for i, chunks in enumerate(received):
                 by_instance.setdefault(chunks[0].instance_id, []).append(i)

@@ -1,9 +1,9 @@
 """Dispatch policies: choose the instance for a new request.
 
 Registered names:
-    freest        Llumnix: highest freeness once the request is queued there;
-                  priority-aware (high-priority requests see the headroom reserved for
-                  them as free). The default.
+    freest        Llumnix: highest freeness once the instance's queue and the new
+                  request are admitted; priority-aware (high-priority requests see the
+                  headroom reserved for them as free). The default.
     round_robin   baseline: instances in id order, one after another.
     load_balance  baseline (INFaaS++-like): lowest physical demand ratio
                   (used blocks + blocks all queued requests need) / total blocks; no
@@ -50,25 +50,21 @@ def _candidates(loads: Sequence[InstanceLoad], request: DispatchInfo) -> list[In
 
 @register_dispatch("freest")
 class FreestDispatch(DispatchPolicy):
-    """Llumnix: the instance that is freest once it holds the request; ties to the lowest id.
+    """Llumnix: the instance that will be freest with the request; ties to the lowest id.
 
-    With `count_request_demand` (the default, paired with de-fragmentation) each
-    instance is ranked by the freeness the load model gives it with the new request
-    queued there: on an instance with an empty queue the request becomes the
-    head-of-line request, so its prompt blocks join the virtual usage; behind an
-    existing queue it adds nothing (the head of line already counts). Without it,
-    instances are ranked by their current freeness (Llumnix without de-fragmentation).
+    Each instance is ranked by its freeness once its queue and the new request are
+    admitted: (total - used - all queued demand - the request's prompt blocks -
+    headroom) / (running + waiting + 1). Counting the whole queue, not just the head of
+    line, spreads a burst that arrives within one engine step instead of stacking it
+    on one instance (the live Llumnix scheduler gets the same effect by counting the
+    requests it dispatched since an instance's last load report).
 
-    A high-priority request looks through the headroom reserved for high-priority
-    requests (`InstanceLoad.high_priority_freeness`): the headroom keeps normal
-    requests away from instances running high-priority ones, not high-priority
-    requests themselves. With no headroom configured both rankings are the same.
+    A high-priority request ignores the headroom reserved for high-priority requests:
+    the headroom keeps normal requests away from instances running high-priority
+    ones, not high-priority requests themselves.
     """
 
     name = "freest"
-
-    def __init__(self, count_request_demand: bool = True) -> None:
-        self.count_request_demand = count_request_demand
 
     def choose(self, loads, request):
         candidates = _candidates(loads, request)
@@ -80,12 +76,14 @@ class FreestDispatch(DispatchPolicy):
         )
         return best.instance_id
 
-    def freeness_with(self, load: InstanceLoad, request: DispatchInfo, is_high: bool) -> float:
-        """The instance's freeness once `request` is queued there."""
-        usage = load.virtual_usage - (load.num_headroom_blocks if is_high else 0)
-        if self.count_request_demand and load.num_waiting == 0:
-            usage += -(-request.num_prompt_tokens // load.block_size)
-        return freeness(load.num_total_blocks, usage, load.num_running)
+    @staticmethod
+    def freeness_with(load: InstanceLoad, request: DispatchInfo, is_high: bool) -> float:
+        """The instance's freeness once its queue and `request` are admitted."""
+        demand = -(-request.num_prompt_tokens // load.block_size)
+        usage = load.num_used_blocks + load.num_waiting_blocks + demand
+        if not is_high:
+            usage += load.num_headroom_blocks
+        return freeness(load.num_total_blocks, usage, load.num_running + load.num_waiting + 1)
 
 
 @register_dispatch("round_robin")

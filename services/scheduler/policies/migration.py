@@ -30,15 +30,15 @@ class MigrationConfig:
     # Seconds between pairing rounds.
     interval_s: float = 0.05
     # An instance whose freeness is below this migrates requests out.
-    src_freeness_below: float = 4.0
+    src_freeness_below: float = 2.0
     # An instance whose freeness is above this accepts migrated requests.
-    dst_freeness_above: float = 16.0
+    dst_freeness_above: float = 4.0
     # Requests a normal source moves per pair and round.
     num_requests_per_pair: int = 1
     # Requests a terminating (draining) source moves per pair and round.
     num_drain_requests_per_pair: int = 4
     # An instance already in this many migrations (either direction) is skipped.
-    max_migrations_per_instance: int = 1
+    max_migrations_per_instance: int = 2
 
     def __post_init__(self) -> None:
         if not self.interval_s > 0:

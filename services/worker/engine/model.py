@@ -69,6 +69,8 @@ class StageWeights:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:  # the fused kernel gives HF's float32 result bit for bit
+        return F.rms_norm(x, weight.shape, weight, eps)
     # Same op order as HF LlamaRMSNorm: normalise in float32, cast back, then scale.
     x_float = x.float()
     variance = x_float.pow(2).mean(-1, keepdim=True)
@@ -197,7 +199,8 @@ class LlamaModel:
         hidden = hidden + F.linear(attn, w.o_proj, w.o_bias)
         x = rms_norm(hidden, w.post_attention_norm, c.rms_norm_eps)
         gate, up = F.linear(x, w.gate_up_proj, w.gate_up_bias).chunk(2, dim=-1)  # (T, I) each
-        return hidden + F.linear(F.silu(gate) * up, w.down_proj, w.down_bias)
+        act = F.silu(gate, inplace=True).mul_(up)  # in place: gate_up is this layer's scratch
+        return hidden + F.linear(act, w.down_proj, w.down_bias)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(R, H) last-layer hidden states -> (R, V) float32 logits."""

@@ -27,6 +27,10 @@ class MigrationConfig:
     max_outgoing: int = 4
     # Commit retries (the RPC is idempotent) before the outcome counts as unknown.
     commit_attempts: int = 3
+    # Tests only: "pause_before_commit" or "pause_before_stage:N" (see fault_pause_s).
+    fault: str = ""
+    # How long a fault pause lasts.
+    fault_pause_s: float = 60.0
 
     def __post_init__(self) -> None:
         for name in ("last_stage_max_blocks", "reserve_slack_blocks"):
@@ -35,6 +39,12 @@ class MigrationConfig:
         for name in ("max_stages", "lease_ms", "max_incoming", "max_outgoing", "commit_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.fault and not (
+            self.fault == "pause_before_commit" or self.fault.startswith("pause_before_stage:")
+        ):
+            raise ValueError(
+                f"fault={self.fault!r} must be 'pause_before_commit' or 'pause_before_stage:N'"
+            )
         for name in ("rpc_timeout_s", "transfer_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +31,13 @@ from services.worker.migration.status import (
     ReservationStatus,
     check_transition,
 )
-from services.worker.migration.types import CommitOffer, PrepareOffer, PrepareReply, StageOffer
+from services.worker.migration.types import (
+    CommitOffer,
+    PrepareOffer,
+    PrepareReply,
+    RequestHandoff,
+    StageOffer,
+)
 
 log = get_logger(__name__)
 
@@ -60,13 +66,17 @@ class MigrationDestination:
         async_engine: AsyncEngine,
         transport: Transport,
         config: MigrationConfig,
-        on_adopted: Callable[..., Awaitable[None] | None] | None = None,
+        on_adopting: Callable[[RequestHandoff], None] | None = None,
+        on_adopt_failed: Callable[[RequestHandoff], None] | None = None,
         is_draining: Callable[[], bool] = lambda: False,
     ) -> None:
+        """on_adopting(handoff) runs just before the engine adopts the request, so its
+        owner is known before its first output; on_adopt_failed undoes it."""
         self._engine = async_engine
         self._transport = transport
         self._config = config
-        self._on_adopted = on_adopted
+        self._on_adopting = on_adopting
+        self._on_adopt_failed = on_adopt_failed
         self._is_draining = is_draining
         self._reservations: dict[str, Reservation] = {}
         self._committed: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
@@ -209,9 +219,13 @@ class MigrationDestination:
                 engine.release_blocks(extra)
             engine.import_request(state, used)
 
+        if self._on_adopting is not None:
+            self._on_adopting(offer.handoff)
         try:
             await self._engine.run(adopt)
         except ValueError as exc:
+            if self._on_adopt_failed is not None:
+                self._on_adopt_failed(offer.handoff)
             await self._abort(reservation, f"import_failed: {exc}", release=used)
             return False, f"import_failed: {exc}"
         reservation.set_status(ReservationStatus.COMMITTED)
@@ -219,10 +233,6 @@ class MigrationDestination:
         del self._reservations[offer.migration_id]
         self._remember(key)
         self.num_committed += 1
-        if self._on_adopted is not None:
-            result = self._on_adopted(offer.handoff)
-            if asyncio.iscoroutine(result):
-                await result
         log.info("migration_adopted", migration_id=offer.migration_id, request_id=request_id)
         return True, ""
 

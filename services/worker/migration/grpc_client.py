@@ -100,7 +100,9 @@ class GrpcDestinationClient:
             return await method(request, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             if exc.code() in _UNREACHABLE:
-                raise ConnectionError(f"{self.address}: {exc.code().name}: {exc.details()}") from exc
+                raise ConnectionError(
+                    f"{self.address}: {exc.code().name}: {exc.details()}"
+                ) from exc
             raise
 
     async def prepare(self, offer: PrepareOffer) -> PrepareReply:

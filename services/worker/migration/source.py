@@ -303,6 +303,7 @@ class MigrationSource:
                     data = engine.read_kv_blocks(tail_ids) if tail_ids else None
                     await self._send_stage(client, m, num_sent, data, is_last=True, span=span)
             m.set_status(MigrationStatus.COMMITTING)
+            await self._maybe_pause("pause_before_commit")
             handoff = self._handoff_for(m.request_id, state)
             committed, detail = await self._commit(
                 client, CommitOffer(m.migration_id, handoff, num_blocks)
@@ -333,9 +334,16 @@ class MigrationSource:
         if snap.block_ids[: len(expect_prefix)] != expect_prefix:
             raise MigrationAborted(AbortReason.REQUEST_PREEMPTED, "block table changed")
 
+    async def _maybe_pause(self, point: str) -> None:
+        """Fault injection for tests: stop here so a test can kill a process."""
+        if self._config.fault == point:
+            log.warning("migration_fault_paused", point=point)
+            await asyncio.sleep(self._config.fault_pause_s)
+
     async def _send_stage(
         self, client, m: _Migration, first: int, data: torch.Tensor | None, is_last: bool, span
     ) -> None:
+        await self._maybe_pause(f"pause_before_stage:{m.num_stages}")
         num_blocks = 0 if data is None else data.shape[2]
         transfer_id = f"mig-{m.migration_id}-{m.num_stages}"
         offer = StageOffer(m.migration_id, m.num_stages, first, num_blocks, transfer_id, is_last)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 
 import torch
@@ -15,6 +16,12 @@ def pattern(nbytes: int, salt: int = 0) -> torch.Tensor:
     words = torch.arange(salt, salt + (nbytes + 3) // 4, dtype=torch.int64)
     mixed = (words * 2654435761 + 12345) % (1 << 32)
     return mixed.to(torch.int32).view(torch.uint8)[:nbytes].clone()
+
+
+@functools.lru_cache(maxsize=4)
+def cached_pattern(nbytes: int, salt: int = 0) -> torch.Tensor:
+    """pattern() made once per session: for big payloads that tests only read."""
+    return pattern(nbytes, salt)
 
 
 async def wait_until(predicate, timeout: float = 5.0) -> None:

@@ -16,7 +16,7 @@ from kvtransport import (
     TransferTimeout,
 )
 from kvtransport.config import MIB
-from tests.unit.kvtransport.helpers import assert_clean, pattern, wait_until
+from tests.unit.kvtransport.helpers import assert_clean, cached_pattern, pattern, wait_until
 
 ACT = TrafficClass.ACTIVATION
 
@@ -147,6 +147,7 @@ async def test_receiver_cancel_mid_transfer_leaves_both_sides_clean(make_pair):
 async def test_cancel_before_any_recv_drains_what_was_issued(make_pair):
     sender, receiver = await make_pair(kv_chunk_bytes=MIB, kv_window=4)
     handle = await sender.send(receiver.address, "z", pattern(16 * MIB))
+    handle.pause()  # header and 4 chunks issued, 12 not
     await wait_until(lambda: receiver.stats().num_incoming == 1)  # announced, unclaimed
     assert await handle.cancel() is True
     with pytest.raises(TransferCancelled, match="cancelled by its sender"):
@@ -156,7 +157,7 @@ async def test_cancel_before_any_recv_drains_what_was_issued(make_pair):
 
 async def test_activation_overtakes_a_256mib_kv_transfer(make_pair):
     sender, receiver = await make_pair()
-    kv, activation = pattern(256 * MIB), torch.randn(16, 4096).to(torch.bfloat16)
+    kv, activation = cached_pattern(256 * MIB), torch.randn(16, 4096).to(torch.bfloat16)
     kv_received = asyncio.create_task(receiver.recv("kv", timeout=60))
     activation_received = asyncio.create_task(receiver.recv("act"))
     kv_handle = await sender.send(receiver.address, "kv", kv)

@@ -65,12 +65,20 @@ def test_pending_dispatches_count_until_a_later_report():
     registry.note_dispatch("a", "r1", num_blocks=5)
     registry.note_dispatch("a", "r2", num_blocks=3)
     [effective] = registry.loads()
-    assert (effective.virtual_usage, effective.num_waiting, effective.freeness) == (18.0, 2, 82.0)
+    assert (effective.virtual_usage, effective.num_waiting, effective.num_waiting_blocks) == (
+        18.0,
+        2,
+        8,
+    )
     assert effective.address == "addr-a" and effective.block_size == 16
     clock.now = 1.0  # older than the pending TTL (0.5 s): the next report shows them
     registry.report(load("a", 2, used=18, running=3))
     [effective] = registry.loads()
-    assert (effective.virtual_usage, effective.num_waiting) == (18.0, 0)
+    assert (effective.virtual_usage, effective.num_waiting, effective.num_waiting_blocks) == (
+        18.0,
+        0,
+        0,
+    )
 
 
 def test_lease_must_be_positive():

@@ -13,14 +13,16 @@ def load(
     total: int = 100,
     waiting: int = 0,
     hol: int = 0,
-    waiting_blocks: int = 0,
+    waiting_blocks: int | None = None,
     high: int = 0,
     terminating: bool = False,
     migrating: int = 0,
     headroom: int = 0,
     defrag: bool = True,
 ) -> InstanceLoad:
-    """A snapshot whose virtual usage and freeness come from the real load model."""
+    """A snapshot whose virtual usage and freeness come from the real load model.
+
+    `waiting_blocks` (all queued demand) defaults to the head of line's demand."""
     return make_instance_load(
         instance_id,
         num_total_blocks=total,
@@ -28,7 +30,7 @@ def load(
         num_running=running,
         num_waiting=waiting,
         num_hol_blocks=hol,
-        num_waiting_blocks=waiting_blocks,
+        num_waiting_blocks=hol if waiting_blocks is None else waiting_blocks,
         num_running_high_priority=high,
         is_terminating=terminating,
         num_migrating=migrating,

@@ -19,16 +19,31 @@ def test_unknown_dispatch_name_lists_the_known_ones():
 # ---- freest -----------------------------------------------------------------------
 
 
-def test_freest_picks_the_highest_freeness():
-    # freeness: a = (100-60)/4 = 10, b = (100-50)/2 = 25, c = (100-10)/10 = 9
+def test_freest_picks_the_highest_freeness_with_the_request():
+    # The 32-token prompt needs 2 blocks: a = (100-60-2)/5 = 7.6, b = (100-50-2)/3 = 16,
+    # c = (100-10-2)/11 = 8.
     loads = [load("a", 60, 4), load("b", 50, 2), load("c", 10, 10)]
     assert make_dispatch_policy("freest").choose(loads, NORMAL) == "b"
 
 
 def test_freest_counts_head_of_line_demand():
-    # b has fewer used blocks but a queued 80-block prompt: (100-20-80)/2 = 0 < a's 10
+    # b has fewer used blocks but a queued 80-block prompt: (100-20-80-2)/4 < a's 7.6
     loads = [load("a", 60, 4), load("b", 20, 2, waiting=1, hol=80)]
     assert make_dispatch_policy("freest").choose(loads, NORMAL) == "a"
+
+
+def test_freest_counts_the_whole_queue_so_a_burst_spreads():
+    # a's head of line is small, but 3 requests wait: (100-10-6-2)/5 = 16.4 < b's 22.7
+    loads = [load("a", 10, 1, waiting=3, hol=2, waiting_blocks=6), load("b", 30, 2)]
+    assert make_dispatch_policy("freest").choose(loads, NORMAL) == "b"
+
+
+def test_freest_counts_the_request_itself():
+    # Without the request a (freeness 40) beats b (30); a 1000-token prompt (63 blocks)
+    # fits b better: a = (100-60-63)/2 < 0, b = (200-140-63)/3 < 0 but higher.
+    big = DispatchInfo("big", num_prompt_tokens=1000)
+    loads = [load("a", 60, 1), load("b", 140, 2, total=200)]
+    assert make_dispatch_policy("freest").choose(loads, big) == "b"
 
 
 def test_freest_breaks_ties_toward_the_lowest_id():
@@ -56,7 +71,7 @@ def test_freest_returns_none_when_every_instance_is_terminating():
 
 
 def test_freest_still_dispatches_when_every_instance_is_overloaded():
-    # All busy: freeness a = (100-130)/10 = -3, b = (100-100-40)/8 = -5; least bad wins.
+    # All busy: a = (100-100-30-2)/14 = -2.3, b = (100-100-40-2)/10 = -4.2; least bad wins.
     loads = [load("a", 100, 10, waiting=3, hol=30), load("b", 100, 8, waiting=1, hol=40)]
     assert make_dispatch_policy("freest").choose(loads, NORMAL) == "a"
 
@@ -68,14 +83,14 @@ def test_freest_honours_exclusions():
 
 
 def test_freest_keeps_normal_requests_off_high_priority_headroom():
-    # a runs a high-priority request: headroom 40 -> freeness (100-20-40)/2 = 20;
-    # b: (100-50)/2 = 25. Normal requests go to b.
+    # a runs a high-priority request: headroom 40 -> (100-20-2-40)/3 = 12.7;
+    # b: (100-50-2)/3 = 16. Normal requests go to b.
     loads = [load("a", 20, 2, high=1, headroom=40), load("b", 50, 2, headroom=40)]
     assert make_dispatch_policy("freest").choose(loads, NORMAL) == "b"
 
 
 def test_freest_lets_high_priority_requests_use_the_headroom():
-    # Seen through the headroom, a is (100-20)/2 = 40 free, more than b's 25.
+    # Seen through the headroom, a is (100-20-2)/3 = 26 free, more than b's 16.
     loads = [load("a", 20, 2, high=1, headroom=40), load("b", 50, 2, headroom=40)]
     assert make_dispatch_policy("freest").choose(loads, HIGH) == "a"
 

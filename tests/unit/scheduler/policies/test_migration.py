@@ -10,7 +10,9 @@ from services.scheduler.policies import (
 )
 from tests.unit.scheduler.policies.snapshots import load
 
-CONFIG = MigrationConfig(src_freeness_below=5.0, dst_freeness_above=20.0)
+CONFIG = MigrationConfig(
+    src_freeness_below=5.0, dst_freeness_above=20.0, max_migrations_per_instance=1
+)
 
 
 def pair(loads, config=CONFIG):
@@ -135,14 +137,14 @@ def test_default_config_values():
     config = MigrationConfig()
     assert (config.interval_s, config.src_freeness_below, config.dst_freeness_above) == (
         0.05,
+        2.0,
         4.0,
-        16.0,
     )
     assert (
         config.num_requests_per_pair,
         config.num_drain_requests_per_pair,
         config.max_migrations_per_instance,
-    ) == (1, 4, 1)
+    ) == (1, 4, 2)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,160 @@
+"""The comparison report and the `llmesh simulate` CLI on a tiny, fast configuration."""
+
+import json
+
+import pytest
+
+from services.cli.main import main
+from services.simulator.compare import POLICY_NAMES, CompareConfig, policy_config, run_compare
+from services.simulator.config import SimConfig
+from services.simulator.report import compare_tables
+
+TINY = CompareConfig(
+    num_instances=3,
+    num_requests=60,
+    profile="tiny-cpu",
+    rates=(200.0, 800.0, 2000.0),
+    prompt="uniform:8:64",
+    output="uniform:4:32",
+    autoscale_schedule=((0.05, 200.0), (0.05, 2000.0)),
+    autoscale_min_instances=1,
+    fidelity_requests=30,
+    fidelity_rate=200.0,
+    workers=1,
+)
+
+
+@pytest.fixture(scope="module")
+def report():
+    return run_compare(TINY)
+
+
+def test_report_has_every_key_of_the_contract(report):
+    assert list(report)[:6] == [
+        "compare",
+        "priority",
+        "autoscale",
+        "fidelity",
+        "wall_seconds_16x10k",
+        "cpu_seconds_16x10k",
+    ]
+    assert [(row["rate"], row["policy"]) for row in report["compare"]] == [
+        (rate, name) for rate in TINY.rates for name in POLICY_NAMES
+    ]
+    assert set(report["compare"][0]) == {
+        "rate",
+        "policy",
+        "mean_ttft_s",
+        "p99_ttft_s",
+        "mean_tpot_s",
+        "p99_tpot_s",
+        "p99_e2e_s",
+        "preemptions",
+        "preemption_loss_s",
+        "migrations",
+    }
+    assert {
+        "high_p99_ttft_s",
+        "high_p99_ttft_no_priority_s",
+        "normal_p99_ttft_s",
+        "normal_p99_ttft_no_priority_s",
+    } <= set(report["priority"])
+    assert {"instance_seconds", "instance_seconds_fixed", "p99_ttft_s", "p99_ttft_fixed_s"} <= set(
+        report["autoscale"]
+    )
+    assert {"real_mean_ttft_s", "sim_mean_ttft_s", "real_mean_tpot_s", "sim_mean_tpot_s"} <= set(
+        report["fidelity"]
+    )
+
+
+def test_report_values(report):
+    baselines = [r for r in report["compare"] if r["policy"] in ("round_robin", "load_balance")]
+    assert all(r["migrations"] == 0 for r in baselines)
+    assert all(r["p99_ttft_s"] >= r["mean_ttft_s"] > 0 for r in report["compare"])
+    assert report["fidelity"]["real_mean_ttft_s"] is None
+    assert report["fidelity"]["sim_mean_ttft_s"] > 0
+    assert report["wall_seconds_16x10k"] > 0
+    json.dumps(report)  # plain data all the way down
+
+
+def test_tables_show_every_policy(report):
+    text = compare_tables(report)
+    for name in POLICY_NAMES:
+        assert name in text
+    assert "Priorities" in text and "Auto-scaling" in text and "Fidelity" in text
+
+
+def test_policy_configs():
+    base = SimConfig()
+    assert (
+        policy_config("round_robin", base).dispatch,
+        policy_config("round_robin", base).migration,
+    ) == (
+        "round_robin",
+        "none",
+    )
+    assert policy_config("load_balance", base).migration == "none"
+    assert policy_config("llumnix", base).load_model.enable_defrag is True
+    assert policy_config("llumnix_no_defrag", base).load_model.enable_defrag is False
+    with pytest.raises(ValueError, match="policy 'fifo' is not one of"):
+        policy_config("fifo", base)
+
+
+def test_compare_config_validation():
+    with pytest.raises(ValueError, match="rates=()"):
+        CompareConfig(rates=())
+    with pytest.raises(ValueError, match="autoscale_min_instances=20"):
+        CompareConfig(autoscale_min_instances=20)
+    with pytest.raises(ValueError, match="not one of"):
+        CompareConfig(prompt="weird:1")
+
+
+def test_cli_single_run_ends_with_json(capsys):
+    code = main(
+        [
+            "simulate",
+            "--profile",
+            "tiny-cpu",
+            "--instances",
+            "2",
+            "--requests",
+            "40",
+            "--rate",
+            "500",
+            "--prompt",
+            "uniform:8:32",
+            "--output",
+            "fixed:8",
+            "--json",
+        ]
+    )
+    assert code == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["policy"] == "llumnix"
+    assert last["num_requests"] == 40
+
+
+def test_cli_replays_a_trace(tmp_path, capsys):
+    trace = tmp_path / "t.csv"
+    trace.write_text("arrival_time_s,prompt_len,output_len,priority\n0,10,5,0\n0.001,20,3,1\n")
+    code = main(
+        [
+            "simulate",
+            "--profile",
+            "tiny-cpu",
+            "--instances",
+            "2",
+            "--trace",
+            str(trace),
+            "--priority",
+        ]
+    )
+    assert code == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["num_requests"] == 2
+    assert last["high"]["num_requests"] == 1
+
+
+def test_cli_reports_bad_input(capsys):
+    assert main(["simulate", "--prompt", "zipf:1"]) == 2
+    assert "zipf takes 3 parameter(s)" in capsys.readouterr().err
