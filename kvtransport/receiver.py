@@ -305,24 +305,22 @@ class Receiver:
     def _post_more(self, entry: IncomingTransfer) -> None:
         """Keep POSTED_CHUNKS_AHEAD receive buffers posted (chunks beyond wait on the wire).
 
-        Posting every chunk of a 256 MiB transfer at once would hold the event loop for
-        tens of milliseconds, which an activation arriving meanwhile would pay for.
+        One buffer per event-loop turn: a chunk that is already waiting is copied in
+        right when its buffer is posted (UCX does the rendezvous read inside the call),
+        and an activation arriving meanwhile should wait for one chunk, not eight.
         """
         if not entry.is_posted or entry.error is not None:
             return
         assert entry.header is not None
         num_in_flight = len(entry.chunk_futures) - len(entry.completed_seqs)
-        end = min(len(entry.targets), entry.num_posted + POSTED_CHUNKS_AHEAD - num_in_flight)
-        batch = entry.targets[entry.num_posted : end]
-        if not batch:
+        if entry.num_posted >= len(entry.targets) or num_in_flight >= POSTED_CHUNKS_AHEAD:
             return
-        entry.num_posted = end
-        futures = self._fabric.post_chunks(
-            entry.header.key, [(chunk.seq, view) for chunk, view in batch]
-        )
-        for (chunk, _), future in zip(batch, futures, strict=True):
-            entry.chunk_futures[chunk.seq] = future
-            future.add_done_callback(partial(self._on_chunk, entry, chunk))
+        chunk, view = entry.targets[entry.num_posted]
+        entry.num_posted += 1
+        (future,) = self._fabric.post_chunks(entry.header.key, [(chunk.seq, view)])
+        entry.chunk_futures[chunk.seq] = future
+        future.add_done_callback(partial(self._on_chunk, entry, chunk))
+        asyncio.get_running_loop().call_soon(self._post_more, entry)
 
     def _on_chunk(self, entry: IncomingTransfer, chunk: ChunkRef, future: asyncio.Future) -> None:
         if future.cancelled():

@@ -45,7 +45,7 @@ OnDone = Callable[[TransportError | None], None]
 # while anything is pending (ucxx's blocking mode uses the same safety net).
 WATCHDOG_INTERVAL_S = 0.05
 # Longest stretch of UCX progress before the event loop gets a turn.
-PROGRESS_SLICE_S = 0.0005
+PROGRESS_SLICE_S = 0.0001
 # How long closing an endpoint may wait for UCX to flush/cancel (nanoseconds).
 CLOSE_PERIOD_NS = 100_000_000
 

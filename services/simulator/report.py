@@ -46,7 +46,7 @@ def compare_tables(report: dict[str, Any]) -> str:
             ),
             [
                 (
-                    r["rate"],
+                    f"{r['rate']:g}",
                     r["policy"],
                     r["mean_ttft_s"],
                     r["p99_ttft_s"],

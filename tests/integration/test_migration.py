@@ -98,8 +98,16 @@ def prompt(seed: int, length: int) -> list[int]:
     return [rng.randrange(256) for _ in range(length)]
 
 
-def instances(mesh: LocalMesh) -> dict[str, object]:
-    return {i.info.instance_id: i.info for i in cluster_state(mesh.scheduler_address).instances}
+def instances(mesh: LocalMesh, num_instances: int = 2) -> dict[str, object]:
+    """The registered instances' infos, once num_instances have registered."""
+
+    def infos():
+        found = {
+            i.info.instance_id: i.info for i in cluster_state(mesh.scheduler_address).instances
+        }
+        return found if len(found) >= num_instances else None
+
+    return wait_until(infos, 60, 0.1, f"{num_instances} registered instances")
 
 
 def migrate(src, dst, request_id: str = "", mode: str = "live") -> list[worker_pb2.MigrationResult]:
@@ -250,5 +258,5 @@ def test_kill_9_during_migration_loses_nothing(fault_mesh, reference, victim_rol
     assert (load.num_used_blocks, load.num_migrating) == (0, 0)
     fault_mesh.workers.remove(victim)
     fault_mesh.add_worker()
-    wait_until(lambda: len(instances(fault_mesh)) == 2, 60, 0.2, "the replacement worker")
+    instances(fault_mesh)  # the replacement registered
     assert_clean(fault_mesh)

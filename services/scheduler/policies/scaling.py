@@ -57,10 +57,11 @@ class ScalingConfig:
 
     # Seconds between scaling decisions.
     interval_s: float = 1.0
-    # Add an instance when average freeness drops below this.
-    scale_up_freeness: float = 8.0
+    # Add instances when average freeness drops below this (high: new instances take
+    # time to start, so scale before the running ones are full).
+    scale_up_freeness: float = 30.0
     # Remove one when average freeness without it would stay above this.
-    scale_down_freeness: float = 40.0
+    scale_down_freeness: float = 100.0
     # Seconds after an action before the next one (new instances need time to fill).
     cooldown_s: float = 10.0
     # Never fewer non-terminating instances than this.

@@ -162,8 +162,8 @@ def test_default_config_values():
     config = ScalingConfig()
     assert (config.interval_s, config.scale_up_freeness, config.scale_down_freeness) == (
         1.0,
-        8.0,
-        40.0,
+        30.0,
+        100.0,
     )
     assert (config.cooldown_s, config.min_instances, config.max_instances) == (10.0, 1, 64)
 
