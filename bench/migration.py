@@ -154,7 +154,7 @@ async def run(lengths: list[int], progress) -> dict:
     torch.set_num_threads(1)  # one core per engine thread on a 2-core machine
     max_len = max(lengths) + 2048
     model_dir = write_checkpoint(
-        Path(tempfile.gettempdir()) / "llmesh-bench-migration-model",
+        Path(tempfile.gettempdir()) / f"llmesh-bench-migration-model-{max_len}",
         llama_config(
             num_layers=8,
             hidden_size=256,
@@ -198,6 +198,12 @@ async def run(lengths: list[int], progress) -> dict:
                 entries[j + 1][0] - entries[j][0] for j in range(len(entries) - 6, len(entries) - 1)
             )
             row = {"context_length": length, "decode_step_ms": decode_step * 1000}
+            # Unmeasured round trip first: b's engine grows its attention buffers to this
+            # length once (a per-process cost, not a per-migration one).
+            await a.source.migrate(rid, b.target())
+            await wait_tokens(log, rid, len(log[rid]) + 2)
+            await b.source.migrate(rid, a.target())
+            await wait_tokens(log, rid, len(log[rid]) + 3)
             for mode in (MigrationMode.LIVE, MigrationMode.BLOCKING_COPY, MigrationMode.RECOMPUTE):
                 row[mode.value] = await move(a, b, log, rid, mode)
                 if mode is not MigrationMode.RECOMPUTE:

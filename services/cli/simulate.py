@@ -28,6 +28,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--policy", choices=POLICIES, default="llumnix")
     parser.add_argument("--rate", type=float, default=20.0, help="mean request rate (req/s)")
     parser.add_argument("--rates", default=None, help="--compare: comma-separated rates")
+    parser.add_argument(
+        "--priority-rate", type=float, default=None, help="--compare: rate of the priority run"
+    )
     parser.add_argument("--arrival", choices=("poisson", "gamma"), default="gamma")
     parser.add_argument(
         "--cv", type=float, default=2.0, help="gamma gaps' coefficient of variation"
@@ -141,6 +144,8 @@ def _run_compare(args) -> int:
         fields["num_requests"] = args.requests
     if args.rates:
         fields["rates"] = tuple(float(r) for r in args.rates.split(","))
+    if args.priority_rate:
+        fields["priority_rate"] = args.priority_rate
     cfg = CompareConfig(**fields)
     print(f"running the comparison on {cfg.workers} process(es)...", flush=True)
     real = None

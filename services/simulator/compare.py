@@ -54,17 +54,18 @@ class CompareConfig:
     num_requests: int = 10_000
     profile: str = "llama-7b-a10"
     # Mean request rates (req/s) of the policy comparison, low to high.
-    rates: tuple[float, ...] = (16.0, 20.0, 22.0)
+    rates: tuple[float, ...] = (18.0, 21.0, 22.5)
     arrival: str = "gamma"
     cv: float = 2.0
     prompt: str = "zipf:1.5:16:4000"
     output: str = "zipf:1.5:16:4000"
     seed: int = 0
-    # Priority run: rate (None = the highest of `rates`), share of high-priority requests,
-    # and the headroom reserved per running high-priority request.
-    priority_rate: float | None = None
+    # Priority run: rate (None = the highest of `rates`; priorities only matter when
+    # requests queue, so the default runs just past the highest compare rate), share of
+    # high-priority requests, headroom reserved per running high-priority request.
+    priority_rate: float | None = 23.0
     high_priority_fraction: float = 0.1
-    high_priority_headroom_blocks: int = 64
+    high_priority_headroom_blocks: int = 8
     # Auto-scaling run: a repeating (duration_s, rate) schedule; fleet bounds.
     autoscale_schedule: tuple[tuple[float, float], ...] = ((120.0, 6.0), (120.0, 20.0))
     autoscale_min_instances: int = 4

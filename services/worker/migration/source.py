@@ -281,10 +281,12 @@ class MigrationSource:
         downtime_start = time.perf_counter()
 
         def suspend(e: LLMEngine):
+            nonlocal downtime_start
             s = _snapshot(e, m.request_id)
             if s.status is not RequestStatus.RUNNING or m.is_preempted:
                 return s, None
             e.suspend_request(m.request_id)
+            downtime_start = time.perf_counter()  # the request stops making progress here
             return s, e.export_request_state(m.request_id)
 
         snap, state = await self._engine.run(suspend)
@@ -316,8 +318,10 @@ class MigrationSource:
             await self._resume_here(m)
             await self._abort_remote(client, m, AbortReason.COMMIT_REFUSED)
             raise MigrationAborted(AbortReason.COMMIT_REFUSED, detail)
-        await self._engine.run(lambda e: e.remove_request(m.request_id))
+        # The destination runs it from here: downtime ends at its adoption, not when
+        # this engine gets round to freeing the blocks.
         m.downtime_ms = (time.perf_counter() - downtime_start) * 1000
+        await self._engine.run(lambda e: e.remove_request(m.request_id))
         m.set_status(MigrationStatus.COMMITTED)
         if self._on_committed is not None:
             result = self._on_committed(handoff, m.target)

@@ -14,6 +14,7 @@ TINY = CompareConfig(
     num_requests=60,
     profile="tiny-cpu",
     rates=(200.0, 800.0, 2000.0),
+    priority_rate=None,
     prompt="uniform:8:64",
     output="uniform:4:32",
     autoscale_schedule=((0.05, 200.0), (0.05, 2000.0)),
@@ -158,3 +159,12 @@ def test_cli_replays_a_trace(tmp_path, capsys):
 def test_cli_reports_bad_input(capsys):
     assert main(["simulate", "--prompt", "zipf:1"]) == 2
     assert "zipf takes 3 parameter(s)" in capsys.readouterr().err
+
+
+def test_plot_is_written_when_matplotlib_is_there(report, tmp_path):
+    pytest.importorskip("matplotlib")
+    from services.simulator.report import plot_compare
+
+    path = plot_compare(report, tmp_path / "plot.png")
+    assert path == str(tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

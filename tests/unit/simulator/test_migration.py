@@ -88,7 +88,9 @@ def test_destination_without_room_refuses():
     requests = [SimRequest("r0", 0.0, 400, 20), SimRequest("r1", 0.0, 400, 20)]
     sim = Simulator(config, requests, get_profile(FLAT))
     sim.dispatch_policy = type(
-        "Split", (), {"choose": lambda self, loads, info: "i00" if info.request_id == "r0" else "i01"}
+        "Split",
+        (),
+        {"choose": lambda self, loads, info: "i00" if info.request_id == "r0" else "i01"},
     )()
     refused = []
     sim.loop.at(
