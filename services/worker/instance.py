@@ -21,40 +21,15 @@ from services.worker.engine import (
     DuplicateRequestError,
     LLMEngine,
     RequestOutput,
-    RequestState,
-    SamplingParams,
 )
 from services.worker.llumlet import Llumlet
 from services.worker.migration import MigrationConfig, RequestHandoff
 from services.worker.migration.service import MigrationHooks, WorkerMigration
 from services.worker.output_router import OutputRouter
+from services.worker.requests import engine_state
 
 log = get_logger(__name__)
 tracer = trace.get_tracer("llmesh.worker")
-
-
-def engine_state(spec: RequestSpec) -> RequestState:
-    """A request for the engine; output tokens already delivered are kept, so a
-    failover resumes at the next position with the same seed (recompute)."""
-    s = spec.sampling
-    params = SamplingParams(
-        max_tokens=s.max_tokens,
-        temperature=s.temperature,
-        top_p=s.top_p,
-        top_k=s.top_k,
-        seed=s.seed,
-        stop_token_ids=s.stop_token_ids,
-        ignore_eos=s.ignore_eos,
-    )
-    return RequestState(
-        request_id=spec.request_id,
-        prompt_token_ids=spec.prompt_token_ids,
-        output_token_ids=spec.output_token_ids,
-        params=params,
-        priority=spec.priority,
-        num_computed_tokens=0,
-        arrival_time=spec.arrival_time,
-    )
 
 
 def delta_from_output(output: RequestOutput, failure: str | None = None) -> OutputDelta:

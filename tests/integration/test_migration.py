@@ -127,6 +127,18 @@ def migrate(src, dst, request_id: str = "", mode: str = "live") -> list[worker_p
     return list(reply.results)
 
 
+def running_on(infos, request_id: str) -> str:
+    """The instance whose running batch holds request_id (waits out a prefill)."""
+
+    def find():
+        for instance_id, info in infos.items():
+            if request_id in {r.request_id for r in worker_load(info.address).running}:
+                return instance_id
+        return None
+
+    return wait_until(find, 60, 0.05, f"{request_id} running somewhere")
+
+
 async def collect(stream) -> list:
     return [chunk async for chunk in stream]
 
@@ -157,10 +169,7 @@ def test_requests_migrate_back_and_forth_with_exact_tokens(mesh2, reference):
             results = []
             for _hop in range(3):  # every request moves to the other worker, three times
                 for rid in workload:
-                    load = {w: worker_load(infos[w].address) for w in infos}
-                    here = next(
-                        w for w, ld in load.items() if rid in {r.request_id for r in ld.running}
-                    )
+                    here = await asyncio.to_thread(running_on, infos, rid)
                     there = next(w for w in infos if w != here)
                     results += await asyncio.to_thread(migrate, infos[here], infos[there], rid)
             rest = {rid: await task for rid, task in tasks.items()}

@@ -10,8 +10,9 @@ from __future__ import annotations
 import grpc
 
 from protos import common_pb2, worker_pb2, worker_pb2_grpc
+from services.common.convert import request_from_proto, request_to_proto
 from services.common.grpc_client import aio_channel
-from services.worker.engine import RequestState, SamplingParams
+from services.common.messages import RequestSpec, SamplingSpec
 from services.worker.migration.types import (
     CommitOffer,
     PrepareOffer,
@@ -19,6 +20,7 @@ from services.worker.migration.types import (
     RequestHandoff,
     StageOffer,
 )
+from services.worker.requests import engine_state
 
 _UNREACHABLE = {
     grpc.StatusCode.UNAVAILABLE,
@@ -29,58 +31,38 @@ _UNREACHABLE = {
 
 def handoff_to_proto(handoff: RequestHandoff) -> common_pb2.RequestState:
     state, params = handoff.state, handoff.state.params
-    return common_pb2.RequestState(
-        request_id=state.request_id,
-        prompt_token_ids=list(state.prompt_token_ids),
-        output_token_ids=list(state.output_token_ids),
-        sampling=common_pb2.SamplingParams(
-            max_tokens=params.max_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k,
-            seed=params.seed,
-            stop_token_ids=list(params.stop_token_ids),
-            ignore_eos=params.ignore_eos,
-        ),
-        priority=state.priority,
-        num_computed_tokens=state.num_computed_tokens,
-        arrival_time=state.arrival_time,
-        owner_address=handoff.owner_address,
-        trace_context=dict(handoff.trace_context),
-        placement_epoch=handoff.placement_epoch,
+    message = request_to_proto(
+        RequestSpec(
+            request_id=state.request_id,
+            prompt_token_ids=state.prompt_token_ids,
+            sampling=SamplingSpec(
+                max_tokens=params.max_tokens,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=params.top_k,
+                seed=params.seed,
+                stop_token_ids=params.stop_token_ids,
+                ignore_eos=params.ignore_eos,
+            ),
+            output_token_ids=state.output_token_ids,
+            priority=state.priority,
+            num_computed_tokens=state.num_computed_tokens,
+            arrival_time=state.arrival_time,
+            owner_address=handoff.owner_address,
+            trace_context=dict(handoff.trace_context),
+        )
     )
+    message.placement_epoch = handoff.placement_epoch
+    return message
 
 
 def handoff_from_proto(message: common_pb2.RequestState) -> RequestHandoff:
     """Checks what the engine cannot (ids, owner, seed); the engine checks the rest."""
-    if not message.request_id:
-        raise ValueError("state.request_id must not be empty")
-    if not message.owner_address:
-        raise ValueError("state.owner_address must not be empty")
-    if not message.sampling.HasField("seed"):
-        raise ValueError("state.sampling.seed must be set")
-    s = message.sampling
-    state = RequestState(
-        request_id=message.request_id,
-        prompt_token_ids=tuple(message.prompt_token_ids),
-        output_token_ids=tuple(message.output_token_ids),
-        params=SamplingParams(
-            max_tokens=s.max_tokens,
-            temperature=s.temperature,
-            top_p=s.top_p if s.top_p != 0 else 1.0,
-            top_k=s.top_k,
-            seed=s.seed,
-            stop_token_ids=tuple(s.stop_token_ids),
-            ignore_eos=s.ignore_eos,
-        ),
-        priority=message.priority,
-        num_computed_tokens=message.num_computed_tokens,
-        arrival_time=message.arrival_time,
-    )
+    spec = request_from_proto(message)
     return RequestHandoff(
-        state=state,
-        owner_address=message.owner_address,
-        trace_context=dict(message.trace_context),
+        state=engine_state(spec),
+        owner_address=spec.owner_address,
+        trace_context=spec.trace_context,
         placement_epoch=message.placement_epoch,
     )
 
