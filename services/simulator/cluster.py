@@ -2,7 +2,8 @@
 
 What runs on the event loop:
 
-    arrival         dispatch policy over fresh load snapshots -> instance queue
+    arrival         (after `dispatch_latency_s`) dispatch policy over fresh load
+                    snapshots -> instance queue
     step end        engine update (tokens, finishes), last-stage hand-offs, next step
     migration tick  every MigrationConfig.interval_s: pair -> select -> migrate;
                     terminating instances hand their queued requests back to dispatch
@@ -209,6 +210,7 @@ class Simulator:
             self.profile.cost_profile,
             self.config.load_model,
             created_s=self.loop.now,
+            step_overhead_s=self.config.step_overhead_s,
         )
         self.instances[instance_id] = instance
         if ready_at <= self.loop.now:
@@ -276,7 +278,10 @@ class Simulator:
         request = self.requests[index]
         if index + 1 < len(self.requests):
             self.loop.at(self.requests[index + 1].arrival_s, self._on_arrival, index + 1)
-        self._dispatch(request)
+        if self.config.dispatch_latency_s > 0:
+            self.loop.at(self.loop.now + self.config.dispatch_latency_s, self._dispatch, request)
+        else:
+            self._dispatch(request)
 
     def _dispatch(self, item: SimRequest | RequestState) -> None:
         """Sends a new request (SimRequest) or a re-dispatched queued one (RequestState)."""

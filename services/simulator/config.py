@@ -45,6 +45,12 @@ class SimConfig:
     load_model: LoadModelConfig = LoadModelConfig()
     migration_config: MigrationConfig = MigrationConfig()
     scaling: ScalingConfig | None = None
+    # Seconds from a request's arrival until it reaches an instance (gateway, dispatch
+    # and submit RPCs of the live mesh; 0 = ideal). Counts toward TTFT.
+    dispatch_latency_s: float = 0.0
+    # Seconds every engine step costs beyond the cost model (the live worker's serving
+    # loop around the engine: output push, asyncio; 0 = ideal).
+    step_overhead_s: float = 0.0
     # Seconds from a scale-up decision until the new instance serves (model load).
     instance_startup_s: float = 10.0
     # Migration link bandwidth (bytes/s; 64 Gb/s-class network = 8e9).
@@ -71,6 +77,10 @@ class SimConfig:
             raise ValueError(f"num_kv_blocks={self.num_kv_blocks} must be >= 1")
         if self.block_size < 1:
             raise ValueError(f"block_size={self.block_size} must be >= 1")
+        if self.step_overhead_s < 0:
+            raise ValueError(f"step_overhead_s={self.step_overhead_s} must be >= 0")
+        if self.dispatch_latency_s < 0:
+            raise ValueError(f"dispatch_latency_s={self.dispatch_latency_s} must be >= 0")
         if self.instance_startup_s < 0:
             raise ValueError(f"instance_startup_s={self.instance_startup_s} must be >= 0")
         if not self.migration_bandwidth_bytes_per_s > 0:

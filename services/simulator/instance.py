@@ -37,12 +37,14 @@ class SimInstance:
         profile: CostModelProfile,
         load_config: LoadModelConfig,
         created_s: float = 0.0,
+        step_overhead_s: float = 0.0,
     ) -> None:
         self.instance_id = instance_id
         self.engine = LLMEngine(engine_config, executor="cost_model", profile=profile)
         self.scheduler = self.engine.scheduler
         self.block_manager = self.engine.block_manager
         self.load_config = load_config
+        self.step_overhead_s = step_overhead_s
         self.created_s = created_s
         self.ready_s: float | None = None  # set when it can take requests
         self.removed_s: float | None = None
@@ -140,7 +142,7 @@ class SimInstance:
             return None
         # A step that only preempted (nothing fit) takes no time; the next one retries.
         result = self.engine.executor.execute(batch) if batch.requests else None
-        duration = result.elapsed_s if result is not None else 0.0
+        duration = result.elapsed_s + self.step_overhead_s if result is not None else 0.0
         self._batch, self._result = batch, result
         self.num_steps += 1
         self.busy_s += duration

@@ -229,3 +229,20 @@ def test_config_rejects_unsorted_requests():
 def test_sim_config_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SimConfig(**kwargs)
+
+
+def test_dispatch_latency_adds_to_every_ttft():
+    requests = [SimRequest("r0", 0.0, 16, 4), SimRequest("r1", 5.0, 16, 4)]
+    ideal = run(requests=requests)
+    delayed = run(dataclasses.replace(BASE, dispatch_latency_s=0.25), requests=requests)
+    for a, b in zip(ideal.records, delayed.records, strict=True):
+        assert b.ttft_s == pytest.approx(a.ttft_s + 0.25)
+        assert b.tpot_s == pytest.approx(a.tpot_s)
+
+
+def test_step_overhead_stretches_every_step():
+    requests = [SimRequest("r0", 0.0, 16, 5)]
+    ideal = run(requests=requests).records[0]
+    slow = run(dataclasses.replace(BASE, step_overhead_s=0.01), requests=requests).records[0]
+    assert slow.tpot_s == pytest.approx(ideal.tpot_s + 0.01)
+    assert slow.ttft_s == pytest.approx(ideal.ttft_s + 0.01)
