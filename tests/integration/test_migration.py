@@ -151,9 +151,9 @@ def flatten(chunks) -> list[int]:
 
 def test_requests_migrate_back_and_forth_with_exact_tokens(mesh2, reference):
     workload = {
-        "long-greedy": (prompt(1, 3000), dict(max_tokens=400, ignore_eos=True)),
-        "long-seeded": (prompt(2, 2500), dict(max_tokens=400, temperature=0.8, top_p=0.9, seed=11, ignore_eos=True)),
-        "short-seeded": (prompt(3, 40), dict(max_tokens=400, temperature=1.0, top_k=40, seed=12, ignore_eos=True)),
+        "long-greedy": (prompt(1, 3000), dict(max_tokens=1000, ignore_eos=True)),
+        "long-seeded": (prompt(2, 2500), dict(max_tokens=1000, temperature=0.8, top_p=0.9, seed=11, ignore_eos=True)),
+        "short-seeded": (prompt(3, 40), dict(max_tokens=1500, temperature=1.0, top_k=40, seed=12, ignore_eos=True)),
     }  # fmt: skip
     expected = {rid: reference(p, **s) for rid, (p, s) in workload.items()}
 
