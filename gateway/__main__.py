@@ -9,6 +9,7 @@ import sys
 from gateway.config import GatewayConfig
 from services.common.config import ConfigError, load_config
 from services.common.logging import setup_logging
+from services.common.procs import die_with_parent
 from services.common.tracing import setup_tracing, shutdown_tracing
 
 
@@ -34,6 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_parent()
     args = parse_args(argv)
     try:
         config = load_config(GatewayConfig, "GATEWAY", vars(args))

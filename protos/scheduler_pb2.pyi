@@ -84,14 +84,26 @@ class GetClusterStateRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ClusterState(_message.Message):
-    __slots__ = ("instances", "num_migrations_ordered", "dispatch_policy")
+    __slots__ = ("instances", "num_migrations_ordered", "dispatch_policy", "migration_policy", "autoscale", "pending_instance_ids", "draining_instance_ids", "num_instances_started", "num_instances_stopped")
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     NUM_MIGRATIONS_ORDERED_FIELD_NUMBER: _ClassVar[int]
     DISPATCH_POLICY_FIELD_NUMBER: _ClassVar[int]
+    MIGRATION_POLICY_FIELD_NUMBER: _ClassVar[int]
+    AUTOSCALE_FIELD_NUMBER: _ClassVar[int]
+    PENDING_INSTANCE_IDS_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_INSTANCE_IDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_INSTANCES_STARTED_FIELD_NUMBER: _ClassVar[int]
+    NUM_INSTANCES_STOPPED_FIELD_NUMBER: _ClassVar[int]
     instances: _containers.RepeatedCompositeFieldContainer[InstanceState]
     num_migrations_ordered: int
     dispatch_policy: str
-    def __init__(self, instances: _Optional[_Iterable[_Union[InstanceState, _Mapping]]] = ..., num_migrations_ordered: _Optional[int] = ..., dispatch_policy: _Optional[str] = ...) -> None: ...
+    migration_policy: str
+    autoscale: bool
+    pending_instance_ids: _containers.RepeatedScalarFieldContainer[str]
+    draining_instance_ids: _containers.RepeatedScalarFieldContainer[str]
+    num_instances_started: int
+    num_instances_stopped: int
+    def __init__(self, instances: _Optional[_Iterable[_Union[InstanceState, _Mapping]]] = ..., num_migrations_ordered: _Optional[int] = ..., dispatch_policy: _Optional[str] = ..., migration_policy: _Optional[str] = ..., autoscale: _Optional[bool] = ..., pending_instance_ids: _Optional[_Iterable[str]] = ..., draining_instance_ids: _Optional[_Iterable[str]] = ..., num_instances_started: _Optional[int] = ..., num_instances_stopped: _Optional[int] = ...) -> None: ...
 
 class InstanceState(_message.Message):
     __slots__ = ("info", "load", "ms_since_report")

@@ -37,10 +37,50 @@ class InstanceRow:
     ms_since_report: int
 
 
+@dataclass(frozen=True)
+class ClusterSummary:
+    """The scheduler's policies and its control loops' counters."""
+
+    dispatch_policy: str
+    migration_policy: str
+    num_migrations_ordered: int
+    autoscale: bool
+    pending_instance_ids: tuple[str, ...]
+    draining_instance_ids: tuple[str, ...]
+    num_instances_started: int
+    num_instances_stopped: int
+
+    @classmethod
+    def from_proto(cls, state: scheduler_pb2.ClusterState) -> ClusterSummary:
+        return cls(
+            dispatch_policy=state.dispatch_policy,
+            migration_policy=state.migration_policy or "none",
+            num_migrations_ordered=state.num_migrations_ordered,
+            autoscale=state.autoscale,
+            pending_instance_ids=tuple(state.pending_instance_ids),
+            draining_instance_ids=tuple(state.draining_instance_ids),
+            num_instances_started=state.num_instances_started,
+            num_instances_stopped=state.num_instances_stopped,
+        )
+
+    def describe(self) -> str:
+        text = (
+            f"dispatch: {self.dispatch_policy}  migration: {self.migration_policy} "
+            f"({self.num_migrations_ordered} ordered)"
+        )
+        if self.autoscale:
+            text += (
+                f"  autoscale: {len(self.pending_instance_ids)} starting, "
+                f"{len(self.draining_instance_ids)} draining, "
+                f"{self.num_instances_started} started / {self.num_instances_stopped} stopped"
+            )
+        return text
+
+
 def fetch_cluster(
     scheduler_address: str, timeout_s: float = TIMEOUT_S
-) -> tuple[list[InstanceRow], str]:
-    """(instances, dispatch policy); raises grpc.RpcError if the scheduler does not answer."""
+) -> tuple[list[InstanceRow], ClusterSummary]:
+    """(instances, summary); raises grpc.RpcError if the scheduler does not answer."""
     with grpc.insecure_channel(scheduler_address) as channel:
         state = scheduler_pb2_grpc.SchedulerStub(channel).GetClusterState(
             scheduler_pb2.GetClusterStateRequest(), timeout=timeout_s
@@ -49,7 +89,7 @@ def fetch_cluster(
         InstanceRow(instance_spec_from_proto(i.info), load_from_proto(i.load), i.ms_since_report)
         for i in state.instances
     ]
-    return rows, state.dispatch_policy
+    return rows, ClusterSummary.from_proto(state)
 
 
 def _freeness(value: float) -> str:
@@ -101,9 +141,16 @@ def render_table(rows: list[InstanceRow], title: str):
     return table
 
 
-def rows_to_json(rows: list[InstanceRow], dispatch_policy: str) -> dict:
+def rows_to_json(rows: list[InstanceRow], summary: ClusterSummary) -> dict:
     return {
-        "dispatch_policy": dispatch_policy,
+        "dispatch_policy": summary.dispatch_policy,
+        "migration_policy": summary.migration_policy,
+        "num_migrations_ordered": summary.num_migrations_ordered,
+        "autoscale": summary.autoscale,
+        "pending_instance_ids": list(summary.pending_instance_ids),
+        "draining_instance_ids": list(summary.draining_instance_ids),
+        "num_instances_started": summary.num_instances_started,
+        "num_instances_stopped": summary.num_instances_stopped,
         "instances": [
             {
                 "instance_id": r.spec.instance_id,
@@ -135,7 +182,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     address = args.scheduler or default_addresses().scheduler_address
     try:
-        rows, policy = fetch_cluster(address)
+        rows, summary = fetch_cluster(address)
     except grpc.RpcError as exc:
         print(
             f"llmesh status: the scheduler at {address} does not answer ({exc.code().name}); is the mesh up?",
@@ -143,9 +190,11 @@ def run(args) -> int:
         )
         return 1
     if args.json:
-        print(json.dumps(rows_to_json(rows, policy)))
+        print(json.dumps(rows_to_json(rows, summary)))
         return 0
     from rich.console import Console
 
-    Console().print(render_table(rows, f"llmesh cluster (scheduler {address}, dispatch: {policy})"))
+    Console().print(
+        render_table(rows, f"llmesh cluster (scheduler {address})  {summary.describe()}")
+    )
     return 0

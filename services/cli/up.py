@@ -49,6 +49,20 @@ def add_arguments(parser) -> None:
         default=None,
         help="torch threads per worker (default: cores / workers)",
     )
+    parser.add_argument(
+        "--autoscale",
+        action="store_true",
+        help="let the scheduler start and drain workers with the load "
+        "(--workers is then the minimum)",
+    )
+    parser.add_argument(
+        "--max-workers", type=int, default=4, help="--autoscale: most workers (default 4)"
+    )
+    parser.add_argument(
+        "--migration-policy",
+        default=None,
+        help="scheduler migration pairing: freeness (default) or none",
+    )
     parser.add_argument("--no-table", action="store_true", help="do not draw the live table")
 
 
@@ -72,21 +86,46 @@ def run(args) -> int:
     if args.workers < 1:
         print(f"llmesh up: --workers={args.workers} must be >= 1", file=sys.stderr)
         return 2
-    threads = args.torch_threads or max(1, (os.cpu_count() or 1) // args.workers)
+    if args.autoscale and args.max_workers < args.workers:
+        print(
+            f"llmesh up: --max-workers={args.max_workers} must be >= --workers={args.workers}",
+            file=sys.stderr,
+        )
+        return 2
+    most_workers = args.max_workers if args.autoscale else args.workers
+    threads = args.torch_threads or max(1, (os.cpu_count() or 1) // most_workers)
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="llmesh-up-"))
     stop = _StopRequested()
     stop.install()
+    worker_args = ("--torch-threads", str(threads))
+    scheduler_args: tuple[str, ...] = ()
+    if args.migration_policy:
+        scheduler_args += ("--migration-policy", args.migration_policy)
+    if args.autoscale:
+        # The scheduler's provisioner starts (and stops) every worker.
+        scheduler_args += (
+            "--autoscale",
+            "--min-instances", str(args.workers),
+            "--max-instances", str(args.max_workers),
+            "--worker-model", args.model,
+            "--worker-args", " ".join(worker_args),
+            "--worker-log-dir", str(log_dir / "workers"),
+        )  # fmt: skip
     mesh = LocalMesh(
         log_dir=log_dir,
-        num_workers=args.workers,
+        num_workers=0 if args.autoscale else args.workers,
+        wait_instances=args.workers,
         model=args.model,
         host=args.host,
         scheduler_port=args.scheduler_port,
         gateway_port=args.gateway_port,
-        worker_args=("--torch-threads", str(threads)),
+        worker_args=worker_args,
+        scheduler_args=scheduler_args,
     )
+    scaling = f", auto-scaling up to {args.max_workers}" if args.autoscale else ""
     print(
-        f"llmesh: starting scheduler, {args.workers} worker(s) and gateway (model {args.model}); logs in {log_dir}"
+        f"llmesh: starting scheduler, {args.workers} worker(s){scaling} and gateway "
+        f"(model {args.model}); logs in {log_dir}"
     )
     try:
         mesh.start()
@@ -111,12 +150,20 @@ def _print_banner(mesh: LocalMesh, args) -> None:
     flag = "" if default_gateway else f" --gateway {gateway}"
     print(
         f"\nllmesh is up: gateway {gateway}  scheduler {mesh.scheduler_address}  "
-        f"workers {', '.join(f'{w.name}={w.address}' for w in mesh.workers)}\n"
+        f"workers {_worker_list(mesh)}\n"
         f'  try:  ./llmesh generate{flag} "Hello, llmesh" --max-tokens 16\n'
         f"        ./llmesh status{'' if mesh.scheduler_address == '127.0.0.1:50052' else ' --scheduler ' + mesh.scheduler_address}\n"
         f"  Ctrl-C stops everything.\n",
         flush=True,
     )
+
+
+def _worker_list(mesh: LocalMesh) -> str:
+    try:
+        rows, _ = fetch_cluster(mesh.scheduler_address, timeout_s=1.0)
+    except grpc.RpcError:
+        return ", ".join(f"{w.name}={w.address}" for w in mesh.workers)
+    return ", ".join(f"{r.spec.instance_id}={r.spec.address}" for r in rows)
 
 
 def _watch(mesh: LocalMesh, stop: _StopRequested, show_table: bool) -> None:
@@ -150,7 +197,7 @@ def _watch(mesh: LocalMesh, stop: _StopRequested, show_table: bool) -> None:
 def _table(mesh: LocalMesh):
     title = f"llmesh cluster  (gateway {mesh.gateway_address}, {time.strftime('%H:%M:%S')})"
     try:
-        rows, policy = fetch_cluster(mesh.scheduler_address, timeout_s=1.0)
+        rows, summary = fetch_cluster(mesh.scheduler_address, timeout_s=1.0)
     except grpc.RpcError as exc:
         return render_table([], f"{title}  scheduler unreachable: {exc.code().name}")
-    return render_table(rows, f"{title}  dispatch: {policy}")
+    return render_table(rows, f"{title}  {summary.describe()}")

@@ -9,7 +9,8 @@ polls for the file, so ports can be chosen by the OS (`--bind 127.0.0.1:0`).
 
 No orphans: children start in their own session (a Ctrl-C in the terminal reaches only
 the parent, which stops them in order) and, on Linux, get SIGTERM from the kernel if
-the parent dies without cleaning up (PR_SET_PDEATHSIG). That signal fires when the
+the parent dies without cleaning up (PR_SET_PDEATHSIG, set by the child itself in
+`die_with_parent()`, which every service's main() calls). That signal fires when the
 *thread* that started the child exits, so start services from a long-lived thread
 (the main thread, as the CLI, the bench and pytest fixtures do).
 """
@@ -49,10 +50,25 @@ def write_ready_file(path: str, address: str) -> None:
     os.replace(tmp, target)
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+PARENT_PID_ENV = "LLMESH_PARENT_PID"
+
+
+def die_with_parent() -> None:
+    """Called first thing by every service's main(): if a launcher started it (it set
+    LLMESH_PARENT_PID), get SIGTERM when the launching thread dies, and exit at once if
+    the parent is already gone.
+
+    Done in the child after exec rather than in a `preexec_fn`: Python code between
+    fork and exec can deadlock or crash when the parent runs gRPC threads (the
+    scheduler's provisioner and asyncio tests fork from such processes).
+    """
+    expected = os.environ.pop(PARENT_PID_ENV, "")
+    if not expected or not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if str(os.getppid()) != expected:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 class ServiceStartError(RuntimeError):
@@ -140,7 +156,12 @@ def start_service(
     ready_file = log_dir / f"{name}.ready.json"
     ready_file.unlink(missing_ok=True)
     log_path = log_dir / f"{name}.log"
-    child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    child_env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        **(env or {}),
+        PARENT_PID_ENV: str(os.getpid()),
+    }
     # Children import `protos`, `services`, `gateway` from the repository.
     child_env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(REPO_ROOT), child_env.get("PYTHONPATH", "")) if p
@@ -154,7 +175,6 @@ def start_service(
             cwd=REPO_ROOT,
             env=child_env,
             start_new_session=True,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only prctl, no locks
         )
     return ServiceProcess(name, kind, popen, ready_file, log_path)
 
@@ -215,6 +235,9 @@ class LocalMesh:
     gateway_args: tuple[str, ...] = ()
     scheduler_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
+    # Instances to wait for at start (default num_workers); with the scheduler's
+    # --autoscale its provisioner starts workers itself, so this can exceed num_workers.
+    wait_instances: int | None = None
     ready_timeout_s: float = 180.0
     scheduler: ServiceProcess | None = None
     gateway: ServiceProcess | None = None
@@ -251,7 +274,11 @@ class LocalMesh:
             )  # fmt: skip
             for proc in [*new_workers, self.gateway]:
                 proc.wait_ready(self.ready_timeout_s)
-            wait_for_instances(self.gateway_address, self.num_workers, self.ready_timeout_s)
+            wait_for_instances(
+                self.gateway_address,
+                self.num_workers if self.wait_instances is None else self.wait_instances,
+                self.ready_timeout_s,
+            )
         except BaseException:
             self.stop()
             raise
@@ -287,10 +314,14 @@ class LocalMesh:
         self.workers.append(proc)
         return proc
 
-    def add_worker(self) -> ServiceProcess:
-        """Start one more worker and wait until it is SERVING."""
+    def add_worker(self, wait: bool = True) -> ServiceProcess:
+        """Start one more worker and (unless wait=False) wait until it is SERVING.
+
+        Call it from a long-lived thread (see the module docstring), e.g. from the
+        event loop of `asyncio.run` on the main thread, then `wait_ready` elsewhere."""
         proc = self._spawn_worker()
-        proc.wait_ready(self.ready_timeout_s)
+        if wait:
+            proc.wait_ready(self.ready_timeout_s)
         return proc
 
     def live_workers(self) -> list[ServiceProcess]:

@@ -8,6 +8,7 @@ import sys
 
 from services.common.config import ConfigError, load_config
 from services.common.logging import setup_logging
+from services.common.procs import die_with_parent
 from services.common.tracing import setup_tracing, shutdown_tracing
 from services.scheduler.config import SchedulerConfig
 
@@ -23,6 +24,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--dispatch-policy", dest="dispatch_policy", help="e.g. freest, round_robin"
     )
+    migration = parser.add_argument_group("migration loop")
+    migration.add_argument(
+        "--migration-policy",
+        dest="migration_policy",
+        help="pairing policy: freeness (default) or none (no migration loop)",
+    )
+    migration.add_argument("--migration-interval-ms", dest="migration_interval_ms", type=int)
+    migration.add_argument(
+        "--migration-src-freeness-below", dest="migration_src_freeness_below", type=float
+    )
+    migration.add_argument(
+        "--migration-dst-freeness-above", dest="migration_dst_freeness_above", type=float
+    )
+    migration.add_argument(
+        "--migration-max-per-instance", dest="migration_max_per_instance", type=int
+    )
+    migration.add_argument("--migration-hold-ms", dest="migration_hold_ms", type=int)
+    scaling = parser.add_argument_group("auto-scaling")
+    scaling.add_argument(
+        "--autoscale",
+        dest="autoscale",
+        action="store_const",
+        const=True,
+        help="start and drain workers to keep the average freeness in a band",
+    )
+    scaling.add_argument("--scaling-policy", dest="scaling_policy")
+    scaling.add_argument("--scaling-interval-ms", dest="scaling_interval_ms", type=int)
+    scaling.add_argument("--scale-up-freeness", dest="scale_up_freeness", type=float)
+    scaling.add_argument("--scale-down-freeness", dest="scale_down_freeness", type=float)
+    scaling.add_argument("--scaling-cooldown-s", dest="scaling_cooldown_s", type=float)
+    scaling.add_argument("--min-instances", dest="min_instances", type=int)
+    scaling.add_argument("--max-instances", dest="max_instances", type=int)
+    scaling.add_argument("--provisioner", dest="provisioner", help="local (worker processes here)")
+    scaling.add_argument("--worker-model", dest="worker_model", help="--model of started workers")
+    scaling.add_argument(
+        "--worker-args", dest="worker_args", help="extra flags of started workers (one string)"
+    )
+    scaling.add_argument("--worker-log-dir", dest="worker_log_dir")
     parser.add_argument("--log-level", dest="log_level")
     parser.add_argument("--otlp-endpoint", dest="otlp_endpoint")
     parser.add_argument(
@@ -32,6 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_parent()
     args = parse_args(argv)
     try:
         config = load_config(SchedulerConfig, "SCHEDULER", vars(args))

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 
 from services.common.config import require
-from services.scheduler.policies import DISPATCH_POLICIES
+from services.scheduler.policies import (
+    DISPATCH_POLICIES,
+    MIGRATION_POLICIES,
+    SCALING_POLICIES,
+    MigrationConfig,
+    ScalingConfig,
+)
+
+PROVISIONERS = ("local",)
 
 
 @dataclass(frozen=True)
@@ -20,6 +29,30 @@ class SchedulerConfig:
     otlp_endpoint: str = ""  # OTLP/gRPC trace collector (empty = traces not exported)
     ready_file: str = ""  # write {"address", "pid"} here once serving (process launchers)
     grace_s: float = 5.0  # graceful-stop grace period
+
+    # Migration loop (Llumnix): every interval, pair overloaded with free instances.
+    migration_policy: str = "freeness"  # registered pairing policy; "none" = no loop
+    migration_interval_ms: int = 50  # between pairing rounds
+    migration_src_freeness_below: float = 2.0  # sources: freeness below this
+    migration_dst_freeness_above: float = 4.0  # destinations: freeness above this
+    migration_max_per_instance: int = 2  # concurrent migrations an instance takes part in
+    # After ordering a migration, leave both ends alone this long (their reports lag).
+    migration_hold_ms: int = 300
+
+    # Auto-scaling: keep the average freeness inside a band by starting workers through
+    # the provisioner and draining (migrating away) and stopping them.
+    autoscale: bool = False
+    scaling_policy: str = "freeness_band"
+    scaling_interval_ms: int = 1000
+    scale_up_freeness: float = 30.0  # add workers below this average freeness
+    scale_down_freeness: float = 100.0  # drain one if the average stays above this without it
+    scaling_cooldown_s: float = 10.0  # between two scaling actions
+    min_instances: int = 1
+    max_instances: int = 8
+    provisioner: str = "local"  # "local": worker processes on this machine
+    worker_model: str = "tiny"  # --model of provisioned workers
+    worker_args: str = ""  # extra flags for provisioned workers (shell syntax)
+    worker_log_dir: str = ""  # their logs (default: a new temp dir)
 
     def __post_init__(self) -> None:
         require(":" in self.bind, f"bind={self.bind!r} must be host:port")
@@ -36,3 +69,51 @@ class SchedulerConfig:
             f"dispatch_policy={self.dispatch_policy!r} is not one of {sorted(DISPATCH_POLICIES)}",
         )
         require(self.grace_s >= 0, f"grace_s={self.grace_s} must be >= 0")
+        require(
+            self.migration_policy in MIGRATION_POLICIES,
+            f"migration_policy={self.migration_policy!r} is not one of {sorted(MIGRATION_POLICIES)}",
+        )
+        require(
+            self.migration_hold_ms >= 0, f"migration_hold_ms={self.migration_hold_ms} must be >= 0"
+        )
+        require(
+            self.scaling_policy in SCALING_POLICIES,
+            f"scaling_policy={self.scaling_policy!r} is not one of {sorted(SCALING_POLICIES)}",
+        )
+        require(
+            self.provisioner in PROVISIONERS,
+            f"provisioner={self.provisioner!r} is not one of {list(PROVISIONERS)}",
+        )
+        try:
+            shlex.split(self.worker_args)
+        except ValueError as exc:
+            require(False, f"worker_args={self.worker_args!r} is not valid shell syntax: {exc}")
+        # The policy configs check their own fields; a bad value fails here, named.
+        self.migration_config()
+        self.scaling_config()
+
+    def migration_config(self) -> MigrationConfig:
+        try:
+            return MigrationConfig(
+                interval_s=self.migration_interval_ms / 1000,
+                src_freeness_below=self.migration_src_freeness_below,
+                dst_freeness_above=self.migration_dst_freeness_above,
+                max_migrations_per_instance=self.migration_max_per_instance,
+            )
+        except ValueError as exc:
+            require(False, f"migration settings: {exc}")
+            raise
+
+    def scaling_config(self) -> ScalingConfig:
+        try:
+            return ScalingConfig(
+                interval_s=self.scaling_interval_ms / 1000,
+                scale_up_freeness=self.scale_up_freeness,
+                scale_down_freeness=self.scale_down_freeness,
+                cooldown_s=self.scaling_cooldown_s,
+                min_instances=self.min_instances,
+                max_instances=self.max_instances,
+            )
+        except ValueError as exc:
+            require(False, f"scaling settings: {exc}")
+            raise

@@ -1,4 +1,10 @@
-"""`serve()`: the global scheduler process, wired together."""
+"""`serve()`: the global scheduler process, wired together.
+
+gRPC servicer (registration, load streams, dispatch) + lease expiry + the control
+loops (services/scheduler/control.py): migration pairing unless
+`migration_policy=none`, auto-scaling with a provisioner when `autoscale` is on.
+On SIGTERM the loops stop first, then workers the auto-scaler started, then the server.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,9 @@ from services.common.grpc_server import GrpcServer
 from services.common.logging import get_logger
 from services.common.procs import write_ready_file
 from services.scheduler.config import SchedulerConfig
+from services.scheduler.control import MigrationLoop, ScalingLoop
+from services.scheduler.policies import make_migration_policy, make_scaling_policy
+from services.scheduler.provisioner import make_provisioner
 from services.scheduler.registry import InstanceRegistry
 from services.scheduler.servicer import SchedulerServicer
 
@@ -24,6 +33,34 @@ async def expire_leases(registry: InstanceRegistry, interval_s: float) -> None:
             log.warning("instance_lease_expired", instance_id=instance_id, lease_s=registry.lease_s)
 
 
+def make_migration_loop(
+    config: SchedulerConfig, registry: InstanceRegistry, servicer: SchedulerServicer
+) -> MigrationLoop | None:
+    if config.migration_policy == "none":
+        return None
+    policy = make_migration_policy(config.migration_policy, config=config.migration_config())
+    return MigrationLoop(
+        registry, policy, servicer.order_migration, hold_s=config.migration_hold_ms / 1000
+    )
+
+
+def make_scaling_loop(
+    config: SchedulerConfig, registry: InstanceRegistry, servicer: SchedulerServicer, address: str
+) -> ScalingLoop | None:
+    if not config.autoscale:
+        return None
+    provisioner = make_provisioner(
+        config.provisioner,
+        address,
+        model=config.worker_model,
+        host=config.bind.rsplit(":", 1)[0],
+        worker_args=config.worker_args,
+        log_dir=config.worker_log_dir,
+    )
+    policy = make_scaling_policy(config.scaling_policy, config=config.scaling_config())
+    return ScalingLoop(registry, policy, provisioner, servicer.send_command)
+
+
 async def serve(config: SchedulerConfig, server: GrpcServer | None = None) -> None:
     """Run the scheduler until SIGTERM/SIGINT (or `server.request_stop()`)."""
     registry = InstanceRegistry(lease_s=config.lease_ms / 1000)
@@ -31,16 +68,34 @@ async def serve(config: SchedulerConfig, server: GrpcServer | None = None) -> No
     server = server or GrpcServer("scheduler", config.bind, grace_s=config.grace_s)
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, server.server)
     await server.start(service_names=["llmesh.v1.Scheduler"])
-    expirer = asyncio.create_task(expire_leases(registry, config.lease_ms / 4000))
+    tasks = [asyncio.create_task(expire_leases(registry, config.lease_ms / 4000))]
+    migration = make_migration_loop(config, registry, servicer)
+    if migration is not None:
+        servicer.migration_policy_name = migration.policy.name
+        tasks.append(asyncio.create_task(migration.run()))
+    scaling = make_scaling_loop(config, registry, servicer, server.address)
+    if scaling is not None:
+        servicer.scaling_loop = scaling
+        tasks.append(asyncio.create_task(scaling.run()))
     await server.set_serving()
     if config.ready_file:
         write_ready_file(config.ready_file, server.address)
-    log.info("scheduler_ready", address=server.address, dispatch_policy=config.dispatch_policy)
+    log.info(
+        "scheduler_ready",
+        address=server.address,
+        dispatch_policy=config.dispatch_policy,
+        migration_policy=config.migration_policy,
+        autoscale=config.autoscale,
+    )
     try:
         server.install_signal_handlers()
-        await server.wait_for_termination()
+        await server.wait_stop_requested()
     finally:
-        expirer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await expirer
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if scaling is not None:
+            await scaling.close()
         await server.stop()

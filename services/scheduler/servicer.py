@@ -37,6 +37,9 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         # instance id -> commands waiting to go down its StreamLoad stream.
         self._commands: dict[str, asyncio.Queue[scheduler_pb2.SchedulerCommand]] = {}
         self.num_migrations_ordered = 0
+        # Set by serve() when the scheduler runs its loops (shown in GetClusterState).
+        self.migration_policy_name = "none"
+        self.scaling_loop = None
 
     async def RegisterInstance(self, request, context):
         spec = instance_spec_from_proto(request.info)
@@ -123,7 +126,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             )
 
     async def GetClusterState(self, request, context):
+        scaling = self.scaling_loop
+        registered = [r.spec.instance_id for r in self.registry.records()]
         return scheduler_pb2.ClusterState(
+            migration_policy=self.migration_policy_name,
+            autoscale=scaling is not None,
+            pending_instance_ids=scaling.provisioner.pending(registered) if scaling else [],
+            draining_instance_ids=sorted(scaling.draining) if scaling else [],
+            num_instances_started=scaling.num_started if scaling else 0,
+            num_instances_stopped=scaling.num_stopped if scaling else 0,
             instances=[
                 scheduler_pb2.InstanceState(
                     info=instance_spec_to_proto(r.spec),

@@ -8,6 +8,7 @@ import sys
 
 from services.common.config import load_config
 from services.common.logging import setup_logging
+from services.common.procs import die_with_parent
 from services.common.tracing import setup_tracing, shutdown_tracing
 
 
@@ -51,6 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    die_with_parent()
     args = parse_args(argv)
     from services.worker.config import WorkerConfig
 

@@ -47,6 +47,9 @@ def _mesh(tmp_path_factory, model_dir, name: str, worker_args: tuple[str, ...]) 
         num_workers=2,
         model=str(model_dir),
         worker_args=("--memory-capacity-mb", "128", *worker_args),
+        # These tests order every migration themselves (admin RPC / CLI); the
+        # scheduler's own loop is tested in test_scheduling_loops.py.
+        scheduler_args=("--migration-policy", "none"),
         env={"LLMESH_WORKER_TORCH_THREADS": "1"},
     ).start()
 

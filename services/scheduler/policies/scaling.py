@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from services.scheduler.policies.load import InstanceLoad
@@ -115,8 +115,14 @@ class ScalingPolicy:
         self._last_action_s = -math.inf
 
     def decide(
-        self, loads: Sequence[InstanceLoad], now: float, num_pending: int = 0
+        self,
+        loads: Sequence[InstanceLoad],
+        now: float,
+        num_pending: int = 0,
+        removable: Collection[str] | None = None,
     ) -> ScaleDecision:
+        """`removable` limits scale-down victims (None = any instance), e.g. to the
+        instances the provisioner started and can stop."""
         raise NotImplementedError
 
 
@@ -124,7 +130,7 @@ class ScalingPolicy:
 class FreenessBandScaling(ScalingPolicy):
     name = "freeness_band"
 
-    def decide(self, loads, now, num_pending=0):
+    def decide(self, loads, now, num_pending=0, removable=None):
         cfg = self.config
         active = [ld for ld in loads if not ld.is_terminating]
         num_draining = len(loads) - len(active)
@@ -144,8 +150,12 @@ class FreenessBandScaling(ScalingPolicy):
                 return self._act(ScaleDecision(ScaleAction.UP, None, reason, count), now)
         if num_draining or num_pending or len(active) <= cfg.min_instances:
             return NO_ACTION
+        candidates = [ld for ld in active if removable is None or ld.instance_id in removable]
+        if not candidates:
+            return NO_ACTION
         victim = min(
-            active, key=lambda ld: (ld.num_running + ld.num_waiting, ld.num_used_blocks, _desc(ld))
+            candidates,
+            key=lambda ld: (ld.num_running + ld.num_waiting, ld.num_used_blocks, _desc(ld)),
         )
         after = average_freeness(loads, without=victim.instance_id)
         if after > cfg.scale_down_freeness:

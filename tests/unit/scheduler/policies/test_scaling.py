@@ -181,3 +181,11 @@ def test_default_config_values():
 def test_config_validation_names_the_bad_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ScalingConfig(**kwargs)
+
+
+def test_scale_down_victims_come_from_the_removable_instances_only():
+    loads = [load("a", 10, 1), load("b", 0, 0), load("c", 20, 2)]
+    # b would be chosen, but only a and c can be stopped (e.g. started by the provisioner).
+    decision = policy().decide(loads, now=0.0, removable={"a", "c"})
+    assert (decision.action, decision.instance_id) == (ScaleAction.DOWN, "a")
+    assert policy().decide(loads, now=0.0, removable=set()) == NONE
