@@ -132,3 +132,17 @@ class SchedulerMigrateResponse(_message.Message):
     ORDERED_FIELD_NUMBER: _ClassVar[int]
     ordered: bool
     def __init__(self, ordered: _Optional[bool] = ...) -> None: ...
+
+class SchedulerDrainRequest(_message.Message):
+    __slots__ = ("instance_id", "is_terminating")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    IS_TERMINATING_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    is_terminating: bool
+    def __init__(self, instance_id: _Optional[str] = ..., is_terminating: _Optional[bool] = ...) -> None: ...
+
+class SchedulerDrainResponse(_message.Message):
+    __slots__ = ("sent",)
+    SENT_FIELD_NUMBER: _ClassVar[int]
+    sent: bool
+    def __init__(self, sent: _Optional[bool] = ...) -> None: ...

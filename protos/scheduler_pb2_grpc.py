@@ -66,6 +66,11 @@ class SchedulerStub:
                 request_serializer=protos_dot_scheduler__pb2.SchedulerMigrateRequest.SerializeToString,
                 response_deserializer=protos_dot_scheduler__pb2.SchedulerMigrateResponse.FromString,
                 _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/llmesh.v1.Scheduler/Drain',
+                request_serializer=protos_dot_scheduler__pb2.SchedulerDrainRequest.SerializeToString,
+                response_deserializer=protos_dot_scheduler__pb2.SchedulerDrainResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -116,6 +121,15 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Drain(self, request, context):
+        """/ Drain an instance by hand (admin, e.g. before maintenance): it is marked
+        / terminating (dispatch avoids it, it refuses incoming migrations, the migration
+        / loop moves its requests away), or the mark is lifted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -148,6 +162,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.Migrate,
                     request_deserializer=protos_dot_scheduler__pb2.SchedulerMigrateRequest.FromString,
                     response_serializer=protos_dot_scheduler__pb2.SchedulerMigrateResponse.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=protos_dot_scheduler__pb2.SchedulerDrainRequest.FromString,
+                    response_serializer=protos_dot_scheduler__pb2.SchedulerDrainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -313,6 +332,33 @@ class Scheduler:
             '/llmesh.v1.Scheduler/Migrate',
             protos_dot_scheduler__pb2.SchedulerMigrateRequest.SerializeToString,
             protos_dot_scheduler__pb2.SchedulerMigrateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.Scheduler/Drain',
+            protos_dot_scheduler__pb2.SchedulerDrainRequest.SerializeToString,
+            protos_dot_scheduler__pb2.SchedulerDrainResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, str] = {
     "calibrate": "calibrate",
     "simulate": "simulate",
     "migrate": "migrate",
+    "drain": "drain",
 }
 
 

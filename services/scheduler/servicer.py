@@ -166,6 +166,24 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         )
         return scheduler_pb2.SchedulerMigrateResponse(ordered=ordered)
 
+    async def Drain(self, request, context):
+        """Admin: mark an instance terminating (or lift the mark) via its load stream."""
+        if not request.instance_id:
+            raise ValueError("instance_id must not be empty")
+        if self.registry.get(request.instance_id) is None:
+            raise NotFoundError(f"instance {request.instance_id!r} is not registered")
+        command = scheduler_pb2.SchedulerCommand(
+            drain=scheduler_pb2.DrainCommand(is_terminating=request.is_terminating)
+        )
+        sent = self.send_command(request.instance_id, command)
+        log.info(
+            "drain_ordered",
+            instance_id=request.instance_id,
+            is_terminating=request.is_terminating,
+            sent=sent,
+        )
+        return scheduler_pb2.SchedulerDrainResponse(sent=sent)
+
     def order_migration(
         self, src_instance_id: str, dst: InstanceSpec, num_requests: int, request_id: str = ""
     ) -> bool:

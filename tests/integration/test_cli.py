@@ -14,7 +14,7 @@ import threading
 from gateway.client import Client
 from services.cli.main import main
 from services.common.procs import REPO_ROOT
-from tests.integration.conftest import reference_tokens
+from tests.integration.conftest import reference_tokens, wait_until
 
 
 def test_generate_and_status_through_the_mesh(mesh, reference_engine, capsys):
@@ -33,6 +33,28 @@ def test_generate_and_status_through_the_mesh(mesh, reference_engine, capsys):
         w.name for w in mesh.live_workers()
     )
     assert status["dispatch_policy"] == "freest"
+    assert (status["migration_policy"], status["autoscale"]) == ("freeness", False)
+
+
+def test_drain_and_undo_through_the_cli(mesh, capsys):
+    name = mesh.live_workers()[-1].name
+    assert main(["drain", name, "--scheduler", mesh.scheduler_address, "--wait", "--timeout", "30"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert f"{name}: draining" in out and f"{name}: drained (nothing running or waiting)" in out
+    assert main(["status", "--scheduler", mesh.scheduler_address, "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert {i["instance_id"]: i["is_terminating"] for i in status["instances"]}[name] is True
+    assert main(["drain", name, "--undo", "--scheduler", mesh.scheduler_address]) == 0
+    assert f"{name}: no longer draining" in capsys.readouterr().out
+
+    def undone():
+        main(["status", "--scheduler", mesh.scheduler_address, "--json"])
+        instances = json.loads(capsys.readouterr().out)["instances"]
+        return not any(i["is_terminating"] for i in instances)
+
+    wait_until(undone, 20, 0.1, "the drain to be lifted")
+    assert main(["drain", "nope", "--scheduler", mesh.scheduler_address]) == 2
+    assert "NOT_FOUND: instance 'nope' is not registered" in capsys.readouterr().err
 
 
 def _lines(stream) -> queue.Queue:

@@ -75,6 +75,25 @@ def fault_mesh(tmp_path_factory, model_dir):
 
 
 @pytest.fixture(scope="module")
+def timeout_mesh(tmp_path_factory, model_dir):
+    """Every migration's first stage is sent under the wrong transfer id."""
+    mesh = LocalMesh(
+        log_dir=tmp_path_factory.mktemp("migration-timeout"),
+        num_workers=2,
+        model=str(model_dir),
+        worker_args=("--memory-capacity-mb", "128", "--migration-fault", "misdirect_stage:0"),
+        scheduler_args=("--migration-policy", "none"),
+        env={
+            "LLMESH_WORKER_TORCH_THREADS": "1",
+            "LLMESH_WORKER_MIGRATION_TRANSFER_TIMEOUT_S": "1.5",
+            "LLMESH_WORKER_MIGRATION_LEASE_MS": "1500",
+        },
+    ).start()
+    yield mesh
+    mesh.stop()
+
+
+@pytest.fixture(scope="module")
 def reference(model_dir):
     engine = LLMEngine(EngineConfig(model=str(model_dir), memory_capacity_bytes=256 * 1024 * 1024))
 
@@ -272,3 +291,74 @@ def test_kill_9_during_migration_loses_nothing(fault_mesh, reference, victim_rol
     fault_mesh.add_worker()
     instances(fault_mesh)  # the replacement registered
     assert_clean(fault_mesh)
+
+
+def _stream_and_migrate(mesh: LocalMesh, rid: str, p, s, pick_dst=None):
+    """Stream rid through the gateway; once it produced a token, order one live migration
+    from its instance to the other (or pick_dst(infos, src)). Returns (chunks, results)."""
+
+    async def scenario():
+        async with AsyncClient(mesh.gateway_address, timeout_s=TIMEOUT_S) as client:
+            stream = client.generate_stream(prompt_token_ids=p, request_id=rid, **s)
+            first = await anext(stream)
+            task = asyncio.create_task(collect(stream))
+            infos = instances(mesh)
+            src = first.instance_id
+            dst = next(w for w in infos if w != src)
+            results = await asyncio.to_thread(migrate, infos[src], infos[dst], rid)
+            return [first, *await task], results, src
+
+    return asyncio.run(scenario())
+
+
+def _set_draining(mesh: LocalMesh, instance_id: str, is_terminating: bool) -> None:
+    with grpc.insecure_channel(mesh.scheduler_address) as channel:
+        reply = scheduler_pb2_grpc.SchedulerStub(channel).Drain(
+            scheduler_pb2.SchedulerDrainRequest(
+                instance_id=instance_id, is_terminating=is_terminating
+            ),
+            timeout=10,
+        )
+    assert reply.sent
+
+    def reported():
+        state = cluster_state(mesh.scheduler_address)
+        return any(
+            i.info.instance_id == instance_id and i.load.is_terminating == is_terminating
+            for i in state.instances
+        )
+
+    wait_until(reported, 20, 0.05, f"{instance_id} to report is_terminating={is_terminating}")
+
+
+def test_draining_destination_refuses_and_the_request_stays(mesh2, reference):
+    p, s = prompt(8, 300), dict(max_tokens=300, temperature=0.7, seed=31, ignore_eos=True)
+    expected = reference(p, **s)
+    infos = instances(mesh2)
+    drained = sorted(infos)[1]
+    _set_draining(mesh2, drained, True)
+    try:
+        chunks, results, src = _stream_and_migrate(mesh2, "to-draining", p, s)
+    finally:
+        _set_draining(mesh2, drained, False)
+    assert src != drained  # dispatch avoided the draining instance
+    [result] = results
+    assert result.status == "ABORTED"
+    assert result.reason.startswith("destination_refused") and "draining" in result.reason
+    assert flatten(chunks) == expected
+    assert {c.instance_id for c in chunks if c.token_ids} == {src}
+    assert_clean(mesh2)
+
+
+def test_data_plane_timeout_aborts_and_the_request_completes_once(timeout_mesh, reference):
+    p, s = prompt(9, 800), dict(max_tokens=300, temperature=0.9, seed=41, ignore_eos=True)
+    expected = reference(p, **s)
+    chunks, results, src = _stream_and_migrate(timeout_mesh, "lost-stage", p, s)
+    [result] = results
+    assert result.status == "ABORTED"
+    assert result.reason.startswith(("transfer_failed", "commit_refused")), result.reason
+    assert flatten(chunks) == expected
+    assert chunks[-1].finish_reason == "length"
+    assert {c.instance_id for c in chunks if c.token_ids} == {src}
+    # The destination gave its reservation back (abort or lease): nothing held anywhere.
+    assert_clean(timeout_mesh)

@@ -27,7 +27,9 @@ class MigrationConfig:
     max_outgoing: int = 4
     # Commit retries (the RPC is idempotent) before the outcome counts as unknown.
     commit_attempts: int = 3
-    # Tests only: "pause_before_commit" or "pause_before_stage:N" (see fault_pause_s).
+    # Tests only: "pause_before_commit" or "pause_before_stage:N" (see fault_pause_s), or
+    # "misdirect_stage:N": send stage N's bytes under a transfer id the destination does
+    # not wait for, so the data plane times out (transfer_timeout_s) on both sides.
     fault: str = ""
     # How long a fault pause lasts.
     fault_pause_s: float = 60.0
@@ -40,10 +42,12 @@ class MigrationConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.fault and not (
-            self.fault == "pause_before_commit" or self.fault.startswith("pause_before_stage:")
+            self.fault == "pause_before_commit"
+            or self.fault.startswith(("pause_before_stage:", "misdirect_stage:"))
         ):
             raise ValueError(
-                f"fault={self.fault!r} must be 'pause_before_commit' or 'pause_before_stage:N'"
+                f"fault={self.fault!r} must be 'pause_before_commit', 'pause_before_stage:N' "
+                "or 'misdirect_stage:N'"
             )
         for name in ("rpc_timeout_s", "transfer_timeout_s"):
             if getattr(self, name) <= 0:

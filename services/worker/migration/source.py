@@ -361,6 +361,9 @@ class MigrationSource:
             raise MigrationAborted(AbortReason.DESTINATION_REFUSED, reason)
         if data is not None:
             handle = None
+            if self._config.fault == f"misdirect_stage:{m.num_stages}":
+                log.warning("migration_fault_misdirect", stage_index=m.num_stages)
+                transfer_id += "-misdirected"  # the destination waits for the other id
             try:
                 handle = await self._transport.send(
                     m.target.transport_address,

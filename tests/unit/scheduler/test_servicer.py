@@ -143,3 +143,54 @@ def test_config_names_the_bad_value():
         SchedulerConfig(dispatch_policy="nope")
     with pytest.raises(ValueError, match="lease_ms=100 must be at least 4 x report_interval_ms=50"):
         SchedulerConfig(lease_ms=100)
+    with pytest.raises(ValueError, match="migration_policy='nope'"):
+        SchedulerConfig(migration_policy="nope")
+    with pytest.raises(ValueError, match="scale_up_freeness=50.0 must be < scale_down_freeness"):
+        SchedulerConfig(scale_up_freeness=50.0, scale_down_freeness=20.0)
+    with pytest.raises(ValueError, match="worker_args=.*not valid shell syntax"):
+        SchedulerConfig(worker_args='--model "unclosed')
+
+
+async def test_drain_order_goes_down_the_instance_load_stream(scheduler):
+    stub, registry = scheduler
+    for bad, code, field in (
+        ("", grpc.StatusCode.INVALID_ARGUMENT, "instance_id must not be empty"),
+        ("ghost", grpc.StatusCode.NOT_FOUND, "instance 'ghost' is not registered"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as info_:
+            await stub.Drain(
+                scheduler_pb2.SchedulerDrainRequest(instance_id=bad, is_terminating=True),
+                timeout=TIMEOUT_S,
+            )
+        assert (info_.value.code(), field in info_.value.details()) == (code, True)
+    await stub.RegisterInstance(
+        scheduler_pb2.RegisterInstanceRequest(info=info("a")), timeout=TIMEOUT_S
+    )
+    # No load stream open yet: the order cannot be delivered.
+    reply = await stub.Drain(
+        scheduler_pb2.SchedulerDrainRequest(instance_id="a", is_terminating=True),
+        timeout=TIMEOUT_S,
+    )
+    assert not reply.sent
+    queue: asyncio.Queue = asyncio.Queue()
+    queue.put_nowait(report("a", 1, used=0, running=0))
+
+    async def reports():
+        while True:
+            yield await queue.get()
+
+    call = stub.StreamLoad(reports())
+    for _ in range(200):
+        if registry.get("a").load.seq == 1:
+            break
+        await asyncio.sleep(0.01)
+    for is_terminating in (True, False):
+        reply = await stub.Drain(
+            scheduler_pb2.SchedulerDrainRequest(instance_id="a", is_terminating=is_terminating),
+            timeout=TIMEOUT_S,
+        )
+        assert reply.sent
+        command = await asyncio.wait_for(call.read(), TIMEOUT_S)
+        assert command.WhichOneof("command") == "drain"
+        assert command.drain.is_terminating is is_terminating
+    call.cancel()
