@@ -152,9 +152,8 @@ async def move(a: Node, b: Node, log, request_id: str, mode: MigrationMode) -> d
     }
 
 
-async def run(lengths: list[int], progress, live_repeats: int = 3) -> dict:
-    torch.set_num_threads(1)  # one core per engine thread on a 2-core machine
-    max_len = max(lengths) + 2048
+def bench_model(lengths: list[int]) -> tuple[Path, int]:
+    max_len = max(lengths) + 4096
     model_dir = write_checkpoint(
         Path(tempfile.gettempdir()) / f"llmesh-bench-migration-model-{max_len}",
         llama_config(
@@ -167,6 +166,12 @@ async def run(lengths: list[int], progress, live_repeats: int = 3) -> dict:
             max_position_embeddings=max_len,
         ),
     )
+    return model_dir, max_len
+
+
+async def run(lengths: list[int], progress, live_repeats: int = 3) -> dict:
+    torch.set_num_threads(1)  # one core per engine thread on a 2-core machine
+    model_dir, max_len = bench_model(lengths)
     log: dict[str, list] = {}
     a, b = Node("a", model_dir, max_len, log), Node("b", model_dir, max_len, log)
     peers = {"a": a, "b": b}
@@ -269,6 +274,11 @@ def main(argv: list[str]) -> int:
         help="context lengths, comma-separated",
     )
     parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="both engines in this process (one GIL) instead of two worker processes",
+    )
+    parser.add_argument(
         "--live-repeats",
         type=int,
         default=3,
@@ -283,7 +293,13 @@ def main(argv: list[str]) -> int:
         print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
 
     setup_logging("bench-migration", level="WARNING")
-    rows = asyncio.run(run(lengths, progress, args.live_repeats))
+    if args.in_process:
+        rows = asyncio.run(run(lengths, progress, args.live_repeats))
+    else:
+        from bench._migration_processes import run_processes
+
+        model_dir, max_len = bench_model(lengths)
+        rows = run_processes(lengths, progress, args.live_repeats, model_dir, max_len)
     summary = summarize(rows)
     print(
         f"{'context':>8} {'live ms':>9} {'blocking ms':>12} {'recompute ms':>13} {'step ms':>8} {'stages':>6}"

@@ -62,7 +62,7 @@ class MigrateOutResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[MigrationResult, _Mapping]]] = ...) -> None: ...
 
 class MigrationResult(_message.Message):
-    __slots__ = ("migration_id", "request_id", "status", "reason", "num_stages", "num_blocks", "downtime_ms")
+    __slots__ = ("migration_id", "request_id", "status", "reason", "num_stages", "num_blocks", "downtime_ms", "num_bytes", "duration_ms")
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,8 @@ class MigrationResult(_message.Message):
     NUM_STAGES_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     DOWNTIME_MS_FIELD_NUMBER: _ClassVar[int]
+    NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DURATION_MS_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     request_id: str
     status: str
@@ -77,7 +79,9 @@ class MigrationResult(_message.Message):
     num_stages: int
     num_blocks: int
     downtime_ms: float
-    def __init__(self, migration_id: _Optional[str] = ..., request_id: _Optional[str] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ..., num_stages: _Optional[int] = ..., num_blocks: _Optional[int] = ..., downtime_ms: _Optional[float] = ...) -> None: ...
+    num_bytes: int
+    duration_ms: float
+    def __init__(self, migration_id: _Optional[str] = ..., request_id: _Optional[str] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ..., num_stages: _Optional[int] = ..., num_blocks: _Optional[int] = ..., downtime_ms: _Optional[float] = ..., num_bytes: _Optional[int] = ..., duration_ms: _Optional[float] = ...) -> None: ...
 
 class PrepareMigrationRequest(_message.Message):
     __slots__ = ("migration_id", "request_id", "src_instance_id", "src_transport_address", "num_blocks", "lease_ms", "num_tokens", "trace_context")

@@ -33,6 +33,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-num-batched-tokens", dest="max_num_batched_tokens", type=int)
     parser.add_argument("--max-model-len", dest="max_model_len", type=int)
     parser.add_argument("--torch-threads", dest="torch_threads", type=int)
+    parser.add_argument(
+        "--gil-switch-interval-us",
+        dest="gil_switch_interval_us",
+        type=int,
+        help="GIL switch interval of the worker process (default 500; Python's is 5000)",
+    )
     parser.add_argument("--log-level", dest="log_level")
     parser.add_argument("--otlp-endpoint", dest="otlp_endpoint")
     parser.add_argument("--transport-backend", dest="transport_backend", choices=["ucx", "tcp"])

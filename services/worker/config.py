@@ -29,6 +29,10 @@ class WorkerConfig:
     max_num_batched_tokens: int = 512  # token budget per engine step
     max_model_len: int = 0  # context limit; 0 = the model's
     torch_threads: int = 0  # torch intra-op threads; 0 = torch's default
+    # How long the engine thread may hold the GIL while the gRPC/migration event loop
+    # waits for it (Python's default is 5000 us). Every handoff on the control path
+    # (load reports, output pushes, migration stages and commit) can wait this long.
+    gil_switch_interval_us: int = 500
     enable_defrag: bool = True  # count the head-of-line request's demand in virtual usage
     high_priority_headroom_blocks: int = 0  # headroom reserved per running high-priority request
     report_interval_ms: int = 50  # load report period (the scheduler's reply overrides it)
@@ -64,6 +68,10 @@ class WorkerConfig:
         require(self.num_kv_blocks >= 0, f"num_kv_blocks={self.num_kv_blocks} must be >= 0")
         require(self.max_model_len >= 0, f"max_model_len={self.max_model_len} must be >= 0")
         require(self.torch_threads >= 0, f"torch_threads={self.torch_threads} must be >= 0")
+        require(
+            self.gil_switch_interval_us > 0,
+            f"gil_switch_interval_us={self.gil_switch_interval_us} must be > 0",
+        )
         require(
             self.high_priority_headroom_blocks >= 0,
             f"high_priority_headroom_blocks={self.high_priority_headroom_blocks} must be >= 0",

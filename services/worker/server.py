@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import uuid
 
 import torch
@@ -62,6 +63,7 @@ async def serve(config: WorkerConfig, server: GrpcServer | None = None) -> None:
     """Run one worker until SIGTERM/SIGINT (or `server.request_stop()`)."""
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
+    sys.setswitchinterval(config.gil_switch_interval_us / 1e6)
 
     instance_id = config.instance_id or f"worker-{uuid.uuid4().hex[:8]}"
     server = server or GrpcServer("worker", config.bind, grace_s=config.grace_s)

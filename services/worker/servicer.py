@@ -91,6 +91,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     num_stages=r.num_stages,
                     num_blocks=r.num_blocks,
                     downtime_ms=r.downtime_ms,
+                    num_bytes=r.num_bytes,
+                    duration_ms=r.duration_ms,
                 )
                 for r in results
             ]

@@ -1,0 +1,212 @@
+"""The cross-process variant of `llmesh bench migration` (its default).
+
+Two worker processes (plus scheduler and gateway) on loopback, the KV over UCX between
+them, every request streamed through the gateway by a client in this process. Token
+times are the client's chunk arrival times, so the downtime is what a user sees:
+
+    downtime = (first chunk from b - last chunk from a) - b's median inter-token interval
+
+Requests are put on worker a by draining b while they are dispatched (dispatch avoids a
+draining instance); the scheduler's own migration loop is off (`--migration-policy
+none`), so only the bench moves requests, with the workers' MigrateOut admin RPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+
+from gateway.client import AsyncClient
+from protos import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
+from services.common.procs import LocalMesh
+
+NUM_BACKGROUND = 3
+MODES = ("live", "blocking_copy", "recompute")
+
+
+class Streams:
+    """Client streams; per request id the (arrival time, instance id) of every token."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self.client = client
+        self.log: dict[str, list[tuple[float, str]]] = {}
+        self.tasks: list[asyncio.Task] = []
+
+    def start(self, request_id: str, prompt: list[int], max_tokens: int) -> None:
+        self.log[request_id] = []
+
+        async def pump():
+            async for chunk in self.client.generate_stream(
+                prompt_token_ids=prompt, request_id=request_id, max_tokens=max_tokens,
+                ignore_eos=True,
+            ):  # fmt: skip
+                now = time.perf_counter()
+                self.log[request_id].extend([(now, chunk.instance_id)] * len(chunk.token_ids))
+
+        self.tasks.append(asyncio.create_task(pump()))
+
+    async def wait_tokens(self, request_id: str, count: int, timeout_s: float = 600) -> None:
+        deadline = time.perf_counter() + timeout_s
+        while len(self.log[request_id]) < count:
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"{request_id} did not reach {count} tokens")
+            await asyncio.sleep(0.005)
+
+    async def cancel_all(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.tasks.clear()
+
+
+async def _migrate_out(src_info, dst_info, request_id: str, mode: str):
+    async with grpc.aio.insecure_channel(src_info.address) as channel:
+        reply = await worker_pb2_grpc.WorkerStub(channel).MigrateOut(
+            worker_pb2.MigrateOutRequest(
+                dst_instance_id=dst_info.instance_id,
+                dst_address=dst_info.address,
+                dst_transport_address=dst_info.transport_address,
+                request_id=request_id,
+                num_requests=1,
+                wait=True,
+                mode=mode,
+            ),
+            timeout=600,
+        )
+    [result] = reply.results
+    if result.status != "COMMITTED":
+        raise RuntimeError(f"{mode} migration of {request_id} failed: {result.reason}")
+    return result
+
+
+async def _set_draining(scheduler: str, instance_id: str, draining: bool) -> None:
+    async with grpc.aio.insecure_channel(scheduler) as channel:
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        await stub.Drain(
+            scheduler_pb2.SchedulerDrainRequest(instance_id=instance_id, is_terminating=draining),
+            timeout=10,
+        )
+        for _ in range(400):  # until the worker's report shows it
+            state = await stub.GetClusterState(scheduler_pb2.GetClusterStateRequest(), timeout=5)
+            if any(
+                i.info.instance_id == instance_id and i.load.is_terminating == draining
+                for i in state.instances
+            ):
+                return
+            await asyncio.sleep(0.05)
+    raise TimeoutError(f"{instance_id} did not report is_terminating={draining}")
+
+
+def _handover(entries, start: int, src: str, dst: str) -> tuple[float, float]:
+    for i in range(max(start, 1), len(entries)):
+        if entries[i][1] == dst and entries[i - 1][1] == src:
+            after = [
+                entries[j + 1][0] - entries[j][0] for j in range(i, min(i + 6, len(entries) - 1))
+            ]
+            return entries[i][0] - entries[i - 1][0], statistics.median(after)
+    raise RuntimeError("no handover found in the token stream")
+
+
+def _interval(entries, t0: float, t1: float) -> float | None:
+    times = [t for t, _ in entries if t0 <= t <= t1]
+    return (times[-1] - times[0]) / (len(times) - 1) if len(times) >= 2 else None
+
+
+async def _move(streams: Streams, infos, a: str, b: str, rid: str, mode: str) -> dict:
+    entries = streams.log[rid]
+    start = len(entries)
+    t0 = time.perf_counter()
+    result = await _migrate_out(infos[a], infos[b], rid, mode)
+    t1 = time.perf_counter()
+    await streams.wait_tokens(rid, len(entries) + 8)
+    gap, dst_step = _handover(entries, start, a, b)
+    bg = [f"bg{i}" for i in range(NUM_BACKGROUND)]
+    during = [_interval(streams.log[r], t0, t1) for r in bg]
+    before = [_interval(streams.log[r], t0 - max(1.0, 3 * (t1 - t0)), t0) for r in bg]
+    return {
+        "downtime_ms": max(gap - dst_step, 0.0) * 1000,
+        "coordinator_downtime_ms": result.downtime_ms,
+        "duration_ms": (t1 - t0) * 1000,
+        "num_stages": result.num_stages,
+        "num_blocks": result.num_blocks,
+        "num_bytes": result.num_bytes,
+        "bg_during_s": [d for d in during if d is not None],
+        "bg_before_s": [x for x in before if x is not None],
+    }
+
+
+async def _measure(mesh: LocalMesh, lengths, progress, live_repeats: int) -> list[dict]:
+    async with grpc.aio.insecure_channel(mesh.scheduler_address) as channel:
+        state = await scheduler_pb2_grpc.SchedulerStub(channel).GetClusterState(
+            scheduler_pb2.GetClusterStateRequest(), timeout=5
+        )
+    infos = {i.info.instance_id: i.info for i in state.instances}
+    a, b = sorted(infos)
+    rng = random.Random(0)
+    rows = []
+    async with AsyncClient(mesh.gateway_address, timeout_s=3600) as client:
+        for length in lengths:
+            streams = Streams(client)
+            await _set_draining(mesh.scheduler_address, b, True)  # everything lands on a
+            for i in range(NUM_BACKGROUND):
+                streams.start(f"bg{i}-{length}", [rng.randrange(256) for _ in range(32)], 3000)
+                streams.log[f"bg{i}"] = streams.log[f"bg{i}-{length}"]
+            rid = f"r{length}"
+            streams.start(rid, [rng.randrange(256) for _ in range(length)], 3000)
+            await streams.wait_tokens(rid, 8)
+            await _set_draining(mesh.scheduler_address, b, False)
+            entries = streams.log[rid]
+            decode_step = statistics.median(
+                entries[j + 1][0] - entries[j][0] for j in range(len(entries) - 6, len(entries) - 1)
+            )
+            row = {"context_length": length, "decode_step_ms": decode_step * 1000}
+            # Unmeasured round trip: b grows its attention buffers to this length once.
+            await _migrate_out(infos[a], infos[b], rid, "live")
+            await streams.wait_tokens(rid, len(entries) + 2)
+            await _migrate_out(infos[b], infos[a], rid, "live")
+            await streams.wait_tokens(rid, len(entries) + 3)
+            for mode in MODES:
+                samples = []
+                for _ in range(live_repeats if mode == "live" else 1):
+                    samples.append(await _move(streams, infos, a, b, rid, mode))
+                    if mode != "recompute":
+                        await _migrate_out(infos[b], infos[a], rid, "live")  # back, unmeasured
+                        await streams.wait_tokens(rid, len(entries) + 3)
+                samples.sort(key=lambda x: x["downtime_ms"])
+                row[mode] = dict(samples[len(samples) // 2])
+                row[mode]["samples_ms"] = [x["downtime_ms"] for x in samples]
+                progress(
+                    f"  ctx {length:5d}  {mode:13s} downtime {row[mode]['downtime_ms']:9.1f} ms"
+                )
+            await streams.cancel_all()
+            rows.append(row)
+    return rows
+
+
+def run_processes(
+    lengths: list[int], progress, live_repeats: int, model_dir: Path, max_len: int
+) -> list[dict]:
+    mesh = LocalMesh(
+        log_dir=Path(tempfile.mkdtemp(prefix="llmesh-bench-migration-")),
+        num_workers=2,
+        model=str(model_dir),
+        worker_args=(
+            "--torch-threads", "1", "--memory-capacity-mb", "2048",
+            "--max-model-len", str(max_len), "--max-num-batched-tokens", "1024",
+            "--log-level", "WARNING",
+        ),
+        scheduler_args=("--migration-policy", "none", "--log-level", "WARNING"),
+        gateway_args=("--log-level", "WARNING"),
+    )  # fmt: skip
+    progress(f"starting 2 worker processes (logs in {mesh.log_dir})")
+    mesh.start()
+    try:
+        return asyncio.run(_measure(mesh, lengths, progress, live_repeats))
+    finally:
+        mesh.stop()
