@@ -44,14 +44,19 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-instances", type=int, default=16, help="--autoscale upper bound")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="--compare: parallel processes")
-    parser.add_argument("--plot", default="out/simulate_compare.png", help="--compare: PNG path")
+    parser.add_argument(
+        "--plot", default="out/simulate_compare.png", help="--compare: PNG path ('' for none)"
+    )
     parser.add_argument(
         "--fidelity-real",
         default=None,
-        help="--compare: JSON from `llmesh bench simulator_fidelity --out` (the real side)",
+        help="--compare: JSON from `llmesh bench simulator_fidelity --out`: the real side, "
+        "and the workload and mesh costs to simulate it with",
     )
     parser.add_argument(
-        "--fidelity-profile", default="tiny-cpu", help="--compare: profile of the fidelity run"
+        "--fidelity-profile",
+        default="tiny-cpu",
+        help="--compare: profile of the fidelity run (--fidelity-real's wins)",
     )
 
 
@@ -146,8 +151,6 @@ def _run_compare(args) -> int:
         fields["rates"] = tuple(float(r) for r in args.rates.split(","))
     if args.priority_rate:
         fields["priority_rate"] = args.priority_rate
-    cfg = CompareConfig(**fields)
-    print(f"running the comparison on {cfg.workers} process(es)...", flush=True)
     real = None
     if args.fidelity_real:
         measured = json.loads(Path(args.fidelity_real).read_text())
@@ -156,10 +159,19 @@ def _run_compare(args) -> int:
             "mean_tpot_s": measured["real_mean_tpot_s"],
             "note": f"real side from {args.fidelity_real}",
         }
+        # The workload, profile and mesh costs the bench simulated, so both sides match.
+        fields.update(measured.get("sim_config", {}))
+    cfg = CompareConfig(**fields)
+    print(f"running the comparison on {cfg.workers} process(es)...", flush=True)
     report = run_compare(cfg, lambda line: print(line, flush=True), real)
     print()
     print(compare_tables(report))
-    written = plot_compare(report, args.plot) if args.plot else None
-    print(f"\nplot: {written}" if written else "\nplot: skipped (matplotlib is not installed)")
+    print()
+    if not args.plot:
+        print("plot: skipped (--plot '')")
+    elif written := plot_compare(report, args.plot):
+        print(f"plot: wrote {written}")
+    else:
+        print("plot: skipped, matplotlib is not installed (it comes with the bench extra)")
     print(json.dumps(report))
     return 0

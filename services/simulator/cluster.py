@@ -11,6 +11,8 @@ What runs on the event loop:
                     `instance_startup_s`) or down (mark terminating, drain, remove)
 
 Instances advance independently: each has its own step timeline from the cost model.
+With `host_cores` set (the fidelity bench's one-machine mesh) steps, request paths and
+token streaming share that many cores instead (host.py).
 Load snapshots are exact at decision time (the live mesh sees ~50 ms old reports).
 """
 
@@ -30,6 +32,7 @@ from services.scheduler.policies import (
     make_selection_policy,
 )
 from services.simulator.config import SimConfig
+from services.simulator.host import SharedHost
 from services.simulator.instance import TOKEN_ID, SimInstance
 from services.simulator.loop import EventLoop
 from services.simulator.metrics import LatencySummary, RequestRecord, summarize
@@ -107,6 +110,10 @@ class Simulator:
             scheduling_policy=config.scheduling_policy,
         )
         self.loop = EventLoop()
+        self.host = (
+            SharedHost(self.loop, config.host_cores) if config.host_cores is not None else None
+        )
+        self._num_streams = 0  # keys of token-streaming jobs on the shared host
         self.dispatch_policy = make_dispatch_policy(config.dispatch)
         self.migration_policy = make_migration_policy(
             config.migration, config=config.migration_config
@@ -234,22 +241,35 @@ class Simulator:
         """Starts the instance's next step if it is idle and has work."""
         if instance.is_busy or instance.ready_s is None or instance.removed_s is not None:
             return
-        started = instance.start_step(self.loop.now)
+        started = instance.start_step()
         if started is None:
             self._maybe_remove(instance)
             return
-        end_s, preempted = started
+        duration_s, preempted = started
         for request_id in preempted:
             record = self.records[request_id]
             record.num_preemptions += 1
             if math.isnan(record.preempted_at_s):
                 record.preempted_at_s = self.loop.now
-        self.loop.at(end_s, self._on_step_end, instance)
+        if self.host is None:
+            self.loop.at(self.loop.now + duration_s, self._on_step_end, instance)
+        else:
+            self.host.run(instance.instance_id, duration_s, self._on_step_end, instance)
 
     def _on_step_end(self, instance: SimInstance) -> None:
         now = self.loop.now
         records = self.records
-        for out in instance.finish_step():
+        outputs = instance.finish_step()
+        if self.host is not None and self.config.stream_cpu_per_token_s > 0 and outputs:
+            # The tokens go out through worker, gateway and client while the next step runs.
+            num_tokens = sum(len(out.new_token_ids) for out in outputs)
+            self._num_streams += 1
+            self.host.run(
+                ("stream", self._num_streams),
+                num_tokens * self.config.stream_cpu_per_token_s,
+                _ignore,
+            )
+        for out in outputs:
             record = records[out.request_id]
             if record.num_generated == 0:
                 record.first_token_s = now
@@ -278,8 +298,12 @@ class Simulator:
         request = self.requests[index]
         if index + 1 < len(self.requests):
             self.loop.at(self.requests[index + 1].arrival_s, self._on_arrival, index + 1)
-        if self.config.dispatch_latency_s > 0:
-            self.loop.at(self.loop.now + self.config.dispatch_latency_s, self._dispatch, request)
+        latency_s = self.config.dispatch_latency_s
+        if latency_s > 0 and self.host is not None:
+            # On a shared host the request's way to its instance is work on its cores.
+            self.host.run(("dispatch", request.request_id), latency_s, self._dispatch, request)
+        elif latency_s > 0:
+            self.loop.at(self.loop.now + latency_s, self._dispatch, request)
         else:
             self._dispatch(request)
 
@@ -373,3 +397,7 @@ class Simulator:
             instance.touch()
             self._hand_back_queued(instance)
         self.loop.at(self.loop.now + self.config.scaling.interval_s, self._on_scaling_tick)
+
+
+def _ignore(_arg: object) -> None:
+    pass

@@ -7,7 +7,8 @@ default), each a set of independent simulations run on a process pool:
     priority    10% high-priority requests, Llumnix with and without priority support
     autoscale   a load that rises and falls: auto-scaled fleet vs a fixed one
     fidelity    4 tiny-model instances on the calibrated profile (the sim side of the
-                real-mesh comparison; the real side is filled in by the mesh bench)
+                real-mesh comparison; the real side, and what the simulator must know
+                about the live mesh, come from `llmesh bench simulator_fidelity`)
 
 The default workload is the one docs/simulator.md describes: bursty Gamma arrivals
 (CV 2) with long-tailed (bounded power law) prompt and output lengths.
@@ -28,6 +29,9 @@ from services.simulator.config import SimConfig
 from services.simulator.workload import WorkloadConfig, generate, parse_length
 
 POLICY_NAMES = ("round_robin", "load_balance", "llumnix", "llumnix_no_defrag")
+# Lengths of the fidelity workload (the tiny model's context is 2,048 tokens).
+FIDELITY_PROMPT = "uniform:16:128"
+FIDELITY_OUTPUT = "uniform:16:64"
 
 
 def policy_config(name: str, base: SimConfig) -> SimConfig:
@@ -69,11 +73,19 @@ class CompareConfig:
     # Auto-scaling run: a repeating (duration_s, rate) schedule; fleet bounds.
     autoscale_schedule: tuple[tuple[float, float], ...] = ((120.0, 6.0), (120.0, 20.0))
     autoscale_min_instances: int = 4
-    # Fidelity run (sim side): instances, requests, rate, profile.
+    # Fidelity run (sim side): instances, requests, rate, profile, seed (None = `seed`),
+    # and the live mesh's measured costs (SimConfig.dispatch_latency_s, step_overhead_s,
+    # host_cores, stream_cpu_per_token_s; `llmesh bench simulator_fidelity` measures them
+    # and writes them out).
     fidelity_instances: int = 4
     fidelity_requests: int = 300
-    fidelity_rate: float = 8.0
+    fidelity_rate: float = 3.0
     fidelity_profile: str = "tiny-cpu"
+    fidelity_seed: int | None = None
+    fidelity_dispatch_latency_s: float = 0.0
+    fidelity_step_overhead_s: float = 0.0
+    fidelity_host_cores: float | None = None
+    fidelity_stream_cpu_per_token_s: float = 0.0
     # Processes running simulations side by side.
     workers: int = 2
 
@@ -212,18 +224,22 @@ def fidelity_jobs(cfg: CompareConfig) -> list[Job]:
         # The real workers' engine defaults (EngineConfig): the sim must match them.
         max_num_seqs=64,
         max_num_batched_tokens=512,
-        # The live mesh dispatches to the freest worker and has no migration loop yet.
+        # The bench runs the live scheduler with freest dispatch and no migration loop.
         dispatch="freest",
         migration="none",
+        dispatch_latency_s=cfg.fidelity_dispatch_latency_s,
+        step_overhead_s=cfg.fidelity_step_overhead_s,
+        host_cores=cfg.fidelity_host_cores,
+        stream_cpu_per_token_s=cfg.fidelity_stream_cpu_per_token_s,
     )
     workload = WorkloadConfig(
         num_requests=cfg.fidelity_requests,
         rate=cfg.fidelity_rate,
         arrival="poisson",
-        prompt=parse_length("uniform:16:128"),
-        output=parse_length("uniform:16:64"),
+        prompt=parse_length(FIDELITY_PROMPT),
+        output=parse_length(FIDELITY_OUTPUT),
         max_total_tokens=2048,
-        seed=cfg.seed,
+        seed=cfg.seed if cfg.fidelity_seed is None else cfg.fidelity_seed,
     )
     return [Job("fidelity/sim", config, workload)]
 
@@ -287,6 +303,11 @@ def build_report(
             "sim_mean_ttft_s": sim_fid["mean_ttft_s"],
             "real_mean_tpot_s": real.get("mean_tpot_s"),
             "sim_mean_tpot_s": sim_fid["mean_tpot_s"],
+            # What the simulator was told about the live mesh (0 / None: ideal serving).
+            "sim_dispatch_latency_s": cfg.fidelity_dispatch_latency_s,
+            "sim_step_overhead_s": cfg.fidelity_step_overhead_s,
+            "sim_host_cores": cfg.fidelity_host_cores,
+            "sim_stream_cpu_per_token_s": cfg.fidelity_stream_cpu_per_token_s,
             "note": real.get(
                 "note",
                 "real side not measured in this run: `llmesh bench simulator_fidelity "

@@ -51,6 +51,15 @@ class SimConfig:
     # Seconds every engine step costs beyond the cost model (the live worker's serving
     # loop around the engine: output push, asyncio; 0 = ideal).
     step_overhead_s: float = 0.0
+    # CPU cores the whole mesh shares (the fidelity bench: workers, gateway, scheduler
+    # and client as processes on one machine). Set, every step, every request's dispatch
+    # latency and the streaming of every step's tokens are work on these cores, and
+    # while more jobs run than there are cores each slows down (processor sharing,
+    # host.py). None = one accelerator per instance, nothing shared.
+    host_cores: float | None = None
+    # With host_cores: CPU seconds the mesh spends per generated token outside the
+    # worker's step (gateway and client relaying it); it competes with the steps.
+    stream_cpu_per_token_s: float = 0.0
     # Seconds from a scale-up decision until the new instance serves (model load).
     instance_startup_s: float = 10.0
     # Migration link bandwidth (bytes/s; 64 Gb/s-class network = 8e9).
@@ -81,6 +90,10 @@ class SimConfig:
             raise ValueError(f"step_overhead_s={self.step_overhead_s} must be >= 0")
         if self.dispatch_latency_s < 0:
             raise ValueError(f"dispatch_latency_s={self.dispatch_latency_s} must be >= 0")
+        if self.host_cores is not None and not self.host_cores > 0:
+            raise ValueError(f"host_cores={self.host_cores} must be > 0 (or None)")
+        if self.stream_cpu_per_token_s < 0:
+            raise ValueError(f"stream_cpu_per_token_s={self.stream_cpu_per_token_s} must be >= 0")
         if self.instance_startup_s < 0:
             raise ValueError(f"instance_startup_s={self.instance_startup_s} must be >= 0")
         if not self.migration_bandwidth_bytes_per_s > 0:

@@ -5,9 +5,10 @@ block manager and cost-model executor, with no tensors. `LLMEngine.step()` is
 schedule -> execute -> update in one call; the simulator splits it at the virtual
 time boundary so the step's outputs appear when the step ends:
 
-    start_step(now)   scheduler.schedule(); executor.execute(batch) gives the tokens
-                      and the modelled duration d  -> returns now + d
-    finish_step()     scheduler.update_from_output(batch, tokens) at now + d
+    start_step()      scheduler.schedule(); executor.execute(batch) gives the tokens
+                      and the modelled duration d  -> returns d
+    finish_step()     scheduler.update_from_output(batch, tokens) when the step ends
+                      (now + d, or later on a shared host: services/simulator/host.py)
 
 Migrations and re-dispatch use the engine's own hooks (reserve_blocks, suspend_request,
 remove_request, import_request), the ones the live llumlet uses.
@@ -134,8 +135,8 @@ class SimInstance:
 
     # ---- stepping -----------------------------------------------------------------
 
-    def start_step(self, now: float) -> tuple[float, list[str]] | None:
-        """Schedules one step; returns (end time, preempted request ids), or None if idle."""
+    def start_step(self) -> tuple[float, list[str]] | None:
+        """Schedules one step; returns (duration, preempted request ids), or None if idle."""
         assert self._batch is None
         batch = self.scheduler.schedule()
         if batch.is_empty and not batch.preempted_request_ids:
@@ -147,7 +148,7 @@ class SimInstance:
         self.num_steps += 1
         self.busy_s += duration
         self.touch()
-        return now + duration, batch.preempted_request_ids
+        return duration, batch.preempted_request_ids
 
     def finish_step(self) -> list[RequestOutput]:
         batch, result = self._batch, self._result

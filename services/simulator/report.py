@@ -97,6 +97,13 @@ def compare_tables(report: dict[str, Any]) -> str:
             ],
         ),
     ]
+    if f.get("sim_host_cores"):
+        parts.append(
+            f"  simulated with the mesh's measured costs: "
+            f"{f['sim_dispatch_latency_s'] * 1e3:.2f} ms per request, "
+            f"{f['sim_step_overhead_s'] * 1e3:.2f} ms per step, {f['sim_host_cores']:g} "
+            f"shared cores, {f['sim_stream_cpu_per_token_s'] * 1e3:.2f} ms CPU per streamed token"
+        )
     if f.get("note"):
         parts.append(f"  note: {f['note']}")
     parts += [
@@ -108,8 +115,9 @@ def compare_tables(report: dict[str, Any]) -> str:
 
 
 def plot_compare(report: dict[str, Any], path: str | Path) -> str | None:
-    """Writes a PNG (P99 TTFT and preemption loss per rate and policy, the auto-scaler's
-    fleet size over time); returns the path, or None when matplotlib is missing."""
+    """Writes a PNG: P99 TTFT and preemption loss per rate and policy, the auto-scaler's
+    fleet size over time, and the fidelity run's mean TTFT / TPOT (real mesh beside the
+    simulator when measured). Returns the path, or None when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -119,23 +127,48 @@ def plot_compare(report: dict[str, Any], path: str | Path) -> str | None:
         return None
     rows = report["compare"]
     policies = list(dict.fromkeys(r["policy"] for r in rows))
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
     for name in policies:
         mine = [r for r in rows if r["policy"] == name]
         rates = [r["rate"] for r in mine]
         axes[0].plot(rates, [r["p99_ttft_s"] for r in mine], marker="o", label=name)
         axes[1].plot(rates, [r["preemption_loss_s"] for r in mine], marker="o", label=name)
     axes[0].set(xlabel="request rate (req/s)", ylabel="P99 TTFT (s)", yscale="log")
+    axes[0].set_title("policy comparison", fontsize=10)
     axes[1].set(xlabel="request rate (req/s)", ylabel="preemption loss per request (s)")
     axes[0].legend()
-    timeline = report["autoscale"]["timeline"]
-    if timeline:
-        times, counts = zip(*timeline, strict=True)
+    autoscale = report["autoscale"]
+    if autoscale["timeline"]:
+        times, counts = zip(*autoscale["timeline"], strict=True)
         axes[2].step(times, counts, where="post")
     axes[2].set(xlabel="time (s)", ylabel="instances (auto-scaled)")
+    axes[2].set_title(
+        f"{autoscale['instance_seconds']:g} vs {autoscale['instance_seconds_fixed']:g} "
+        "instance-s (fixed)",
+        fontsize=10,
+    )
+    _plot_fidelity(axes[3], report["fidelity"])
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return str(path)
+
+
+def _plot_fidelity(ax, fidelity: dict[str, Any]) -> None:
+    """Grouped bars in ms: mean TTFT and mean TPOT, simulator and (if measured) real mesh."""
+    metrics = (("mean TTFT", "ttft"), ("mean TPOT", "tpot"))
+    sides = [("simulator", "sim")]
+    if fidelity.get("real_mean_ttft_s") is not None:
+        sides.insert(0, ("real mesh", "real"))
+    width = 0.8 / len(sides)
+    for i, (label, side) in enumerate(sides):
+        values = [fidelity[f"{side}_mean_{key}_s"] * 1e3 for _, key in metrics]
+        xs = [m + (i - (len(sides) - 1) / 2) * width for m in range(len(metrics))]
+        bars = ax.bar(xs, values, width, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_xticks(range(len(metrics)), [name for name, _ in metrics])
+    ax.set(ylabel="ms")
+    ax.set_title("fidelity: 4 tiny workers", fontsize=10)
+    ax.legend()

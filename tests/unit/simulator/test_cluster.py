@@ -224,6 +224,8 @@ def test_config_rejects_unsorted_requests():
         ({"selection": "nope"}, "selection='nope'"),
         ({"scheduling_policy": "lifo"}, "scheduling_policy='lifo'"),
         ({"migration_bandwidth_bytes_per_s": 0}, "migration_bandwidth_bytes_per_s=0"),
+        ({"host_cores": 0}, "host_cores=0 must be > 0"),
+        ({"stream_cpu_per_token_s": -1.0}, "stream_cpu_per_token_s=-1.0"),
     ],
 )
 def test_sim_config_validation(kwargs, message):
@@ -246,3 +248,54 @@ def test_step_overhead_stretches_every_step():
     slow = run(dataclasses.replace(BASE, step_overhead_s=0.01), requests=requests).records[0]
     assert slow.tpot_s == pytest.approx(ideal.tpot_s + 0.01)
     assert slow.ttft_s == pytest.approx(ideal.ttft_s + 0.01)
+
+
+# ---- a shared host (the fidelity bench's one-machine mesh) ----------------------------
+
+
+def test_a_host_with_a_core_per_job_changes_nothing():
+    shared = dataclasses.replace(
+        BASE, host_cores=64, dispatch_latency_s=0.002, stream_cpu_per_token_s=0.0001
+    )
+    ideal = dataclasses.replace(BASE, dispatch_latency_s=0.002)
+    assert fingerprint(run(shared)) == fingerprint(run(ideal))
+
+
+def test_steps_on_one_shared_core_take_turns():
+    # Two instances, one request each at t=0: alone, each prefill takes d; on one core
+    # both run at half speed and end together at 2d.
+    config = dataclasses.replace(BASE, num_instances=2, migration="none")
+    requests = [SimRequest("r0", 0.0, 32, 1), SimRequest("r1", 0.0, 32, 1)]
+    alone = run(config, requests=requests[:1]).records[0].ttft_s
+    shared = run(dataclasses.replace(config, host_cores=1), requests=requests)
+    assert {r.instance_id for r in shared.records} == {"i00", "i01"}
+    assert [r.ttft_s for r in shared.records] == [pytest.approx(2 * alone)] * 2
+    two_cores = run(dataclasses.replace(config, host_cores=2), requests=requests)
+    assert [r.ttft_s for r in two_cores.records] == [pytest.approx(alone)] * 2
+
+
+def test_streaming_tokens_competes_with_the_next_step():
+    # One core: after each step its token's streaming (s) runs beside the next step (d);
+    # both at half speed until the stream is done (2s), then the step alone: d + s per
+    # token, as long as s < d.
+    requests = [SimRequest("r0", 0.0, 16, 5)]
+    ideal = run(requests=requests).records[0]
+    s = 0.001
+    shared = run(
+        dataclasses.replace(BASE, host_cores=1, stream_cpu_per_token_s=s), requests=requests
+    ).records[0]
+    assert shared.ttft_s == pytest.approx(ideal.ttft_s)
+    assert shared.tpot_s == pytest.approx(ideal.tpot_s + s)
+
+
+def test_dispatch_on_a_shared_host_is_work_on_its_cores():
+    # One core, two requests at t=0: both dispatches (L) run at half speed and end at
+    # 2L, then both prefills (d) on two instances, at half speed too: 2L + 2d each,
+    # twice what one request alone takes (L + d).
+    config = dataclasses.replace(BASE, host_cores=1, dispatch_latency_s=0.004, migration="none")
+    requests = [SimRequest("r0", 0.0, 32, 1), SimRequest("r1", 0.0, 32, 1)]
+    ideal = run(requests=requests[:1]).records[0].ttft_s
+    alone = run(config, requests=requests[:1]).records[0].ttft_s
+    assert alone == pytest.approx(ideal + 0.004)
+    both = run(config, requests=requests).records
+    assert [r.ttft_s for r in both] == [pytest.approx(2 * alone)] * 2

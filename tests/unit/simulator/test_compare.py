@@ -1,11 +1,20 @@
 """The comparison report and the `llmesh simulate` CLI on a tiny, fast configuration."""
 
+import dataclasses
 import json
+import sys
 
 import pytest
 
 from services.cli.main import main
-from services.simulator.compare import POLICY_NAMES, CompareConfig, policy_config, run_compare
+from services.simulator.compare import (
+    POLICY_NAMES,
+    CompareConfig,
+    fidelity_jobs,
+    policy_config,
+    run_compare,
+    run_job,
+)
 from services.simulator.config import SimConfig
 from services.simulator.report import compare_tables
 
@@ -168,3 +177,93 @@ def test_plot_is_written_when_matplotlib_is_there(report, tmp_path):
     path = plot_compare(report, tmp_path / "plot.png")
     assert path == str(tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fidelity_job_carries_the_measured_mesh_costs():
+    cfg = dataclasses.replace(
+        TINY,
+        fidelity_seed=5,
+        fidelity_dispatch_latency_s=0.01,
+        fidelity_step_overhead_s=0.002,
+        fidelity_host_cores=2,
+        fidelity_stream_cpu_per_token_s=0.001,
+    )
+    (job,) = fidelity_jobs(cfg)
+    assert (
+        job.config.dispatch,
+        job.config.migration,
+        job.config.dispatch_latency_s,
+        job.config.step_overhead_s,
+        job.config.host_cores,
+        job.config.stream_cpu_per_token_s,
+    ) == ("freest", "none", 0.01, 0.002, 2, 0.001)
+    assert (job.workload.seed, job.workload.num_requests, job.workload.rate) == (5, 30, 200.0)
+    (default,) = fidelity_jobs(TINY)
+    assert (default.workload.seed, default.config.host_cores) == (TINY.seed, None)
+
+
+COMPARE_ARGS = [
+    "simulate",
+    "--compare",
+    "--json",
+    "--profile",
+    "tiny-cpu",
+    "--instances",
+    "4",
+    "--requests",
+    "60",
+    "--rates",
+    "200,800,2000",
+    "--priority-rate",
+    "2000",
+    "--prompt",
+    "uniform:8:64",
+    "--output",
+    "uniform:4:32",
+    "--workers",
+    "1",
+]
+
+
+def test_cli_compare_takes_the_real_side_and_its_sim_config(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    sim_config = {
+        "fidelity_instances": 2,
+        "fidelity_requests": 20,
+        "fidelity_rate": 100.0,
+        "fidelity_profile": "tiny-cpu",
+        "fidelity_seed": 1,
+        "fidelity_dispatch_latency_s": 0.01,
+        "fidelity_step_overhead_s": 0.002,
+        "fidelity_host_cores": 2,
+        "fidelity_stream_cpu_per_token_s": 0.0005,
+    }
+    real = tmp_path / "real.json"
+    real.write_text(
+        json.dumps({"real_mean_ttft_s": 0.05, "real_mean_tpot_s": 0.008, "sim_config": sim_config})
+    )
+    plot = tmp_path / "compare.png"
+    assert main([*COMPARE_ARGS, "--fidelity-real", str(real), "--plot", str(plot)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    report = json.loads(lines[-1])
+    assert lines[-2] == f"plot: wrote {plot}"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fidelity = report["fidelity"]
+    assert (fidelity["real_mean_ttft_s"], fidelity["real_mean_tpot_s"]) == (0.05, 0.008)
+    # The sim side is the bench's workload and mesh costs, simulated again.
+    (job,) = fidelity_jobs(CompareConfig(**sim_config))
+    expected = run_job(job)
+    assert (fidelity["sim_mean_ttft_s"], fidelity["sim_mean_tpot_s"]) == (
+        expected["mean_ttft_s"],
+        expected["mean_tpot_s"],
+    )
+
+
+def test_cli_compare_says_when_matplotlib_is_missing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    plot = tmp_path / "compare.png"
+    assert main([*COMPARE_ARGS, "--plot", str(plot)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2] == "plot: skipped, matplotlib is not installed (it comes with the bench extra)"
+    assert not plot.exists()
+    assert json.loads(lines[-1])["fidelity"]["real_mean_ttft_s"] is None
