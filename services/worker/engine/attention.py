@@ -1,52 +1,117 @@
-"""Attention over the paged KV cache.
+"""Attention over the paged KV cache, batch-invariant: a query's output is the same bits
+whichever rows share its step, however its prompt was chunked, and whether it is a
+decode, a prefill row or a recomputation after preemption.
 
-The executor lays the batch out as [single-token chunks | multi-token chunks]:
+Every layer first writes this step's K/V into their pool slots, then every query row
+attends over the pool. Rows are grouped, and every group runs the same code (`attend`):
 
-    rows  0 .. D-1          one token each (decodes): batched into one padded SDPA call
-    rows  D .. T-1          prefill chunks, one SDPA call each (few per step)
+    decode group     all single-token rows; keys padded to the longest context
+    prefill tiles    up to QUERY_TILE rows of one request's chunk; keys = its context
 
-For every layer: write this step's K/V into the slots of the pool, then attend. Decode
-rows gather their block tables into a padded (D, nkv, S, hd) K/V and put the query
-heads sharing a KV head on SDPA's query-length axis, so grouped-query attention needs
-no KV copies: q (D, nkv, G, hd) x k (D, nkv, S, hd).
+For a group of B sequences with t rows each (Q = t * G query heads per KV head, X = nkv * B):
+
+    scores  (X, L, Q) = K (X, L, hd) @ Q^T      one bmm; + bias (0 / -inf) masks
+    weights = exp(scores - row max)             elementwise; the max is exact
+    per chunk c of KEY_CHUNK keys:              two bmms over X * n chunks
+        partial_c = w_c^T (Q, C) @ V_c (C, hd)
+        sum_c     = w_c^T (Q, C) @ ones (C, 2)
+    out = pairwise(partial_c) / pairwise(sum_c)   fixed-order trees over the chunks
+
+Why the result does not depend on the batch (measured on this machine's MKL; guarded
+by tests/unit/worker/engine/test_attention.py and test_batch_invariance.py):
+- A gemm element here depends only on its two input vectors and the contraction
+  length, not on the other dimensions, the batch size or its place, as long as the
+  query dimension has >= MIN_QUERY_COLUMNS entries (with one, MKL takes a gemv path
+  that sums in another order). The contractions are head_dim and KEY_CHUNK: fixed.
+- Every other op is elementwise (exact, or exp, whose vectorised and scalar loops
+  agree) or a max (exact in any order).
+- The only sums over a number of terms that varies with the batch are the trees over
+  chunks, and they give the same bits when zeros are appended: a row's padding chunks
+  (keys past its context, masked to weight 0) change nothing. Padding to the longest
+  context in the batch and padding to max_model_len / KEY_CHUNK chunks are the same.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from services.worker.engine.config import ModelConfig
 from services.worker.engine.kv_cache import KVCache
 
+KEY_CHUNK = 64  # keys per partial: the contraction length of the weights @ values gemms
+MIN_QUERY_COLUMNS = 2  # query heads x rows per gemm below which MKL would take a gemv path
+QUERY_TILE = 128  # prefill rows attended at once: bounds the (keys x queries) score matrix
+
 
 @dataclass
-class PrefillSegment:
-    start: int  # first row in the flat batch
-    num_tokens: int
-    num_computed_tokens: int  # context already in the cache before this chunk
-    block_index: torch.Tensor | None  # (num_blocks,) blocks holding the context, if any
-    mask: torch.Tensor | None  # (num_tokens, context) bool causal mask, if any context
+class AttentionGroup:
+    """Rows attending in one pass: num_seqs sequences of num_rows query rows each,
+    sequence b's rows at flat rows [start + b * num_rows, start + (b + 1) * num_rows)."""
+
+    start: int
+    num_seqs: int  # B
+    num_rows: int  # t
+    num_keys: int  # L: the longest context, padded to KEY_CHUNK and block_size multiples
+    block_index: torch.Tensor  # (B * L / block_size,) int64 blocks holding the keys
+    bias: torch.Tensor  # (B, L, t, cols) float32 causal_bias
 
 
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # (T,) int64: block_id * block_size + offset of each row
-    num_decode: int  # D
-    decode_block_index: torch.Tensor | None  # (D * max_blocks,) padded block tables, flattened
-    # (D, 1, 1, max_blocks * block_size) additive: 0 where the key is in context, else -inf
-    decode_mask: torch.Tensor | None
-    prefills: list[PrefillSegment]
+    groups: list[AttentionGroup]
+
+
+def query_columns(num_queries_per_kv: int, num_rows: int) -> int:
+    """Query heads per KV head as laid out for the gemms (cols): padded with zero heads
+    when a sequence's rows x heads would be fewer than MIN_QUERY_COLUMNS."""
+    return max(num_queries_per_kv, -(-MIN_QUERY_COLUMNS // num_rows))
+
+
+def causal_bias(query_positions: torch.Tensor, num_keys: int, columns: int) -> torch.Tensor:
+    """(B, t) positions -> (B, L, t, cols) float32: 0 where the key's position is at most
+    the row's, else -inf. Additive (masked_fill is slow on CPU) and in the scores' own
+    layout, so masking is one plain pass."""
+    key_positions = torch.arange(num_keys, device=query_positions.device)
+    is_masked = key_positions[None, :, None] > query_positions[:, None, :]  # (B, L, t)
+    bias = torch.where(is_masked, float("-inf"), 0.0)
+    return bias[..., None].expand(-1, -1, -1, columns).contiguous()
+
+
+def _build_group(
+    start: int,
+    query_positions: torch.Tensor,  # (B, t) int64, ascending within a sequence
+    block_tables: list[list[int]],
+    block_size: int,
+    num_queries_per_kv: int,
+    device: torch.device | str,
+) -> AttentionGroup:
+    num_seqs, num_rows = query_positions.shape
+    unit = math.lcm(KEY_CHUNK, block_size)
+    num_keys = -(-(int(query_positions.max()) + 1) // unit) * unit
+    num_blocks = num_keys // block_size
+    # Padding keys read block 0: any block holds finite values, and they are masked.
+    table = [ids[:num_blocks] + [0] * (num_blocks - len(ids)) for ids in block_tables]
+    columns = query_columns(num_queries_per_kv, num_rows)
+    return AttentionGroup(
+        start=start,
+        num_seqs=num_seqs,
+        num_rows=num_rows,
+        num_keys=num_keys,
+        block_index=torch.tensor(table, dtype=torch.long, device=device).view(-1),
+        bias=causal_bias(query_positions, num_keys, columns).to(device),
+    )
 
 
 def build_attention_metadata(
     decodes: list[tuple[int, list[int]]],
     prefills: list[tuple[int, int, list[int]]],
     block_size: int,
+    num_queries_per_kv: int,
     device: torch.device | str,
-    dtype: torch.dtype = torch.float32,
 ) -> AttentionMetadata:
     """decodes: (position, block_ids) per single-token row; prefills: (num_computed,
     num_tokens, block_ids) per chunk, rows following the decodes in this order."""
@@ -59,38 +124,107 @@ def build_attention_metadata(
             for p in range(num_computed, num_computed + num_tokens)
         ]
 
-    decode_block_index = decode_mask = None
+    groups = []
     if decodes:
-        max_blocks = max(position // block_size + 1 for position, _ in decodes)
-        table = [
-            block_ids[:max_blocks] + [0] * (max_blocks - len(block_ids)) for _, block_ids in decodes
-        ]
-        decode_block_index = torch.tensor(table, dtype=torch.long).view(-1).to(device)
-        context_lens = torch.tensor([position + 1 for position, _ in decodes], device=device)
-        key_positions = torch.arange(max_blocks * block_size, device=device)
-        is_padding = key_positions[None, :] >= context_lens[:, None]  # (D, S)
-        # Additive, built once per step: SDPA would convert a bool mask in every layer.
-        decode_mask = torch.zeros(is_padding.shape, dtype=dtype, device=device)
-        decode_mask = decode_mask.masked_fill_(is_padding, float("-inf"))[:, None, None, :]
-
-    segments, row = [], len(decodes)
+        positions = torch.tensor([[position] for position, _ in decodes], dtype=torch.long)
+        block_tables = [block_ids for _, block_ids in decodes]
+        groups.append(
+            _build_group(0, positions, block_tables, block_size, num_queries_per_kv, device)
+        )
+    row = len(decodes)
     for num_computed, num_tokens, block_ids in prefills:
-        block_index = mask = None
-        if num_computed > 0:
-            context = num_computed + num_tokens
-            num_blocks = -(-context // block_size)
-            block_index = torch.tensor(block_ids[:num_blocks], dtype=torch.long, device=device)
-            query_positions = torch.arange(num_computed, context, device=device)
-            mask = torch.arange(context, device=device)[None, :] <= query_positions[:, None]
-        segments.append(PrefillSegment(row, num_tokens, num_computed, block_index, mask))
+        for tile_start in range(0, num_tokens, QUERY_TILE):
+            tile_end = min(tile_start + QUERY_TILE, num_tokens)
+            positions = torch.arange(num_computed + tile_start, num_computed + tile_end)[None]
+            groups.append(
+                _build_group(
+                    row + tile_start, positions, [block_ids], block_size, num_queries_per_kv, device
+                )
+            )
         row += num_tokens
     return AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-        num_decode=len(decodes),
-        decode_block_index=decode_block_index,
-        decode_mask=decode_mask,
-        prefills=segments,
+        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device), groups=groups
     )
+
+
+def _pairwise_sum_(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sums x over dim, overwriting x, as a pairwise tree in a fixed order: entry i +=
+    entry i + h for the largest power of two h below the length, then the same over the
+    first h entries, down to one.
+
+    This is the tree over x zero-padded to any power of two (more padding only adds
+    levels of `+ 0`), so the result depends on the real entries alone, whereas
+    torch.sum picks its order from the tensor's shape. Each level is one elementwise add.
+    """
+    length = x.shape[dim]
+    while length > 1:
+        half = 1 << ((length - 1).bit_length() - 1)
+        x.narrow(dim, 0, length - half).add_(x.narrow(dim, half, length - half))
+        x, length = x.narrow(dim, 0, half), half
+    return x.squeeze(dim)
+
+
+def _fold(num_keys: int, num_columns: int) -> int:
+    """How many keys to fold into the inner dim (a power of two dividing num_keys) so
+    that rows of the (X, L / k, k * Q) view hold about 64 elements: CPU reductions and
+    broadcasts over a short inner dim are slow."""
+    k = 1
+    while k * num_columns < 64 and num_keys % (2 * k) == 0:
+        k *= 2
+    return k
+
+
+def attend(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Batch-invariant attention of B sequences' query rows over their keys (float32).
+
+    queries (B, t, nh, hd); keys, values (nkv, B, L, hd) contiguous with L a multiple of
+    KEY_CHUNK; bias (B, L, t, cols) from causal_bias (a row never masks all its keys).
+    Returns (B, t, nh, hd). Query head h reads KV head h // (nh / nkv), as in HF.
+    """
+    num_seqs, num_rows, num_heads, head_dim = queries.shape
+    num_kv_heads, num_keys = keys.shape[0], keys.shape[2]
+    group = num_heads // num_kv_heads
+    columns = bias.shape[3]
+    num_columns = num_rows * columns  # Q: the rows' query heads sharing a KV head
+    batch = num_kv_heads * num_seqs  # X: one gemm per (KV head, sequence)
+    num_chunks = num_keys // KEY_CHUNK  # n
+
+    q = queries.new_empty(num_kv_heads, num_seqs, num_rows, columns, head_dim)
+    if columns > group:
+        q[:, :, :, group:].zero_()
+    by_kv_head = queries.view(num_seqs, num_rows, num_kv_heads, group, head_dim)
+    torch.mul(by_kv_head.permute(2, 0, 1, 3, 4), scale, out=q[:, :, :, :group])
+
+    # (X, L, hd) @ (X, hd, Q) -> (X, L, Q); queries on the column axis (see the top).
+    scores = torch.bmm(keys.view(batch, num_keys, head_dim), q.view(batch, -1, head_dim).mT)
+    scores.view(num_kv_heads, -1).add_(bias.view(1, -1))
+    # Shift by the row max and exponentiate. The max is repeated along k keys so that
+    # the subtraction runs over long inner rows: (X, L / k, k * Q).
+    k = _fold(num_keys, num_columns)
+    folded = scores.view(batch, num_keys // k, k * num_columns)
+    row_max = folded.amax(1).view(batch, k, num_columns).amax(1, keepdim=True)  # (X, 1, Q)
+    row_max = row_max.expand(-1, k, -1).reshape(batch, 1, k * num_columns)
+    weights = folded.sub_(row_max).exp_()
+
+    # Per chunk of keys: (X * n, Q, C) @ (X * n, C, hd) -> (X * n, Q, hd), and the
+    # chunk's weight sum by the same kind of gemm against two columns of ones (a single
+    # column would be a gemv, summing in another order).
+    chunked = weights.view(batch * num_chunks, KEY_CHUNK, num_columns).mT
+    partials = torch.bmm(chunked, values.view(batch * num_chunks, KEY_CHUNK, head_dim))
+    ones = weights.new_ones(1, KEY_CHUNK, 2).expand(batch * num_chunks, -1, -1)
+    sums = torch.bmm(chunked, ones)[:, :, 0]  # (X * n, Q)
+
+    out = _pairwise_sum_(partials.view(batch, num_chunks, num_columns, head_dim), 1)
+    sums = _pairwise_sum_(sums.reshape(batch, num_chunks, num_columns), 1)
+    out = out.div_(sums.unsqueeze(-1))  # (X, Q, hd)
+    out = out.view(num_kv_heads, num_seqs, num_rows, columns, head_dim)[:, :, :, :group]
+    return out.permute(1, 2, 0, 3, 4).reshape(num_seqs, num_rows, num_heads, head_dim)
 
 
 class PagedAttention:
@@ -106,58 +240,24 @@ class PagedAttention:
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
         c, meta = self.config, self.metadata
-        cache = self.kv_cache.layers[layer_idx]  # (2, NB, bs, nkv, hd)
-        num_blocks, block_size = cache.shape[1], cache.shape[2]
-        flat = cache.view(2, num_blocks * block_size, c.num_kv_heads, c.head_dim)
-        flat[0].index_copy_(0, meta.slot_mapping, k)
-        flat[1].index_copy_(0, meta.slot_mapping, v)
-
-        num_decode = meta.num_decode
-        decode_out = None
-        if num_decode:
-            assert meta.decode_block_index is not None
-            num_gathered = meta.decode_block_index.numel()
-            context = num_gathered // num_decode * block_size
-            # K and V in one gather, into a buffer reused by every layer and step:
-            # (2, D * MB, bs, nkv, hd) -> (2, D, S, nkv, hd)
-            gathered = self.kv_cache.workspace((2, num_gathered, *cache.shape[2:]))
-            torch.index_select(cache, 1, meta.decode_block_index, out=gathered)
-            gathered = gathered.view(2, num_decode, context, c.num_kv_heads, c.head_dim)
-            keys = gathered[0].transpose(1, 2)  # (D, nkv, S, hd)
-            values = gathered[1].transpose(1, 2)
-            queries = q[:num_decode].reshape(
-                num_decode, c.num_kv_heads, c.num_queries_per_kv, c.head_dim
-            )  # (D, nkv, G, hd)
-            attn = F.scaled_dot_product_attention(
-                queries, keys, values, attn_mask=meta.decode_mask, scale=self.scale
-            )
-            decode_out = attn.reshape(num_decode, c.q_size)  # (D, nkv, G, hd) -> (D, nh * hd)
-            if not meta.prefills:
-                return decode_out
+        cache = self.kv_cache.layers[layer_idx]  # (2, nkv, NB, bs, hd)
+        num_blocks, block_size = cache.shape[2], cache.shape[3]
+        flat = cache.view(2, c.num_kv_heads, num_blocks * block_size, c.head_dim)
+        flat[0].index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+        flat[1].index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
 
         out = torch.empty(q.shape[0], c.q_size, dtype=q.dtype, device=q.device)
-        if decode_out is not None:
-            out[:num_decode] = decode_out
-        for seg in meta.prefills:
-            rows = slice(seg.start, seg.start + seg.num_tokens)
-            queries = q[rows].transpose(0, 1)[None]  # (1, nh, t, hd)
-            if seg.block_index is None:  # no earlier context: this chunk's own K/V, causal
-                keys = k[rows].transpose(0, 1)[None]  # (1, nkv, t, hd)
-                values = v[rows].transpose(0, 1)[None]
-            else:
-                context = seg.num_computed_tokens + seg.num_tokens
-                # (2, blocks, bs, nkv, hd) -> (2, ctx, nkv, hd)
-                gathered = cache.index_select(1, seg.block_index).flatten(1, 2)[:, :context]
-                keys = gathered[0].transpose(0, 1)[None]  # (1, nkv, ctx, hd)
-                values = gathered[1].transpose(0, 1)[None]
-            attn = F.scaled_dot_product_attention(
-                queries,
-                keys,
-                values,
-                attn_mask=seg.mask,
-                is_causal=seg.mask is None,
-                scale=self.scale,
-                enable_gqa=True,
-            )  # (1, nh, t, hd)
-            out[rows] = attn[0].transpose(0, 1).reshape(seg.num_tokens, c.q_size)
+        for g in meta.groups:
+            # K and V in one gather, into a buffer reused by every group, layer and step:
+            # (2, nkv, B * L / bs, bs, hd) -> (2, nkv, B, L, hd)
+            gathered = self.kv_cache.workspace(
+                (2, c.num_kv_heads, g.block_index.numel(), block_size, c.head_dim)
+            )
+            torch.index_select(cache, 2, g.block_index, out=gathered)
+            gathered = gathered.view(2, c.num_kv_heads, g.num_seqs, g.num_keys, c.head_dim)
+            gathered = gathered.float()  # a copy only for a 16-bit pool
+            rows = slice(g.start, g.start + g.num_seqs * g.num_rows)
+            queries = q[rows].view(g.num_seqs, g.num_rows, c.num_heads, c.head_dim).float()
+            attn = attend(queries, gathered[0], gathered[1], g.bias, self.scale)
+            out[rows] = attn.reshape(-1, c.q_size)
         return out

@@ -83,8 +83,8 @@ class TorchExecutor:
                 for r in requests[num_decode:]
             ],
             block_size=self.block_size,
+            num_queries_per_kv=model.config.num_queries_per_kv,
             device=device,
-            dtype=model.dtype,
         )
         if model.is_first_stage:
             hidden = model.embed(torch.tensor(token_ids, dtype=torch.long, device=device))

@@ -1,9 +1,13 @@
 """The KV pool: one tensor per held layer, addressed by block id.
 
-    layers[i]: (2, num_blocks, block_size, num_kv_heads, head_dim)   [0] = K, [1] = V
+    layers[i]: (2, num_kv_heads, num_blocks, block_size, head_dim)   [0] = K, [1] = V
 
 Per-layer storage lets a stage that keeps only layers [start, end) (KunServe) hold KV
-for those layers alone, and turn the bytes of dropped layers into more blocks.
+for those layers alone, and turn the bytes of dropped layers into more blocks. Heads
+come before blocks so that gathering a block table gives each KV head's keys as one
+contiguous (tokens, head_dim) matrix, ready for attention's batched gemms. Blocks
+leave and enter the pool (read_blocks / write_blocks: migration) as
+(2, blocks, block_size, num_kv_heads, head_dim) per layer, token-major.
 The pool is zero-filled: padded attention reads of never-written slots must see finite
 values (they are masked out, and 0 * NaN would not be 0).
 """
@@ -44,7 +48,7 @@ class KVCache:
 
     def _empty(self, num_blocks: int) -> torch.Tensor:
         c = self.config
-        shape = (2, num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
+        shape = (2, c.num_kv_heads, num_blocks, self.block_size, c.head_dim)
         return torch.zeros(shape, dtype=TORCH_DTYPES[self.dtype], device=self.device)
 
     def workspace(self, shape: tuple[int, ...]) -> torch.Tensor:
@@ -88,7 +92,10 @@ class KVCache:
         blocks for layers [layer_start, layer_end) (default: all held), in that order."""
         index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         layer_ids = self._layer_range(layer_start, layer_end)
-        return torch.stack([self.layers[i].index_select(1, index) for i in layer_ids])
+        # (2, nkv, n, bs, hd) -> (2, n, bs, nkv, hd) per layer
+        return torch.stack(
+            [self.layers[i].index_select(2, index).permute(0, 2, 3, 1, 4) for i in layer_ids]
+        )
 
     def write_blocks(
         self, block_ids: list[int], data: torch.Tensor, layer_start: int | None = None
@@ -101,7 +108,8 @@ class KVCache:
             raise ValueError(f"KV data has shape {tuple(data.shape)}, expected {expected}")
         index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         for layer_data, i in zip(data, layer_ids, strict=True):
-            self.layers[i].index_copy_(1, index, layer_data.to(self.layers[i].dtype))
+            by_head = layer_data.permute(0, 3, 1, 2, 4)  # (2, nkv, n, bs, hd)
+            self.layers[i].index_copy_(2, index, by_head.to(self.layers[i].dtype))
 
     def _layer_range(self, layer_start: int | None, layer_end: int | None) -> range:
         layer_start = self.layer_start if layer_start is None else layer_start
@@ -130,11 +138,11 @@ class KVCache:
             src = torch.tensor(list(moves), dtype=torch.long, device=self.device)
             dst = torch.tensor(list(moves.values()), dtype=torch.long, device=self.device)
             for tensor in self.layers.values():
-                tensor.index_copy_(1, dst, tensor.index_select(1, src))
+                tensor.index_copy_(2, dst, tensor.index_select(2, src))
         keep = min(num_blocks, self.num_blocks)
         for i in list(self.layers):
             new = self._empty(num_blocks)
-            new[:, :keep] = self.layers[i][:, :keep]
+            new[:, :, :keep] = self.layers[i][:, :, :keep]
             self.layers[i] = new
         self.num_blocks = num_blocks
 

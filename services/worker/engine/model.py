@@ -9,8 +9,10 @@ lm_head with the last:
 
 Attention is passed in as a function, so the same layers run over the paged KV cache
 (attention.py) or over a whole sequence with no cache (`forward_dense`, the reference
-the tests compare against). Shapes: T = tokens in the flat batch, H = hidden size,
-nh / nkv = query / KV heads, hd = head dim, V = vocab.
+the tests compare against). The layers are batch-invariant (see `linear`, `silu`,
+attention.py and docs/engine.md, "Batch invariance"): a row's result never depends on
+the other rows. Shapes: T = tokens in the flat batch, H = hidden size, nh / nkv =
+query / KV heads, hd = head dim, V = vocab.
 """
 
 from __future__ import annotations
@@ -66,6 +68,38 @@ class StageWeights:
         """Bytes held, counting a tensor shared by two names (tied lm_head) once."""
         unique = {t.data_ptr(): t.numel() * t.element_size() for t in self.tensors()}
         return sum(unique.values())
+
+
+# F.linear over fewer rows than this takes other MKL code paths (other summation orders)
+# than over more: pad to it so a row's result never depends on the batch.
+MIN_GEMM_ROWS = 16
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear whose output rows are batch-invariant: the same bits for a row whatever
+    the other rows and the row's place among them.
+
+    Measured on this machine's MKL (tests/unit/worker/engine/test_batch_invariance.py):
+    from MIN_GEMM_ROWS rows on, fp32 and bf16 row results are identical for every row
+    count; below, small-M paths kick in (up to 11 rows differ at 256 inputs, up to 15 at
+    768 to 14336). With 2+ threads and 1024+ inputs, MKL also splits the sum across
+    threads for some row counts, which this does not cover (the tiny model's widths are
+    256 and 768).
+    """
+    num_rows = x.shape[0]
+    if num_rows >= MIN_GEMM_ROWS:
+        return F.linear(x, weight, bias)
+    padded = x.new_zeros(MIN_GEMM_ROWS, x.shape[1])
+    padded[:num_rows] = x
+    return F.linear(padded, weight, bias)[:num_rows]
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    """x * sigmoid(x), computed as x / (1 + exp(-x)). F.silu's vectorised loop and its
+    scalar loop (a tensor's tail, a thread's share) round differently, so an element's
+    result would depend on where it falls; exp, add and div do not (measured)."""
+    denominator = torch.neg(x).exp_().add_(1)
+    return torch.div(x, denominator, out=denominator)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -185,7 +219,7 @@ class LlamaModel:
         c, w = self.config, self.weights.layers[layer_idx]
         num_tokens = hidden.shape[0]
         x = rms_norm(hidden, w.input_norm, c.rms_norm_eps)
-        qkv = F.linear(x, w.qkv_proj, w.qkv_bias)  # (T, q_size + 2 kv_size)
+        qkv = linear(x, w.qkv_proj, w.qkv_bias)  # (T, q_size + 2 kv_size)
         # q and k sit side by side in each row: rotate both heads' sets in one go.
         qk = qkv[:, : c.q_size + c.kv_size].view(
             num_tokens, c.num_heads + c.num_kv_heads, c.head_dim
@@ -196,17 +230,17 @@ class LlamaModel:
             num_tokens, c.num_kv_heads, c.head_dim
         )  # (T, nkv, hd)
         attn = attention(layer_idx, q, k, v)  # (T, nh * hd)
-        hidden = hidden + F.linear(attn, w.o_proj, w.o_bias)
+        hidden = hidden + linear(attn, w.o_proj, w.o_bias)
         x = rms_norm(hidden, w.post_attention_norm, c.rms_norm_eps)
-        gate, up = F.linear(x, w.gate_up_proj, w.gate_up_bias).chunk(2, dim=-1)  # (T, I) each
-        act = F.silu(gate, inplace=True).mul_(up)  # in place: gate_up is this layer's scratch
-        return hidden + F.linear(act, w.down_proj, w.down_bias)
+        gate, up = linear(x, w.gate_up_proj, w.gate_up_bias).chunk(2, dim=-1)  # (T, I) each
+        act = silu(gate).mul_(up)  # (T, I), contiguous
+        return hidden + linear(act, w.down_proj, w.down_bias)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(R, H) last-layer hidden states -> (R, V) float32 logits."""
         assert self.weights.norm is not None and self.weights.lm_head is not None, "last stage only"
         x = rms_norm(hidden, self.weights.norm, self.config.rms_norm_eps)
-        return F.linear(x, self.weights.lm_head).float()
+        return linear(x, self.weights.lm_head).float()
 
     # ---- reference path -------------------------------------------------------------
 

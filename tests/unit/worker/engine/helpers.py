@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import torch
 
-from services.worker.engine import LLMEngine
+from services.worker.engine import LLMEngine, RequestState
 
 
 def random_prompts(
@@ -47,3 +48,36 @@ def dense_greedy(engine: LLMEngine, prompt: list[int], max_tokens: int) -> list[
         for _ in range(max_tokens):
             sequence.append(int(engine.model.forward_dense(sequence)[-1].argmax()))
     return sequence[len(prompt) :]
+
+
+def migrate(source, destination, request_id: str, tokens: dict[str, list[int]]) -> None:
+    """Llumnix's protocol: pre-allocate, copy blocks while decoding, stop-and-copy, commit."""
+    state = source.export_request_state(request_id)
+    reserved = destination.reserve_blocks(
+        destination.block_manager.num_blocks_for(state.num_tokens + 8)
+    )
+    # Stage 1: copy the full blocks computed so far while the request keeps decoding.
+    source_blocks = source.request_block_ids(request_id)
+    num_copied = (
+        source.export_request_state(request_id).num_computed_tokens // source.config.block_size
+    )
+    destination.write_kv_blocks(
+        reserved[:num_copied], source.read_kv_blocks(source_blocks[:num_copied])
+    )
+    for _ in range(3):
+        collect(source.step(), tokens)
+    # Last stage: stop the request between steps and copy what is left with its state.
+    source.suspend_request(request_id)
+    state = source.export_request_state(request_id)
+    assert state.num_computed_tokens == state.num_tokens - 1  # last sampled token not fed yet
+    source_blocks = source.request_block_ids(request_id)
+    num_needed = destination.block_manager.num_blocks_for(state.num_computed_tokens)
+    destination.write_kv_blocks(
+        reserved[num_copied:num_needed], source.read_kv_blocks(source_blocks[num_copied:num_needed])
+    )
+    wire = RequestState.from_dict(json.loads(json.dumps(state.to_dict())))
+    assert wire == state
+    destination.import_request(wire, reserved[:num_needed])
+    destination.release_blocks(reserved[num_needed:])
+    assert source.remove_request(request_id) == state
+    assert source.request_status(request_id) is None
