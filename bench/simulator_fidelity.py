@@ -14,23 +14,28 @@ migration: the live scheduler gets `--migration-policy none`.
 Besides the profile, the simulator is told what the live mesh adds (`--no-model-overhead`
 leaves all of it out, i.e. ideal serving on one accelerator per instance):
 
-- mesh overheads, from probes sent one at a time to the idle mesh before the workload:
-  per step (the worker's serving loop) = TPOT of 33-token decode probes - the modelled
-  decode step; per request (gateway, dispatch RPC, submit, first chunk back) = TTFT of
-  one-token probes whose prompt has the workload's mean length - the modelled prefill
-  of that prompt - the per-step part. They become `step_overhead_s` and
-  `dispatch_latency_s`.
-- the machine: the workers are processes sharing this machine's cores, whereas each
-  simulated instance has its own accelerator unless `host_cores` is set; the bench sets
-  it to the CPUs it may use (`--host-cores`), so simulated steps slow down when more
-  workers are mid-step than there are cores (services/simulator/host.py).
+- mesh overheads, from probes sent one at a time to the idle mesh before the workload
+  (means: the comparison is of means): per step (the worker's serving loop) = TPOT of
+  33-token decode probes - the modelled decode step; per request (gateway, dispatch RPC,
+  submit, first chunk back) = TTFT of one-token probes whose prompt has the workload's
+  mean length - the modelled prefill of that prompt - the per-step part. They become
+  `step_overhead_s` and `dispatch_latency_s`.
+- the machine: workers, gateway, scheduler and this client are processes sharing this
+  machine's cores, whereas each simulated instance has its own accelerator unless
+  `host_cores` is set. The bench sets it to the CPUs it may use (`--host-cores`), and
+  `stream_cpu_per_token_s` to the gateway + scheduler + client CPU time per token during
+  the decode probes. The simulator then runs every step, every request's dispatch
+  latency and the streaming of every step's tokens as jobs sharing those cores
+  (processor sharing, services/simulator/host.py): four workers mid-step on two cores
+  each take twice as long, and so does a request's way in while they run.
 
-Not modelled: the gateway, scheduler and this client also need CPU (printed as "mesh
-front-end" below), and a busy machine delays the request path too, not only the
-workers' steps. Keep the rate low enough that the cores are not saturated (the default
-3 req/s keeps the mesh at about half of 2 cores). Other load on the machine (another
-job's tests, say) slows the real side only: the bench measures it during the workload
-and warns above 0.2 cores. Mean TTFT and mean TPOT should agree within 25%.
+Not modelled: Linux scheduling granularity and wake-up latency (processor sharing is
+idealised) and load reports ~50 ms old (the simulator dispatches on exact loads). Keep
+the rate low enough that the cores are not saturated: the default 2 req/s keeps the
+mesh at about half of 2 cores. Other load on the machine (another job's tests, say)
+slows the real side (and the probes) unevenly: the bench measures the CPU the workers,
+the front-end and everything else used during the workload and warns when everything
+else took more than 0.2 cores. Mean TTFT and mean TPOT should agree within 25%.
 
 The last stdout line is JSON; `--out FILE` also writes it, for
 `llmesh simulate --compare --fidelity-real FILE`, which re-simulates the workload with
@@ -64,7 +69,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="(the JSON line is always last)")
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--requests", type=int, default=300)
-    parser.add_argument("--rate", type=float, default=3.0, help="mean request rate (req/s)")
+    parser.add_argument("--rate", type=float, default=2.0, help="mean request rate (req/s)")
     parser.add_argument("--profile", default="tiny-cpu", help="cost-model profile or JSON path")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument(

@@ -79,7 +79,7 @@ class CompareConfig:
     # and writes them out).
     fidelity_instances: int = 4
     fidelity_requests: int = 300
-    fidelity_rate: float = 3.0
+    fidelity_rate: float = 2.0
     fidelity_profile: str = "tiny-cpu"
     fidelity_seed: int | None = None
     fidelity_dispatch_latency_s: float = 0.0
