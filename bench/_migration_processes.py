@@ -22,6 +22,7 @@ from pathlib import Path
 
 import grpc
 
+from bench.migration import handover_gap, interval_mean
 from gateway.client import AsyncClient
 from protos import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.procs import LocalMesh
@@ -103,21 +104,6 @@ async def _set_draining(scheduler: str, instance_id: str, draining: bool) -> Non
     raise TimeoutError(f"{instance_id} did not report is_terminating={draining}")
 
 
-def _handover(entries, start: int, src: str, dst: str) -> tuple[float, float]:
-    for i in range(max(start, 1), len(entries)):
-        if entries[i][1] == dst and entries[i - 1][1] == src:
-            after = [
-                entries[j + 1][0] - entries[j][0] for j in range(i, min(i + 6, len(entries) - 1))
-            ]
-            return entries[i][0] - entries[i - 1][0], statistics.median(after)
-    raise RuntimeError("no handover found in the token stream")
-
-
-def _interval(entries, t0: float, t1: float) -> float | None:
-    times = [t for t, _ in entries if t0 <= t <= t1]
-    return (times[-1] - times[0]) / (len(times) - 1) if len(times) >= 2 else None
-
-
 async def _move(streams: Streams, infos, a: str, b: str, rid: str, mode: str) -> dict:
     entries = streams.log[rid]
     start = len(entries)
@@ -125,10 +111,10 @@ async def _move(streams: Streams, infos, a: str, b: str, rid: str, mode: str) ->
     result = await _migrate_out(infos[a], infos[b], rid, mode)
     t1 = time.perf_counter()
     await streams.wait_tokens(rid, len(entries) + 8)
-    gap, dst_step = _handover(entries, start, a, b)
+    gap, dst_step = handover_gap(entries, start, a, b)
     bg = [f"bg{i}" for i in range(NUM_BACKGROUND)]
-    during = [_interval(streams.log[r], t0, t1) for r in bg]
-    before = [_interval(streams.log[r], t0 - max(1.0, 3 * (t1 - t0)), t0) for r in bg]
+    during = [interval_mean(streams.log[r], t0, t1) for r in bg]
+    before = [interval_mean(streams.log[r], t0 - max(1.0, 3 * (t1 - t0)), t0) for r in bg]
     return {
         "downtime_ms": max(gap - dst_step, 0.0) * 1000,
         "coordinator_downtime_ms": result.downtime_ms,

@@ -18,18 +18,7 @@ from services.scheduler.policies import (
 from services.scheduler.provisioner import Provisioner
 from services.scheduler.registry import InstanceRegistry
 from tests.unit.scheduler.policies.snapshots import load
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def spec(instance_id: str) -> InstanceSpec:
-    return InstanceSpec(instance_id, f"addr-{instance_id}", "tiny", 16, 4, 0, 4, 2048, 258, 257)
+from tests.unit.scheduler.test_registry import Clock, spec
 
 
 def registry_with(*loads, clock: Clock | None = None) -> InstanceRegistry:
