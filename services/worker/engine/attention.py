@@ -21,8 +21,8 @@ Why the result does not depend on the batch (measured on this machine's MKL; gua
 by tests/unit/worker/engine/test_attention.py and test_batch_invariance.py):
 - A gemm element here depends only on its two input vectors and the contraction
   length, not on the other dimensions, the batch size or its place, as long as the
-  query dimension has >= MIN_QUERY_COLUMNS entries (with one, MKL takes a gemv path
-  that sums in another order). The contractions are head_dim and KEY_CHUNK: fixed.
+  query dimension has >= MIN_QUERY_COLUMNS entries (with one, MKL takes a gemv path;
+  on AVX2 it has small-N kernels up to 11 columns; each sums in another order). The contractions are head_dim and KEY_CHUNK: fixed.
 - Every other op is elementwise (exact, or exp, whose vectorised and scalar loops
   agree) or a max (exact in any order).
 - The only sums over a number of terms that varies with the batch are the trees over
@@ -42,7 +42,10 @@ from services.worker.engine.config import ModelConfig
 from services.worker.engine.kv_cache import KVCache
 
 KEY_CHUNK = 64  # keys per partial: the contraction length of the weights @ values gemms
-MIN_QUERY_COLUMNS = 2  # query heads x rows per gemm below which MKL would take a gemv path
+# Query heads x rows per gemm below which MKL takes other code paths (other summation
+# orders): with one column a gemv; on AVX2 machines (AMD EPYC) small-N kernels up to 11
+# columns, each summing in its own order. 16 covers every machine measured.
+MIN_QUERY_COLUMNS = 16
 QUERY_TILE = 128  # prefill rows attended at once: bounds the (keys x queries) score matrix
 
 

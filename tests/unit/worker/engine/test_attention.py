@@ -123,7 +123,9 @@ def test_pairwise_sum_is_a_fixed_tree_and_ignores_zero_padding():
             assert torch.equal(_pairwise_sum_(padded_x, 1), entries[0]), (length, pad)
 
 
-def test_query_columns_pad_single_queries():
-    assert query_columns(4, 1) == 4  # tiny model decode: 4 query heads per KV head
-    assert query_columns(1, 1) == 2  # multi-head attention decode: one zero head added
-    assert query_columns(1, 7) == 1  # prefill rows are columns too
+def test_query_columns_pad_to_min_query_columns():
+    assert query_columns(4, 1) == 16  # tiny model decode: 4 heads per KV head, 12 zero heads
+    assert query_columns(1, 1) == 16  # multi-head attention decode
+    assert query_columns(4, 2) == 8  # two prefill rows: 2 x 8 columns
+    assert query_columns(1, 7) == 3  # 7 rows x 3 columns = 21 >= 16
+    assert query_columns(32, 1) == 32  # enough heads: no padding
