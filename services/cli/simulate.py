@@ -31,6 +31,12 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--priority-rate", type=float, default=None, help="--compare: rate of the priority run"
     )
+    parser.add_argument(
+        "--priority-seeds",
+        type=int,
+        default=4,
+        help="--compare: workload seeds of the priority run (its P99s pool their requests)",
+    )
     parser.add_argument("--arrival", choices=("poisson", "gamma"), default="gamma")
     parser.add_argument(
         "--cv", type=float, default=2.0, help="gamma gaps' coefficient of variation"
@@ -151,6 +157,7 @@ def _run_compare(args) -> int:
         fields["rates"] = tuple(float(r) for r in args.rates.split(","))
     if args.priority_rate:
         fields["priority_rate"] = args.priority_rate
+    fields["priority_seeds"] = args.priority_seeds
     real = None
     if args.fidelity_real:
         measured = json.loads(Path(args.fidelity_real).read_text())

@@ -64,7 +64,8 @@ def compare_tables(report: dict[str, Any]) -> str:
     p = report["priority"]
     parts += [
         "",
-        f"Priorities (rate {p['rate']}, Llumnix; P99 TTFT in seconds):",
+        f"Priorities (rate {p['rate']}, Llumnix; P99 TTFT in seconds over the requests of "
+        f"workload seeds {p['seeds']}):",
         table(
             ("class", "with priority", "without priority"),
             [

@@ -12,8 +12,11 @@ from services.simulator.compare import (
     CompareConfig,
     fidelity_jobs,
     policy_config,
+    pooled_priority,
+    priority_jobs,
     run_compare,
     run_job,
+    run_jobs,
 )
 from services.simulator.config import SimConfig
 from services.simulator.report import compare_tables
@@ -87,6 +90,29 @@ def test_report_values(report):
     json.dumps(report)  # plain data all the way down
 
 
+def test_priority_run_pools_the_requests_of_every_seed(report):
+    priority = report["priority"]
+    assert priority["seeds"] == [0, 1, 2, 3]
+    assert [row["seed"] for row in priority["per_seed"]] == [0, 1, 2, 3]
+    # One seed: the pooled P99s are that seed's own.
+    one = dataclasses.replace(TINY, priority_seeds=1, seed=2)
+    jobs = priority_jobs(one)
+    assert [j.label for j in jobs] == ["priority/with/0", "priority/without/0"]
+    assert jobs[0].workload == jobs[1].workload and jobs[0].workload.seed == 2
+    pooled = pooled_priority(one, run_jobs(jobs, workers=1))
+    (own,) = pooled["per_seed"]
+    assert own["seed"] == 2
+    for key in (
+        "high_p99_ttft_s",
+        "high_p99_ttft_no_priority_s",
+        "normal_p99_ttft_s",
+        "normal_p99_ttft_no_priority_s",
+    ):
+        assert pooled[key] == own[key], key
+    # Seed 2 is the third seed of the four-seed report.
+    assert priority["per_seed"][2] == own
+
+
 def test_tables_show_every_policy(report):
     text = compare_tables(report)
     for name in POLICY_NAMES:
@@ -117,6 +143,8 @@ def test_compare_config_validation():
         CompareConfig(autoscale_min_instances=20)
     with pytest.raises(ValueError, match="not one of"):
         CompareConfig(prompt="weird:1")
+    with pytest.raises(ValueError, match="priority_seeds=0"):
+        CompareConfig(priority_seeds=0)
 
 
 def test_cli_single_run_ends_with_json(capsys):
