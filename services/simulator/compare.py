@@ -218,12 +218,10 @@ def priority_jobs(cfg: CompareConfig) -> list[Job]:
         load_model=LoadModelConfig(high_priority_headroom_blocks=cfg.high_priority_headroom_blocks),
     )
     without = dataclasses.replace(llumnix, use_priorities=False)
+    base = cfg.workload(rate, high_priority_fraction=cfg.high_priority_fraction)
     jobs = []
     for i in range(cfg.priority_seeds):
-        workload = dataclasses.replace(
-            cfg.workload(rate, high_priority_fraction=cfg.high_priority_fraction),
-            seed=cfg.seed + i,
-        )
+        workload = dataclasses.replace(base, seed=cfg.seed + i)
         jobs.append(Job(f"priority/with/{i}", with_priority, workload, keep_ttfts=True))
         jobs.append(Job(f"priority/without/{i}", without, workload, keep_ttfts=True))
     return jobs

@@ -21,8 +21,8 @@ Why the result does not depend on the batch (measured on this machine's MKL; gua
 by tests/unit/worker/engine/test_attention.py and test_batch_invariance.py):
 - A gemm element here depends only on its two input vectors and the contraction
   length, not on the other dimensions, the batch size or its place, as long as the
-  query dimension has >= MIN_QUERY_COLUMNS entries (with one, MKL takes a gemv path;
-  on AVX2 it has small-N kernels up to 11 columns; each sums in another order). The contractions are head_dim and KEY_CHUNK: fixed.
+  query dimension has >= MIN_QUERY_COLUMNS entries (with fewer, MKL takes other
+  paths that sum in other orders). The contractions are head_dim and KEY_CHUNK: fixed.
 - Every other op is elementwise (exact, or exp, whose vectorised and scalar loops
   agree) or a max (exact in any order).
 - The only sums over a number of terms that varies with the batch are the trees over
