@@ -86,16 +86,33 @@ class KVCache:
     # ---- block contents (migration, KV exchange) ------------------------------------
 
     def read_blocks(
-        self, block_ids: list[int], layer_start: int | None = None, layer_end: int | None = None
+        self,
+        block_ids: list[int],
+        layer_start: int | None = None,
+        layer_end: int | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """A contiguous copy (layers, 2, len(block_ids), block_size, nkv, hd) of the given
-        blocks for layers [layer_start, layer_end) (default: all held), in that order."""
+        blocks for layers [layer_start, layer_end) (default: all held), in that order;
+        into `out` (that shape, contiguous) when given, so a caller can reuse buffers."""
         index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         layer_ids = self._layer_range(layer_start, layer_end)
-        # (2, nkv, n, bs, hd) -> (2, n, bs, nkv, hd) per layer
-        return torch.stack(
-            [self.layers[i].index_select(2, index).permute(0, 2, 3, 1, 4) for i in layer_ids]
+        shape = self.block_shape(len(block_ids), len(layer_ids))
+        if out is None:
+            out = torch.empty(shape, dtype=TORCH_DTYPES[self.dtype], device=self.device)
+        elif tuple(out.shape) != shape or not out.is_contiguous():
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected contiguous {shape}")
+        # Gather head-major into a contiguous scratch, then transpose in one strided copy:
+        # index_select straight into a permuted view is several times slower.
+        by_head = torch.empty(
+            (2, self.config.num_kv_heads, len(block_ids), self.block_size, self.config.head_dim),
+            dtype=out.dtype,
+            device=self.device,
         )
+        for layer_out, i in zip(out, layer_ids, strict=True):
+            torch.index_select(self.layers[i], 2, index, out=by_head)
+            layer_out.copy_(by_head.permute(0, 2, 3, 1, 4))  # (2, n, bs, nkv, hd)
+        return out
 
     def write_blocks(
         self, block_ids: list[int], data: torch.Tensor, layer_start: int | None = None

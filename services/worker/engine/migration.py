@@ -57,13 +57,21 @@ class MigrationMixin:
                 f"block ids must be distinct ints in [0, {total}), got {block_ids}"
             )
 
-    def read_kv_blocks(self: LLMEngine, block_ids: list[int]) -> torch.Tensor:
+    def read_kv_blocks(
+        self: LLMEngine, block_ids: list[int], out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """A contiguous copy of the blocks' KV for every layer held, shaped
-        (num_layers_held, 2, len(block_ids), block_size, num_kv_heads, head_dim)."""
+        (num_layers_held, 2, len(block_ids), block_size, num_kv_heads, head_dim); written
+        into `out` (that shape and the cache's dtype, contiguous) when given."""
         self._check_block_ids(block_ids)
         if self.kv_cache is None:
             raise EngineStateError("a simulated engine holds no KV tensors")
-        return self.kv_cache.read_blocks(block_ids)
+        if out is not None and out.dtype != self.kv_cache.layers[self.kv_cache.layer_start].dtype:
+            raise InvalidBlocksError(f"out has dtype {out.dtype}, the KV cache holds another")
+        try:
+            return self.kv_cache.read_blocks(block_ids, out=out)
+        except ValueError as exc:  # out's shape
+            raise InvalidBlocksError(str(exc)) from None
 
     def write_kv_blocks(
         self: LLMEngine, block_ids: list[int], data: torch.Tensor, layer_start: int | None = None

@@ -13,6 +13,9 @@ class MigrationConfig:
     last_stage_max_blocks: int = 2
     # Give up on converging and stop-and-copy after this many stages.
     max_stages: int = 8
+    # Blocks travel in transfers of at most this many bytes (at least one block each),
+    # through staging buffers that are reused: bounded memory, no page faults per copy.
+    stage_chunk_bytes: int = 16 << 20
     # Extra blocks reserved at the handshake for tokens decoded during the copy.
     reserve_slack_blocks: int = 2
     # Destination frees a reservation when no migration RPC arrives for this long.
@@ -38,7 +41,7 @@ class MigrationConfig:
         for name in ("last_stage_max_blocks", "reserve_slack_blocks"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
-        for name in ("max_stages", "lease_ms", "max_incoming", "max_outgoing", "commit_attempts"):
+        for name in ("max_stages", "stage_chunk_bytes", "lease_ms", "max_incoming", "max_outgoing", "commit_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.fault and not (

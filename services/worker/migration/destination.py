@@ -16,14 +16,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
 from kvtransport import Transport
 from kvtransport.errors import TransportError
 from services.common.logging import get_logger
 from services.worker.async_engine import AsyncEngine
 from services.worker.engine import LLMEngine
 from services.worker.engine.errors import NoFreeBlocksError
+from services.worker.migration.buffers import StagingBuffers
 from services.worker.migration.config import MigrationConfig
 from services.worker.migration.status import (
     RESERVATION_TRANSITIONS,
@@ -79,6 +78,7 @@ class MigrationDestination:
         self._on_adopt_failed = on_adopt_failed
         self._is_draining = is_draining
         self._reservations: dict[str, Reservation] = {}
+        self._buffers = StagingBuffers(config.stage_chunk_bytes)
         self._committed: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
         self._lease_task: asyncio.Task | None = None
         self.num_committed = 0
@@ -170,9 +170,11 @@ class MigrationDestination:
     ) -> None:
         engine = self._engine.engine
         kv_cache = engine.kv_cache
-        staging = torch.empty(
-            kv_cache.block_shape(len(block_ids)), dtype=kv_cache.layers[kv_cache.layer_start].dtype
+        staging = self._buffers.acquire(
+            kv_cache.block_shape(len(block_ids)), kv_cache.layers[kv_cache.layer_start].dtype
         )
+        # Should the receive fail or be cancelled, the buffer is not given back: the data
+        # plane may still be writing into it.
         await self._transport.recv(
             transfer_id, into=[staging], timeout=self._config.transfer_timeout_s
         )
@@ -181,6 +183,7 @@ class MigrationDestination:
         # Reserved blocks belong to this reservation alone: the engine never reads or
         # writes them, so the copy can run beside its steps instead of stalling them.
         await asyncio.to_thread(engine.write_kv_blocks, block_ids, staging)
+        self._buffers.release(staging)
         reservation.num_received_blocks += len(block_ids)
         reservation.last_touch = time.monotonic()
 

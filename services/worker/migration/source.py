@@ -35,6 +35,7 @@ from services.common.logging import bind_context, get_logger
 from services.common.tracing import context_to_dict, get_tracer
 from services.worker.async_engine import AsyncEngine
 from services.worker.engine import LLMEngine, RequestStatus
+from services.worker.migration.buffers import StagingBuffers
 from services.worker.migration.config import MigrationConfig
 from services.worker.migration.status import (
     SOURCE_TRANSITIONS,
@@ -83,6 +84,7 @@ class _Migration:
     num_blocks_sent: int = 0
     num_bytes: int = 0
     downtime_ms: float = 0.0
+    num_rounds: int = 0  # live stages (copy rounds) done; each is one or more transfers
     is_preempted: bool = False  # set from the engine thread by the preemption callback
 
     def set_status(self, status: MigrationStatus) -> None:
@@ -127,6 +129,7 @@ class MigrationSource:
         self._active: dict[str, _Migration] = {}
         self._lock = threading.Lock()
         self._slots = asyncio.Semaphore(config.max_outgoing)
+        self._buffers = StagingBuffers(config.stage_chunk_bytes)
         self.results: list[MigrationResult] = []
         async_engine.engine.add_preemption_callback(self._on_preempted)
 
@@ -254,25 +257,26 @@ class MigrationSource:
         m.set_status(MigrationStatus.COPYING)
 
         # 2. Stages: copy full blocks while the request keeps decoding.
-        num_sent = 0
+        sent_ids: tuple[int, ...] = ()
         try:
             while m.mode is MigrationMode.LIVE:
+                # Also the check of the previous stage: its blocks are still this request's.
                 snap = await self._engine.run(lambda e: _snapshot(e, m.request_id))
-                self._check_still_owned(m, snap)
+                self._check_still_owned(m, snap, expect_prefix=sent_ids)
                 num_full = snap.num_computed_tokens // block_size
                 if (
-                    num_full - num_sent <= self._config.last_stage_max_blocks
-                    or m.num_stages >= self._config.max_stages - 1
+                    num_full - len(sent_ids) <= self._config.last_stage_max_blocks
+                    or m.num_rounds >= self._config.max_stages - 1
                 ):
                     break
-                block_ids = list(snap.block_ids[num_sent:num_full])
                 with tracer.start_as_current_span("migration.stage") as span:
                     # Full blocks never change: read them beside the engine's steps.
-                    data = await asyncio.to_thread(engine.read_kv_blocks, block_ids)
-                    check = await self._engine.run(lambda e: _snapshot(e, m.request_id))
-                    self._check_still_owned(m, check, expect_prefix=snap.block_ids[:num_full])
-                    await self._send_stage(client, m, num_sent, data, is_last=False, span=span)
-                num_sent = num_full
+                    await self._send_blocks(
+                        client, m, len(sent_ids), snap.block_ids[len(sent_ids) : num_full],
+                        is_last=False, span=span,
+                    )  # fmt: skip
+                m.num_rounds += 1
+                sent_ids = snap.block_ids[:num_full]
         except MigrationAborted:
             await self._abort_remote(client, m, None)
             raise
@@ -283,7 +287,11 @@ class MigrationSource:
         def suspend(e: LLMEngine):
             nonlocal downtime_start
             s = _snapshot(e, m.request_id)
-            if s.status is not RequestStatus.RUNNING or m.is_preempted:
+            if (
+                s.status is not RequestStatus.RUNNING
+                or m.is_preempted
+                or s.block_ids[: len(sent_ids)] != sent_ids
+            ):
                 return s, None
             e.suspend_request(m.request_id)
             downtime_start = time.perf_counter()  # the request stops making progress here
@@ -292,7 +300,7 @@ class MigrationSource:
         snap, state = await self._engine.run(suspend)
         if state is None:
             await self._abort_remote(client, m, None)
-            self._check_still_owned(m, snap)  # raises with the precise reason
+            self._check_still_owned(m, snap, expect_prefix=sent_ids)  # the precise reason
             raise MigrationAborted(AbortReason.REQUEST_FINISHED, str(snap.status))
         m.set_status(MigrationStatus.STOPPED)
         if m.mode is MigrationMode.RECOMPUTE:  # no KV travels: the destination re-prefills
@@ -301,9 +309,10 @@ class MigrationSource:
         try:
             if m.mode is not MigrationMode.RECOMPUTE:
                 with tracer.start_as_current_span("migration.last_stage") as span:
-                    tail_ids = list(snap.block_ids[num_sent:num_blocks])
-                    data = engine.read_kv_blocks(tail_ids) if tail_ids else None
-                    await self._send_stage(client, m, num_sent, data, is_last=True, span=span)
+                    await self._send_blocks(
+                        client, m, len(sent_ids), snap.block_ids[len(sent_ids) : num_blocks],
+                        is_last=True, span=span,
+                    )  # fmt: skip
             m.set_status(MigrationStatus.COMMITTING)
             await self._maybe_pause("pause_before_commit")
             handoff = self._handoff_for(m.request_id, state)
@@ -328,6 +337,52 @@ class MigrationSource:
             if asyncio.iscoroutine(result):
                 await result
 
+    async def _send_blocks(
+        self, client, m: _Migration, first: int, block_ids: tuple[int, ...], is_last: bool, span
+    ) -> None:
+        """Send blocks [first, first + len(block_ids)) of the block table as transfers of
+        at most stage_chunk_bytes each, reading the next chunk while one is on the wire.
+
+        Chunking keeps the staging buffers bounded and reused, and the destination's lease
+        fresh (each chunk is an RPC), whatever the context length. A last stage with
+        nothing left still sends one empty offer: the destination's commit counts on it."""
+        engine = self._engine.engine
+        per_chunk = max(1, self._buffers.chunk_bytes // engine.kv_block_nbytes)
+        chunks = [list(block_ids[i : i + per_chunk]) for i in range(0, len(block_ids), per_chunk)]
+        span.set_attribute("llmesh.stage_index", m.num_rounds)
+        span.set_attribute("llmesh.num_blocks", len(block_ids))
+        span.set_attribute("llmesh.num_transfers", len(chunks))
+        span.set_attribute("llmesh.num_bytes", len(block_ids) * engine.kv_block_nbytes)
+        if not chunks:
+            if is_last:
+                await self._send_stage(client, m, first, None, is_last=True)
+            return
+
+        def read(ids: list[int]) -> torch.Tensor:
+            kv = engine.kv_cache
+            buf = self._buffers.acquire(kv.block_shape(len(ids)), kv.layers[kv.layer_start].dtype)
+            return engine.read_kv_blocks(ids, out=buf)
+
+        # A last stage's few blocks are read right here: a thread hop would add downtime.
+        small = len(block_ids) <= max(self._config.last_stage_max_blocks, 4)
+        data = read(chunks[0]) if small else await asyncio.to_thread(read, chunks[0])
+        for k, ids in enumerate(chunks):
+            is_final = k == len(chunks) - 1
+            reading = (
+                None if is_final else asyncio.create_task(asyncio.to_thread(read, chunks[k + 1]))
+            )
+            try:
+                await self._send_stage(client, m, first, data, is_last=is_last and is_final)
+            except BaseException:
+                if reading is not None:  # let the read finish: it writes into a buffer
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(reading)
+                raise
+            self._buffers.release(data)  # delivered: the buffer is free again
+            first += len(ids)
+            if reading is not None:
+                data = await reading
+
     def _check_still_owned(
         self, m: _Migration, snap: _Snapshot, expect_prefix: tuple[int, ...] = ()
     ) -> None:
@@ -345,14 +400,13 @@ class MigrationSource:
             await asyncio.sleep(self._config.fault_pause_s)
 
     async def _send_stage(
-        self, client, m: _Migration, first: int, data: torch.Tensor | None, is_last: bool, span
+        self, client, m: _Migration, first: int, data: torch.Tensor | None, is_last: bool
     ) -> None:
+        """One stage offer and its transfer: blocks [first, first + data's blocks)."""
         await self._maybe_pause(f"pause_before_stage:{m.num_stages}")
         num_blocks = 0 if data is None else data.shape[2]
         transfer_id = f"mig-{m.migration_id}-{m.num_stages}"
         offer = StageOffer(m.migration_id, m.num_stages, first, num_blocks, transfer_id, is_last)
-        span.set_attribute("llmesh.stage_index", m.num_stages)
-        span.set_attribute("llmesh.num_blocks", num_blocks)
         try:
             ready, reason = await client.stage(offer)
         except ConnectionError as exc:
@@ -380,9 +434,7 @@ class MigrationSource:
                 raise MigrationAborted(
                     AbortReason.TRANSFER_FAILED, f"{type(exc).__name__}: {exc}"
                 ) from exc
-            nbytes = data.numel() * data.element_size()
-            span.set_attribute("llmesh.num_bytes", nbytes)
-            m.num_bytes += nbytes
+            m.num_bytes += data.numel() * data.element_size()
         m.num_stages += 1
         m.num_blocks_sent += num_blocks
 

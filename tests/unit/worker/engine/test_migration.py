@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from services.worker.engine import (
     DuplicateRequestError,
@@ -137,6 +138,29 @@ def test_reservations_are_bounded_and_released(make_engine):
     assert len(run_to_completion(engine)["r"]) == 2
     with pytest.raises(InvalidBlocksError):
         engine.release_blocks(reserved)
+
+
+def test_read_kv_blocks_into_a_given_buffer(make_engine):
+    engine = make_engine(num_kv_blocks=8, block_size=4)
+    engine.add_request("r", [5, 9, 2, 7, 1, 3, 8, 4, 6], SamplingParams(max_tokens=2))
+    engine.step()
+    blocks = engine.request_block_ids("r")[::-1]  # any order: data follows the ids given
+    kv = engine.kv_cache
+    expected = torch.stack(
+        [
+            kv.layers[i][:, :, blocks].permute(0, 2, 3, 1, 4)
+            for i in range(kv.layer_start, kv.layer_end)
+        ]
+    )
+    assert expected.abs().sum() > 0
+    out = torch.full(kv.block_shape(len(blocks)), float("nan"))
+    assert engine.read_kv_blocks(blocks, out=out) is out
+    assert torch.equal(out, expected) and torch.equal(engine.read_kv_blocks(blocks), expected)
+    with pytest.raises(InvalidBlocksError, match="expected contiguous"):
+        engine.read_kv_blocks(blocks, out=torch.empty(kv.block_shape(len(blocks) + 1)))
+    with pytest.raises(InvalidBlocksError, match="dtype"):
+        engine.read_kv_blocks(blocks, out=out.double())
+    run_to_completion(engine)
 
 
 def test_read_and_write_kv_blocks_shapes(make_engine):

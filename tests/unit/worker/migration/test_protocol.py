@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from services.worker.engine import SamplingParams
+from services.worker.engine import LLMEngine, SamplingParams
 from services.worker.migration import MigrationConfig, MigrationMode, MigrationStatus
 from tests.unit.worker.migration.conftest import ENGINE_CONFIG
 from tests.unit.worker.migration.harness import reference_tokens
@@ -55,6 +55,28 @@ async def test_migrated_request_yields_the_unmoved_tokens(cluster, params):
     assert streams["r1"].tokens == expected
     assert "b" in streams["r1"].sources and streams["r1"].sources[0] == "a"
     assert set(streams["other"].sources) == {"a"}
+
+
+async def test_stages_travel_in_chunks_of_stage_chunk_bytes(cluster):
+    # One block per transfer: a stage of n blocks is n transfers, read ahead of the wire.
+    block_nbytes = LLMEngine(ENGINE_CONFIG).kv_block_nbytes
+    a, b, streams = await cluster(MigrationConfig(stage_chunk_bytes=block_nbytes))
+    p = prompt(3, 130)
+    expected = reference_tokens(ENGINE_CONFIG, p, GREEDY)
+    await a.add("r1", p, GREEDY)
+    await wait_tokens(streams, "r1", 5)
+
+    result = await a.source.migrate("r1", b.target())
+
+    assert result.status == MigrationStatus.COMMITTED, result
+    assert result.num_blocks >= 130 // 4
+    # Every transfer carries one block; an empty last stage is one offer without bytes.
+    assert result.num_stages in (result.num_blocks, result.num_blocks + 1)
+    assert result.num_bytes == result.num_blocks * a.engine.kv_block_nbytes
+    assert a.source._buffers.num_free >= 1 and b.destination._buffers.num_free >= 1  # reused
+    await asyncio.wait_for(streams["r1"].finished.wait(), 60)
+    assert streams["r1"].tokens == expected
+    assert streams["r1"].sources[0] == "a" and streams["r1"].sources[-1] == "b"
 
 
 async def test_back_and_forth_repeatedly(cluster):
