@@ -1,10 +1,12 @@
 """The cross-process variant of `llmesh bench migration` (its default).
 
 Two worker processes (plus scheduler and gateway) on loopback, the KV over UCX between
-them, every request streamed through the gateway by a client in this process. Token
-times are the client's chunk arrival times, so the downtime is what a user sees:
+them, every request streamed through the gateway by a client in this process. Downtime
+is measured as in bench/migration.py: the source coordinator's suspend-to-adopted time
+for live and blocking copy, and for recompute (and as `live_stream_gap_ms`) what the
+client sees, token times being its chunk arrival times:
 
-    downtime = (first chunk from b - last chunk from a) - b's median inter-token interval
+    stream gap = (first chunk from b - last chunk from a) - b's median inter-token interval
 
 Requests are put on worker a by draining b while they are dispatched (dispatch avoids a
 draining instance); the scheduler's own migration loop is off (`--migration-policy
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.migration import handover_gap, interval_mean
+from bench.migration import handover_gap, handover_time, interval_mean, resident_since
 from gateway.client import AsyncClient
 from protos import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.procs import LocalMesh
@@ -107,16 +109,24 @@ async def _set_draining(scheduler: str, instance_id: str, draining: bool) -> Non
 async def _move(streams: Streams, infos, a: str, b: str, rid: str, mode: str) -> dict:
     entries = streams.log[rid]
     start = len(entries)
+    since = resident_since(entries, a)
     t0 = time.perf_counter()
     result = await _migrate_out(infos[a], infos[b], rid, mode)
     t1 = time.perf_counter()
     await streams.wait_tokens(rid, len(entries) + 8)
     gap, dst_step = handover_gap(entries, start, a, b)
     bg = [f"bg{i}" for i in range(NUM_BACKGROUND)]
-    during = [interval_mean(streams.log[r], t0, t1) for r in bg]
-    before = [interval_mean(streams.log[r], t0 - max(1.0, 3 * (t1 - t0)), t0) for r in bg]
+    # While the stages run beside it, up to its last token on a (after that a's steps no
+    # longer carry it and are shorter, which is no merit of the migration).
+    until = handover_time(entries, start, a, b)
+    during = [interval_mean(streams.log[r], t0, until) for r in bg]
+    before = [interval_mean(streams.log[r], since, t0) for r in bg]
+    stream_gap_ms = max(gap - dst_step, 0.0) * 1000
     return {
-        "downtime_ms": max(gap - dst_step, 0.0) * 1000,
+        # The request is runnable again once adopted (the destination's next step takes
+        # it); a re-prefill only starts then, so recompute's stall is seen in the stream.
+        "downtime_ms": stream_gap_ms if mode == "recompute" else result.downtime_ms,
+        "stream_gap_ms": stream_gap_ms,
         "coordinator_downtime_ms": result.downtime_ms,
         "duration_ms": (t1 - t0) * 1000,
         "num_stages": result.num_stages,
@@ -156,17 +166,20 @@ async def _measure(mesh: LocalMesh, lengths, progress, live_repeats: int) -> lis
             await _migrate_out(infos[a], infos[b], rid, "live")
             await streams.wait_tokens(rid, len(entries) + 2)
             await _migrate_out(infos[b], infos[a], rid, "live")
-            await streams.wait_tokens(rid, len(entries) + 3)
+            await streams.wait_tokens(rid, len(entries) + 4)
             for mode in MODES:
                 samples = []
                 for _ in range(live_repeats if mode == "live" else 1):
                     samples.append(await _move(streams, infos, a, b, rid, mode))
                     if mode != "recompute":
                         await _migrate_out(infos[b], infos[a], rid, "live")  # back, unmeasured
-                        await streams.wait_tokens(rid, len(entries) + 3)
+                        await streams.wait_tokens(rid, len(entries) + 4)
                 samples.sort(key=lambda x: x["downtime_ms"])
                 row[mode] = dict(samples[len(samples) // 2])
                 row[mode]["samples_ms"] = [x["downtime_ms"] for x in samples]
+                row[mode]["stream_gap_median_ms"] = statistics.median(
+                    x["stream_gap_ms"] for x in samples
+                )
                 progress(
                     f"  ctx {length:5d}  {mode:13s} downtime {row[mode]['downtime_ms']:9.1f} ms"
                 )
