@@ -86,6 +86,28 @@ class _Server:
         await asyncio.gather(*tasks)
         return done_at
 
+    async def _op_stream(
+        self, op_id: int, prefix: str, count: int, nbytes: int, num_slots: int
+    ) -> list[float]:
+        """Receive prefix-0 .. prefix-(count-1), num_slots posted at a time (transfer i
+        into buffer i % num_slots, posted once transfer i - num_slots is in); arrival
+        times in transfer order."""
+        done_at = [0.0] * count
+
+        async def lane(slot: int) -> None:
+            buffer = self._buffer(nbytes, slot)
+            for index in range(slot, count, num_slots):
+                await self._transport.recv(
+                    f"{prefix}-{index}", into=[buffer], timeout=RECV_TIMEOUT_S
+                )
+                done_at[index] = time.monotonic()
+
+        tasks = [asyncio.create_task(lane(slot)) for slot in range(min(num_slots, count))]
+        await asyncio.sleep(0)  # the first recv of every lane is registered
+        self._reply(-op_id, "ready")
+        await asyncio.gather(*tasks)
+        return done_at
+
     async def _op_activations(self, op_id: int, prefix: str, count: int) -> list[float]:
         """Receive activations prefix-0 .. prefix-(count-1) in order; their arrival times."""
         done_at = []
