@@ -47,6 +47,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--migration-transfer-timeout-s", dest="migration_transfer_timeout_s", type=float
     )
+    parser.add_argument(
+        "--migration-stage-chunk-mib",
+        dest="migration_stage_chunk_mib",
+        type=float,
+        help="largest KV transfer of a migration stage, MiB (default 16)",
+    )
     parser.add_argument("--migration-fault", dest="migration_fault", help="tests only")
     parser.add_argument(
         "--migration-fault-pause-s", dest="migration_fault_pause_s", type=float, help="tests only"

@@ -46,6 +46,7 @@ class WorkerConfig:
     migration_last_stage_max_blocks: int = 2  # stop-and-copy once this few blocks remain
     migration_lease_ms: int = 3000  # a reservation whose source is silent this long is freed
     migration_transfer_timeout_s: float = 20.0  # per-stage data-plane deadline
+    migration_stage_chunk_mib: float = 16.0  # blocks travel in transfers of at most this
     migration_max_incoming: int = 4  # concurrent incoming migrations accepted
     # Fault injection for tests only: "pause_before_commit" or "pause_before_stage:N" makes
     # the source log `migration_fault_paused` and sleep there (a test then kills a process).
@@ -88,6 +89,10 @@ class WorkerConfig:
             self.transport_backend in ("ucx", "tcp"),
             f"transport_backend={self.transport_backend!r} must be 'ucx' or 'tcp'",
         )
+        require(
+            self.migration_stage_chunk_mib > 0,
+            f"migration_stage_chunk_mib={self.migration_stage_chunk_mib} must be > 0",
+        )
         self.migration_config()  # validates the migration fields
         self.engine_config()  # the engine validates its own fields
 
@@ -96,6 +101,7 @@ class WorkerConfig:
             last_stage_max_blocks=self.migration_last_stage_max_blocks,
             lease_ms=self.migration_lease_ms,
             transfer_timeout_s=self.migration_transfer_timeout_s,
+            stage_chunk_bytes=max(1, int(self.migration_stage_chunk_mib * MiB)),
             max_incoming=self.migration_max_incoming,
             fault=self.migration_fault,
             fault_pause_s=self.migration_fault_pause_s,

@@ -23,6 +23,7 @@ def test_worker_config_from_env_and_flags_builds_the_engine_config():
         32,
     )
     assert engine.max_num_seqs == 64 and engine.max_model_len is None
+    assert config.migration_config().stage_chunk_bytes == 16 * MiB
 
 
 @pytest.mark.parametrize(
@@ -32,6 +33,11 @@ def test_worker_config_from_env_and_flags_builds_the_engine_config():
         (WorkerConfig, {"num_kv_blocks": -1}, "num_kv_blocks=-1 must be >= 0"),
         (WorkerConfig, {"block_size": 0}, "block_size must be an int > 0, got 0"),
         (WorkerConfig, {"dtype": "int8"}, "dtype 'int8'"),
+        (
+            WorkerConfig,
+            {"migration_stage_chunk_mib": 0},
+            "migration_stage_chunk_mib=0 must be > 0",
+        ),
         (GatewayConfig, {"max_inflight_requests": 0}, "max_inflight_requests=0 must be an int > 0"),
         (GatewayConfig, {"scheduler_address": "x"}, "scheduler_address='x' must be host:port"),
     ],
