@@ -56,7 +56,8 @@ def _mesh(tmp_path_factory, model_dir, name: str, worker_args: tuple[str, ...]) 
 
 @pytest.fixture(scope="module")
 def mesh2(tmp_path_factory, model_dir):
-    mesh = _mesh(tmp_path_factory, model_dir, "migration", ())
+    # Stages in transfers of 16 blocks (16 KiB each here), so long contexts take many.
+    mesh = _mesh(tmp_path_factory, model_dir, "migration", ("--migration-stage-chunk-mib", "0.25"))
     yield mesh
     mesh.stop()
 
@@ -204,6 +205,7 @@ def test_requests_migrate_back_and_forth_with_exact_tokens(mesh2, reference):
     assert all(r.num_stages >= 1 and r.num_blocks > 0 for r in results)
     long_moves = [r for r in results if r.request_id.startswith("long")]
     assert all(r.num_blocks >= 2500 // 16 for r in long_moves)
+    assert all(r.num_stages >= r.num_blocks // 16 for r in long_moves)  # 16 blocks a transfer
     for rid in workload:
         chunks = [firsts[rid], *rest[rid]]
         assert flatten(chunks) == expected[rid], rid
