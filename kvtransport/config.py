@@ -39,6 +39,13 @@ class TransportConfig:
     """KV payload per message; a chunk boundary is where activations overtake KV."""
     kv_window: int = 2
     """KV chunks in flight per peer; more hides latency, fewer preempts sooner."""
+    kv_window_with_activations: int = 1
+    """KV chunks in flight per peer while activations flow to it (one was issued within
+    `activation_quiet_s`): an activation then finds at most this many chunks ahead of it
+    on the wire, which the receiver copies before it reads the activation."""
+    activation_quiet_s: float = 0.1
+    """How long after the last activation to a peer its KV window stays narrowed; 0
+    never narrows it."""
     inline_max_bytes: int = 64 * KIB
     """Transfers up to this size travel inside their header (one message, no chunks)."""
     max_header_bytes: int = 64 * KIB
@@ -75,6 +82,11 @@ class TransportConfig:
         )
         _check_range("kv_chunk_bytes", self.kv_chunk_bytes, 4 * KIB, 1 * GIB)
         _check_range("kv_window", self.kv_window, 1, 64)
+        _check_range("kv_window_with_activations", self.kv_window_with_activations, 1, 64)
+        if not isinstance(self.activation_quiet_s, int | float) or self.activation_quiet_s < 0:
+            raise ValueError(
+                f"activation_quiet_s must be a number of seconds >= 0, got {self.activation_quiet_s!r}"
+            )
         _check_range("inline_max_bytes", self.inline_max_bytes, 0, 16 * MIB)
         _check_range("max_header_bytes", self.max_header_bytes, 4 * KIB, 16 * MIB)
         _check_range("num_mailbox_slots", self.num_mailbox_slots, 2, 1024)

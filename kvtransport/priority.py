@@ -8,7 +8,10 @@ PRIORITY (default):
     2. KV chunks, oldest transfer first, skipping paused ones, while fewer than
        `kv_window` KV chunks are in flight (headers are small and never wait). A chunk
        boundary is therefore the longest an activation waits, and pause() takes
-       effect there.
+       effect there. While activations flow (one issued within `activation_quiet_s`)
+       the window narrows to `kv_window_with_activations` (1): the chunks already on
+       the wire are what an activation queues behind at the receiver, which copies
+       them first (measured: loaded p99 5.6 ms with 2, 2.2 ms with 1, idle 1.2-1.9).
 FIFO (baseline): messages in submission order, one transfer after another, at most
     `kv_window` in flight; an activation waits behind every KV byte queued before it.
 
@@ -89,6 +92,7 @@ class PeerScheduler:
         self._by_handle: dict[SendHandle, Outbound] = {}
         # Chunks (not headers: small, eager) issued and not yet taken, per class.
         self._num_chunks_in_flight = {TrafficClass.ACTIVATION: 0, TrafficClass.KV: 0}
+        self._last_activation_at = float("-inf")  # loop time an activation last went out
         self._tasks: set[asyncio.Task] = set()
         self.is_failed = False
 
@@ -211,6 +215,9 @@ class PeerScheduler:
         for outbound in self._issuable:
             if outbound.handle.traffic_class is TrafficClass.ACTIVATION and outbound.is_issuable:
                 return outbound
+        quiet_s = self._config.activation_quiet_s
+        if asyncio.get_running_loop().time() - self._last_activation_at < quiet_s:
+            window = min(window, self._config.kv_window_with_activations)
         is_window_full = self._num_chunks_in_flight[TrafficClass.KV] >= window
         for outbound in self._issuable:
             is_kv = outbound.handle.traffic_class is TrafficClass.KV
@@ -230,6 +237,8 @@ class PeerScheduler:
                 outbound.handle.set_status(TransferStatus.SENDING)
             outbound.num_in_flight += 1
             outbound.idle.clear()
+            if outbound.handle.traffic_class is TrafficClass.ACTIVATION:
+                self._last_activation_at = loop.time()
             if isinstance(message, ChunkOut):
                 self._num_chunks_in_flight[outbound.handle.traffic_class] += 1
             try:

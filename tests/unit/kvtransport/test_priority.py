@@ -89,7 +89,7 @@ async def settle() -> None:
 
 
 async def test_activation_is_issued_at_once_while_kv_fills_its_window():
-    h = Harness(kv_window=2)
+    h = Harness(kv_window=2, kv_window_with_activations=2)
     kv = h.submit(1, KV, num_chunks=4)
     assert h.link.labels() == ["hdr1", "1:1", "1:2"]  # headers never count
     assert kv.status is TransferStatus.SENDING
@@ -98,6 +98,34 @@ async def test_activation_is_issued_at_once_while_kv_fills_its_window():
     h.link.complete("1:1")
     await settle()
     assert h.link.labels()[-1] == "1:3"
+
+
+async def test_activations_narrow_the_kv_window_until_they_go_quiet():
+    h = Harness(kv_window=2, kv_window_with_activations=1, activation_quiet_s=0.2)
+    h.submit(1, ACT, num_chunks=0)
+    h.submit(2, KV, num_chunks=4)
+    assert h.link.labels() == ["hdr1", "hdr2", "2:1"]  # one KV chunk on the wire, not two
+    h.link.complete("2:1")
+    await settle()
+    assert h.link.labels() == ["hdr1", "hdr2", "2:1", "2:2"]
+    await asyncio.sleep(0.25)  # no activation for longer than activation_quiet_s
+    h.link.complete("2:2")
+    await settle()
+    assert h.link.labels() == ["hdr1", "hdr2", "2:1", "2:2", "2:3", "2:4"]  # window 2 again
+
+
+async def test_a_kv_window_wider_than_one_stays_after_activations_when_configured():
+    h = Harness(kv_window=3, kv_window_with_activations=3)
+    h.submit(1, ACT, num_chunks=0)
+    h.submit(2, KV, num_chunks=4)
+    assert h.link.labels() == ["hdr1", "hdr2", "2:1", "2:2", "2:3"]
+
+
+def test_window_settings_are_validated():
+    with pytest.raises(ValueError, match="kv_window_with_activations must be an integer"):
+        TransportConfig(kv_window_with_activations=0)
+    with pytest.raises(ValueError, match="activation_quiet_s must be a number"):
+        TransportConfig(activation_quiet_s=-1)
 
 
 async def test_fifo_makes_the_activation_wait_for_every_kv_chunk():
