@@ -61,11 +61,11 @@ class _Server:
         self._reply(op_id, result)
 
     def _buffer(self, nbytes: int, slot: int):
-        import torch
+        from kvtransport.tensors import huge_page_empty
 
         key = (nbytes, slot)
-        if key not in self._buffers:  # reused across runs, like perftest's buffers
-            self._buffers[key] = torch.ones(nbytes, dtype=torch.uint8)
+        if key not in self._buffers:  # reused across runs (like perftest's), on huge pages
+            self._buffers[key] = huge_page_empty(nbytes).fill_(1)
         return self._buffers[key]
 
     async def _op_expect(self, op_id: int, transfers: list[tuple[str, int]]) -> dict:

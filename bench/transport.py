@@ -33,6 +33,7 @@ from bench._transport_peer import TransportPeer
 from bench._ucx_perftest import find_perftest, tag_bandwidth_gbps
 from kvtransport import SchedulingPolicy, TrafficClass, TransportConfig, make_transport
 from kvtransport.config import MIB
+from kvtransport.tensors import huge_page_empty
 
 SIZES_MIB = [1, 4, 16, 64]
 ACTIVATION_SHAPE = (4, 4096)  # bf16: 32 KiB, four tokens of a 4096-wide model
@@ -142,7 +143,8 @@ async def _run(peer: TransportPeer, config: TransportConfig, options: Options) -
 
 async def _throughput(transport, peer: TransportPeer, perftest, options: Options) -> dict:
     best = {key: [0.0] * len(SIZES_MIB) for key in ("streamed", "single", "native", "native_1")}
-    sources = {mib: torch.ones(mib * MIB, dtype=torch.uint8) for mib in SIZES_MIB}
+    # Huge-page buffers on both sides, as the workers' migration staging buffers are.
+    sources = {mib: huge_page_empty(mib * MIB).fill_(1) for mib in SIZES_MIB}
     for mib in SIZES_MIB:  # warm-up: connections, pools, page faults
         await _transfer_batch(transport, peer, sources[mib], f"warm-{mib}", 1)
     for round_index in range(options.rounds):
@@ -210,12 +212,13 @@ async def _latency(transport, peer: TransportPeer, options: Options, name: str, 
     activation = torch.randn(ACTIVATION_SHAPE).to(torch.bfloat16)
     if idle:
         result["idle"] = await _activation_run(transport, peer, activation, f"{name}-idle", options)
-    bulk = torch.ones(BULK_TRANSFER_BYTES, dtype=torch.uint8)
+    bulk = huge_page_empty(BULK_TRANSFER_BYTES).fill_(1)
     stop = asyncio.Event()
     sink_prefix = f"{name}-bulk"
     sink_op = peer.request("sink", sink_prefix, BULK_TRANSFER_BYTES)
-    sender = asyncio.create_task(_bulk_sender(transport, peer, bulk, sink_prefix, stop))
-    await asyncio.sleep(0.2)  # KV is flowing
+    flowing = asyncio.Event()
+    sender = asyncio.create_task(_bulk_sender(transport, peer, bulk, sink_prefix, stop, flowing))
+    await asyncio.wait_for(flowing.wait(), 60)  # a whole KV transfer arrived: buffers are warm
     result["loaded"] = await _activation_run(transport, peer, activation, f"{name}-load", options)
     stop.set()
     num_sent, kv_gbps = await sender
@@ -225,14 +228,18 @@ async def _latency(transport, peer: TransportPeer, options: Options, name: str, 
     return result
 
 
-async def _bulk_sender(transport, peer, bulk, prefix: str, stop: asyncio.Event):
-    """Back-to-back KV transfers, BULK_IN_FLIGHT queued, until `stop`; (count, GB/s)."""
+async def _bulk_sender(
+    transport, peer, bulk, prefix: str, stop: asyncio.Event, flowing: asyncio.Event
+):
+    """Back-to-back KV transfers, BULK_IN_FLIGHT queued, until `stop`; (count, GB/s).
+    Sets `flowing` once the first transfer is through."""
     started, handles, index = time.monotonic(), [], 0
     while not stop.is_set():
         while len(handles) < BULK_IN_FLIGHT:
             handles.append(await transport.send(peer.address, f"{prefix}-{index}", bulk))
             index += 1
         await handles.pop(0).wait()
+        flowing.set()
     for handle in handles:
         await handle.wait()
     elapsed = time.monotonic() - started

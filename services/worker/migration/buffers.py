@@ -16,6 +16,8 @@ import threading
 
 import torch
 
+from kvtransport.tensors import huge_page_empty
+
 
 class StagingBuffers:
     def __init__(self, chunk_bytes: int, max_free: int = 2) -> None:
@@ -31,7 +33,9 @@ class StagingBuffers:
         return len(self._free)
 
     def acquire(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A contiguous tensor of this shape; its contents are whatever was there."""
+        """A contiguous tensor of this shape; its contents are whatever was there. A new
+        buffer's pages are faulted in here (huge-page faults can compact memory for
+        milliseconds): call it off the event loop."""
         numel = 1
         for size in shape:
             numel *= size
@@ -40,8 +44,9 @@ class StagingBuffers:
             return torch.empty(shape, dtype=dtype)
         with self._lock:
             flat = self._free.pop() if self._free else None
-        if flat is None:
-            flat = torch.empty(self.chunk_bytes, dtype=torch.uint8)
+        if flat is None:  # huge pages: UCX's CMA copies of them run faster
+            flat = huge_page_empty(self.chunk_bytes)
+            flat.fill_(0)  # fault its pages in here, not inside a data-plane copy
         return flat[:nbytes].view(dtype).view(shape)
 
     def release(self, tensor: torch.Tensor) -> None:

@@ -41,7 +41,14 @@ class MigrationConfig:
         for name in ("last_stage_max_blocks", "reserve_slack_blocks"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
-        for name in ("max_stages", "stage_chunk_bytes", "lease_ms", "max_incoming", "max_outgoing", "commit_attempts"):
+        for name in (
+            "max_stages",
+            "stage_chunk_bytes",
+            "lease_ms",
+            "max_incoming",
+            "max_outgoing",
+            "commit_attempts",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.fault and not (

@@ -170,8 +170,10 @@ class MigrationDestination:
     ) -> None:
         engine = self._engine.engine
         kv_cache = engine.kv_cache
-        staging = self._buffers.acquire(
-            kv_cache.block_shape(len(block_ids)), kv_cache.layers[kv_cache.layer_start].dtype
+        staging = await asyncio.to_thread(
+            self._buffers.acquire,
+            kv_cache.block_shape(len(block_ids)),
+            kv_cache.layers[kv_cache.layer_start].dtype,
         )
         # Should the receive fail or be cancelled, the buffer is not given back: the data
         # plane may still be writing into it.

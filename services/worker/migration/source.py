@@ -363,7 +363,8 @@ class MigrationSource:
             buf = self._buffers.acquire(kv.block_shape(len(ids)), kv.layers[kv.layer_start].dtype)
             return engine.read_kv_blocks(ids, out=buf)
 
-        # A last stage's few blocks are read right here: a thread hop would add downtime.
+        # A last stage's few blocks are read right here: a thread hop would add downtime
+        # (their buffer is a pooled one by then: the stages before used it).
         small = len(block_ids) <= max(self._config.last_stage_max_blocks, 4)
         data = read(chunks[0]) if small else await asyncio.to_thread(read, chunks[0])
         for k, ids in enumerate(chunks):
