@@ -38,10 +38,8 @@ from kvtransport.tensors import huge_page_empty
 SIZES_MIB = [1, 4, 16, 64]
 ACTIVATION_SHAPE = (4, 4096)  # bf16: 32 KiB, four tokens of a 4096-wide model
 BULK_TRANSFER_BYTES = 256 * MIB
-BULK_IN_FLIGHT = 2
-STREAM_BYTES = (
-    256 * MIB
-)  # bytes per streamed-throughput measurement  # KV transfers kept queued so the link never idles
+BULK_IN_FLIGHT = 2  # KV transfers kept queued so the link never idles
+STREAM_BYTES = 256 * MIB  # bytes per streamed-throughput measurement
 
 
 @dataclass
