@@ -24,7 +24,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.migration import handover_gap, handover_time, interval_mean, resident_since
+from bench.migration import median_sample, move_figures, resident_since
 from gateway.client import AsyncClient
 from protos import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.procs import LocalMesh
@@ -114,27 +114,9 @@ async def _move(streams: Streams, infos, a: str, b: str, rid: str, mode: str) ->
     result = await _migrate_out(infos[a], infos[b], rid, mode)
     t1 = time.perf_counter()
     await streams.wait_tokens(rid, len(entries) + 8)
-    gap, dst_step = handover_gap(entries, start, a, b)
-    bg = [f"bg{i}" for i in range(NUM_BACKGROUND)]
-    # While the stages run beside it, up to its last token on a (after that a's steps no
-    # longer carry it and are shorter, which is no merit of the migration).
-    until = handover_time(entries, start, a, b)
-    during = [interval_mean(streams.log[r], t0, until) for r in bg]
-    before = [interval_mean(streams.log[r], since, t0) for r in bg]
-    stream_gap_ms = max(gap - dst_step, 0.0) * 1000
-    return {
-        # The request is runnable again once adopted (the destination's next step takes
-        # it); a re-prefill only starts then, so recompute's stall is seen in the stream.
-        "downtime_ms": stream_gap_ms if mode == "recompute" else result.downtime_ms,
-        "stream_gap_ms": stream_gap_ms,
-        "coordinator_downtime_ms": result.downtime_ms,
-        "duration_ms": (t1 - t0) * 1000,
-        "num_stages": result.num_stages,
-        "num_blocks": result.num_blocks,
-        "num_bytes": result.num_bytes,
-        "bg_during_s": [d for d in during if d is not None],
-        "bg_before_s": [x for x in before if x is not None],
-    }
+    background = [streams.log[f"bg{i}"] for i in range(NUM_BACKGROUND)]
+    figures = move_figures(entries, background, start, since, t0, a, b, mode, result)
+    return {**figures, "duration_ms": (t1 - t0) * 1000}
 
 
 async def _measure(mesh: LocalMesh, lengths, progress, live_repeats: int) -> list[dict]:
@@ -174,12 +156,7 @@ async def _measure(mesh: LocalMesh, lengths, progress, live_repeats: int) -> lis
                     if mode != "recompute":
                         await _migrate_out(infos[b], infos[a], rid, "live")  # back, unmeasured
                         await streams.wait_tokens(rid, len(entries) + 4)
-                samples.sort(key=lambda x: x["downtime_ms"])
-                row[mode] = dict(samples[len(samples) // 2])
-                row[mode]["samples_ms"] = [x["downtime_ms"] for x in samples]
-                row[mode]["stream_gap_median_ms"] = statistics.median(
-                    x["stream_gap_ms"] for x in samples
-                )
+                row[mode] = median_sample(samples)
                 progress(
                     f"  ctx {length:5d}  {mode:13s} downtime {row[mode]['downtime_ms']:9.1f} ms"
                 )

@@ -112,25 +112,26 @@ async def wait_tokens(log, request_id: str, count: int, timeout: float = 600) ->
         await asyncio.sleep(0.005)
 
 
+def _handover_index(entries, start: int, src: str, dst: str) -> int:
+    """Index of the request's first token from dst right after one from src (after start)."""
+    for i in range(max(start, 1), len(entries)):
+        if entries[i][1] == dst and entries[i - 1][1] == src:
+            return i
+    raise RuntimeError("no handover found in the token stream")
+
+
 def handover_gap(entries, start: int, src: str, dst: str) -> tuple[float, float]:
     """(gap between the last src token and the first dst token after index start,
     median dst inter-token interval right after) in seconds."""
-    for i in range(max(start, 1), len(entries)):
-        if entries[i][1] == dst and entries[i - 1][1] == src:
-            after = [
-                entries[j + 1][0] - entries[j][0] for j in range(i, min(i + 6, len(entries) - 1))
-            ]
-            return entries[i][0] - entries[i - 1][0], statistics.median(after)
-    raise RuntimeError("no handover found in the token stream")
+    i = _handover_index(entries, start, src, dst)
+    after = [entries[j + 1][0] - entries[j][0] for j in range(i, min(i + 6, len(entries) - 1))]
+    return entries[i][0] - entries[i - 1][0], statistics.median(after)
 
 
 def handover_time(entries, start: int, src: str, dst: str) -> float:
     """Time of the request's last token from src before it moved to dst (after index
     start): the end of the window in which src's other requests shared steps with it."""
-    for i in range(max(start, 1), len(entries)):
-        if entries[i][1] == dst and entries[i - 1][1] == src:
-            return entries[i - 1][0]
-    raise RuntimeError("no handover found in the token stream")
+    return entries[_handover_index(entries, start, src, dst) - 1][0]
 
 
 def resident_since(entries, src: str) -> float:
@@ -161,12 +162,25 @@ async def move(a: Node, b: Node, log, request_id: str, mode: MigrationMode) -> d
     if result.status != MigrationStatus.COMMITTED:
         raise RuntimeError(f"{mode} migration failed: {result}")
     await wait_tokens(log, request_id, len(log[request_id]) + 8)
-    gap, dst_step = handover_gap(log[request_id], start_index, a.name, b.name)
-    # While the stages run beside it, up to its last token here (after that a's steps
+    background = [log[f"bg{i}"] for i in range(NUM_BACKGROUND)]
+    figures = move_figures(
+        log[request_id], background, start_index, since, t0, a.name, b.name, mode, result
+    )
+    return {**figures, "duration_ms": result.duration_ms}
+
+
+def move_figures(
+    entries, background, start: int, since: float, t0: float, src: str, dst: str, mode, result
+) -> dict:
+    """The figures of one move src -> dst begun at t0 (token index `start`, the request on
+    src since `since`), from its token stream, its neighbours' (`background`) and the
+    coordinator's result."""
+    gap, dst_step = handover_gap(entries, start, src, dst)
+    # While the stages run beside it, up to its last token on src (after that src's steps
     # no longer carry it and are shorter, which is no merit of the migration).
-    until = handover_time(log[request_id], start_index, a.name, b.name)
-    during = [interval_mean(log[f"bg{i}"], t0, until) for i in range(NUM_BACKGROUND)]
-    before = [interval_mean(log[f"bg{i}"], since, t0) for i in range(NUM_BACKGROUND)]
+    until = handover_time(entries, start, src, dst)
+    during = [interval_mean(other, t0, until) for other in background]
+    before = [interval_mean(other, since, t0) for other in background]
     stream_gap_ms = max(gap - dst_step, 0.0) * 1000
     return {
         # The request is runnable again once adopted (the destination's next step takes
@@ -174,12 +188,22 @@ async def move(a: Node, b: Node, log, request_id: str, mode: MigrationMode) -> d
         "downtime_ms": stream_gap_ms if mode == "recompute" else result.downtime_ms,
         "stream_gap_ms": stream_gap_ms,
         "coordinator_downtime_ms": result.downtime_ms,
-        "duration_ms": result.duration_ms,
         "num_stages": result.num_stages,
         "num_blocks": result.num_blocks,
         "num_bytes": result.num_bytes,
         "bg_during_s": [d for d in during if d is not None],
-        "bg_before_s": [b for b in before if b is not None],
+        "bg_before_s": [x for x in before if x is not None],
+    }
+
+
+def median_sample(samples: list[dict]) -> dict:
+    """The sample of median downtime, with every sample's downtime and the median stream
+    gap beside it (one decode step's jitter is in every gap)."""
+    samples = sorted(samples, key=lambda x: x["downtime_ms"])
+    return {
+        **samples[len(samples) // 2],
+        "samples_ms": [x["downtime_ms"] for x in samples],
+        "stream_gap_median_ms": statistics.median(x["stream_gap_ms"] for x in samples),
     }
 
 
@@ -249,13 +273,7 @@ async def run(lengths: list[int], progress, live_repeats: int = 5) -> dict:
                     if mode is not MigrationMode.RECOMPUTE:
                         await b.source.migrate(rid, a.target())  # back to a, unmeasured
                         await wait_tokens(log, rid, len(log[rid]) + 4)
-                # The median sample: one decode step's jitter is in every gap.
-                samples.sort(key=lambda x: x["downtime_ms"])
-                row[mode.value] = dict(samples[len(samples) // 2])
-                row[mode.value]["samples_ms"] = [x["downtime_ms"] for x in samples]
-                row[mode.value]["stream_gap_median_ms"] = statistics.median(
-                    x["stream_gap_ms"] for x in samples
-                )
+                row[mode.value] = median_sample(samples)
                 progress(
                     f"  ctx {length:5d}  {mode.value:13s} downtime {row[mode.value]['downtime_ms']:9.1f} ms"
                 )
