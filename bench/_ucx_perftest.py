@@ -31,10 +31,17 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def stream_shape(nbytes: int) -> tuple[int, int]:
+    """(timed messages, untimed warm-up messages before them) of one streamed run: 1 GiB
+    (20 to 1000 messages) after a tenth as many. kvtransport's stream uses the same."""
+    iterations = max(20, min(1000, (1 << 30) // nbytes))
+    return iterations, iterations // 10
+
+
 def tag_bandwidth_gbps(binary: Path, nbytes: int, window: int | None = None) -> float:
     """Bandwidth of `ucx_perftest -t tag_bw` for nbytes messages (window None: its default)."""
-    iterations = max(20, min(1000, (1 << 30) // nbytes))
-    args = ["-t", "tag_bw", "-s", str(nbytes), "-n", str(iterations), "-w", str(iterations // 10)]
+    iterations, warmup = stream_shape(nbytes)
+    args = ["-t", "tag_bw", "-s", str(nbytes), "-n", str(iterations), "-w", str(warmup)]
     if window is not None:
         args += ["-O", str(window)]
     env = dict(os.environ)

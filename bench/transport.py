@@ -2,9 +2,10 @@
 
 (1) Throughput of 1, 4, 16, 64 MiB KV transfers through kvtransport (UCX), next to
     UCX's native `ucx_perftest` tag bandwidth at the same sizes:
-      streamed: a steady stream of transfers (>= 256 MiB, or 16 transfers), 4 in flight
-                at a time (kvtransport) vs perftest's stream of messages (1 GiB, its
-                default window); this pair gives `ratio`;
+      streamed: a steady stream of transfers, 4 in flight at a time (kvtransport) vs
+                perftest's stream of messages (its default window); both send 1 GiB
+                (20 to 1000 messages) timed after a tenth as many untimed in the same
+                stream (warm-up, as perftest does); this pair gives `ratio`;
       single:   one transfer at a time, header handshake included (kvtransport) vs
                 perftest with one message in flight (-O 1).
     Measurements of both alternate, and each figure is the best of the rounds.
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from bench._transport_peer import TransportPeer
-from bench._ucx_perftest import find_perftest, tag_bandwidth_gbps
+from bench._ucx_perftest import find_perftest, stream_shape, tag_bandwidth_gbps
 from kvtransport import SchedulingPolicy, TrafficClass, TransportConfig, make_transport
 from kvtransport.config import MIB
 from kvtransport.tensors import huge_page_empty
@@ -39,7 +40,6 @@ SIZES_MIB = [1, 4, 16, 64]
 ACTIVATION_SHAPE = (4, 4096)  # bf16: 32 KiB, four tokens of a 4096-wide model
 BULK_TRANSFER_BYTES = 256 * MIB
 BULK_IN_FLIGHT = 2  # KV transfers kept queued so the link never idles
-STREAM_BYTES = 256 * MIB  # bytes per streamed-throughput measurement
 
 
 @dataclass
@@ -187,22 +187,23 @@ async def _transfer_batch(transport, peer, source: torch.Tensor, prefix: str, co
 
 
 async def _transfer_stream(transport, peer, source: torch.Tensor, prefix: str, window: int):
-    """GB/s of a steady stream of `source` transfers, `window` in flight at a time, from the
-    first send to the last arrival. The receiver keeps twice that many receives posted, so
-    no transfer arrives before its receive is."""
-    count = max(16, STREAM_BYTES // source.numel())
-    op_id = peer.request("stream", prefix, count, source.numel(), 2 * window)
+    """GB/s of a steady stream of `source` transfers, `window` in flight at a time: the
+    timed transfers' bytes over the time from the last warm-up transfer's arrival to the
+    last arrival (both on the receiver). The receiver keeps twice `window` receives
+    posted, so no transfer arrives before its receive is."""
+    count, warmup = stream_shape(source.numel())
+    op_id = peer.request("stream", prefix, warmup + count, source.numel(), 2 * window)
     await peer.ready(op_id)
     in_flight: collections.deque = collections.deque()
-    started = time.monotonic()
-    for index in range(count):
+    for index in range(warmup + count):
         if len(in_flight) >= window:
             await in_flight.popleft().wait()
         in_flight.append(await transport.send(peer.address, f"{prefix}-{index}", source))
     for handle in in_flight:
         await handle.wait()
     done_at = await peer.reply(op_id)
-    return count * source.numel() / (max(done_at) - started) / 1e9
+    started = done_at[warmup - 1]
+    return count * source.numel() / (max(done_at[warmup:]) - started) / 1e9
 
 
 async def _latency(transport, peer: TransportPeer, options: Options, name: str, idle=True):

@@ -44,8 +44,10 @@ class TransportConfig:
     `activation_quiet_s`): an activation then finds at most this many chunks ahead of it
     on the wire, which the receiver copies before it reads the activation."""
     activation_quiet_s: float = 0.1
-    """How long after the last activation to a peer its KV window stays narrowed; 0
-    never narrows it."""
+    """How long after the last activation to a peer its KV window stays narrowed, and
+    after the last activation sent or received how long UCX progress runs in short
+    slices (an activation is then handled between KV chunk fragments); 0 never does
+    either."""
     inline_max_bytes: int = 64 * KIB
     """Transfers up to this size travel inside their header (one message, no chunks)."""
     max_header_bytes: int = 64 * KIB

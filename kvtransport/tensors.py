@@ -110,6 +110,8 @@ def huge_page_empty(nbytes: int) -> torch.Tensor:
 
 def byte_view(tensor: torch.Tensor) -> np.ndarray:
     """Flat uint8 numpy view sharing the tensor's memory (no copy; keeps it alive)."""
+    if tensor.dtype is torch.uint8 and tensor.dim() == 1 and not tensor.requires_grad:
+        return tensor.numpy()  # flat byte buffers (pooled, staging): a third of the cost
     return tensor.detach().reshape(-1).view(torch.uint8).numpy()
 
 

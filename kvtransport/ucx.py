@@ -30,13 +30,14 @@ from functools import partial
 
 import numpy as np
 
+from kvtransport.base import TrafficClass
 from kvtransport.buffers import BufferPool
 from kvtransport.config import TransportConfig
 from kvtransport.core import FabricTransport
 from kvtransport.errors import PeerUnreachable, TransportError
 from kvtransport.fabric import ChunkOut, Fabric, FabricEvents, OutMessage, PeerLink
-from kvtransport.ucx_worker import IS_RNDV_THRESH_FROM_USER, UcxWorker
-from kvtransport.wire import decode
+from kvtransport.ucx_worker import IS_RNDV_THRESH_FROM_USER, Array, UcxWorker
+from kvtransport.wire import TransferHeader, decode
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +72,17 @@ def _ucx_options(config: TransportConfig) -> dict[str, str]:
 
 
 class UcxLink(PeerLink):
-    def __init__(self, worker: UcxWorker, endpoint) -> None:
+    def __init__(self, worker: UcxWorker, endpoint, activation_quiet_s: float) -> None:
         self._worker = worker
         self._endpoint = endpoint
+        self._activation_quiet_s = activation_quiet_s
         self._is_aborted = False
 
     def start_send(self, message: OutMessage) -> asyncio.Future[None]:
         if self._is_aborted:
             raise PeerUnreachable("link aborted")
+        if message.traffic_class is TrafficClass.ACTIVATION:
+            self._worker.prefer_latency_for(self._activation_quiet_s)
         if isinstance(message, ChunkOut):
             return self._worker.tag_send(
                 self._endpoint, message.view, chunk_tag(message.key, message.seq)
@@ -100,6 +104,8 @@ class UcxFabric(Fabric):
         self._idle_scopes: list = []  # scope endpoints ready for another receive
         self._posted: dict[int, tuple[object, list[asyncio.Future]]] = {}
         self._slots: list[np.ndarray] = []
+        self._slot_arrays: list[Array] = []  # each slot's buffer as UCX takes it
+        self._slot_callbacks: list = []
         self._slot_outcomes: list[object] = []  # per slot: _POSTED, None (ok) or an error
         self._next_slot = 0
         self._is_closing = False
@@ -114,12 +120,14 @@ class UcxFabric(Fabric):
         self._mailbox_scope = self._worker.create_endpoint(self._worker.address)
         for index in range(self._config.num_mailbox_slots):
             self._slots.append(np.empty(self._config.mailbox_slot_bytes, dtype=np.uint8))
+            self._slot_arrays.append(Array(self._slots[index]))
+            self._slot_callbacks.append(partial(self._on_slot, index))
             self._slot_outcomes.append(_POSTED)
             self._post_slot(index)
 
     async def connect(self, peer_address: bytes) -> PeerLink:
         endpoint = self._worker.create_endpoint(_raw_address(peer_address))
-        return UcxLink(self._worker, endpoint)
+        return UcxLink(self._worker, endpoint, self._config.activation_quiet_s)
 
     def post_chunks(
         self, key: int, targets: Sequence[tuple[int, np.ndarray]]
@@ -183,7 +191,7 @@ class UcxFabric(Fabric):
     def _post_slot(self, index: int) -> None:
         self._slot_outcomes[index] = _POSTED
         self._worker.tag_recv_callback(
-            self._mailbox_scope, self._slots[index], MAILBOX_TAG, partial(self._on_slot, index)
+            self._mailbox_scope, self._slot_arrays[index], MAILBOX_TAG, self._slot_callbacks[index]
         )
 
     def _on_slot(self, index: int, error: TransportError | None) -> None:
@@ -207,6 +215,11 @@ class UcxFabric(Fabric):
     def _deliver(self, buffer: memoryview) -> None:
         try:
             message, payload = decode(buffer)
+            if (
+                isinstance(message, TransferHeader)
+                and message.traffic_class is TrafficClass.ACTIVATION
+            ):
+                self._worker.prefer_latency_for(self._config.activation_quiet_s)
             self._events.on_control(message, payload)
         except Exception:  # the mailbox must survive any one bad message
             log.exception("dropping a control message")
