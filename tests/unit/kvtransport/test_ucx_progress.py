@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import torch
 
@@ -25,12 +26,22 @@ async def _round_trip(sender, receiver, transfer_id, payload, traffic_class):
     assert torch.equal(received, payload)
 
 
-async def test_activations_switch_both_ends_to_fine_slices_until_quiet():
-    config = TransportConfig(backend=Backend.UCX, kv_chunk_bytes=MIB, activation_quiet_s=QUIET_S)
+@contextlib.asynccontextmanager
+async def _ucx_pair(**config_kwargs):
+    config = TransportConfig(backend=Backend.UCX, **config_kwargs)
     sender, receiver = make_transport(config), make_transport(config)
     await sender.start()
     await receiver.start()
     try:
+        yield sender, receiver
+        await assert_clean(sender, receiver)
+    finally:
+        await sender.close()
+        await receiver.close()
+
+
+async def test_activations_switch_both_ends_to_fine_slices_until_quiet():
+    async with _ucx_pair(kv_chunk_bytes=MIB, activation_quiet_s=QUIET_S) as (sender, receiver):
         # KV alone (3 MiB in 1 MiB chunks, 4 messages) leaves both in bulk mode.
         await _round_trip(sender, receiver, "kv-0", pattern(3 * MIB + 5), TrafficClass.KV)
         assert not _worker(sender).is_latency_mode
@@ -45,23 +56,11 @@ async def test_activations_switch_both_ends_to_fine_slices_until_quiet():
         await asyncio.sleep(QUIET_S + 0.05)
         assert not _worker(sender).is_latency_mode
         assert not _worker(receiver).is_latency_mode
-        await assert_clean(sender, receiver)
-    finally:
-        await sender.close()
-        await receiver.close()
 
 
 async def test_zero_quiet_time_never_enters_fine_slices():
-    config = TransportConfig(backend=Backend.UCX, activation_quiet_s=0)
-    sender, receiver = make_transport(config), make_transport(config)
-    await sender.start()
-    await receiver.start()
-    try:
+    async with _ucx_pair(activation_quiet_s=0) as (sender, receiver):
         act = pattern(32 * 1024, salt=5)  # inline: the header carries it
         await _round_trip(sender, receiver, "act-0", act, TrafficClass.ACTIVATION)
         assert not _worker(sender).is_latency_mode
         assert not _worker(receiver).is_latency_mode
-        await assert_clean(sender, receiver)
-    finally:
-        await sender.close()
-        await receiver.close()
