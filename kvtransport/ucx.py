@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import numpy as np
@@ -105,7 +105,7 @@ class UcxFabric(Fabric):
         self._posted: dict[int, tuple[object, list[asyncio.Future]]] = {}
         self._slots: list[np.ndarray] = []
         self._slot_arrays: list[Array] = []  # each slot's buffer as UCX takes it
-        self._slot_callbacks: list = []
+        self._slot_callbacks: list[Callable[[TransportError | None], None]] = []
         self._slot_outcomes: list[object] = []  # per slot: _POSTED, None (ok) or an error
         self._next_slot = 0
         self._is_closing = False

@@ -12,6 +12,7 @@ still write into it, so it is left to the garbage collector once nothing referen
 
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
@@ -36,10 +37,7 @@ class StagingBuffers:
         """A contiguous tensor of this shape; its contents are whatever was there. A new
         buffer's pages are faulted in here (huge-page faults can compact memory for
         milliseconds): call it off the event loop."""
-        numel = 1
-        for size in shape:
-            numel *= size
-        nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         if nbytes > self.chunk_bytes:  # larger than any pooled buffer: a one-off
             return torch.empty(shape, dtype=dtype)
         with self._lock:
