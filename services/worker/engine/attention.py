@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from services.worker.engine.config import ModelConfig
+from services.worker.engine.kernels import KernelBuildError, paged_attention_library
 from services.worker.engine.kv_cache import KVCache
 
 KEY_CHUNK = 64  # keys per partial: the contraction length of the weights @ values gemms
@@ -63,9 +64,20 @@ class AttentionGroup:
 
 
 @dataclass
+class NativeRows:
+    """What the native kernel reads per row: its sequence (a row of block_tables) and
+    its position (it attends to keys 0 .. position). A sequence's rows are adjacent."""
+
+    row_seq: torch.Tensor  # (T,) int32
+    positions: torch.Tensor  # (T,) int32
+    block_tables: torch.Tensor  # (S, most blocks of any sequence) int32, zero-padded
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # (T,) int64: block_id * block_size + offset of each row
-    groups: list[AttentionGroup]
+    groups: list[AttentionGroup]  # torch backend
+    native: NativeRows | None = None  # native backend
 
 
 def query_columns(num_queries_per_kv: int, num_rows: int) -> int:
@@ -115,9 +127,11 @@ def build_attention_metadata(
     block_size: int,
     num_queries_per_kv: int,
     device: torch.device | str,
+    backend: str = "torch",
 ) -> AttentionMetadata:
     """decodes: (position, block_ids) per single-token row; prefills: (num_computed,
-    num_tokens, block_ids) per chunk, rows following the decodes in this order."""
+    num_tokens, block_ids) per chunk, rows following the decodes in this order.
+    backend: "torch" (groups) or "native" (NativeRows)."""
     slots: list[int] = []
     for position, block_ids in decodes:
         slots.append(block_ids[position // block_size] * block_size + position % block_size)
@@ -126,6 +140,9 @@ def build_attention_metadata(
             block_ids[p // block_size] * block_size + p % block_size
             for p in range(num_computed, num_computed + num_tokens)
         ]
+    slot_mapping = torch.tensor(slots, dtype=torch.long, device=device)
+    if backend == "native":
+        return AttentionMetadata(slot_mapping, [], _native_rows(decodes, prefills, block_size))
 
     groups = []
     if decodes:
@@ -145,8 +162,31 @@ def build_attention_metadata(
                 )
             )
         row += num_tokens
-    return AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device), groups=groups
+    return AttentionMetadata(slot_mapping, groups)
+
+
+def _native_rows(
+    decodes: list[tuple[int, list[int]]],
+    prefills: list[tuple[int, int, list[int]]],
+    block_size: int,
+) -> NativeRows:
+    row_seq: list[int] = list(range(len(decodes)))
+    positions: list[int] = [position for position, _ in decodes]
+    tables = [block_ids for _, block_ids in decodes]
+    for num_computed, num_tokens, block_ids in prefills:
+        row_seq += [len(tables)] * num_tokens
+        positions += range(num_computed, num_computed + num_tokens)
+        tables.append(block_ids)
+    # A sequence needs blocks up to its last row's position only (its table may hold more).
+    needed = [0] * len(tables)
+    for seq, position in zip(row_seq, positions, strict=True):
+        needed[seq] = position // block_size + 1
+    width = max(needed)
+    padded = [ids[:n] + [0] * (width - n) for ids, n in zip(tables, needed, strict=True)]
+    return NativeRows(
+        row_seq=torch.tensor(row_seq, dtype=torch.int32),
+        positions=torch.tensor(positions, dtype=torch.int32),
+        block_tables=torch.tensor(padded, dtype=torch.int32),
     )
 
 
@@ -250,6 +290,9 @@ class PagedAttention:
         flat[1].index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
 
         out = torch.empty(q.shape[0], c.q_size, dtype=q.dtype, device=q.device)
+        if meta.native is not None:
+            native_paged_attention(q, cache, meta.native, out, self.scale)
+            return out
         for g in meta.groups:
             # K and V in one gather, into a buffer reused by every group, layer and step:
             # (2, nkv, B * L / bs, bs, hd) -> (2, nkv, B, L, hd)
@@ -264,3 +307,57 @@ class PagedAttention:
             attn = attend(queries, gathered[0], gathered[1], g.bias, self.scale)
             out[rows] = attn.reshape(-1, c.q_size)
         return out
+
+
+def native_backend_unavailable(config: ModelConfig, dtype: str, device: str) -> str | None:
+    """Why the native kernel cannot serve this model, or None if it can (compiles it)."""
+    if dtype != "float32" or device != "cpu":
+        return f"it runs float32 on cpu only (this engine: {dtype} on {device})"
+    if config.head_dim % 8 != 0 or config.num_queries_per_kv > 16:
+        return (
+            f"it needs head_dim % 8 == 0 and at most 16 query heads per KV head (this model: "
+            f"head_dim {config.head_dim}, {config.num_queries_per_kv} per KV head)"
+        )
+    try:
+        paged_attention_library()
+    except KernelBuildError as e:
+        return str(e)
+    return None
+
+
+def native_paged_attention(
+    q: torch.Tensor,
+    cache: torch.Tensor,
+    rows: NativeRows,
+    out: torch.Tensor,
+    scale: float,
+) -> None:
+    """Every row of q (T, nh, hd) attends over its sequence's keys in cache (2, nkv, NB,
+    bs, hd) float32 (this step's K/V already written); writes out (T, nh * hd)."""
+    num_rows, num_heads, head_dim = q.shape
+    if q.stride(2) != 1 or q.stride(1) != head_dim:
+        q = q.contiguous()
+    _, num_kv_heads, num_blocks, block_size, _ = cache.shape
+    assert cache.is_contiguous() and out.is_contiguous() and q.dtype == cache.dtype == torch.float32
+    status = paged_attention_library().llmesh_paged_attention(
+        q.data_ptr(),
+        q.stride(0),
+        cache[0].data_ptr(),
+        cache[1].data_ptr(),
+        num_blocks * block_size,
+        block_size,
+        rows.block_tables.data_ptr(),
+        rows.block_tables.shape[1],
+        rows.row_seq.data_ptr(),
+        rows.positions.data_ptr(),
+        num_rows,
+        out.data_ptr(),
+        out.stride(0),
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        scale,
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise RuntimeError(f"native paged attention failed (status {status})")

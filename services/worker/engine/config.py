@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,10 @@ MiB = 1024 * 1024
 DTYPE_NBYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 SCHEDULING_POLICIES = ("fcfs", "priority")
+# "native": the compiled paged-attention kernel (kernels/paged_attention.c; float32 KV,
+# head_dim a multiple of 8); "torch": batched torch ops (any dtype, no compiler);
+# "auto": native where it applies and compiles, else torch.
+ATTENTION_BACKENDS = ("auto", "native", "torch")
 ROPE_TYPES = ("default", "linear", "llama3")
 # HF `model_type`s whose math is exactly Llama's (Mistral only without a sliding window
 # shorter than the context; see ModelConfig.max_context_len).
@@ -279,6 +284,12 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # token budget per step (prefill chunks + decodes)
     max_model_len: int | None = None  # context limit; None = the model's
     scheduling_policy: str = "fcfs"  # "fcfs", or "priority" (higher priority first, then FCFS)
+    # One of ATTENTION_BACKENDS; the default comes from $LLMESH_ATTENTION_BACKEND, else "auto".
+    # Engines that hand requests to each other (migration, pipelines) must use the same
+    # backend for bit-identical continuations: the two sum in different orders.
+    attention_backend: str = dataclasses.field(
+        default_factory=lambda: os.environ.get("LLMESH_ATTENTION_BACKEND", "auto")
+    )
 
     def __post_init__(self) -> None:
         _require(
@@ -321,6 +332,10 @@ class EngineConfig:
         _require(
             self.scheduling_policy in SCHEDULING_POLICIES,
             f"scheduling_policy {self.scheduling_policy!r} is not one of {SCHEDULING_POLICIES}",
+        )
+        _require(
+            self.attention_backend in ATTENTION_BACKENDS,
+            f"attention_backend {self.attention_backend!r} is not one of {ATTENTION_BACKENDS}",
         )
 
     def replace(self, **changes: Any) -> EngineConfig:

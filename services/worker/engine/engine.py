@@ -9,12 +9,14 @@ The engine is plain torch and single-threaded: callers serialise calls.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 import time
 from collections.abc import Callable
 
 import torch
 
+from services.worker.engine.attention import native_backend_unavailable
 from services.worker.engine.block_manager import BlockManager
 from services.worker.engine.config import DTYPE_NBYTES, EngineConfig
 from services.worker.engine.cost_model import (
@@ -45,6 +47,8 @@ from services.worker.engine.sampling_params import SamplingParams
 from services.worker.engine.scheduler import Scheduler
 from services.worker.engine.tokenizer import ByteTokenizer, Tokenizer
 from services.worker.engine.weights import build_stage_weights, hf_names
+
+log = logging.getLogger(__name__)
 
 EXECUTORS = ("torch", "cost_model")
 
@@ -124,12 +128,27 @@ class LLMEngine(LayerRangeMixin, MigrationMixin):
                 config.device,
             )
             step_time_model = CostModel(self.profile) if self.profile is not None else None
-            self.executor = TorchExecutor(self.model, self.kv_cache, step_time_model)
+            self.executor = TorchExecutor(
+                self.model, self.kv_cache, step_time_model, self._attention_backend()
+            )
 
         self.last_step = StepInfo()
         self._pending_outputs: list[RequestOutput] = []
         self._next_seq_no = 0
         self._seed_rng = random.Random()  # seeds for sampled requests that bring none
+
+    def _attention_backend(self) -> str:
+        """config.attention_backend resolved to "native" or "torch"."""
+        requested = self.config.attention_backend
+        if requested == "torch":
+            return "torch"
+        why_not = native_backend_unavailable(self.model_config, self.dtype, self.config.device)
+        if why_not is None:
+            return "native"
+        if requested == "native":
+            raise ValueError(f"attention_backend 'native' is unavailable: {why_not}")
+        log.info("attention backend: torch (the native kernel is unavailable: %s)", why_not)
+        return "torch"
 
     # ---- sizes ------------------------------------------------------------------------
 
