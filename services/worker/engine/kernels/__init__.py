@@ -105,7 +105,10 @@ def paged_attention_library() -> ctypes.CDLL:
     target = cache_dir() / f"{SOURCE.stem}-{key}.so"
     if not target.exists():
         log.info("compiling %s into %s", SOURCE.name, target)
-        _build(compiler, target)
+        try:
+            _build(compiler, target)
+        except (OSError, subprocess.SubprocessError) as e:
+            raise KernelBuildError(f"cannot build {target}: {e}") from e
     try:
         library = ctypes.CDLL(str(target))
     except OSError as e:

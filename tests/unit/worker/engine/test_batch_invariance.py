@@ -81,53 +81,76 @@ def assert_same_logits(got: LogitsRecorder, expected: LogitsRecorder) -> None:
     assert not differing, f"{len(differing)} rows differ, first (seed, position): {min(differing)}"
 
 
+@pytest.fixture(scope="module", params=["native", "torch"])
+def attention_backend(request) -> str:
+    """The tests comparing against `together` run once per attention backend."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def together() -> tuple[dict[str, list[int]], LogitsRecorder]:
+def together(attention_backend) -> tuple[dict[str, list[int]], LogitsRecorder]:
     """The reference: all 12 admitted at once into a roomy engine (module-scoped, so
     built without the make_engine fixture)."""
     recorder = LogitsRecorder()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(executor_module, "sample", recorder)
-        engine = LLMEngine(EngineConfig(num_kv_blocks=512, memory_capacity_bytes=32 << 20))
+        engine = LLMEngine(
+            EngineConfig(
+                num_kv_blocks=512,
+                memory_capacity_bytes=32 << 20,
+                attention_backend=attention_backend,
+            )
+        )
         tokens = run_together(engine)
     engine.check_integrity()
     assert len(recorder.logits) == sum(p.max_tokens for _, p in WORKLOAD)
     return tokens, recorder
 
 
-def test_alone_equals_together(make_engine, together, recorder):
+def test_alone_equals_together(make_engine, together, recorder, attention_backend):
     # Two of the twelve (all alone would take half a minute): one sampled, one greedy.
     tokens, logits = together
     for i in (2, 11):
-        engine = make_engine(num_kv_blocks=64)
+        engine = make_engine(attention_backend=attention_backend, num_kv_blocks=64)
         assert run_together(engine, [i]) == {f"r{i}": tokens[f"r{i}"]}, f"request {i}"
     assert_same_logits(recorder, logits)
 
 
-def test_preempted_and_recomputed_equals_together(make_engine, together, recorder):
+def test_preempted_and_recomputed_equals_together(
+    make_engine, together, recorder, attention_backend
+):
     # 45 blocks of 16 hold two of these six at full length: constant preemption, and
     # recomputation runs generated tokens through prefill. (Any subset of the twelve
     # must give the same logits as all of them.)
-    engine = make_engine(num_kv_blocks=45)
+    engine = make_engine(attention_backend=attention_backend, num_kv_blocks=45)
     tokens = run_together(engine, range(6))
     assert tokens == {f"r{i}": together[0][f"r{i}"] for i in range(6)}
     assert engine.stats().num_preemptions >= 5
     assert_same_logits(recorder, together[1])
 
 
-def test_chunked_prefill_with_a_small_budget_equals_together(make_engine, together, recorder):
+def test_chunked_prefill_with_a_small_budget_equals_together(
+    make_engine, together, recorder, attention_backend
+):
     # 20 tokens a step and blocks of 8: prompts are cut at other places, next to decodes.
-    engine = make_engine(num_kv_blocks=512, max_num_batched_tokens=20, block_size=8)
+    engine = make_engine(
+        attention_backend=attention_backend,
+        num_kv_blocks=512,
+        max_num_batched_tokens=20,
+        block_size=8,
+    )
     tokens = run_together(engine, range(6, 12))
     assert tokens == {f"r{i}": together[0][f"r{i}"] for i in range(6, 12)}
     assert_same_logits(recorder, together[1])
 
 
-def test_staggered_arrivals_and_migration_equal_together(make_engine, together, recorder):
+def test_staggered_arrivals_and_migration_equal_together(
+    make_engine, together, recorder, attention_backend
+):
     """Requests arrive over time; two of them move mid-generation (KV copied, not
     recomputed) to an engine running others."""
-    source = make_engine(num_kv_blocks=512)
-    destination = make_engine(num_kv_blocks=512)
+    source = make_engine(attention_backend=attention_backend, num_kv_blocks=512)
+    destination = make_engine(attention_backend=attention_backend, num_kv_blocks=512)
     tokens: dict[str, list[int]] = {}
     for i in range(5, 8):
         destination.add_request(f"r{i}", *WORKLOAD[i])

@@ -47,10 +47,12 @@ def reference(prompt: tuple[int, ...]) -> list[int]:
         (16, 5, 3, 16),  # tiny pool, big blocks, budget below most prompts
     ],
 )
+@pytest.mark.parametrize("attention_backend", ["native", "torch"])
 def test_paged_engine_matches_dense_reference(
-    make_engine, block_size, num_kv_blocks, batch_size, max_num_batched_tokens
+    make_engine, block_size, num_kv_blocks, batch_size, max_num_batched_tokens, attention_backend
 ):
     engine = make_engine(
+        attention_backend=attention_backend,
         block_size=block_size,
         num_kv_blocks=num_kv_blocks,
         max_num_batched_tokens=max_num_batched_tokens,
