@@ -38,8 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
+from services.worker.engine import native
 from services.worker.engine.config import ModelConfig
-from services.worker.engine.kernels import KernelBuildError, paged_attention_library
 from services.worker.engine.kv_cache import KVCache
 
 KEY_CHUNK = 64  # keys per partial: the contraction length of the weights @ values gemms
@@ -285,14 +285,14 @@ class PagedAttention:
         c, meta = self.config, self.metadata
         cache = self.kv_cache.layers[layer_idx]  # (2, nkv, NB, bs, hd)
         num_blocks, block_size = cache.shape[2], cache.shape[3]
+        out = torch.empty(q.shape[0], c.q_size, dtype=q.dtype, device=q.device)
+        if meta.native is not None:
+            native.write_kv(k, v, meta.slot_mapping, cache)
+            native.paged_attention(q, cache, meta.native, out, self.scale)
+            return out
         flat = cache.view(2, c.num_kv_heads, num_blocks * block_size, c.head_dim)
         flat[0].index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
         flat[1].index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
-
-        out = torch.empty(q.shape[0], c.q_size, dtype=q.dtype, device=q.device)
-        if meta.native is not None:
-            native_paged_attention(q, cache, meta.native, out, self.scale)
-            return out
         for g in meta.groups:
             # K and V in one gather, into a buffer reused by every group, layer and step:
             # (2, nkv, B * L / bs, bs, hd) -> (2, nkv, B, L, hd)
@@ -307,57 +307,3 @@ class PagedAttention:
             attn = attend(queries, gathered[0], gathered[1], g.bias, self.scale)
             out[rows] = attn.reshape(-1, c.q_size)
         return out
-
-
-def native_backend_unavailable(config: ModelConfig, dtype: str, device: str) -> str | None:
-    """Why the native kernel cannot serve this model, or None if it can (compiles it)."""
-    if dtype != "float32" or device != "cpu":
-        return f"it runs float32 on cpu only (this engine: {dtype} on {device})"
-    if config.head_dim % 8 != 0 or config.num_queries_per_kv > 16:
-        return (
-            f"it needs head_dim % 8 == 0 and at most 16 query heads per KV head (this model: "
-            f"head_dim {config.head_dim}, {config.num_queries_per_kv} per KV head)"
-        )
-    try:
-        paged_attention_library()
-    except KernelBuildError as e:
-        return str(e)
-    return None
-
-
-def native_paged_attention(
-    q: torch.Tensor,
-    cache: torch.Tensor,
-    rows: NativeRows,
-    out: torch.Tensor,
-    scale: float,
-) -> None:
-    """Every row of q (T, nh, hd) attends over its sequence's keys in cache (2, nkv, NB,
-    bs, hd) float32 (this step's K/V already written); writes out (T, nh * hd)."""
-    num_rows, num_heads, head_dim = q.shape
-    if q.stride(2) != 1 or q.stride(1) != head_dim:
-        q = q.contiguous()
-    _, num_kv_heads, num_blocks, block_size, _ = cache.shape
-    assert cache.is_contiguous() and out.is_contiguous() and q.dtype == cache.dtype == torch.float32
-    status = paged_attention_library().llmesh_paged_attention(
-        q.data_ptr(),
-        q.stride(0),
-        cache[0].data_ptr(),
-        cache[1].data_ptr(),
-        num_blocks * block_size,
-        block_size,
-        rows.block_tables.data_ptr(),
-        rows.block_tables.shape[1],
-        rows.row_seq.data_ptr(),
-        rows.positions.data_ptr(),
-        num_rows,
-        out.data_ptr(),
-        out.stride(0),
-        num_heads,
-        num_kv_heads,
-        head_dim,
-        scale,
-        torch.get_num_threads(),
-    )
-    if status != 0:
-        raise RuntimeError(f"native paged attention failed (status {status})")

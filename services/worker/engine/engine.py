@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from services.worker.engine.attention import native_backend_unavailable
+from services.worker.engine import native
 from services.worker.engine.block_manager import BlockManager
 from services.worker.engine.config import DTYPE_NBYTES, EngineConfig
 from services.worker.engine.cost_model import (
@@ -74,6 +74,7 @@ class LLMEngine(LayerRangeMixin, MigrationMixin):
             self.profile: CostModelProfile | None = get_profile(profile or "tiny-cpu")
             self.model_config = self.profile.model
             self.dtype = self.profile.dtype
+            self.kernels = "none"  # nothing runs
             self.tokenizer = ByteTokenizer()
             self.weight_source = None
         else:
@@ -87,13 +88,14 @@ class LLMEngine(LayerRangeMixin, MigrationMixin):
                 source.weights,
             )
             self.dtype = config.dtype
+            self.kernels = self._kernels()
             num_layers = self.model_config.num_layers
             tensors = source.weights.load(hf_names(self.model_config, 0, num_layers))
             weights = build_stage_weights(
                 self.model_config, tensors, 0, num_layers, self.dtype, config.device
             )
             del tensors
-            self.model = LlamaModel(self.model_config, weights)
+            self.model = LlamaModel(self.model_config, weights, self.kernels == "native")
         self.layer_start, self.layer_end = 0, self.model_config.num_layers
         self.host_weights: dict[str, torch.Tensor] = {}  # dropped weights kept for restore
 
@@ -128,26 +130,24 @@ class LLMEngine(LayerRangeMixin, MigrationMixin):
                 config.device,
             )
             step_time_model = CostModel(self.profile) if self.profile is not None else None
-            self.executor = TorchExecutor(
-                self.model, self.kv_cache, step_time_model, self._attention_backend()
-            )
+            self.executor = TorchExecutor(self.model, self.kv_cache, step_time_model, self.kernels)
 
         self.last_step = StepInfo()
         self._pending_outputs: list[RequestOutput] = []
         self._next_seq_no = 0
         self._seed_rng = random.Random()  # seeds for sampled requests that bring none
 
-    def _attention_backend(self) -> str:
-        """config.attention_backend resolved to "native" or "torch"."""
-        requested = self.config.attention_backend
+    def _kernels(self) -> str:
+        """config.kernels resolved to "native" or "torch"."""
+        requested = self.config.kernels
         if requested == "torch":
             return "torch"
-        why_not = native_backend_unavailable(self.model_config, self.dtype, self.config.device)
+        why_not = native.unavailable(self.model_config, self.dtype, self.config.device)
         if why_not is None:
             return "native"
         if requested == "native":
-            raise ValueError(f"attention_backend 'native' is unavailable: {why_not}")
-        log.info("attention backend: torch (the native kernel is unavailable: %s)", why_not)
+            raise ValueError(f"kernels 'native' are unavailable: {why_not}")
+        log.info("kernels: torch (the native kernels are unavailable: %s)", why_not)
         return "torch"
 
     # ---- sizes ------------------------------------------------------------------------

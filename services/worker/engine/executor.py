@@ -55,11 +55,11 @@ class TorchExecutor:
         model: LlamaModel,
         kv_cache: KVCache,
         step_time_model=None,
-        attention_backend: str = "torch",
+        kernels: str = "torch",
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
-        self.attention_backend = attention_backend  # "native" or "torch" (resolved)
+        self.kernels = kernels  # "native" or "torch" (resolved)
         self.block_size = kv_cache.block_size
         self.step_time_model = step_time_model  # a cost_model.CostModel, for estimates
 
@@ -92,7 +92,7 @@ class TorchExecutor:
             block_size=self.block_size,
             num_queries_per_kv=model.config.num_queries_per_kv,
             device=device,
-            backend=self.attention_backend,
+            backend=self.kernels,
         )
         if model.is_first_stage:
             hidden = model.embed(torch.tensor(token_ids, dtype=torch.long, device=device))

@@ -99,7 +99,7 @@ class LayerRangeMixin:
                 )
                 host = to_hf_tensors(self.model_config, dropped)
                 self.host_weights.update({k: t.to("cpu", copy=True) for k, t in host.items()})
-            self.model = LlamaModel(self.model_config, weights)
+            self.model = LlamaModel(self.model_config, weights, self.model.native_ops)
             del old
             assert self.kv_cache is not None
             self.kv_cache.drop_layers(keep_start, keep_end)
@@ -149,7 +149,9 @@ class LayerRangeMixin:
             if weights is None:
                 assert self.weight_source is not None
                 weights = self.weight_source.load(missing)
-            self.model = LlamaModel(self.model_config, self._complete_weights(weights))
+            self.model = LlamaModel(
+                self.model_config, self._complete_weights(weights), self.model.native_ops
+            )
             assert self.kv_cache is not None
             self.kv_cache.resize(num_blocks, moves)
             self.kv_cache.add_layers(0, num_layers)

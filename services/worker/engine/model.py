@@ -24,6 +24,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
+from services.worker.engine import native
 from services.worker.engine.config import ModelConfig
 
 # attention(layer_idx, q (T, nh, hd), k (T, nkv, hd), v (T, nkv, hd)) -> (T, nh * hd)
@@ -139,9 +140,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class LlamaModel:
-    def __init__(self, config: ModelConfig, weights: StageWeights) -> None:
+    def __init__(
+        self, config: ModelConfig, weights: StageWeights, native_ops: bool = False
+    ) -> None:
         self.config = config
         self.weights = weights
+        # Norms, RoPE and the SwiGLU activation through the native kernels (native.py);
+        # float32 on CPU only (the engine decides, see EngineConfig.kernels).
+        self.native_ops = native_ops
         self.inv_freq = rope_inv_freq(config)
         self.scale = config.head_dim**-0.5
         any_tensor = weights.tensors()[0]
@@ -204,8 +210,48 @@ class LlamaModel:
                 f"[{self.layer_start}, {self.layer_end})"
             )
         cos, sin = self.rope_cos_sin(positions)
+        if self.native_ops:
+            return self._native_layers(layer_start, layer_end, hidden, cos, sin, attention)
         for layer_idx in range(layer_start, layer_end):
             hidden = self._layer(layer_idx, hidden, cos, sin, attention)
+        return hidden
+
+    def _native_layers(
+        self,
+        layer_start: int,
+        layer_end: int,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention: AttentionFn,
+    ) -> torch.Tensor:
+        """`_layer` over [layer_start, layer_end) with the native kernels: the same math,
+        each residual add fused with the norm after it (hidden is updated in place)."""
+        if layer_start == layer_end:
+            return hidden
+        c, layers = self.config, self.weights.layers
+        eps, heads = c.rms_norm_eps, c.num_heads + c.num_kv_heads
+        num_tokens = hidden.shape[0]
+        cos, sin = cos.view(num_tokens, -1), sin.view(num_tokens, -1)
+        hidden = hidden.clone(memory_format=torch.contiguous_format)  # not the caller's
+        x = native.rms_norm(hidden, layers[layer_start].input_norm, eps)
+        for layer_idx in range(layer_start, layer_end):
+            w = layers[layer_idx]
+            qkv = linear(x, w.qkv_proj, w.qkv_bias)  # (T, q_size + 2 kv_size)
+            native.rope_(qkv, heads, c.head_dim, cos, sin)  # q's and k's heads, in place
+            q = qkv[:, : c.q_size].view(num_tokens, c.num_heads, c.head_dim)
+            k = qkv[:, c.q_size : c.q_size + c.kv_size].view(num_tokens, c.num_kv_heads, c.head_dim)
+            v = qkv[:, c.q_size + c.kv_size :].view(num_tokens, c.num_kv_heads, c.head_dim)
+            attn = attention(layer_idx, q, k, v)  # (T, nh * hd)
+            native.add_rms_norm_(
+                hidden, linear(attn, w.o_proj, w.o_bias), w.post_attention_norm, eps, x
+            )
+            act = native.silu_mul(linear(x, w.gate_up_proj, w.gate_up_bias))  # (T, I)
+            down = linear(act, w.down_proj, w.down_bias)
+            if layer_idx + 1 < layer_end:
+                native.add_rms_norm_(hidden, down, layers[layer_idx + 1].input_norm, eps, x)
+            else:
+                hidden += down
         return hidden
 
     def _layer(
@@ -239,7 +285,10 @@ class LlamaModel:
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(R, H) last-layer hidden states -> (R, V) float32 logits."""
         assert self.weights.norm is not None and self.weights.lm_head is not None, "last stage only"
-        x = rms_norm(hidden, self.weights.norm, self.config.rms_norm_eps)
+        if self.native_ops:
+            x = native.rms_norm(hidden, self.weights.norm, self.config.rms_norm_eps)
+        else:
+            x = rms_norm(hidden, self.weights.norm, self.config.rms_norm_eps)
         return linear(x, self.weights.lm_head).float()
 
     # ---- reference path -------------------------------------------------------------

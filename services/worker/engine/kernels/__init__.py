@@ -1,12 +1,13 @@
 """Native kernels, compiled on first use with the machine's C compiler and cached.
 
-    paged_attention.c  ->  <cache>/paged_attention-<key>.so   (loaded with ctypes)
+    paged_attention.c + layer_ops.c (+ vec.h)  ->  <cache>/llmesh_kernels-<key>.so
+                                                   (loaded with ctypes)
 
-The key hashes the source, the compiler's version, the flags and the CPU's feature
+The key hashes the sources, the compiler's version, the flags and the CPU's feature
 flags (the build targets -march=native), so a changed source, compiler or machine
 builds anew. The cache is $LLMESH_KERNEL_CACHE, else ~/.cache/llmesh/kernels. Several
 processes may build at once: each writes its own temporary file and renames it into
-place. Set LLMESH_ATTENTION_BACKEND=torch (or EngineConfig.attention_backend) to run
+place. Set LLMESH_KERNELS=torch (or EngineConfig.kernels) to run
 without a compiler.
 
 The library links libgomp, the OpenMP runtime torch itself uses and has already loaded
@@ -30,7 +31,9 @@ import torch  # noqa: F401  (loads torch's libgomp before ours resolves it)
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("paged_attention.c")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "paged_attention.c", HERE / "layer_ops.c"]
+HEADERS = [HERE / "vec.h"]
 FLAGS = [
     "-O3",
     "-std=gnu11",
@@ -74,14 +77,14 @@ def _build(compiler: str, target: Path) -> None:
     os.close(fd)
     try:
         result = subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"],
+            [compiler, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"],
             capture_output=True,
             text=True,
             timeout=120,
         )
         if result.returncode != 0:
             raise KernelBuildError(
-                f"compiling {SOURCE.name} failed ({compiler}):\n{result.stderr.strip()}"
+                f"compiling the kernels failed ({compiler}):\n{result.stderr.strip()}"
             )
         os.replace(tmp, target)
     finally:
@@ -89,9 +92,28 @@ def _build(compiler: str, target: Path) -> None:
             os.unlink(tmp)
 
 
+_i64, _i32, _f32, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+SIGNATURES = {
+    "llmesh_paged_attention": (
+        [_ptr, _i64, _ptr, _ptr, _i64, _i32, _ptr, _i64, _ptr, _ptr, _i32, _ptr, _i64, _i32,
+         _i32, _i32, _f32, _i32],
+        ctypes.c_int,
+    ),
+    "llmesh_rms_norm": ([_ptr, _i64, _ptr, _f32, _i64, _i32, _ptr, _i64, _i32], None),
+    "llmesh_add_rms_norm": (
+        [_ptr, _i64, _ptr, _i64, _ptr, _f32, _i64, _i32, _ptr, _i64, _i32],
+        None,
+    ),
+    "llmesh_rope": ([_ptr, _i64, _i32, _i32, _ptr, _ptr, _i64, _i32], None),
+    "llmesh_silu_mul": ([_ptr, _i64, _i64, _i32, _ptr, _i64, _i32], None),
+    "llmesh_write_kv": ([_ptr, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _i32, _i32], None),
+}  # fmt: skip
+
+
 @functools.cache
-def paged_attention_library() -> ctypes.CDLL:
-    """The compiled paged-attention kernel (built on first call). Raises KernelBuildError."""
+def library() -> ctypes.CDLL:
+    """The compiled kernels (built on first call), with argument types set. Raises
+    KernelBuildError."""
     compiler = _compiler()
     try:
         version = subprocess.run(
@@ -99,25 +121,22 @@ def paged_attention_library() -> ctypes.CDLL:
         ).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelBuildError(f"cannot run the C compiler {compiler}: {e}") from e
+    texts = [path.read_text() for path in SOURCES + HEADERS]
     key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), version, " ".join(FLAGS), _cpu_flags()]).encode()
+        "\0".join([*texts, version, " ".join(FLAGS), _cpu_flags()]).encode()
     ).hexdigest()[:16]
-    target = cache_dir() / f"{SOURCE.stem}-{key}.so"
+    target = cache_dir() / f"llmesh_kernels-{key}.so"
     if not target.exists():
-        log.info("compiling %s into %s", SOURCE.name, target)
+        log.info("compiling the native kernels into %s", target)
         try:
             _build(compiler, target)
         except (OSError, subprocess.SubprocessError) as e:
             raise KernelBuildError(f"cannot build {target}: {e}") from e
     try:
-        library = ctypes.CDLL(str(target))
+        kernels = ctypes.CDLL(str(target))
     except OSError as e:
         raise KernelBuildError(f"cannot load {target}: {e}") from e
-    fn = library.llmesh_paged_attention
-    i64, i32, ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
-    fn.argtypes = [
-        ptr, i64, ptr, ptr, i64, i32, ptr, i64, ptr, ptr, i32, ptr, i64, i32, i32, i32,
-        ctypes.c_float, i32,
-    ]  # fmt: skip
-    fn.restype = ctypes.c_int
-    return library
+    for name, (argtypes, restype) in SIGNATURES.items():
+        fn = getattr(kernels, name)
+        fn.argtypes, fn.restype = argtypes, restype
+    return kernels

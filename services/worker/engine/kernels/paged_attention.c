@@ -10,7 +10,7 @@
  *   position alone):
  *       s_l = dot(q * scale, k_l)           fixed lane tree over head_dim
  *       m   = max_l s_l                     exact
- *       w_l = exp(s_l - m)                  exp_v8 below: plain mul/add, no libm
+ *       w_l = exp(s_l - m)                  exp_v8 (vec.h): plain mul/add, no libm
  *       sum = lane tree of w;  acc = sum_l w_l * v_l  (in key order)
  *   chunk partials (m, sum, acc) merge as a binary counter (two partials covering 2^k
  *   chunks each merge into one covering 2^(k+1)), the rest from the newest down;
@@ -25,53 +25,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef float v8sf __attribute__((vector_size(32)));
-typedef int32_t v8si __attribute__((vector_size(32)));
+#include "vec.h"
 
-#define CHUNK 64    /* keys per partial */
-#define TILE 8      /* query rows of one sequence that share a pass over the keys */
+#define CHUNK 64      /* keys per partial */
+#define TILE 8        /* query rows of one sequence that share a pass over the keys */
 #define MAX_LEVELS 40 /* binary counter depth: 2^39 chunks is more than any context */
-
-static inline v8sf splat(float x) { return (v8sf){x, x, x, x, x, x, x, x}; }
-
-static inline v8sf load8(const float *p) {
-    v8sf v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void store8(float *p, v8sf v) { memcpy(p, &v, sizeof v); }
-
-static inline float lane_sum(v8sf v) {
-    return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
-}
-
-static inline v8sf blend(v8si mask, v8sf if_true, v8sf if_false) {
-    return (v8sf)((mask & (v8si)if_true) | (~mask & (v8si)if_false));
-}
-
-/* exp for x <= 0 (Cephes expf: x = n ln2 + r, degree-6 polynomial in r, times 2^n);
- * about 1 ulp. Below -87.3 (2^-126) it returns 0. */
-static inline v8sf exp_v8(v8sf x) {
-    const v8sf lo = splat(-87.33654f);
-    v8si underflow = x < lo;
-    x = blend(underflow, lo, x);
-    v8sf t = x * splat(1.44269504088896341f) + splat(0.5f);
-    v8si n = __builtin_convertvector(t, v8si); /* truncates: floor for t >= 0 */
-    n = n + (__builtin_convertvector(n, v8sf) > t); /* true is -1: floor for t < 0 */
-    v8sf nf = __builtin_convertvector(n, v8sf);
-    v8sf r = x - nf * splat(0.693359375f);
-    r = r - nf * splat(-2.12194440e-4f);
-    v8sf p = splat(1.9875691500e-4f);
-    p = p * r + splat(1.3981999507e-3f);
-    p = p * r + splat(8.3334519073e-3f);
-    p = p * r + splat(4.1665795894e-2f);
-    p = p * r + splat(1.6666665459e-1f);
-    p = p * r + splat(5.0000001201e-1f);
-    p = p * (r * r) + r + splat(1.0f);
-    v8si bits = (n + 127) << 23;
-    return blend(underflow, splat(0.0f), p * (v8sf)bits);
-}
 
 static inline float exp_1(float x) { return exp_v8(splat(x))[0]; }
 

@@ -82,13 +82,13 @@ def assert_same_logits(got: LogitsRecorder, expected: LogitsRecorder) -> None:
 
 
 @pytest.fixture(scope="module", params=["native", "torch"])
-def attention_backend(request) -> str:
+def kernels(request) -> str:
     """The tests comparing against `together` run once per attention backend."""
     return request.param
 
 
 @pytest.fixture(scope="module")
-def together(attention_backend) -> tuple[dict[str, list[int]], LogitsRecorder]:
+def together(kernels) -> tuple[dict[str, list[int]], LogitsRecorder]:
     """The reference: all 12 admitted at once into a roomy engine (module-scoped, so
     built without the make_engine fixture)."""
     recorder = LogitsRecorder()
@@ -98,7 +98,7 @@ def together(attention_backend) -> tuple[dict[str, list[int]], LogitsRecorder]:
             EngineConfig(
                 num_kv_blocks=512,
                 memory_capacity_bytes=32 << 20,
-                attention_backend=attention_backend,
+                kernels=kernels,
             )
         )
         tokens = run_together(engine)
@@ -107,22 +107,20 @@ def together(attention_backend) -> tuple[dict[str, list[int]], LogitsRecorder]:
     return tokens, recorder
 
 
-def test_alone_equals_together(make_engine, together, recorder, attention_backend):
+def test_alone_equals_together(make_engine, together, recorder, kernels):
     # Two of the twelve (all alone would take half a minute): one sampled, one greedy.
     tokens, logits = together
     for i in (2, 11):
-        engine = make_engine(attention_backend=attention_backend, num_kv_blocks=64)
+        engine = make_engine(kernels=kernels, num_kv_blocks=64)
         assert run_together(engine, [i]) == {f"r{i}": tokens[f"r{i}"]}, f"request {i}"
     assert_same_logits(recorder, logits)
 
 
-def test_preempted_and_recomputed_equals_together(
-    make_engine, together, recorder, attention_backend
-):
+def test_preempted_and_recomputed_equals_together(make_engine, together, recorder, kernels):
     # 45 blocks of 16 hold two of these six at full length: constant preemption, and
     # recomputation runs generated tokens through prefill. (Any subset of the twelve
     # must give the same logits as all of them.)
-    engine = make_engine(attention_backend=attention_backend, num_kv_blocks=45)
+    engine = make_engine(kernels=kernels, num_kv_blocks=45)
     tokens = run_together(engine, range(6))
     assert tokens == {f"r{i}": together[0][f"r{i}"] for i in range(6)}
     assert engine.stats().num_preemptions >= 5
@@ -130,11 +128,11 @@ def test_preempted_and_recomputed_equals_together(
 
 
 def test_chunked_prefill_with_a_small_budget_equals_together(
-    make_engine, together, recorder, attention_backend
+    make_engine, together, recorder, kernels
 ):
     # 20 tokens a step and blocks of 8: prompts are cut at other places, next to decodes.
     engine = make_engine(
-        attention_backend=attention_backend,
+        kernels=kernels,
         num_kv_blocks=512,
         max_num_batched_tokens=20,
         block_size=8,
@@ -144,13 +142,11 @@ def test_chunked_prefill_with_a_small_budget_equals_together(
     assert_same_logits(recorder, together[1])
 
 
-def test_staggered_arrivals_and_migration_equal_together(
-    make_engine, together, recorder, attention_backend
-):
+def test_staggered_arrivals_and_migration_equal_together(make_engine, together, recorder, kernels):
     """Requests arrive over time; two of them move mid-generation (KV copied, not
     recomputed) to an engine running others."""
-    source = make_engine(attention_backend=attention_backend, num_kv_blocks=512)
-    destination = make_engine(attention_backend=attention_backend, num_kv_blocks=512)
+    source = make_engine(kernels=kernels, num_kv_blocks=512)
+    destination = make_engine(kernels=kernels, num_kv_blocks=512)
     tokens: dict[str, list[int]] = {}
     for i in range(5, 8):
         destination.add_request(f"r{i}", *WORKLOAD[i])

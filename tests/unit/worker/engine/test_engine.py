@@ -47,12 +47,12 @@ def reference(prompt: tuple[int, ...]) -> list[int]:
         (16, 5, 3, 16),  # tiny pool, big blocks, budget below most prompts
     ],
 )
-@pytest.mark.parametrize("attention_backend", ["native", "torch"])
+@pytest.mark.parametrize("kernels", ["native", "torch"])
 def test_paged_engine_matches_dense_reference(
-    make_engine, block_size, num_kv_blocks, batch_size, max_num_batched_tokens, attention_backend
+    make_engine, block_size, num_kv_blocks, batch_size, max_num_batched_tokens, kernels
 ):
     engine = make_engine(
-        attention_backend=attention_backend,
+        kernels=kernels,
         block_size=block_size,
         num_kv_blocks=num_kv_blocks,
         max_num_batched_tokens=max_num_batched_tokens,

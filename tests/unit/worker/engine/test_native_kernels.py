@@ -1,6 +1,7 @@
-"""The native paged-attention kernel: it is attention (close to a float64 reference), a
-row's output is the same bits however the rows are batched, tiled or threaded, and the
-engine falls back to the torch backend (or says why not) when the kernel cannot serve."""
+"""The native kernels: attention is attention (close to a float64 reference), the layer
+ops match their torch versions, every row's output is the same bits however the rows
+are batched, tiled or threaded, and the engine falls back to torch kernels (or says
+why not) when the native ones cannot serve."""
 
 from __future__ import annotations
 
@@ -9,12 +10,10 @@ import dataclasses
 import pytest
 import torch
 
-from services.worker.engine import EngineConfig, LLMEngine, kernels
-from services.worker.engine.attention import (
-    NativeRows,
-    native_backend_unavailable,
-    native_paged_attention,
-)
+from services.worker.engine import EngineConfig, LLMEngine, native
+from services.worker.engine import kernels as kernel_build
+from services.worker.engine.attention import NativeRows
+from services.worker.engine.model import apply_rope, rms_norm, silu
 from services.worker.engine.tiny import TINY_MODEL_CONFIG
 
 # Contexts on both sides of the kernel's 64-key chunks and 8-key score groups.
@@ -46,7 +45,7 @@ class Pool:
         """Rows row_ids (a sequence's rows adjacent, ascending) in one call -> (R, nh*hd)."""
         seqs = list(dict.fromkeys(self.rows[r][0] for r in row_ids))
         width = max(len(self.tables[s]) for s in seqs)
-        native = NativeRows(
+        rows = NativeRows(
             row_seq=torch.tensor([seqs.index(self.rows[r][0]) for r in row_ids], dtype=torch.int32),
             positions=torch.tensor([self.rows[r][1] for r in row_ids], dtype=torch.int32),
             block_tables=torch.tensor(
@@ -58,8 +57,8 @@ class Pool:
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            native_paged_attention(
-                self.queries[row_ids], self.cache, native, out, self.head_dim**-0.5
+            native.paged_attention(
+                self.queries[row_ids], self.cache, rows, out, self.head_dim**-0.5
             )
         finally:
             torch.set_num_threads(previous)
@@ -114,48 +113,114 @@ def test_a_row_gets_the_same_bits_however_it_is_batched(
 
 def test_unsupported_shapes_and_dtypes_say_why():
     odd = dataclasses.replace(TINY_MODEL_CONFIG, head_dim=12)
-    assert "head_dim % 8 == 0" in native_backend_unavailable(odd, "float32", "cpu")
-    assert "float32 on cpu" in native_backend_unavailable(TINY_MODEL_CONFIG, "bfloat16", "cpu")
-    assert native_backend_unavailable(TINY_MODEL_CONFIG, "float32", "cpu") is None
-    with pytest.raises(ValueError, match="attention_backend 'native' is unavailable.*bfloat16"):
-        LLMEngine(EngineConfig(dtype="bfloat16", attention_backend="native", num_kv_blocks=4))
-    engine = LLMEngine(EngineConfig(dtype="bfloat16", attention_backend="auto", num_kv_blocks=4))
-    assert engine.executor.attention_backend == "torch"
+    assert "multiples of 8 (this model: head_dim 12)" in native.unavailable(odd, "float32", "cpu")
+    assert "float32 on cpu" in native.unavailable(TINY_MODEL_CONFIG, "bfloat16", "cpu")
+    assert native.unavailable(TINY_MODEL_CONFIG, "float32", "cpu") is None
+    with pytest.raises(ValueError, match="kernels 'native' are unavailable.*bfloat16"):
+        LLMEngine(EngineConfig(dtype="bfloat16", kernels="native", num_kv_blocks=4))
+    engine = LLMEngine(EngineConfig(dtype="bfloat16", kernels="auto", num_kv_blocks=4))
+    assert engine.executor.kernels == "torch"
 
 
 def test_bad_backend_name_is_a_config_error():
-    with pytest.raises(ValueError, match="attention_backend 'flash' is not one of"):
-        EngineConfig(attention_backend="flash")
+    with pytest.raises(ValueError, match="kernels 'flash' is not one of"):
+        EngineConfig(kernels="flash")
 
 
 def test_no_compiler_falls_back_to_torch_or_says_why(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("LLMESH_KERNEL_CACHE", str(tmp_path / "cache"))
-    kernels.paged_attention_library.cache_clear()
+    kernel_build.library.cache_clear()
     try:
-        with pytest.raises(kernels.KernelBuildError, match="no-such-cc"):
-            kernels.paged_attention_library()
+        with pytest.raises(kernel_build.KernelBuildError, match="no-such-cc"):
+            kernel_build.library()
         engine = LLMEngine(EngineConfig(num_kv_blocks=4))
-        assert engine.executor.attention_backend == "torch"
-        with pytest.raises(ValueError, match="'native' is unavailable: cannot run the C compiler"):
-            LLMEngine(EngineConfig(num_kv_blocks=4, attention_backend="native"))
+        assert engine.executor.kernels == "torch"
+        with pytest.raises(ValueError, match="'native' are unavailable: cannot run the C compiler"):
+            LLMEngine(EngineConfig(num_kv_blocks=4, kernels="native"))
     finally:
-        kernels.paged_attention_library.cache_clear()
+        kernel_build.library.cache_clear()
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 
 def test_the_kernel_is_built_once_into_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("LLMESH_KERNEL_CACHE", str(tmp_path))
-    kernels.paged_attention_library.cache_clear()
+    kernel_build.library.cache_clear()
     try:
-        kernels.paged_attention_library()
+        kernel_build.library()
         built = sorted(p.name for p in tmp_path.iterdir())
-        assert len(built) == 1 and built[0].startswith("paged_attention-"), built
+        assert len(built) == 1 and built[0].startswith("llmesh_kernels-"), built
         assert built[0].endswith(".so")
-        kernels.paged_attention_library.cache_clear()
+        kernel_build.library.cache_clear()
         stamp = (tmp_path / built[0]).stat().st_mtime_ns
-        kernels.paged_attention_library()  # a new process: finds it, builds nothing
+        kernel_build.library()  # a new process: finds it, builds nothing
         assert (tmp_path / built[0]).stat().st_mtime_ns == stamp
         assert sorted(p.name for p in tmp_path.iterdir()) == built
     finally:
-        kernels.paged_attention_library.cache_clear()
+        kernel_build.library.cache_clear()
+
+
+def rows_invariant(op, x: torch.Tensor) -> torch.Tensor:
+    """op's rows are the same bits alone, in the batch, and with one or two threads."""
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        together = op(x)
+        torch.set_num_threads(1)
+        assert torch.equal(op(x), together)
+        for r in sorted({0, x.shape[0] // 2, x.shape[0] - 1}):
+            assert torch.equal(op(x[r : r + 1].clone())[0], together[r]), f"row {r}"
+    finally:
+        torch.set_num_threads(previous)
+    return together
+
+
+@pytest.mark.parametrize("num_rows", [3, 300])  # 300 rows: the threaded path
+def test_layer_ops_match_torch_and_are_row_invariant(num_rows):
+    generator = torch.Generator().manual_seed(num_rows)
+    x = torch.randn(num_rows, 256, generator=generator) * 3
+    weight = torch.randn(256, generator=generator)
+
+    normed = rows_invariant(lambda t: native.rms_norm(t, weight, 1e-5), x)
+    torch.testing.assert_close(normed, rms_norm(x, weight, 1e-5), rtol=2e-6, atol=2e-6)
+
+    def add_norm(t):
+        hidden, out = t[:, :128].clone(), torch.empty(t.shape[0], 128)
+        native.add_rms_norm_(hidden, t[:, 128:], weight[:128], 1e-5, out)
+        assert torch.equal(hidden, t[:, :128] + t[:, 128:])  # the residual, in place
+        return out
+
+    added = rows_invariant(add_norm, x)
+    expected = rms_norm(x[:, :128] + x[:, 128:], weight[:128], 1e-5)
+    torch.testing.assert_close(added, expected, rtol=2e-6, atol=2e-6)
+
+    gate_up = torch.cat([x * 10, x], dim=1)  # gates out to +-100: exp's clamps
+    act = rows_invariant(native.silu_mul, gate_up)
+    torch.testing.assert_close(act, silu(gate_up[:, :256]) * x, rtol=1e-5, atol=1e-6)
+
+
+def test_rope_is_bit_for_bit_the_torch_rope():
+    generator = torch.Generator().manual_seed(3)
+    heads, head_dim, extra = 10, 32, 64  # rotate 10 heads of rows 10 * 32 + 64 wide
+    x = torch.randn(40, heads * head_dim + extra, generator=generator)
+    angles = torch.randn(40, 1, head_dim // 2, generator=generator) * 50
+    cos, sin = angles.cos(), angles.sin()
+    expected = apply_rope(x[:, : heads * head_dim].view(40, heads, head_dim), cos, sin)
+    rotated = x.clone()
+    native.rope_(rotated, heads, head_dim, cos.view(40, -1), sin.view(40, -1))
+    assert torch.equal(rotated[:, : heads * head_dim].view(40, heads, head_dim), expected)
+    assert torch.equal(rotated[:, heads * head_dim :], x[:, heads * head_dim :])  # untouched
+
+
+def test_write_kv_puts_each_row_in_its_slot():
+    k_and_v = torch.arange(5 * 2 * 2 * 8, dtype=torch.float32).view(5, 2 * 2 * 8)
+    k = k_and_v[:, :16].view(5, 2, 8)
+    v = k_and_v[:, 16:].view(5, 2, 8)
+    cache = torch.zeros(2, 2, 3, 4, 8)  # 3 blocks of 4 slots
+    slots = torch.tensor([11, 0, 5, 6, 3])
+    native.write_kv(k, v, slots, cache)
+    flat = cache.view(2, 2, 12, 8)
+    for row, slot in enumerate(slots.tolist()):
+        assert torch.equal(flat[0, :, slot], k[row]) and torch.equal(flat[1, :, slot], v[row])
+    written = set(slots.tolist())
+    assert all(flat[:, :, s].abs().sum() == 0 for s in range(12) if s not in written)

@@ -1,0 +1,138 @@
+"""Tensor-level wrappers of the native kernels (kernels/), the "native" backend.
+
+With EngineConfig.kernels == "native" (or "auto" where it applies) the engine runs its
+attention, RMSNorm, RoPE, SwiGLU activation and KV writes through these; matmuls stay
+with torch (MKL). Every wrapper takes float32 CPU tensors whose rows are contiguous
+(any row stride) and checks what the C code assumes, so a wrong call raises instead of
+reading past a buffer.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from services.worker.engine.config import ModelConfig
+from services.worker.engine.kernels import KernelBuildError, library
+
+if TYPE_CHECKING:
+    from services.worker.engine.attention import NativeRows
+
+MAX_QUERIES_PER_KV = 16  # the attention kernel's per-tile head arrays
+
+
+def unavailable(config: ModelConfig, dtype: str, device: str) -> str | None:
+    """Why the native kernels cannot run this model, or None if they can (builds them)."""
+    if dtype != "float32" or device != "cpu":
+        return f"they run float32 on cpu only (this engine: {dtype} on {device})"
+    widths = {
+        "head_dim": config.head_dim,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+    }
+    odd = [f"{name} {value}" for name, value in widths.items() if value % 8]
+    if odd:
+        return f"they need widths that are multiples of 8 (this model: {', '.join(odd)})"
+    if config.num_queries_per_kv > MAX_QUERIES_PER_KV:
+        return (
+            f"they take at most {MAX_QUERIES_PER_KV} query heads per KV head "
+            f"(this model: {config.num_queries_per_kv})"
+        )
+    try:
+        library()
+    except KernelBuildError as e:
+        return str(e)
+    return None
+
+
+def _rows(x: torch.Tensor, width: int) -> int:
+    """x's row stride, after checking it is float32 rows of `width` contiguous floats."""
+    assert x.dtype == torch.float32 and x.device.type == "cpu", (x.dtype, x.device)
+    assert x.dim() == 2 and x.shape[1] == width and x.stride(1) == 1, (x.shape, x.stride())
+    return x.stride(0)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """(T, H) -> (T, H): weight * (x / sqrt(mean(x^2) + eps)), per row."""
+    rows, width = x.shape
+    out = torch.empty(rows, width)
+    library().llmesh_rms_norm(
+        x.data_ptr(), _rows(x, width), weight.data_ptr(), eps, rows, width,
+        out.data_ptr(), width, torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def add_rms_norm_(
+    hidden: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor
+) -> None:
+    """hidden += delta (in place), then out = rms_norm(hidden); all (T, H)."""
+    rows, width = hidden.shape
+    assert delta.shape == hidden.shape == out.shape and weight.is_contiguous()
+    library().llmesh_add_rms_norm(
+        hidden.data_ptr(), _rows(hidden, width), delta.data_ptr(), _rows(delta, width),
+        weight.data_ptr(), eps, rows, width, out.data_ptr(), _rows(out, width),
+        torch.get_num_threads(),
+    )  # fmt: skip
+
+
+def rope_(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotates heads [0, heads) of every row of x (T, >= heads * hd) in place; cos, sin
+    (T, hd / 2) contiguous. HF's rotate_half convention."""
+    rows = x.shape[0]
+    assert x.shape[1] >= heads * head_dim and cos.shape == sin.shape == (rows, head_dim // 2)
+    assert cos.is_contiguous() and sin.is_contiguous() and cos.dtype == torch.float32
+    library().llmesh_rope(
+        x.data_ptr(), _rows(x, x.shape[1]), heads, head_dim, cos.data_ptr(), sin.data_ptr(),
+        rows, torch.get_num_threads(),
+    )  # fmt: skip
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """(T, 2I) rows [gate | up] -> (T, I): silu(gate) * up."""
+    rows, double = gate_up.shape
+    width = double // 2
+    out = torch.empty(rows, width)
+    library().llmesh_silu_mul(
+        gate_up.data_ptr(), _rows(gate_up, double), rows, width, out.data_ptr(), width,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, cache: torch.Tensor) -> None:
+    """Rows of k, v (T, nkv, hd) into their slots of cache (2, nkv, NB, bs, hd); k and v
+    are views with the same row stride (columns of one qkv matrix)."""
+    rows, kv_heads, head_dim = k.shape
+    _, _, num_blocks, block_size, _ = cache.shape
+    assert v.shape == k.shape and v.stride() == k.stride() and k.stride()[1:] == (head_dim, 1)
+    assert slots.dtype == torch.int64 and slots.is_contiguous() and slots.numel() == rows
+    assert cache.is_contiguous() and cache.dtype == k.dtype == torch.float32
+    library().llmesh_write_kv(
+        k.data_ptr(), v.data_ptr(), k.stride(0), slots.data_ptr(), rows,
+        cache[0].data_ptr(), cache[1].data_ptr(), num_blocks * block_size, kv_heads, head_dim,
+    )  # fmt: skip
+
+
+def paged_attention(
+    q: torch.Tensor, cache: torch.Tensor, rows: NativeRows, out: torch.Tensor, scale: float
+) -> None:
+    """Every row of q (T, nh, hd) attends over its sequence's keys in cache (2, nkv, NB,
+    bs, hd) (this step's K/V already written); writes out (T, nh * hd)."""
+    num_rows, num_heads, head_dim = q.shape
+    if q.stride(2) != 1 or q.stride(1) != head_dim:
+        q = q.contiguous()
+    _, num_kv_heads, num_blocks, block_size, _ = cache.shape
+    assert cache.is_contiguous() and out.is_contiguous()
+    assert q.dtype == cache.dtype == out.dtype == torch.float32
+    assert rows.positions.numel() == rows.row_seq.numel() == num_rows
+    status = library().llmesh_paged_attention(
+        q.data_ptr(), q.stride(0), cache[0].data_ptr(), cache[1].data_ptr(),
+        num_blocks * block_size, block_size, rows.block_tables.data_ptr(),
+        rows.block_tables.shape[1], rows.row_seq.data_ptr(), rows.positions.data_ptr(),
+        num_rows, out.data_ptr(), out.stride(0), num_heads, num_kv_heads, head_dim, scale,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if status != 0:
+        raise RuntimeError(f"native paged attention failed (status {status})")
