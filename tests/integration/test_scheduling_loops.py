@@ -35,7 +35,7 @@ NUM_REQUESTS = 12
 STREAM_TIMEOUT_S = 240.0
 
 
-def _workload() -> list[tuple[list[int], dict]]:
+def _workload(num_requests: int = NUM_REQUESTS) -> list[tuple[list[int], dict]]:
     return [
         (
             [(7 * i + 3 * j) % 256 for j in range(24 + i)],
@@ -45,7 +45,7 @@ def _workload() -> list[tuple[list[int], dict]]:
                 "ignore_eos": True,
             },
         )
-        for i in range(NUM_REQUESTS)
+        for i in range(num_requests)
     ]
 
 
@@ -143,7 +143,9 @@ def test_scheduler_migrates_a_flood_off_an_overloaded_worker(tmp_path, reference
 
 
 def test_autoscale_adds_a_worker_under_load_and_drains_it_afterwards(tmp_path, reference_engine):
-    workload = _workload()
+    # Twice the requests: the load must outlast the new worker's start (seconds) for
+    # the scheduler to move requests onto it.
+    workload = _workload(2 * NUM_REQUESTS)
     expected = reference_tokens(reference_engine, workload)
     mesh = LocalMesh(
         log_dir=tmp_path,
