@@ -267,19 +267,20 @@ def _llama_7b_a10() -> CostModelProfile:
 
 
 # Fitted by `llmesh calibrate --model tiny --threads 2 --repeats 10` on the 2-core x86
-# development VM (torch 2.13 CPU, fp32), which other jobs shared at the time: 10.7% mean
-# error over the 14 probes. Re-run calibrate for another machine and load its JSON.
+# development VM (AMD EPYC, torch 2.13 CPU, fp32, native kernels): 5.2% mean error over
+# the 14 probes (2026-12-04). Re-run calibrate for another machine and load its JSON.
 TINY_CPU = CostModelProfile(
     name="tiny-cpu",
     model=TINY_MODEL_CONFIG,
     dtype="float32",
-    fixed_s=5.07e-3,
-    per_token_s=3.77e-5,
-    per_seq_s=1.67e-5,
-    per_context_token_s=7.69e-7,
-    per_attention_pair_s=2.47e-7,
+    fixed_s=2.41e-3,
+    per_token_s=3.44e-5,
+    per_seq_s=0.0,
+    per_context_token_s=4.64e-8,
+    per_attention_pair_s=7.84e-8,
     memory_capacity_bytes=256 * 1024 * 1024,
-    source="llmesh calibrate on a shared 2-core x86 VM, 2 threads, 14 probes x 10 rounds",
+    source="llmesh calibrate on a shared 2-core x86 VM (AMD EPYC), native kernels, 2 threads, "
+    "14 probes x 10 rounds",
 )
 
 LLAMA_7B_A10 = _llama_7b_a10()
