@@ -226,6 +226,7 @@ class LlamaModel:
         attention: AttentionFn,
     ) -> torch.Tensor:
         """`_layer` over [layer_start, layer_end) with the native kernels: the same math,
+        matmuls included (native.linear: no padding needed, every row is computed alone),
         each residual add fused with the norm after it (hidden is updated in place)."""
         if layer_start == layer_end:
             return hidden
@@ -237,17 +238,17 @@ class LlamaModel:
         x = native.rms_norm(hidden, layers[layer_start].input_norm, eps)
         for layer_idx in range(layer_start, layer_end):
             w = layers[layer_idx]
-            qkv = linear(x, w.qkv_proj, w.qkv_bias)  # (T, q_size + 2 kv_size)
+            qkv = native.linear(x, w.qkv_proj, w.qkv_bias)  # (T, q_size + 2 kv_size)
             native.rope_(qkv, heads, c.head_dim, cos, sin)  # q's and k's heads, in place
             q = qkv[:, : c.q_size].view(num_tokens, c.num_heads, c.head_dim)
             k = qkv[:, c.q_size : c.q_size + c.kv_size].view(num_tokens, c.num_kv_heads, c.head_dim)
             v = qkv[:, c.q_size + c.kv_size :].view(num_tokens, c.num_kv_heads, c.head_dim)
             attn = attention(layer_idx, q, k, v)  # (T, nh * hd)
             native.add_rms_norm_(
-                hidden, linear(attn, w.o_proj, w.o_bias), w.post_attention_norm, eps, x
+                hidden, native.linear(attn, w.o_proj, w.o_bias), w.post_attention_norm, eps, x
             )
-            act = native.silu_mul(linear(x, w.gate_up_proj, w.gate_up_bias))  # (T, I)
-            down = linear(act, w.down_proj, w.down_bias)
+            act = native.silu_mul(native.linear(x, w.gate_up_proj, w.gate_up_bias))  # (T, I)
+            down = native.linear(act, w.down_proj, w.down_bias)
             if layer_idx + 1 < layer_end:
                 native.add_rms_norm_(hidden, down, layers[layer_idx + 1].input_norm, eps, x)
             else:
@@ -287,8 +288,8 @@ class LlamaModel:
         assert self.weights.norm is not None and self.weights.lm_head is not None, "last stage only"
         if self.native_ops:
             x = native.rms_norm(hidden, self.weights.norm, self.config.rms_norm_eps)
-        else:
-            x = rms_norm(hidden, self.weights.norm, self.config.rms_norm_eps)
+            return native.linear(x, self.weights.lm_head)
+        x = rms_norm(hidden, self.weights.norm, self.config.rms_norm_eps)
         return linear(x, self.weights.lm_head).float()
 
     # ---- reference path -------------------------------------------------------------

@@ -53,6 +53,22 @@ def _rows(x: torch.Tensor, width: int) -> int:
     return x.stride(0)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """(T, K) @ weight (N, K)^T (+ bias (N,)) -> (T, N), weights read in place."""
+    rows, k = x.shape
+    n = weight.shape[0]
+    assert weight.shape == (n, k) and weight.is_contiguous() and weight.dtype == torch.float32
+    assert bias is None or (bias.shape == (n,) and bias.is_contiguous())
+    out = torch.empty(rows, n)
+    status = library().llmesh_linear(
+        x.data_ptr(), _rows(x, k), rows, k, weight.data_ptr(), n,
+        None if bias is None else bias.data_ptr(), out.data_ptr(), n, torch.get_num_threads(),
+    )  # fmt: skip
+    if status != 0:
+        raise MemoryError("native linear: no memory for its scratch buffers")
+    return out
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """(T, H) -> (T, H): weight * (x / sqrt(mean(x^2) + eps)), per row."""
     rows, width = x.shape

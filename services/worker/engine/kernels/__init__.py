@@ -1,6 +1,6 @@
 """Native kernels, compiled on first use with the machine's C compiler and cached.
 
-    paged_attention.c + layer_ops.c (+ vec.h)  ->  <cache>/llmesh_kernels-<key>.so
+    paged_attention.c, layer_ops.c, linear.c (+ vec.h)  ->  <cache>/llmesh_kernels-<key>.so
                                                    (loaded with ctypes)
 
 The key hashes the sources, the compiler's version, the flags and the CPU's feature
@@ -32,7 +32,7 @@ import torch  # noqa: F401  (loads torch's libgomp before ours resolves it)
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "paged_attention.c", HERE / "layer_ops.c"]
+SOURCES = [HERE / "paged_attention.c", HERE / "layer_ops.c", HERE / "linear.c"]
 HEADERS = [HERE / "vec.h"]
 FLAGS = [
     "-O3",
@@ -106,6 +106,10 @@ SIGNATURES = {
     ),
     "llmesh_rope": ([_ptr, _i64, _i32, _i32, _ptr, _ptr, _i64, _i32], None),
     "llmesh_silu_mul": ([_ptr, _i64, _i64, _i32, _ptr, _i64, _i32], None),
+    "llmesh_linear": (
+        [_ptr, _i64, _i64, _i32, _ptr, _i32, _ptr, _ptr, _i64, _i32],
+        ctypes.c_int,
+    ),
     "llmesh_write_kv": ([_ptr, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _i32, _i32], None),
 }  # fmt: skip
 

@@ -9,6 +9,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from services.worker.engine import EngineConfig, LLMEngine, native
 from services.worker.engine import kernels as kernel_build
@@ -224,3 +225,28 @@ def test_write_kv_puts_each_row_in_its_slot():
         assert torch.equal(flat[0, :, slot], k[row]) and torch.equal(flat[1, :, slot], v[row])
     written = set(slots.tolist())
     assert all(flat[:, :, s].abs().sum() == 0 for s in range(12) if s not in written)
+
+
+@pytest.mark.parametrize(
+    ("in_features", "out_features", "bias"),
+    [(256, 384, False), (264, 259, True), (40, 7, True), (768, 256, False)],
+)  # 264: a second 256-input block; 259, 7: panels of 16 cut short
+def test_linear_matches_torch_and_every_row_is_computed_alone(in_features, out_features, bias):
+    generator = torch.Generator().manual_seed(in_features + out_features)
+    weight = torch.randn(out_features, in_features, generator=generator) / in_features**0.5
+    b = torch.randn(out_features, generator=generator) if bias else None
+    x = torch.randn(70, in_features, generator=generator)
+    together = rows_invariant(lambda t: native.linear(t, weight, b), x)
+    torch.testing.assert_close(together, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+    # Any row count (no padding to 16 rows as MKL needs) and a strided x.
+    for rows in (1, 5, 6, 7, 13):
+        assert torch.equal(native.linear(x[:rows], weight, b), together[:rows]), rows
+    wide = torch.cat([x, x], dim=1)[:, :in_features]
+    assert torch.equal(native.linear(wide, weight, b), together)
+    # Each element is one chain of adds in input order, then the bias: check one exactly.
+    expected = torch.zeros((), dtype=torch.float32)
+    for k in range(in_features):
+        expected = expected + x[3, k] * weight[2, k]
+    if b is not None:
+        expected = expected + b[2]
+    assert together[3, 2] == expected
