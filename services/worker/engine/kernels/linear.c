@@ -46,7 +46,10 @@ static inline void transpose8(const v8sf r[8], v8sf t[8]) {
 
 /* panel[kk][0..16) = W[c0 .. c0 + 16)[k0 + kk] for kk < kc (columns >= n are zero). */
 static void pack_panel(const float *w, int k, int n, int c0, int k0, int kc, float *panel) {
-    for (int kk = 0; kk < kc; kk += 8)
+    for (int kk = 0; kk < kc; kk += 8) {
+        if (kk % 16 == 0) /* the next panel's rows, a cache line each, while this one runs */
+            for (int i = 0; i < NR && c0 + NR + i < n; i++)
+                __builtin_prefetch(w + (int64_t)(c0 + NR + i) * k + k0 + kk);
         for (int half = 0; half < 2; half++) {
             v8sf r[8], t[8];
             for (int i = 0; i < 8; i++) {
@@ -56,6 +59,7 @@ static void pack_panel(const float *w, int k, int n, int c0, int k0, int kc, flo
             transpose8(r, t);
             for (int j = 0; j < 8; j++) store8(panel + (kk + j) * NR + 8 * half, t[j]);
         }
+    }
 }
 
 /* acc (rows x 16, row stride NR) += x[rows][k0 .. k0 + kc) @ panel, MR_ rows at a time. */
