@@ -33,7 +33,8 @@ AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Te
 
 @dataclass
 class LayerWeights:
-    """One decoder layer, with q/k/v and gate/up fused into single matmuls."""
+    """One decoder layer, with q/k/v and gate/up fused into single matmuls. Under the
+    native kernels the four matrices are held packed, (N / 16, K, 16) (same bytes)."""
 
     input_norm: torch.Tensor  # (H,)
     qkv_proj: torch.Tensor  # (q_size + 2 * kv_size, H): rows q, then k, then v
@@ -48,6 +49,10 @@ class LayerWeights:
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (getattr(self, f.name) for f in fields(self)) if t is not None]
+
+
+# LayerWeights matrices that native kernels keep packed ((N / 16, K, 16), native.py).
+PACKED_FIELDS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 @dataclass
@@ -145,9 +150,16 @@ class LlamaModel:
     ) -> None:
         self.config = config
         self.weights = weights
-        # Norms, RoPE and the SwiGLU activation through the native kernels (native.py);
-        # float32 on CPU only (the engine decides, see EngineConfig.kernels).
+        # Matmuls, norms, RoPE and the SwiGLU activation through the native kernels
+        # (native.py); float32 on CPU only (the engine decides, see EngineConfig.kernels).
+        # Their layer matrices are packed once, in place of the (N, K) originals.
         self.native_ops = native_ops
+        if native_ops:
+            for layer in weights.layers.values():
+                for field in PACKED_FIELDS:
+                    value = getattr(layer, field)
+                    if value.dim() == 2 and value.shape[0] % native.PANEL == 0:
+                        setattr(layer, field, native.pack_weight(value))
         self.inv_freq = rope_inv_freq(config)
         self.scale = config.head_dim**-0.5
         any_tensor = weights.tensors()[0]

@@ -53,14 +53,42 @@ def _rows(x: torch.Tensor, width: int) -> int:
     return x.stride(0)
 
 
+PANEL = 16  # output columns per panel of a packed weight (kernels/linear.c NR)
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(N, K) -> (N / 16, K, 16): weight packed in linear's panel layout (the same numbers,
+    the same bytes), so that matmuls read it straight instead of transposing it every
+    call. N must be a multiple of 16."""
+    n, k = weight.shape
+    assert n % PANEL == 0 and k % 8 == 0 and weight.is_contiguous(), weight.shape
+    assert weight.dtype == torch.float32 and weight.device.type == "cpu"
+    packed = torch.empty(n // PANEL, k, PANEL)
+    library().llmesh_pack_weight(
+        weight.data_ptr(), n, k, packed.data_ptr(), torch.get_num_threads()
+    )
+    return packed
+
+
+def unpack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """pack_weight's inverse (a copy); an (N, K) weight is returned as it is."""
+    if weight.dim() == 2:
+        return weight
+    return weight.permute(0, 2, 1).reshape(-1, weight.shape[1])
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """(T, K) @ weight (N, K)^T (+ bias (N,)) -> (T, N), weights read in place."""
+    """(T, K) @ W^T (+ bias (N,)) -> (T, N). weight: W (N, K), or pack_weight(W) (same
+    bits, faster)."""
     rows, k = x.shape
-    n = weight.shape[0]
-    assert weight.shape == (n, k) and weight.is_contiguous() and weight.dtype == torch.float32
+    packed = weight.dim() == 3
+    n = weight.shape[0] * PANEL if packed else weight.shape[0]
+    assert weight.shape == ((n // PANEL, k, PANEL) if packed else (n, k)), (weight.shape, k)
+    assert weight.is_contiguous() and weight.dtype == torch.float32
     assert bias is None or (bias.shape == (n,) and bias.is_contiguous())
     out = torch.empty(rows, n)
-    status = library().llmesh_linear(
+    kernel = library().llmesh_linear_packed if packed else library().llmesh_linear
+    status = kernel(
         x.data_ptr(), _rows(x, k), rows, k, weight.data_ptr(), n,
         None if bias is None else bias.data_ptr(), out.data_ptr(), n, torch.get_num_threads(),
     )  # fmt: skip

@@ -140,7 +140,8 @@ def build_stage_weights(
 
 
 def to_hf_tensors(config: ModelConfig, weights: StageWeights) -> dict[str, torch.Tensor]:
-    """Splits the fused layout back into HF names (views, no copies)."""
+    """Splits the fused layout back into HF names (views, no copies; a weight the native
+    kernels packed, (N / 16, K, 16), is unpacked: a copy)."""
     split_sizes = {
         "qkv_proj": [config.q_size, config.kv_size, config.kv_size],
         "qkv_bias": [config.q_size, config.kv_size, config.kv_size],
@@ -151,6 +152,8 @@ def to_hf_tensors(config: ModelConfig, weights: StageWeights) -> dict[str, torch
     for i, layer in weights.layers.items():
         for field, parts in _layer_fields(config).items():
             value = getattr(layer, field)
+            if value.dim() == 3:  # native.pack_weight's panels -> (N, K)
+                value = value.permute(0, 2, 1).reshape(-1, value.shape[1])
             pieces = value.split(split_sizes[field], dim=0) if field in split_sizes else (value,)
             for name, piece in zip(parts, pieces, strict=True):
                 tensors[f"model.layers.{i}.{name}"] = piece

@@ -110,6 +110,11 @@ SIGNATURES = {
         [_ptr, _i64, _i64, _i32, _ptr, _i32, _ptr, _ptr, _i64, _i32],
         ctypes.c_int,
     ),
+    "llmesh_linear_packed": (
+        [_ptr, _i64, _i64, _i32, _ptr, _i32, _ptr, _ptr, _i64, _i32],
+        ctypes.c_int,
+    ),
+    "llmesh_pack_weight": ([_ptr, _i32, _i32, _ptr, _i32], None),
     "llmesh_write_kv": ([_ptr, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _i32, _i32], None),
 }  # fmt: skip
 

@@ -110,30 +110,37 @@ static float *linear_scratch(int64_t num_floats) {
     return buffer;
 }
 
-/* x: (rows, k), row stride x_stride; w: (n, k) contiguous; bias: (n,) or NULL; out:
- * (rows, n), row stride out_stride. k must be a multiple of 8. Returns 0, or -2 when
- * out of memory. */
-int llmesh_linear(const float *x, int64_t x_stride, int64_t rows, int k, const float *w, int n,
-                  const float *bias, float *out, int64_t out_stride, int num_threads) {
+/* y = x @ W^T (+ bias). W is either row-major (w: (n, k)), packed here panel by panel,
+ * or already packed by llmesh_pack_weight (packed: (ceil(n / 16), k, 16)); exactly one
+ * of w and packed is given. x: (rows, k), row stride x_stride; bias: (n,) or NULL; out:
+ * (rows, n), row stride out_stride. k must be a multiple of 8. Both forms give the same
+ * bits. Returns 0, or -2 when out of memory. */
+static int linear(const float *x, int64_t x_stride, int64_t rows, int k, const float *w,
+                  const float *packed, int n, const float *bias, float *out, int64_t out_stride,
+                  int num_threads) {
     const int num_panels = (n + NR - 1) / NR;
     int failed = 0;
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1 && num_panels > 1 && rows * (int64_t)n * k >= (1 << 18))
     {
         /* panel (KC x 16) | accumulators (rows x 16) */
-        float *panel = linear_scratch((int64_t)KC * NR + rows * NR);
-        if (!panel) {
+        float *scratch = linear_scratch((int64_t)KC * NR + rows * NR);
+        if (!scratch) {
 #pragma omp atomic write
             failed = 1;
         }
-        float *acc = panel + KC * NR;
+        float *acc = scratch + KC * NR;
 #pragma omp for schedule(static)
         for (int p = 0; p < num_panels; p++) {
-            if (!panel) continue;
+            if (!scratch) continue;
             const int c0 = p * NR;
             for (int64_t i = 0; i < rows * NR; i += 8) store8(acc + i, splat(0.0f));
             for (int k0 = 0; k0 < k; k0 += KC) {
                 const int kc = k - k0 < KC ? k - k0 : KC;
-                pack_panel(w, k, n, c0, k0, kc, panel);
+                const float *panel = scratch;
+                if (packed)
+                    panel = packed + ((int64_t)p * k + k0) * NR;
+                else
+                    pack_panel(w, k, n, c0, k0, kc, scratch);
                 for (int64_t r0 = 0; r0 < rows; r0 += MR) {
                     const int mr = rows - r0 < MR ? (int)(rows - r0) : MR;
                     micro_rows(x + r0 * x_stride + k0, x_stride, panel, kc, acc + r0 * NR, mr);
@@ -148,4 +155,25 @@ int llmesh_linear(const float *x, int64_t x_stride, int64_t rows, int k, const f
         }
     }
     return failed ? -2 : 0;
+}
+
+int llmesh_linear(const float *x, int64_t x_stride, int64_t rows, int k, const float *w, int n,
+                  const float *bias, float *out, int64_t out_stride, int num_threads) {
+    return linear(x, x_stride, rows, k, w, NULL, n, bias, out, out_stride, num_threads);
+}
+
+int llmesh_linear_packed(const float *x, int64_t x_stride, int64_t rows, int k,
+                         const float *packed, int n, const float *bias, float *out,
+                         int64_t out_stride, int num_threads) {
+    return linear(x, x_stride, rows, k, NULL, packed, n, bias, out, out_stride, num_threads);
+}
+
+/* packed (ceil(n / 16), k, 16) = W (n, k) panel by panel (columns past n are zero), the
+ * layout llmesh_linear builds per call: packing once at load saves reading and
+ * transposing every weight on every step. */
+void llmesh_pack_weight(const float *w, int n, int k, float *packed, int num_threads) {
+    const int num_panels = (n + NR - 1) / NR;
+#pragma omp parallel for num_threads(num_threads)
+    for (int p = 0; p < num_panels; p++)
+        pack_panel(w, k, n, p * NR, 0, k, packed + (int64_t)p * k * NR);
 }

@@ -186,10 +186,13 @@ static void attend_tile(const float *q, int64_t q_row_stride, const float *k_cac
         int first_row = 0; /* rows before it have no keys in this chunk */
         while (positions[row_begin + first_row] < c0) first_row++;
         const int c1 = c0 + CHUNK <= last + 1 ? c0 + CHUNK : last + 1;
+        /* Each key's slot, walking the block table (no division per key). */
+        int block = c0 / block_size, offset = c0 % block_size;
         for (int l = c0; l < c1; l++) {
-            int64_t slot = (int64_t)block_table[l / block_size] * block_size + l % block_size;
+            int64_t slot = (int64_t)block_table[block] * block_size + offset;
             keys[l - c0] = k_head + slot * head_dim;
             values[l - c0] = v_head + slot * head_dim;
+            if (++offset == block_size) offset = 0, block++;
         }
 
         for (int r = first_row; r < rows; r++) {

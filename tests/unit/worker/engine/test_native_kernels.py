@@ -250,3 +250,28 @@ def test_linear_matches_torch_and_every_row_is_computed_alone(in_features, out_f
     if b is not None:
         expected = expected + b[2]
     assert together[3, 2] == expected
+
+
+def test_packed_weights_give_the_same_bits_and_unpack_exactly():
+    generator = torch.Generator().manual_seed(11)
+    weight = torch.randn(48, 264, generator=generator)
+    bias = torch.randn(48, generator=generator)
+    x = torch.randn(9, 264, generator=generator)
+    packed = native.pack_weight(weight)
+    assert packed.shape == (3, 264, 16) and packed.numel() == weight.numel()
+    assert torch.equal(packed[1, 5], weight[16:32, 5])  # panel 1, input 5: columns 16..31
+    assert torch.equal(native.unpack_weight(packed), weight)
+    assert torch.equal(native.linear(x, packed, bias), native.linear(x, weight, bias))
+
+
+def test_a_native_engine_holds_packed_matrices_and_exports_them_unpacked(make_engine):
+    from services.worker.engine.weights import TinyWeightSource, to_hf_tensors
+
+    native_engine = make_engine(kernels="native", num_kv_blocks=4)
+    torch_engine = make_engine(kernels="torch", num_kv_blocks=4)
+    layer = native_engine.model.weights.layers[0]
+    assert layer.qkv_proj.dim() == 3 and torch_engine.model.weights.layers[0].qkv_proj.dim() == 2
+    assert native_engine.weight_nbytes == torch_engine.weight_nbytes
+    exported = to_hf_tensors(TINY_MODEL_CONFIG, native_engine.model.weights)
+    source = TinyWeightSource().load(list(exported))
+    assert all(torch.equal(exported[name], source[name]) for name in exported)
