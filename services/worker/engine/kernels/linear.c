@@ -15,7 +15,6 @@
  */
 
 #include <stdint.h>
-#include <stdlib.h>
 
 #include "vec.h"
 
@@ -97,19 +96,6 @@ static void micro_rows(const float *x, int64_t x_stride, const float *panel, int
     }
 }
 
-/* A per-thread buffer kept across calls (see paged_attention.c's thread_scratch). */
-static float *linear_scratch(int64_t num_floats) {
-    static __thread float *buffer = NULL;
-    static __thread int64_t capacity = 0;
-    if (num_floats > capacity) {
-        float *grown = realloc(buffer, sizeof(float) * num_floats);
-        if (!grown) return NULL;
-        buffer = grown;
-        capacity = num_floats;
-    }
-    return buffer;
-}
-
 /* y = x @ W^T (+ bias). W is either row-major (w: (n, k)), packed here panel by panel,
  * or already packed by llmesh_pack_weight (packed: (ceil(n / 16), k, 16)); exactly one
  * of w and packed is given. x: (rows, k), row stride x_stride; bias: (n,) or NULL; out:
@@ -123,7 +109,7 @@ static int linear(const float *x, int64_t x_stride, int64_t rows, int k, const f
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1 && num_panels > 1 && rows * (int64_t)n * k >= (1 << 18))
     {
         /* panel (KC x 16) | accumulators (rows x 16) */
-        float *scratch = linear_scratch((int64_t)KC * NR + rows * NR);
+        float *scratch = thread_scratch((int64_t)KC * NR + rows * NR);
         if (!scratch) {
 #pragma omp atomic write
             failed = 1;

@@ -252,20 +252,6 @@ static void attend_tile(const float *q, int64_t q_row_stride, const float *k_cac
                    head_dim);
 }
 
-/* A per-thread buffer kept across calls (OpenMP threads live as long as the process):
- * allocating it per call would map and fault in fresh pages every time. */
-static float *thread_scratch(int64_t num_floats) {
-    static __thread float *buffer = NULL;
-    static __thread int64_t capacity = 0;
-    if (num_floats > capacity) {
-        float *grown = realloc(buffer, sizeof(float) * num_floats);
-        if (!grown) return NULL;
-        buffer = grown;
-        capacity = num_floats;
-    }
-    return buffer;
-}
-
 /* q: row r, query head h at q + r * q_row_stride + h * head_dim (float32).
  * k_cache, v_cache: (num_kv_heads, pool_slots, head_dim) float32, slot = block * bs + offset.
  * block_tables: (num_seqs, table_stride) int32. row_seq, positions: (num_rows,) int32;

@@ -1,5 +1,5 @@
-/* Vector helpers shared by the kernels: GCC vector extensions, 8 float32 lanes (AVX2
- * registers where the machine has them, pairs of SSE registers elsewhere). Every
+/* Helpers shared by the kernels. Vectors: GCC vector extensions, 8 float32 lanes (AVX2
+ * registers where the machine has them, pairs of SSE registers elsewhere). Every vector
  * helper is a fixed sequence of IEEE operations, so results do not depend on the
  * instruction set (the kernels are built with -ffp-contract=off, no -ffast-math). */
 
@@ -7,6 +7,7 @@
 #define LLMESH_VEC_H
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef float v8sf __attribute__((vector_size(32)));
@@ -53,6 +54,21 @@ static inline v8sf exp_v8(v8sf x) {
     p = p * (r * r) + r + splat(1.0f);
     v8si bits = (n + 127) << 23; /* n = 128 (x at hi) gives infinity's bits */
     return blend(underflow, splat(0.0f), p * (v8sf)bits);
+}
+
+/* A per-thread buffer kept across calls (OpenMP threads live as long as the process):
+ * allocating one per call would map and fault in fresh pages every time. Each source
+ * file including this gets its own. NULL when out of memory. */
+static inline float *thread_scratch(int64_t num_floats) {
+    static __thread float *buffer = NULL;
+    static __thread int64_t capacity = 0;
+    if (num_floats > capacity) {
+        float *grown = realloc(buffer, sizeof(float) * num_floats);
+        if (!grown) return NULL;
+        buffer = grown;
+        capacity = num_floats;
+    }
+    return buffer;
 }
 
 #endif
