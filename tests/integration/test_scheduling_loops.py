@@ -32,6 +32,9 @@ pytestmark = pytest.mark.slow
 KV_BLOCKS = 64
 WORKER_FLAGS = ("--torch-threads", "1", "--num-kv-blocks", str(KV_BLOCKS), "--log-level", "INFO")
 NUM_REQUESTS = 12
+# The floods below must outlast a new worker's start (seconds) for the scheduler to
+# move requests onto it: twice the requests, as the engine decodes 12 too fast for that.
+FLOOD_REQUESTS = 2 * NUM_REQUESTS
 STREAM_TIMEOUT_S = 240.0
 
 
@@ -102,7 +105,7 @@ def _assert_left_clean(addresses) -> None:
 
 
 def test_scheduler_migrates_a_flood_off_an_overloaded_worker(tmp_path, reference_engine):
-    workload = _workload()
+    workload = _workload(FLOOD_REQUESTS)
     expected = reference_tokens(reference_engine, workload)
     with LocalMesh(
         log_dir=tmp_path,
@@ -143,9 +146,7 @@ def test_scheduler_migrates_a_flood_off_an_overloaded_worker(tmp_path, reference
 
 
 def test_autoscale_adds_a_worker_under_load_and_drains_it_afterwards(tmp_path, reference_engine):
-    # Twice the requests: the load must outlast the new worker's start (seconds) for
-    # the scheduler to move requests onto it.
-    workload = _workload(2 * NUM_REQUESTS)
+    workload = _workload(FLOOD_REQUESTS)
     expected = reference_tokens(reference_engine, workload)
     mesh = LocalMesh(
         log_dir=tmp_path,
