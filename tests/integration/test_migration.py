@@ -29,6 +29,11 @@ from tests.integration.conftest import (
 
 pytestmark = pytest.mark.timeout(300)
 TIMEOUT_S = 180.0
+# These tests order migrations one after another while requests decode, so requests
+# must outlive them: on this 2-layer, 128-wide model the native kernels decode a
+# thousand tokens in about a second, the torch kernels in several. Workers and the
+# reference engine both run the torch kernels (the two round differently).
+KERNELS = "torch"
 FAULT_PAUSE_S = 6.0
 
 
@@ -50,7 +55,7 @@ def _mesh(tmp_path_factory, model_dir, name: str, worker_args: tuple[str, ...]) 
         # These tests order every migration themselves (admin RPC / CLI); the
         # scheduler's own loop is tested in test_scheduling_loops.py.
         scheduler_args=("--migration-policy", "none"),
-        env={"LLMESH_WORKER_TORCH_THREADS": "1"},
+        env={"LLMESH_WORKER_TORCH_THREADS": "1", "LLMESH_KERNELS": KERNELS},
     ).start()
 
 
@@ -96,7 +101,9 @@ def timeout_mesh(tmp_path_factory, model_dir):
 
 @pytest.fixture(scope="module")
 def reference(model_dir):
-    engine = LLMEngine(EngineConfig(model=str(model_dir), memory_capacity_bytes=256 * 1024 * 1024))
+    engine = LLMEngine(
+        EngineConfig(model=str(model_dir), memory_capacity_bytes=256 * 1024 * 1024, kernels=KERNELS)
+    )
 
     def tokens(prompt: list[int], **sampling) -> list[int]:
         engine.add_request("ref", prompt, SamplingParams(**sampling))

@@ -16,7 +16,11 @@ def test_editing_a_proto_without_regenerating_is_detected(tmp_path, monkeypatch)
     proto_dir = tmp_path / "protos"
     shutil.copytree(codegen.PROTO_DIR, proto_dir, ignore=shutil.ignore_patterns("__pycache__"))
     edited = proto_dir / "common.proto"
-    edited.write_text(edited.read_text().replace("bool ignore_eos = 7;", "bool ignore_eos = 7;\n  bool extra = 8;"))
+    edited.write_text(
+        edited.read_text().replace(
+            "bool ignore_eos = 7;", "bool ignore_eos = 7;\n  bool extra = 8;"
+        )
+    )
     monkeypatch.setattr(codegen, "REPO_ROOT", tmp_path)
     monkeypatch.setattr(codegen, "PROTO_DIR", proto_dir)
     assert codegen.stale_files() == ["common_pb2.py", "common_pb2.pyi"]
@@ -35,10 +39,14 @@ def test_every_rpc_and_field_is_documented():
             )
             if is_rpc or is_field:
                 prev = lines[i - 1].strip()
-                assert prev.startswith("///"), f"{proto.name}:{i + 1} lacks a /// comment: {stripped}"
+                assert prev.startswith("///"), (
+                    f"{proto.name}:{i + 1} lacks a /// comment: {stripped}"
+                )
 
 
-@pytest.mark.parametrize("module", ["common_pb2", "gateway_pb2_grpc", "scheduler_pb2_grpc", "worker_pb2_grpc"])
+@pytest.mark.parametrize(
+    "module", ["common_pb2", "gateway_pb2_grpc", "scheduler_pb2_grpc", "worker_pb2_grpc"]
+)
 def test_stubs_import_as_protos_package(module):
     __import__(f"protos.{module}")
     assert Path(codegen.PROTO_DIR / f"{module}.py").exists()

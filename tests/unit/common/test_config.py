@@ -31,7 +31,12 @@ def test_defaults_env_and_overrides_in_that_order():
     }
     cfg = load_config(DemoConfig, "demo", {"bind": "0.0.0.0:7000", "ratio": None}, environ=env)
     assert cfg == DemoConfig(
-        bind="0.0.0.0:7000", num_workers=4, ratio=0.25, is_verbose=True, tags=("a", "b"), otlp_endpoint=None
+        bind="0.0.0.0:7000",
+        num_workers=4,
+        ratio=0.25,
+        is_verbose=True,
+        tags=("a", "b"),
+        otlp_endpoint=None,
     )
 
 
