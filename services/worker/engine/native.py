@@ -71,8 +71,8 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """pack_weight's inverse (a copy); an (N, K) weight is returned as it is."""
-    if weight.dim() == 2:
+    """pack_weight's inverse (a copy); any tensor that is not packed is returned as it is."""
+    if weight.dim() != 3:
         return weight
     return weight.permute(0, 2, 1).reshape(-1, weight.shape[1])
 

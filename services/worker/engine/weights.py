@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from services.worker.engine import native
 from services.worker.engine.config import ModelConfig
 from services.worker.engine.model import LayerWeights, StageWeights
 from services.worker.engine.tiny import TINY_MODEL_CONFIG, tiny_hf_tensors
@@ -152,8 +153,7 @@ def to_hf_tensors(config: ModelConfig, weights: StageWeights) -> dict[str, torch
     for i, layer in weights.layers.items():
         for field, parts in _layer_fields(config).items():
             value = getattr(layer, field)
-            if value.dim() == 3:  # native.pack_weight's panels -> (N, K)
-                value = value.permute(0, 2, 1).reshape(-1, value.shape[1])
+            value = native.unpack_weight(value)  # (N, K) as it is; packed panels copied back
             pieces = value.split(split_sizes[field], dim=0) if field in split_sizes else (value,)
             for name, piece in zip(parts, pieces, strict=True):
                 tensors[f"model.layers.{i}.{name}"] = piece

@@ -19,7 +19,7 @@
 
 #include "vec.h"
 
-/* Rows per call below which threads cost more than they save. */
+/* Floats per call below which threads cost more than they save. */
 #define PARALLEL_FLOATS (1 << 16)
 
 static inline void rms_row(const float *x, const float *weight, float eps, int width,

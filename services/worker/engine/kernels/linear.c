@@ -3,8 +3,8 @@
  *
  *   for each panel of 16 output columns (threads split the panels):
  *       for each block of KC inputs:
- *           transpose W[cols, block] into a (KC, 16) panel in L1 (8 x 8 register
- *           transposes)
+ *           the (KC, 16) panel: packed once by llmesh_pack_weight, or else transposed
+ *           from W[cols, block] into L1 now (8 x 8 register transposes)
  *           for each 6 rows of x: 12 accumulators (6 rows x 2 vectors of 8 columns),
  *               acc += broadcast(x[row][k]) * panel[k]   for k in the block, in order
  *
