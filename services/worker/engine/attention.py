@@ -279,6 +279,14 @@ class PagedAttention:
         self.metadata = metadata
         self.scale = config.head_dim**-0.5
 
+    @property
+    def native_pool(self) -> tuple[dict[int, torch.Tensor], torch.Tensor, NativeRows] | None:
+        """(per-layer pools, slot_mapping, rows) when this step runs the native kernels,
+        for LlamaModel to run all its layers in one native call; else None."""
+        if self.metadata.native is None:
+            return None
+        return self.kv_cache.layers, self.metadata.slot_mapping, self.metadata.native
+
     def __call__(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:

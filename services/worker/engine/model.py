@@ -239,7 +239,10 @@ class LlamaModel:
     ) -> torch.Tensor:
         """`_layer` over [layer_start, layer_end) with the native kernels: the same math,
         matmuls included (native.linear: no padding needed, every row is computed alone),
-        each residual add fused with the norm after it (hidden is updated in place)."""
+        each residual add fused with the norm after it (hidden is updated in place).
+        Over the paged KV pool (an attention function with a `native_pool`) the whole
+        range is one native call (native.decoder_layers); other attention functions (the
+        dense reference) go op by op, with the same bits."""
         if layer_start == layer_end:
             return hidden
         c, layers = self.config, self.weights.layers
@@ -247,6 +250,15 @@ class LlamaModel:
         num_tokens = hidden.shape[0]
         cos, sin = cos.view(num_tokens, -1), sin.view(num_tokens, -1)
         hidden = hidden.clone(memory_format=torch.contiguous_format)  # not the caller's
+        pool = getattr(attention, "native_pool", None)  # attention.PagedAttention's
+        if pool is not None:
+            caches, slots, rows = pool
+            held = range(layer_start, layer_end)
+            native.decoder_layers(
+                hidden, [layers[i] for i in held], [caches[i] for i in held], c, cos, sin,
+                slots, rows,
+            )  # fmt: skip
+            return hidden
         x = native.rms_norm(hidden, layers[layer_start].input_norm, eps)
         for layer_idx in range(layer_start, layer_end):
             w = layers[layer_idx]

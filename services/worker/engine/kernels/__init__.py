@@ -32,8 +32,8 @@ import torch  # noqa: F401  (loads torch's libgomp before ours resolves it)
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "paged_attention.c", HERE / "layer_ops.c", HERE / "linear.c"]
-HEADERS = [HERE / "vec.h"]
+SOURCES = [HERE / name for name in ("paged_attention.c", "layer_ops.c", "linear.c", "decoder.c")]
+HEADERS = [HERE / "vec.h", HERE / "kernels.h"]
 FLAGS = [
     "-O3",
     "-std=gnu11",
@@ -116,6 +116,11 @@ SIGNATURES = {
     ),
     "llmesh_pack_weight": ([_ptr, _i32, _i32, _ptr, _i32], None),
     "llmesh_write_kv": ([_ptr, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _i32, _i32], None),
+    "llmesh_decoder_layers": (
+        [_ptr, _i64, _ptr, _i32, _i32, _i32, _i32, _i32, _i32, _f32, _f32, _ptr, _ptr, _ptr,
+         _i64, _i32, _ptr, _i64, _ptr, _ptr, _i32],
+        ctypes.c_int,
+    ),
 }  # fmt: skip
 
 

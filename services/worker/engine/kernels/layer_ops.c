@@ -17,6 +17,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "kernels.h"
 #include "vec.h"
 
 /* Floats per call below which threads cost more than they save. */
@@ -33,47 +34,50 @@ static inline void rms_row(const float *x, const float *weight, float eps, int w
     for (int i = 0; i < width; i += 8) store8(out + i, load8(weight + i) * (load8(x + i) * inv));
 }
 
-void llmesh_rms_norm(const float *x, int64_t x_stride, const float *weight, float eps,
-                     int64_t rows, int width, float *out, int64_t out_stride, int num_threads) {
-#pragma omp parallel for num_threads(num_threads) if (rows * width >= PARALLEL_FLOATS)
+void llmesh__rms_norm_for(const float *x, int64_t x_stride, const float *weight, float eps,
+                          int64_t rows, int width, float *out, int64_t out_stride) {
+#pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; r++) rms_row(x + r * x_stride, weight, eps, width, out + r * out_stride);
 }
 
-void llmesh_add_rms_norm(float *hidden, int64_t hidden_stride, const float *delta,
-                         int64_t delta_stride, const float *weight, float eps, int64_t rows,
-                         int width, float *out, int64_t out_stride, int num_threads) {
-#pragma omp parallel for num_threads(num_threads) if (rows * width >= PARALLEL_FLOATS)
+void llmesh__add_rms_norm_for(float *hidden, int64_t hidden_stride, const float *delta,
+                              int64_t delta_stride, const float *weight, float eps, int64_t rows,
+                              int width, float *out, int64_t out_stride) {
+#pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         float *h = hidden + r * hidden_stride;
         const float *d = delta + r * delta_stride;
         for (int i = 0; i < width; i += 8) store8(h + i, load8(h + i) + load8(d + i));
-        rms_row(h, weight, eps, width, out + r * out_stride);
+        if (weight) rms_row(h, weight, eps, width, out + r * out_stride);
     }
 }
 
 /* HF's rotate_half convention: x1, x2 = halves; x1 * cos - x2 * sin, x2 * cos + x1 * sin.
  * cos, sin: (rows, head_dim / 2) contiguous. */
-void llmesh_rope(float *x, int64_t x_stride, int heads, int head_dim, const float *cos_,
-                 const float *sin_, int64_t rows, int num_threads) {
+static void rope_row(float *x, int heads, int head_dim, const float *c, const float *s) {
     const int half = head_dim / 2;
-#pragma omp parallel for num_threads(num_threads) if (rows * heads * head_dim >= PARALLEL_FLOATS)
-    for (int64_t r = 0; r < rows; r++) {
-        const float *c = cos_ + r * half, *s = sin_ + r * half;
-        for (int h = 0; h < heads; h++) {
-            float *x1 = x + r * x_stride + (int64_t)h * head_dim, *x2 = x1 + half;
-            for (int i = 0; i < half; i++) {
-                float a = x1[i], b = x2[i];
-                x1[i] = a * c[i] - b * s[i];
-                x2[i] = b * c[i] + a * s[i];
-            }
+    for (int h = 0; h < heads; h++) {
+        float *x1 = x + (int64_t)h * head_dim, *x2 = x1 + half;
+        for (int i = 0; i < half; i++) {
+            float a = x1[i], b = x2[i];
+            x1[i] = a * c[i] - b * s[i];
+            x2[i] = b * c[i] + a * s[i];
         }
     }
 }
 
+void llmesh__rope_for(float *x, int64_t x_stride, int heads, int head_dim, const float *cos_,
+                      const float *sin_, int64_t rows) {
+    const int half = head_dim / 2;
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; r++)
+        rope_row(x + r * x_stride, heads, head_dim, cos_ + r * half, sin_ + r * half);
+}
+
 /* gate_up: rows of [gate (width) | up (width)]; out: (rows, width). */
-void llmesh_silu_mul(const float *gate_up, int64_t gate_up_stride, int64_t rows, int width,
-                     float *out, int64_t out_stride, int num_threads) {
-#pragma omp parallel for num_threads(num_threads) if (rows * width >= PARALLEL_FLOATS / 4)
+void llmesh__silu_mul_for(const float *gate_up, int64_t gate_up_stride, int64_t rows, int width,
+                          float *out, int64_t out_stride) {
+#pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         const float *g = gate_up + r * gate_up_stride, *u = g + width;
         float *o = out + r * out_stride;
@@ -87,14 +91,50 @@ void llmesh_silu_mul(const float *gate_up, int64_t gate_up_stride, int64_t rows,
 
 /* k, v: (rows, kv_heads, head_dim) with row strides; cache_k, cache_v: (kv_heads,
  * pool_slots, head_dim); slots: (rows,) pool slot of each row. */
-void llmesh_write_kv(const float *k, const float *v, int64_t row_stride, const int64_t *slots,
-                     int64_t rows, float *cache_k, float *cache_v, int64_t pool_slots,
-                     int kv_heads, int head_dim) {
+void llmesh__write_kv_rows(const float *k, const float *v, int64_t row_stride,
+                           const int64_t *slots, int64_t row_begin, int64_t row_end,
+                           float *cache_k, float *cache_v, int64_t pool_slots, int kv_heads,
+                           int head_dim) {
     const size_t bytes = sizeof(float) * head_dim;
-    for (int64_t r = 0; r < rows; r++)
+    for (int64_t r = row_begin; r < row_end; r++)
         for (int h = 0; h < kv_heads; h++) {
             int64_t at = ((int64_t)h * pool_slots + slots[r]) * head_dim;
             memcpy(cache_k + at, k + r * row_stride + (int64_t)h * head_dim, bytes);
             memcpy(cache_v + at, v + r * row_stride + (int64_t)h * head_dim, bytes);
         }
+}
+
+/* ---- entry points (ctypes) --------------------------------------------------------- */
+
+void llmesh_rms_norm(const float *x, int64_t x_stride, const float *weight, float eps,
+                     int64_t rows, int width, float *out, int64_t out_stride, int num_threads) {
+#pragma omp parallel num_threads(num_threads) if (rows * width >= PARALLEL_FLOATS)
+    llmesh__rms_norm_for(x, x_stride, weight, eps, rows, width, out, out_stride);
+}
+
+void llmesh_add_rms_norm(float *hidden, int64_t hidden_stride, const float *delta,
+                         int64_t delta_stride, const float *weight, float eps, int64_t rows,
+                         int width, float *out, int64_t out_stride, int num_threads) {
+#pragma omp parallel num_threads(num_threads) if (rows * width >= PARALLEL_FLOATS)
+    llmesh__add_rms_norm_for(hidden, hidden_stride, delta, delta_stride, weight, eps, rows,
+                             width, out, out_stride);
+}
+
+void llmesh_rope(float *x, int64_t x_stride, int heads, int head_dim, const float *cos_,
+                 const float *sin_, int64_t rows, int num_threads) {
+#pragma omp parallel num_threads(num_threads) if (rows * heads * head_dim >= PARALLEL_FLOATS)
+    llmesh__rope_for(x, x_stride, heads, head_dim, cos_, sin_, rows);
+}
+
+void llmesh_silu_mul(const float *gate_up, int64_t gate_up_stride, int64_t rows, int width,
+                     float *out, int64_t out_stride, int num_threads) {
+#pragma omp parallel num_threads(num_threads) if (rows * width >= PARALLEL_FLOATS / 4)
+    llmesh__silu_mul_for(gate_up, gate_up_stride, rows, width, out, out_stride);
+}
+
+void llmesh_write_kv(const float *k, const float *v, int64_t row_stride, const int64_t *slots,
+                     int64_t rows, float *cache_k, float *cache_v, int64_t pool_slots,
+                     int kv_heads, int head_dim) {
+    llmesh__write_kv_rows(k, v, row_stride, slots, 0, rows, cache_k, cache_v, pool_slots,
+                          kv_heads, head_dim);
 }

@@ -16,6 +16,7 @@
 
 #include <stdint.h>
 
+#include "kernels.h"
 #include "vec.h"
 
 #define NR 16  /* output columns per panel: two vectors */
@@ -96,11 +97,46 @@ static void micro_rows(const float *x, int64_t x_stride, const float *panel, int
     }
 }
 
-/* y = x @ W^T (+ bias). W is either row-major (w: (n, k)), packed here panel by panel,
- * or already packed by llmesh_pack_weight (packed: (ceil(n / 16), k, 16)); exactly one
- * of w and packed is given. x: (rows, k), row stride x_stride; bias: (n,) or NULL; out:
- * (rows, n), row stride out_stride. k must be a multiple of 8. Both forms give the same
- * bits. Returns 0, or -2 when out of memory. */
+/* The panel loop of y = x @ W^T (+ bias), for the threads of the enclosing region (see
+ * kernels.h). W is either row-major (w: (n, k)), packed here panel by panel, or already
+ * packed by llmesh_pack_weight (packed: (ceil(n / 16), k, 16)); exactly one of w and
+ * packed is given. x: (rows, k), row stride x_stride; bias: (n,) or NULL; out: (rows,
+ * n), row stride out_stride. k must be a multiple of 8. Both forms give the same bits.
+ * Returns 0, or -2 when this thread is out of memory. */
+int llmesh__linear_for(const float *x, int64_t x_stride, int64_t rows, int k, const float *w,
+                       const float *packed, int n, const float *bias, float *out,
+                       int64_t out_stride) {
+    const int num_panels = (n + NR - 1) / NR;
+    /* panel (KC x 16) | accumulators (rows x 16) */
+    float *scratch = thread_scratch((int64_t)KC * NR + rows * NR);
+    float *acc = scratch + KC * NR;
+#pragma omp for schedule(static)
+    for (int p = 0; p < num_panels; p++) {
+        if (!scratch) continue;
+        const int c0 = p * NR;
+        for (int64_t i = 0; i < rows * NR; i += 8) store8(acc + i, splat(0.0f));
+        for (int k0 = 0; k0 < k; k0 += KC) {
+            const int kc = k - k0 < KC ? k - k0 : KC;
+            const float *panel = scratch;
+            if (packed)
+                panel = packed + ((int64_t)p * k + k0) * NR;
+            else
+                pack_panel(w, k, n, c0, k0, kc, scratch);
+            for (int64_t r0 = 0; r0 < rows; r0 += MR) {
+                const int mr = rows - r0 < MR ? (int)(rows - r0) : MR;
+                micro_rows(x + r0 * x_stride + k0, x_stride, panel, kc, acc + r0 * NR, mr);
+            }
+        }
+        const int width = n - c0 < NR ? n - c0 : NR;
+        for (int64_t r = 0; r < rows; r++)
+            for (int j = 0; j < width; j++) {
+                float y = acc[r * NR + j];
+                out[r * out_stride + c0 + j] = bias ? y + bias[c0 + j] : y;
+            }
+    }
+    return scratch ? 0 : -2;
+}
+
 static int linear(const float *x, int64_t x_stride, int64_t rows, int k, const float *w,
                   const float *packed, int n, const float *bias, float *out, int64_t out_stride,
                   int num_threads) {
@@ -108,36 +144,9 @@ static int linear(const float *x, int64_t x_stride, int64_t rows, int k, const f
     int failed = 0;
 #pragma omp parallel num_threads(num_threads) if (num_threads > 1 && num_panels > 1 && rows * (int64_t)n * k >= (1 << 18))
     {
-        /* panel (KC x 16) | accumulators (rows x 16) */
-        float *scratch = thread_scratch((int64_t)KC * NR + rows * NR);
-        if (!scratch) {
+        if (llmesh__linear_for(x, x_stride, rows, k, w, packed, n, bias, out, out_stride)) {
 #pragma omp atomic write
             failed = 1;
-        }
-        float *acc = scratch + KC * NR;
-#pragma omp for schedule(static)
-        for (int p = 0; p < num_panels; p++) {
-            if (!scratch) continue;
-            const int c0 = p * NR;
-            for (int64_t i = 0; i < rows * NR; i += 8) store8(acc + i, splat(0.0f));
-            for (int k0 = 0; k0 < k; k0 += KC) {
-                const int kc = k - k0 < KC ? k - k0 : KC;
-                const float *panel = scratch;
-                if (packed)
-                    panel = packed + ((int64_t)p * k + k0) * NR;
-                else
-                    pack_panel(w, k, n, c0, k0, kc, scratch);
-                for (int64_t r0 = 0; r0 < rows; r0 += MR) {
-                    const int mr = rows - r0 < MR ? (int)(rows - r0) : MR;
-                    micro_rows(x + r0 * x_stride + k0, x_stride, panel, kc, acc + r0 * NR, mr);
-                }
-            }
-            const int width = n - c0 < NR ? n - c0 : NR;
-            for (int64_t r = 0; r < rows; r++)
-                for (int j = 0; j < width; j++) {
-                    float y = acc[r * NR + j];
-                    out[r * out_stride + c0 + j] = bias ? y + bias[c0 + j] : y;
-                }
         }
     }
     return failed ? -2 : 0;

@@ -25,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels.h"
 #include "vec.h"
 
 #define CHUNK 64      /* keys per partial */
@@ -252,6 +253,44 @@ static void attend_tile(const float *q, int64_t q_row_stride, const float *k_cac
                    head_dim);
 }
 
+int llmesh__attention_tiles(const int32_t *row_seq, int num_rows, int *tile_start) {
+    int num_tiles = 0;
+    for (int r = 0; r < num_rows;) {
+        int end = r + 1;
+        while (end < num_rows && end - r < TILE && row_seq[end] == row_seq[r]) end++;
+        tile_start[num_tiles++] = r;
+        r = end;
+    }
+    tile_start[num_tiles] = num_rows;
+    return num_tiles;
+}
+
+/* The (tile, KV head) items of llmesh_paged_attention, for the threads of the enclosing
+ * region (kernels.h); tiles from llmesh__attention_tiles. */
+int llmesh__attention_for(const float *q, int64_t q_row_stride, const float *k_cache,
+                          const float *v_cache, int64_t pool_slots, int block_size,
+                          const int32_t *block_tables, int64_t table_stride,
+                          const int32_t *row_seq, const int32_t *positions,
+                          const int *tile_start, int num_tiles, float *out,
+                          int64_t out_row_stride, int num_heads, int num_kv_heads, int head_dim,
+                          float scale) {
+    const int group = num_heads / num_kv_heads;
+    const int64_t pairs = (int64_t)TILE * group;
+    float *scratch =
+        thread_scratch(pairs * (2 * head_dim + CHUNK + (int64_t)MAX_LEVELS * head_dim));
+    const int64_t num_items = (int64_t)num_tiles * num_kv_heads;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < num_items; item++) {
+        if (!scratch) continue;
+        int tile = (int)(item / num_kv_heads), kv_head = (int)(item % num_kv_heads);
+        int begin = tile_start[tile], end = tile_start[tile + 1];
+        attend_tile(q, q_row_stride, k_cache, v_cache, pool_slots, block_size,
+                    block_tables + (int64_t)row_seq[begin] * table_stride, positions, begin, end,
+                    out, out_row_stride, kv_head, group, head_dim, scale, scratch);
+    }
+    return scratch ? 0 : -2;
+}
+
 /* q: row r, query head h at q + r * q_row_stride + h * head_dim (float32).
  * k_cache, v_cache: (num_kv_heads, pool_slots, head_dim) float32, slot = block * bs + offset.
  * block_tables: (num_seqs, table_stride) int32. row_seq, positions: (num_rows,) int32;
@@ -269,38 +308,18 @@ int llmesh_paged_attention(const float *q, int64_t q_row_stride, const float *k_
     if (head_dim % 8 != 0 || group > 16 || group * num_kv_heads != num_heads) return -1;
     if (num_rows <= 0) return 0;
 
-    /* Tiles: up to TILE adjacent rows of one sequence. */
     int *tile_start = malloc(sizeof(int) * (num_rows + 1));
     if (!tile_start) return -2;
-    int num_tiles = 0;
-    for (int r = 0; r < num_rows;) {
-        int end = r + 1;
-        while (end < num_rows && end - r < TILE && row_seq[end] == row_seq[r]) end++;
-        tile_start[num_tiles++] = r;
-        r = end;
-    }
-    tile_start[num_tiles] = num_rows;
-
-    const int64_t pairs = (int64_t)TILE * group;
-    const int64_t scratch_floats = pairs * (2 * head_dim + CHUNK + (int64_t)MAX_LEVELS * head_dim);
-    const int64_t num_items = (int64_t)num_tiles * num_kv_heads;
+    const int num_tiles = llmesh__attention_tiles(row_seq, num_rows, tile_start);
     int failed = 0;
-
-#pragma omp parallel num_threads(num_threads) if (num_threads > 1 && num_items > 1)
+#pragma omp parallel num_threads(num_threads) if (num_threads > 1 && (int64_t)num_tiles * num_kv_heads > 1)
     {
-        float *scratch = thread_scratch(scratch_floats);
-        if (!scratch) {
+        if (llmesh__attention_for(q, q_row_stride, k_cache, v_cache, pool_slots, block_size,
+                                  block_tables, table_stride, row_seq, positions, tile_start,
+                                  num_tiles, out, out_row_stride, num_heads, num_kv_heads,
+                                  head_dim, scale)) {
 #pragma omp atomic write
             failed = 1;
-        }
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t item = 0; item < num_items; item++) {
-            if (!scratch) continue;
-            int tile = (int)(item / num_kv_heads), kv_head = (int)(item % num_kv_heads);
-            int begin = tile_start[tile], end = tile_start[tile + 1];
-            attend_tile(q, q_row_stride, k_cache, v_cache, pool_slots, block_size,
-                        block_tables + (int64_t)row_seq[begin] * table_stride, positions, begin,
-                        end, out, out_row_stride, kv_head, group, head_dim, scale, scratch);
         }
     }
     free(tile_start);

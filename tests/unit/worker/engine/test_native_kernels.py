@@ -275,3 +275,97 @@ def test_a_native_engine_holds_packed_matrices_and_exports_them_unpacked(make_en
     exported = to_hf_tensors(TINY_MODEL_CONFIG, native_engine.model.weights)
     source = TinyWeightSource().load(list(exported))
     assert all(torch.equal(exported[name], source[name]) for name in exported)
+
+
+def _stage(layer_start: int, layer_end: int, packed: bool, biases: bool):
+    """The tiny model's layers [layer_start, layer_end) as a native LlamaModel; its
+    matrices packed or left (N, K); with random biases on every matmul, or none."""
+    from services.worker.engine.model import LlamaModel
+    from services.worker.engine.weights import TinyWeightSource, build_stage_weights, hf_names
+
+    c = TINY_MODEL_CONFIG
+    tensors = TinyWeightSource().load(hf_names(c, layer_start, layer_end))
+    weights = build_stage_weights(c, tensors, layer_start, layer_end, "float32", "cpu")
+    generator = torch.Generator().manual_seed(5)
+    if biases:
+        for w in weights.layers.values():
+            for field, matrix in (("qkv", w.qkv_proj), ("o", w.o_proj),
+                                  ("gate_up", w.gate_up_proj), ("down", w.down_proj)):  # fmt: skip
+                setattr(w, f"{field}_bias", torch.randn(matrix.shape[0], generator=generator))
+    model = LlamaModel(c, weights, native_ops=packed)
+    model.native_ops = True  # unpacked matrices run the native path too
+    return model
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "layers, packed, biases", [((0, 4), True, False), ((1, 3), False, True), ((2, 4), True, True)]
+)
+def test_decoder_layers_in_one_call_are_the_op_by_op_path_bit_for_bit(
+    threads, layers, packed, biases
+):
+    """native.decoder_layers (one call per step) against the same layers run op by op
+    (an attention function without native_pool): same hidden states, same K/V written
+    to the same slots, for decodes and prefill chunks together, any layer range."""
+    from services.worker.engine.attention import PagedAttention, build_attention_metadata
+    from services.worker.engine.kv_cache import KVCache
+
+    c, block_size = TINY_MODEL_CONFIG, 16
+    model = _stage(*layers, packed, biases)
+    assert (model.weights.layers[layers[0]].qkv_proj.dim() == 3) == packed
+    generator = torch.Generator().manual_seed(7)
+    cache = KVCache(c, *layers, 40, block_size, "float32", "cpu")
+    for pool in cache.layers.values():
+        pool.copy_(torch.randn(pool.shape, generator=generator))  # earlier tokens' K/V
+    order = torch.randperm(40, generator=generator).tolist()
+    # Decodes at positions 0, 17, 70; prefill chunks: 5 tokens from 0, 30 from 33.
+    decodes = [(0, order[0:1]), (17, order[1:3]), (70, order[3:8])]
+    prefills = [(0, 5, order[8:9]), (33, 30, order[9:13])]
+    positions = [p for p, _ in decodes] + list(range(0, 5)) + list(range(33, 63))
+    hidden = torch.randn(len(positions), c.hidden_size, generator=generator)
+    meta = build_attention_metadata(
+        decodes, prefills, block_size, c.num_queries_per_kv, "cpu", "native"
+    )
+    position_ids = torch.tensor(positions)
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        initial = {i: pool.clone() for i, pool in cache.layers.items()}
+        attention = PagedAttention(c, cache, meta)
+        assert attention.native_pool is not None
+        fused = model.forward_layers(hidden, position_ids, attention)
+        fused_pools = {i: pool.clone() for i, pool in cache.layers.items()}
+        for i, pool in cache.layers.items():
+            pool.copy_(initial[i])
+        op_by_op = model.forward_layers(hidden, position_ids, lambda *args: attention(*args))
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(fused, op_by_op) and fused.isfinite().all()
+    assert not torch.equal(fused, hidden)  # the caller's hidden states are left alone
+    for i, pool in cache.layers.items():
+        assert torch.equal(fused_pools[i], pool)
+        assert not torch.equal(pool, initial[i])  # this step's K/V went in
+
+
+def test_decoder_layers_reject_mismatched_inputs():
+    from services.worker.engine.attention import build_attention_metadata
+    from services.worker.engine.kv_cache import KVCache
+
+    c = TINY_MODEL_CONFIG
+    model = _stage(0, 1, packed=True, biases=False)
+    cache = KVCache(c, 0, 1, 4, 16, "float32", "cpu")
+    meta = build_attention_metadata([(3, [2])], [], 16, c.num_queries_per_kv, "cpu", "native")
+    cos, sin = torch.zeros(1, c.head_dim // 2), torch.zeros(1, c.head_dim // 2)
+    layer = model.weights.layers[0]
+    with pytest.raises(AssertionError):  # two rows of hidden states, one row of metadata
+        native.decoder_layers(
+            torch.zeros(2, c.hidden_size), [layer], [cache.layers[0]], c, cos, sin,
+            meta.slot_mapping, meta.native,
+        )  # fmt: skip
+    wrong = dataclasses.replace(layer, down_proj=layer.down_proj[:, :8].contiguous())
+    with pytest.raises(AssertionError):  # a matrix of the wrong shape
+        native.decoder_layers(
+            torch.zeros(1, c.hidden_size), [wrong], [cache.layers[0]], c, cos, sin,
+            meta.slot_mapping, meta.native,
+        )  # fmt: skip
