@@ -106,25 +106,29 @@ static inline v8sf lane_sums8(const v8sf v[8]) {
 }
 
 /* a[h][d] = sum over keys i < n, in key order, of w[h][i] * values[i][d], for HP heads
- * and 32 dims from d0: HP * 4 independent accumulator chains (one chain per vector
- * would wait on the add latency every key). Each lane's sum is the same sequence of
- * adds whatever HP, so every variant gives the same bits. */
+ * and 16 dims from d0: HP * 2 independent accumulator chains (one chain per vector
+ * would wait on the add latency every key), which with the two value vectors and the
+ * weight fit AVX2's 16 registers (32 dims at 4 heads would spill accumulators to the
+ * stack on every key). Each lane's sum is the same sequence of adds whatever HP and
+ * the slicing, so every variant gives the same bits. */
 #define DEFINE_ACCUMULATE(HP)                                                              \
     static void accumulate_##HP(const float *w, const float *const *values, int n, int d0, \
                                 float *a, int head_dim) {                                  \
-        v8sf sum[HP][4];                                                                   \
-        for (int h = 0; h < HP; h++)                                                       \
-            for (int j = 0; j < 4; j++) sum[h][j] = splat(0.0f);                           \
+        v8sf sum[HP][2];                                                                   \
+        for (int h = 0; h < HP; h++) sum[h][0] = sum[h][1] = splat(0.0f);                  \
         for (int i = 0; i < n; i++) {                                                      \
             const float *v = values[i] + d0;                                               \
-            v8sf vv[4] = {load8(v), load8(v + 8), load8(v + 16), load8(v + 24)};           \
+            v8sf v0 = load8(v), v1 = load8(v + 8);                                         \
             for (int h = 0; h < HP; h++) {                                                 \
                 v8sf weight = splat(w[h * CHUNK + i]);                                     \
-                for (int j = 0; j < 4; j++) sum[h][j] += weight * vv[j];                   \
+                sum[h][0] += weight * v0;                                                  \
+                sum[h][1] += weight * v1;                                                  \
             }                                                                              \
         }                                                                                  \
-        for (int h = 0; h < HP; h++)                                                       \
-            for (int j = 0; j < 4; j++) store8(a + (int64_t)h * head_dim + d0 + 8 * j, sum[h][j]); \
+        for (int h = 0; h < HP; h++) {                                                     \
+            store8(a + (int64_t)h * head_dim + d0, sum[h][0]);                             \
+            store8(a + (int64_t)h * head_dim + d0 + 8, sum[h][1]);                         \
+        }                                                                                  \
     }
 DEFINE_ACCUMULATE(1)
 DEFINE_ACCUMULATE(2)
@@ -133,7 +137,7 @@ DEFINE_ACCUMULATE(4)
 /* w: (group, CHUNK) weights; a: (group, head_dim) out. */
 static void accumulate(const float *w, const float *const *values, int n, float *a, int group,
                        int head_dim) {
-    if (head_dim % 32 != 0) { /* one chain per 8 dims */
+    if (head_dim % 16 != 0) { /* one chain per 8 dims */
         for (int h = 0; h < group; h++)
             for (int d = 0; d < head_dim; d += 8) {
                 v8sf sum = splat(0.0f);
@@ -142,7 +146,7 @@ static void accumulate(const float *w, const float *const *values, int n, float 
             }
         return;
     }
-    for (int d0 = 0; d0 < head_dim; d0 += 32) {
+    for (int d0 = 0; d0 < head_dim; d0 += 16) {
         int h = 0;
         for (; h + 4 <= group; h += 4)
             accumulate_4(w + h * CHUNK, values, n, d0, a + (int64_t)h * head_dim, head_dim);
@@ -151,6 +155,10 @@ static void accumulate(const float *w, const float *const *values, int n, float 
         for (; h < group; h++)
             accumulate_1(w + h * CHUNK, values, n, d0, a + (int64_t)h * head_dim, head_dim);
     }
+}
+
+static inline void prefetch_row(const float *row, int head_dim) {
+    for (int d = 0; d < head_dim; d += 16) __builtin_prefetch(row + d); /* 64-byte lines */
 }
 
 /* rows [row_begin, row_end) all belong to one sequence, positions ascending. */
@@ -187,12 +195,22 @@ static void attend_tile(const float *q, int64_t q_row_stride, const float *k_cac
         int first_row = 0; /* rows before it have no keys in this chunk */
         while (positions[row_begin + first_row] < c0) first_row++;
         const int c1 = c0 + CHUNK <= last + 1 ? c0 + CHUNK : last + 1;
-        /* Each key's slot, walking the block table (no division per key). */
+        /* Each key's slot, walking the block table (no division per key). The rows are
+         * scattered over the pool, block by block, which the hardware prefetchers do
+         * not follow: fetch this chunk's values (read after the scores) and the next
+         * chunk's keys ahead of use. */
         int block = c0 / block_size, offset = c0 % block_size;
         for (int l = c0; l < c1; l++) {
             int64_t slot = (int64_t)block_table[block] * block_size + offset;
             keys[l - c0] = k_head + slot * head_dim;
             values[l - c0] = v_head + slot * head_dim;
+            prefetch_row(values[l - c0], head_dim);
+            if (++offset == block_size) offset = 0, block++;
+        }
+        const int next_end = c1 + CHUNK <= last + 1 ? c1 + CHUNK : last + 1;
+        for (int l = c1; l < next_end; l++) {
+            int64_t slot = (int64_t)block_table[block] * block_size + offset;
+            prefetch_row(k_head + slot * head_dim, head_dim);
             if (++offset == block_size) offset = 0, block++;
         }
 
