@@ -20,7 +20,7 @@ from typing import Protocol
 
 import torch
 
-from services.worker.engine.attention import PagedAttention, build_attention_metadata
+from services.worker.engine.attention import PagedAttention, build_attention_metadata, int_tensor
 from services.worker.engine.kv_cache import KVCache
 from services.worker.engine.model import LlamaModel
 from services.worker.engine.sampler import sample
@@ -95,7 +95,7 @@ class TorchExecutor:
             backend=self.kernels,
         )
         if model.is_first_stage:
-            hidden = model.embed(torch.tensor(token_ids, dtype=torch.long, device=device))
+            hidden = model.embed(int_tensor(token_ids, torch.int64, device))
         else:
             if hidden_states is None:
                 raise ValueError(
@@ -104,7 +104,7 @@ class TorchExecutor:
             hidden = hidden_states
         hidden = model.forward_layers(
             hidden,
-            torch.tensor(positions, dtype=torch.long, device=device),
+            int_tensor(positions, torch.int64, device),
             PagedAttention(model.config, self.kv_cache, metadata),
         )
         if not model.is_last_stage:
@@ -125,9 +125,7 @@ class TorchExecutor:
         ]
         if not sampling:
             return []
-        rows = torch.tensor(
-            [last_row[i] for i, _ in sampling], dtype=torch.long, device=hidden.device
-        )
+        rows = int_tensor([last_row[i] for i, _ in sampling], torch.int64, hidden.device)
         logits = self.model.compute_logits(hidden.index_select(0, rows))  # (R, V)
         return sample(
             logits, [r.params for _, r in sampling], [r.num_context_tokens for _, r in sampling]

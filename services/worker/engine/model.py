@@ -160,6 +160,7 @@ class LlamaModel:
                     value = getattr(layer, field)
                     if value.dim() == 2 and value.shape[0] % native.PANEL == 0:
                         setattr(layer, field, native.pack_weight(value))
+        self._native_stack: native.NativeLayers | None = None  # built on first use
         self.inv_freq = rope_inv_freq(config)
         self.scale = config.head_dim**-0.5
         any_tensor = weights.tensors()[0]
@@ -241,7 +242,7 @@ class LlamaModel:
         matmuls included (native.linear: no padding needed, every row is computed alone),
         each residual add fused with the norm after it (hidden is updated in place).
         Over the paged KV pool (an attention function with a `native_pool`) the whole
-        range is one native call (native.decoder_layers); other attention functions (the
+        range is one native call (native.NativeLayers); other attention functions (the
         dense reference) go op by op, with the same bits."""
         if layer_start == layer_end:
             return hidden
@@ -252,12 +253,10 @@ class LlamaModel:
         hidden = hidden.clone(memory_format=torch.contiguous_format)  # not the caller's
         pool = getattr(attention, "native_pool", None)  # attention.PagedAttention's
         if pool is not None:
-            caches, slots, rows = pool
-            held = range(layer_start, layer_end)
-            native.decoder_layers(
-                hidden, [layers[i] for i in held], [caches[i] for i in held], c, cos, sin,
-                slots, rows,
-            )  # fmt: skip
+            if self._native_stack is None:
+                self._native_stack = native.NativeLayers(c, layers)
+            pools, slots, rows = pool
+            self._native_stack.run(hidden, layer_start, layer_end, pools, cos, sin, slots, rows)
             return hidden
         x = native.rms_norm(hidden, layers[layer_start].input_norm, eps)
         for layer_idx in range(layer_start, layer_end):

@@ -2,7 +2,7 @@
 
 With EngineConfig.kernels == "native" (or "auto" where it applies) the engine runs its
 matmuls, attention, RMSNorm, RoPE, SwiGLU activation and KV writes through these: a
-step's decoder layers in one call (`decoder_layers`), the rest op by op. Every wrapper
+step's decoder layers in one call (`NativeLayers`), the rest op by op. Every wrapper
 takes float32 CPU tensors whose rows are contiguous (any row stride) and checks what
 the C code assumes, so a wrong call raises instead of reading past a buffer.
 """
@@ -198,68 +198,89 @@ class _Layer(ctypes.Structure):
     ] + [("packed", ctypes.c_int64)]
 
 
-def _layer_struct(
-    struct: _Layer, w: LayerWeights, cache: torch.Tensor, config: ModelConfig
-) -> None:
-    c = config
-    assert cache.is_contiguous() and cache.dtype == torch.float32
-    assert cache.shape[1] == c.num_kv_heads and cache.shape[4] == c.head_dim, cache.shape
-    matrices = {  # name: (matrix, bias, (N, K))
-        "qkv": (w.qkv_proj, w.qkv_bias, (c.q_size + 2 * c.kv_size, c.hidden_size)),
-        "o": (w.o_proj, w.o_bias, (c.hidden_size, c.q_size)),
-        "gate_up": (w.gate_up_proj, w.gate_up_bias, (2 * c.intermediate_size, c.hidden_size)),
-        "down": (w.down_proj, w.down_bias, (c.hidden_size, c.intermediate_size)),
-    }
-    struct.packed = 0
-    for bit, name in enumerate(_MATRICES):
-        matrix, bias, (n, k) = matrices[name]
-        is_packed = matrix.dim() == 3
-        assert matrix.shape == ((n // PANEL, k, PANEL) if is_packed else (n, k)), matrix.shape
-        assert matrix.is_contiguous() and matrix.dtype == torch.float32
-        assert bias is None or (bias.shape == (n,) and bias.is_contiguous())
-        setattr(struct, name, matrix.data_ptr())
-        setattr(struct, f"{name}_bias", None if bias is None else bias.data_ptr())
-        struct.packed |= is_packed << bit
-    struct.input_norm = w.input_norm.data_ptr()
-    struct.post_attention_norm = w.post_attention_norm.data_ptr()
-    struct.cache_k, struct.cache_v = cache[0].data_ptr(), cache[1].data_ptr()
+class NativeLayers:
+    """A model's held decoder layers as kernels/decoder.c's llmesh_layer structs, built
+    and checked once (LlamaModel is rebuilt whenever its weights change): a step only
+    fills in the KV pools' addresses."""
+
+    def __init__(self, config: ModelConfig, layers: dict[int, LayerWeights]) -> None:
+        self.config = config
+        self.layers = layers  # keeps the tensors the structs point into alive
+        self.layer_start = min(layers)
+        self.structs = (_Layer * len(layers))()
+        for struct, index in zip(self.structs, sorted(layers), strict=True):
+            self._fill(struct, layers[index])
+
+    def _fill(self, struct: _Layer, w: LayerWeights) -> None:
+        c = self.config
+        matrices = {  # name: (matrix, bias, (N, K))
+            "qkv": (w.qkv_proj, w.qkv_bias, (c.q_size + 2 * c.kv_size, c.hidden_size)),
+            "o": (w.o_proj, w.o_bias, (c.hidden_size, c.q_size)),
+            "gate_up": (w.gate_up_proj, w.gate_up_bias, (2 * c.intermediate_size, c.hidden_size)),
+            "down": (w.down_proj, w.down_bias, (c.hidden_size, c.intermediate_size)),
+        }
+        struct.packed = 0
+        for bit, name in enumerate(_MATRICES):
+            matrix, bias, (n, k) = matrices[name]
+            is_packed = matrix.dim() == 3
+            assert matrix.shape == ((n // PANEL, k, PANEL) if is_packed else (n, k)), matrix.shape
+            assert matrix.is_contiguous() and matrix.dtype == torch.float32
+            assert bias is None or (bias.shape == (n,) and bias.is_contiguous())
+            setattr(struct, name, matrix.data_ptr())
+            setattr(struct, f"{name}_bias", None if bias is None else bias.data_ptr())
+            struct.packed |= is_packed << bit
+        for norm in (w.input_norm, w.post_attention_norm):
+            assert norm.shape == (c.hidden_size,) and norm.is_contiguous()
+        struct.input_norm = w.input_norm.data_ptr()
+        struct.post_attention_norm = w.post_attention_norm.data_ptr()
+
+    def run(
+        self,
+        hidden: torch.Tensor,
+        layer_start: int,
+        layer_end: int,
+        pools: dict[int, torch.Tensor],
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slots: torch.Tensor,
+        rows: NativeRows,
+    ) -> None:
+        """Runs layers [layer_start, layer_end) over hidden (T, H) in place, each writing
+        this step's K/V to its pool (2, nkv, NB, bs, hd) at slots (T,), then attending
+        over it: model._layer's math in one native call for the whole range, the same
+        bits as the op-by-op path. cos, sin: (T, hd / 2) contiguous."""
+        c = self.config
+        num_rows = hidden.shape[0]
+        first = layer_start - self.layer_start
+        assert first >= 0 and layer_end - self.layer_start <= len(self.structs)
+        assert hidden.shape == (num_rows, c.hidden_size) and hidden.is_contiguous()
+        assert hidden.dtype == torch.float32 and layer_start < layer_end
+        assert cos.shape == sin.shape == (num_rows, c.head_dim // 2)
+        assert cos.is_contiguous() and sin.is_contiguous()
+        assert cos.dtype == sin.dtype == torch.float32
+        assert slots.dtype == torch.int64 and slots.is_contiguous() and slots.numel() == num_rows
+        assert rows.positions.numel() == rows.row_seq.numel() == num_rows
+        shape = pools[layer_start].shape  # (2, nkv, NB, bs, hd)
+        assert shape[1] == c.num_kv_heads and shape[4] == c.head_dim, shape
+        half = shape.numel() // 2 * 4  # bytes from K to V
+        for index in range(layer_start, layer_end):
+            pool = pools[index]
+            assert pool.shape == shape and pool.is_contiguous() and pool.dtype == torch.float32
+            struct = self.structs[index - self.layer_start]
+            struct.cache_k = pool.data_ptr()
+            struct.cache_v = struct.cache_k + half
+        status = library().llmesh_decoder_layers(
+            hidden.data_ptr(), num_rows, ctypes.addressof(self.structs) + first * _LAYER_BYTES,
+            layer_end - layer_start, c.hidden_size, c.intermediate_size, c.num_heads,
+            c.num_kv_heads, c.head_dim, c.rms_norm_eps, c.head_dim**-0.5, cos.data_ptr(),
+            sin.data_ptr(), slots.data_ptr(), shape[2] * shape[3], shape[3],
+            rows.block_tables.data_ptr(), rows.block_tables.shape[1], rows.row_seq.data_ptr(),
+            rows.positions.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        if status == -2:
+            raise MemoryError("native decoder layers: no memory for their buffers")
+        if status != 0:
+            raise RuntimeError(f"native decoder layers failed (status {status})")
 
 
-def decoder_layers(
-    hidden: torch.Tensor,
-    layers: list[LayerWeights],
-    caches: list[torch.Tensor],
-    config: ModelConfig,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    slots: torch.Tensor,
-    rows: NativeRows,
-) -> None:
-    """Runs decoder layers over hidden (T, H) in place, each writing this step's K/V to
-    its pool (2, nkv, NB, bs, hd) at slots (T,), then attending over it: model._layer's
-    math in one native call for the whole range, the same bits as the op-by-op path.
-    cos, sin: (T, hd / 2) contiguous."""
-    c = config
-    num_rows = hidden.shape[0]
-    assert hidden.shape == (num_rows, c.hidden_size) and hidden.is_contiguous()
-    assert hidden.dtype == torch.float32 and len(layers) == len(caches) > 0
-    assert cos.shape == sin.shape == (num_rows, c.head_dim // 2)
-    assert cos.is_contiguous() and sin.is_contiguous() and cos.dtype == sin.dtype == torch.float32
-    assert slots.dtype == torch.int64 and slots.is_contiguous() and slots.numel() == num_rows
-    assert rows.positions.numel() == rows.row_seq.numel() == num_rows
-    num_blocks, block_size = caches[0].shape[2:4]
-    structs = (_Layer * len(layers))()
-    for struct, w, cache in zip(structs, layers, caches, strict=True):
-        assert cache.shape == caches[0].shape
-        _layer_struct(struct, w, cache, c)
-    status = library().llmesh_decoder_layers(
-        hidden.data_ptr(), num_rows, structs, len(layers), c.hidden_size, c.intermediate_size,
-        c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps, c.head_dim**-0.5,
-        cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), num_blocks * block_size, block_size,
-        rows.block_tables.data_ptr(), rows.block_tables.shape[1], rows.row_seq.data_ptr(),
-        rows.positions.data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
-    if status == -2:
-        raise MemoryError("native decoder layers: no memory for their buffers")
-    if status != 0:
-        raise RuntimeError(f"native decoder layers failed (status {status})")
+_LAYER_BYTES = ctypes.sizeof(_Layer)

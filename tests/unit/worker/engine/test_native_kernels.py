@@ -304,7 +304,7 @@ def _stage(layer_start: int, layer_end: int, packed: bool, biases: bool):
 def test_decoder_layers_in_one_call_are_the_op_by_op_path_bit_for_bit(
     threads, layers, packed, biases
 ):
-    """native.decoder_layers (one call per step) against the same layers run op by op
+    """native.NativeLayers (one call per step) against the same layers run op by op
     (an attention function without native_pool): same hidden states, same K/V written
     to the same slots, for decodes and prefill chunks together, any layer range."""
     from services.worker.engine.attention import PagedAttention, build_attention_metadata
@@ -358,14 +358,17 @@ def test_decoder_layers_reject_mismatched_inputs():
     meta = build_attention_metadata([(3, [2])], [], 16, c.num_queries_per_kv, "cpu", "native")
     cos, sin = torch.zeros(1, c.head_dim // 2), torch.zeros(1, c.head_dim // 2)
     layer = model.weights.layers[0]
+    stack = native.NativeLayers(c, {0: layer})
     with pytest.raises(AssertionError):  # two rows of hidden states, one row of metadata
-        native.decoder_layers(
-            torch.zeros(2, c.hidden_size), [layer], [cache.layers[0]], c, cos, sin,
-            meta.slot_mapping, meta.native,
+        stack.run(
+            torch.zeros(2, c.hidden_size), 0, 1, cache.layers, cos, sin, meta.slot_mapping,
+            meta.native,
+        )  # fmt: skip
+    with pytest.raises(AssertionError):  # a layer this stack does not hold
+        stack.run(
+            torch.zeros(1, c.hidden_size), 0, 2, cache.layers, cos, sin, meta.slot_mapping,
+            meta.native,
         )  # fmt: skip
     wrong = dataclasses.replace(layer, down_proj=layer.down_proj[:, :8].contiguous())
     with pytest.raises(AssertionError):  # a matrix of the wrong shape
-        native.decoder_layers(
-            torch.zeros(1, c.hidden_size), [wrong], [cache.layers[0]], c, cos, sin,
-            meta.slot_mapping, meta.native,
-        )  # fmt: skip
+        native.NativeLayers(c, {0: wrong})
