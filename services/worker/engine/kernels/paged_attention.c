@@ -90,18 +90,18 @@ static inline v8sf dot_lanes(const float *qv, const float *key, int head_dim) {
 }
 
 /* lane_sum of eight vectors at once: lane k of the result is lane_sum(v[k]), the same
- * tree ((0+1)+(2+3))+((4+5)+(6+7)) over v[k]'s lanes. */
+ * tree ((0+1)+(2+3))+((4+5)+(6+7)) over v[k]'s lanes. Every shuffle is one shufps (even
+ * and odd lanes of two vectors, per 128-bit half) or, last, one vperm2f128. */
 static inline v8sf lane_sums8(const v8sf v[8]) {
-    const v8si even = {0, 8, 2, 10, 4, 12, 6, 14}, odd = {1, 9, 3, 11, 5, 13, 7, 15};
-    const v8si lo2 = {0, 1, 8, 9, 4, 5, 12, 13}, hi2 = {2, 3, 10, 11, 6, 7, 14, 15};
+    const v8si even = {0, 2, 8, 10, 4, 6, 12, 14}, odd = {1, 3, 9, 11, 5, 7, 13, 15};
     const v8si lo4 = {0, 1, 2, 3, 8, 9, 10, 11}, hi4 = {4, 5, 6, 7, 12, 13, 14, 15};
     v8sf a[4], b[2];
-    for (int i = 0; i < 4; i++) /* lanes: k0 (0+1), k1 (0+1), k0 (2+3), k1 (2+3), ... */
+    for (int i = 0; i < 4; i++) /* k0 (0+1), k0 (2+3), k1 (0+1), k1 (2+3) | (4+5), (6+7) */
         a[i] = __builtin_shuffle(v[2 * i], v[2 * i + 1], even) +
                __builtin_shuffle(v[2 * i], v[2 * i + 1], odd);
-    for (int i = 0; i < 2; i++) /* k0..k3 ((0+1)+(2+3)), k0..k3 ((4+5)+(6+7)) */
-        b[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], lo2) +
-               __builtin_shuffle(a[2 * i], a[2 * i + 1], hi2);
+    for (int i = 0; i < 2; i++) /* k0..k3 ((0+1)+(2+3)) | k0..k3 ((4+5)+(6+7)) */
+        b[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], even) +
+               __builtin_shuffle(a[2 * i], a[2 * i + 1], odd);
     return __builtin_shuffle(b[0], b[1], lo4) + __builtin_shuffle(b[0], b[1], hi4);
 }
 
