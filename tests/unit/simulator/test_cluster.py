@@ -280,7 +280,7 @@ def test_streaming_tokens_competes_with_the_next_step():
     # token, as long as s < d.
     requests = [SimRequest("r0", 0.0, 16, 5)]
     ideal = run(requests=requests).records[0]
-    s = 0.001
+    s = ideal.tpot_s / 2  # d is the profile's decode step: keep s below it whatever d is
     shared = run(
         dataclasses.replace(BASE, host_cores=1, stream_cpu_per_token_s=s), requests=requests
     ).records[0]
