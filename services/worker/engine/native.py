@@ -200,8 +200,8 @@ class _Layer(ctypes.Structure):
 
 class NativeLayers:
     """A model's held decoder layers as kernels/decoder.c's llmesh_layer structs, built
-    and checked once (LlamaModel is rebuilt whenever its weights change): a step only
-    fills in the KV pools' addresses."""
+    and checked once (LlamaModel is rebuilt whenever its weights change): a step copies
+    them and fills in the KV pools' addresses."""
 
     def __init__(self, config: ModelConfig, layers: dict[int, LayerWeights]) -> None:
         self.config = config
@@ -263,15 +263,18 @@ class NativeLayers:
         shape = pools[layer_start].shape  # (2, nkv, NB, bs, hd)
         assert shape[1] == c.num_kv_heads and shape[4] == c.head_dim, shape
         half = shape.numel() // 2 * 4  # bytes from K to V
-        for index in range(layer_start, layer_end):
+        # This call's own copy: the model's structs stay as built (no state across calls).
+        num_layers = layer_end - layer_start
+        structs = (_Layer * num_layers).from_buffer_copy(
+            self.structs, first * ctypes.sizeof(_Layer)
+        )
+        for struct, index in zip(structs, range(layer_start, layer_end), strict=True):
             pool = pools[index]
             assert pool.shape == shape and pool.is_contiguous() and pool.dtype == torch.float32
-            struct = self.structs[index - self.layer_start]
             struct.cache_k = pool.data_ptr()
             struct.cache_v = struct.cache_k + half
         status = library().llmesh_decoder_layers(
-            hidden.data_ptr(), num_rows, ctypes.addressof(self.structs) + first * _LAYER_BYTES,
-            layer_end - layer_start, c.hidden_size, c.intermediate_size, c.num_heads,
+            hidden.data_ptr(), num_rows, structs, num_layers, c.hidden_size, c.intermediate_size, c.num_heads,
             c.num_kv_heads, c.head_dim, c.rms_norm_eps, c.head_dim**-0.5, cos.data_ptr(),
             sin.data_ptr(), slots.data_ptr(), shape[2] * shape[3], shape[3],
             rows.block_tables.data_ptr(), rows.block_tables.shape[1], rows.row_seq.data_ptr(),
@@ -281,6 +284,3 @@ class NativeLayers:
             raise MemoryError("native decoder layers: no memory for their buffers")
         if status != 0:
             raise RuntimeError(f"native decoder layers failed (status {status})")
-
-
-_LAYER_BYTES = ctypes.sizeof(_Layer)

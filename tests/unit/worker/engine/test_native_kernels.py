@@ -299,10 +299,16 @@ def _stage(layer_start: int, layer_end: int, packed: bool, biases: bool):
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(
-    "layers, packed, biases", [((0, 4), True, False), ((1, 3), False, True), ((2, 4), True, True)]
+    "held, run, packed, biases",
+    [
+        ((0, 4), (0, 4), True, False),
+        ((1, 3), (1, 3), False, True),
+        ((2, 4), (2, 4), True, True),
+        ((0, 4), (1, 3), True, True),  # a range inside what the model holds
+    ],
 )
 def test_decoder_layers_in_one_call_are_the_op_by_op_path_bit_for_bit(
-    threads, layers, packed, biases
+    threads, held, run, packed, biases
 ):
     """native.NativeLayers (one call per step) against the same layers run op by op
     (an attention function without native_pool): same hidden states, same K/V written
@@ -311,10 +317,10 @@ def test_decoder_layers_in_one_call_are_the_op_by_op_path_bit_for_bit(
     from services.worker.engine.kv_cache import KVCache
 
     c, block_size = TINY_MODEL_CONFIG, 16
-    model = _stage(*layers, packed, biases)
-    assert (model.weights.layers[layers[0]].qkv_proj.dim() == 3) == packed
+    model = _stage(*held, packed, biases)
+    assert (model.weights.layers[held[0]].qkv_proj.dim() == 3) == packed
     generator = torch.Generator().manual_seed(7)
-    cache = KVCache(c, *layers, 40, block_size, "float32", "cpu")
+    cache = KVCache(c, *held, 40, block_size, "float32", "cpu")
     for pool in cache.layers.values():
         pool.copy_(torch.randn(pool.shape, generator=generator))  # earlier tokens' K/V
     order = torch.randperm(40, generator=generator).tolist()
@@ -323,6 +329,7 @@ def test_decoder_layers_in_one_call_are_the_op_by_op_path_bit_for_bit(
     prefills = [(0, 5, order[8:9]), (33, 30, order[9:13])]
     positions = [p for p, _ in decodes] + list(range(0, 5)) + list(range(33, 63))
     hidden = torch.randn(len(positions), c.hidden_size, generator=generator)
+    original = hidden.clone()
     meta = build_attention_metadata(
         decodes, prefills, block_size, c.num_queries_per_kv, "cpu", "native"
     )
@@ -334,18 +341,19 @@ def test_decoder_layers_in_one_call_are_the_op_by_op_path_bit_for_bit(
         initial = {i: pool.clone() for i, pool in cache.layers.items()}
         attention = PagedAttention(c, cache, meta)
         assert attention.native_pool is not None
-        fused = model.forward_layers(hidden, position_ids, attention)
+        fused = model.forward_layers(hidden, position_ids, attention, *run)
         fused_pools = {i: pool.clone() for i, pool in cache.layers.items()}
         for i, pool in cache.layers.items():
             pool.copy_(initial[i])
-        op_by_op = model.forward_layers(hidden, position_ids, lambda *args: attention(*args))
+        op_by_op = model.forward_layers(hidden, position_ids, lambda *args: attention(*args), *run)
     finally:
         torch.set_num_threads(previous)
     assert torch.equal(fused, op_by_op) and fused.isfinite().all()
-    assert not torch.equal(fused, hidden)  # the caller's hidden states are left alone
+    assert torch.equal(hidden, original)  # the caller's hidden states are left alone
     for i, pool in cache.layers.items():
         assert torch.equal(fused_pools[i], pool)
-        assert not torch.equal(pool, initial[i])  # this step's K/V went in
+        # this step's K/V went into the layers that ran, and only those
+        assert torch.equal(pool, initial[i]) == (not run[0] <= i < run[1])
 
 
 def test_decoder_layers_reject_mismatched_inputs():
