@@ -11,7 +11,9 @@ HELP = "run a benchmark from bench/ (llmesh vs its baseline); last line is JSON"
 
 
 def _names() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(bench.__path__) if not m.name.startswith("_"))
+    return sorted(
+        m.name for m in pkgutil.iter_modules(bench.__path__) if not m.name.startswith("_")
+    )
 
 
 def add_arguments(parser) -> None:

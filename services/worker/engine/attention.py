@@ -92,6 +92,7 @@ def int_tensor(
     metadata costs more than the step's small kernels."""
     if not values:
         return torch.empty(0, dtype=dtype, device=device)
+    # The tensor shares the array's memory (and keeps it alive); the array is ours alone.
     return torch.frombuffer(array.array(_TYPECODES[dtype], values), dtype=dtype).to(device)
 
 

@@ -205,8 +205,10 @@ class NativeLayers:
 
     def __init__(self, config: ModelConfig, layers: dict[int, LayerWeights]) -> None:
         self.config = config
-        self.layers = layers  # keeps the tensors the structs point into alive
         self.layer_start = min(layers)
+        assert sorted(layers) == list(range(self.layer_start, self.layer_start + len(layers)))
+        # The very tensors the structs point into, kept alive with them.
+        self._tensors = [t for index in sorted(layers) for t in layers[index].tensors()]
         self.structs = (_Layer * len(layers))()
         for struct, index in zip(self.structs, sorted(layers), strict=True):
             self._fill(struct, layers[index])
@@ -231,6 +233,8 @@ class NativeLayers:
             struct.packed |= is_packed << bit
         for norm in (w.input_norm, w.post_attention_norm):
             assert norm.shape == (c.hidden_size,) and norm.is_contiguous()
+        for vector in (w.input_norm, w.post_attention_norm, *(m[1] for m in matrices.values())):
+            assert vector is None or vector.dtype == torch.float32
         struct.input_norm = w.input_norm.data_ptr()
         struct.post_attention_norm = w.post_attention_norm.data_ptr()
 
@@ -260,6 +264,8 @@ class NativeLayers:
         assert cos.dtype == sin.dtype == torch.float32
         assert slots.dtype == torch.int64 and slots.is_contiguous() and slots.numel() == num_rows
         assert rows.positions.numel() == rows.row_seq.numel() == num_rows
+        for index in (rows.row_seq, rows.positions, rows.block_tables):
+            assert index.dtype == torch.int32 and index.is_contiguous()
         shape = pools[layer_start].shape  # (2, nkv, NB, bs, hd)
         assert shape[1] == c.num_kv_heads and shape[4] == c.head_dim, shape
         half = shape.numel() // 2 * 4  # bytes from K to V

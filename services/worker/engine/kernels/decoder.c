@@ -39,7 +39,7 @@ static int linear_(const float *x, int64_t rows, int k, const float *w, int pack
 /* hidden: (rows, hidden_size) contiguous, updated in place. cos_, sin_: (rows, head_dim
  * / 2). slots: each row's pool slot for this step's K/V; block_tables, row_seq,
  * positions as for llmesh_paged_attention. Returns 0, -1 when a shape is unsupported,
- * -2 when out of memory (hidden is then garbage). */
+ * -2 when out of memory (then nothing was written). */
 int llmesh_decoder_layers(float *hidden, int64_t rows, const llmesh_layer *layers,
                           int num_layers, int hidden_size, int intermediate_size, int num_heads,
                           int num_kv_heads, int head_dim, float eps, float scale,
@@ -47,10 +47,9 @@ int llmesh_decoder_layers(float *hidden, int64_t rows, const llmesh_layer *layer
                           int64_t pool_slots, int block_size, const int32_t *block_tables,
                           int64_t table_stride, const int32_t *row_seq,
                           const int32_t *positions, int num_threads) {
+    if (num_kv_heads <= 0 || head_dim % 8 || hidden_size % 8 || intermediate_size % 8) return -1;
     const int group = num_heads / num_kv_heads;
-    if (head_dim % 8 || hidden_size % 8 || intermediate_size % 8 || group > 16 ||
-        group * num_kv_heads != num_heads)
-        return -1;
+    if (group > 16 || group * num_kv_heads != num_heads) return -1;
     if (rows <= 0 || num_layers <= 0) return 0;
     const int H = hidden_size, I = intermediate_size, q_size = num_heads * head_dim;
     const int kv_size = num_kv_heads * head_dim, qkv_size = q_size + 2 * kv_size;
@@ -69,9 +68,21 @@ int llmesh_decoder_layers(float *hidden, int64_t rows, const llmesh_layer *layer
 
 #pragma omp parallel num_threads(num_threads)
     {
+        /* Every thread's scratch first: once all have it no phase can fail, so the team
+         * runs every phase or none (a failure midway would write this step's K/V into
+         * the pools from garbage). All threads read `failed` after the same barrier. */
+        if (llmesh__linear_reserve(rows) || llmesh__attention_reserve(group, head_dim)) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        int seen;
+#pragma omp atomic read
+        seen = failed;
+        const int go = !seen;
         int status = 0;
-        llmesh__rms_norm_for(hidden, H, layers[0].input_norm, eps, rows, H, x, H);
-        for (int l = 0; l < num_layers; l++) {
+        if (go) llmesh__rms_norm_for(hidden, H, layers[0].input_norm, eps, rows, H, x, H);
+        for (int l = 0; go && l < num_layers; l++) {
             const llmesh_layer *w = &layers[l];
             status |= linear_(x, rows, H, w->qkv, w->packed & 1, qkv_size, w->qkv_bias, qkv);
             llmesh__rope_for(qkv, qkv_size, num_heads + num_kv_heads, head_dim, cos_, sin_, rows);

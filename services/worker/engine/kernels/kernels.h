@@ -17,6 +17,10 @@ int llmesh__linear_for(const float *x, int64_t x_stride, int64_t rows, int k, co
                        const float *packed, int n, const float *bias, float *out,
                        int64_t out_stride);
 
+/* This thread's linear scratch for `rows` rows, allocated now (it is kept across calls):
+ * 0, or -2 when out of memory. After it, llmesh__linear_for on this thread cannot fail. */
+int llmesh__linear_reserve(int64_t rows);
+
 /* layer_ops.c, row by row. */
 void llmesh__rms_norm_for(const float *x, int64_t x_stride, const float *weight, float eps,
                           int64_t rows, int width, float *out, int64_t out_stride);
@@ -37,6 +41,8 @@ void llmesh__write_kv_rows(const float *k, const float *v, int64_t row_stride,
 /* paged_attention.c. Tiles: up to 8 adjacent rows of one sequence; tile_start needs
  * num_rows + 1 entries. Returns the number of tiles. */
 int llmesh__attention_tiles(const int32_t *row_seq, int num_rows, int *tile_start);
+/* This thread's attention scratch, allocated now, as llmesh__linear_reserve. */
+int llmesh__attention_reserve(int group, int head_dim);
 /* Returns 0, or -2 when this thread had no memory for its scratch. */
 int llmesh__attention_for(const float *q, int64_t q_row_stride, const float *k_cache,
                           const float *v_cache, int64_t pool_slots, int block_size,

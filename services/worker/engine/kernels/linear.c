@@ -97,6 +97,12 @@ static void micro_rows(const float *x, int64_t x_stride, const float *panel, int
     }
 }
 
+/* This thread's scratch: panel (KC x 16) | accumulators (rows x 16). NULL when out of
+ * memory. */
+static float *linear_scratch(int64_t rows) { return thread_scratch((int64_t)KC * NR + rows * NR); }
+
+int llmesh__linear_reserve(int64_t rows) { return linear_scratch(rows) ? 0 : -2; }
+
 /* The panel loop of y = x @ W^T (+ bias), for the threads of the enclosing region (see
  * kernels.h). W is either row-major (w: (n, k)), packed here panel by panel, or already
  * packed by llmesh_pack_weight (packed: (ceil(n / 16), k, 16)); exactly one of w and
@@ -107,12 +113,11 @@ int llmesh__linear_for(const float *x, int64_t x_stride, int64_t rows, int k, co
                        const float *packed, int n, const float *bias, float *out,
                        int64_t out_stride) {
     const int num_panels = (n + NR - 1) / NR;
-    /* panel (KC x 16) | accumulators (rows x 16) */
-    float *scratch = thread_scratch((int64_t)KC * NR + rows * NR);
-    float *acc = scratch + KC * NR;
+    float *scratch = linear_scratch(rows);
 #pragma omp for schedule(static)
     for (int p = 0; p < num_panels; p++) {
         if (!scratch) continue;
+        float *acc = scratch + KC * NR;
         const int c0 = p * NR;
         for (int64_t i = 0; i < rows * NR; i += 8) store8(acc + i, splat(0.0f));
         for (int k0 = 0; k0 < k; k0 += KC) {

@@ -283,6 +283,17 @@ int llmesh__attention_tiles(const int32_t *row_seq, int num_rows, int *tile_star
     return num_tiles;
 }
 
+/* This thread's scratch for tiles of `group` query heads per KV head: queries, weights,
+ * chunk sums and partial stacks of TILE rows. NULL when out of memory. */
+static float *attention_scratch(int group, int head_dim) {
+    const int64_t pairs = (int64_t)TILE * group;
+    return thread_scratch(pairs * (2 * head_dim + CHUNK + (int64_t)MAX_LEVELS * head_dim));
+}
+
+int llmesh__attention_reserve(int group, int head_dim) {
+    return attention_scratch(group, head_dim) ? 0 : -2;
+}
+
 /* The (tile, KV head) items of llmesh_paged_attention, for the threads of the enclosing
  * region (kernels.h); tiles from llmesh__attention_tiles. */
 int llmesh__attention_for(const float *q, int64_t q_row_stride, const float *k_cache,
@@ -293,9 +304,7 @@ int llmesh__attention_for(const float *q, int64_t q_row_stride, const float *k_c
                           int64_t out_row_stride, int num_heads, int num_kv_heads, int head_dim,
                           float scale) {
     const int group = num_heads / num_kv_heads;
-    const int64_t pairs = (int64_t)TILE * group;
-    float *scratch =
-        thread_scratch(pairs * (2 * head_dim + CHUNK + (int64_t)MAX_LEVELS * head_dim));
+    float *scratch = attention_scratch(group, head_dim);
     const int64_t num_items = (int64_t)num_tiles * num_kv_heads;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < num_items; item++) {
@@ -322,8 +331,9 @@ int llmesh_paged_attention(const float *q, int64_t q_row_stride, const float *k_
                            const int32_t *row_seq, const int32_t *positions, int num_rows,
                            float *out, int64_t out_row_stride, int num_heads, int num_kv_heads,
                            int head_dim, float scale, int num_threads) {
+    if (num_kv_heads <= 0 || head_dim % 8 != 0) return -1;
     const int group = num_heads / num_kv_heads;
-    if (head_dim % 8 != 0 || group > 16 || group * num_kv_heads != num_heads) return -1;
+    if (group > 16 || group * num_kv_heads != num_heads) return -1;
     if (num_rows <= 0) return 0;
 
     int *tile_start = malloc(sizeof(int) * (num_rows + 1));
