@@ -79,15 +79,22 @@ def unpack_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(0, 2, 1).reshape(-1, weight.shape[1])
 
 
+def _check_matrix(weight: torch.Tensor, bias: torch.Tensor | None, n: int, k: int) -> bool:
+    """Checks W (N, K), or packed (N / 16, K, 16), and its bias (N,) for the C code;
+    returns whether W is packed."""
+    packed = weight.dim() == 3
+    assert weight.shape == ((n // PANEL, k, PANEL) if packed else (n, k)), (weight.shape, n, k)
+    assert weight.is_contiguous() and weight.dtype == torch.float32
+    assert bias is None or (bias.shape == (n,) and bias.is_contiguous())
+    return packed
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """(T, K) @ W^T (+ bias (N,)) -> (T, N). weight: W (N, K), or pack_weight(W) (same
     bits, faster)."""
     rows, k = x.shape
-    packed = weight.dim() == 3
-    n = weight.shape[0] * PANEL if packed else weight.shape[0]
-    assert weight.shape == ((n // PANEL, k, PANEL) if packed else (n, k)), (weight.shape, k)
-    assert weight.is_contiguous() and weight.dtype == torch.float32
-    assert bias is None or (bias.shape == (n,) and bias.is_contiguous())
+    n = weight.shape[0] * PANEL if weight.dim() == 3 else weight.shape[0]
+    packed = _check_matrix(weight, bias, n, k)
     out = torch.empty(rows, n)
     kernel = library().llmesh_linear_packed if packed else library().llmesh_linear
     status = kernel(
@@ -224,10 +231,7 @@ class NativeLayers:
         struct.packed = 0
         for bit, name in enumerate(_MATRICES):
             matrix, bias, (n, k) = matrices[name]
-            is_packed = matrix.dim() == 3
-            assert matrix.shape == ((n // PANEL, k, PANEL) if is_packed else (n, k)), matrix.shape
-            assert matrix.is_contiguous() and matrix.dtype == torch.float32
-            assert bias is None or (bias.shape == (n,) and bias.is_contiguous())
+            is_packed = _check_matrix(matrix, bias, n, k)
             setattr(struct, name, matrix.data_ptr())
             setattr(struct, f"{name}_bias", None if bias is None else bias.data_ptr())
             struct.packed |= is_packed << bit
