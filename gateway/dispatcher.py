@@ -25,7 +25,7 @@ from gateway.cluster_view import ClusterView
 from protos import scheduler_pb2
 from services.common.errors import UnavailableError
 from services.common.logging import get_logger
-from services.scheduler.policies import DispatchInfo, freeness, make_dispatch_policy
+from services.policies import DispatchInfo, freeness, make_dispatch_policy
 
 log = get_logger(__name__)
 

@@ -77,7 +77,7 @@ def run(args) -> int:
 
 
 def _run_single(args) -> int:
-    from services.scheduler.policies import ScalingConfig
+    from services.policies import ScalingConfig
     from services.simulator.cluster import Simulator
     from services.simulator.compare import policy_config
     from services.simulator.config import SimConfig

@@ -12,7 +12,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from services.scheduler.policies import InstanceLoad, RunningRequest
+from services.policies import InstanceLoad, RunningRequest
 
 
 class FinishReason(enum.Enum):

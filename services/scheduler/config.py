@@ -6,7 +6,7 @@ import shlex
 from dataclasses import dataclass
 
 from services.common.config import require
-from services.scheduler.policies import (
+from services.policies import (
     DISPATCH_POLICIES,
     MIGRATION_POLICIES,
     SCALING_POLICIES,

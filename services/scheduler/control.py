@@ -31,7 +31,7 @@ from opentelemetry import trace
 
 from protos import scheduler_pb2
 from services.common.logging import get_logger
-from services.scheduler.policies import (
+from services.policies import (
     MigrationPair,
     MigrationPolicy,
     ScaleAction,

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from services.common.messages import InstanceSpec, LoadSnapshot
-from services.scheduler.policies import InstanceLoad, freeness
+from services.policies import InstanceLoad, freeness
 
 
 @dataclass

@@ -15,9 +15,9 @@ from protos import scheduler_pb2_grpc
 from services.common.grpc_server import GrpcServer
 from services.common.logging import get_logger
 from services.common.procs import write_ready_file
+from services.policies import make_migration_policy, make_scaling_policy
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.control import MigrationLoop, ScalingLoop
-from services.scheduler.policies import make_migration_policy, make_scaling_policy
 from services.scheduler.provisioner import make_provisioner
 from services.scheduler.registry import InstanceRegistry
 from services.scheduler.servicer import SchedulerServicer

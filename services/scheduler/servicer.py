@@ -21,8 +21,8 @@ from services.common.convert import (
 from services.common.errors import NotFoundError, ResourceExhaustedError
 from services.common.logging import bind_context, get_logger
 from services.common.messages import InstanceSpec
+from services.policies import DispatchInfo, make_dispatch_policy
 from services.scheduler.config import SchedulerConfig
-from services.scheduler.policies import DispatchInfo, make_dispatch_policy
 from services.scheduler.registry import InstanceRegistry
 
 log = get_logger(__name__)

@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from services.scheduler.policies import (
+from services.policies import (
     DispatchInfo,
     ScaleAction,
     make_dispatch_policy,

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from services.scheduler.policies import LoadModelConfig, ScalingConfig
+from services.policies import LoadModelConfig, ScalingConfig
 from services.simulator.cluster import SimResult, Simulator
 from services.simulator.config import SimConfig
 from services.simulator.metrics import percentile

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.scheduler.policies import (
+from services.policies import (
     DISPATCH_POLICIES,
     MIGRATION_POLICIES,
     SELECTION_POLICIES,

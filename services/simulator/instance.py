@@ -16,7 +16,7 @@ remove_request, import_request), the ones the live llumlet uses.
 
 from __future__ import annotations
 
-from services.scheduler.policies import InstanceLoad, LoadModelConfig, make_instance_load
+from services.policies import InstanceLoad, LoadModelConfig, make_instance_load
 from services.worker.engine.config import EngineConfig
 from services.worker.engine.cost_model import CostModelProfile
 from services.worker.engine.engine import LLMEngine

@@ -22,7 +22,7 @@ from services.common.convert import instance_spec_to_proto, load_to_proto
 from services.common.grpc_client import DEFAULT_TIMEOUT_S, aio_channel
 from services.common.logging import get_logger
 from services.common.messages import InstanceSpec, LoadSnapshot
-from services.scheduler.policies import LoadModelConfig, make_instance_load
+from services.policies import LoadModelConfig, make_instance_load
 from services.worker.async_engine import EngineSnapshot
 
 log = get_logger(__name__)

@@ -21,7 +21,7 @@ from services.common.grpc_server import GrpcServer
 from services.common.logging import get_logger
 from services.common.messages import InstanceSpec
 from services.common.procs import write_ready_file
-from services.scheduler.policies import LoadModelConfig
+from services.policies import LoadModelConfig
 from services.worker.async_engine import take_snapshot
 from services.worker.config import WorkerConfig
 from services.worker.engine import LLMEngine

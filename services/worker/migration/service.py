@@ -13,7 +13,7 @@ from collections.abc import Callable
 from kvtransport import Transport
 from services.common.logging import get_logger
 from services.common.messages import OutputDelta
-from services.scheduler.policies import make_selection_policy
+from services.policies import make_selection_policy
 from services.worker.async_engine import AsyncEngine
 from services.worker.engine import LLMEngine, RequestState
 from services.worker.migration.config import MigrationConfig

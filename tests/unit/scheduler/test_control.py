@@ -6,8 +6,7 @@ import asyncio
 
 from protos import scheduler_pb2
 from services.common.messages import InstanceSpec, LoadSnapshot
-from services.scheduler.control import MigrationLoop, ScalingLoop
-from services.scheduler.policies import (
+from services.policies import (
     MigrationConfig,
     MigrationPair,
     ScaleAction,
@@ -15,9 +14,10 @@ from services.scheduler.policies import (
     make_migration_policy,
     make_scaling_policy,
 )
+from services.scheduler.control import MigrationLoop, ScalingLoop
 from services.scheduler.provisioner import Provisioner
 from services.scheduler.registry import InstanceRegistry
-from tests.unit.scheduler.policies.snapshots import load
+from tests.unit.policies.snapshots import load
 from tests.unit.scheduler.test_registry import Clock, spec
 
 

@@ -4,12 +4,12 @@ import dataclasses
 
 import pytest
 
-from services.scheduler.policies import (
+from services.policies import (
     LoadModelConfig,
     MigrationConfig,
     ScalingConfig,
 )
-from services.scheduler.policies.dispatch import DispatchPolicy
+from services.policies.dispatch import DispatchPolicy
 from services.simulator.cluster import Simulator
 from services.simulator.config import SimConfig
 from services.simulator.workload import SimRequest, WorkloadConfig, generate, parse_length

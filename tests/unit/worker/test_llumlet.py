@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from services.scheduler.policies import LoadModelConfig
+from services.policies import LoadModelConfig
 from services.worker.async_engine import EngineSnapshot
 from services.worker.engine import EngineStats, RequestView
 from services.worker.llumlet import load_from_snapshot

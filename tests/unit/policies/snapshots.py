@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.scheduler.policies import InstanceLoad, LoadModelConfig, make_instance_load
+from services.policies import InstanceLoad, LoadModelConfig, make_instance_load
 
 
 def load(

@@ -11,12 +11,12 @@ scheduler and the simulator. Importing this package registers every policy.
 See docs/policies.md for the load model and every default.
 """
 
-from services.scheduler.policies import dispatch as _dispatch  # noqa: F401  (registers)
-from services.scheduler.policies import migration as _migration  # noqa: F401  (registers)
-from services.scheduler.policies import scaling as _scaling  # noqa: F401  (registers)
-from services.scheduler.policies import selection as _selection  # noqa: F401  (registers)
-from services.scheduler.policies.dispatch import DispatchInfo, DispatchPolicy
-from services.scheduler.policies.load import (
+from services.policies import dispatch as _dispatch  # noqa: F401  (registers)
+from services.policies import migration as _migration  # noqa: F401  (registers)
+from services.policies import scaling as _scaling  # noqa: F401  (registers)
+from services.policies import selection as _selection  # noqa: F401  (registers)
+from services.policies.dispatch import DispatchInfo, DispatchPolicy
+from services.policies.load import (
     InstanceLoad,
     LoadModelConfig,
     RunningRequest,
@@ -25,8 +25,8 @@ from services.scheduler.policies.load import (
     make_instance_load,
     virtual_usage,
 )
-from services.scheduler.policies.migration import MigrationConfig, MigrationPair, MigrationPolicy
-from services.scheduler.policies.registry import (
+from services.policies.migration import MigrationConfig, MigrationPair, MigrationPolicy
+from services.policies.registry import (
     DISPATCH_POLICIES,
     MIGRATION_POLICIES,
     SCALING_POLICIES,
@@ -36,14 +36,14 @@ from services.scheduler.policies.registry import (
     make_scaling_policy,
     make_selection_policy,
 )
-from services.scheduler.policies.scaling import (
+from services.policies.scaling import (
     ScaleAction,
     ScaleDecision,
     ScalingConfig,
     ScalingPolicy,
     average_freeness,
 )
-from services.scheduler.policies.selection import SelectionPolicy
+from services.policies.selection import SelectionPolicy
 
 __all__ = [
     "DISPATCH_POLICIES",

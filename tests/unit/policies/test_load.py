@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from services.scheduler.policies import (
+from services.policies import (
     InstanceLoad,
     LoadModelConfig,
     RunningRequest,
@@ -10,7 +10,7 @@ from services.scheduler.policies import (
     make_instance_load,
     virtual_usage,
 )
-from tests.unit.scheduler.policies.snapshots import load
+from tests.unit.policies.snapshots import load
 
 
 def test_virtual_usage_is_physical_blocks_alone_by_default():

@@ -19,8 +19,8 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from services.scheduler.policies.load import InstanceLoad, freeness, is_high_priority
-from services.scheduler.policies.registry import register_dispatch
+from services.policies.load import InstanceLoad, freeness, is_high_priority
+from services.policies.registry import register_dispatch
 
 
 @dataclass(frozen=True)

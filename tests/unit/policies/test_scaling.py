@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from services.scheduler.policies import (
+from services.policies import (
     SCALING_POLICIES,
     ScaleAction,
     ScaleDecision,
@@ -10,7 +10,7 @@ from services.scheduler.policies import (
     average_freeness,
     make_scaling_policy,
 )
-from tests.unit.scheduler.policies.snapshots import load
+from tests.unit.policies.snapshots import load
 
 CONFIG = ScalingConfig(
     scale_up_freeness=10.0, scale_down_freeness=40.0, cooldown_s=5.0, max_instances=4

@@ -28,8 +28,8 @@ import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from services.scheduler.policies.load import InstanceLoad
-from services.scheduler.policies.registry import register_scaling
+from services.policies.load import InstanceLoad
+from services.policies.registry import register_scaling
 
 
 class ScaleAction(enum.Enum):

@@ -19,8 +19,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from services.scheduler.policies.load import InstanceLoad
-from services.scheduler.policies.registry import register_migration
+from services.policies.load import InstanceLoad
+from services.policies.registry import register_migration
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,13 @@ import math
 
 import pytest
 
-from services.scheduler.policies import (
+from services.policies import (
     MIGRATION_POLICIES,
     MigrationConfig,
     MigrationPair,
     make_migration_policy,
 )
-from tests.unit.scheduler.policies.snapshots import load
+from tests.unit.policies.snapshots import load
 
 CONFIG = MigrationConfig(
     src_freeness_below=5.0, dst_freeness_above=20.0, max_migrations_per_instance=1

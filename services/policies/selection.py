@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from services.scheduler.policies.load import RunningRequest
-from services.scheduler.policies.registry import register_selection
+from services.policies.load import RunningRequest
+from services.policies.registry import register_selection
 
 
 class SelectionPolicy:

@@ -1,7 +1,7 @@
 import pytest
 
-from services.scheduler.policies import DISPATCH_POLICIES, DispatchInfo, make_dispatch_policy
-from tests.unit.scheduler.policies.snapshots import load
+from services.policies import DISPATCH_POLICIES, DispatchInfo, make_dispatch_policy
+from tests.unit.policies.snapshots import load
 
 NORMAL = DispatchInfo("req", num_prompt_tokens=32)
 HIGH = DispatchInfo("req-high", num_prompt_tokens=32, priority=1)

@@ -1,6 +1,6 @@
 import pytest
 
-from services.scheduler.policies import SELECTION_POLICIES, RunningRequest, make_selection_policy
+from services.policies import SELECTION_POLICIES, RunningRequest, make_selection_policy
 
 # (request_id, num_tokens, num_blocks, priority)
 RUNNING = [
