@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 
@@ -18,7 +18,8 @@ from gateway.validation import ModelLimits
 from protos import scheduler_pb2
 from services.common.convert import instance_spec_from_proto, load_from_proto
 from services.common.logging import get_logger
-from services.common.messages import InstanceSpec, LoadSnapshot
+from services.common.messages import InstanceSpec
+from services.policies import InstanceLoad
 
 log = get_logger(__name__)
 
@@ -26,7 +27,7 @@ log = get_logger(__name__)
 @dataclass(frozen=True)
 class InstanceView:
     spec: InstanceSpec
-    load: LoadSnapshot
+    load: InstanceLoad  # its last report's, with the block size of its registration
 
 
 class ClusterView:
@@ -68,10 +69,6 @@ class ClusterView:
     def age_s(self) -> float:
         return float("inf") if self.updated_at is None else self._clock() - self.updated_at
 
-    def address_of(self, instance_id: str) -> str | None:
-        view = self.instances.get(instance_id)
-        return view.spec.address if view else None
-
     def model_limits(self) -> ModelLimits | None:
         """Limits of the served model; None before any instance was ever seen."""
         if not self.instances:
@@ -97,10 +94,12 @@ class ClusterView:
 
 
 def view_from_proto(state: scheduler_pb2.ClusterState) -> list[InstanceView]:
-    return [
-        InstanceView(instance_spec_from_proto(i.info), load_from_proto(i.load))
-        for i in state.instances
-    ]
+    views = []
+    for instance in state.instances:
+        spec = instance_spec_from_proto(instance.info)
+        load = replace(load_from_proto(instance.load).load, block_size=spec.block_size)
+        views.append(InstanceView(spec, load))
+    return views
 
 
 async def refresh_forever(

@@ -2,7 +2,7 @@
 
     1. Scheduler.Dispatch (with a deadline)               the normal path
     2. "freest" over the gateway's cached cluster view    scheduler down, view fresh
-    3. round robin over every instance ever seen          scheduler down, view stale
+    3. "round_robin" over every instance ever seen        scheduler down, view stale
 
 Instances the gateway saw die recently are excluded on every path, as are the ones the
 caller excludes (e.g. those that already failed this request).
@@ -10,9 +10,7 @@ caller excludes (e.g. those that already failed this request).
 
 from __future__ import annotations
 
-import dataclasses
 import enum
-import itertools
 import math
 import time
 from collections import Counter
@@ -25,7 +23,7 @@ from gateway.cluster_view import ClusterView
 from protos import scheduler_pb2
 from services.common.errors import UnavailableError
 from services.common.logging import get_logger
-from services.policies import DispatchInfo, freeness, make_dispatch_policy
+from services.policies import DispatchInfo, add_pending_dispatches, make_dispatch_policy
 
 log = get_logger(__name__)
 
@@ -76,7 +74,7 @@ class Dispatcher:
         self._timeout_s = timeout_s
         self._view_stale_s = view_stale_s
         self._freest = make_dispatch_policy("freest")
-        self._round_robin = itertools.count()
+        self._round_robin = make_dispatch_policy("round_robin")
         # Requests (and their prompt blocks) this gateway placed locally since the view
         # last changed.
         self._local_counts: Counter[str] = Counter()
@@ -122,15 +120,13 @@ class Dispatcher:
         candidates = {i: v for i, v in self._view.instances.items() if i not in excluded}
         if not candidates:
             return None
+        request = DispatchInfo(request_id, num_prompt_tokens, priority)
+        loads = self._adjusted_loads(candidates)
         if self._view.age_s() <= self._view_stale_s:
-            instance_id = self._freest.choose(
-                self._adjusted_loads(candidates),
-                DispatchInfo(request_id, num_prompt_tokens, priority),
-            )
+            instance_id = self._freest.choose(loads, request)
             source = PlacementSource.CACHED_VIEW
         else:
-            ids = sorted(candidates)
-            instance_id = ids[next(self._round_robin) % len(ids)]
+            instance_id = self._round_robin.choose(loads, request)
             source = PlacementSource.ROUND_ROBIN
         if instance_id is None:
             return None
@@ -145,22 +141,9 @@ class Dispatcher:
             self._local_counts.clear()
             self._local_blocks.clear()
             self._local_counts_view_at = self._view.updated_at
-        loads = []
-        for instance_id, view in candidates.items():
-            load = view.load.to_instance_load(
-                address=view.spec.address, block_size=view.spec.block_size
+        return [
+            add_pending_dispatches(
+                view.load, self._local_counts[instance_id], self._local_blocks[instance_id]
             )
-            extra = self._local_counts[instance_id]
-            if extra and not math.isinf(load.virtual_usage):
-                # Placed here but not in the view yet: queued there, with their demand.
-                blocks = self._local_blocks[instance_id]
-                usage = load.virtual_usage + blocks
-                load = dataclasses.replace(
-                    load,
-                    num_waiting=load.num_waiting + extra,
-                    num_waiting_blocks=load.num_waiting_blocks + blocks,
-                    virtual_usage=usage,
-                    freeness=freeness(load.num_total_blocks, usage, load.num_running),
-                )
-            loads.append(load)
-        return loads
+            for instance_id, view in candidates.items()
+        ]

@@ -12,7 +12,8 @@ import grpc
 from protos import scheduler_pb2, scheduler_pb2_grpc
 from services.common.config import load_config
 from services.common.convert import instance_spec_from_proto, load_from_proto
-from services.common.messages import InstanceSpec, LoadSnapshot
+from services.common.messages import InstanceSpec
+from services.policies import InstanceLoad
 
 HELP = "show the instances the scheduler knows (running, waiting, KV usage, freeness)"
 TIMEOUT_S = 3.0
@@ -33,7 +34,7 @@ def default_addresses() -> ClientAddresses:
 @dataclass(frozen=True)
 class InstanceRow:
     spec: InstanceSpec
-    load: LoadSnapshot
+    load: InstanceLoad
     ms_since_report: int
 
 
@@ -86,7 +87,9 @@ def fetch_cluster(
             scheduler_pb2.GetClusterStateRequest(), timeout=timeout_s
         )
     rows = [
-        InstanceRow(instance_spec_from_proto(i.info), load_from_proto(i.load), i.ms_since_report)
+        InstanceRow(
+            instance_spec_from_proto(i.info), load_from_proto(i.load).load, i.ms_since_report
+        )
         for i in state.instances
     ]
     return rows, ClusterSummary.from_proto(state)

@@ -9,12 +9,12 @@ from protos import common_pb2, gateway_pb2
 from services.common.messages import (
     FinishReason,
     InstanceSpec,
-    LoadSnapshot,
+    LoadReport,
     OutputDelta,
     RequestSpec,
-    RunningRequestSummary,
     SamplingSpec,
 )
+from services.policies import InstanceLoad, RunningRequest
 
 _FINISH_TO_PROTO = {
     FinishReason.NONE: common_pb2.FINISH_REASON_UNSPECIFIED,
@@ -85,10 +85,11 @@ def instance_spec_from_proto(info: common_pb2.InstanceInfo) -> InstanceSpec:
 # ---- LoadReport -------------------------------------------------------------------
 
 
-def load_to_proto(load: LoadSnapshot) -> common_pb2.LoadReport:
+def load_to_proto(report: LoadReport) -> common_pb2.LoadReport:
+    load = report.load
     return common_pb2.LoadReport(
         instance_id=load.instance_id,
-        seq=load.seq,
+        seq=report.seq,
         num_running=load.num_running,
         num_waiting=load.num_waiting,
         num_total_blocks=load.num_total_blocks,
@@ -109,38 +110,43 @@ def load_to_proto(load: LoadSnapshot) -> common_pb2.LoadReport:
             )
             for r in load.running
         ],
-        is_integrity_checked=load.is_integrity_checked,
-        integrity_error=load.integrity_error,
+        is_integrity_checked=report.is_integrity_checked,
+        integrity_error=report.integrity_error,
         num_waiting_blocks=load.num_waiting_blocks,
         num_headroom_blocks=load.num_headroom_blocks,
     )
 
 
-def load_from_proto(report: common_pb2.LoadReport) -> LoadSnapshot:
+def load_from_proto(report: common_pb2.LoadReport) -> LoadReport:
+    """The report as sent; its load's `block_size` is the default (the proto does not
+    carry it: readers that need it take it from the instance's InstanceInfo)."""
     if not report.instance_id:
         raise ValueError("load report instance_id must not be empty")
-    return LoadSnapshot(
+    load = InstanceLoad(
         instance_id=report.instance_id,
-        seq=report.seq,
-        num_running=report.num_running,
-        num_waiting=report.num_waiting,
         num_total_blocks=report.num_total_blocks,
         num_used_blocks=report.num_used_blocks,
+        num_running=report.num_running,
+        num_waiting=report.num_waiting,
         num_hol_blocks=report.num_hol_blocks,
         num_running_high_priority=report.num_running_high_priority,
+        is_terminating=report.is_terminating,
+        num_migrating=report.num_migrating,
         virtual_usage=report.virtual_usage,
         freeness=report.freeness,
-        is_terminating=report.is_terminating,
-        num_preemptions=report.num_preemptions,
-        num_migrating=report.num_migrating,
         running=tuple(
-            RunningRequestSummary(r.request_id, r.num_tokens, r.num_blocks, r.priority)
+            RunningRequest(r.request_id, r.num_tokens, r.num_blocks, r.priority)
             for r in report.running
         ),
-        is_integrity_checked=report.is_integrity_checked,
-        integrity_error=report.integrity_error,
         num_waiting_blocks=report.num_waiting_blocks,
         num_headroom_blocks=report.num_headroom_blocks,
+        num_preemptions=report.num_preemptions,
+    )
+    return LoadReport(
+        load=load,
+        seq=report.seq,
+        is_integrity_checked=report.is_integrity_checked,
+        integrity_error=report.integrity_error,
     )
 
 

@@ -12,7 +12,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from services.policies import InstanceLoad, RunningRequest
+from services.policies import InstanceLoad
 
 
 class FinishReason(enum.Enum):
@@ -50,105 +50,18 @@ class InstanceSpec:
 
 
 @dataclass(frozen=True)
-class RunningRequestSummary:
-    """A running request as a load report lists it."""
+class LoadReport:
+    """One load report of one instance (LoadReport): its load snapshot, numbered.
 
-    request_id: str
-    num_tokens: int
-    num_blocks: int
-    priority: int
+    `seq` grows per worker process so the scheduler never lets a late report overwrite
+    a newer one. The integrity fields are filled only when a caller asked the worker to
+    check its engine (Worker.GetLoad with check_integrity).
+    """
 
-
-@dataclass(frozen=True)
-class LoadSnapshot:
-    """One load report of one instance (LoadReport)."""
-
-    instance_id: str
+    load: InstanceLoad
     seq: int
-    num_running: int
-    num_waiting: int
-    num_total_blocks: int
-    num_used_blocks: int
-    num_hol_blocks: int = 0
-    num_running_high_priority: int = 0
-    virtual_usage: float = 0.0
-    freeness: float = 0.0
-    is_terminating: bool = False
-    num_preemptions: int = 0
-    num_migrating: int = 0
-    running: tuple[RunningRequestSummary, ...] = ()
-    num_waiting_blocks: int = 0  # queued demand: blocks every waiting request needs
-    num_headroom_blocks: int = 0  # high-priority headroom counted in virtual_usage
     is_integrity_checked: bool = False
     integrity_error: str = ""
-
-    @property
-    def num_free_blocks(self) -> int:
-        return self.num_total_blocks - self.num_used_blocks
-
-    @property
-    def is_idle(self) -> bool:
-        return self.num_running == 0 and self.num_waiting == 0 and self.num_used_blocks == 0
-
-    def to_instance_load(self, *, address: str, block_size: int) -> InstanceLoad:
-        """The policies' view of this snapshot (block_size comes from the InstanceSpec)."""
-        return InstanceLoad(
-            instance_id=self.instance_id,
-            num_total_blocks=self.num_total_blocks,
-            num_used_blocks=self.num_used_blocks,
-            num_running=self.num_running,
-            num_waiting=self.num_waiting,
-            num_hol_blocks=self.num_hol_blocks,
-            num_running_high_priority=self.num_running_high_priority,
-            is_terminating=self.is_terminating,
-            num_migrating=self.num_migrating,
-            virtual_usage=self.virtual_usage,
-            freeness=self.freeness,
-            address=address,
-            running=tuple(
-                RunningRequest(r.request_id, r.num_tokens, r.num_blocks, r.priority)
-                for r in self.running
-            ),
-            num_waiting_blocks=self.num_waiting_blocks,
-            num_headroom_blocks=self.num_headroom_blocks,
-            num_preemptions=self.num_preemptions,
-            block_size=block_size,
-        )
-
-    @classmethod
-    def from_instance_load(cls, load: InstanceLoad, seq: int) -> LoadSnapshot:
-        """A report from the load model's snapshot (the worker's llumlet)."""
-        return cls(
-            instance_id=load.instance_id,
-            seq=seq,
-            num_running=load.num_running,
-            num_waiting=load.num_waiting,
-            num_total_blocks=load.num_total_blocks,
-            num_used_blocks=load.num_used_blocks,
-            num_hol_blocks=load.num_hol_blocks,
-            num_running_high_priority=load.num_running_high_priority,
-            virtual_usage=load.virtual_usage,
-            freeness=load.freeness,
-            is_terminating=load.is_terminating,
-            num_preemptions=load.num_preemptions,
-            num_migrating=load.num_migrating,
-            running=tuple(RunningRequestSummary(*r) for r in load.running),
-            num_waiting_blocks=load.num_waiting_blocks,
-            num_headroom_blocks=load.num_headroom_blocks,
-        )
-
-    @classmethod
-    def empty(cls, instance_id: str, num_total_blocks: int = 0) -> LoadSnapshot:
-        """What the scheduler assumes of a freshly registered instance."""
-        return cls(
-            instance_id=instance_id,
-            seq=0,
-            num_running=0,
-            num_waiting=0,
-            num_total_blocks=num_total_blocks,
-            num_used_blocks=0,
-            freeness=float(num_total_blocks),
-        )
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The Llumnix load model: virtual usage and freeness.
 
-Every scheduling decision (dispatch, migration pairing, scaling, KunServe drop) reads
+Every scheduling decision (dispatch, migration pairing, scaling) reads
 one number per instance, its *freeness*: roughly how many more decode steps its batch
 can run before it runs out of KV blocks, after "virtual" demands are counted:
 
@@ -12,14 +12,16 @@ can run before it runs out of KV blocks, after "virtual" demands are counted:
 
 The worker's llumlet computes this from its engine and reports it; the simulator
 computes it from the same engine classes, so both feed the policies the same numbers.
-`make_instance_load` is the one place that turns raw engine counts into a snapshot.
+`make_instance_load` is the one place that turns raw engine counts into a snapshot;
+`add_pending_dispatches` is the one place that adds the requests dispatched to an
+instance since its snapshot was taken (the live scheduler and the gateway's fallback).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 # Priorities follow the protos: 0 is normal, anything above is "high".
@@ -57,7 +59,12 @@ class RunningRequest(NamedTuple):
 
 @dataclass(frozen=True)
 class InstanceLoad:
-    """One instance's load snapshot, as policies see it (no gRPC types)."""
+    """One instance's load snapshot, as policies see it (no gRPC types).
+
+    The worker's llumlet builds it with `make_instance_load` and reports it (a
+    `services.common.messages.LoadReport` adds a sequence number); the simulator builds
+    it the same way from its instances.
+    """
 
     instance_id: str
     num_total_blocks: int
@@ -70,10 +77,8 @@ class InstanceLoad:
     num_migrating: int = 0
     virtual_usage: float = 0.0
     freeness: float = 0.0
-    # gRPC address of the worker; empty in the simulator.
-    address: str = ""
     # Running requests that may be migrated: (request_id, num_tokens, num_blocks, priority).
-    running: tuple[tuple[str, int, int, int], ...] = field(default=())
+    running: tuple[RunningRequest, ...] = field(default=())
     # Blocks all waiting requests need (the load-balance-only baseline counts them).
     num_waiting_blocks: int = 0
     # The part of `virtual_usage` that is high-priority headroom (high-priority
@@ -81,21 +86,9 @@ class InstanceLoad:
     num_headroom_blocks: int = 0
     # Cumulative preemptions since the instance started.
     num_preemptions: int = 0
-    # Tokens per KV block (turns a prompt length into a block demand).
+    # Tokens per KV block (turns a prompt length into a block demand). A load report
+    # does not carry it: the scheduler and the gateway take it from the registration.
     block_size: int = 16
-
-    @property
-    def num_free_blocks(self) -> int:
-        return self.num_total_blocks - self.num_used_blocks
-
-    @property
-    def high_priority_freeness(self) -> float:
-        """Freeness as a high-priority request sees it: headroom counts as free."""
-        if self.is_terminating:
-            return -math.inf
-        return freeness(
-            self.num_total_blocks, self.virtual_usage - self.num_headroom_blocks, self.num_running
-        )
 
 
 def headroom_blocks(num_running_high_priority: int, config: LoadModelConfig) -> int:
@@ -140,7 +133,6 @@ def make_instance_load(
     num_migrating: int = 0,
     num_preemptions: int = 0,
     running: Iterable[tuple[str, int, int, int]] = (),
-    address: str = "",
     block_size: int = 16,
     config: LoadModelConfig = LoadModelConfig(),
 ) -> InstanceLoad:
@@ -160,7 +152,6 @@ def make_instance_load(
         num_migrating=num_migrating,
         virtual_usage=usage,
         freeness=freeness(num_total_blocks, usage, num_running),
-        address=address,
         running=tuple(RunningRequest(*r) for r in running),
         num_waiting_blocks=num_waiting_blocks,
         num_headroom_blocks=0
@@ -168,4 +159,24 @@ def make_instance_load(
         else headroom_blocks(num_running_high_priority, config),
         num_preemptions=num_preemptions,
         block_size=block_size,
+    )
+
+
+def add_pending_dispatches(load: InstanceLoad, num_requests: int, num_blocks: int) -> InstanceLoad:
+    """`load` plus `num_requests` requests dispatched to the instance since it was taken.
+
+    They are queued there as far as the policies can tell, so they count as waiting
+    requests whose prompts need `num_blocks` blocks, and that demand is virtual usage
+    (a burst then spreads instead of landing on the instance that looked freest at the
+    last report). A terminating instance's load stays as it is (already infinite).
+    """
+    if num_requests == 0 or math.isinf(load.virtual_usage):
+        return load
+    usage = load.virtual_usage + num_blocks
+    return replace(
+        load,
+        num_waiting=load.num_waiting + num_requests,
+        num_waiting_blocks=load.num_waiting_blocks + num_blocks,
+        virtual_usage=usage,
+        freeness=freeness(load.num_total_blocks, usage, load.num_running),
     )

@@ -167,7 +167,7 @@ class ScalingLoop:
             if record is None:  # gone already (stopped, crashed, lease expired)
                 del self.draining[instance_id]
                 continue
-            load = record.load
+            load = record.report.load
             empty = (load.num_running, load.num_waiting, load.num_migrating) == (0, 0, 0)
             if load.is_terminating and empty and not record.pending:
                 del self.draining[instance_id]

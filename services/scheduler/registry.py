@@ -13,13 +13,12 @@ instance that looked freest 50 ms ago.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from services.common.messages import InstanceSpec, LoadSnapshot
-from services.policies import InstanceLoad, freeness
+from services.common.messages import InstanceSpec, LoadReport
+from services.policies import InstanceLoad, add_pending_dispatches, make_instance_load
 
 
 @dataclass
@@ -36,27 +35,17 @@ class InstanceRecord:
     """Everything the scheduler knows about one instance."""
 
     spec: InstanceSpec
-    load: LoadSnapshot
+    report: LoadReport
     registered_at: float
     last_report_at: float
     pending: list[PendingDispatch] = field(default_factory=list)
 
     def effective_load(self) -> InstanceLoad:
         """The reported load plus dispatches the report cannot reflect yet."""
-        load = self.load.to_instance_load(
-            address=self.spec.address, block_size=self.spec.block_size
-        )
-        if not self.pending or math.isinf(load.virtual_usage):
-            return load
-        extra_blocks = sum(p.num_blocks for p in self.pending)
-        usage = load.virtual_usage + extra_blocks
-        # Dispatched but not yet in a report: queued there, with their prompt demand.
-        return dataclasses.replace(
-            load,
-            num_waiting=load.num_waiting + len(self.pending),
-            num_waiting_blocks=load.num_waiting_blocks + extra_blocks,
-            virtual_usage=usage,
-            freeness=freeness(load.num_total_blocks, usage, load.num_running),
+        # A report does not carry the block size; the registration does.
+        load = dataclasses.replace(self.report.load, block_size=self.spec.block_size)
+        return add_pending_dispatches(
+            load, len(self.pending), sum(p.num_blocks for p in self.pending)
         )
 
 
@@ -79,29 +68,35 @@ class InstanceRegistry:
     def register(self, spec: InstanceSpec) -> None:
         """Add or replace an instance; a re-registration restarts its sequence numbers."""
         now = self._clock()
-        total = (
-            self._records[spec.instance_id].load.num_total_blocks if spec.instance_id in self else 0
+        old = self._records.get(spec.instance_id)
+        # Until it reports, an instance is assumed idle (with the pool it last reported).
+        empty = make_instance_load(
+            spec.instance_id,
+            num_total_blocks=old.report.load.num_total_blocks if old else 0,
+            num_used_blocks=0,
+            num_running=0,
+            block_size=spec.block_size,
         )
         self._records[spec.instance_id] = InstanceRecord(
             spec=spec,
-            load=LoadSnapshot.empty(spec.instance_id, total),
+            report=LoadReport(empty, seq=0),
             registered_at=now,
             last_report_at=now,
         )
 
-    def report(self, load: LoadSnapshot) -> bool:
+    def report(self, report: LoadReport) -> bool:
         """Record a load report and renew the lease. False if the instance is unknown.
 
         A report with a sequence number not above the last one is ignored (but still
         renews the lease: the instance is evidently alive).
         """
-        record = self._records.get(load.instance_id)
+        record = self._records.get(report.load.instance_id)
         if record is None:
             return False
         now = self._clock()
         record.last_report_at = now
-        if load.seq > record.load.seq or record.load.seq == 0:
-            record.load = load
+        if report.seq > record.report.seq or record.report.seq == 0:
+            record.report = report
             # A report sent after a dispatch reached the worker reflects it; one report
             # interval is about how long that takes, so drop what is older than that.
             record.pending = [

@@ -62,14 +62,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         instance_ids: list[str] = []
 
         async def read_reports() -> None:
-            async for report in request_iterator:
-                load = load_from_proto(report)
+            async for message in request_iterator:
+                report = load_from_proto(message)
+                instance_id = report.load.instance_id
                 if not instance_ids:
-                    instance_ids.append(load.instance_id)
-                    self._commands[load.instance_id] = queue
-                if not self.registry.report(load):
+                    instance_ids.append(instance_id)
+                    self._commands[instance_id] = queue
+                if not self.registry.report(report):
                     raise NotFoundError(
-                        f"instance_id {load.instance_id!r} is not registered; call RegisterInstance first"
+                        f"instance_id {instance_id!r} is not registered; call RegisterInstance first"
                     )
 
         reader = asyncio.create_task(read_reports())
@@ -138,7 +139,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             instances=[
                 scheduler_pb2.InstanceState(
                     info=instance_spec_to_proto(r.spec),
-                    load=load_to_proto(r.load),
+                    load=load_to_proto(r.report),
                     ms_since_report=self.registry.ms_since_report(r),
                 )
                 for r in self.registry.records()

@@ -14,7 +14,7 @@ from opentelemetry import trace
 
 from services.common.errors import AlreadyExistsError
 from services.common.logging import bind_context, get_logger
-from services.common.messages import FinishReason, LoadSnapshot, OutputDelta, RequestSpec
+from services.common.messages import FinishReason, LoadReport, OutputDelta, RequestSpec
 from services.common.tracing import context_from_dict, context_to_dict
 from services.worker.async_engine import AsyncEngine, EngineSnapshot, take_snapshot
 from services.worker.engine import (
@@ -214,7 +214,7 @@ class WorkerInstance:
 
     # ---- load -------------------------------------------------------------------------
 
-    async def load(self, check_integrity: bool = False) -> LoadSnapshot:
+    async def load(self, check_integrity: bool = False) -> LoadReport:
         """A fresh load report taken between two steps, optionally with the integrity check."""
 
         def take(engine: LLMEngine) -> tuple[EngineSnapshot, str]:
@@ -227,10 +227,10 @@ class WorkerInstance:
             return take_snapshot(engine), error
 
         snapshot, error = await self.async_engine.run(take)
-        load = self.llumlet.current_load(snapshot)
+        report = self.llumlet.next_report(snapshot)
         if check_integrity:
-            load = replace(load, is_integrity_checked=True, integrity_error=error)
-        return load
+            report = replace(report, is_integrity_checked=True, integrity_error=error)
+        return report
 
     async def stop(self) -> None:
         """Give every request here up (ERROR: the gateways resume them elsewhere), flush

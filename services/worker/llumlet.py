@@ -5,9 +5,10 @@
          (at most every MIN_REPORT_GAP_S), commands come back on the same stream
       -> stream broken (scheduler died or restarted): register again, stream again
 
-It turns engine snapshots into LoadSnapshots with the policies' load model
+It turns engine snapshots into load reports with the policies' load model
 (`make_instance_load`), so the scheduler, the gateway's fallback and the simulator all
-read the same virtual usage and freeness. Migration commands arrive here later.
+read the same virtual usage and freeness. The scheduler's commands (drain, migrate)
+come back on the load stream and are handed to the worker here.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from protos import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from services.common.convert import instance_spec_to_proto, load_to_proto
 from services.common.grpc_client import DEFAULT_TIMEOUT_S, aio_channel
 from services.common.logging import get_logger
-from services.common.messages import InstanceSpec, LoadSnapshot
-from services.policies import LoadModelConfig, make_instance_load
+from services.common.messages import InstanceSpec, LoadReport
+from services.policies import InstanceLoad, LoadModelConfig, make_instance_load
 from services.worker.async_engine import EngineSnapshot
 
 log = get_logger(__name__)
@@ -34,15 +35,14 @@ REGISTER_BACKOFF_S = (0.1, 2.0)  # first retry, longest wait
 def load_from_snapshot(
     instance_id: str,
     snapshot: EngineSnapshot,
-    seq: int,
     config: LoadModelConfig,
     block_size: int,
     is_terminating: bool = False,
     num_migrating: int = 0,
-) -> LoadSnapshot:
+) -> InstanceLoad:
     stats = snapshot.stats
     running = sorted(snapshot.running, key=lambda r: (r.num_tokens, r.request_id))  # shortest first
-    load = make_instance_load(
+    return make_instance_load(
         instance_id,
         num_total_blocks=stats.num_total_blocks,
         num_used_blocks=stats.num_used_blocks,
@@ -58,7 +58,6 @@ def load_from_snapshot(
         block_size=block_size,
         config=config,
     )
-    return LoadSnapshot.from_instance_load(load, seq)
 
 
 class Llumlet:
@@ -96,17 +95,18 @@ class Llumlet:
         self._snapshot_version += 1
         self._changed.set()
 
-    def current_load(self, snapshot: EngineSnapshot | None = None) -> LoadSnapshot:
+    def next_report(self, snapshot: EngineSnapshot | None = None) -> LoadReport:
+        """The next report: `snapshot` (default: the latest) through the load model."""
         self._seq += 1
-        return load_from_snapshot(
+        load = load_from_snapshot(
             self.spec.instance_id,
             snapshot or self._snapshot,
-            self._seq,
             self.load_config,
             self.spec.block_size,
             self.is_terminating,
             self.num_migrating,
         )
+        return LoadReport(load, self._seq)
 
     async def run(self) -> None:
         """Register and stream load reports until cancelled."""
@@ -144,7 +144,7 @@ class Llumlet:
             # make building one cost more than copying it); only seq changes.
             key = (self._snapshot_version, self.is_terminating, self.num_migrating)
             if key != cached_key:
-                cached_key, cached = key, load_to_proto(self.current_load())
+                cached_key, cached = key, load_to_proto(self.next_report())
                 report = cached
             else:
                 self._seq += 1

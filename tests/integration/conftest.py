@@ -17,7 +17,7 @@ import pytest
 
 from protos import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.convert import load_from_proto
-from services.common.messages import LoadSnapshot
+from services.common.messages import LoadReport
 from services.common.procs import LocalMesh
 from services.worker.engine import EngineConfig, LLMEngine, SamplingParams
 
@@ -49,13 +49,14 @@ def _mesh_left_clean(request):
         return
     mesh: LocalMesh = request.getfixturevalue("mesh")
     for worker in mesh.live_workers():
-        load = wait_worker_idle(worker.address)
-        assert load.is_integrity_checked
-        assert load.integrity_error == "", f"{worker.name}: {load.integrity_error}"
+        report = wait_worker_idle(worker.address)
+        assert report.is_integrity_checked
+        assert report.integrity_error == "", f"{worker.name}: {report.integrity_error}"
+        load = report.load
         assert (load.num_running, load.num_waiting, load.num_used_blocks) == (0, 0, 0)
 
 
-def worker_load(address: str, check_integrity: bool = False) -> LoadSnapshot:
+def worker_load(address: str, check_integrity: bool = False) -> LoadReport:
     with grpc.insecure_channel(address) as channel:
         reply = worker_pb2_grpc.WorkerStub(channel).GetLoad(
             worker_pb2.GetLoadRequest(check_integrity=check_integrity), timeout=RPC_TIMEOUT_S
@@ -63,13 +64,15 @@ def worker_load(address: str, check_integrity: bool = False) -> LoadSnapshot:
     return load_from_proto(reply)
 
 
-def wait_worker_idle(address: str, timeout_s: float = 20.0) -> LoadSnapshot:
+def wait_worker_idle(address: str, timeout_s: float = 20.0) -> LoadReport:
     """The worker's load (with the integrity check) once it is idle."""
     deadline = time.monotonic() + timeout_s
     while True:
-        load = worker_load(address, check_integrity=True)
-        if load.is_idle or time.monotonic() > deadline:
-            return load
+        report = worker_load(address, check_integrity=True)
+        load = report.load
+        is_idle = (load.num_running, load.num_waiting, load.num_used_blocks) == (0, 0, 0)
+        if is_idle or time.monotonic() > deadline:
+            return report
         time.sleep(0.05)
 
 

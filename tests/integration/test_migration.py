@@ -118,8 +118,9 @@ def reference(model_dir):
 
 def assert_clean(mesh: LocalMesh) -> None:
     for worker in mesh.live_workers():
-        load = wait_worker_idle(worker.address, timeout_s=30)
-        assert load.integrity_error == "", f"{worker.name}: {load.integrity_error}"
+        report = wait_worker_idle(worker.address, timeout_s=30)
+        assert report.integrity_error == "", f"{worker.name}: {report.integrity_error}"
+        load = report.load
         assert (load.num_running, load.num_waiting, load.num_used_blocks) == (0, 0, 0), worker.name
 
 
@@ -162,7 +163,7 @@ def running_on(infos, request_id: str) -> str:
 
     def find():
         for instance_id, info in infos.items():
-            if request_id in {r.request_id for r in worker_load(info.address).running}:
+            if request_id in {r.request_id for r in worker_load(info.address).load.running}:
                 return instance_id
         return None
 
@@ -294,7 +295,7 @@ def test_kill_9_during_migration_loses_nothing(fault_mesh, reference, victim_rol
     assert chunks[-1].finish_reason == "length"
     survivor = next(w for name, w in procs.items() if w is not victim)
     # The survivor holds nothing for the dead peer: no reservation, no request, no block.
-    load = wait_worker_idle(survivor.address, timeout_s=30)
+    load = wait_worker_idle(survivor.address, timeout_s=30).load
     assert (load.num_used_blocks, load.num_migrating) == (0, 0)
     fault_mesh.workers.remove(victim)
     fault_mesh.add_worker()

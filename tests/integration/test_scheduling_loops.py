@@ -99,8 +99,9 @@ def _instances(scheduler_address: str) -> dict[str, str]:
 
 def _assert_left_clean(addresses) -> None:
     for address in addresses:
-        load = wait_worker_idle(address)
-        assert load.integrity_error == "" and load.is_integrity_checked
+        report = wait_worker_idle(address)
+        assert report.integrity_error == "" and report.is_integrity_checked
+        load = report.load
         assert (load.num_running, load.num_waiting, load.num_used_blocks) == (0, 0, 0)
 
 
@@ -120,7 +121,7 @@ def test_scheduler_migrates_a_flood_off_an_overloaded_worker(tmp_path, reference
             # (negative freeness: more demand than KV) before the second worker comes.
             await asyncio.to_thread(
                 wait_until,
-                lambda: worker_load(flooded.address).freeness < 0,
+                lambda: worker_load(flooded.address).load.freeness < 0,
                 60.0,
                 what="worker-0 overloaded",
             )

@@ -20,12 +20,12 @@ from services.common.convert import (
 from services.common.messages import (
     FinishReason,
     InstanceSpec,
-    LoadSnapshot,
+    LoadReport,
     OutputDelta,
     RequestSpec,
-    RunningRequestSummary,
     SamplingSpec,
 )
+from services.policies import InstanceLoad, RunningRequest
 
 
 def test_instance_spec_round_trip():
@@ -34,11 +34,17 @@ def test_instance_spec_round_trip():
 
 
 def test_load_round_trip_keeps_infinity():
-    load = LoadSnapshot(
-        "w", 9, 2, 1, 100, 40, 5, 1, math.inf, -math.inf, True, 3, 1,
-        (RunningRequestSummary("r", 20, 2, 1),), 7, 10, True, "bad",
+    load = InstanceLoad(
+        "w", 100, 40, 2, 1, 5, 1, True, 1, math.inf, -math.inf,
+        (RunningRequest("r", 20, 2, 1),), 7, 10, 3,
     )  # fmt: skip
-    assert load_from_proto(load_to_proto(load)) == load
+    report = LoadReport(load, seq=9, is_integrity_checked=True, integrity_error="bad")
+    assert load_from_proto(load_to_proto(report)) == report
+
+
+def test_load_report_does_not_carry_the_block_size():
+    report = LoadReport(InstanceLoad("w", 100, 40, 2, 1, block_size=32), seq=1)
+    assert load_from_proto(load_to_proto(report)).load.block_size == 16  # the default
 
 
 def test_request_round_trip_and_required_fields():

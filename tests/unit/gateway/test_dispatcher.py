@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import grpc
 import pytest
 
 from gateway.admission import AdmissionControl
-from gateway.cluster_view import ClusterView, InstanceView
+from gateway.cluster_view import ClusterView, InstanceView, view_from_proto
 from gateway.dispatcher import Dispatcher, LostInstances, PlacementSource
 from protos import scheduler_pb2
+from services.common.convert import instance_spec_to_proto, load_to_proto
 from services.common.errors import ResourceExhaustedError, UnavailableError
-from services.common.messages import InstanceSpec, LoadSnapshot
+from services.common.messages import InstanceSpec, LoadReport
+from services.policies import InstanceLoad, make_instance_load
 
 
 class Clock:
@@ -38,22 +42,24 @@ class FakeScheduler:
         return self.reply
 
 
-def view_of(clock, *loads: tuple[str, int, int, int]) -> ClusterView:
+def spec_of(instance_id: str) -> InstanceSpec:
+    return InstanceSpec(instance_id, f"addr-{instance_id}", "tiny", 16, 4, 0, 4, 2048, 258, 257)
+
+
+def view_of(clock, *loads: tuple[str, int, int, int], terminating=()) -> ClusterView:
     """loads: (instance id, used blocks, running, waiting) of 100-block instances."""
     view = ClusterView(forget_after_s=10.0, clock=clock)
     view.update(
         [
             InstanceView(
-                InstanceSpec(i, f"addr-{i}", "tiny", 16, 4, 0, 4, 2048, 258, 257),
-                LoadSnapshot(
+                spec_of(i),
+                make_instance_load(
                     i,
-                    1,
-                    running,
-                    waiting,
-                    100,
-                    used,
-                    virtual_usage=used,
-                    freeness=(100 - used) / max(running, 1),
+                    num_total_blocks=100,
+                    num_used_blocks=used,
+                    num_running=running,
+                    num_waiting=waiting,
+                    is_terminating=i in terminating,
                 ),
             )
             for i, used, running, waiting in loads
@@ -107,6 +113,33 @@ async def test_stale_view_falls_back_to_round_robin_and_skips_lost_instances():
     assert chosen == ["a", "c", "a", "c"]
     clock.now += 5.0  # b's loss is forgotten after the TTL
     assert lost.recent() == set()
+
+
+async def test_stale_view_round_robin_is_the_registered_policy_and_skips_draining_instances():
+    clock = Clock()
+    view = view_of(clock, ("a", 0, 0, 0), ("b", 0, 0, 0), ("c", 0, 0, 0), terminating={"a"})
+    dispatcher = make(clock, view, FakeScheduler(code=grpc.StatusCode.UNAVAILABLE))
+    clock.now += 4.0
+    chosen = [await dispatcher.choose(f"r{i}", 16, 0, set()) for i in range(3)]
+    assert [(p.instance_id, p.source) for p in chosen] == [
+        ("b", PlacementSource.ROUND_ROBIN),
+        ("c", PlacementSource.ROUND_ROBIN),
+        ("b", PlacementSource.ROUND_ROBIN),
+    ]
+
+
+def test_view_from_proto_gives_each_load_the_block_size_of_its_registration():
+    spec = InstanceSpec("a", "addr-a", "tiny", 32, 4, 0, 4, 2048, 258, 257)
+    load = InstanceLoad("a", 100, 10, 1, 0, virtual_usage=10.0, freeness=90.0)
+    state = scheduler_pb2.ClusterState(
+        instances=[
+            scheduler_pb2.InstanceState(
+                info=instance_spec_to_proto(spec), load=load_to_proto(LoadReport(load, seq=4))
+            )
+        ]
+    )
+    [view] = view_from_proto(state)
+    assert view == InstanceView(spec, replace(load, block_size=32))
 
 
 async def test_no_candidate_anywhere_is_unavailable():

@@ -13,7 +13,8 @@ from gateway.cluster_view import ClusterView, InstanceView
 from gateway.servicer import GatewayServicer, SessionTable
 from protos import gateway_pb2, gateway_pb2_grpc
 from services.common.grpc_server import GrpcServer
-from services.common.messages import InstanceSpec, LoadSnapshot
+from services.common.messages import InstanceSpec
+from services.policies import InstanceLoad
 from services.worker.engine.tokenizer import ByteTokenizer
 
 
@@ -43,7 +44,7 @@ async def gateway():
 
 def register(view: ClusterView, num_waiting: int = 0) -> None:
     spec = InstanceSpec("w", "addr-w", "tiny", 16, 4, 0, 4, 2048, 258, 257)
-    view.update([InstanceView(spec, LoadSnapshot("w", 1, 0, num_waiting, 100, 0))])
+    view.update([InstanceView(spec, InstanceLoad("w", 100, 0, 0, num_waiting))])
 
 
 async def status_of(call) -> tuple[grpc.StatusCode, str]:

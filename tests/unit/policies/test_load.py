@@ -1,4 +1,5 @@
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -6,6 +7,7 @@ from services.policies import (
     InstanceLoad,
     LoadModelConfig,
     RunningRequest,
+    add_pending_dispatches,
     freeness,
     make_instance_load,
     virtual_usage,
@@ -71,8 +73,6 @@ def test_make_instance_load_fills_usage_freeness_and_headroom():
     assert snapshot.virtual_usage == 60.0
     assert snapshot.freeness == 10.0
     assert snapshot.num_headroom_blocks == 12
-    assert snapshot.high_priority_freeness == 13.0
-    assert snapshot.num_free_blocks == 60
     assert snapshot.running == (RunningRequest("r1", 33, 3, 1),)
     assert snapshot.running[0].priority == 1
 
@@ -82,7 +82,6 @@ def test_terminating_snapshot_has_no_headroom_and_minus_infinite_freeness():
     assert snapshot.virtual_usage == math.inf
     assert snapshot.freeness == -math.inf
     assert snapshot.num_headroom_blocks == 0
-    assert snapshot.high_priority_freeness == -math.inf
 
 
 def test_instance_load_keeps_its_original_positional_fields():
@@ -93,6 +92,29 @@ def test_instance_load_keeps_its_original_positional_fields():
         0,
     )
     assert snapshot.is_terminating is False
+
+
+def test_pending_dispatches_queue_on_the_instance_with_their_prompt_demand():
+    before = load("a", used=40, running=4, waiting=1, hol=6)
+    after = add_pending_dispatches(before, num_requests=2, num_blocks=10)
+    # usage 40 + 6 head of line + 10 pending = 56; freeness (100 - 56) / 4 running
+    assert (after.num_waiting, after.num_waiting_blocks, after.virtual_usage, after.freeness) == (
+        3,
+        16,
+        56.0,
+        11.0,
+    )
+    assert (
+        replace(after, num_waiting=1, num_waiting_blocks=6, virtual_usage=46.0, freeness=13.5)
+        == before
+    )
+
+
+def test_no_pending_dispatch_or_a_terminating_instance_leaves_the_load_as_it_is():
+    idle = load("a", used=40, running=4)
+    assert add_pending_dispatches(idle, num_requests=0, num_blocks=0) is idle
+    draining = load("b", used=40, running=4, terminating=True)
+    assert add_pending_dispatches(draining, num_requests=3, num_blocks=30) is draining
 
 
 def test_load_model_config_rejects_negative_headroom():

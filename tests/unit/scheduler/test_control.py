@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from protos import scheduler_pb2
-from services.common.messages import InstanceSpec, LoadSnapshot
+from services.common.messages import InstanceSpec, LoadReport
 from services.policies import (
     MigrationConfig,
     MigrationPair,
@@ -25,12 +25,12 @@ def registry_with(*loads, clock: Clock | None = None) -> InstanceRegistry:
     registry = InstanceRegistry(lease_s=3.0, clock=clock or Clock())
     for ld in loads:
         registry.register(spec(ld.instance_id))
-        registry.report(LoadSnapshot.from_instance_load(ld, seq=1))
+        registry.report(LoadReport(ld, seq=1))
     return registry
 
 
 def report(registry: InstanceRegistry, ld, seq: int) -> None:
-    assert registry.report(LoadSnapshot.from_instance_load(ld, seq=seq))
+    assert registry.report(LoadReport(ld, seq=seq))
 
 
 class Orders:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from services.common.messages import InstanceSpec, LoadSnapshot
+from services.common.messages import InstanceSpec, LoadReport
+from services.policies import InstanceLoad
 from services.scheduler.registry import InstanceRegistry
 
 
@@ -16,14 +17,15 @@ class Clock:
         return self.now
 
 
-def spec(instance_id: str) -> InstanceSpec:
-    return InstanceSpec(instance_id, f"addr-{instance_id}", "tiny", 16, 4, 0, 4, 2048, 258, 257)
-
-
-def load(instance_id: str, seq: int, used: int = 0, running: int = 0) -> LoadSnapshot:
-    return LoadSnapshot(
-        instance_id, seq, running, 0, 100, used, virtual_usage=used, freeness=100 - used
+def spec(instance_id: str, block_size: int = 16) -> InstanceSpec:
+    return InstanceSpec(
+        instance_id, f"addr-{instance_id}", "tiny", block_size, 4, 0, 4, 2048, 258, 257
     )
+
+
+def load(instance_id: str, seq: int, used: int = 0, running: int = 0) -> LoadReport:
+    load = InstanceLoad(instance_id, 100, used, running, 0, virtual_usage=used, freeness=100 - used)
+    return LoadReport(load, seq)
 
 
 def test_lease_runs_out_without_reports_and_reports_renew_it():
@@ -51,16 +53,28 @@ def test_older_reports_never_overwrite_newer_ones_until_re_registration():
     registry.register(spec("a"))
     registry.report(load("a", 5, used=50))
     registry.report(load("a", 4, used=10))
-    assert registry.get("a").load.num_used_blocks == 50
+    assert registry.get("a").report.load.num_used_blocks == 50
     registry.register(spec("a"))  # a restarted process counts from 1 again
     registry.report(load("a", 1, used=7))
-    assert registry.get("a").load.num_used_blocks == 7
+    assert registry.get("a").report.load.num_used_blocks == 7
+
+
+def test_a_registered_instance_looks_idle_until_it_reports():
+    registry = InstanceRegistry(lease_s=1.0)
+    registry.register(spec("a", block_size=32))
+    [fresh] = registry.loads()
+    assert (fresh.num_total_blocks, fresh.freeness, fresh.block_size) == (0, 0.0, 32)
+    registry.report(load("a", 3, used=40, running=2))
+    registry.register(spec("a", block_size=32))  # re-registration keeps the pool size
+    [again] = registry.loads()
+    assert (again.num_total_blocks, again.num_used_blocks, again.freeness) == (100, 0, 100.0)
+    assert registry.get("a").report.seq == 0
 
 
 def test_pending_dispatches_count_until_a_later_report():
     clock = Clock()
     registry = InstanceRegistry(lease_s=2.0, clock=clock)
-    registry.register(spec("a"))
+    registry.register(spec("a", block_size=32))
     registry.report(load("a", 1, used=10, running=1))
     registry.note_dispatch("a", "r1", num_blocks=5)
     registry.note_dispatch("a", "r2", num_blocks=3)
@@ -70,7 +84,7 @@ def test_pending_dispatches_count_until_a_later_report():
         2,
         8,
     )
-    assert effective.address == "addr-a" and effective.block_size == 16
+    assert effective.block_size == 32  # from the registration: reports do not carry it
     clock.now = 1.0  # older than the pending TTL (0.5 s): the next report shows them
     registry.report(load("a", 2, used=18, running=3))
     [effective] = registry.loads()

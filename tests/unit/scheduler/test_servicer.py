@@ -62,7 +62,7 @@ async def stream_one_report(stub, registry, load: common_pb2.LoadReport) -> None
     call = stub.StreamLoad(reports())
     for _ in range(200):
         record = registry.get(load.instance_id)
-        if record is not None and record.load.seq == load.seq:
+        if record is not None and record.report.seq == load.seq:
             break
         await asyncio.sleep(0.01)
     call.cancel()
@@ -181,7 +181,7 @@ async def test_drain_order_goes_down_the_instance_load_stream(scheduler):
 
     call = stub.StreamLoad(reports())
     for _ in range(200):
-        if registry.get("a").load.seq == 1:
+        if registry.get("a").report.seq == 1:
             break
         await asyncio.sleep(0.01)
     for is_terminating in (True, False):

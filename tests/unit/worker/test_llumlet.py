@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
+from services.common.messages import InstanceSpec
 from services.policies import LoadModelConfig
 from services.worker.async_engine import EngineSnapshot
 from services.worker.engine import EngineStats, RequestView
-from services.worker.llumlet import load_from_snapshot
+from services.worker.llumlet import Llumlet, load_from_snapshot
 
 
 def snapshot(
@@ -33,22 +34,34 @@ def snapshot(
 
 
 def test_virtual_usage_and_freeness_follow_the_load_model():
-    load = load_from_snapshot("w", snapshot(), seq=7, config=LoadModelConfig(), block_size=16)
+    load = load_from_snapshot("w", snapshot(), config=LoadModelConfig(), block_size=16)
     # usage = 30 used + 4 head-of-line; freeness = (100 - 34) / 2 running
-    assert (load.seq, load.virtual_usage, load.freeness) == (7, 34.0, 33.0)
+    assert (load.virtual_usage, load.freeness) == (34.0, 33.0)
     assert (load.num_waiting_blocks, load.num_preemptions) == (4, 3)
     assert [r.request_id for r in load.running] == ["short", "long"]  # shortest first
 
 
 def test_headroom_and_draining():
     config = LoadModelConfig(high_priority_headroom_blocks=10)
-    load = load_from_snapshot("w", snapshot(high=1), seq=1, config=config, block_size=16)
+    load = load_from_snapshot("w", snapshot(high=1), config=config, block_size=16)
     assert (load.virtual_usage, load.num_headroom_blocks) == (44.0, 10)
     draining = load_from_snapshot(
-        "w", snapshot(), seq=2, config=config, block_size=16, is_terminating=True
+        "w", snapshot(), config=config, block_size=16, is_terminating=True
     )
     assert (
         draining.is_terminating
         and math.isinf(draining.virtual_usage)
         and draining.freeness == -math.inf
     )
+
+
+async def test_each_report_takes_the_next_sequence_number_and_the_registered_block_size():
+    spec = InstanceSpec("w", "127.0.0.1:1", "tiny", 32, 4, 0, 4, 2048, 258, 257)
+    llumlet = Llumlet(spec, "127.0.0.1:1", LoadModelConfig(), snapshot(), report_interval_s=1.0)
+    try:
+        first, second = llumlet.next_report(), llumlet.next_report(snapshot(used=50))
+    finally:
+        await llumlet.close()
+    assert (first.seq, first.load.num_used_blocks, first.load.block_size) == (1, 30, 32)
+    assert (second.seq, second.load.num_used_blocks) == (2, 50)
+    assert (second.is_integrity_checked, second.integrity_error) == (False, "")
