@@ -45,7 +45,7 @@ class InstanceSpec:
     vocab_size: int
     eos_token_id: int  # -1 when the model has none
     memory_capacity_bytes: int = 0
-    transport_address: bytes = b""  # data-plane (UCX worker) address; empty until kvtransport
+    transport_address: bytes = b""  # data-plane (kvtransport) address; empty: no data plane
     transport_backend: str = ""
 
 

@@ -1,15 +1,22 @@
 """The engine on its own thread, with an asyncio face.
 
-The LLMEngine is single-threaded by contract. One dedicated thread owns it and runs
+One dedicated thread owns the LLMEngine and runs
 
     loop:  run queued calls  ->  step() if there is work  ->  hand outputs to asyncio
            (sleep until a call arrives when idle)
 
-so every other access (admission, abort, load snapshots, and later the migration
-coordinator's suspend/read KV/remove) goes through `await async_engine.run(fn)`, which
-executes fn(engine) on that thread *between two steps* and returns its result. torch
-releases the GIL inside its kernels, so the asyncio thread keeps serving RPCs while a
-step runs.
+so every access that reads or changes engine state (admission, abort, load snapshots,
+the migration's reserve / suspend / export / import / remove) goes through
+`await async_engine.run(fn)`, which executes fn(engine) on that thread *between two
+steps* and returns its result. torch releases the GIL inside its kernels, so the
+asyncio thread keeps serving RPCs while a step runs.
+
+Two calls of the migration (services/worker/migration/) run off the engine thread,
+beside the steps, because they touch only KV blocks no step writes:
+`engine.read_kv_blocks` of a migrating request's blocks (full ones are final, the KV
+being append-only; the last stage reads the tail once the request is suspended) and
+`engine.write_kv_blocks` into blocks reserved for an incoming migration (no step
+touches a reservation before its commit).
 
 After every step the thread calls `on_step(outputs, snapshot)` on the event loop;
 `snapshot` is a fresh EngineSnapshot when the load changed (at most every
