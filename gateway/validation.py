@@ -42,7 +42,6 @@ class GenerationSpec:
     sampling: SamplingSpec  # seed always chosen
     priority: int
     detokenize: bool
-    is_seed_chosen_by_gateway: bool
 
 
 def new_request_id() -> str:
@@ -83,7 +82,6 @@ def validate_generate(
         sampling=sampling,
         priority=request.priority,
         detokenize=request.detokenize,
-        is_seed_chosen_by_gateway=not request.sampling.HasField("seed"),
     )
 
 

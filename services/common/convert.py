@@ -30,13 +30,6 @@ def finish_reason_to_proto(reason: FinishReason) -> int:
     return _FINISH_TO_PROTO[reason]
 
 
-def finish_reason_from_proto(value: int) -> FinishReason:
-    try:
-        return _FINISH_FROM_PROTO[value]
-    except KeyError:
-        raise ValueError(f"finish_reason={value} is not a known FinishReason") from None
-
-
 # ---- InstanceInfo -----------------------------------------------------------------
 
 

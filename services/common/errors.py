@@ -38,9 +38,3 @@ class UnavailableError(ServiceError):
     """No instance can serve the call right now (retry later)."""
 
     code = grpc.StatusCode.UNAVAILABLE
-
-
-class FailedPreconditionError(ServiceError):
-    """The target exists but is in the wrong state (e.g. draining, not ready)."""
-
-    code = grpc.StatusCode.FAILED_PRECONDITION

@@ -35,11 +35,6 @@ def aio_channel(address: str, interceptors=None) -> grpc.aio.Channel:
     )
 
 
-def sync_channel(address: str) -> grpc.Channel:
-    """A blocking channel (CLI and sync client)."""
-    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-
-
 async def check_health(address: str, service: str = "", timeout: float = 1.0) -> bool:
     """True if address answers grpc.health.v1 Check with SERVING."""
     async with grpc.aio.insecure_channel(address) as channel:
@@ -49,15 +44,5 @@ async def check_health(address: str, service: str = "", timeout: float = 1.0) ->
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
             )
         except grpc.aio.AioRpcError:
-            return False
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
-
-
-def check_health_sync(address: str, service: str = "", timeout: float = 1.0) -> bool:
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        try:
-            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
-        except grpc.RpcError:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -63,13 +63,6 @@ def context_from_dict(carrier: Mapping[str, str] | None) -> otel_context.Context
     return extract(dict(carrier or {}))
 
 
-def metadata_with_context(
-    metadata: Iterable[tuple[str, str]] = (), ctx: otel_context.Context | None = None
-) -> tuple[tuple[str, str], ...]:
-    """gRPC metadata plus the W3C headers of ctx (or the current context)."""
-    return (*tuple(metadata), *context_to_dict(ctx).items())
-
-
 def context_from_metadata(
     metadata: Iterable[tuple[str, str | bytes]] | None,
 ) -> otel_context.Context:

@@ -36,7 +36,6 @@ class InstanceRecord:
 
     spec: InstanceSpec
     report: LoadReport
-    registered_at: float
     last_report_at: float
     pending: list[PendingDispatch] = field(default_factory=list)
 
@@ -80,7 +79,6 @@ class InstanceRegistry:
         self._records[spec.instance_id] = InstanceRecord(
             spec=spec,
             report=LoadReport(empty, seq=0),
-            registered_at=now,
             last_report_at=now,
         )
 

@@ -41,7 +41,7 @@ def test_a_valid_request_becomes_a_spec_with_every_field():
     assert spec.request_id == "req-1"
     assert spec.prompt_token_ids == (1, 2, 3)
     assert spec.sampling == SamplingSpec(5, 0.5, 0.75, 3, 9, (7,), True)
-    assert (spec.priority, spec.detokenize, spec.is_seed_chosen_by_gateway) == (1, True, False)
+    assert (spec.priority, spec.detokenize) == (1, True)
 
 
 def test_text_prompt_is_tokenized_and_defaults_apply():
@@ -51,7 +51,6 @@ def test_text_prompt_is_tokenized_and_defaults_apply():
     assert spec.prompt_token_ids == (256, 104, 105)
     assert spec.sampling.max_tokens == DEFAULT_MAX_TOKENS
     assert spec.sampling.seed == random.Random(0).getrandbits(63)
-    assert spec.is_seed_chosen_by_gateway
     assert len(spec.request_id) == 32
 
 
