@@ -10,13 +10,13 @@ from gateway.cluster_view import ClusterView, refresh_forever
 from gateway.config import GatewayConfig
 from gateway.dispatcher import Dispatcher, LostInstances
 from gateway.servicer import GatewayServicer, OutputSinkServicer, SessionTable
-from gateway.tokenizer import load_tokenizer
 from gateway.workers import WorkerPool
 from protos import gateway_pb2_grpc, scheduler_pb2_grpc
 from services.common.grpc_client import aio_channel
 from services.common.grpc_server import GrpcServer
 from services.common.logging import get_logger
 from services.common.procs import write_ready_file
+from services.common.tokenizer import load_tokenizer
 
 log = get_logger(__name__)
 

@@ -1,14 +1,12 @@
-"""The gateway's tokenizer: the served model's, loaded without its weights."""
+"""Text of a growing token list, for streaming `detokenize` requests.
+
+The tokenizer itself (`services.common.tokenizer.load_tokenizer`) is the served model's,
+loaded without torch, the engine or the weights.
+"""
 
 from __future__ import annotations
 
-from services.worker.engine.loader import load_model_source
-from services.worker.engine.tokenizer import Tokenizer
-
-
-def load_tokenizer(model: str) -> Tokenizer:
-    """The tokenizer of model ("tiny" or a checkpoint directory); weights are not loaded."""
-    return load_model_source(model).tokenizer
+from services.common.tokenizer import Tokenizer
 
 
 class IncrementalDetokenizer:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 
+from services.common.tokenizer import ByteTokenizer, Tokenizer
 from services.worker.engine import native
 from services.worker.engine.block_manager import BlockManager
 from services.worker.engine.config import DTYPE_NBYTES, EngineConfig
@@ -45,7 +46,6 @@ from services.worker.engine.outputs import EngineStats, RequestOutput, RequestVi
 from services.worker.engine.request import Request, RequestStatus
 from services.worker.engine.sampling_params import SamplingParams
 from services.worker.engine.scheduler import Scheduler
-from services.worker.engine.tokenizer import ByteTokenizer, Tokenizer
 from services.worker.engine.weights import build_stage_weights, hf_names
 
 log = logging.getLogger(__name__)

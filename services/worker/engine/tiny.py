@@ -14,9 +14,9 @@ import zlib
 import numpy as np
 import torch
 
+from services.common.tokenizer import ByteTokenizer
 from services.worker.engine.config import ModelConfig, RopeConfig
 from services.worker.engine.sampling_params import splitmix64
-from services.worker.engine.tokenizer import ByteTokenizer
 
 TINY_SEED = 20240601
 

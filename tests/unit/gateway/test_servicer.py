@@ -14,8 +14,8 @@ from gateway.servicer import GatewayServicer, SessionTable
 from protos import gateway_pb2, gateway_pb2_grpc
 from services.common.grpc_server import GrpcServer
 from services.common.messages import InstanceSpec
+from services.common.tokenizer import ByteTokenizer
 from services.policies import InstanceLoad
-from services.worker.engine.tokenizer import ByteTokenizer
 
 
 @pytest.fixture

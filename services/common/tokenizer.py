@@ -1,15 +1,19 @@
-"""Tokenizers: a byte-level one for the embedded tiny model, and HF tokenizer.json files."""
+"""Tokenizers: a byte-level one for the embedded tiny model, and HF tokenizer.json files.
+
+Torch-free on purpose: the gateway tokenizes text prompts with the served model's
+tokenizer and must not load torch or the engine for it. The engine's model loader uses
+`load_tokenizer` too, so both ends read a checkpoint's tokenizer the same way.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Protocol
 
+TINY_MODEL = "tiny"  # the embedded tiny model (byte-level tokenizer)
+
 
 class Tokenizer(Protocol):
-    bos_token_id: int | None
-    eos_token_id: int | None
-
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, token_ids: list[int]) -> str: ...
@@ -32,14 +36,10 @@ class ByteTokenizer:
 class HFTokenizer:
     """A tokenizer.json read with the `tokenizers` library (special tokens as HF adds them)."""
 
-    def __init__(
-        self, path: str | Path, bos_token_id: int | None, eos_token_id: int | None
-    ) -> None:
+    def __init__(self, path: str | Path) -> None:
         from tokenizers import Tokenizer as _Tokenizer
 
         self._tokenizer = _Tokenizer.from_file(str(path))
-        self.bos_token_id = bos_token_id
-        self.eos_token_id = eos_token_id
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
@@ -47,3 +47,16 @@ class HFTokenizer:
 
     def decode(self, token_ids: list[int]) -> str:
         return self._tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+def load_tokenizer(model: str) -> Tokenizer:
+    """The tokenizer of `model`: "tiny" or an HF checkpoint directory (its tokenizer.json)."""
+    if model == TINY_MODEL:
+        return ByteTokenizer()
+    path = Path(model)
+    if not path.is_dir():
+        raise ValueError(f"model {model!r} is neither 'tiny' nor a checkpoint directory")
+    tokenizer_file = path / "tokenizer.json"
+    if not tokenizer_file.is_file():
+        raise ValueError(f"model {model!r}: no tokenizer.json in that directory")
+    return HFTokenizer(tokenizer_file)
