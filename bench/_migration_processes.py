@@ -24,7 +24,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.migration import median_sample, move_figures, resident_since
+from bench._migration_figures import median_sample, move_figures, resident_since
 from gateway.client import AsyncClient
 from protos import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.procs import LocalMesh
