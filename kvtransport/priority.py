@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -81,6 +82,7 @@ class PeerScheduler:
         config: TransportConfig,
         on_transfer_finished: Callable[[Outbound], None],
         on_failed: Callable[[PeerScheduler], None],
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.peer_address = peer_address
         self.link = link
@@ -92,7 +94,8 @@ class PeerScheduler:
         self._by_handle: dict[SendHandle, Outbound] = {}
         # Chunks (not headers: small, eager) issued and not yet taken, per class.
         self._num_chunks_in_flight = {TrafficClass.ACTIVATION: 0, TrafficClass.KV: 0}
-        self._last_activation_at = float("-inf")  # loop time an activation last went out
+        self._clock = clock
+        self._last_activation_at = float("-inf")  # clock() when an activation last went out
         self._tasks: set[asyncio.Task] = set()
         self.is_failed = False
 
@@ -216,7 +219,7 @@ class PeerScheduler:
             if outbound.handle.traffic_class is TrafficClass.ACTIVATION and outbound.is_issuable:
                 return outbound
         quiet_s = self._config.activation_quiet_s
-        if asyncio.get_running_loop().time() - self._last_activation_at < quiet_s:
+        if self._clock() - self._last_activation_at < quiet_s:
             window = min(window, self._config.kv_window_with_activations)
         is_window_full = self._num_chunks_in_flight[TrafficClass.KV] >= window
         for outbound in self._issuable:
@@ -238,7 +241,7 @@ class PeerScheduler:
             outbound.num_in_flight += 1
             outbound.idle.clear()
             if outbound.handle.traffic_class is TrafficClass.ACTIVATION:
-                self._last_activation_at = loop.time()
+                self._last_activation_at = self._clock()
             if isinstance(message, ChunkOut):
                 self._num_chunks_in_flight[outbound.handle.traffic_class] += 1
             try:

@@ -69,7 +69,12 @@ _PEER_ERRORS = (
 
 
 class UcxWorker:
-    def __init__(self, options: Mapping[str, str], peer_error_handling: bool) -> None:
+    def __init__(
+        self,
+        options: Mapping[str, str],
+        peer_error_handling: bool,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._options = dict(options)
         self._peer_error_handling = peer_error_handling
         # request -> (its future or callback, the Array keeping its memory alive, its endpoint)
@@ -82,7 +87,10 @@ class UcxWorker:
         self._endpoints: set[ucx_api.UCXEndpoint] = set()
         self._is_progress_scheduled = False
         self._is_closed = False
-        self._latency_until = float("-inf")  # time.monotonic() until which to slice finely
+        # The latency mode's window runs on `clock` (tests step it); progress slices
+        # always on time.monotonic.
+        self.clock = clock
+        self._latency_until = float("-inf")  # clock() until which to slice finely
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -100,11 +108,11 @@ class UcxWorker:
 
     def prefer_latency_for(self, seconds: float) -> None:
         """Progress in short slices for `seconds` from now (activations are flowing)."""
-        self._latency_until = max(self._latency_until, time.monotonic() + seconds)
+        self._latency_until = max(self._latency_until, self.clock() + seconds)
 
     @property
     def is_latency_mode(self) -> bool:
-        return time.monotonic() < self._latency_until
+        return self.clock() < self._latency_until
 
     @property
     def num_pending(self) -> int:

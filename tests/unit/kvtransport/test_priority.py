@@ -58,9 +58,18 @@ def _label(message) -> str:
     return message.frame.decode()
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class Harness:
     def __init__(self, **config_kwargs) -> None:
         self.link = FakeLink()
+        self.clock = Clock()
         self.finished: list[str] = []
         self.failed: list[PeerScheduler] = []
         self.scheduler = PeerScheduler(
@@ -69,6 +78,7 @@ class Harness:
             TransportConfig(**config_kwargs),
             lambda outbound: self.finished.append(outbound.handle.transfer_id),
             self.failed.append,
+            clock=self.clock,
         )
 
     def submit(self, key: int, traffic_class: TrafficClass, num_chunks: int) -> SendHandle:
@@ -106,9 +116,10 @@ async def test_activations_narrow_the_kv_window_until_they_go_quiet():
     h.submit(2, KV, num_chunks=4)
     assert h.link.labels() == ["hdr1", "hdr2", "2:1"]  # one KV chunk on the wire, not two
     h.link.complete("2:1")
+    h.clock.now += 0.1  # within activation_quiet_s of the activation: one KV chunk at a time
     await settle()
     assert h.link.labels() == ["hdr1", "hdr2", "2:1", "2:2"]
-    await asyncio.sleep(0.25)  # no activation for longer than activation_quiet_s
+    h.clock.now += 0.15  # no activation for longer than activation_quiet_s (0.25 s > 0.2 s)
     h.link.complete("2:2")
     await settle()
     assert h.link.labels() == ["hdr1", "hdr2", "2:1", "2:2", "2:3", "2:4"]  # window 2 again

@@ -40,8 +40,18 @@ async def _ucx_pair(**config_kwargs):
         await receiver.close()
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 async def test_activations_switch_both_ends_to_fine_slices_until_quiet():
     async with _ucx_pair(kv_chunk_bytes=MIB, activation_quiet_s=QUIET_S) as (sender, receiver):
+        clock = Clock()  # the quiet time passes when the test says so
+        _worker(sender).clock = _worker(receiver).clock = clock
         # KV alone (3 MiB in 1 MiB chunks, 4 messages) leaves both in bulk mode.
         await _round_trip(sender, receiver, "kv-0", pattern(3 * MIB + 5), TrafficClass.KV)
         assert not _worker(sender).is_latency_mode
@@ -53,7 +63,10 @@ async def test_activations_switch_both_ends_to_fine_slices_until_quiet():
         assert _worker(receiver).is_latency_mode
         # KV meanwhile still arrives byte-exact in the fine-sliced mode.
         await _round_trip(sender, receiver, "kv-1", pattern(5 * MIB, salt=4), TrafficClass.KV)
-        await asyncio.sleep(QUIET_S + 0.05)
+        clock.now += QUIET_S - 0.05
+        assert _worker(sender).is_latency_mode
+        assert _worker(receiver).is_latency_mode
+        clock.now += 0.1  # no activation for longer than activation_quiet_s
         assert not _worker(sender).is_latency_mode
         assert not _worker(receiver).is_latency_mode
 

@@ -174,11 +174,13 @@ async def test_data_plane_timeout_aborts_and_request_continues(cluster):
     await asyncio.wait_for(streams["r"].finished.wait(), 60)
     assert streams["r"].tokens == expected
     assert set(streams["r"].sources) == {"a"}
-    # b's receive timed out or was cancelled; give it a moment to settle its bookkeeping
+    # b's receive timed out or was cancelled; it settles its bookkeeping shortly after.
     for _ in range(200):
         if b.destination.num_active == 0 and a.transport.stats().num_active_sends == 0:
             break
         await asyncio.sleep(0.05)
+    assert (b.destination.num_active, a.transport.stats().num_active_sends) == (0, 0)
+    assert await b.async_engine.run(lambda e: e.block_manager.num_used_blocks) == 0
 
 
 async def test_silent_source_lease_frees_the_reservation(cluster):
