@@ -66,6 +66,7 @@ async def stream_one_report(stub, registry, load: common_pb2.LoadReport) -> None
             break
         await asyncio.sleep(0.01)
     call.cancel()
+    assert registry.get(load.instance_id).report.seq == load.seq
 
 
 async def test_dispatch_goes_to_the_freest_instance_and_respects_exclusions(scheduler):
@@ -184,6 +185,7 @@ async def test_drain_order_goes_down_the_instance_load_stream(scheduler):
         if registry.get("a").report.seq == 1:
             break
         await asyncio.sleep(0.01)
+    assert registry.get("a").report.seq == 1
     for is_terminating in (True, False):
         reply = await stub.Drain(
             scheduler_pb2.SchedulerDrainRequest(instance_id="a", is_terminating=is_terminating),
