@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 
 import pytest
@@ -111,7 +112,7 @@ async def test_destination_without_room_refuses_and_request_continues(cluster):
     from services.worker.migration import PrepareOffer
 
     blocker = await b.destination.prepare(
-        PrepareOffer("blocker", "x", "a", a.transport.address, 4, 60_000, 16)
+        PrepareOffer("blocker", "x", "a", a.transport.address, 4, 60.0, 16, "torch")
     )
     assert blocker.accepted
     await a.add("r", p, params)
@@ -122,6 +123,32 @@ async def test_destination_without_room_refuses_and_request_continues(cluster):
         "destination_refused: no_migration_slot",
     )
     assert await b.destination.abort("blocker", "test") is True
+    await asyncio.wait_for(streams["r"].finished.wait(), 60)
+    assert streams["r"].tokens == expected
+    assert set(streams["r"].sources) == {"a"}
+
+
+async def test_destination_on_other_kernels_refuses_and_request_continues(cluster):
+    native = dataclasses.replace(ENGINE_CONFIG, kernels="native")
+    try:
+        LLMEngine(native)
+    except ValueError as exc:
+        pytest.skip(f"needs the native kernels: {exc}")
+    a, b, streams = await cluster(b_engine_config=native)
+    params = SamplingParams(max_tokens=80, ignore_eos=True)
+    p = prompt(4, 60)
+    expected = reference_tokens(ENGINE_CONFIG, p, params)
+    await a.add("r", p, params)
+    await wait_tokens(streams, "r", 5)
+    result = await a.source.migrate("r", b.target())
+    assert (result.status, result.reason, result.num_stages, result.num_bytes) == (
+        MigrationStatus.ABORTED,
+        "destination_refused: incompatible_kernels: the source runs 'torch' kernels, "
+        "this instance 'native'",
+        0,
+        0,
+    )
+    assert b.destination.num_active == 0
     await asyncio.wait_for(streams["r"].finished.wait(), 60)
     assert streams["r"].tokens == expected
     assert set(streams["r"].sources) == {"a"}
@@ -182,11 +209,11 @@ async def test_data_plane_timeout_aborts_and_request_continues(cluster):
 
 
 async def test_silent_source_lease_frees_the_reservation(cluster):
-    a, b, streams = await cluster(MigrationConfig(lease_ms=200))
+    a, b, streams = await cluster(MigrationConfig(lease_s=0.2))
     from services.worker.migration import PrepareOffer
 
     reply = await b.destination.prepare(
-        PrepareOffer("m1", "ghost", "a", a.transport.address, 10, 200, 40)
+        PrepareOffer("m1", "ghost", "a", a.transport.address, 10, 0.2, 40, "torch")
     )
     assert reply.accepted
     used = await b.async_engine.run(lambda e: e.block_manager.num_used_blocks)
