@@ -96,12 +96,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _fault_hooks():
-    """Tests only: the migration fault hooks of the module $LLMESH_TEST_HOOKS names."""
+    """The migration fault hooks: none, unless $LLMESH_TEST_HOOKS names a test module."""
     from services.worker.config import TestHooksConfig
+    from services.worker.migration.faults import NO_FAULTS
 
     module_name = load_config(TestHooksConfig, "TEST").hooks
     if not module_name:
-        return None
+        return NO_FAULTS
     return importlib.import_module(module_name).migration_faults
 
 

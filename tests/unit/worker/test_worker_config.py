@@ -129,3 +129,14 @@ def test_bad_nested_values_are_one_error_type_naming_them(environ, message):
     with pytest.raises(ConfigError) as info:
         load_config(WorkerConfig, "WORKER", environ=environ)
     assert message in str(info.value)
+
+
+def test_the_worker_installs_the_fault_hooks_llmesh_test_hooks_names(monkeypatch):
+    from services.worker.__main__ import _fault_hooks
+    from services.worker.migration.faults import NO_FAULTS
+    from tests.integration.hooks.pause_before_commit import PauseBeforeCommit
+
+    monkeypatch.delenv("LLMESH_TEST_HOOKS", raising=False)
+    assert _fault_hooks() is NO_FAULTS
+    monkeypatch.setenv("LLMESH_TEST_HOOKS", "tests.integration.hooks.pause_before_commit")
+    assert type(_fault_hooks()) is PauseBeforeCommit

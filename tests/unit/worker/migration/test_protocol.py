@@ -10,6 +10,7 @@ import pytest
 
 from services.worker.engine import LLMEngine, SamplingParams
 from services.worker.migration import MigrationConfig, MigrationMode, MigrationStatus
+from services.worker.migration.faults import FaultHooks
 from tests.unit.worker.migration.conftest import ENGINE_CONFIG
 from tests.unit.worker.migration.harness import reference_tokens
 
@@ -152,6 +153,44 @@ async def test_destination_on_other_kernels_refuses_and_request_continues(cluste
     await asyncio.wait_for(streams["r"].finished.wait(), 60)
     assert streams["r"].tokens == expected
     assert set(streams["r"].sources) == {"a"}
+
+
+class RecordingFaults(FaultHooks):
+    """Records where the source called its hooks (and changes nothing)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    async def before_stage(self, stage_index: int) -> None:
+        self.calls.append(("before_stage", stage_index))
+
+    async def before_commit(self) -> None:
+        self.calls.append(("before_commit", -1))
+
+    def transfer_id(self, stage_index: int, transfer_id: str) -> str:
+        self.calls.append(("transfer_id", stage_index))
+        return transfer_id
+
+
+async def test_the_source_calls_its_fault_hooks_at_each_stage_and_before_commit(cluster):
+    faults = RecordingFaults()
+    a, b, streams = await cluster(MigrationConfig(max_stages=2), a_faults=faults)
+    p = prompt(5, 120)
+    expected = reference_tokens(ENGINE_CONFIG, p, GREEDY)
+    await a.add("r", p, GREEDY)
+    await wait_tokens(streams, "r", 2)
+    result = await a.source.migrate("r", b.target())
+    assert (result.status, result.num_stages) == (MigrationStatus.COMMITTED, 2)
+    # One live stage (max_stages=2), the stop-and-copy, then the commit.
+    assert faults.calls == [
+        ("before_stage", 0),
+        ("transfer_id", 0),
+        ("before_stage", 1),
+        ("transfer_id", 1),
+        ("before_commit", -1),
+    ]
+    await asyncio.wait_for(streams["r"].finished.wait(), 60)
+    assert streams["r"].tokens == expected
 
 
 async def test_request_finishing_mid_migration_aborts_cleanly(cluster):
