@@ -49,6 +49,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             instance_id=spec.instance_id,
             address=spec.address,
             model_id=spec.model_id,
+            kernels=spec.kernels,
             layers=f"[{spec.layer_start},{spec.layer_end})",
         )
         return scheduler_pb2.RegisterInstanceResponse(
