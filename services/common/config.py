@@ -95,6 +95,10 @@ def _load(
     for field in dataclasses.fields(cls):
         annotation = hints[field.name]
         if dataclasses.is_dataclass(annotation):
+            given = overrides.get(field.name)
+            if isinstance(given, annotation):  # a whole nested config wins, like any override
+                values[field.name] = given
+                continue
             default = _field_default(field) if base is None else getattr(base, field.name)
             values[field.name] = _load(
                 annotation,

@@ -74,6 +74,8 @@ def test_nested_configs_load_from_prefixed_env_and_dotted_or_nested_overrides():
     assert cfg == OuterConfig("y", InnerConfig(3, "a"), InnerConfig(7, "b"))
     cfg = load_config(OuterConfig, "outer", {"inner": {"size": 2}}, environ={})
     assert cfg == OuterConfig("x", InnerConfig(2, "a"), InnerConfig(5, "a"))
+    cfg = load_config(OuterConfig, "outer", {"inner": InnerConfig(4, "c")}, environ=env)
+    assert cfg == OuterConfig("x", InnerConfig(4, "c"), InnerConfig(5, "b"))
 
 
 def test_a_field_also_reads_its_process_wide_variable_below_its_own():
