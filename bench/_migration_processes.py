@@ -27,6 +27,8 @@ import grpc
 from bench._migration_figures import median_sample, move_figures, resident_since
 from gateway.client import AsyncClient
 from protos import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
+from services.common.convert import migration_mode_to_proto, migration_status_from_proto
+from services.common.migration import MigrationMode, MigrationStatus
 from services.common.procs import LocalMesh
 
 NUM_BACKGROUND = 3
@@ -78,12 +80,12 @@ async def _migrate_out(src_info, dst_info, request_id: str, mode: str):
                 request_id=request_id,
                 num_requests=1,
                 wait=True,
-                mode=mode,
+                mode=migration_mode_to_proto(MigrationMode(mode)),
             ),
             timeout=600,
         )
     [result] = reply.results
-    if result.status != "COMMITTED":
+    if migration_status_from_proto(result.status) is not MigrationStatus.COMMITTED:
         raise RuntimeError(f"{mode} migration of {request_id} failed: {result.reason}")
     return result
 

@@ -124,6 +124,7 @@ def main(argv: list[str]) -> int:
     except ImportError:
         print("llmesh bench engine: needs transformers (pip install llmesh[bench])")
         return 2
+    from services.common.config import load_config
     from services.worker.engine import EngineConfig, LLMEngine
     from services.worker.engine.tiny import TINY_MODEL_CONFIG
     from services.worker.engine.weights import to_hf_tensors
@@ -139,7 +140,8 @@ def main(argv: list[str]) -> int:
     print(
         f"{n} requests, prompts ~{p} tokens, ~{m} new tokens each, greedy; torch threads={args.threads}"
     )
-    engine = LLMEngine(EngineConfig(max_num_seqs=max(n, 1), max_num_batched_tokens=max(512, 2 * p)))
+    overrides = {"max_num_seqs": max(n, 1), "max_num_batched_tokens": max(512, 2 * p)}
+    engine = LLMEngine(load_config(EngineConfig, "ENGINE", overrides))
     hf_model = transformers.LlamaForCausalLM(
         transformers.LlamaConfig(**TINY_MODEL_CONFIG.to_hf_dict())
     ).eval()

@@ -37,6 +37,7 @@ import torch
 from bench._checkpoint import llama_config, write_checkpoint
 from bench._migration_figures import median_sample, move_figures, resident_since
 from kvtransport import Backend, TransportConfig, make_transport
+from services.common.config import load_config
 from services.common.logging import setup_logging
 from services.worker.async_engine import AsyncEngine
 from services.worker.engine import EngineConfig, LLMEngine, SamplingParams
@@ -61,12 +62,13 @@ class Node:
     def __init__(self, name: str, model_dir: Path, max_len: int, log: dict[str, list]) -> None:
         self.name = name
         self.log = log  # request id -> [(time, node name)] per output token
-        config = EngineConfig(
-            model=str(model_dir),
-            memory_capacity_bytes=2 * 1024**3,
-            max_model_len=max_len,
-            max_num_batched_tokens=1024,
-        )
+        overrides = {
+            "model": str(model_dir),
+            "memory_capacity_bytes": 2 * 1024**3,
+            "max_model_len": max_len,
+            "max_num_batched_tokens": 1024,
+        }
+        config = load_config(EngineConfig, "ENGINE", overrides)
         self.engine = LLMEngine(config)
         self.async_engine = AsyncEngine(self.engine, self._on_step, snapshot_interval_s=0.5)
         self.transport = make_transport(TransportConfig(backend=Backend.UCX))
@@ -84,7 +86,7 @@ class Node:
     async def start(self, peers: dict[str, Node]) -> None:
         await self.transport.start()
         self.async_engine.start()
-        config = MigrationConfig(transfer_timeout_s=120, lease_ms=60_000, rpc_timeout_s=120)
+        config = MigrationConfig(transfer_timeout_s=120, lease_s=60.0, rpc_timeout_s=120)
         self.destination = MigrationDestination(self.async_engine, self.transport, config)
         self.destination.start()
         self.source = MigrationSource(

@@ -76,10 +76,12 @@ def _workload(args) -> list[list[int]]:
 def make_engine(args):
     import torch
 
+    from services.common.config import load_config
     from services.worker.engine import EngineConfig, LLMEngine, SamplingParams
 
     torch.set_num_threads(args.threads)
-    engine = LLMEngine(EngineConfig(model=args.model, max_num_seqs=args.max_num_seqs))
+    overrides = {"model": args.model, "max_num_seqs": args.max_num_seqs}
+    engine = LLMEngine(load_config(EngineConfig, "ENGINE", overrides))
     engine.generate([[1, 2, 3]], SamplingParams(max_tokens=2))  # warm-up
     return engine
 

@@ -20,15 +20,13 @@ class GatewayConfig:
         1024  # admission: refuse when every instance has this many queued
     )
     max_placements: int = 4  # instances tried per placement before the client gets UNAVAILABLE
-    dispatch_timeout_ms: int = 1000  # deadline of Scheduler.Dispatch
-    submit_timeout_ms: int = 5000  # deadline of Worker.Submit
-    abort_timeout_ms: int = 2000  # deadline of Worker.Abort
-    cluster_view_refresh_ms: int = 500  # how often the cached cluster view is refreshed
-    cluster_view_stale_ms: int = 3000  # older than this, fall back to round robin, not freeness
-    cluster_view_forget_ms: int = (
-        10000  # keep an instance this long after the scheduler stops listing it
-    )
-    lost_instance_ttl_ms: int = 10000  # avoid an instance this long after it was lost
+    dispatch_timeout_s: float = 1.0  # deadline of Scheduler.Dispatch
+    submit_timeout_s: float = 5.0  # deadline of Worker.Submit
+    abort_timeout_s: float = 2.0  # deadline of Worker.Abort
+    cluster_view_refresh_s: float = 0.5  # how often the cached cluster view is refreshed
+    cluster_view_stale_s: float = 3.0  # older than this, fall back to round robin, not freeness
+    cluster_view_forget_s: float = 10.0  # keep an instance this long after the scheduler drops it
+    lost_instance_ttl_s: float = 10.0  # avoid an instance this long after it was lost
     health_watch_rotate_s: float = 300.0  # deadline of each worker health Watch (then re-opened)
     log_level: str = "INFO"  # DEBUG, INFO, WARNING or ERROR
     otlp_endpoint: str = ""  # OTLP/gRPC trace collector (empty = traces not exported)
@@ -46,20 +44,20 @@ class GatewayConfig:
             f"scheduler_address={self.scheduler_address!r} must be host:port",
         )
         require(self.model != "", "model must be 'tiny' or a checkpoint path, got ''")
-        for name in (
-            "max_inflight_requests",
-            "max_waiting_per_instance",
-            "max_placements",
-            "dispatch_timeout_ms",
-            "submit_timeout_ms",
-            "abort_timeout_ms",
-            "cluster_view_refresh_ms",
-            "cluster_view_stale_ms",
-            "cluster_view_forget_ms",
-            "lost_instance_ttl_ms",
-        ):
+        for name in ("max_inflight_requests", "max_waiting_per_instance", "max_placements"):
             value = getattr(self, name)
             require(isinstance(value, int) and value > 0, f"{name}={value!r} must be an int > 0")
+        for name in (
+            "dispatch_timeout_s",
+            "submit_timeout_s",
+            "abort_timeout_s",
+            "cluster_view_refresh_s",
+            "cluster_view_stale_s",
+            "cluster_view_forget_s",
+            "lost_instance_ttl_s",
+        ):
+            value = getattr(self, name)
+            require(value > 0, f"{name}={value!r} must be > 0")
         require(
             self.health_watch_rotate_s > 0,
             f"health_watch_rotate_s={self.health_watch_rotate_s} must be > 0",

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import dataclass
+
+import grpc
 
 from gateway.admission import AdmissionControl
 from gateway.cluster_view import ClusterView, refresh_forever
@@ -21,24 +24,24 @@ from services.common.tokenizer import load_tokenizer
 log = get_logger(__name__)
 
 
-async def _close_sinks_when_drained(
-    sessions: SessionTable, sink: OutputSinkServicer, grace_s: float
-) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(sessions.wait_empty(), grace_s)
-    sink.close()
+@dataclass
+class _Gateway:
+    """The gateway's parts, wired to each other but not yet serving."""
+
+    scheduler_channel: grpc.aio.Channel
+    scheduler_stub: scheduler_pb2_grpc.SchedulerStub
+    view: ClusterView
+    sessions: SessionTable
+    pool: WorkerPool
+    servicer: GatewayServicer
+    sink: OutputSinkServicer
 
 
-async def serve(config: GatewayConfig, server: GrpcServer | None = None) -> None:
-    """Run the gateway until SIGTERM/SIGINT (or `server.request_stop()`)."""
-    tokenizer = load_tokenizer(config.model)
-    server = server or GrpcServer("gateway", config.bind, grace_s=config.grace_s)
-    owner_address = config.advertise_address or server.bind_port()
-
+def _build(config: GatewayConfig, tokenizer, owner_address: str) -> _Gateway:
     scheduler_channel = aio_channel(config.scheduler_address)
     scheduler_stub = scheduler_pb2_grpc.SchedulerStub(scheduler_channel)
-    view = ClusterView(forget_after_s=config.cluster_view_forget_ms / 1000)
-    lost = LostInstances(ttl_s=config.lost_instance_ttl_ms / 1000)
+    view = ClusterView(forget_after_s=config.cluster_view_forget_s)
+    lost = LostInstances(ttl_s=config.lost_instance_ttl_s)
     sessions = SessionTable()
 
     def on_lost(instance_id: str, reason: str) -> None:
@@ -47,8 +50,8 @@ async def serve(config: GatewayConfig, server: GrpcServer | None = None) -> None
 
     pool = WorkerPool(
         on_lost,
-        submit_timeout_s=config.submit_timeout_ms / 1000,
-        abort_timeout_s=config.abort_timeout_ms / 1000,
+        submit_timeout_s=config.submit_timeout_s,
+        abort_timeout_s=config.abort_timeout_s,
         watch_rotate_s=config.health_watch_rotate_s,
     )
     sessions.on_moved = pool.link  # watch a migration's destination like any worker in use
@@ -56,34 +59,39 @@ async def serve(config: GatewayConfig, server: GrpcServer | None = None) -> None
         scheduler_stub,
         view,
         lost,
-        timeout_s=config.dispatch_timeout_ms / 1000,
-        view_stale_s=config.cluster_view_stale_ms / 1000,
+        timeout_s=config.dispatch_timeout_s,
+        view_stale_s=config.cluster_view_stale_s,
     )
-    gateway_pb2_grpc.add_GatewayServicer_to_server(
-        GatewayServicer(
-            sessions=sessions,
-            view=view,
-            dispatcher=dispatcher,
-            pool=pool,
-            admission=AdmissionControl(
-                config.max_inflight_requests, config.max_waiting_per_instance
-            ),
-            tokenizer=tokenizer,
-            owner_address=owner_address,
-            model_id=config.model,
-            max_placements=config.max_placements,
-        ),
-        server.server,
+    servicer = GatewayServicer(
+        sessions=sessions,
+        view=view,
+        dispatcher=dispatcher,
+        pool=pool,
+        admission=AdmissionControl(config.max_inflight_requests, config.max_waiting_per_instance),
+        tokenizer=tokenizer,
+        owner_address=owner_address,
+        model_id=config.model,
+        max_placements=config.max_placements,
     )
     sink = OutputSinkServicer(sessions, pool)
-    gateway_pb2_grpc.add_OutputSinkServicer_to_server(sink, server.server)
+    return _Gateway(scheduler_channel, scheduler_stub, view, sessions, pool, servicer, sink)
+
+
+async def serve(config: GatewayConfig, server: GrpcServer | None = None) -> None:
+    """Run the gateway until SIGTERM/SIGINT (or `server.request_stop()`)."""
+    tokenizer = load_tokenizer(config.model)
+    server = server or GrpcServer("gateway", config.bind, grace_s=config.grace_s)
+    owner_address = config.advertise_address or server.bind_port()
+    gateway = _build(config, tokenizer, owner_address)
+    gateway_pb2_grpc.add_GatewayServicer_to_server(gateway.servicer, server.server)
+    gateway_pb2_grpc.add_OutputSinkServicer_to_server(gateway.sink, server.server)
     await server.start(service_names=["llmesh.v1.Gateway", "llmesh.v1.OutputSink"])
     refresher = asyncio.create_task(
         refresh_forever(
-            view,
-            scheduler_stub,
-            interval_s=config.cluster_view_refresh_ms / 1000,
-            timeout_s=config.dispatch_timeout_ms / 1000,
+            gateway.view,
+            gateway.scheduler_stub,
+            interval_s=config.cluster_view_refresh_s,
+            timeout_s=config.dispatch_timeout_s,
         )
     )
     await server.set_serving()
@@ -99,13 +107,23 @@ async def serve(config: GatewayConfig, server: GrpcServer | None = None) -> None
         server.install_signal_handlers()
         await server.wait_stop_requested()
     finally:
-        # In-flight streams get the grace period (their tokens still arrive over the
-        # output sinks); the sinks close once they are done.
-        await asyncio.gather(
-            server.stop(), _close_sinks_when_drained(sessions, sink, config.grace_s)
-        )
-        refresher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await refresher
-        await pool.close()
-        await scheduler_channel.close()
+        await _stop(server, gateway, refresher, config.grace_s)
+
+
+async def _stop(
+    server: GrpcServer, gateway: _Gateway, refresher: asyncio.Task, grace_s: float
+) -> None:
+    # In-flight streams get the grace period (their tokens still arrive over the
+    # output sinks); the sinks close once they are done.
+    await asyncio.gather(server.stop(), _close_sinks_when_drained(gateway, grace_s))
+    refresher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await refresher
+    await gateway.pool.close()
+    await gateway.scheduler_channel.close()
+
+
+async def _close_sinks_when_drained(gateway: _Gateway, grace_s: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(gateway.sessions.wait_empty(), grace_s)
+    gateway.sink.close()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 
-from kvtransport.base import ReceivedTransfer, TrafficClass, Transport, TransportStats
+from kvtransport.base import ReceivedTransfer, Transport, TransportStats
 from kvtransport.config import Backend, SchedulingPolicy, TransportConfig
 from kvtransport.errors import (
     PeerUnreachable,
@@ -25,6 +25,7 @@ from kvtransport.errors import (
     TransportError,
 )
 from kvtransport.handles import SendHandle, TransferStatus
+from kvtransport.traffic import TrafficClass
 
 # Backend -> "module:class". Imported on use, so the TCP fallback works without ucxx.
 TRANSPORTS: dict[Backend, str] = {

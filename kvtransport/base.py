@@ -11,20 +11,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from kvtransport.handles import SendHandle
-
-
-class TrafficClass(StrEnum):
-    """Strict priority order: every ACTIVATION message goes before any pending KV chunk."""
-
-    ACTIVATION = "activation"  # pipeline hidden states: latency-critical, small to medium
-    KV = "kv"  # KV-cache blocks: bulk, chunked, pausable
+from kvtransport.handles import SendHandle
+from kvtransport.traffic import TrafficClass
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 Environment variables are not read here: UCX reads its own `UCX_*` variables (UCX_TLS,
 UCX_NET_DEVICES, ...) when a transport starts, and options given in `ucx_options` win
-over them. See docs/kvtransport.md for the settings to use per deployment.
+over them. The one the UCX backend looks at itself is UCX_RNDV_THRESH, when it creates
+its context: set, it wins over the threshold chosen here (ucx.py). Nothing here writes
+the environment. See docs/kvtransport.md for the settings to use per deployment.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from kvtransport.base import ReceivedTransfer, TrafficClass, Transport, TransportStats
+from kvtransport.base import ReceivedTransfer, Transport, TransportStats
 from kvtransport.buffers import BufferPool
 from kvtransport.config import TransportConfig
 from kvtransport.errors import PeerUnreachable, TransportError
@@ -18,6 +18,7 @@ from kvtransport.fabric import Fabric
 from kvtransport.handles import SendHandle
 from kvtransport.receiver import Receiver
 from kvtransport.sender import Sender
+from kvtransport.traffic import TrafficClass
 from kvtransport.wire import CancelTransfer, ControlMessage, RejectTransfer, TransferHeader
 
 log = logging.getLogger(__name__)

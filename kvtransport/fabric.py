@@ -21,8 +21,8 @@ from typing import Protocol
 
 import numpy as np
 
-from kvtransport.base import TrafficClass
 from kvtransport.errors import TransportError
+from kvtransport.traffic import TrafficClass
 from kvtransport.wire import ControlMessage
 
 

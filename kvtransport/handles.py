@@ -14,8 +14,8 @@ import asyncio
 from enum import StrEnum
 from typing import Protocol
 
-from kvtransport.base import TrafficClass
 from kvtransport.errors import TransportError
+from kvtransport.traffic import TrafficClass
 
 
 class TransferStatus(StrEnum):

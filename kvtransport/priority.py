@@ -30,11 +30,11 @@ from functools import partial
 
 import torch
 
-from kvtransport.base import TrafficClass
 from kvtransport.config import SchedulingPolicy, TransportConfig
 from kvtransport.errors import PeerUnreachable, TransferCancelled, TransferTimeout, TransportError
 from kvtransport.fabric import ChunkOut, ControlOut, OutMessage, PeerLink
 from kvtransport.handles import SendHandle, TransferStatus
+from kvtransport.traffic import TrafficClass
 from kvtransport.wire import CancelTransfer, encode
 
 log = logging.getLogger(__name__)

@@ -9,13 +9,13 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from kvtransport.base import TrafficClass
 from kvtransport.config import TransportConfig
 from kvtransport.errors import PeerUnreachable, TransportError
 from kvtransport.fabric import ChunkOut, ControlOut, Fabric, OutMessage
 from kvtransport.handles import SendHandle
 from kvtransport.priority import Outbound, PeerScheduler
 from kvtransport.tensors import as_sendable, byte_view, spec_of
+from kvtransport.traffic import TrafficClass
 from kvtransport.wire import KEY_BITS, MAX_SEQ, TransferHeader, encode, meta_size, plan_chunks
 
 log = logging.getLogger(__name__)

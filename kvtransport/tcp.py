@@ -25,12 +25,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from kvtransport.base import TrafficClass
 from kvtransport.buffers import BufferPool
 from kvtransport.config import TransportConfig
 from kvtransport.core import FabricTransport
 from kvtransport.errors import PeerUnreachable, TransferCancelled, TransportError
 from kvtransport.fabric import ChunkOut, Fabric, FabricEvents, OutMessage, PeerLink
+from kvtransport.traffic import TrafficClass
 from kvtransport.wire import decode
 
 log = logging.getLogger(__name__)

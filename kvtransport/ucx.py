@@ -30,13 +30,13 @@ from functools import partial
 
 import numpy as np
 
-from kvtransport.base import TrafficClass
 from kvtransport.buffers import BufferPool
 from kvtransport.config import TransportConfig
 from kvtransport.core import FabricTransport
 from kvtransport.errors import PeerUnreachable, TransportError
 from kvtransport.fabric import ChunkOut, Fabric, FabricEvents, OutMessage, PeerLink
-from kvtransport.ucx_worker import IS_RNDV_THRESH_FROM_USER, Array, UcxWorker
+from kvtransport.traffic import TrafficClass
+from kvtransport.ucx_worker import Array, UcxWorker, is_rndv_thresh_from_user
 from kvtransport.wire import TransferHeader, decode
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def _ucx_options(config: TransportConfig) -> dict[str, str]:
     activation overtake KV inside UCX too. Chunks are always far above it.
     """
     options = dict(config.ucx_options)
-    if "RNDV_THRESH" not in options and not IS_RNDV_THRESH_FROM_USER:
+    if "RNDV_THRESH" not in options and not is_rndv_thresh_from_user():
         options["RNDV_THRESH"] = str(config.mailbox_slot_bytes)
     return options
 

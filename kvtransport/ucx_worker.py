@@ -26,22 +26,12 @@ import time
 from collections.abc import Callable, Mapping
 
 import numpy as np
+import ucxx  # (importing it sets UCX_MEMTYPE_CACHE, UCX_RNDV_THRESH=8192 etc. when unset)
+from ucxx._lib import libucxx as ucx_api
+from ucxx._lib.arr import Array
+from ucxx.types import Tag, TagMask, TagMaskFull
 
-# ucxx sets UCX_MEMTYPE_CACHE for old UCX versions; the bundled UCX 1.21 does not know it
-# and would warn on every context creation. Must be set before ucxx is imported.
-os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
-# ucxx also sets UCX_RNDV_THRESH=8192 unless it is set; remember whether a user did.
-_UCXX_DEFAULT_RNDV_THRESH = "8192"
-IS_RNDV_THRESH_FROM_USER = os.environ.get("UCX_RNDV_THRESH", _UCXX_DEFAULT_RNDV_THRESH) != (
-    _UCXX_DEFAULT_RNDV_THRESH
-)
-
-import ucxx  # noqa: E402  (also loads libucx and sets UCX_RNDV_THRESH=8192 etc.)
-from ucxx._lib import libucxx as ucx_api  # noqa: E402
-from ucxx._lib.arr import Array  # noqa: E402
-from ucxx.types import Tag, TagMask, TagMaskFull  # noqa: E402
-
-from kvtransport.errors import PeerUnreachable, TransferCancelled, TransportError  # noqa: E402
+from kvtransport.errors import PeerUnreachable, TransferCancelled, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +46,19 @@ LATENCY_SLICE_S = 0.0001
 BULK_SLICE_S = 0.002
 # How long closing an endpoint may wait for UCX to flush/cancel (nanoseconds).
 CLOSE_PERIOD_NS = 100_000_000
+# Options every context gets unless the caller's say otherwise. ucxx sets
+# UCX_MEMTYPE_CACHE (for old UCX versions) in the environment at import; UCX 1.21 does
+# not know it and would warn at every context creation.
+CONTEXT_DEFAULTS = {"WARN_UNUSED_ENV_VARS": "n"}
+_UCXX_DEFAULT_RNDV_THRESH = "8192"
+
+
+def is_rndv_thresh_from_user() -> bool:
+    """Whether the user set UCX_RNDV_THRESH (read when a context is made). Importing ucxx
+    sets it to 8192 when unset, so only another value is the user's."""
+    threshold = os.environ.get("UCX_RNDV_THRESH", _UCXX_DEFAULT_RNDV_THRESH)
+    return threshold != _UCXX_DEFAULT_RNDV_THRESH
+
 
 _PEER_ERRORS = (
     ucxx.exceptions.UCXIOError,
@@ -95,7 +98,8 @@ class UcxWorker:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._context = ucx_api.UCXContext(
-            self._options, feature_flags=(ucx_api.Feature.TAG, ucx_api.Feature.WAKEUP)
+            {**CONTEXT_DEFAULTS, **self._options},
+            feature_flags=(ucx_api.Feature.TAG, ucx_api.Feature.WAKEUP),
         )
         self._worker = ucx_api.UCXWorker(
             self._context, enable_delayed_submission=False, enable_python_future=False

@@ -24,9 +24,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-from kvtransport.base import TrafficClass
 from kvtransport.errors import TransportError
 from kvtransport.tensors import TensorSpec
+from kvtransport.traffic import TrafficClass
 
 MAGIC = b"KVT1"
 PREFIX = struct.Struct("<4sB3xI4xQ")

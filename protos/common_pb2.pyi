@@ -14,11 +14,20 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_STOP: _ClassVar[FinishReason]
     FINISH_REASON_ABORT: _ClassVar[FinishReason]
     FINISH_REASON_ERROR: _ClassVar[FinishReason]
+
+class KernelBackend(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KERNEL_BACKEND_UNSPECIFIED: _ClassVar[KernelBackend]
+    KERNEL_BACKEND_NATIVE: _ClassVar[KernelBackend]
+    KERNEL_BACKEND_TORCH: _ClassVar[KernelBackend]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_ABORT: FinishReason
 FINISH_REASON_ERROR: FinishReason
+KERNEL_BACKEND_UNSPECIFIED: KernelBackend
+KERNEL_BACKEND_NATIVE: KernelBackend
+KERNEL_BACKEND_TORCH: KernelBackend
 
 class SamplingParams(_message.Message):
     __slots__ = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos")
@@ -122,7 +131,7 @@ class RunningRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., num_blocks: _Optional[int] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class InstanceInfo(_message.Message):
-    __slots__ = ("instance_id", "address", "transport_address", "transport_backend", "model_id", "memory_capacity_bytes", "block_size", "layer_start", "layer_end", "num_layers", "max_model_len", "vocab_size", "eos_token_id")
+    __slots__ = ("instance_id", "address", "transport_address", "transport_backend", "model_id", "memory_capacity_bytes", "block_size", "layer_start", "layer_end", "num_layers", "max_model_len", "vocab_size", "eos_token_id", "kernels")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +145,7 @@ class InstanceInfo(_message.Message):
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    KERNELS_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     address: str
     transport_address: bytes
@@ -149,4 +159,5 @@ class InstanceInfo(_message.Message):
     max_model_len: int
     vocab_size: int
     eos_token_id: int
-    def __init__(self, instance_id: _Optional[str] = ..., address: _Optional[str] = ..., transport_address: _Optional[bytes] = ..., transport_backend: _Optional[str] = ..., model_id: _Optional[str] = ..., memory_capacity_bytes: _Optional[int] = ..., block_size: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_id: _Optional[int] = ...) -> None: ...
+    kernels: KernelBackend
+    def __init__(self, instance_id: _Optional[str] = ..., address: _Optional[str] = ..., transport_address: _Optional[bytes] = ..., transport_backend: _Optional[str] = ..., model_id: _Optional[str] = ..., memory_capacity_bytes: _Optional[int] = ..., block_size: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_id: _Optional[int] = ..., kernels: _Optional[_Union[KernelBackend, str]] = ...) -> None: ...

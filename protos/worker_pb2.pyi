@@ -1,11 +1,40 @@
 from protos import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class MigrationMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MIGRATION_MODE_UNSPECIFIED: _ClassVar[MigrationMode]
+    MIGRATION_MODE_LIVE: _ClassVar[MigrationMode]
+    MIGRATION_MODE_BLOCKING_COPY: _ClassVar[MigrationMode]
+    MIGRATION_MODE_RECOMPUTE: _ClassVar[MigrationMode]
+
+class MigrationStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MIGRATION_STATUS_UNSPECIFIED: _ClassVar[MigrationStatus]
+    MIGRATION_STATUS_PREPARING: _ClassVar[MigrationStatus]
+    MIGRATION_STATUS_COPYING: _ClassVar[MigrationStatus]
+    MIGRATION_STATUS_STOPPED: _ClassVar[MigrationStatus]
+    MIGRATION_STATUS_COMMITTING: _ClassVar[MigrationStatus]
+    MIGRATION_STATUS_COMMITTED: _ClassVar[MigrationStatus]
+    MIGRATION_STATUS_ABORTED: _ClassVar[MigrationStatus]
+MIGRATION_MODE_UNSPECIFIED: MigrationMode
+MIGRATION_MODE_LIVE: MigrationMode
+MIGRATION_MODE_BLOCKING_COPY: MigrationMode
+MIGRATION_MODE_RECOMPUTE: MigrationMode
+MIGRATION_STATUS_UNSPECIFIED: MigrationStatus
+MIGRATION_STATUS_PREPARING: MigrationStatus
+MIGRATION_STATUS_COPYING: MigrationStatus
+MIGRATION_STATUS_STOPPED: MigrationStatus
+MIGRATION_STATUS_COMMITTING: MigrationStatus
+MIGRATION_STATUS_COMMITTED: MigrationStatus
+MIGRATION_STATUS_ABORTED: MigrationStatus
 
 class SubmitRequest(_message.Message):
     __slots__ = ("state",)
@@ -52,8 +81,8 @@ class MigrateOutRequest(_message.Message):
     request_id: str
     num_requests: int
     wait: bool
-    mode: str
-    def __init__(self, dst_instance_id: _Optional[str] = ..., dst_address: _Optional[str] = ..., dst_transport_address: _Optional[bytes] = ..., request_id: _Optional[str] = ..., num_requests: _Optional[int] = ..., wait: _Optional[bool] = ..., mode: _Optional[str] = ...) -> None: ...
+    mode: MigrationMode
+    def __init__(self, dst_instance_id: _Optional[str] = ..., dst_address: _Optional[str] = ..., dst_transport_address: _Optional[bytes] = ..., request_id: _Optional[str] = ..., num_requests: _Optional[int] = ..., wait: _Optional[bool] = ..., mode: _Optional[_Union[MigrationMode, str]] = ...) -> None: ...
 
 class MigrateOutResponse(_message.Message):
     __slots__ = ("results",)
@@ -74,17 +103,17 @@ class MigrationResult(_message.Message):
     DURATION_MS_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     request_id: str
-    status: str
+    status: MigrationStatus
     reason: str
     num_stages: int
     num_blocks: int
     downtime_ms: float
     num_bytes: int
     duration_ms: float
-    def __init__(self, migration_id: _Optional[str] = ..., request_id: _Optional[str] = ..., status: _Optional[str] = ..., reason: _Optional[str] = ..., num_stages: _Optional[int] = ..., num_blocks: _Optional[int] = ..., downtime_ms: _Optional[float] = ..., num_bytes: _Optional[int] = ..., duration_ms: _Optional[float] = ...) -> None: ...
+    def __init__(self, migration_id: _Optional[str] = ..., request_id: _Optional[str] = ..., status: _Optional[_Union[MigrationStatus, str]] = ..., reason: _Optional[str] = ..., num_stages: _Optional[int] = ..., num_blocks: _Optional[int] = ..., downtime_ms: _Optional[float] = ..., num_bytes: _Optional[int] = ..., duration_ms: _Optional[float] = ...) -> None: ...
 
 class PrepareMigrationRequest(_message.Message):
-    __slots__ = ("migration_id", "request_id", "src_instance_id", "src_transport_address", "num_blocks", "lease_ms", "num_tokens", "trace_context")
+    __slots__ = ("migration_id", "request_id", "src_instance_id", "src_transport_address", "num_blocks", "lease_ms", "num_tokens", "trace_context", "kernels")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +129,7 @@ class PrepareMigrationRequest(_message.Message):
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    KERNELS_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     request_id: str
     src_instance_id: str
@@ -108,7 +138,8 @@ class PrepareMigrationRequest(_message.Message):
     lease_ms: int
     num_tokens: int
     trace_context: _containers.ScalarMap[str, str]
-    def __init__(self, migration_id: _Optional[str] = ..., request_id: _Optional[str] = ..., src_instance_id: _Optional[str] = ..., src_transport_address: _Optional[bytes] = ..., num_blocks: _Optional[int] = ..., lease_ms: _Optional[int] = ..., num_tokens: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    kernels: _common_pb2.KernelBackend
+    def __init__(self, migration_id: _Optional[str] = ..., request_id: _Optional[str] = ..., src_instance_id: _Optional[str] = ..., src_transport_address: _Optional[bytes] = ..., num_blocks: _Optional[int] = ..., lease_ms: _Optional[int] = ..., num_tokens: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., kernels: _Optional[_Union[_common_pb2.KernelBackend, str]] = ...) -> None: ...
 
 class PrepareMigrationResponse(_message.Message):
     __slots__ = ("accepted", "reason", "kv_block_nbytes")

@@ -24,15 +24,19 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import torch
 
+    from services.common.config import load_config
     from services.worker.engine import EngineConfig
     from services.worker.engine.calibration import calibrate
 
     if args.threads:
         torch.set_num_threads(args.threads)
     name = args.name or ("tiny-cpu" if args.model == "tiny" else "checkpoint-cpu")
-    config = EngineConfig(
-        model=args.model, dtype=args.dtype, memory_capacity_bytes=args.memory_capacity_bytes
-    )
+    overrides = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "memory_capacity_bytes": args.memory_capacity_bytes,
+    }
+    config = load_config(EngineConfig, "ENGINE", overrides)
     print(f"calibrating {args.model} ({args.dtype}, {torch.get_num_threads()} threads)")
     try:
         profile, samples = calibrate(config, name, args.repeats, quick=args.quick)

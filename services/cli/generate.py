@@ -159,6 +159,7 @@ def generate_local(requests: list[GenerateRequest], engine_config) -> list[dict[
 def run(args) -> int:
     if not args.local:
         return run_gateway(args)
+    from services.common.config import load_config
     from services.worker.engine import EngineConfig
 
     if args.threads:
@@ -170,7 +171,7 @@ def run(args) -> int:
         config_fields = {"model": args.model, "block_size": args.block_size, "dtype": args.dtype}
         if args.memory_capacity_bytes is not None:
             config_fields["memory_capacity_bytes"] = args.memory_capacity_bytes
-        results = generate_local(requests, EngineConfig(**config_fields))
+        results = generate_local(requests, load_config(EngineConfig, "ENGINE", config_fields))
     except (OSError, ValueError) as exc:
         print(f"llmesh generate: {exc}", file=sys.stderr)
         return 2

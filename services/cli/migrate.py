@@ -13,6 +13,8 @@ import grpc
 
 from protos import worker_pb2, worker_pb2_grpc
 from services.cli.status import default_addresses, fetch_cluster
+from services.common.convert import migration_mode_to_proto, migration_status_from_proto
+from services.common.migration import MigrationMode
 
 HELP = "live-migrate running requests from one instance to another"
 
@@ -24,8 +26,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--num", dest="num_requests", type=int, default=1, help="how many requests")
     parser.add_argument(
         "--mode",
-        default="live",
-        choices=["live", "blocking_copy", "recompute"],
+        default=MigrationMode.LIVE.value,
+        choices=[mode.value for mode in MigrationMode],
         help="how KV moves",
     )
     parser.add_argument(
@@ -62,7 +64,7 @@ def run(args) -> int:
                     request_id=args.request_id,
                     num_requests=args.num_requests,
                     wait=True,
-                    mode=args.mode,
+                    mode=migration_mode_to_proto(MigrationMode(args.mode)),
                 ),
                 timeout=args.timeout,
             )
@@ -73,7 +75,7 @@ def run(args) -> int:
         {
             "migration_id": r.migration_id,
             "request_id": r.request_id,
-            "status": r.status,
+            "status": migration_status_from_proto(r.status).value,
             "reason": r.reason,
             "num_stages": r.num_stages,
             "num_blocks": r.num_blocks,

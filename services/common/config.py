@@ -3,7 +3,13 @@
 Every component declares a frozen dataclass (one line of doc per field, validation in
 `__post_init__` raising `ConfigError` naming the bad value). Environment variables are
 read here and nowhere else: field `foo_bar` of a config loaded with prefix `WORKER`
-comes from `LLMESH_WORKER_FOO_BAR`.
+comes from `LLMESH_WORKER_FOO_BAR`. A field whose type is itself a config dataclass
+nests: field `scheduling_policy` of `WorkerConfig.engine` comes from
+`LLMESH_WORKER_ENGINE_SCHEDULING_POLICY`, and from the override `engine.scheduling_policy`
+(an argparse `dest`). A field may also name a process-wide variable in its metadata,
+`field(metadata={ENV: "LLMESH_KERNELS"})`, read when its own name is not set.
+
+This module imports nothing from the services: every component may use it.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 ENV_PREFIX = "LLMESH_"
+# Field metadata key: a process-wide environment variable that also sets the field.
+ENV = "env"
 
 
 class ConfigError(ValueError):
@@ -57,6 +65,62 @@ def _parse(raw: str, annotation: Any, name: str) -> Any:
     raise ConfigError(f"{name}: unsupported config type {annotation!r}")
 
 
+def _nested_overrides(overrides: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The overrides of nested field `name`: `{name: {...}}` and dotted `name.sub` keys."""
+    nested = dict(overrides.get(name) or {})
+    prefix = f"{name}."
+    for key, value in overrides.items():
+        if key.startswith(prefix):
+            nested[key[len(prefix) :]] = value
+    return nested
+
+
+def _field_default(field: dataclasses.Field) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return dataclasses.MISSING
+
+
+def _load(
+    cls: type[T],
+    prefix: str,
+    overrides: Mapping[str, Any],
+    environ: Mapping[str, str],
+    base: T | None,
+) -> T:
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(cls):
+        annotation = hints[field.name]
+        if dataclasses.is_dataclass(annotation):
+            given = overrides.get(field.name)
+            if isinstance(given, annotation):  # a whole nested config wins, like any override
+                values[field.name] = given
+                continue
+            default = _field_default(field) if base is None else getattr(base, field.name)
+            values[field.name] = _load(
+                annotation,
+                f"{prefix}_{field.name}" if prefix else field.name,
+                _nested_overrides(overrides, field.name),
+                environ,
+                None if default is dataclasses.MISSING else default,
+            )
+            continue
+        for name in (env_name(prefix, field.name), field.metadata.get(ENV)):
+            if name and name in environ:
+                values[field.name] = _parse(environ[name], annotation, name)
+                break
+        value = overrides.get(field.name)
+        if value is not None:
+            values[field.name] = value
+    try:
+        return cls(**values) if base is None else dataclasses.replace(base, **values)
+    except TypeError as exc:
+        raise ConfigError(f"{cls.__name__}: {exc}") from exc
+
+
 def load_config(
     cls: type[T],
     prefix: str,
@@ -66,23 +130,12 @@ def load_config(
     """Build `cls` from its defaults, then env vars `LLMESH_<PREFIX>_<FIELD>`, then overrides.
 
     Overrides whose value is None are ignored, so argparse namespaces can be passed
-    directly (`vars(args)`) with unset flags left as None.
+    directly (`vars(args)`) with unset flags left as None; keys that name no field are
+    ignored too. A nested config's overrides are `{"engine": {...}}` or dotted keys
+    (`"engine.block_size"`).
     """
     environ = os.environ if environ is None else environ
-    hints = typing.get_type_hints(cls)
-    values: dict[str, Any] = {}
-    known = {f.name for f in dataclasses.fields(cls)}
-    for field in dataclasses.fields(cls):
-        name = env_name(prefix, field.name)
-        if name in environ:
-            values[field.name] = _parse(environ[name], hints[field.name], name)
-    for key, value in (overrides or {}).items():
-        if value is not None and key in known:
-            values[key] = value
-    try:
-        return cls(**values)
-    except TypeError as exc:
-        raise ConfigError(f"{cls.__name__}: {exc}") from exc
+    return _load(cls, prefix, overrides or {}, environ, None)
 
 
 def require(condition: bool, message: str) -> None:

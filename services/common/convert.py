@@ -5,7 +5,7 @@ Only servicers and service clients call these; everything behind them sees datac
 
 from __future__ import annotations
 
-from protos import common_pb2, gateway_pb2
+from protos import common_pb2, gateway_pb2, worker_pb2
 from services.common.messages import (
     FinishReason,
     InstanceSpec,
@@ -14,6 +14,7 @@ from services.common.messages import (
     RequestSpec,
     SamplingSpec,
 )
+from services.common.migration import MigrationMode, MigrationStatus
 from services.policies import InstanceLoad, RunningRequest
 
 _FINISH_TO_PROTO = {
@@ -30,6 +31,71 @@ def finish_reason_to_proto(reason: FinishReason) -> int:
     return _FINISH_TO_PROTO[reason]
 
 
+def _from_proto(table: dict, value: int, name: str):
+    try:
+        return table[value]
+    except KeyError:
+        raise ValueError(f"{name}={value} is not a known value") from None
+
+
+# ---- kernel backends and migration enums ----------------------------------------------
+
+_KERNELS_TO_PROTO = {
+    "": common_pb2.KERNEL_BACKEND_UNSPECIFIED,
+    "native": common_pb2.KERNEL_BACKEND_NATIVE,
+    "torch": common_pb2.KERNEL_BACKEND_TORCH,
+}
+_KERNELS_FROM_PROTO = {v: k for k, v in _KERNELS_TO_PROTO.items()}
+
+_MODE_TO_PROTO = {
+    MigrationMode.LIVE: worker_pb2.MIGRATION_MODE_LIVE,
+    MigrationMode.BLOCKING_COPY: worker_pb2.MIGRATION_MODE_BLOCKING_COPY,
+    MigrationMode.RECOMPUTE: worker_pb2.MIGRATION_MODE_RECOMPUTE,
+}
+# An unset mode is a live migration.
+_MODE_FROM_PROTO = {
+    worker_pb2.MIGRATION_MODE_UNSPECIFIED: MigrationMode.LIVE,
+    **{v: k for k, v in _MODE_TO_PROTO.items()},
+}
+
+_STATUS_TO_PROTO = {
+    MigrationStatus.PREPARING: worker_pb2.MIGRATION_STATUS_PREPARING,
+    MigrationStatus.COPYING: worker_pb2.MIGRATION_STATUS_COPYING,
+    MigrationStatus.STOPPED: worker_pb2.MIGRATION_STATUS_STOPPED,
+    MigrationStatus.COMMITTING: worker_pb2.MIGRATION_STATUS_COMMITTING,
+    MigrationStatus.COMMITTED: worker_pb2.MIGRATION_STATUS_COMMITTED,
+    MigrationStatus.ABORTED: worker_pb2.MIGRATION_STATUS_ABORTED,
+}
+_STATUS_FROM_PROTO = {v: k for k, v in _STATUS_TO_PROTO.items()}
+
+
+def kernels_to_proto(kernels: str) -> int:
+    """ "native" / "torch" / "" (not reported) as a KernelBackend."""
+    if kernels not in _KERNELS_TO_PROTO:
+        raise ValueError(f"kernels={kernels!r} is not one of {sorted(_KERNELS_TO_PROTO)}")
+    return _KERNELS_TO_PROTO[kernels]
+
+
+def kernels_from_proto(value: int) -> str:
+    return _from_proto(_KERNELS_FROM_PROTO, value, "kernels")
+
+
+def migration_mode_to_proto(mode: MigrationMode) -> int:
+    return _MODE_TO_PROTO[mode]
+
+
+def migration_mode_from_proto(value: int) -> MigrationMode:
+    return _from_proto(_MODE_FROM_PROTO, value, "mode")
+
+
+def migration_status_to_proto(status: MigrationStatus) -> int:
+    return _STATUS_TO_PROTO[status]
+
+
+def migration_status_from_proto(value: int) -> MigrationStatus:
+    return _from_proto(_STATUS_FROM_PROTO, value, "status")
+
+
 # ---- InstanceInfo -----------------------------------------------------------------
 
 
@@ -39,6 +105,7 @@ def instance_spec_to_proto(spec: InstanceSpec) -> common_pb2.InstanceInfo:
         address=spec.address,
         transport_address=spec.transport_address,
         transport_backend=spec.transport_backend,
+        kernels=kernels_to_proto(spec.kernels),
         model_id=spec.model_id,
         memory_capacity_bytes=spec.memory_capacity_bytes,
         block_size=spec.block_size,
@@ -72,6 +139,7 @@ def instance_spec_from_proto(info: common_pb2.InstanceInfo) -> InstanceSpec:
         memory_capacity_bytes=info.memory_capacity_bytes,
         transport_address=bytes(info.transport_address),
         transport_backend=info.transport_backend,
+        kernels=kernels_from_proto(info.kernels),
     )
 
 

@@ -47,6 +47,7 @@ class InstanceSpec:
     memory_capacity_bytes: int = 0
     transport_address: bytes = b""  # data-plane (kvtransport) address; empty: no data plane
     transport_backend: str = ""
+    kernels: str = ""  # the engine's kernel backend, "native" or "torch" ("" = not reported)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """OpenTelemetry setup and W3C trace-context propagation.
 
 No exporter by default (spans are created but dropped); OTLP/gRPC export when an
-endpoint is configured (`LLMESH_OTLP_ENDPOINT`, read by the service configs), and an
-in-memory exporter for tests. Trace context travels as `traceparent`/`tracestate` in
+endpoint is configured (each service config's `otlp_endpoint`, e.g.
+`LLMESH_WORKER_OTLP_ENDPOINT`), and an in-memory exporter for tests. Trace context travels as `traceparent`/`tracestate` in
 gRPC metadata and in plain dicts (data-plane control messages, RequestState).
 """
 

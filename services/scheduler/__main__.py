@@ -19,8 +19,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="llmesh global scheduler. Every flag also reads LLMESH_SCHEDULER_<FLAG>.",
     )
     parser.add_argument("--bind", help="host:port to listen on (port 0 = any free port)")
-    parser.add_argument("--lease-ms", dest="lease_ms", type=int, help="instance lease length")
-    parser.add_argument("--report-interval-ms", dest="report_interval_ms", type=int)
+    parser.add_argument(
+        "--lease-s", dest="lease_s", type=float, help="instance lease length, seconds"
+    )
+    parser.add_argument("--report-interval-s", dest="report_interval_s", type=float)
     parser.add_argument(
         "--dispatch-policy", dest="dispatch_policy", help="e.g. freest, round_robin"
     )
@@ -30,7 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         dest="migration_policy",
         help="pairing policy: freeness (default) or none (no migration loop)",
     )
-    migration.add_argument("--migration-interval-ms", dest="migration_interval_ms", type=int)
+    migration.add_argument("--migration-interval-s", dest="migration_interval_s", type=float)
     migration.add_argument(
         "--migration-src-freeness-below", dest="migration_src_freeness_below", type=float
     )
@@ -40,7 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     migration.add_argument(
         "--migration-max-per-instance", dest="migration_max_per_instance", type=int
     )
-    migration.add_argument("--migration-hold-ms", dest="migration_hold_ms", type=int)
+    migration.add_argument("--migration-hold-s", dest="migration_hold_s", type=float)
     scaling = parser.add_argument_group("auto-scaling")
     scaling.add_argument(
         "--autoscale",
@@ -50,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="start and drain workers to keep the average freeness in a band",
     )
     scaling.add_argument("--scaling-policy", dest="scaling_policy")
-    scaling.add_argument("--scaling-interval-ms", dest="scaling_interval_ms", type=int)
+    scaling.add_argument("--scaling-interval-s", dest="scaling_interval_s", type=float)
     scaling.add_argument("--scale-up-freeness", dest="scale_up_freeness", type=float)
     scaling.add_argument("--scale-down-freeness", dest="scale_down_freeness", type=float)
     scaling.add_argument("--scaling-cooldown-s", dest="scaling_cooldown_s", type=float)

@@ -22,8 +22,8 @@ class SchedulerConfig:
     """Knobs of the global scheduler process."""
 
     bind: str = "127.0.0.1:50052"  # host:port to listen on (port 0 = chosen by the OS)
-    lease_ms: int = 3000  # an instance without a load report for this long is dropped
-    report_interval_ms: int = 50  # how often workers report load (told at registration)
+    lease_s: float = 3.0  # an instance without a load report for this long is dropped
+    report_interval_s: float = 0.05  # how often workers report load (told at registration)
     dispatch_policy: str = "freest"  # registered dispatch policy name
     log_level: str = "INFO"  # DEBUG, INFO, WARNING or ERROR
     otlp_endpoint: str = ""  # OTLP/gRPC trace collector (empty = traces not exported)
@@ -32,18 +32,18 @@ class SchedulerConfig:
 
     # Migration loop (Llumnix): every interval, pair overloaded with free instances.
     migration_policy: str = "freeness"  # registered pairing policy; "none" = no loop
-    migration_interval_ms: int = 50  # between pairing rounds
+    migration_interval_s: float = 0.05  # between pairing rounds
     migration_src_freeness_below: float = 2.0  # sources: freeness below this
     migration_dst_freeness_above: float = 4.0  # destinations: freeness above this
     migration_max_per_instance: int = 2  # concurrent migrations an instance takes part in
     # After ordering a migration, leave both ends alone this long (their reports lag).
-    migration_hold_ms: int = 300
+    migration_hold_s: float = 0.3
 
     # Auto-scaling: keep the average freeness inside a band by starting workers through
     # the provisioner and draining (migrating away) and stopping them.
     autoscale: bool = False
     scaling_policy: str = "freeness_band"
-    scaling_interval_ms: int = 1000
+    scaling_interval_s: float = 1.0  # between scaling rounds
     scale_up_freeness: float = 30.0  # add workers below this average freeness
     scale_down_freeness: float = 100.0  # drain one if the average stays above this without it
     scaling_cooldown_s: float = 10.0  # between two scaling actions
@@ -56,13 +56,13 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         require(":" in self.bind, f"bind={self.bind!r} must be host:port")
-        require(self.lease_ms > 0, f"lease_ms={self.lease_ms} must be > 0")
+        require(self.lease_s > 0, f"lease_s={self.lease_s} must be > 0")
         require(
-            self.report_interval_ms > 0, f"report_interval_ms={self.report_interval_ms} must be > 0"
+            self.report_interval_s > 0, f"report_interval_s={self.report_interval_s} must be > 0"
         )
         require(
-            self.lease_ms >= 4 * self.report_interval_ms,
-            f"lease_ms={self.lease_ms} must be at least 4 x report_interval_ms={self.report_interval_ms}",
+            self.lease_s >= 4 * self.report_interval_s,
+            f"lease_s={self.lease_s} must be at least 4 x report_interval_s={self.report_interval_s}",
         )
         require(
             self.dispatch_policy in DISPATCH_POLICIES,
@@ -74,7 +74,7 @@ class SchedulerConfig:
             f"migration_policy={self.migration_policy!r} is not one of {sorted(MIGRATION_POLICIES)}",
         )
         require(
-            self.migration_hold_ms >= 0, f"migration_hold_ms={self.migration_hold_ms} must be >= 0"
+            self.migration_hold_s >= 0, f"migration_hold_s={self.migration_hold_s} must be >= 0"
         )
         require(
             self.scaling_policy in SCALING_POLICIES,
@@ -95,7 +95,7 @@ class SchedulerConfig:
     def migration_config(self) -> MigrationConfig:
         try:
             return MigrationConfig(
-                interval_s=self.migration_interval_ms / 1000,
+                interval_s=self.migration_interval_s,
                 src_freeness_below=self.migration_src_freeness_below,
                 dst_freeness_above=self.migration_dst_freeness_above,
                 max_migrations_per_instance=self.migration_max_per_instance,
@@ -107,7 +107,7 @@ class SchedulerConfig:
     def scaling_config(self) -> ScalingConfig:
         try:
             return ScalingConfig(
-                interval_s=self.scaling_interval_ms / 1000,
+                interval_s=self.scaling_interval_s,
                 scale_up_freeness=self.scale_up_freeness,
                 scale_down_freeness=self.scale_down_freeness,
                 cooldown_s=self.scaling_cooldown_s,

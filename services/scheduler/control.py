@@ -26,6 +26,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from opentelemetry import trace
 
@@ -44,6 +45,7 @@ from services.scheduler.registry import InstanceRegistry
 log = get_logger(__name__)
 tracer = trace.get_tracer("llmesh.scheduler")
 
+LoadT = TypeVar("LoadT")  # a load snapshot (anything with an instance_id)
 # order(src_instance_id, dst spec, num_requests) -> whether the command was queued.
 OrderMigration = Callable[..., bool]
 # send(instance_id, SchedulerCommand) -> whether the command was queued.
@@ -81,11 +83,20 @@ class MigrationLoop:
         self._held_until: dict[str, float] = {}
 
     def tick(self, now: float) -> list[MigrationPair]:
-        """One pairing round; returns the pairs whose command reached the source."""
+        """One pairing round; returns the pairs whose command reached the source.
+
+        The policy pairs within each group of instances on the same kernel backend
+        only: a request moved to the other backend would not continue the tokens it
+        would have produced unmoved (the destination would refuse it anyway)."""
         self._held_until = {i: t for i, t in self._held_until.items() if t > now}
         loads = [ld for ld in self.registry.loads() if ld.instance_id not in self._held_until]
+        pairs = [
+            pair
+            for group in group_by_kernels(loads, self._kernels_of)
+            for pair in self.policy.pair(group)
+        ]
         ordered = []
-        for pair in self.policy.pair(loads):
+        for pair in pairs:
             dst = self.registry.get(pair.dst_instance_id)
             if dst is None or not self.order(pair.src_instance_id, dst.spec, pair.num_requests):
                 continue
@@ -94,8 +105,20 @@ class MigrationLoop:
                 self._held_until[instance_id] = now + self.hold_s
         return ordered
 
+    def _kernels_of(self, instance_id: str) -> str:
+        record = self.registry.get(instance_id)
+        return record.spec.kernels if record is not None else ""
+
     async def run(self) -> None:
         await _repeat("migration", self.policy.config.interval_s, self.tick)
+
+
+def group_by_kernels(loads: list[LoadT], kernels_of: Callable[[str], str]) -> list[list[LoadT]]:
+    """`loads` split by their instance's kernel backend, in backend-name order."""
+    groups: dict[str, list[LoadT]] = {}
+    for load in loads:
+        groups.setdefault(kernels_of(load.instance_id), []).append(load)
+    return [groups[kernels] for kernels in sorted(groups)]
 
 
 @dataclass

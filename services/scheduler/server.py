@@ -39,9 +39,7 @@ def make_migration_loop(
     if config.migration_policy == "none":
         return None
     policy = make_migration_policy(config.migration_policy, config=config.migration_config())
-    return MigrationLoop(
-        registry, policy, servicer.order_migration, hold_s=config.migration_hold_ms / 1000
-    )
+    return MigrationLoop(registry, policy, servicer.order_migration, hold_s=config.migration_hold_s)
 
 
 def make_scaling_loop(
@@ -63,12 +61,12 @@ def make_scaling_loop(
 
 async def serve(config: SchedulerConfig, server: GrpcServer | None = None) -> None:
     """Run the scheduler until SIGTERM/SIGINT (or `server.request_stop()`)."""
-    registry = InstanceRegistry(lease_s=config.lease_ms / 1000)
+    registry = InstanceRegistry(lease_s=config.lease_s)
     servicer = SchedulerServicer(config, registry)
     server = server or GrpcServer("scheduler", config.bind, grace_s=config.grace_s)
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, server.server)
     await server.start(service_names=["llmesh.v1.Scheduler"])
-    tasks = [asyncio.create_task(expire_leases(registry, config.lease_ms / 4000))]
+    tasks = [asyncio.create_task(expire_leases(registry, config.lease_s / 4))]
     migration = make_migration_loop(config, registry, servicer)
     if migration is not None:
         servicer.migration_policy_name = migration.policy.name

@@ -49,10 +49,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             instance_id=spec.instance_id,
             address=spec.address,
             model_id=spec.model_id,
+            kernels=spec.kernels,
             layers=f"[{spec.layer_start},{spec.layer_end})",
         )
         return scheduler_pb2.RegisterInstanceResponse(
-            lease_ms=self.config.lease_ms, report_interval_ms=self.config.report_interval_ms
+            lease_ms=round(self.config.lease_s * 1000),
+            report_interval_ms=round(self.config.report_interval_s * 1000),
         )
 
     async def StreamLoad(self, request_iterator, context):

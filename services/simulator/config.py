@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.common.config import ConfigError
 from services.policies import (
     DISPATCH_POLICIES,
     MIGRATION_POLICIES,
@@ -73,7 +74,7 @@ class SimConfig:
 
     def __post_init__(self) -> None:
         if self.num_instances < 1:
-            raise ValueError(f"num_instances={self.num_instances} must be >= 1")
+            raise ConfigError(f"num_instances={self.num_instances} must be >= 1")
         for name, registry in (
             ("dispatch", DISPATCH_POLICIES),
             ("migration", MIGRATION_POLICIES),
@@ -81,26 +82,26 @@ class SimConfig:
         ):
             value = getattr(self, name)
             if value not in registry:
-                raise ValueError(f"{name}={value!r} is not one of {sorted(registry)}")
+                raise ConfigError(f"{name}={value!r} is not one of {sorted(registry)}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
-            raise ValueError(f"num_kv_blocks={self.num_kv_blocks} must be >= 1")
+            raise ConfigError(f"num_kv_blocks={self.num_kv_blocks} must be >= 1")
         if self.block_size < 1:
-            raise ValueError(f"block_size={self.block_size} must be >= 1")
+            raise ConfigError(f"block_size={self.block_size} must be >= 1")
         if self.step_overhead_s < 0:
-            raise ValueError(f"step_overhead_s={self.step_overhead_s} must be >= 0")
+            raise ConfigError(f"step_overhead_s={self.step_overhead_s} must be >= 0")
         if self.dispatch_latency_s < 0:
-            raise ValueError(f"dispatch_latency_s={self.dispatch_latency_s} must be >= 0")
+            raise ConfigError(f"dispatch_latency_s={self.dispatch_latency_s} must be >= 0")
         if self.host_cores is not None and not self.host_cores > 0:
-            raise ValueError(f"host_cores={self.host_cores} must be > 0 (or None)")
+            raise ConfigError(f"host_cores={self.host_cores} must be > 0 (or None)")
         if self.stream_cpu_per_token_s < 0:
-            raise ValueError(f"stream_cpu_per_token_s={self.stream_cpu_per_token_s} must be >= 0")
+            raise ConfigError(f"stream_cpu_per_token_s={self.stream_cpu_per_token_s} must be >= 0")
         if self.instance_startup_s < 0:
-            raise ValueError(f"instance_startup_s={self.instance_startup_s} must be >= 0")
+            raise ConfigError(f"instance_startup_s={self.instance_startup_s} must be >= 0")
         if not self.migration_bandwidth_bytes_per_s > 0:
-            raise ValueError(
+            raise ConfigError(
                 f"migration_bandwidth_bytes_per_s={self.migration_bandwidth_bytes_per_s} must be > 0"
             )
         if self.scheduling_policy not in ("fcfs", "priority"):
-            raise ValueError(
+            raise ConfigError(
                 f"scheduling_policy={self.scheduling_policy!r} is not fcfs or priority"
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import sys
 
 from services.common.config import load_config
@@ -11,11 +12,23 @@ from services.common.logging import setup_logging
 from services.common.procs import die_with_parent
 from services.common.tracing import setup_tracing, shutdown_tracing
 
+MiB = 1024 * 1024
+
+
+def _mib_to_bytes(value: str) -> int:
+    return max(1, int(float(value) * MiB))
+
+
+def _zero_is_none(value: str) -> int | None:
+    return int(value) or None
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="llmesh-worker",
-        description="llmesh worker (one engine). Every flag also reads LLMESH_WORKER_<FLAG>.",
+        description="llmesh worker (one engine). Every flag also reads LLMESH_WORKER_<FIELD>; "
+        "engine flags LLMESH_WORKER_ENGINE_<FIELD>, migration flags "
+        "LLMESH_WORKER_MIGRATION_<FIELD> (see services/worker/config.py).",
     )
     parser.add_argument("--bind", help="host:port of the Worker API (port 0 = any free port)")
     parser.add_argument(
@@ -23,15 +36,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--scheduler", dest="scheduler_address", help="scheduler host:port")
     parser.add_argument("--instance-id", dest="instance_id", help="stable instance id")
-    parser.add_argument("--model", help="'tiny' (embedded) or a checkpoint directory")
-    parser.add_argument("--dtype")
-    parser.add_argument("--device")
-    parser.add_argument("--block-size", dest="block_size", type=int)
-    parser.add_argument("--memory-capacity-mb", dest="memory_capacity_mb", type=int)
-    parser.add_argument("--num-kv-blocks", dest="num_kv_blocks", type=int)
-    parser.add_argument("--max-num-seqs", dest="max_num_seqs", type=int)
-    parser.add_argument("--max-num-batched-tokens", dest="max_num_batched_tokens", type=int)
-    parser.add_argument("--max-model-len", dest="max_model_len", type=int)
     parser.add_argument("--torch-threads", dest="torch_threads", type=int)
     parser.add_argument(
         "--gil-switch-interval-us",
@@ -42,25 +46,64 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-level", dest="log_level")
     parser.add_argument("--otlp-endpoint", dest="otlp_endpoint")
     parser.add_argument("--transport-backend", dest="transport_backend", choices=["ucx", "tcp"])
-    parser.add_argument("--migration-selection", dest="migration_selection")
-    parser.add_argument("--migration-lease-ms", dest="migration_lease_ms", type=int)
-    parser.add_argument(
-        "--migration-transfer-timeout-s", dest="migration_transfer_timeout_s", type=float
-    )
-    parser.add_argument(
-        "--migration-stage-chunk-mib",
-        dest="migration_stage_chunk_mib",
-        type=float,
-        help="largest KV transfer of a migration stage, MiB (default 16)",
-    )
-    parser.add_argument("--migration-fault", dest="migration_fault", help="tests only")
-    parser.add_argument(
-        "--migration-fault-pause-s", dest="migration_fault_pause_s", type=float, help="tests only"
-    )
     parser.add_argument(
         "--ready-file", dest="ready_file", help="write the bound address here once serving"
     )
+    engine = parser.add_argument_group("engine (WorkerConfig.engine)")
+    engine.add_argument(
+        "--model", dest="engine.model", help="'tiny' (embedded) or a checkpoint directory"
+    )
+    engine.add_argument("--dtype", dest="engine.dtype")
+    engine.add_argument("--device", dest="engine.device")
+    engine.add_argument("--block-size", dest="engine.block_size", type=int)
+    engine.add_argument(
+        "--memory-capacity-mb",
+        dest="engine.memory_capacity_bytes",
+        type=_mib_to_bytes,
+        help="weights + KV pool, MiB (default 256)",
+    )
+    engine.add_argument(
+        "--num-kv-blocks", dest="engine.num_kv_blocks", type=_zero_is_none, help="0 = all that fits"
+    )
+    engine.add_argument("--max-num-seqs", dest="engine.max_num_seqs", type=int)
+    engine.add_argument("--max-num-batched-tokens", dest="engine.max_num_batched_tokens", type=int)
+    engine.add_argument(
+        "--max-model-len", dest="engine.max_model_len", type=_zero_is_none, help="0 = the model's"
+    )
+    engine.add_argument(
+        "--scheduling-policy",
+        dest="engine.scheduling_policy",
+        help="engine batch order: fcfs (default) or priority",
+    )
+    engine.add_argument(
+        "--kernels",
+        dest="engine.kernels",
+        help="kernel backend: auto (default), native or torch; also $LLMESH_KERNELS",
+    )
+    migration = parser.add_argument_group("live migration (WorkerConfig.migration)")
+    migration.add_argument("--migration-selection", dest="migration.selection")
+    migration.add_argument("--migration-lease-s", dest="migration.lease_s", type=float)
+    migration.add_argument(
+        "--migration-transfer-timeout-s", dest="migration.transfer_timeout_s", type=float
+    )
+    migration.add_argument(
+        "--migration-stage-chunk-mib",
+        dest="migration.stage_chunk_bytes",
+        type=_mib_to_bytes,
+        help="largest KV transfer of a migration stage, MiB (default 16)",
+    )
     return parser.parse_args(argv)
+
+
+def _fault_hooks():
+    """The migration fault hooks: none, unless $LLMESH_TEST_HOOKS names a test module."""
+    from services.worker.config import TestHooksConfig
+    from services.worker.migration.faults import NO_FAULTS
+
+    module_name = load_config(TestHooksConfig, "TEST").hooks
+    if not module_name:
+        return NO_FAULTS
+    return importlib.import_module(module_name).migration_faults
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     from services.worker.server import serve
 
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, faults=_fault_hooks()))
     finally:
         shutdown_tracing()
     return 0

@@ -24,6 +24,7 @@ from services.worker.engine import (
 )
 from services.worker.llumlet import Llumlet
 from services.worker.migration import MigrationConfig, RequestHandoff
+from services.worker.migration.faults import NO_FAULTS, FaultHooks
 from services.worker.migration.service import MigrationHooks, WorkerMigration
 from services.worker.output_router import OutputRouter
 from services.worker.requests import engine_state
@@ -67,7 +68,7 @@ class WorkerInstance:
         self.async_engine.start()
 
     def attach_migration(
-        self, transport, config: MigrationConfig, selection: str
+        self, transport, config: MigrationConfig, faults: FaultHooks = NO_FAULTS
     ) -> WorkerMigration:
         """Live migration over `transport` (started); call after start()."""
         hooks = MigrationHooks(
@@ -80,7 +81,7 @@ class WorkerInstance:
             on_count_changed=self._migration_count_changed,
         )
         self.migration = WorkerMigration(
-            self.instance_id, self.async_engine, transport, config, selection, hooks
+            self.instance_id, self.async_engine, transport, config, hooks, faults
         )
         self.migration.start()
         return self.migration

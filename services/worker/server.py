@@ -28,6 +28,8 @@ from services.worker.engine import LLMEngine
 from services.worker.instance import WorkerInstance
 from services.worker.llumlet import Llumlet
 from services.worker.migration import MigrationTarget
+from services.worker.migration.compatibility import kernel_backend
+from services.worker.migration.faults import NO_FAULTS, FaultHooks
 from services.worker.servicer import WorkerServicer
 
 log = get_logger(__name__)
@@ -45,7 +47,7 @@ def instance_spec(
     return InstanceSpec(
         instance_id=instance_id,
         address=address,
-        model_id=config.model,
+        model_id=config.engine.model,
         block_size=engine.config.block_size,
         num_layers=model.num_layers,
         layer_start=engine.layer_start,
@@ -56,11 +58,15 @@ def instance_spec(
         memory_capacity_bytes=engine.config.memory_capacity_bytes,
         transport_address=transport_address,
         transport_backend=config.transport_backend,
+        kernels=kernel_backend(engine),
     )
 
 
-async def serve(config: WorkerConfig, server: GrpcServer | None = None) -> None:
-    """Run one worker until SIGTERM/SIGINT (or `server.request_stop()`)."""
+async def serve(
+    config: WorkerConfig, server: GrpcServer | None = None, faults: FaultHooks = NO_FAULTS
+) -> None:
+    """Run one worker until SIGTERM/SIGINT (or `server.request_stop()`). `faults` are
+    the migration fault hooks tests install (none by default)."""
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     sys.setswitchinterval(config.gil_switch_interval_us / 1e6)
@@ -72,38 +78,13 @@ async def serve(config: WorkerConfig, server: GrpcServer | None = None) -> None:
     await server.start(service_names=["llmesh.v1.Worker"])
     server.install_signal_handlers()
     address = config.advertise_address or server.address
-    log.info("engine_loading", model=config.model, instance_id=instance_id)
-    engine = await asyncio.to_thread(LLMEngine, config.engine_config())
-    transport = make_transport(TransportConfig(backend=config.transport_backend))
-    await transport.start()
-    spec = instance_spec(config, engine, instance_id, address, transport.address)
-    llumlet = Llumlet(
-        spec,
-        config.scheduler_address,
-        LoadModelConfig(
-            enable_defrag=config.enable_defrag,
-            high_priority_headroom_blocks=config.high_priority_headroom_blocks,
-        ),
-        take_snapshot(engine),
-        report_interval_s=config.report_interval_ms / 1000,
-    )
-    instance = WorkerInstance(engine, llumlet, config.owner_unreachable_s)
-    instance.start()
-    migration = instance.attach_migration(
-        transport, config.migration_config(), config.migration_selection
-    )
-    llumlet.on_migrate = lambda command: migration.migrate_out_soon(
-        MigrationTarget(
-            command.dst_instance_id, command.dst_address, command.dst_transport_address
-        ),
-        command.request_id,
-        command.num_requests,
-    )
+    instance = await _start_instance(config, instance_id, address, faults)
     servicer.instance = instance
     await server.set_serving()
-    reporter = asyncio.create_task(llumlet.run())
+    reporter = asyncio.create_task(instance.llumlet.run())
     if config.ready_file:
         write_ready_file(config.ready_file, address)
+    engine = instance.async_engine.engine
     log.info(
         "worker_ready",
         address=address,
@@ -114,11 +95,48 @@ async def serve(config: WorkerConfig, server: GrpcServer | None = None) -> None:
     try:
         await server.wait_stop_requested()
     finally:
-        await server.set_serving(False)
-        reporter.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reporter
-        await llumlet.deregister()
-        await instance.stop()
-        await server.stop()
-        await llumlet.close()
+        await _stop(server, instance, reporter)
+
+
+async def _start_instance(
+    config: WorkerConfig, instance_id: str, address: str, faults: FaultHooks
+) -> WorkerInstance:
+    """Load the engine (off the event loop), start the data plane, the engine thread
+    and live migration; the llumlet is built but does not report yet."""
+    log.info("engine_loading", model=config.engine.model, instance_id=instance_id)
+    engine = await asyncio.to_thread(LLMEngine, config.engine)
+    transport = make_transport(TransportConfig(backend=config.transport_backend))
+    await transport.start()
+    llumlet = Llumlet(
+        instance_spec(config, engine, instance_id, address, transport.address),
+        config.scheduler_address,
+        LoadModelConfig(
+            enable_defrag=config.enable_defrag,
+            high_priority_headroom_blocks=config.high_priority_headroom_blocks,
+        ),
+        take_snapshot(engine),
+        report_interval_s=config.report_interval_s,
+    )
+    instance = WorkerInstance(engine, llumlet, config.owner_unreachable_s)
+    instance.start()
+    migration = instance.attach_migration(transport, config.migration, faults)
+    llumlet.on_migrate = lambda command: migration.migrate_out_soon(
+        MigrationTarget(
+            command.dst_instance_id, command.dst_address, command.dst_transport_address
+        ),
+        command.request_id,
+        command.num_requests,
+    )
+    return instance
+
+
+async def _stop(server: GrpcServer, instance: WorkerInstance, reporter: asyncio.Task) -> None:
+    """NOT_SERVING (gateways move its requests), deregister, give requests up, stop."""
+    await server.set_serving(False)
+    reporter.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await reporter
+    await instance.llumlet.deregister()
+    await instance.stop()
+    await server.stop()
+    await instance.llumlet.close()

@@ -7,13 +7,18 @@ CommitMigration, AbortMigration on the destination) go to services.worker.migrat
 from __future__ import annotations
 
 from protos import worker_pb2, worker_pb2_grpc
-from services.common.convert import load_to_proto, request_from_proto
+from services.common.convert import (
+    kernels_from_proto,
+    load_to_proto,
+    migration_mode_from_proto,
+    migration_status_to_proto,
+    request_from_proto,
+)
 from services.common.errors import UnavailableError
 from services.common.logging import bind_context
 from services.worker.instance import WorkerInstance
 from services.worker.migration import (
     CommitOffer,
-    MigrationMode,
     MigrationTarget,
     PrepareOffer,
     StageOffer,
@@ -66,12 +71,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             raise ValueError("dst_instance_id must not be empty")
         if not request.dst_address:
             raise ValueError("dst_address must not be empty")
-        try:
-            mode = MigrationMode(request.mode or MigrationMode.LIVE.value)
-        except ValueError:
-            raise ValueError(
-                f"mode={request.mode!r} must be one of {[m.value for m in MigrationMode]}"
-            ) from None
+        mode = migration_mode_from_proto(request.mode)
         target = MigrationTarget(
             request.dst_instance_id, request.dst_address, request.dst_transport_address
         )
@@ -86,7 +86,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 worker_pb2.MigrationResult(
                     migration_id=r.migration_id,
                     request_id=r.request_id,
-                    status=str(r.status),
+                    status=migration_status_to_proto(r.status),
                     reason=r.reason,
                     num_stages=r.num_stages,
                     num_blocks=r.num_blocks,
@@ -106,8 +106,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 src_instance_id=request.src_instance_id,
                 src_transport_address=request.src_transport_address,
                 num_blocks=request.num_blocks,
-                lease_ms=request.lease_ms,
+                lease_s=request.lease_ms / 1000,
                 num_tokens=request.num_tokens,
+                kernels=kernels_from_proto(request.kernels),
                 trace_context=dict(request.trace_context),
             )
         )

@@ -34,7 +34,6 @@ TIMEOUT_S = 180.0
 # thousand tokens in about a second, the torch kernels in several. Workers and the
 # reference engine both run the torch kernels (the two round differently).
 KERNELS = "torch"
-FAULT_PAUSE_S = 6.0
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +45,9 @@ def model_dir(tmp_path_factory) -> Path:
     return write_checkpoint(tmp_path_factory.mktemp("model"), config)
 
 
-def _mesh(tmp_path_factory, model_dir, name: str, worker_args: tuple[str, ...]) -> LocalMesh:
+def _mesh(
+    tmp_path_factory, model_dir, name: str, worker_args: tuple[str, ...], env=None
+) -> LocalMesh:
     return LocalMesh(
         log_dir=tmp_path_factory.mktemp(name),
         num_workers=2,
@@ -55,7 +56,7 @@ def _mesh(tmp_path_factory, model_dir, name: str, worker_args: tuple[str, ...]) 
         # These tests order every migration themselves (admin RPC / CLI); the
         # scheduler's own loop is tested in test_scheduling_loops.py.
         scheduler_args=("--migration-policy", "none"),
-        env={"LLMESH_WORKER_TORCH_THREADS": "1", "LLMESH_KERNELS": KERNELS},
+        env={"LLMESH_WORKER_TORCH_THREADS": "1", "LLMESH_KERNELS": KERNELS, **(env or {})},
     ).start()
 
 
@@ -73,9 +74,9 @@ def fault_mesh(tmp_path_factory, model_dir):
         tmp_path_factory,
         model_dir,
         "migration-faults",
-        ("--migration-fault", "pause_before_commit", "--migration-fault-pause-s", str(FAULT_PAUSE_S),
-         "--migration-lease-ms", "1500"),
-    )  # fmt: skip
+        ("--migration-lease-s", "1.5"),
+        env={"LLMESH_TEST_HOOKS": "tests.integration.hooks.pause_before_commit"},
+    )
     yield mesh
     mesh.stop()
 
@@ -87,12 +88,13 @@ def timeout_mesh(tmp_path_factory, model_dir):
         log_dir=tmp_path_factory.mktemp("migration-timeout"),
         num_workers=2,
         model=str(model_dir),
-        worker_args=("--memory-capacity-mb", "128", "--migration-fault", "misdirect_stage:0"),
+        worker_args=("--memory-capacity-mb", "128"),
         scheduler_args=("--migration-policy", "none"),
         env={
             "LLMESH_WORKER_TORCH_THREADS": "1",
             "LLMESH_WORKER_MIGRATION_TRANSFER_TIMEOUT_S": "1.5",
-            "LLMESH_WORKER_MIGRATION_LEASE_MS": "1500",
+            "LLMESH_WORKER_MIGRATION_LEASE_S": "1.5",
+            "LLMESH_TEST_HOOKS": "tests.integration.hooks.misdirect_first_stage",
         },
     ).start()
     yield mesh
@@ -141,7 +143,9 @@ def instances(mesh: LocalMesh, num_instances: int = 2) -> dict[str, object]:
     return wait_until(infos, 60, 0.1, f"{num_instances} registered instances")
 
 
-def migrate(src, dst, request_id: str = "", mode: str = "live") -> list[worker_pb2.MigrationResult]:
+def migrate(
+    src, dst, request_id: str = "", mode: int = worker_pb2.MIGRATION_MODE_LIVE
+) -> list[worker_pb2.MigrationResult]:
     with grpc.insecure_channel(src.address) as channel:
         reply = worker_pb2_grpc.WorkerStub(channel).MigrateOut(
             worker_pb2.MigrateOutRequest(
@@ -207,7 +211,7 @@ def test_requests_migrate_back_and_forth_with_exact_tokens(mesh2, reference):
             return firsts, rest, results
 
     firsts, rest, results = asyncio.run(scenario())
-    assert [r.status for r in results] == ["COMMITTED"] * 9, [
+    assert [r.status for r in results] == [worker_pb2.MIGRATION_STATUS_COMMITTED] * 9, [
         (r.request_id, r.reason) for r in results
     ]
     assert all(r.num_stages >= 1 and r.num_blocks > 0 for r in results)
@@ -282,9 +286,8 @@ def test_kill_9_during_migration_loses_nothing(fault_mesh, reference, victim_rol
             victim.kill()
             if victim_role == "destination":
                 (result,) = await migration
-                assert result.status == "ABORTED" and result.reason.startswith(
-                    "destination_unreachable"
-                )
+                assert result.status == worker_pb2.MIGRATION_STATUS_ABORTED
+                assert result.reason.startswith("destination_unreachable")
             else:
                 with pytest.raises(grpc.RpcError):
                     await migration
@@ -353,7 +356,7 @@ def test_draining_destination_refuses_and_the_request_stays(mesh2, reference):
         _set_draining(mesh2, drained, False)
     assert src != drained  # dispatch avoided the draining instance
     [result] = results
-    assert result.status == "ABORTED"
+    assert result.status == worker_pb2.MIGRATION_STATUS_ABORTED
     assert result.reason.startswith("destination_refused") and "draining" in result.reason
     assert flatten(chunks) == expected
     assert {c.instance_id for c in chunks if c.token_ids} == {src}
@@ -365,7 +368,7 @@ def test_data_plane_timeout_aborts_and_the_request_completes_once(timeout_mesh, 
     expected = reference(p, **s)
     chunks, results, src = _stream_and_migrate(timeout_mesh, "lost-stage", p, s)
     [result] = results
-    assert result.status == "ABORTED"
+    assert result.status == worker_pb2.MIGRATION_STATUS_ABORTED
     assert result.reason.startswith(("transfer_failed", "commit_refused")), result.reason
     assert flatten(chunks) == expected
     assert chunks[-1].finish_reason == "length"

@@ -112,7 +112,7 @@ def test_scheduler_migrates_a_flood_off_an_overloaded_worker(tmp_path, reference
         log_dir=tmp_path,
         num_workers=1,
         worker_args=WORKER_FLAGS,
-        scheduler_args=("--migration-interval-ms", "50"),
+        scheduler_args=("--migration-interval-s", "0.05"),
     ) as mesh:
         flooded = mesh.workers[0]
 
@@ -159,8 +159,8 @@ def test_autoscale_adds_a_worker_under_load_and_drains_it_afterwards(tmp_path, r
             "1",
             "--max-instances",
             "2",
-            "--scaling-interval-ms",
-            "200",
+            "--scaling-interval-s",
+            "0.2",
             "--scaling-cooldown-s",
             "2",
             "--scale-up-freeness",

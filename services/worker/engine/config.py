@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from services.common.config import ENV, ConfigError, require
 
 MiB = 1024 * 1024
 
@@ -30,11 +31,6 @@ ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 
 
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
-
 @dataclass(frozen=True)
 class RopeConfig:
     """Rotary embedding parameters (HF `rope_parameters`, or `rope_theta` + `rope_scaling`)."""
@@ -47,14 +43,14 @@ class RopeConfig:
     original_max_position_embeddings: int = 8192  # llama3 only
 
     def __post_init__(self) -> None:
-        _require(self.theta > 0, f"rope theta must be > 0, got {self.theta!r}")
-        _require(
+        require(self.theta > 0, f"rope theta must be > 0, got {self.theta!r}")
+        require(
             self.rope_type in ROPE_TYPES,
             f"rope_type {self.rope_type!r} is not supported; choose from {ROPE_TYPES}",
         )
-        _require(self.factor > 0, f"rope factor must be > 0, got {self.factor!r}")
+        require(self.factor > 0, f"rope factor must be > 0, got {self.factor!r}")
         if self.rope_type == "llama3":
-            _require(
+            require(
                 self.high_freq_factor > self.low_freq_factor,
                 f"llama3 rope needs high_freq_factor > low_freq_factor, got "
                 f"{self.high_freq_factor!r} <= {self.low_freq_factor!r}",
@@ -95,25 +91,25 @@ class ModelConfig:
             "max_position_embeddings",
         ):
             value = getattr(self, name)
-            _require(
+            require(
                 isinstance(value, int) and value > 0, f"{name} must be an int > 0, got {value!r}"
             )
-        _require(
+        require(
             self.num_heads % self.num_kv_heads == 0,
             f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})",
         )
-        _require(self.head_dim % 2 == 0, f"head_dim must be even for RoPE, got {self.head_dim!r}")
-        _require(self.rms_norm_eps > 0, f"rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
-        _require(
+        require(self.head_dim % 2 == 0, f"head_dim must be even for RoPE, got {self.head_dim!r}")
+        require(self.rms_norm_eps > 0, f"rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
+        require(
             self.model_type in SUPPORTED_MODEL_TYPES,
             f"model_type {self.model_type!r} is not supported; choose from {SUPPORTED_MODEL_TYPES}",
         )
-        _require(
+        require(
             self.sliding_window is None or self.sliding_window > 0,
             f"sliding_window must be None or > 0, got {self.sliding_window!r}",
         )
         for token_id in self.eos_token_ids:
-            _require(
+            require(
                 0 <= token_id < self.vocab_size, f"eos token id {token_id!r} is out of the vocab"
             )
 
@@ -174,13 +170,13 @@ class ModelConfig:
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Reads an HF config.json dict (transformers 4.x or 5.x layout)."""
         model_type = d.get("model_type", "llama")
-        _require(
+        require(
             model_type in SUPPORTED_MODEL_TYPES,
             f"model_type {model_type!r} is not supported; choose from {SUPPORTED_MODEL_TYPES}",
         )
         act = d.get("hidden_act", "silu")
-        _require(act == "silu", f"hidden_act {act!r} is not supported (Llama uses 'silu')")
-        _require(
+        require(act == "silu", f"hidden_act {act!r} is not supported (Llama uses 'silu')")
+        require(
             int(d.get("pretraining_tp", 1)) == 1, f"pretraining_tp {d.get('pretraining_tp')!r} != 1"
         )
         num_heads = int(d["num_attention_heads"])
@@ -245,7 +241,7 @@ class ModelConfig:
         path = Path(path)
         config_file = path / "config.json"
         if not config_file.is_file():
-            raise ValueError(f"model {str(path)!r}: no config.json in that directory")
+            raise ConfigError(f"model {str(path)!r}: no config.json in that directory")
         d = json.loads(config_file.read_text())
         generation_file = path / "generation_config.json"
         if generation_file.is_file():
@@ -272,6 +268,19 @@ def _rope_from_hf(d: dict[str, Any]) -> RopeConfig:
 
 
 @dataclass(frozen=True)
+class KernelBuildConfig:
+    """Where and with what the native kernels are built: one library per process, so
+    these are process-wide (load_config(KernelBuildConfig, "KERNEL") reads them)."""
+
+    cache: str = (
+        ""  # directory of built libraries ($LLMESH_KERNEL_CACHE); "" = ~/.cache/llmesh/kernels
+    )
+    compiler: str = dataclasses.field(
+        default="", metadata={ENV: "CC"}
+    )  # "" = cc, else gcc, on PATH
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Knobs of one worker engine."""
 
@@ -285,56 +294,54 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # token budget per step (prefill chunks + decodes)
     max_model_len: int | None = None  # context limit; None = the model's
     scheduling_policy: str = "fcfs"  # "fcfs", or "priority" (higher priority first, then FCFS)
-    # One of KERNEL_BACKENDS; the default comes from $LLMESH_KERNELS, else "auto".
+    # One of KERNEL_BACKENDS; a config loaded by load_config also reads $LLMESH_KERNELS.
     # Engines that hand requests to each other (migration, pipelines) must run the same
     # kernels for bit-identical continuations: the two backends round differently.
-    kernels: str = dataclasses.field(
-        default_factory=lambda: os.environ.get("LLMESH_KERNELS", "auto")
-    )
+    kernels: str = dataclasses.field(default="auto", metadata={ENV: "LLMESH_KERNELS"})
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             isinstance(self.model, str) and self.model != "",
             f"model must be 'tiny' or a path, got {self.model!r}",
         )
-        _require(
+        require(
             self.dtype in DTYPE_NBYTES, f"dtype {self.dtype!r} is not one of {tuple(DTYPE_NBYTES)}"
         )
-        _require(
+        require(
             self.device == "cpu" or self.device.startswith("cuda"),
             f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}",
         )
-        _require(
+        require(
             isinstance(self.block_size, int) and self.block_size > 0,
             f"block_size must be an int > 0, got {self.block_size!r}",
         )
-        _require(
+        require(
             isinstance(self.memory_capacity_bytes, int) and self.memory_capacity_bytes > 0,
             f"memory_capacity_bytes must be an int > 0, got {self.memory_capacity_bytes!r}",
         )
-        _require(
+        require(
             self.num_kv_blocks is None
             or (isinstance(self.num_kv_blocks, int) and self.num_kv_blocks > 0),
             f"num_kv_blocks must be None or an int > 0, got {self.num_kv_blocks!r}",
         )
-        _require(
+        require(
             isinstance(self.max_num_seqs, int) and self.max_num_seqs > 0,
             f"max_num_seqs must be an int > 0, got {self.max_num_seqs!r}",
         )
-        _require(
+        require(
             isinstance(self.max_num_batched_tokens, int) and self.max_num_batched_tokens > 0,
             f"max_num_batched_tokens must be an int > 0, got {self.max_num_batched_tokens!r}",
         )
-        _require(
+        require(
             self.max_model_len is None
             or (isinstance(self.max_model_len, int) and self.max_model_len > 0),
             f"max_model_len must be None or an int > 0, got {self.max_model_len!r}",
         )
-        _require(
+        require(
             self.scheduling_policy in SCHEDULING_POLICIES,
             f"scheduling_policy {self.scheduling_policy!r} is not one of {SCHEDULING_POLICIES}",
         )
-        _require(
+        require(
             self.kernels in KERNEL_BACKENDS,
             f"kernels {self.kernels!r} is not one of {KERNEL_BACKENDS}",
         )

@@ -5,7 +5,9 @@ posts a data-plane receive into a staging tensor and copies it into the reserved
 blocks. Commit waits for every stage, adopts the request (engine.import_request) and
 remembers (request_id, migration_id) so a repeated commit, after a lost reply, answers
 "committed" without running the request twice. A reservation that sees no RPC for
-lease_ms is freed: a dead source can never leak blocks here.
+lease_s is freed: a dead source can never leak blocks here. A handshake from an engine
+on other kernels is refused (compatibility.py): its request would not continue the
+same tokens here.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from services.worker.async_engine import AsyncEngine
 from services.worker.engine import LLMEngine
 from services.worker.engine.errors import NoFreeBlocksError
 from services.worker.migration.buffers import StagingBuffers
+from services.worker.migration.compatibility import kernel_backend, kernels_mismatch
 from services.worker.migration.config import MigrationConfig
 from services.worker.migration.status import (
     RESERVATION_TRANSITIONS,
@@ -110,6 +113,15 @@ class MigrationDestination:
         if existing is not None:  # a retried handshake
             existing.last_touch = time.monotonic()
             return PrepareReply(True, "", engine_nbytes)
+        mismatch = kernels_mismatch(offer.kernels, kernel_backend(self._engine.engine))
+        if mismatch is not None:
+            log.warning(
+                "migration_refused",
+                migration_id=offer.migration_id,
+                request_id=offer.request_id,
+                reason=mismatch,
+            )
+            return PrepareReply(False, mismatch)
         if self._is_draining():
             return PrepareReply(False, "draining")
         if len(self._reservations) >= self._config.max_incoming:
@@ -278,7 +290,7 @@ class MigrationDestination:
             self._committed.popitem(last=False)
 
     async def _lease_loop(self) -> None:
-        lease_s = self._config.lease_ms / 1000
+        lease_s = self._config.lease_s
         while True:
             await asyncio.sleep(lease_s / 4)
             now = time.monotonic()

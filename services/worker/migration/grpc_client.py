@@ -10,7 +10,7 @@ from __future__ import annotations
 import grpc
 
 from protos import common_pb2, worker_pb2, worker_pb2_grpc
-from services.common.convert import request_from_proto, request_to_proto
+from services.common.convert import kernels_to_proto, request_from_proto, request_to_proto
 from services.common.grpc_client import aio_channel
 from services.common.messages import RequestSpec, SamplingSpec
 from services.worker.migration.types import (
@@ -96,8 +96,9 @@ class GrpcDestinationClient:
                 src_instance_id=offer.src_instance_id,
                 src_transport_address=offer.src_transport_address,
                 num_blocks=offer.num_blocks,
-                lease_ms=offer.lease_ms,
+                lease_ms=round(offer.lease_s * 1000),
                 num_tokens=offer.num_tokens,
+                kernels=kernels_to_proto(offer.kernels),
                 trace_context=offer.trace_context,
             ),
         )

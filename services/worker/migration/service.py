@@ -18,6 +18,7 @@ from services.worker.async_engine import AsyncEngine
 from services.worker.engine import LLMEngine, RequestState
 from services.worker.migration.config import MigrationConfig
 from services.worker.migration.destination import MigrationDestination
+from services.worker.migration.faults import NO_FAULTS, FaultHooks
 from services.worker.migration.grpc_client import GrpcDestinationClient
 from services.worker.migration.source import MigrationSource
 from services.worker.migration.status import MigrationMode
@@ -33,15 +34,15 @@ class WorkerMigration:
         async_engine: AsyncEngine,
         transport: Transport,
         config: MigrationConfig,
-        selection: str,
         hooks: MigrationHooks,
+        faults: FaultHooks = NO_FAULTS,
     ) -> None:
         self.instance_id = instance_id
         self.transport = transport
         self.config = config
         self._engine = async_engine
         self._hooks = hooks
-        self._selection = make_selection_policy(selection)
+        self._selection = make_selection_policy(config.selection)
         self._clients: dict[str, GrpcDestinationClient] = {}
         self._tasks: set[asyncio.Task] = set()
         self.epochs: dict[str, int] = {}  # request id -> placement epoch (absent = 0)
@@ -53,6 +54,7 @@ class WorkerMigration:
             client_for=self._client_for,
             handoff_for=self._handoff_for,
             on_committed=self._on_committed,
+            faults=faults,
         )
         self.destination = MigrationDestination(
             async_engine,

@@ -34,9 +34,11 @@ from kvtransport.errors import TransportError
 from services.common.logging import bind_context, get_logger
 from services.common.tracing import context_to_dict, get_tracer
 from services.worker.async_engine import AsyncEngine
-from services.worker.engine import LLMEngine, RequestStatus
+from services.worker.engine import LLMEngine, RequestState, RequestStatus
 from services.worker.migration.buffers import StagingBuffers
+from services.worker.migration.compatibility import kernel_backend
 from services.worker.migration.config import MigrationConfig
+from services.worker.migration.faults import NO_FAULTS, FaultHooks
 from services.worker.migration.status import (
     SOURCE_TRANSITIONS,
     AbortReason,
@@ -116,9 +118,11 @@ class MigrationSource:
         handoff_for: Callable[[str, object], RequestHandoff],
         on_committed: Callable[[RequestHandoff, MigrationTarget], Awaitable[None] | None]
         | None = None,
+        faults: FaultHooks = NO_FAULTS,
     ) -> None:
         """handoff_for(request_id, state) wraps the engine state with what the worker
-        keeps beside it (owner gateway, trace context, placement epoch)."""
+        keeps beside it (owner gateway, trace context, placement epoch); `faults` are
+        the tests' hooks into the protocol (none by default)."""
         self._instance_id = instance_id
         self._engine = async_engine
         self._transport = transport
@@ -126,6 +130,7 @@ class MigrationSource:
         self._client_for = client_for
         self._handoff_for = handoff_for
         self._on_committed = on_committed
+        self._faults = faults
         self._active: dict[str, _Migration] = {}
         self._lock = threading.Lock()
         self._slots = asyncio.Semaphore(config.max_outgoing)
@@ -203,7 +208,7 @@ class MigrationSource:
         result = MigrationResult(
             migration_id=migration_id,
             request_id=request_id,
-            status=migration.status.value,
+            status=migration.status,
             reason=reason,
             num_stages=migration.num_stages,
             num_blocks=migration.num_blocks_sent,
@@ -219,29 +224,45 @@ class MigrationSource:
 
     async def _run(self, m: _Migration) -> None:
         client = self._client_for(m.target)
-        engine = self._engine.engine
-        block_size = engine.config.block_size
         snap = await self._engine.run(lambda e: _snapshot(e, m.request_id))
         if snap.status is not RequestStatus.RUNNING:
             m.set_status(MigrationStatus.ABORTED)
             raise MigrationAborted(AbortReason.REQUEST_NOT_RUNNING, str(snap.status))
+        await self._handshake(client, m, snap)
+        sent_ids = await self._copy_live_stages(client, m)
+        snap, state, stopped_at = await self._suspend(client, m, sent_ids)
+        handoff = await self._last_stage_and_commit(client, m, snap, state, sent_ids)
+        # The destination runs it from here: downtime ends at its adoption, not when
+        # this engine gets round to freeing the blocks.
+        m.downtime_ms = (time.perf_counter() - stopped_at) * 1000
+        await self._engine.run(lambda e: e.remove_request(m.request_id))
+        m.set_status(MigrationStatus.COMMITTED)
+        if self._on_committed is not None:
+            result = self._on_committed(handoff, m.target)
+            if asyncio.iscoroutine(result):
+                await result
 
-        # 1. Handshake: the destination reserves blocks under a lease.
+    async def _handshake(self, client, m: _Migration, snap: _Snapshot) -> None:
+        """1. The destination reserves blocks under a lease (PREPARING -> COPYING)."""
+        engine = self._engine.engine
+        num_blocks = (
+            0
+            if m.mode is MigrationMode.RECOMPUTE
+            else len(snap.block_ids) + self._config.reserve_slack_blocks
+        )
+        offer = PrepareOffer(
+            migration_id=m.migration_id,
+            request_id=m.request_id,
+            src_instance_id=self._instance_id,
+            src_transport_address=self._transport.address,
+            num_blocks=num_blocks,
+            lease_s=self._config.lease_s,
+            num_tokens=snap.num_tokens,
+            kernels=kernel_backend(engine),
+            trace_context=context_to_dict(),
+        )
         try:
-            reply = await client.prepare(
-                PrepareOffer(
-                    migration_id=m.migration_id,
-                    request_id=m.request_id,
-                    src_instance_id=self._instance_id,
-                    src_transport_address=self._transport.address,
-                    num_blocks=0
-                    if m.mode is MigrationMode.RECOMPUTE
-                    else len(snap.block_ids) + self._config.reserve_slack_blocks,
-                    lease_ms=self._config.lease_ms,
-                    num_tokens=snap.num_tokens,
-                    trace_context=context_to_dict(),
-                )
-            )
+            reply = await client.prepare(offer)
         except ConnectionError as exc:
             m.set_status(MigrationStatus.ABORTED)
             raise MigrationAborted(AbortReason.DESTINATION_UNREACHABLE, str(exc)) from exc
@@ -256,7 +277,9 @@ class MigrationSource:
             )
         m.set_status(MigrationStatus.COPYING)
 
-        # 2. Stages: copy full blocks while the request keeps decoding.
+    async def _copy_live_stages(self, client, m: _Migration) -> tuple[int, ...]:
+        """2. Copy full blocks while the request keeps decoding; returns the ids sent."""
+        block_size = self._engine.engine.config.block_size
         sent_ids: tuple[int, ...] = ()
         try:
             while m.mode is MigrationMode.LIVE:
@@ -280,24 +303,27 @@ class MigrationSource:
         except MigrationAborted:
             await self._abort_remote(client, m, None)
             raise
+        return sent_ids
 
-        # 3. Last stage: stop the request, copy the rest, commit.
-        downtime_start = time.perf_counter()
+    async def _suspend(
+        self, client, m: _Migration, sent_ids: tuple[int, ...]
+    ) -> tuple[_Snapshot, RequestState, float]:
+        """3. Stop the request here (COPYING -> STOPPED) unless it lost the blocks sent;
+        returns its snapshot, its state and when it stopped making progress."""
 
         def suspend(e: LLMEngine):
-            nonlocal downtime_start
             s = _snapshot(e, m.request_id)
             if (
                 s.status is not RequestStatus.RUNNING
                 or m.is_preempted
                 or s.block_ids[: len(sent_ids)] != sent_ids
             ):
-                return s, None
+                return s, None, 0.0
             e.suspend_request(m.request_id)
-            downtime_start = time.perf_counter()  # the request stops making progress here
-            return s, e.export_request_state(m.request_id)
+            stopped_at = time.perf_counter()  # the request stops making progress here
+            return s, e.export_request_state(m.request_id), stopped_at
 
-        snap, state = await self._engine.run(suspend)
+        snap, state, stopped_at = await self._engine.run(suspend)
         if state is None:
             await self._abort_remote(client, m, None)
             self._check_still_owned(m, snap, expect_prefix=sent_ids)  # the precise reason
@@ -305,7 +331,14 @@ class MigrationSource:
         m.set_status(MigrationStatus.STOPPED)
         if m.mode is MigrationMode.RECOMPUTE:  # no KV travels: the destination re-prefills
             state = dataclasses.replace(state, num_computed_tokens=0)
-        num_blocks = math.ceil(state.num_computed_tokens / block_size)
+        return snap, state, stopped_at
+
+    async def _last_stage_and_commit(
+        self, client, m: _Migration, snap: _Snapshot, state: RequestState, sent_ids
+    ) -> RequestHandoff:
+        """4. Copy the rest and hand the request over (STOPPED -> COMMITTING); on any
+        failure the request resumes here and the destination drops its reservation."""
+        num_blocks = math.ceil(state.num_computed_tokens / self._engine.engine.config.block_size)
         try:
             if m.mode is not MigrationMode.RECOMPUTE:
                 with tracer.start_as_current_span("migration.last_stage") as span:
@@ -314,7 +347,7 @@ class MigrationSource:
                         is_last=True, span=span,
                     )  # fmt: skip
             m.set_status(MigrationStatus.COMMITTING)
-            await self._maybe_pause("pause_before_commit")
+            await self._faults.before_commit()
             handoff = self._handoff_for(m.request_id, state)
             committed, detail = await self._commit(
                 client, CommitOffer(m.migration_id, handoff, num_blocks)
@@ -327,15 +360,7 @@ class MigrationSource:
             await self._resume_here(m)
             await self._abort_remote(client, m, AbortReason.COMMIT_REFUSED)
             raise MigrationAborted(AbortReason.COMMIT_REFUSED, detail)
-        # The destination runs it from here: downtime ends at its adoption, not when
-        # this engine gets round to freeing the blocks.
-        m.downtime_ms = (time.perf_counter() - downtime_start) * 1000
-        await self._engine.run(lambda e: e.remove_request(m.request_id))
-        m.set_status(MigrationStatus.COMMITTED)
-        if self._on_committed is not None:
-            result = self._on_committed(handoff, m.target)
-            if asyncio.iscoroutine(result):
-                await result
+        return handoff
 
     async def _send_blocks(
         self, client, m: _Migration, first: int, block_ids: tuple[int, ...], is_last: bool, span
@@ -394,17 +419,11 @@ class MigrationSource:
         if snap.block_ids[: len(expect_prefix)] != expect_prefix:
             raise MigrationAborted(AbortReason.REQUEST_PREEMPTED, "block table changed")
 
-    async def _maybe_pause(self, point: str) -> None:
-        """Fault injection for tests: stop here so a test can kill a process."""
-        if self._config.fault == point:
-            log.warning("migration_fault_paused", point=point)
-            await asyncio.sleep(self._config.fault_pause_s)
-
     async def _send_stage(
         self, client, m: _Migration, first: int, data: torch.Tensor | None, is_last: bool
     ) -> None:
         """One stage offer and its transfer: blocks [first, first + data's blocks)."""
-        await self._maybe_pause(f"pause_before_stage:{m.num_stages}")
+        await self._faults.before_stage(m.num_stages)
         num_blocks = 0 if data is None else data.shape[2]
         transfer_id = f"mig-{m.migration_id}-{m.num_stages}"
         offer = StageOffer(m.migration_id, m.num_stages, first, num_blocks, transfer_id, is_last)
@@ -416,13 +435,10 @@ class MigrationSource:
             raise MigrationAborted(AbortReason.DESTINATION_REFUSED, reason)
         if data is not None:
             handle = None
-            if self._config.fault == f"misdirect_stage:{m.num_stages}":
-                log.warning("migration_fault_misdirect", stage_index=m.num_stages)
-                transfer_id += "-misdirected"  # the destination waits for the other id
             try:
                 handle = await self._transport.send(
                     m.target.transport_address,
-                    transfer_id,
+                    self._faults.transfer_id(m.num_stages, transfer_id),
                     [data],
                     TrafficClass.KV,
                     context_to_dict(),

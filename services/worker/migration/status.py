@@ -25,18 +25,18 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from services.common.migration import MigrationMode, MigrationStatus
 
-class MigrationStatus(StrEnum):
-    PREPARING = "PREPARING"
-    COPYING = "COPYING"
-    STOPPED = "STOPPED"
-    COMMITTING = "COMMITTING"
-    COMMITTED = "COMMITTED"
-    ABORTED = "ABORTED"
-
-    @property
-    def is_final(self) -> bool:
-        return self in (MigrationStatus.COMMITTED, MigrationStatus.ABORTED)
+__all__ = [
+    "RESERVATION_TRANSITIONS",
+    "SOURCE_TRANSITIONS",
+    "AbortReason",
+    "IllegalTransition",
+    "MigrationMode",
+    "MigrationStatus",
+    "ReservationStatus",
+    "check_transition",
+]
 
 
 SOURCE_TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
@@ -82,14 +82,6 @@ class AbortReason(StrEnum):
     SHUTDOWN = "shutdown"  # this worker is stopping
     LEASE_EXPIRED = "lease_expired"  # destination: the source went silent
     ABORTED_BY_SOURCE = "aborted_by_source"  # destination: AbortMigration
-
-
-class MigrationMode(StrEnum):
-    """How the request's KV reaches the destination."""
-
-    LIVE = "live"  # stages while decoding, then a short stop-and-copy (Llumnix)
-    BLOCKING_COPY = "blocking_copy"  # stop, copy every block, resume (baseline)
-    RECOMPUTE = "recompute"  # stop, send only tokens; the destination re-prefills (baseline)
 
 
 class IllegalTransition(RuntimeError):

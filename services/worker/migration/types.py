@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from services.common.migration import MigrationStatus
 from services.worker.engine import RequestState
 
 
@@ -34,8 +35,9 @@ class PrepareOffer:
     src_instance_id: str
     src_transport_address: bytes
     num_blocks: int
-    lease_ms: int
+    lease_s: float
     num_tokens: int
+    kernels: str  # the source engine's kernel backend ("native" or "torch")
     trace_context: dict[str, str] = field(default_factory=dict)
 
 
@@ -69,7 +71,7 @@ class CommitOffer:
 class MigrationResult:
     migration_id: str
     request_id: str
-    status: str
+    status: MigrationStatus
     reason: str = ""
     num_stages: int = 0
     num_blocks: int = 0

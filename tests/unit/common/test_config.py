@@ -1,8 +1,8 @@
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
-from services.common.config import ConfigError, load_config, require
+from services.common.config import ENV, ConfigError, load_config, require
 
 
 @dataclass(frozen=True)
@@ -50,3 +50,46 @@ def test_bad_env_value_names_the_variable():
 def test_validation_error_is_a_value_error_naming_the_field():
     with pytest.raises(ValueError, match="num_workers=0 must be >= 1"):
         load_config(DemoConfig, "demo", {"num_workers": 0}, environ={})
+
+
+@dataclass(frozen=True)
+class InnerConfig:
+    size: int = 1
+    mode: str = field(default="a", metadata={ENV: "LLMESH_MODE"})
+
+    def __post_init__(self):
+        require(self.size >= 1, f"size={self.size} must be >= 1")
+
+
+@dataclass(frozen=True)
+class OuterConfig:
+    name: str = "x"
+    inner: InnerConfig = field(default_factory=InnerConfig)
+    other: InnerConfig = field(default_factory=lambda: InnerConfig(size=5))
+
+
+def test_nested_configs_load_from_prefixed_env_and_dotted_or_nested_overrides():
+    env = {"LLMESH_OUTER_INNER_SIZE": "3", "LLMESH_OUTER_OTHER_MODE": "b"}
+    cfg = load_config(OuterConfig, "outer", {"name": "y", "other.size": 7}, environ=env)
+    assert cfg == OuterConfig("y", InnerConfig(3, "a"), InnerConfig(7, "b"))
+    cfg = load_config(OuterConfig, "outer", {"inner": {"size": 2}}, environ={})
+    assert cfg == OuterConfig("x", InnerConfig(2, "a"), InnerConfig(5, "a"))
+    cfg = load_config(OuterConfig, "outer", {"inner": InnerConfig(4, "c")}, environ=env)
+    assert cfg == OuterConfig("x", InnerConfig(4, "c"), InnerConfig(5, "b"))
+
+
+def test_a_field_also_reads_its_process_wide_variable_below_its_own():
+    assert load_config(OuterConfig, "outer", environ={"LLMESH_MODE": "b"}) == OuterConfig(
+        "x", InnerConfig(1, "b"), InnerConfig(5, "b")
+    )
+    env = {"LLMESH_MODE": "b", "LLMESH_OUTER_INNER_MODE": "c"}
+    assert load_config(OuterConfig, "outer", {"other.mode": "d"}, environ=env) == OuterConfig(
+        "x", InnerConfig(1, "c"), InnerConfig(5, "d")
+    )
+
+
+def test_a_bad_nested_value_is_a_config_error_naming_it():
+    with pytest.raises(ConfigError, match="size=0 must be >= 1"):
+        load_config(OuterConfig, "outer", environ={"LLMESH_OUTER_OTHER_SIZE": "0"})
+    with pytest.raises(ConfigError, match="LLMESH_OUTER_INNER_SIZE='big'"):
+        load_config(OuterConfig, "outer", environ={"LLMESH_OUTER_INNER_SIZE": "big"})

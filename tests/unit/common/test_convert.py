@@ -6,12 +6,18 @@ import math
 
 import pytest
 
-from protos import common_pb2
+from protos import common_pb2, worker_pb2
 from services.common.convert import (
     instance_spec_from_proto,
     instance_spec_to_proto,
+    kernels_from_proto,
+    kernels_to_proto,
     load_from_proto,
     load_to_proto,
+    migration_mode_from_proto,
+    migration_mode_to_proto,
+    migration_status_from_proto,
+    migration_status_to_proto,
     outputs_from_proto,
     outputs_to_proto,
     request_from_proto,
@@ -25,12 +31,55 @@ from services.common.messages import (
     RequestSpec,
     SamplingSpec,
 )
+from services.common.migration import MigrationMode, MigrationStatus
 from services.policies import InstanceLoad, RunningRequest
 
 
 def test_instance_spec_round_trip():
-    spec = InstanceSpec("w", "h:1", "tiny", 16, 4, 0, 4, 2048, 258, 257, 1 << 28, b"\x01ucx", "ucx")
-    assert instance_spec_from_proto(instance_spec_to_proto(spec)) == spec
+    spec = InstanceSpec(
+        "w", "h:1", "tiny", 16, 4, 0, 4, 2048, 258, 257, 1 << 28, b"\x01ucx", "ucx", "native"
+    )
+    info = instance_spec_to_proto(spec)
+    assert info.kernels == common_pb2.KERNEL_BACKEND_NATIVE
+    assert instance_spec_from_proto(info) == spec
+
+
+@pytest.mark.parametrize(
+    ("kernels", "value"),
+    [
+        ("", common_pb2.KERNEL_BACKEND_UNSPECIFIED),
+        ("native", common_pb2.KERNEL_BACKEND_NATIVE),
+        ("torch", common_pb2.KERNEL_BACKEND_TORCH),
+    ],
+)
+def test_kernel_backends_map_one_to_one(kernels, value):
+    assert (kernels_to_proto(kernels), kernels_from_proto(value)) == (value, kernels)
+
+
+def test_unknown_kernel_backends_are_refused_both_ways():
+    with pytest.raises(ValueError, match="kernels='none' is not one of"):
+        kernels_to_proto("none")
+    with pytest.raises(ValueError, match="kernels=9 is not a known value"):
+        kernels_from_proto(9)
+
+
+def test_migration_mode_and_status_enums_map_to_the_internal_ones():
+    assert [migration_mode_to_proto(m) for m in MigrationMode] == [
+        worker_pb2.MIGRATION_MODE_LIVE,
+        worker_pb2.MIGRATION_MODE_BLOCKING_COPY,
+        worker_pb2.MIGRATION_MODE_RECOMPUTE,
+    ]
+    assert [migration_mode_from_proto(migration_mode_to_proto(m)) for m in MigrationMode] == list(
+        MigrationMode
+    )
+    # An unset mode is a live migration.
+    assert migration_mode_from_proto(worker_pb2.MIGRATION_MODE_UNSPECIFIED) is MigrationMode.LIVE
+    assert [migration_status_to_proto(s) for s in MigrationStatus] == list(range(1, 7))
+    assert [migration_status_from_proto(v) for v in range(1, 7)] == list(MigrationStatus)
+    with pytest.raises(ValueError, match="status=0 is not a known value"):
+        migration_status_from_proto(worker_pb2.MIGRATION_STATUS_UNSPECIFIED)
+    with pytest.raises(ValueError, match="mode=7 is not a known value"):
+        migration_mode_from_proto(7)
 
 
 def test_load_round_trip_keeps_infinity():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 from protos import scheduler_pb2
 from services.common.messages import InstanceSpec, LoadReport
@@ -102,6 +103,26 @@ def test_terminating_instances_are_drained_with_more_requests_per_round():
     registry = registry_with(load("a", 10, 3, terminating=True), load("b", 10, 2))
     orders = Orders()
     assert migration_loop(registry, orders).tick(now=0.0) == [MigrationPair("a", "b", 4)]
+
+
+def test_migrations_pair_only_instances_on_the_same_kernels():
+    # freeness: a = 0.25 and c = 0.5 (sources); b = 45, d = 10 (destinations).
+    kernels = {"a": "native", "b": "torch", "c": "torch", "d": "native"}
+    registry = InstanceRegistry(lease_s=3.0, clock=Clock())
+    for ld in (load("a", 99, 4), load("b", 10, 2), load("c", 98, 4), load("d", 60, 4)):
+        registry.register(
+            dataclasses.replace(spec(ld.instance_id), kernels=kernels[ld.instance_id])
+        )
+        report(registry, ld, seq=1)
+    # Paired across backends, a would go to the freest (b) and c to d.
+    assert migration_loop(registry, Orders()).tick(now=0.0) == [
+        MigrationPair("a", "d", 1),
+        MigrationPair("c", "b", 1),
+    ]
+    registry.deregister("a")
+    registry.deregister("b")
+    # c's only free peer, d, runs the other kernels: nothing moves.
+    assert migration_loop(registry, Orders()).tick(now=1.0) == []
 
 
 def test_a_balanced_cluster_migrates_nothing():

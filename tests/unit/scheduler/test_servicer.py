@@ -8,6 +8,7 @@ import grpc
 import pytest
 
 from protos import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from services.common.config import ConfigError
 from services.common.convert import instance_spec_to_proto
 from services.common.grpc_server import GrpcServer
 from services.common.messages import InstanceSpec
@@ -21,7 +22,7 @@ TIMEOUT_S = 5.0
 @pytest.fixture
 async def scheduler():
     config = SchedulerConfig(bind="127.0.0.1:0")
-    registry = InstanceRegistry(lease_s=config.lease_ms / 1000)
+    registry = InstanceRegistry(lease_s=config.lease_s)
     server = GrpcServer("scheduler", config.bind, grace_s=0)
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(
         SchedulerServicer(config, registry), server.server
@@ -142,8 +143,10 @@ async def test_bad_registration_and_deregistration(scheduler):
 def test_config_names_the_bad_value():
     with pytest.raises(ValueError, match="dispatch_policy='nope'"):
         SchedulerConfig(dispatch_policy="nope")
-    with pytest.raises(ValueError, match="lease_ms=100 must be at least 4 x report_interval_ms=50"):
-        SchedulerConfig(lease_ms=100)
+    with pytest.raises(
+        ConfigError, match="lease_s=0.1 must be at least 4 x report_interval_s=0.05"
+    ):
+        SchedulerConfig(lease_s=0.1)
     with pytest.raises(ValueError, match="migration_policy='nope'"):
         SchedulerConfig(migration_policy="nope")
     with pytest.raises(ValueError, match="scale_up_freeness=50.0 must be < scale_down_freeness"):

@@ -5,44 +5,138 @@ from __future__ import annotations
 import pytest
 
 from gateway.config import GatewayConfig
-from services.common.config import load_config
-from services.worker.config import MiB, WorkerConfig
+from services.common.config import ConfigError, load_config
+from services.worker.__main__ import parse_args
+from services.worker.config import TestHooksConfig, WorkerConfig
+
+MiB = 1024 * 1024
 
 
-def test_worker_config_from_env_and_flags_builds_the_engine_config():
+def test_worker_config_nests_the_engine_and_migration_configs_from_env_and_flags():
     config = load_config(
         WorkerConfig,
         "WORKER",
-        overrides={"num_kv_blocks": 32, "max_num_seqs": None},
-        environ={"LLMESH_WORKER_MEMORY_CAPACITY_MB": "64", "LLMESH_WORKER_INSTANCE_ID": "w-1"},
+        overrides={"engine.num_kv_blocks": 32, "engine.max_num_seqs": None},
+        environ={
+            "LLMESH_WORKER_ENGINE_MEMORY_CAPACITY_BYTES": str(64 * MiB),
+            "LLMESH_WORKER_ENGINE_SCHEDULING_POLICY": "priority",
+            "LLMESH_WORKER_MIGRATION_LEASE_S": "1.5",
+            "LLMESH_WORKER_INSTANCE_ID": "w-1",
+        },
     )
-    engine = config.engine_config()
+    engine, migration = config.engine, config.migration
     assert (config.instance_id, engine.memory_capacity_bytes, engine.num_kv_blocks) == (
         "w-1",
         64 * MiB,
         32,
     )
-    assert engine.max_num_seqs == 64 and engine.max_model_len is None
-    assert config.migration_config().stage_chunk_bytes == 16 * MiB
+    assert (engine.scheduling_policy, engine.max_num_seqs, engine.max_model_len) == (
+        "priority",
+        64,
+        None,
+    )
+    assert (migration.lease_s, migration.stage_chunk_bytes) == (1.5, 16 * MiB)
+
+
+def test_every_worker_flag_lands_in_its_field():
+    args = parse_args(
+        [
+            "--bind", "127.0.0.1:7001", "--scheduler", "127.0.0.1:7002", "--instance-id", "w-2",
+            "--model", "tiny", "--dtype", "float32", "--device", "cpu", "--block-size", "8",
+            "--memory-capacity-mb", "128", "--num-kv-blocks", "0", "--max-num-seqs", "4",
+            "--max-num-batched-tokens", "256", "--max-model-len", "0",
+            "--scheduling-policy", "priority", "--kernels", "torch", "--torch-threads", "1",
+            "--gil-switch-interval-us", "1000", "--transport-backend", "tcp",
+            "--migration-selection", "shortest_first", "--migration-lease-s", "2.5",
+            "--migration-transfer-timeout-s", "3", "--migration-stage-chunk-mib", "0.25",
+        ]
+    )  # fmt: skip
+    config = load_config(WorkerConfig, "WORKER", vars(args), environ={})
+    assert config == WorkerConfig(
+        bind="127.0.0.1:7001",
+        scheduler_address="127.0.0.1:7002",
+        instance_id="w-2",
+        engine=config.engine.replace(
+            model="tiny",
+            block_size=8,
+            memory_capacity_bytes=128 * MiB,
+            num_kv_blocks=None,
+            max_num_seqs=4,
+            max_num_batched_tokens=256,
+            max_model_len=None,
+            scheduling_policy="priority",
+            kernels="torch",
+        ),
+        migration=config.migration,
+        torch_threads=1,
+        gil_switch_interval_us=1000,
+        transport_backend="tcp",
+    )
+    assert (
+        config.migration.selection,
+        config.migration.lease_s,
+        config.migration.transfer_timeout_s,
+        config.migration.stage_chunk_bytes,
+    ) == ("shortest_first", 2.5, 3.0, MiB // 4)
+    assert (config.engine.block_size, config.engine.kernels) == (8, "torch")
+
+
+def test_llmesh_kernels_sets_the_engine_kernels_below_the_worker_variable():
+    assert load_config(WorkerConfig, "WORKER", environ={}).engine.kernels == "auto"
+    env = {"LLMESH_KERNELS": "torch"}
+    assert load_config(WorkerConfig, "WORKER", environ=env).engine.kernels == "torch"
+    env["LLMESH_WORKER_ENGINE_KERNELS"] = "native"
+    assert load_config(WorkerConfig, "WORKER", environ=env).engine.kernels == "native"
+    flags = {"engine.kernels": "auto"}
+    assert load_config(WorkerConfig, "WORKER", flags, environ=env).engine.kernels == "auto"
+
+
+def test_test_hooks_come_from_llmesh_test_hooks_only():
+    assert load_config(TestHooksConfig, "TEST", environ={}).hooks == ""
+    env = {"LLMESH_TEST_HOOKS": "tests.integration.hooks.pause_before_commit"}
+    assert load_config(TestHooksConfig, "TEST", environ=env).hooks == env["LLMESH_TEST_HOOKS"]
 
 
 @pytest.mark.parametrize(
     ("cls", "fields", "message"),
     [
         (WorkerConfig, {"bind": "nohost"}, "bind='nohost' must be host:port"),
-        (WorkerConfig, {"num_kv_blocks": -1}, "num_kv_blocks=-1 must be >= 0"),
-        (WorkerConfig, {"block_size": 0}, "block_size must be an int > 0, got 0"),
-        (WorkerConfig, {"dtype": "int8"}, "dtype 'int8'"),
-        (
-            WorkerConfig,
-            {"migration_stage_chunk_mib": 0},
-            "migration_stage_chunk_mib=0 must be > 0",
-        ),
+        (WorkerConfig, {"report_interval_s": 0}, "report_interval_s=0 must be > 0"),
         (GatewayConfig, {"max_inflight_requests": 0}, "max_inflight_requests=0 must be an int > 0"),
         (GatewayConfig, {"scheduler_address": "x"}, "scheduler_address='x' must be host:port"),
+        (GatewayConfig, {"dispatch_timeout_s": 0}, "dispatch_timeout_s=0 must be > 0"),
     ],
 )
 def test_bad_values_are_named(cls, fields, message):
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ConfigError) as info:
         cls(**fields)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"LLMESH_WORKER_ENGINE_NUM_KV_BLOCKS": "-1"}, "num_kv_blocks must be None or an int > 0"),
+        ({"LLMESH_WORKER_ENGINE_BLOCK_SIZE": "0"}, "block_size must be an int > 0, got 0"),
+        ({"LLMESH_WORKER_ENGINE_DTYPE": "int8"}, "dtype 'int8'"),
+        ({"LLMESH_WORKER_ENGINE_KERNELS": "flash"}, "kernels 'flash' is not one of"),
+        ({"LLMESH_WORKER_MIGRATION_STAGE_CHUNK_BYTES": "0"}, "stage_chunk_bytes=0 must be >= 1"),
+        ({"LLMESH_WORKER_MIGRATION_LEASE_S": "0"}, "lease_s=0.0 must be > 0"),
+        ({"LLMESH_WORKER_ENGINE_MAX_NUM_SEQS": "many"}, "LLMESH_WORKER_ENGINE_MAX_NUM_SEQS='many'"),
+    ],
+)
+def test_bad_nested_values_are_one_error_type_naming_them(environ, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(WorkerConfig, "WORKER", environ=environ)
+    assert message in str(info.value)
+
+
+def test_the_worker_installs_the_fault_hooks_llmesh_test_hooks_names(monkeypatch):
+    from services.worker.__main__ import _fault_hooks
+    from services.worker.migration.faults import NO_FAULTS
+    from tests.integration.hooks.pause_before_commit import PauseBeforeCommit
+
+    monkeypatch.delenv("LLMESH_TEST_HOOKS", raising=False)
+    assert _fault_hooks() is NO_FAULTS
+    monkeypatch.setenv("LLMESH_TEST_HOOKS", "tests.integration.hooks.pause_before_commit")
+    assert type(_fault_hooks()) is PauseBeforeCommit

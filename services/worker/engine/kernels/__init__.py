@@ -5,9 +5,10 @@
 
 The key hashes the sources, the compiler's version, the flags and the CPU's feature
 flags (the build targets -march=native), so a changed source, compiler or machine
-builds anew. The cache is $LLMESH_KERNEL_CACHE, else ~/.cache/llmesh/kernels. Several
-processes may build at once: each writes its own temporary file and renames it into
-place. Set LLMESH_KERNELS=torch (or EngineConfig.kernels) to run
+builds anew. Where, and with which compiler, is KernelBuildConfig ($LLMESH_KERNEL_CACHE,
+else ~/.cache/llmesh/kernels; $CC, else cc or gcc), read once per process by the first
+build. Several processes may build at once: each writes its own temporary file and
+renames it into place. Set LLMESH_KERNELS=torch (or EngineConfig.kernels) to run
 without a compiler.
 
 The library links libgomp, the OpenMP runtime torch itself uses and has already loaded
@@ -28,6 +29,9 @@ import tempfile
 from pathlib import Path
 
 import torch  # noqa: F401  (loads torch's libgomp before ours resolves it)
+
+from services.common.config import load_config
+from services.worker.engine.config import KernelBuildConfig
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +55,8 @@ class KernelBuildError(RuntimeError):
     """The native kernels could not be compiled or loaded (message says why)."""
 
 
-def cache_dir() -> Path:
-    configured = os.environ.get("LLMESH_KERNEL_CACHE")
-    return Path(configured) if configured else Path.home() / ".cache" / "llmesh" / "kernels"
+def cache_dir(build: KernelBuildConfig) -> Path:
+    return Path(build.cache) if build.cache else Path.home() / ".cache" / "llmesh" / "kernels"
 
 
 def _cpu_flags() -> str:
@@ -64,8 +67,8 @@ def _cpu_flags() -> str:
         return platform.processor()
 
 
-def _compiler() -> str:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+def _compiler(build: KernelBuildConfig) -> str:
+    compiler = build.compiler or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise KernelBuildError("no C compiler found (set CC, or install gcc)")
     return compiler
@@ -128,7 +131,8 @@ SIGNATURES = {
 def library() -> ctypes.CDLL:
     """The compiled kernels (built on first call), with argument types set. Raises
     KernelBuildError."""
-    compiler = _compiler()
+    build = load_config(KernelBuildConfig, "KERNEL")
+    compiler = _compiler(build)
     try:
         version = subprocess.run(
             [compiler, "--version"], capture_output=True, text=True, timeout=30
@@ -139,7 +143,7 @@ def library() -> ctypes.CDLL:
     key = hashlib.sha256(
         "\0".join([*texts, version, " ".join(FLAGS), _cpu_flags()]).encode()
     ).hexdigest()[:16]
-    target = cache_dir() / f"llmesh_kernels-{key}.so"
+    target = cache_dir(build) / f"llmesh_kernels-{key}.so"
     if not target.exists():
         log.info("compiling the native kernels into %s", target)
         try:

@@ -5,6 +5,7 @@ import torch
 
 from services.worker.engine import EngineConfig
 from services.worker.migration import MigrationConfig
+from services.worker.migration.faults import NO_FAULTS, FaultHooks
 from tests.unit.worker.migration.harness import Node, Stream
 
 torch.set_num_threads(1)
@@ -17,16 +18,19 @@ ENGINE_CONFIG = EngineConfig(block_size=4, num_kv_blocks=512, max_model_len=2048
 
 @pytest.fixture
 async def cluster():
-    """cluster(config=MigrationConfig(...)) -> (a, b, streams); both nodes are checked
-    clean (integrity, all blocks free, no transfers left) and stopped at the end."""
+    """cluster(config=MigrationConfig(...)) -> (a, b, streams) (b_engine_config: b's
+    engine, if not a's; a_faults: fault hooks of a's source); both nodes are checked clean (integrity, all blocks free, no transfers left) and stopped at the end."""
     nodes: list[Node] = []
     streams: dict[str, Stream] = {}
 
     async def make(
-        config: MigrationConfig = MigrationConfig(), engine_config: EngineConfig = ENGINE_CONFIG
+        config: MigrationConfig = MigrationConfig(),
+        engine_config: EngineConfig = ENGINE_CONFIG,
+        b_engine_config: EngineConfig | None = None,
+        a_faults: FaultHooks = NO_FAULTS,
     ):
-        a = Node("a", streams, engine_config, config)
-        b = Node("b", streams, engine_config, config)
+        a = Node("a", streams, engine_config, config, a_faults)
+        b = Node("b", streams, b_engine_config or engine_config, config)
         peers = {"a": a, "b": b}
         for node in (a, b):
             nodes.append(node)

@@ -20,6 +20,7 @@ from services.worker.migration import (
     RequestHandoff,
     StageOffer,
 )
+from services.worker.migration.faults import NO_FAULTS, FaultHooks
 from services.worker.migration.local import LocalDestinationClient
 
 
@@ -52,8 +53,10 @@ class Node:
         streams: dict[str, Stream],
         engine_config: EngineConfig,
         config: MigrationConfig,
+        faults: FaultHooks = NO_FAULTS,
     ):
         self.name = name
+        self.faults = faults
         self.streams = streams
         self.engine = LLMEngine(engine_config)
         self.async_engine = AsyncEngine(self.engine, self._on_step, snapshot_interval_s=0.05)
@@ -90,6 +93,7 @@ class Node:
             self.config,
             client_for=client_for,
             handoff_for=lambda request_id, state: RequestHandoff(state, owner_address="test"),
+            faults=self.faults,
         )
 
     def target(self) -> MigrationTarget:

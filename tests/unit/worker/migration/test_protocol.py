@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 
 import pytest
 
 from services.worker.engine import LLMEngine, SamplingParams
 from services.worker.migration import MigrationConfig, MigrationMode, MigrationStatus
+from services.worker.migration.faults import FaultHooks
 from tests.unit.worker.migration.conftest import ENGINE_CONFIG
 from tests.unit.worker.migration.harness import reference_tokens
 
@@ -111,7 +113,7 @@ async def test_destination_without_room_refuses_and_request_continues(cluster):
     from services.worker.migration import PrepareOffer
 
     blocker = await b.destination.prepare(
-        PrepareOffer("blocker", "x", "a", a.transport.address, 4, 60_000, 16)
+        PrepareOffer("blocker", "x", "a", a.transport.address, 4, 60.0, 16, "torch")
     )
     assert blocker.accepted
     await a.add("r", p, params)
@@ -125,6 +127,70 @@ async def test_destination_without_room_refuses_and_request_continues(cluster):
     await asyncio.wait_for(streams["r"].finished.wait(), 60)
     assert streams["r"].tokens == expected
     assert set(streams["r"].sources) == {"a"}
+
+
+async def test_destination_on_other_kernels_refuses_and_request_continues(cluster):
+    native = dataclasses.replace(ENGINE_CONFIG, kernels="native")
+    try:
+        LLMEngine(native)
+    except ValueError as exc:
+        pytest.skip(f"needs the native kernels: {exc}")
+    a, b, streams = await cluster(b_engine_config=native)
+    params = SamplingParams(max_tokens=80, ignore_eos=True)
+    p = prompt(4, 60)
+    expected = reference_tokens(ENGINE_CONFIG, p, params)
+    await a.add("r", p, params)
+    await wait_tokens(streams, "r", 5)
+    result = await a.source.migrate("r", b.target())
+    assert (result.status, result.reason, result.num_stages, result.num_bytes) == (
+        MigrationStatus.ABORTED,
+        "destination_refused: incompatible_kernels: the source runs 'torch' kernels, "
+        "this instance 'native'",
+        0,
+        0,
+    )
+    assert b.destination.num_active == 0
+    await asyncio.wait_for(streams["r"].finished.wait(), 60)
+    assert streams["r"].tokens == expected
+    assert set(streams["r"].sources) == {"a"}
+
+
+class RecordingFaults(FaultHooks):
+    """Records where the source called its hooks (and changes nothing)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    async def before_stage(self, stage_index: int) -> None:
+        self.calls.append(("before_stage", stage_index))
+
+    async def before_commit(self) -> None:
+        self.calls.append(("before_commit", -1))
+
+    def transfer_id(self, stage_index: int, transfer_id: str) -> str:
+        self.calls.append(("transfer_id", stage_index))
+        return transfer_id
+
+
+async def test_the_source_calls_its_fault_hooks_at_each_stage_and_before_commit(cluster):
+    faults = RecordingFaults()
+    a, b, streams = await cluster(MigrationConfig(max_stages=2), a_faults=faults)
+    p = prompt(5, 120)
+    expected = reference_tokens(ENGINE_CONFIG, p, GREEDY)
+    await a.add("r", p, GREEDY)
+    await wait_tokens(streams, "r", 2)
+    result = await a.source.migrate("r", b.target())
+    assert (result.status, result.num_stages) == (MigrationStatus.COMMITTED, 2)
+    # One live stage (max_stages=2), the stop-and-copy, then the commit.
+    assert faults.calls == [
+        ("before_stage", 0),
+        ("transfer_id", 0),
+        ("before_stage", 1),
+        ("transfer_id", 1),
+        ("before_commit", -1),
+    ]
+    await asyncio.wait_for(streams["r"].finished.wait(), 60)
+    assert streams["r"].tokens == expected
 
 
 async def test_request_finishing_mid_migration_aborts_cleanly(cluster):
@@ -184,11 +250,11 @@ async def test_data_plane_timeout_aborts_and_request_continues(cluster):
 
 
 async def test_silent_source_lease_frees_the_reservation(cluster):
-    a, b, streams = await cluster(MigrationConfig(lease_ms=200))
+    a, b, streams = await cluster(MigrationConfig(lease_s=0.2))
     from services.worker.migration import PrepareOffer
 
     reply = await b.destination.prepare(
-        PrepareOffer("m1", "ghost", "a", a.transport.address, 10, 200, 40)
+        PrepareOffer("m1", "ghost", "a", a.transport.address, 10, 0.2, 40, "torch")
     )
     assert reply.accepted
     used = await b.async_engine.run(lambda e: e.block_manager.num_used_blocks)
