@@ -139,7 +139,9 @@ def main(argv: list[str]) -> int:
     print(
         f"{n} requests, prompts ~{p} tokens, ~{m} new tokens each, greedy; torch threads={args.threads}"
     )
-    engine = LLMEngine(EngineConfig(max_num_seqs=max(n, 1), max_num_batched_tokens=max(512, 2 * p)))
+    engine = LLMEngine.from_config(
+        EngineConfig(max_num_seqs=max(n, 1), max_num_batched_tokens=max(512, 2 * p))
+    )
     hf_model = transformers.LlamaForCausalLM(
         transformers.LlamaConfig(**TINY_MODEL_CONFIG.to_hf_dict())
     ).eval()

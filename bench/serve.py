@@ -79,7 +79,7 @@ def make_engine(args):
     from services.worker.engine import EngineConfig, LLMEngine, SamplingParams
 
     torch.set_num_threads(args.threads)
-    engine = LLMEngine(EngineConfig(model=args.model, max_num_seqs=args.max_num_seqs))
+    engine = LLMEngine.from_config(EngineConfig(model=args.model, max_num_seqs=args.max_num_seqs))
     engine.generate([[1, 2, 3]], SamplingParams(max_tokens=2))  # warm-up
     return engine
 

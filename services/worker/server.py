@@ -73,7 +73,7 @@ async def serve(config: WorkerConfig, server: GrpcServer | None = None) -> None:
     server.install_signal_handlers()
     address = config.advertise_address or server.address
     log.info("engine_loading", model=config.model, instance_id=instance_id)
-    engine = await asyncio.to_thread(LLMEngine, config.engine_config())
+    engine = await asyncio.to_thread(LLMEngine.from_config, config.engine_config())
     transport = make_transport(TransportConfig(backend=config.transport_backend))
     await transport.start()
     spec = instance_spec(config, engine, instance_id, address, transport.address)
