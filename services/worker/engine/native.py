@@ -404,12 +404,11 @@ class NativeLayers:
         _check_tensor("sin", sin, (num_rows, c.head_dim // 2))
         _check_tensor("slots", slots, (num_rows,), torch.int64)
         _check_native_rows(rows, num_rows)
-        if any(index not in pools for index in range(layer_start, layer_end)):
-            raise KernelArgumentError(
-                f"pools hold layers {sorted(pools)}, not all of [{layer_start}, {layer_end})"
-            )
-        _check_pool("pool", pools[layer_start], c.num_kv_heads, c.head_dim)
-        shape = pools[layer_start].shape  # (2, nkv, NB, bs, hd)
+        first_pool = pools.get(layer_start)
+        if first_pool is None:
+            raise KernelArgumentError(f"pools hold layers {sorted(pools)}, not {layer_start}")
+        _check_pool("pool", first_pool, c.num_kv_heads, c.head_dim)
+        shape = first_pool.shape  # (2, nkv, NB, bs, hd)
         half = shape.numel() // 2 * 4  # bytes from K to V
         # This call's own copy: the model's structs stay as built (no state across calls).
         num_layers = layer_end - layer_start
@@ -417,8 +416,19 @@ class NativeLayers:
             self.structs, first * ctypes.sizeof(_Layer)
         )
         for struct, index in zip(structs, range(layer_start, layer_end), strict=True):
-            pool = pools[index]
-            _check_tensor("pool", pool, tuple(shape))
+            pool = pools.get(index)
+            if (
+                pool is None
+                or pool.shape != shape
+                or not pool.is_contiguous()
+                or pool.dtype != torch.float32
+                or not pool.is_cpu
+            ):
+                raise KernelArgumentError(
+                    f"pool of layer {index}: expected a contiguous float32 cpu tensor "
+                    f"{tuple(shape)} like layer {layer_start}'s, got "
+                    f"{None if pool is None else (pool.dtype, tuple(pool.shape), pool.stride())}"
+                )
             struct.cache_k = pool.data_ptr()
             struct.cache_v = struct.cache_k + half
         status = library().llmesh_decoder_layers(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -394,6 +395,8 @@ def test_decoder_layers_reject_mismatched_inputs():
             torch.zeros(1, c.hidden_size), 0, 2, cache.layers, cos, sin, meta.slot_mapping,
             meta.native,
         )  # fmt: skip
+    with pytest.raises(KernelArgumentError, match="pools hold layers"):  # no KV pool
+        stack.run(torch.zeros(1, c.hidden_size), 0, 1, {}, cos, sin, meta.slot_mapping, meta.native)
     wrong = dataclasses.replace(layer, down_proj=layer.down_proj[:, :8].contiguous())
     with pytest.raises(KernelArgumentError):  # a matrix of the wrong shape
         native.NativeLayers(c, {0: wrong})
@@ -405,39 +408,44 @@ def test_decoder_layers_reject_mismatched_inputs():
 def test_wrong_tensors_raise_value_errors_before_any_native_call():
     """Every check runs before the library is even loaded: these need no compiler."""
     x, weight = torch.zeros(3, 16), torch.zeros(32, 16)
-    wrong = [
-        lambda: native.linear(x, torch.zeros(32, 24)),  # K 16 against 24
-        lambda: native.linear(torch.zeros(3, 12), torch.zeros(32, 12)),  # K not a multiple of 8
-        lambda: native.linear(x.double(), weight),  # float64
-        lambda: native.linear(x.t(), weight),  # rows not contiguous
-        lambda: native.linear(x, weight, torch.zeros(31)),  # bias of the wrong length
-        lambda: native.pack_weight(torch.zeros(24, 16)),  # N not a multiple of 16
-        lambda: native.rms_norm(torch.zeros(3, 16), torch.zeros(8), 1e-5),  # widths differ
-        lambda: native.silu_mul(torch.zeros(3, 12)),  # width 6
-        lambda: native.add_rms_norm_(
+    rows = NativeRows(
+        *(torch.zeros(1, dtype=torch.int32),) * 2, torch.zeros(1, 1, dtype=torch.int32)
+    )
+    wrong = {  # what the message names: the call
+        "weight: expected a contiguous torch.float32 cpu tensor of shape (32, 16)": lambda: (
+            native.linear(x, torch.zeros(32, 24))  # K 16 against 24
+        ),
+        "width 12 is not a multiple of 8": lambda: native.linear(
+            torch.zeros(3, 12), torch.zeros(32, 12)
+        ),
+        "x: expected float32 on cpu": lambda: native.linear(x.double(), weight),
+        "x: expected rows of 16 contiguous floats": lambda: native.linear(
+            torch.zeros(16, 3).t(), weight
+        ),
+        "weight bias: expected": lambda: native.linear(x, weight, torch.zeros(31)),
+        "N a multiple of 16": lambda: native.pack_weight(torch.zeros(24, 16)),
+        "x: expected rows of 8": lambda: native.rms_norm(torch.zeros(3, 16), torch.zeros(8), 1e-5),
+        "silu_mul: width 6": lambda: native.silu_mul(torch.zeros(3, 12)),
+        "hidden, delta and out have 3, 2 and 3 rows": lambda: native.add_rms_norm_(
             torch.zeros(3, 16), torch.zeros(2, 16), torch.zeros(16), 1e-5, torch.zeros(3, 16)
-        ),  # delta has 2 rows
-        lambda: native.rope_(torch.zeros(3, 16), 2, 8, torch.zeros(3, 4), torch.zeros(2, 4)),
-        lambda: native.write_kv(
+        ),
+        "sin: expected": lambda: native.rope_(
+            torch.zeros(3, 16), 2, 8, torch.zeros(3, 4), torch.zeros(2, 4)
+        ),
+        "slots: expected a contiguous torch.int64": lambda: native.write_kv(
             torch.zeros(3, 2, 8),
             torch.zeros(3, 2, 8),
             torch.zeros(3, dtype=torch.int32),
             torch.zeros(2, 2, 4, 4, 8),
-        ),  # int32 slots  # fmt: skip
-        lambda: native.paged_attention(
-            torch.zeros(1, 64, 8),
-            torch.zeros(2, 2, 4, 4, 8),
-            NativeRows(
-                *(torch.zeros(1, dtype=torch.int32),) * 2, torch.zeros(1, 1, dtype=torch.int32)
-            ),
-            torch.zeros(1, 64 * 8),
-            1.0,
-        ),  # 32 query heads per KV head  # fmt: skip
-    ]
-    for i, call in enumerate(wrong):
-        with pytest.raises(KernelArgumentError):
+        ),  # fmt: skip
+        "64 query heads over 2 KV heads": lambda: native.paged_attention(
+            torch.zeros(1, 64, 8), torch.zeros(2, 2, 4, 4, 8), rows, torch.zeros(1, 512), 1.0
+        ),
+    }
+    for message, call in wrong.items():
+        with pytest.raises(KernelArgumentError, match=re.escape(message)):
             call()
-        assert issubclass(KernelArgumentError, ValueError), i
+    assert issubclass(KernelArgumentError, ValueError)
 
 
 def test_the_guards_hold_under_python_O():
