@@ -1,4 +1,4 @@
-"""Simulated live migration, following the live protocol's phases (DESIGN.md):
+"""Simulated live migration, following the live protocol's phases (services/worker/migration/):
 
     handshake   the destination reserves as many blocks as the request holds now
                 (refused: no room, or the destination is draining)
