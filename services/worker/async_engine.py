@@ -1,13 +1,14 @@
 """The engine on its own thread, with an asyncio face.
 
-The LLMEngine is single-threaded by contract. One dedicated thread owns it and runs
+The LLMEngine is not thread-safe. One dedicated thread owns it and runs
 
     loop:  run queued calls  ->  step() if there is work  ->  hand outputs to asyncio
            (sleep until a call arrives when idle)
 
-so every other access (admission, abort, load snapshots, and later the migration
-coordinator's suspend/read KV/remove) goes through `await async_engine.run(fn)`, which
-executes fn(engine) on that thread *between two steps* and returns its result. torch
+so every other access (admission, abort, load snapshots, the migration's suspend /
+export / remove) goes through `await async_engine.run(fn)`, which executes fn(engine)
+on that thread *between two steps* and returns its result. (The few calls safe from
+other threads, such as the migration's KV block copies, are listed in engine.py.) torch
 releases the GIL inside its kernels, so the asyncio thread keeps serving RPCs while a
 step runs.
 
