@@ -141,7 +141,7 @@ def main(argv: list[str]) -> int:
         f"{n} requests, prompts ~{p} tokens, ~{m} new tokens each, greedy; torch threads={args.threads}"
     )
     overrides = {"max_num_seqs": max(n, 1), "max_num_batched_tokens": max(512, 2 * p)}
-    engine = LLMEngine(load_config(EngineConfig, "ENGINE", overrides))
+    engine = LLMEngine.from_config(load_config(EngineConfig, "ENGINE", overrides))
     hf_model = transformers.LlamaForCausalLM(
         transformers.LlamaConfig(**TINY_MODEL_CONFIG.to_hf_dict())
     ).eval()

@@ -69,7 +69,7 @@ class Node:
             "max_num_batched_tokens": 1024,
         }
         config = load_config(EngineConfig, "ENGINE", overrides)
-        self.engine = LLMEngine(config)
+        self.engine = LLMEngine.from_config(config)
         self.async_engine = AsyncEngine(self.engine, self._on_step, snapshot_interval_s=0.5)
         self.transport = make_transport(TransportConfig(backend=Backend.UCX))
         self.finished: set[str] = set()

@@ -81,7 +81,7 @@ def make_engine(args):
 
     torch.set_num_threads(args.threads)
     overrides = {"model": args.model, "max_num_seqs": args.max_num_seqs}
-    engine = LLMEngine(load_config(EngineConfig, "ENGINE", overrides))
+    engine = LLMEngine.from_config(load_config(EngineConfig, "ENGINE", overrides))
     engine.generate([[1, 2, 3]], SamplingParams(max_tokens=2))  # warm-up
     return engine
 

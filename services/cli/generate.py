@@ -122,7 +122,7 @@ def generate_local(requests: list[GenerateRequest], engine_config) -> list[dict[
     """Runs every request on an in-process LLMEngine; results in request order."""
     from services.worker.engine import EngineInputError, LLMEngine, SamplingParams
 
-    engine = LLMEngine(engine_config)
+    engine = LLMEngine.from_config(engine_config)
     results: dict[int, dict[str, Any]] = {}
     tokens: dict[str, list[int]] = {}
     for request in requests:

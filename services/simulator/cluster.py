@@ -79,49 +79,16 @@ class Simulator:
     ) -> None:
         self.config = config
         self.profile = profile or get_profile(config.profile, block_size=config.block_size)
-        if self.profile.block_size != config.block_size:
-            raise ValueError(
-                f"profile block_size={self.profile.block_size} != block_size={config.block_size}"
-            )
         self.requests = list(requests)
-        for a, b in zip(self.requests, self.requests[1:], strict=False):
-            if b.arrival_s < a.arrival_s:
-                raise ValueError(f"requests must be sorted by arrival time ({b.request_id})")
         self.max_model_len = config.max_model_len or self.profile.max_model_len
-        for r in self.requests:
-            if r.num_prompt_tokens + r.num_output_tokens > self.max_model_len:
-                raise ValueError(
-                    f"request {r.request_id}: {r.num_prompt_tokens} + {r.num_output_tokens} "
-                    f"tokens exceed max_model_len={self.max_model_len}"
-                )
-        num_kv_blocks = config.num_kv_blocks or self.profile.num_kv_blocks
-        if self.max_model_len > num_kv_blocks * config.block_size:
-            raise ValueError(
-                f"max_model_len={self.max_model_len} does not fit a pool of {num_kv_blocks} "
-                f"blocks of {config.block_size} tokens (a request could never finish)"
-            )
-        self.engine_config = EngineConfig(
-            block_size=config.block_size,
-            memory_capacity_bytes=self.profile.memory_capacity_bytes,
-            num_kv_blocks=num_kv_blocks,
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=self.max_model_len,
-            scheduling_policy=config.scheduling_policy,
-        )
+        self._check_inputs()
+        self.engine_config = self._engine_config()
         self.loop = EventLoop()
         self.host = (
             SharedHost(self.loop, config.host_cores) if config.host_cores is not None else None
         )
         self._num_streams = 0  # keys of token-streaming jobs on the shared host
-        self.dispatch_policy = make_dispatch_policy(config.dispatch)
-        self.migration_policy = make_migration_policy(
-            config.migration, config=config.migration_config
-        )
-        self.selection_policy = make_selection_policy(config.selection)
-        self.scaling_policy = (
-            make_scaling_policy("freeness_band", config=config.scaling) if config.scaling else None
-        )
+        self._make_policies()
         self.migrations = MigrationManager(
             self.loop,
             MigrationCost(
@@ -147,6 +114,53 @@ class Simulator:
         self._next_instance = 0
         self._timeline: list[tuple[float, int]] = []
         self._prompts: dict[int, list[int]] = {}
+
+    def _check_inputs(self) -> None:
+        """The profile matches the config; requests come in arrival order and fit."""
+        if self.profile.block_size != self.config.block_size:
+            raise ValueError(
+                f"profile block_size={self.profile.block_size} != block_size={self.config.block_size}"
+            )
+        for a, b in zip(self.requests, self.requests[1:], strict=False):
+            if b.arrival_s < a.arrival_s:
+                raise ValueError(f"requests must be sorted by arrival time ({b.request_id})")
+        for r in self.requests:
+            if r.num_prompt_tokens + r.num_output_tokens > self.max_model_len:
+                raise ValueError(
+                    f"request {r.request_id}: {r.num_prompt_tokens} + {r.num_output_tokens} "
+                    f"tokens exceed max_model_len={self.max_model_len}"
+                )
+
+    def _engine_config(self) -> EngineConfig:
+        """Every instance's engine: the profile's pool (or the config's), the config's knobs."""
+        config = self.config
+        num_kv_blocks = config.num_kv_blocks or self.profile.num_kv_blocks
+        if self.max_model_len > num_kv_blocks * config.block_size:
+            raise ValueError(
+                f"max_model_len={self.max_model_len} does not fit a pool of {num_kv_blocks} "
+                f"blocks of {config.block_size} tokens (a request could never finish)"
+            )
+        return EngineConfig(
+            block_size=config.block_size,
+            memory_capacity_bytes=self.profile.memory_capacity_bytes,
+            num_kv_blocks=num_kv_blocks,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            scheduling_policy=config.scheduling_policy,
+        )
+
+    def _make_policies(self) -> None:
+        """The global scheduler's policies, the live ones, by the names the config gives."""
+        config = self.config
+        self.dispatch_policy = make_dispatch_policy(config.dispatch)
+        self.migration_policy = make_migration_policy(
+            config.migration, config=config.migration_config
+        )
+        self.selection_policy = make_selection_policy(config.selection)
+        self.scaling_policy = (
+            make_scaling_policy("freeness_band", config=config.scaling) if config.scaling else None
+        )
 
     # ---- running ------------------------------------------------------------------
 

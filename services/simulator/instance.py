@@ -1,6 +1,6 @@
 """One simulated instance: the real engine (accounting only) on a virtual clock.
 
-Each instance is an `LLMEngine(executor="cost_model")`: the worker's own scheduler,
+Each instance is an `LLMEngine.simulated(config, profile)`: the worker's own scheduler,
 block manager and cost-model executor, with no tensors. `LLMEngine.step()` is
 schedule -> execute -> update in one call; the simulator splits it at the virtual
 time boundary so the step's outputs appear when the step ends:
@@ -10,8 +10,8 @@ time boundary so the step's outputs appear when the step ends:
     finish_step()     scheduler.update_from_output(batch, tokens) when the step ends
                       (now + d, or later on a shared host: services/simulator/host.py)
 
-Migrations and re-dispatch use the engine's own hooks (reserve_blocks, suspend_request,
-remove_request, import_request), the ones the live llumlet uses.
+Migrations and re-dispatch use the engine's own hooks (engine.migration: reserve_blocks,
+suspend_request, remove_request, import_request), the ones the live llumlet uses.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class SimInstance:
         step_overhead_s: float = 0.0,
     ) -> None:
         self.instance_id = instance_id
-        self.engine = LLMEngine(engine_config, executor="cost_model", profile=profile)
+        self.engine = LLMEngine.simulated(engine_config, profile)
         self.scheduler = self.engine.scheduler
         self.block_manager = self.engine.block_manager
         self.load_config = load_config
@@ -114,13 +114,13 @@ class SimInstance:
 
     def remove(self, request_id: str) -> RequestState:
         """Hands a request over (migration commit, or a queued one re-dispatched)."""
-        state = self.engine.remove_request(request_id)
+        state = self.engine.migration.remove_request(request_id)
         self.touch()
         return state
 
     def import_request(self, state: RequestState, block_ids: list[int]) -> None:
         """A migrated request (KV in reserved `block_ids`), or a queued one (no blocks)."""
-        self.engine.import_request(state, block_ids)
+        self.engine.migration.import_request(state, block_ids)
         self.touch()
 
     def can_migrate(self, request_id: str) -> bool:

@@ -1,4 +1,4 @@
-"""Simulated live migration, following the live protocol's phases (docs/migration.md):
+"""Simulated live migration, following the live protocol's phases (services/worker/migration/):
 
     handshake   the destination reserves as many blocks as the request holds now
                 (refused: no room, or the destination is draining)
@@ -146,7 +146,7 @@ class MigrationManager:
         migration = SimMigration(
             self._next_id, request, src, dst, self.loop.now, request.num_preemptions
         )
-        migration.reserved_block_ids = dst.engine.reserve_blocks(num_blocks)
+        migration.reserved_block_ids = dst.engine.migration.reserve_blocks(num_blocks)
         src.migrating_out.add(request.request_id)
         src.num_migrating += 1
         dst.num_migrating += 1
@@ -214,7 +214,7 @@ class MigrationManager:
             self._abort(migration)
             return
         migration.set_status(MigrationStatus.LAST_STAGE)
-        migration.src.engine.suspend_request(request.request_id)
+        migration.src.engine.migration.suspend_request(request.request_id)
         migration.suspended_s = self.loop.now
         migration.src.touch()
         num_blocks = table_len - migration.num_copied_blocks
@@ -228,7 +228,7 @@ class MigrationManager:
             return True
         if not bm.can_reserve(missing):
             return False
-        migration.reserved_block_ids.extend(migration.dst.engine.reserve_blocks(missing))
+        migration.reserved_block_ids.extend(migration.dst.engine.migration.reserve_blocks(missing))
         migration.dst.touch()
         return True
 
@@ -241,7 +241,7 @@ class MigrationManager:
         table_len = len(src.block_manager.block_ids(request.request_id))
         extra = migration.reserved_block_ids[table_len:]
         if extra:  # the request's table shrank below the reservation: give the rest back
-            dst.engine.release_blocks(extra)
+            dst.engine.migration.release_blocks(extra)
         migration.set_status(MigrationStatus.COMMITTED)
         dst.import_request(src.remove(request.request_id), migration.reserved_block_ids[:table_len])
         downtime = self.loop.now - migration.suspended_s
@@ -255,10 +255,10 @@ class MigrationManager:
         request = migration.request
         migration.set_status(MigrationStatus.ABORTED)
         if migration.reserved_block_ids:
-            migration.dst.engine.release_blocks(migration.reserved_block_ids)
+            migration.dst.engine.migration.release_blocks(migration.reserved_block_ids)
             migration.reserved_block_ids = []
         if request.status is RequestStatus.SUSPENDED:
-            migration.src.engine.resume_request(request.request_id)
+            migration.src.engine.migration.resume_request(request.request_id)
         self.stats.num_aborted += 1
         self._finish(migration)
 

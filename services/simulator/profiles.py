@@ -42,10 +42,8 @@ def get_profile(
     capacity = (
         memory_capacity_bytes or cost.memory_capacity_bytes or EngineConfig().memory_capacity_bytes
     )
-    probe = LLMEngine(
-        EngineConfig(block_size=block_size, memory_capacity_bytes=capacity),
-        executor="cost_model",
-        profile=cost,
+    probe = LLMEngine.simulated(
+        EngineConfig(block_size=block_size, memory_capacity_bytes=capacity), cost
     )
     return SimProfile(
         name=cost.name,

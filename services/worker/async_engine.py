@@ -1,6 +1,6 @@
 """The engine on its own thread, with an asyncio face.
 
-One dedicated thread owns the LLMEngine and runs
+The LLMEngine is not thread-safe. One dedicated thread owns it and runs
 
     loop:  run queued calls  ->  step() if there is work  ->  hand outputs to asyncio
            (sleep until a call arrives when idle)
@@ -13,9 +13,9 @@ asyncio thread keeps serving RPCs while a step runs.
 
 Two calls of the migration (services/worker/migration/) run off the engine thread,
 beside the steps, because they touch only KV blocks no step writes:
-`engine.read_kv_blocks` of a migrating request's blocks (full ones are final, the KV
+`engine.migration.read_kv_blocks` of a migrating request's blocks (full ones are final, the KV
 being append-only; the last stage reads the tail once the request is suspended) and
-`engine.write_kv_blocks` into blocks reserved for an incoming migration (no step
+`engine.migration.write_kv_blocks` into blocks reserved for an incoming migration (no step
 touches a reservation before its commit).
 
 After every step the thread calls `on_step(outputs, snapshot)` on the event loop;

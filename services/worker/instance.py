@@ -141,7 +141,7 @@ class WorkerInstance:
         )
         self.router.register(spec.request_id, spec.owner_address)
         try:
-            await self.async_engine.run(lambda engine: engine.import_request(state, []))
+            await self.async_engine.run(lambda engine: engine.migration.import_request(state, []))
         except DuplicateRequestError as exc:
             span.end()
             raise AlreadyExistsError(str(exc)) from None

@@ -104,7 +104,7 @@ async def _start_instance(
     """Load the engine (off the event loop), start the data plane, the engine thread
     and live migration; the llumlet is built but does not report yet."""
     log.info("engine_loading", model=config.engine.model, instance_id=instance_id)
-    engine = await asyncio.to_thread(LLMEngine, config.engine)
+    engine = await asyncio.to_thread(LLMEngine.from_config, config.engine)
     transport = make_transport(TransportConfig(backend=config.transport_backend))
     await transport.start()
     llumlet = Llumlet(

@@ -113,7 +113,7 @@ def log_events(log_path: Path, request_id: str | None = None) -> list[dict]:
 @pytest.fixture(scope="session")
 def reference_engine() -> LLMEngine:
     """The local engine the mesh must agree with, token for token."""
-    return LLMEngine(EngineConfig(model="tiny"))
+    return LLMEngine.from_config(EngineConfig(model="tiny"))
 
 
 def reference_tokens(engine: LLMEngine, requests: list[tuple[list[int], dict]]) -> list[list[int]]:

@@ -103,7 +103,7 @@ def timeout_mesh(tmp_path_factory, model_dir):
 
 @pytest.fixture(scope="module")
 def reference(model_dir):
-    engine = LLMEngine(
+    engine = LLMEngine.from_config(
         EngineConfig(model=str(model_dir), memory_capacity_bytes=256 * 1024 * 1024, kernels=KERNELS)
     )
 

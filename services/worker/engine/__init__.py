@@ -24,12 +24,14 @@ from services.worker.engine.errors import (
     InvalidRequestStateError,
     InvalidSamplingParamsError,
     InvalidTokenError,
+    KernelArgumentError,
     NoFreeBlocksError,
     PromptTooLongError,
     UnknownRequestError,
 )
 from services.worker.engine.executor import Executor, ExecutorOutput, TorchExecutor
-from services.worker.engine.layers import LayerChange
+from services.worker.engine.layer_ranges import LayerChange, LayerRanges
+from services.worker.engine.migration import MigrationHooks
 from services.worker.engine.outputs import EngineStats, RequestOutput, RequestView, StepInfo
 from services.worker.engine.request import RequestState, RequestStatus
 from services.worker.engine.sampling_params import SamplingParams
@@ -55,8 +57,11 @@ __all__ = [
     "InvalidRequestStateError",
     "InvalidSamplingParamsError",
     "InvalidTokenError",
+    "KernelArgumentError",
     "LLMEngine",
     "LayerChange",
+    "LayerRanges",
+    "MigrationHooks",
     "ModelConfig",
     "NoFreeBlocksError",
     "PromptTooLongError",

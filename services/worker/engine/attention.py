@@ -42,6 +42,7 @@ import torch
 from services.worker.engine import native
 from services.worker.engine.config import ModelConfig
 from services.worker.engine.kv_cache import KVCache
+from services.worker.engine.native import NativeRows
 
 KEY_CHUNK = 64  # keys per partial: the contraction length of the weights @ values gemms
 # Query heads x rows per gemm below which MKL takes other code paths (other summation
@@ -65,20 +66,10 @@ class AttentionGroup:
 
 
 @dataclass
-class NativeRows:
-    """What the native kernel reads per row: its sequence (a row of block_tables) and
-    its position (it attends to keys 0 .. position). A sequence's rows are adjacent."""
-
-    row_seq: torch.Tensor  # (T,) int32
-    positions: torch.Tensor  # (T,) int32
-    block_tables: torch.Tensor  # (S, most blocks of any sequence) int32, zero-padded
-
-
-@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # (T,) int64: block_id * block_size + offset of each row
-    groups: list[AttentionGroup]  # torch backend
-    native: NativeRows | None = None  # native backend
+    groups: list[AttentionGroup]  # kernels "torch"
+    native: NativeRows | None = None  # kernels "native"
 
 
 _TYPECODES = {torch.int64: "q", torch.int32: "i"}
@@ -143,11 +134,11 @@ def build_attention_metadata(
     block_size: int,
     num_queries_per_kv: int,
     device: torch.device | str,
-    backend: str = "torch",
+    kernels: str = "torch",
 ) -> AttentionMetadata:
     """decodes: (position, block_ids) per single-token row; prefills: (num_computed,
     num_tokens, block_ids) per chunk, rows following the decodes in this order.
-    backend: "torch" (groups) or "native" (NativeRows)."""
+    kernels: "torch" (groups) or "native" (NativeRows)."""
     slots: list[int] = []
     for position, block_ids in decodes:
         slots.append(block_ids[position // block_size] * block_size + position % block_size)
@@ -157,7 +148,7 @@ def build_attention_metadata(
             for p in range(num_computed, num_computed + num_tokens)
         ]
     slot_mapping = int_tensor(slots, torch.int64, device)
-    if backend == "native":
+    if kernels == "native":
         return AttentionMetadata(slot_mapping, [], _native_rows(decodes, prefills, block_size))
 
     groups = []
@@ -300,14 +291,6 @@ class PagedAttention:
         self.kv_cache = kv_cache
         self.metadata = metadata
         self.scale = config.head_dim**-0.5
-
-    @property
-    def native_pool(self) -> tuple[dict[int, torch.Tensor], torch.Tensor, NativeRows] | None:
-        """(per-layer pools, slot_mapping, rows) when this step runs the native kernels,
-        for LlamaModel to run all its layers in one native call; else None."""
-        if self.metadata.native is None:
-            return None
-        return self.kv_cache.layers, self.metadata.slot_mapping, self.metadata.native
 
     def __call__(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor

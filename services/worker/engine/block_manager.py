@@ -31,7 +31,6 @@ class BlockManager:
         self.ref_counts: list[int] = [0] * num_blocks
         self.block_tables: dict[str, list[int]] = {}
         self.reserved_block_ids: set[int] = set()
-        self.shared_refs: dict[int, int] = {}  # block id -> references taken with add_ref
 
     # ---- counts ---------------------------------------------------------------------
 
@@ -85,29 +84,6 @@ class BlockManager:
     def free(self, request_id: str) -> None:
         """Drops the request's table; its blocks go back when no other owner holds them."""
         for block_id in reversed(self.block_tables.pop(request_id, [])):
-            self._decref(block_id)
-
-    def add_ref(self, block_ids: list[int]) -> None:
-        """Adds an owner to in-use blocks (sharing: a forked request, an export in flight).
-
-        Each extra owner must give its reference back with drop_ref.
-        """
-        for block_id in block_ids:
-            if not 0 <= block_id < self.num_total_blocks or self.ref_counts[block_id] == 0:
-                raise InvalidBlocksError(f"block {block_id!r} is not in use; cannot share it")
-        for block_id in block_ids:
-            self.ref_counts[block_id] += 1
-            self.shared_refs[block_id] = self.shared_refs.get(block_id, 0) + 1
-
-    def drop_ref(self, block_ids: list[int]) -> None:
-        """Gives back references taken with add_ref."""
-        for block_id in block_ids:
-            if self.shared_refs.get(block_id, 0) < block_ids.count(block_id):
-                raise InvalidBlocksError(f"block {block_id!r} has no add_ref reference to drop")
-        for block_id in block_ids:
-            self.shared_refs[block_id] -= 1
-            if self.shared_refs[block_id] == 0:
-                del self.shared_refs[block_id]
             self._decref(block_id)
 
     # ---- reservations (migration destinations) --------------------------------------
@@ -186,7 +162,7 @@ class BlockManager:
 
     def check_integrity(self) -> None:
         """Raises BlockIntegrityError unless free + used == total and every reference
-        count equals the block's number of owners (tables, reservations, add_ref holders)."""
+        count equals the block's number of owners (block tables, reservations)."""
         free = set(self.free_block_ids)
         if len(free) != len(self.free_block_ids):
             raise BlockIntegrityError("the free list holds a block twice")
@@ -198,8 +174,6 @@ class BlockManager:
                 owners[block_id] += 1
         for block_id in self.reserved_block_ids:
             owners[block_id] += 1
-        for block_id, num_refs in self.shared_refs.items():
-            owners[block_id] += num_refs
         num_used = 0
         for block_id in range(self.num_total_blocks):
             ref_count = self.ref_counts[block_id]

@@ -55,7 +55,7 @@ def measure(
     decode_probes: list[tuple[int, int]] = DECODE_PROBES,
     prefill_probes: list[tuple[int, int]] = PREFILL_PROBES,
 ) -> list[Sample]:
-    engine = LLMEngine(config)
+    engine = LLMEngine.from_config(config)
     probes: list[tuple[str, SchedulerOutput]] = []
     try:
         for num_requests, context in decode_probes:

@@ -20,11 +20,11 @@ MiB = 1024 * 1024
 DTYPE_NBYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 SCHEDULING_POLICIES = ("fcfs", "priority")
-# Which code runs the non-matmul work (attention, norms, RoPE, SwiGLU, KV writes).
+# Which kernels run the model (matmuls, attention, norms, RoPE, SwiGLU, KV writes).
 # "native": the compiled kernels (kernels/*.c; float32 on CPU, widths multiples of 8);
-# "torch": torch ops (any dtype and device, no compiler); "auto": native where it
-# applies and builds, else torch.
-KERNEL_BACKENDS = ("auto", "native", "torch")
+# "torch": torch ops (any dtype and device, no compiler); "auto": native where they
+# apply and build, else torch.
+KERNELS = ("auto", "native", "torch")
 ROPE_TYPES = ("default", "linear", "llama3")
 # HF `model_type`s whose math is exactly Llama's (Mistral only without a sliding window
 # shorter than the context; see ModelConfig.max_context_len).
@@ -294,7 +294,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # token budget per step (prefill chunks + decodes)
     max_model_len: int | None = None  # context limit; None = the model's
     scheduling_policy: str = "fcfs"  # "fcfs", or "priority" (higher priority first, then FCFS)
-    # One of KERNEL_BACKENDS; a config loaded by load_config also reads $LLMESH_KERNELS.
+    # One of KERNELS; a config loaded by load_config also reads $LLMESH_KERNELS.
     # Engines that hand requests to each other (migration, pipelines) must run the same
     # kernels for bit-identical continuations: the two backends round differently.
     kernels: str = dataclasses.field(default="auto", metadata={ENV: "LLMESH_KERNELS"})
@@ -342,8 +342,8 @@ class EngineConfig:
             f"scheduling_policy {self.scheduling_policy!r} is not one of {SCHEDULING_POLICIES}",
         )
         require(
-            self.kernels in KERNEL_BACKENDS,
-            f"kernels {self.kernels!r} is not one of {KERNEL_BACKENDS}",
+            self.kernels in KERNELS,
+            f"kernels {self.kernels!r} is not one of {KERNELS}",
         )
 
     def replace(self, **changes: Any) -> EngineConfig:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,19 +120,14 @@ class CostModel:
 
 class CostModelExecutor:
     """Returns fake tokens (deterministic in request seed and position, never EOS) and the
-    modelled step time. With `sleep=True` it also waits that long (live-mode demos)."""
+    modelled step time (LLMEngine.simulated's executor)."""
 
     def __init__(
-        self,
-        profile: CostModelProfile,
-        vocab_size: int,
-        eos_token_ids: tuple[int, ...],
-        sleep: bool = False,
+        self, profile: CostModelProfile, vocab_size: int, eos_token_ids: tuple[int, ...]
     ) -> None:
         self.cost_model = CostModel(profile)
         self.vocab_size = vocab_size
         self.eos_token_ids = frozenset(eos_token_ids)
-        self.sleep = sleep
 
     def step_time(self, batch: SchedulerOutput) -> float:
         return self.cost_model.step_time(batch)
@@ -141,8 +135,6 @@ class CostModelExecutor:
     def execute(self, batch: SchedulerOutput, hidden_states: Any = None) -> ExecutorOutput:
         del hidden_states
         elapsed = self.step_time(batch)
-        if self.sleep:
-            time.sleep(elapsed)
         tokens = [
             self.fake_token(r.request_id, r.params.seed, r.num_context_tokens)
             for r in batch.requests
@@ -229,7 +221,7 @@ LLAMA_7B_CONFIG = ModelConfig(
 
 
 def _llama_7b_a10() -> CostModelProfile:
-    """7B Llama, fp16, on a 24 GB A10-class GPU, from hardware figures (DESIGN.md).
+    """7B Llama, fp16, on a 24 GB A10-class GPU, from published hardware figures.
 
     - A10: ~600 GB/s memory bandwidth, ~125 TFLOP/s fp16 tensor peak, 24 GB of which ~90%
       is usable -> memory_capacity_bytes = 21.6e9.

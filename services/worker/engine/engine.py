@@ -1,46 +1,51 @@
 """LLMEngine: the worker's engine. One step is schedule -> execute -> update.
 
-Public surface (all used by the worker's servicer, the llumlet and the simulator):
-requests (add / abort / step), load stats, migration hooks (export, read/write KV
-blocks, reserve, suspend, remove, import) and KunServe hooks (drop / restore layers).
-The engine is plain torch and single-threaded: callers serialise calls.
+    LLMEngine.from_config(config)        a torch engine: model, KV pool, TorchExecutor
+    LLMEngine.simulated(config, profile)  accounting only (the simulator): no tensors,
+                                          a CostModelExecutor; same scheduler and books
+
+The engine owns its parts and hands each one what it needs; none of them knows the engine:
+
+    intake         checks what enters (new requests, migrated ones) and numbers them
+    scheduler      waiting queue, running batch, preemption, over the block manager
+    executor       runs a scheduled batch (TorchExecutor or CostModelExecutor)
+    migration      Llumnix hooks: engine.migration.read_kv_blocks(...), ... (migration.py)
+    layer_ranges   KunServe hooks: engine.layer_ranges.drop_layers(...), ... (layer_ranges.py)
+
+Threads. The engine is not thread-safe. One thread steps it (the worker's AsyncEngine
+runs it on a thread of its own) and every other call runs on that thread between two
+steps (AsyncEngine.run), with these exceptions, which other threads make while it steps:
+- engine.migration.read_kv_blocks / write_kv_blocks: the worker's live migration copies
+  KV beside the steps (migration.py says which blocks that is safe for, and when not);
+- reads of what changes only when layers are dropped or restored: config, model_config,
+  tokenizer, max_model_len, kv_block_nbytes, kv_cache.block_shape / dtypes;
+- add_preemption_callback (a list append); the callback itself runs on the stepping
+  thread, inside step().
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import random
 import time
 from collections.abc import Callable
-
-import torch
 
 from services.common.tokenizer import ByteTokenizer, Tokenizer
 from services.worker.engine import native
 from services.worker.engine.block_manager import BlockManager
-from services.worker.engine.config import DTYPE_NBYTES, EngineConfig
-from services.worker.engine.cost_model import (
-    CostModel,
-    CostModelExecutor,
-    CostModelProfile,
-    get_profile,
-)
-from services.worker.engine.errors import (
-    BlockIntegrityError,
-    DuplicateRequestError,
-    EmptyPromptError,
-    EngineStateError,
-    InvalidRequestIdError,
-    InvalidSamplingParamsError,
-    InvalidTokenError,
-    PromptTooLongError,
-)
+from services.worker.engine.config import EngineConfig, ModelConfig
+from services.worker.engine.cost_model import CostModelExecutor, CostModelProfile, get_profile
+from services.worker.engine.errors import BlockIntegrityError, EngineStateError
 from services.worker.engine.executor import Executor, TorchExecutor
+from services.worker.engine.intake import RequestIntake
 from services.worker.engine.kv_cache import KVCache, kv_block_nbytes
-from services.worker.engine.layers import LayerRangeMixin
+from services.worker.engine.layer_ranges import (
+    HeldLayers,
+    LayerRanges,
+    SimulatedLayers,
+    TorchLayers,
+)
 from services.worker.engine.loader import load_model_source
-from services.worker.engine.migration import MigrationMixin
+from services.worker.engine.migration import MigrationHooks
 from services.worker.engine.model import LlamaModel
 from services.worker.engine.outputs import EngineStats, RequestOutput, RequestView, StepInfo
 from services.worker.engine.request import Request, RequestStatus
@@ -50,105 +55,118 @@ from services.worker.engine.weights import build_stage_weights, hf_names
 
 log = logging.getLogger(__name__)
 
-EXECUTORS = ("torch", "cost_model")
 
-
-class LLMEngine(LayerRangeMixin, MigrationMixin):
+class LLMEngine:
     def __init__(
         self,
-        config: EngineConfig | None = None,
-        executor: str = "torch",
-        profile: str | CostModelProfile | None = None,
+        config: EngineConfig,
+        model_config: ModelConfig,
+        tokenizer: Tokenizer,
+        executor: Executor,
+        held: HeldLayers,
+        *,
+        num_blocks: int,
+        max_model_len: int,
+        dtype: str,
+        kernels: str,
+        model: LlamaModel | None = None,
+        kv_cache: KVCache | None = None,
     ) -> None:
-        """executor="torch" loads the model and allocates the KV pool for real;
-        executor="cost_model" builds an accounting-only engine (no tensors) whose model
-        shape, dtype and step times come from `profile` (default: "tiny-cpu")."""
-        self.config = config = config or EngineConfig()
-        if executor not in EXECUTORS:
-            raise ValueError(f"executor {executor!r} is not one of {EXECUTORS}")
-        self.is_simulated = executor == "cost_model"
-        self.model: LlamaModel | None = None
-        self.kv_cache: KVCache | None = None
-        self.tokenizer: Tokenizer
-        if self.is_simulated:
-            self.profile: CostModelProfile | None = get_profile(profile or "tiny-cpu")
-            self.model_config = self.profile.model
-            self.dtype = self.profile.dtype
-            self.kernels = "none"  # nothing runs
-            self.tokenizer = ByteTokenizer()
-            self.weight_source = None
-        else:
-            if profile is None and config.model == "tiny":
-                profile = "tiny-cpu"  # step_time estimates; other models bring their own
-            self.profile = get_profile(profile) if profile is not None else None
-            source = load_model_source(config.model)
-            self.model_config, self.tokenizer, self.weight_source = (
-                source.config,
-                source.tokenizer,
-                source.weights,
-            )
-            self.dtype = config.dtype
-            self.kernels = self._kernels()
-            num_layers = self.model_config.num_layers
-            tensors = source.weights.load(hf_names(self.model_config, 0, num_layers))
-            weights = build_stage_weights(
-                self.model_config, tensors, 0, num_layers, self.dtype, config.device
-            )
-            del tensors
-            self.model = LlamaModel(self.model_config, weights, self.kernels == "native")
-        self.layer_start, self.layer_end = 0, self.model_config.num_layers
-        self.host_weights: dict[str, torch.Tensor] = {}  # dropped weights kept for restore
-
-        model_limit = self.model_config.max_context_len
-        if config.max_model_len is not None and config.max_model_len > model_limit:
-            raise ValueError(
-                f"max_model_len={config.max_model_len} exceeds the model's context of {model_limit}"
-            )
-        self.max_model_len = config.max_model_len or model_limit
-
-        num_blocks = self._initial_num_blocks()
-        self.num_blocks_complete = num_blocks  # pool size with every layer held (restore target)
+        """Wires the parts that from_config (a torch engine) or simulated (accounting
+        only) built: build an engine with one of those."""
+        self.config = config
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.dtype = dtype
+        self.kernels = kernels  # "native" or "torch"; "none" when simulated (nothing runs)
+        self.model = model  # None when simulated
+        self.kv_cache = kv_cache  # None when simulated
+        self.executor = executor
+        self.max_model_len = max_model_len
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(
-            config, self.block_manager, self.max_model_len, self.model_config.eos_token_ids
+            config, self.block_manager, max_model_len, model_config.eos_token_ids
         )
-        self.executor: Executor
-        if self.is_simulated:
-            assert self.profile is not None
-            self.executor = CostModelExecutor(
-                self.profile, self.model_config.vocab_size, self.model_config.eos_token_ids
-            )
-        else:
-            assert self.model is not None
-            self.kv_cache = KVCache(
-                self.model_config,
-                0,
-                self.model_config.num_layers,
-                num_blocks,
-                config.block_size,
-                self.dtype,
-                config.device,
-            )
-            step_time_model = CostModel(self.profile) if self.profile is not None else None
-            self.executor = TorchExecutor(self.model, self.kv_cache, step_time_model, self.kernels)
-
+        self.intake = RequestIntake(model_config, max_model_len, self.scheduler, self.block_manager)
+        self.migration = MigrationHooks(
+            self.scheduler, self.block_manager, kv_cache, self.intake, model_config.eos_token_ids
+        )
+        self.layer_ranges = LayerRanges(
+            model_config, dtype, self.block_manager, self.scheduler, held
+        )
         self.last_step = StepInfo()
         self._pending_outputs: list[RequestOutput] = []
-        self._next_seq_no = 0
-        self._seed_rng = random.Random()  # seeds for sampled requests that bring none
 
-    def _kernels(self) -> str:
-        """config.kernels resolved to "native" or "torch"."""
-        requested = self.config.kernels
-        if requested == "torch":
-            return "torch"
-        why_not = native.unavailable(self.model_config, self.dtype, self.config.device)
-        if why_not is None:
-            return "native"
-        if requested == "native":
-            raise ValueError(f"kernels 'native' are unavailable: {why_not}")
-        log.info("kernels: torch (the native kernels are unavailable: %s)", why_not)
-        return "torch"
+    # ---- construction -----------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: EngineConfig | None = None) -> LLMEngine:
+        """A torch engine: loads the model, picks its kernels (EngineConfig.kernels),
+        and allocates the KV pool in what memory_capacity_bytes leaves after the weights."""
+        config = config or EngineConfig()
+        source = load_model_source(config.model)
+        model_config = source.config
+        kernels = _resolve_kernels(config, model_config)
+        num_layers = model_config.num_layers
+        tensors = source.weights.load(hf_names(model_config, 0, num_layers))
+        weights = build_stage_weights(
+            model_config, tensors, 0, num_layers, config.dtype, config.device
+        )
+        del tensors
+        model = LlamaModel(model_config, weights, kernels)
+        max_model_len = _max_model_len(config, model_config)
+        num_blocks = _initial_num_blocks(
+            config,
+            model.nbytes(),
+            kv_block_nbytes(model_config, num_layers, config.block_size, config.dtype),
+        )
+        kv_cache = KVCache(
+            model_config, 0, num_layers, num_blocks, config.block_size, config.dtype, config.device
+        )
+        return cls(
+            config,
+            model_config,
+            source.tokenizer,
+            TorchExecutor(model, kv_cache),
+            TorchLayers(model, kv_cache, source.weights, config.dtype, config.device),
+            num_blocks=num_blocks,
+            max_model_len=max_model_len,
+            dtype=config.dtype,
+            kernels=kernels,
+            model=model,
+            kv_cache=kv_cache,
+        )
+
+    @classmethod
+    def simulated(
+        cls, config: EngineConfig | None = None, profile: str | CostModelProfile = "tiny-cpu"
+    ) -> LLMEngine:
+        """An accounting-only engine (no tensors) for the simulator: the model's shape,
+        dtype and step times come from the cost-model `profile`; weight and KV bytes are
+        computed from the shape; steps return deterministic fake tokens (never EOS)."""
+        config = config or EngineConfig()
+        profile = get_profile(profile)
+        model_config, dtype = profile.model, profile.dtype
+        executor = CostModelExecutor(profile, model_config.vocab_size, model_config.eos_token_ids)
+        held = SimulatedLayers(model_config, dtype, executor.cost_model)
+        num_layers = model_config.num_layers
+        max_model_len = _max_model_len(config, model_config)
+        num_blocks = _initial_num_blocks(
+            config,
+            held.weight_nbytes(0, num_layers),
+            kv_block_nbytes(model_config, num_layers, config.block_size, dtype),
+        )
+        return cls(
+            config,
+            model_config,
+            ByteTokenizer(),
+            executor,
+            held,
+            num_blocks=num_blocks,
+            max_model_len=max_model_len,
+            dtype=dtype,
+            kernels="none",
+        )
 
     # ---- sizes ------------------------------------------------------------------------
 
@@ -158,38 +176,22 @@ class LLMEngine(LayerRangeMixin, MigrationMixin):
         return ids[0] if ids else None
 
     @property
+    def layer_start(self) -> int:
+        return self.layer_ranges.layer_start
+
+    @property
+    def layer_end(self) -> int:
+        return self.layer_ranges.layer_end
+
+    @property
     def weight_nbytes(self) -> int:
         """Bytes of weights held (real tensor sizes; analytic for a simulated engine)."""
-        if self.model is not None:
-            return self.model.nbytes()
-        return (
-            self.model_config.num_params(self.layer_start, self.layer_end)
-            * DTYPE_NBYTES[self.dtype]
-        )
+        return self.layer_ranges.weight_nbytes
 
     @property
     def kv_block_nbytes(self) -> int:
         """Bytes of one KV block over the layers this engine holds."""
-        return kv_block_nbytes(
-            self.model_config, self.layer_end - self.layer_start, self.config.block_size, self.dtype
-        )
-
-    def _initial_num_blocks(self) -> int:
-        config, weights, block = self.config, self.weight_nbytes, self.kv_block_nbytes
-        if config.num_kv_blocks is not None:
-            if weights + config.num_kv_blocks * block > config.memory_capacity_bytes:
-                raise ValueError(
-                    f"memory_capacity_bytes={config.memory_capacity_bytes} cannot hold {weights} bytes of weights "
-                    f"plus num_kv_blocks={config.num_kv_blocks} blocks of {block} bytes"
-                )
-            return config.num_kv_blocks
-        num_blocks = (config.memory_capacity_bytes - weights) // block
-        if num_blocks < 1:
-            raise ValueError(
-                f"memory_capacity_bytes={config.memory_capacity_bytes} leaves no room for a KV block "
-                f"({block} bytes) after {weights} bytes of weights"
-            )
-        return num_blocks
+        return self.layer_ranges.kv_block_nbytes
 
     # ---- requests ---------------------------------------------------------------------
 
@@ -202,68 +204,20 @@ class LLMEngine(LayerRangeMixin, MigrationMixin):
         arrival_time: float | None = None,
     ) -> None:
         """Queues a request. Raises an EngineInputError subclass for bad input."""
-        if not isinstance(request_id, str) or not request_id:
-            raise InvalidRequestIdError(f"request_id must be a non-empty str, got {request_id!r}")
-        if request_id in self.scheduler.requests:
-            raise DuplicateRequestError(f"request {request_id!r} is already in the engine")
-        params = self._check_params(params)
-        self._check_prompt(prompt_token_ids)
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise InvalidSamplingParamsError(f"priority must be an int, got {priority!r}")
+        intake = self.intake
+        intake.check_new_id(request_id)
+        params = intake.check_params(params)
+        intake.check_prompt(prompt_token_ids)
+        intake.check_priority(priority)
         request = Request(
             request_id,
             prompt_token_ids,
             params,
             priority,
             time.time() if arrival_time is None else arrival_time,
-            self._take_seq_no(),
+            intake.take_seq_no(),
         )
         self.scheduler.add_waiting(request)
-
-    def _check_params(self, params: SamplingParams) -> SamplingParams:
-        if not isinstance(params, SamplingParams):
-            raise InvalidSamplingParamsError(
-                f"params must be SamplingParams, got {type(params).__name__}"
-            )
-        bad = [t for t in params.stop_token_ids if t >= self.model_config.vocab_size]
-        if bad:
-            raise InvalidSamplingParamsError(
-                f"SamplingParams.stop_token_ids {bad} are outside the vocab"
-            )
-        if params.seed is None and not params.is_greedy:
-            # Fix the seed now so the stream survives preemption and migration.
-            params = dataclasses.replace(params, seed=self._seed_rng.getrandbits(63))
-        return params
-
-    def _check_prompt(self, prompt_token_ids: list[int]) -> None:
-        if not isinstance(prompt_token_ids, list | tuple):
-            raise InvalidTokenError(
-                f"prompt_token_ids must be a list of ints, got {type(prompt_token_ids).__name__}"
-            )
-        if not prompt_token_ids:
-            raise EmptyPromptError("the prompt has no tokens")
-        vocab_size = self.model_config.vocab_size
-        for token_id in prompt_token_ids:
-            if (
-                isinstance(token_id, bool)
-                or not isinstance(token_id, int)
-                or not 0 <= token_id < vocab_size
-            ):
-                raise InvalidTokenError(f"token id {token_id!r} is not an int in [0, {vocab_size})")
-        num_tokens = len(prompt_token_ids)
-        if num_tokens > self.max_model_len:
-            raise PromptTooLongError(
-                f"prompt has {num_tokens} tokens; the model context is {self.max_model_len}"
-            )
-        pool_tokens = self.block_manager.num_total_blocks * self.config.block_size
-        if num_tokens > pool_tokens:
-            raise PromptTooLongError(
-                f"prompt has {num_tokens} tokens; the whole KV pool holds {pool_tokens}"
-            )
-
-    def _take_seq_no(self) -> int:
-        self._next_seq_no += 1
-        return self._next_seq_no
 
     def abort_request(self, request_id: str) -> bool:
         """Stops a request and frees its blocks; the next step() reports it with
@@ -282,7 +236,7 @@ class LLMEngine(LayerRangeMixin, MigrationMixin):
 
     def step(self) -> list[RequestOutput]:
         """Runs one iteration over the whole batch; returns every request's new tokens."""
-        if not self.is_simulated and not self.is_complete:
+        if not self.layer_ranges.steps_alone:
             raise EngineStateError(
                 f"the engine holds layers [{self.layer_start}, {self.layer_end}) only; "
                 "run it as a pipeline stage or restore_layers() first"
@@ -310,7 +264,7 @@ class LLMEngine(LayerRangeMixin, MigrationMixin):
     ) -> list[RequestOutput]:
         """Runs prompts to completion (blocking); one merged RequestOutput per prompt."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
-        ids = [f"generate-{self._next_seq_no + 1}-{i}" for i in range(len(prompts))]
+        ids = [f"generate-{self.intake.num_numbered + 1}-{i}" for i in range(len(prompts))]
         try:
             for request_id, prompt, p in zip(ids, prompts, params_list, strict=True):
                 self.add_request(request_id, prompt, p)
@@ -386,3 +340,45 @@ class LLMEngine(LayerRangeMixin, MigrationMixin):
             raise BlockIntegrityError(
                 f"block tables of unknown requests: {sorted(set(tables) - owners)}"
             )
+
+
+def _resolve_kernels(config: EngineConfig, model_config: ModelConfig) -> str:
+    """config.kernels resolved to "native" or "torch"."""
+    if config.kernels == "torch":
+        return "torch"
+    why_not = native.unavailable(model_config, config.dtype, config.device)
+    if why_not is None:
+        return "native"
+    if config.kernels == "native":
+        raise ValueError(f"kernels 'native' are unavailable: {why_not}")
+    log.info("kernels: torch (the native kernels are unavailable: %s)", why_not)
+    return "torch"
+
+
+def _max_model_len(config: EngineConfig, model_config: ModelConfig) -> int:
+    model_limit = model_config.max_context_len
+    if config.max_model_len is not None and config.max_model_len > model_limit:
+        raise ValueError(
+            f"max_model_len={config.max_model_len} exceeds the model's context of {model_limit}"
+        )
+    return config.max_model_len or model_limit
+
+
+def _initial_num_blocks(config: EngineConfig, weight_nbytes: int, block_nbytes: int) -> int:
+    """config.num_kv_blocks if the weights leave room for them, else as many blocks of
+    block_nbytes as memory_capacity_bytes holds beside weight_nbytes of weights."""
+    capacity = config.memory_capacity_bytes
+    if config.num_kv_blocks is not None:
+        if weight_nbytes + config.num_kv_blocks * block_nbytes > capacity:
+            raise ValueError(
+                f"memory_capacity_bytes={capacity} cannot hold {weight_nbytes} bytes of weights "
+                f"plus num_kv_blocks={config.num_kv_blocks} blocks of {block_nbytes} bytes"
+            )
+        return config.num_kv_blocks
+    num_blocks = (capacity - weight_nbytes) // block_nbytes
+    if num_blocks < 1:
+        raise ValueError(
+            f"memory_capacity_bytes={capacity} leaves no room for a KV block "
+            f"({block_nbytes} bytes) after {weight_nbytes} bytes of weights"
+        )
+    return num_blocks

@@ -58,3 +58,9 @@ class BlockIntegrityError(AssertionError):
 
 class EngineStateError(RuntimeError):
     """The engine cannot do this now (e.g. step() while it holds only a layer range)."""
+
+
+class KernelArgumentError(ValueError):
+    """A tensor handed to a native kernel is not what the C code reads (shape, dtype,
+    layout, range). Raised before the call, so the kernel never reads past a buffer;
+    an engine bug or a misuse of native.py, never request input."""

@@ -1,10 +1,10 @@
 """Executors run one scheduled step. Two implementations share the interface:
 
     execute(batch, hidden_states=None) -> ExecutorOutput
-    step_time(batch) -> float        estimated seconds for the step
 
-TorchExecutor runs the real model over the paged KV pool; CostModelExecutor
-(cost_model.py) returns deterministic fake tokens and a modelled duration.
+TorchExecutor runs the real model over the paged KV pool (LLMEngine.from_config);
+CostModelExecutor (cost_model.py) returns deterministic fake tokens and a modelled
+duration (LLMEngine.simulated).
 
 A TorchExecutor over a model holding layers [start, end) is one pipeline stage: it
 embeds tokens only if start == 0 (else it takes the previous stage's hidden states)
@@ -20,6 +20,7 @@ from typing import Protocol
 
 import torch
 
+from services.worker.engine import native
 from services.worker.engine.attention import PagedAttention, build_attention_metadata, int_tensor
 from services.worker.engine.kv_cache import KVCache
 from services.worker.engine.model import LlamaModel
@@ -39,8 +40,6 @@ class Executor(Protocol):
         self, batch: SchedulerOutput, hidden_states: torch.Tensor | None = None
     ) -> ExecutorOutput: ...
 
-    def step_time(self, batch: SchedulerOutput) -> float: ...
-
 
 def batch_row_order(batch: SchedulerOutput) -> list[int]:
     """Indices into batch.requests: single-token chunks first, then longer chunks."""
@@ -50,23 +49,18 @@ def batch_row_order(batch: SchedulerOutput) -> list[int]:
 
 
 class TorchExecutor:
-    def __init__(
-        self,
-        model: LlamaModel,
-        kv_cache: KVCache,
-        step_time_model=None,
-        kernels: str = "torch",
-    ) -> None:
+    """Runs `model` over `kv_cache`. Both are the engine's own objects, changed in place
+    when it drops or restores layers (layer_ranges.py)."""
+
+    def __init__(self, model: LlamaModel, kv_cache: KVCache) -> None:
         self.model = model
         self.kv_cache = kv_cache
-        self.kernels = kernels  # "native" or "torch" (resolved)
         self.block_size = kv_cache.block_size
-        self.step_time_model = step_time_model  # a cost_model.CostModel, for estimates
 
-    def step_time(self, batch: SchedulerOutput) -> float:
-        if self.step_time_model is None:
-            raise NotImplementedError("this TorchExecutor has no cost model for estimates")
-        return self.step_time_model.step_time(batch)
+    @property
+    def kernels(self) -> str:
+        """The model's kernels: "native" or "torch"."""
+        return self.model.kernels
 
     @torch.inference_mode()
     def execute(
@@ -92,7 +86,7 @@ class TorchExecutor:
             block_size=self.block_size,
             num_queries_per_kv=model.config.num_queries_per_kv,
             device=device,
-            backend=self.kernels,
+            kernels=model.kernels,
         )
         if model.is_first_stage:
             hidden = model.embed(int_tensor(token_ids, torch.int64, device))
@@ -102,10 +96,14 @@ class TorchExecutor:
                     "a stage without the embedding needs the previous stage's hidden states"
                 )
             hidden = hidden_states
+        paged_kv = None
+        if metadata.native is not None:  # the native kernels: the layers in one call
+            paged_kv = native.PagedKV(self.kv_cache.layers, metadata.slot_mapping, metadata.native)
         hidden = model.forward_layers(
             hidden,
             int_tensor(positions, torch.int64, device),
             PagedAttention(model.config, self.kv_cache, metadata),
+            paged_kv=paged_kv,
         )
         if not model.is_last_stage:
             return ExecutorOutput([], hidden, time.perf_counter() - start)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from services.worker.engine.config import DTYPE_NBYTES, ModelConfig
-from services.worker.engine.weights import TORCH_DTYPES
+from services.worker.engine.dtypes import TORCH_DTYPES
 
 
 def kv_block_nbytes(config: ModelConfig, num_layers: int, block_size: int, dtype: str) -> int:
@@ -68,10 +68,6 @@ class KVCache:
     @property
     def layer_end(self) -> int:
         return max(self.layers) + 1
-
-    @property
-    def block_nbytes(self) -> int:
-        return kv_block_nbytes(self.config, len(self.layers), self.block_size, self.dtype)
 
     @property
     def nbytes(self) -> int:

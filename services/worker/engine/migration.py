@@ -10,45 +10,67 @@ resume_request(id) if the migration aborts   release_blocks(reserved) if it abor
 
 A request mid-decode has num_computed_tokens == num_tokens - 1: its last sampled token
 is fed on the destination, which then samples exactly what the source would have.
+
+Threads: every hook runs between steps on the thread that steps the engine, except
+read_kv_blocks and write_kv_blocks, which the worker runs on other threads while the
+engine steps (services/worker/migration/). They copy the KV of the named blocks only,
+which no step writes meanwhile: a running request's full blocks (its new tokens go to
+later blocks), a suspended request's blocks, or blocks reserved here, which no request
+owns. (A preemption can free a source's blocks mid-read: the source checks after each
+stage that they are still the request's.) They must not overlap a drop_layers /
+restore_layers, which reallocate the pool.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
+from services.worker.engine.block_manager import BlockManager
 from services.worker.engine.errors import (
-    DuplicateRequestError,
     EngineStateError,
     InvalidBlocksError,
     InvalidRequestStateError,
     NoFreeBlocksError,
     UnknownRequestError,
 )
+from services.worker.engine.intake import RequestIntake
+from services.worker.engine.kv_cache import KVCache
 from services.worker.engine.request import Request, RequestState, RequestStatus
-
-if TYPE_CHECKING:
-    from services.worker.engine.engine import LLMEngine
+from services.worker.engine.scheduler import Scheduler
 
 
-class MigrationMixin:
-    """Migration hooks for LLMEngine (kept apart to keep engine.py small)."""
+class MigrationHooks:
+    """The engine's migration hooks (`engine.migration`), over its scheduler, block
+    manager and KV cache (None in a simulated engine: no KV to read or write)."""
 
-    def _request(self: LLMEngine, request_id: str) -> Request:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        block_manager: BlockManager,
+        kv_cache: KVCache | None,
+        intake: RequestIntake,
+        eos_token_ids: tuple[int, ...],
+    ) -> None:
+        self.scheduler = scheduler
+        self.block_manager = block_manager
+        self.kv_cache = kv_cache
+        self.intake = intake
+        self.eos_token_ids = eos_token_ids
+
+    def _request(self, request_id: str) -> Request:
         request = self.scheduler.requests.get(request_id)
         if request is None:
             raise UnknownRequestError(f"no request {request_id!r} in the engine")
         return request
 
-    def export_request_state(self: LLMEngine, request_id: str) -> RequestState:
+    def export_request_state(self, request_id: str) -> RequestState:
         return self._request(request_id).to_state()
 
-    def request_block_ids(self: LLMEngine, request_id: str) -> list[int]:
+    def request_block_ids(self, request_id: str) -> list[int]:
         self._request(request_id)
         return list(self.block_manager.block_ids(request_id))
 
-    def _check_block_ids(self: LLMEngine, block_ids: list[int]) -> None:
+    def _check_block_ids(self, block_ids: list[int]) -> None:
         total = self.block_manager.num_total_blocks
         if len(set(block_ids)) != len(block_ids) or not all(
             isinstance(b, int) and 0 <= b < total for b in block_ids
@@ -57,33 +79,33 @@ class MigrationMixin:
                 f"block ids must be distinct ints in [0, {total}), got {block_ids}"
             )
 
-    def read_kv_blocks(
-        self: LLMEngine, block_ids: list[int], out: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def _held_kv(self) -> KVCache:
+        if self.kv_cache is None:
+            raise EngineStateError("a simulated engine holds no KV tensors")
+        return self.kv_cache
+
+    def read_kv_blocks(self, block_ids: list[int], out: torch.Tensor | None = None) -> torch.Tensor:
         """A contiguous copy of the blocks' KV for every layer held, shaped
         (num_layers_held, 2, len(block_ids), block_size, num_kv_heads, head_dim); written
         into `out` (that shape and the cache's dtype, contiguous) when given."""
         self._check_block_ids(block_ids)
-        if self.kv_cache is None:
-            raise EngineStateError("a simulated engine holds no KV tensors")
-        if out is not None and out.dtype != self.kv_cache.layers[self.kv_cache.layer_start].dtype:
+        kv_cache = self._held_kv()
+        if out is not None and out.dtype != kv_cache.layers[kv_cache.layer_start].dtype:
             raise InvalidBlocksError(f"out has dtype {out.dtype}, the KV cache holds another")
         try:
-            return self.kv_cache.read_blocks(block_ids, out=out)
+            return kv_cache.read_blocks(block_ids, out=out)
         except ValueError as exc:  # out's shape
             raise InvalidBlocksError(str(exc)) from None
 
     def write_kv_blocks(
-        self: LLMEngine, block_ids: list[int], data: torch.Tensor, layer_start: int | None = None
+        self, block_ids: list[int], data: torch.Tensor, layer_start: int | None = None
     ) -> None:
         """Writes read_kv_blocks-shaped data; layer_start picks the first layer written
         (default: the first held), so a subset of layers can be written."""
         self._check_block_ids(block_ids)
-        if self.kv_cache is None:
-            raise EngineStateError("a simulated engine holds no KV tensors")
-        self.kv_cache.write_blocks(block_ids, data, layer_start)
+        self._held_kv().write_blocks(block_ids, data, layer_start)
 
-    def reserve_blocks(self: LLMEngine, num_blocks: int) -> list[int]:
+    def reserve_blocks(self, num_blocks: int) -> list[int]:
         """Blocks held outside any request (a migration destination's pre-allocation)."""
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 0:
             raise InvalidBlocksError(f"num_blocks must be an int >= 0, got {num_blocks!r}")
@@ -93,10 +115,10 @@ class MigrationMixin:
             )
         return self.block_manager.reserve(num_blocks)
 
-    def release_blocks(self: LLMEngine, block_ids: list[int]) -> None:
+    def release_blocks(self, block_ids: list[int]) -> None:
         self.block_manager.release(list(block_ids))
 
-    def suspend_request(self: LLMEngine, request_id: str) -> None:
+    def suspend_request(self, request_id: str) -> None:
         """Stops scheduling a running request; it keeps its blocks (stop-and-copy)."""
         request = self._request(request_id)
         if request.status is not RequestStatus.RUNNING:
@@ -105,7 +127,7 @@ class MigrationMixin:
             )
         request.set_status(RequestStatus.SUSPENDED)
 
-    def resume_request(self: LLMEngine, request_id: str) -> None:
+    def resume_request(self, request_id: str) -> None:
         request = self._request(request_id)
         if request.status is not RequestStatus.SUSPENDED:
             raise InvalidRequestStateError(
@@ -113,22 +135,22 @@ class MigrationMixin:
             )
         request.set_status(RequestStatus.RUNNING)
 
-    def remove_request(self: LLMEngine, request_id: str) -> RequestState:
+    def remove_request(self, request_id: str) -> RequestState:
         """Hands the request over (migration committed): frees its blocks, emits nothing."""
         request = self._request(request_id)
         state = request.to_state()
         self.scheduler.finish(request, RequestStatus.MIGRATED)
         return state
 
-    def import_request(self: LLMEngine, state: RequestState, block_ids: list[int]) -> None:
+    def import_request(self, state: RequestState, block_ids: list[int]) -> None:
         """Adopts a request whose KV for its first num_computed_tokens tokens is already in
         `block_ids` (reserved here, in block-table order). It continues exactly as it would
         have where it came from."""
-        if state.request_id in self.scheduler.requests:
-            raise DuplicateRequestError(f"request {state.request_id!r} is already in the engine")
-        params = self._check_params(state.params)
-        self._check_prompt(list(state.prompt_token_ids))
-        self._check_prompt(list(state.prompt_token_ids) + list(state.output_token_ids))
+        intake = self.intake
+        intake.check_not_present(state.request_id)
+        params = intake.check_params(state.params)
+        intake.check_prompt(list(state.prompt_token_ids))
+        intake.check_prompt(list(state.prompt_token_ids) + list(state.output_token_ids))
         if not 0 <= state.num_computed_tokens < state.num_tokens:
             raise InvalidRequestStateError(
                 f"num_computed_tokens={state.num_computed_tokens} must be in [0, {state.num_tokens})"
@@ -136,7 +158,7 @@ class MigrationMixin:
         last = state.output_token_ids[-1] if state.output_token_ids else None
         stops = set(params.stop_token_ids)
         if not params.ignore_eos:
-            stops.update(self.model_config.eos_token_ids)
+            stops.update(self.eos_token_ids)
         if len(state.output_token_ids) >= params.max_tokens or last in stops:
             raise InvalidRequestStateError(f"request {state.request_id!r} has already finished")
         needed = self.block_manager.num_blocks_for(state.num_computed_tokens)
@@ -151,7 +173,7 @@ class MigrationMixin:
             params,
             state.priority,
             state.arrival_time,
-            self._take_seq_no(),
+            intake.take_seq_no(),
             output_token_ids=list(state.output_token_ids),
             num_computed_tokens=state.num_computed_tokens,
         )

@@ -19,61 +19,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 
 from services.worker.engine import native
 from services.worker.engine.config import ModelConfig
+from services.worker.engine.errors import EngineStateError
+from services.worker.engine.stage_weights import StageWeights
 
 # attention(layer_idx, q (T, nh, hd), k (T, nkv, hd), v (T, nkv, hd)) -> (T, nh * hd)
 AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-@dataclass
-class LayerWeights:
-    """One decoder layer, with q/k/v and gate/up fused into single matmuls. Under the
-    native kernels the four matrices are held packed, (N / 16, K, 16) (same bytes)."""
-
-    input_norm: torch.Tensor  # (H,)
-    qkv_proj: torch.Tensor  # (q_size + 2 * kv_size, H): rows q, then k, then v
-    o_proj: torch.Tensor  # (H, q_size)
-    post_attention_norm: torch.Tensor  # (H,)
-    gate_up_proj: torch.Tensor  # (2 * I, H): rows gate, then up
-    down_proj: torch.Tensor  # (H, I)
-    qkv_bias: torch.Tensor | None = None
-    o_bias: torch.Tensor | None = None
-    gate_up_bias: torch.Tensor | None = None
-    down_bias: torch.Tensor | None = None
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (getattr(self, f.name) for f in fields(self)) if t is not None]
-
-
 # LayerWeights matrices that native kernels keep packed ((N / 16, K, 16), native.py).
 PACKED_FIELDS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
-
-
-@dataclass
-class StageWeights:
-    """The weights a stage holding layers [layer_start, layer_end) keeps."""
-
-    layer_start: int
-    layer_end: int
-    layers: dict[int, LayerWeights]
-    embed_tokens: torch.Tensor | None  # (V, H), first stage only
-    norm: torch.Tensor | None  # (H,), last stage only
-    lm_head: torch.Tensor | None  # (V, H), last stage only; may be embed_tokens (tied)
-
-    def tensors(self) -> list[torch.Tensor]:
-        tensors = [t for layer in self.layers.values() for t in layer.tensors()]
-        return tensors + [t for t in (self.embed_tokens, self.norm, self.lm_head) if t is not None]
-
-    def nbytes(self) -> int:
-        """Bytes held, counting a tensor shared by two names (tied lm_head) once."""
-        unique = {t.data_ptr(): t.numel() * t.element_size() for t in self.tensors()}
-        return sum(unique.values())
 
 
 # F.linear over fewer rows than this takes other MKL code paths (other summation orders)
@@ -145,27 +105,31 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class LlamaModel:
-    def __init__(
-        self, config: ModelConfig, weights: StageWeights, native_ops: bool = False
-    ) -> None:
+    def __init__(self, config: ModelConfig, weights: StageWeights, kernels: str = "torch") -> None:
+        """kernels: "native" runs matmuls, norms, RoPE and the SwiGLU activation through
+        the native kernels (native.py; float32 on CPU only: the engine decides, see
+        EngineConfig.kernels), "torch" through torch ops."""
         self.config = config
-        self.weights = weights
-        # Matmuls, norms, RoPE and the SwiGLU activation through the native kernels
-        # (native.py); float32 on CPU only (the engine decides, see EngineConfig.kernels).
-        # Their layer matrices are packed once, in place of the (N, K) originals.
-        self.native_ops = native_ops
-        if native_ops:
-            for layer in weights.layers.values():
-                for field in PACKED_FIELDS:
-                    value = getattr(layer, field)
-                    if value.dim() == 2 and value.shape[0] % native.PANEL == 0:
-                        setattr(layer, field, native.pack_weight(value))
-        self._native_stack: native.NativeLayers | None = None  # built on first use
+        self.kernels = kernels
+        self.set_weights(weights)
         self.inv_freq = rope_inv_freq(config)
         self.scale = config.head_dim**-0.5
         any_tensor = weights.tensors()[0]
         self.dtype: torch.dtype = any_tensor.dtype
         self.device: torch.device = any_tensor.device
+
+    def set_weights(self, weights: StageWeights) -> None:
+        """Holds `weights` from now on (a layer range dropped or restored). Under the
+        native kernels the layer matrices are packed once, in place of the (N, K)
+        originals (a matrix packed already stays as it is)."""
+        if self.kernels == "native":
+            for layer in weights.layers.values():
+                for field in PACKED_FIELDS:
+                    value = getattr(layer, field)
+                    if value.dim() == 2 and value.shape[0] % native.PANEL == 0:
+                        setattr(layer, field, native.pack_weight(value))
+        self.weights = weights
+        self._native_stack: native.NativeLayers | None = None  # built on the first native step
 
     # ---- which part of the model this is -------------------------------------------
 
@@ -196,7 +160,8 @@ class LlamaModel:
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """(T,) int64 -> (T, H)."""
-        assert self.weights.embed_tokens is not None, "only the first stage embeds"
+        if self.weights.embed_tokens is None:
+            raise EngineStateError("only the first stage embeds")
         return F.embedding(token_ids, self.weights.embed_tokens)
 
     def rope_cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,8 +178,13 @@ class LlamaModel:
         attention: AttentionFn,
         layer_start: int | None = None,
         layer_end: int | None = None,
+        paged_kv: native.PagedKV | None = None,
     ) -> torch.Tensor:
-        """Runs layers [layer_start, layer_end) (default: all held) on hidden (T, H)."""
+        """Runs layers [layer_start, layer_end) (default: all held) on hidden (T, H).
+
+        paged_kv (native kernels only): this step over the paged KV pool, so that the
+        whole range runs in one native call (native.NativeLayers) instead of op by op
+        through `attention`."""
         layer_start = self.layer_start if layer_start is None else layer_start
         layer_end = self.layer_end if layer_end is None else layer_end
         if not self.layer_start <= layer_start <= layer_end <= self.layer_end:
@@ -223,8 +193,10 @@ class LlamaModel:
                 f"[{self.layer_start}, {self.layer_end})"
             )
         cos, sin = self.rope_cos_sin(positions)
-        if self.native_ops:
-            return self._native_layers(layer_start, layer_end, hidden, cos, sin, attention)
+        if self.kernels == "native":
+            return self._native_layers(
+                layer_start, layer_end, hidden, cos, sin, attention, paged_kv
+            )
         for layer_idx in range(layer_start, layer_end):
             hidden = self._layer(layer_idx, hidden, cos, sin, attention)
         return hidden
@@ -237,13 +209,14 @@ class LlamaModel:
         cos: torch.Tensor,
         sin: torch.Tensor,
         attention: AttentionFn,
+        paged_kv: native.PagedKV | None,
     ) -> torch.Tensor:
         """`_layer` over [layer_start, layer_end) with the native kernels: the same math,
         matmuls included (native.linear: no padding needed, every row is computed alone),
         each residual add fused with the norm after it (hidden is updated in place).
-        Over the paged KV pool (an attention function with a `native_pool`) the whole
-        range is one native call (native.NativeLayers); other attention functions (the
-        dense reference) go op by op, with the same bits."""
+        Given the paged KV pool (`paged_kv`) the whole range is one native call
+        (native.NativeLayers); without it (the dense reference) it goes op by op
+        through `attention`, with the same bits."""
         if layer_start == layer_end:
             return hidden
         c, layers = self.config, self.weights.layers
@@ -251,12 +224,13 @@ class LlamaModel:
         num_tokens = hidden.shape[0]
         cos, sin = cos.view(num_tokens, -1), sin.view(num_tokens, -1)
         hidden = hidden.clone(memory_format=torch.contiguous_format)  # not the caller's
-        pool = getattr(attention, "native_pool", None)  # attention.PagedAttention's
-        if pool is not None:
+        if paged_kv is not None:
             if self._native_stack is None:
                 self._native_stack = native.NativeLayers(c, layers)
-            pools, slots, rows = pool
-            self._native_stack.run(hidden, layer_start, layer_end, pools, cos, sin, slots, rows)
+            self._native_stack.run(
+                hidden, layer_start, layer_end, paged_kv.pools, cos, sin,
+                paged_kv.slot_mapping, paged_kv.rows,
+            )  # fmt: skip
             return hidden
         x = native.rms_norm(hidden, layers[layer_start].input_norm, eps)
         for layer_idx in range(layer_start, layer_end):
@@ -308,8 +282,9 @@ class LlamaModel:
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(R, H) last-layer hidden states -> (R, V) float32 logits."""
-        assert self.weights.norm is not None and self.weights.lm_head is not None, "last stage only"
-        if self.native_ops:
+        if self.weights.norm is None or self.weights.lm_head is None:
+            raise EngineStateError("only the last stage computes logits")
+        if self.kernels == "native":
             x = native.rms_norm(hidden, self.weights.norm, self.config.rms_norm_eps)
             return native.linear(x, self.weights.lm_head)
         x = rms_norm(hidden, self.weights.norm, self.config.rms_norm_eps)
@@ -320,7 +295,8 @@ class LlamaModel:
     def forward_dense(self, token_ids: list[int]) -> torch.Tensor:
         """Logits (T, V) for every position of one sequence, plain causal attention, no
         cache. The reference the paged engine must match token for token."""
-        assert self.is_complete, "the dense reference needs the whole model"
+        if not self.is_complete:
+            raise EngineStateError("the dense reference needs the whole model")
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         positions = torch.arange(len(token_ids), device=self.device)
         hidden = self.forward_layers(self.embed(ids), positions, self.dense_attention)

@@ -1,27 +1,50 @@
-"""Tensor-level wrappers of the native kernels (kernels/), the "native" backend.
+"""Tensor-level wrappers of the native kernels (kernels/): EngineConfig.kernels "native".
 
-With EngineConfig.kernels == "native" (or "auto" where it applies) the engine runs its
-matmuls, attention, RMSNorm, RoPE, SwiGLU activation and KV writes through these: a
-step's decoder layers in one call (`NativeLayers`), the rest op by op. Every wrapper
-takes float32 CPU tensors whose rows are contiguous (any row stride) and checks what
-the C code assumes, so a wrong call raises instead of reading past a buffer.
+With kernels "native" (or "auto" where they apply) the engine runs its matmuls,
+attention, RMSNorm, RoPE, SwiGLU activation and KV writes through these: a step's
+decoder layers in one call (`NativeLayers`), the rest op by op. Every wrapper takes
+float32 CPU tensors whose rows are contiguous (any row stride) and checks the shapes,
+dtypes and layouts the C code assumes before calling it, raising KernelArgumentError
+(a ValueError; real checks, not asserts, so they hold under `python -O`): a wrong call
+raises instead of reading past a buffer. The values inside index tensors (slots,
+positions, block tables) are the caller's invariant: checking them would cost a pass
+over them every step.
 """
 
 from __future__ import annotations
 
 import ctypes
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 
 from services.worker.engine.config import ModelConfig
+from services.worker.engine.errors import KernelArgumentError
 from services.worker.engine.kernels import KernelBuildError, library
-
-if TYPE_CHECKING:
-    from services.worker.engine.attention import NativeRows
-    from services.worker.engine.model import LayerWeights
+from services.worker.engine.stage_weights import LayerWeights
 
 MAX_QUERIES_PER_KV = 16  # the attention kernel's per-tile head arrays
+WIDTH_MULTIPLE = 8  # the kernels' vectors: every row width is a multiple of 8 floats
+
+
+@dataclass
+class NativeRows:
+    """What the native attention reads per row: its sequence (a row of block_tables)
+    and its position (it attends to keys 0 .. position). A sequence's rows are adjacent."""
+
+    row_seq: torch.Tensor  # (T,) int32
+    positions: torch.Tensor  # (T,) int32
+    block_tables: torch.Tensor  # (S, most blocks of any sequence) int32, zero-padded
+
+
+@dataclass
+class PagedKV:
+    """One step over the paged KV pool, for running a layer range in one native call
+    (LlamaModel.forward_layers): the pools, where this step's K/V go, and its rows."""
+
+    pools: dict[int, torch.Tensor]  # layer -> (2, nkv, NB, bs, hd), KVCache.layers
+    slot_mapping: torch.Tensor  # (T,) int64: block_id * block_size + offset of each row
+    rows: NativeRows
 
 
 def unavailable(config: ModelConfig, dtype: str, device: str) -> str | None:
@@ -48,11 +71,32 @@ def unavailable(config: ModelConfig, dtype: str, device: str) -> str | None:
     return None
 
 
-def _rows(x: torch.Tensor, width: int) -> int:
-    """x's row stride, after checking it is float32 rows of `width` contiguous floats."""
-    assert x.dtype == torch.float32 and x.device.type == "cpu", (x.dtype, x.device)
-    assert x.dim() == 2 and x.shape[1] == width and x.stride(1) == 1, (x.shape, x.stride())
+def _check_rows(name: str, x: torch.Tensor, width: int) -> int:
+    """x's row stride, after checking it is float32 CPU rows of `width` contiguous floats."""
+    if x.dtype != torch.float32 or not x.is_cpu:
+        raise KernelArgumentError(f"{name}: expected float32 on cpu, got {x.dtype} on {x.device}")
+    if x.dim() != 2 or x.shape[1] != width or x.stride(1) != 1:
+        raise KernelArgumentError(
+            f"{name}: expected rows of {width} contiguous floats, got shape "
+            f"{tuple(x.shape)} with strides {x.stride()}"
+        )
     return x.stride(0)
+
+
+def _check_tensor(
+    name: str, x: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.float32
+) -> None:
+    """x is a contiguous CPU tensor of this shape and dtype."""
+    if x.shape != shape or x.dtype != dtype or not x.is_cpu or not x.is_contiguous():
+        raise KernelArgumentError(
+            f"{name}: expected a contiguous {dtype} cpu tensor of shape {shape}, got "
+            f"{x.dtype} on {x.device}, shape {tuple(x.shape)}, strides {x.stride()}"
+        )
+
+
+def _check_width(name: str, width: int) -> None:
+    if width % WIDTH_MULTIPLE:
+        raise KernelArgumentError(f"{name}: width {width} is not a multiple of {WIDTH_MULTIPLE}")
 
 
 PANEL = 16  # output columns per panel of a packed weight (kernels/linear.c NR)
@@ -62,9 +106,13 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     """(N, K) -> (N / 16, K, 16): weight packed in linear's panel layout (the same numbers,
     the same bytes), so that matmuls read it straight instead of transposing it every
     call. N must be a multiple of 16."""
+    if weight.dim() != 2 or weight.shape[0] % PANEL:
+        raise KernelArgumentError(
+            f"weight: expected (N, K) with N a multiple of {PANEL}, got {tuple(weight.shape)}"
+        )
     n, k = weight.shape
-    assert n % PANEL == 0 and k % 8 == 0 and weight.is_contiguous(), weight.shape
-    assert weight.dtype == torch.float32 and weight.device.type == "cpu"
+    _check_width("weight", k)
+    _check_tensor("weight", weight, (n, k))
     packed = torch.empty(n // PANEL, k, PANEL)
     library().llmesh_pack_weight(
         weight.data_ptr(), n, k, packed.data_ptr(), torch.get_num_threads()
@@ -79,26 +127,37 @@ def unpack_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(0, 2, 1).reshape(-1, weight.shape[1])
 
 
-def _check_matrix(weight: torch.Tensor, bias: torch.Tensor | None, n: int, k: int) -> bool:
+def _check_matrix(
+    name: str, weight: torch.Tensor, bias: torch.Tensor | None, n: int, k: int
+) -> bool:
     """Checks W (N, K), or packed (N / 16, K, 16), and its bias (N,) for the C code;
     returns whether W is packed."""
     packed = weight.dim() == 3
-    assert weight.shape == ((n // PANEL, k, PANEL) if packed else (n, k)), (weight.shape, n, k)
-    assert weight.is_contiguous() and weight.dtype == torch.float32
-    assert bias is None or (bias.shape == (n,) and bias.is_contiguous())
+    if packed and n % PANEL:
+        raise KernelArgumentError(f"{name}: a packed matrix has N a multiple of {PANEL}, not {n}")
+    _check_width(name, k)
+    _check_tensor(name, weight, (n // PANEL, k, PANEL) if packed else (n, k))
+    if bias is not None:
+        _check_tensor(f"{name} bias", bias, (n,))
     return packed
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """(T, K) @ W^T (+ bias (N,)) -> (T, N). weight: W (N, K), or pack_weight(W) (same
     bits, faster)."""
+    if x.dim() != 2 or weight.dim() not in (2, 3):
+        raise KernelArgumentError(
+            f"linear: expected x (T, K) and W (N, K) or packed, got {tuple(x.shape)} and "
+            f"{tuple(weight.shape)}"
+        )
     rows, k = x.shape
     n = weight.shape[0] * PANEL if weight.dim() == 3 else weight.shape[0]
-    packed = _check_matrix(weight, bias, n, k)
+    packed = _check_matrix("weight", weight, bias, n, k)
+    x_stride = _check_rows("x", x, k)
     out = torch.empty(rows, n)
     kernel = library().llmesh_linear_packed if packed else library().llmesh_linear
     status = kernel(
-        x.data_ptr(), _rows(x, k), rows, k, weight.data_ptr(), n,
+        x.data_ptr(), x_stride, rows, k, weight.data_ptr(), n,
         None if bias is None else bias.data_ptr(), out.data_ptr(), n, torch.get_num_threads(),
     )  # fmt: skip
     if status != 0:
@@ -108,11 +167,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """(T, H) -> (T, H): weight * (x / sqrt(mean(x^2) + eps)), per row."""
-    rows, width = x.shape
+    width = weight.shape[0]
+    _check_width("rms_norm", width)
+    _check_tensor("norm weight", weight, (width,))
+    x_stride = _check_rows("x", x, width)
+    rows = x.shape[0]
     out = torch.empty(rows, width)
     library().llmesh_rms_norm(
-        x.data_ptr(), _rows(x, width), weight.data_ptr(), eps, rows, width,
-        out.data_ptr(), width, torch.get_num_threads(),
+        x.data_ptr(), x_stride, weight.data_ptr(), eps, rows, width, out.data_ptr(), width,
+        torch.get_num_threads(),
     )  # fmt: skip
     return out
 
@@ -121,51 +184,97 @@ def add_rms_norm_(
     hidden: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor
 ) -> None:
     """hidden += delta (in place), then out = rms_norm(hidden); all (T, H)."""
-    rows, width = hidden.shape
-    assert delta.shape == hidden.shape == out.shape and weight.is_contiguous()
+    width = weight.shape[0]
+    _check_width("add_rms_norm_", width)
+    _check_tensor("norm weight", weight, (width,))
+    strides = [_check_rows(name, t, width) for name, t in (("hidden", hidden), ("delta", delta), ("out", out))]  # fmt: skip
+    rows = hidden.shape[0]
+    if delta.shape[0] != rows or out.shape[0] != rows:
+        raise KernelArgumentError(
+            f"add_rms_norm_: hidden, delta and out have {rows}, {delta.shape[0]} and "
+            f"{out.shape[0]} rows"
+        )
     library().llmesh_add_rms_norm(
-        hidden.data_ptr(), _rows(hidden, width), delta.data_ptr(), _rows(delta, width),
-        weight.data_ptr(), eps, rows, width, out.data_ptr(), _rows(out, width),
-        torch.get_num_threads(),
+        hidden.data_ptr(), strides[0], delta.data_ptr(), strides[1], weight.data_ptr(), eps,
+        rows, width, out.data_ptr(), strides[2], torch.get_num_threads(),
     )  # fmt: skip
 
 
 def rope_(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """Rotates heads [0, heads) of every row of x (T, >= heads * hd) in place; cos, sin
     (T, hd / 2) contiguous. HF's rotate_half convention."""
+    if x.dim() != 2 or x.shape[1] < heads * head_dim or head_dim % 2:
+        raise KernelArgumentError(
+            f"rope_: x {tuple(x.shape)} does not hold {heads} heads of an even head_dim {head_dim}"
+        )
+    x_stride = _check_rows("x", x, x.shape[1])
     rows = x.shape[0]
-    assert x.shape[1] >= heads * head_dim and cos.shape == sin.shape == (rows, head_dim // 2)
-    assert cos.is_contiguous() and sin.is_contiguous() and cos.dtype == torch.float32
+    _check_tensor("cos", cos, (rows, head_dim // 2))
+    _check_tensor("sin", sin, (rows, head_dim // 2))
     library().llmesh_rope(
-        x.data_ptr(), _rows(x, x.shape[1]), heads, head_dim, cos.data_ptr(), sin.data_ptr(),
-        rows, torch.get_num_threads(),
+        x.data_ptr(), x_stride, heads, head_dim, cos.data_ptr(), sin.data_ptr(), rows,
+        torch.get_num_threads(),
     )  # fmt: skip
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """(T, 2I) rows [gate | up] -> (T, I): silu(gate) * up."""
+    if gate_up.dim() != 2 or gate_up.shape[1] % 2:
+        raise KernelArgumentError(f"silu_mul: expected (T, 2I), got {tuple(gate_up.shape)}")
     rows, double = gate_up.shape
     width = double // 2
+    _check_width("silu_mul", width)
+    stride = _check_rows("gate_up", gate_up, double)
     out = torch.empty(rows, width)
     library().llmesh_silu_mul(
-        gate_up.data_ptr(), _rows(gate_up, double), rows, width, out.data_ptr(), width,
-        torch.get_num_threads(),
-    )  # fmt: skip
+        gate_up.data_ptr(), stride, rows, width, out.data_ptr(), width, torch.get_num_threads()
+    )
     return out
+
+
+def _check_pool(name: str, pool: torch.Tensor, num_kv_heads: int, head_dim: int) -> None:
+    """A layer's KV pool (2, nkv, NB, bs, hd), float32, contiguous."""
+    if pool.dim() != 5:
+        raise KernelArgumentError(f"{name}: expected (2, nkv, NB, bs, hd), got {tuple(pool.shape)}")
+    _, _, num_blocks, block_size, _ = pool.shape
+    _check_tensor(name, pool, (2, num_kv_heads, num_blocks, block_size, head_dim))
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, cache: torch.Tensor) -> None:
     """Rows of k, v (T, nkv, hd) into their slots of cache (2, nkv, NB, bs, hd); k and v
     are views with the same row stride (columns of one qkv matrix)."""
+    if k.dim() != 3:
+        raise KernelArgumentError(f"write_kv: expected k (T, nkv, hd), got {tuple(k.shape)}")
     rows, kv_heads, head_dim = k.shape
+    _check_pool("cache", cache, kv_heads, head_dim)
     _, _, num_blocks, block_size, _ = cache.shape
-    assert v.shape == k.shape and v.stride() == k.stride() and k.stride()[1:] == (head_dim, 1)
-    assert slots.dtype == torch.int64 and slots.is_contiguous() and slots.numel() == rows
-    assert cache.is_contiguous() and cache.dtype == k.dtype == torch.float32
+    if (
+        v.shape != k.shape
+        or v.stride() != k.stride()
+        or k.stride()[1:] != (head_dim, 1)
+        or k.dtype != torch.float32
+        or v.dtype != torch.float32
+        or not (k.is_cpu and v.is_cpu)
+    ):
+        raise KernelArgumentError(
+            f"write_kv: k and v must be float32 cpu views (T, nkv, hd) with contiguous heads "
+            f"and one row stride, got {tuple(k.shape)} {k.stride()} {k.dtype} and "
+            f"{tuple(v.shape)} {v.stride()} {v.dtype}"
+        )
+    _check_tensor("slots", slots, (rows,), torch.int64)
     library().llmesh_write_kv(
         k.data_ptr(), v.data_ptr(), k.stride(0), slots.data_ptr(), rows,
         cache[0].data_ptr(), cache[1].data_ptr(), num_blocks * block_size, kv_heads, head_dim,
     )  # fmt: skip
+
+
+def _check_native_rows(rows: NativeRows, num_rows: int) -> None:
+    _check_tensor("row_seq", rows.row_seq, (num_rows,), torch.int32)
+    _check_tensor("positions", rows.positions, (num_rows,), torch.int32)
+    tables = rows.block_tables
+    if tables.dim() != 2:
+        raise KernelArgumentError(f"block_tables: expected 2 dims, got {tuple(tables.shape)}")
+    _check_tensor("block_tables", tables, tuple(tables.shape), torch.int32)
 
 
 def paged_attention(
@@ -173,13 +282,26 @@ def paged_attention(
 ) -> None:
     """Every row of q (T, nh, hd) attends over its sequence's keys in cache (2, nkv, NB,
     bs, hd) (this step's K/V already written); writes out (T, nh * hd)."""
+    if q.dim() != 3 or cache.dim() != 5:
+        raise KernelArgumentError(
+            f"paged_attention: expected q (T, nh, hd) and cache (2, nkv, NB, bs, hd), got "
+            f"{tuple(q.shape)} and {tuple(cache.shape)}"
+        )
     num_rows, num_heads, head_dim = q.shape
+    num_kv_heads = cache.shape[1]
+    if num_heads % num_kv_heads or num_heads // num_kv_heads > MAX_QUERIES_PER_KV:
+        raise KernelArgumentError(
+            f"paged_attention: {num_heads} query heads over {num_kv_heads} KV heads "
+            f"(a whole number, at most {MAX_QUERIES_PER_KV} per KV head)"
+        )
+    _check_pool("cache", cache, num_kv_heads, head_dim)
+    if q.dtype != torch.float32 or not q.is_cpu:
+        raise KernelArgumentError(f"q: expected float32 on cpu, got {q.dtype} on {q.device}")
     if q.stride(2) != 1 or q.stride(1) != head_dim:
         q = q.contiguous()
-    _, num_kv_heads, num_blocks, block_size, _ = cache.shape
-    assert cache.is_contiguous() and out.is_contiguous()
-    assert q.dtype == cache.dtype == out.dtype == torch.float32
-    assert rows.positions.numel() == rows.row_seq.numel() == num_rows
+    _check_tensor("out", out, (num_rows, num_heads * head_dim))
+    _check_native_rows(rows, num_rows)
+    _, _, num_blocks, block_size, _ = cache.shape
     status = library().llmesh_paged_attention(
         q.data_ptr(), q.stride(0), cache[0].data_ptr(), cache[1].data_ptr(),
         num_blocks * block_size, block_size, rows.block_tables.data_ptr(),
@@ -207,13 +329,24 @@ class _Layer(ctypes.Structure):
 
 class NativeLayers:
     """A model's held decoder layers as kernels/decoder.c's llmesh_layer structs, built
-    and checked once (LlamaModel is rebuilt whenever its weights change): a step copies
-    them and fills in the KV pools' addresses."""
+    and checked once (LlamaModel builds them anew whenever its weights change): a step
+    copies them and fills in the KV pools' addresses."""
 
     def __init__(self, config: ModelConfig, layers: dict[int, LayerWeights]) -> None:
         self.config = config
         self.layer_start = min(layers)
-        assert sorted(layers) == list(range(self.layer_start, self.layer_start + len(layers)))
+        if sorted(layers) != list(range(self.layer_start, self.layer_start + len(layers))):
+            raise KernelArgumentError(f"layers {sorted(layers)} are not a contiguous range")
+        for name, width in (
+            ("head_dim", config.head_dim),
+            ("hidden_size", config.hidden_size),
+            ("intermediate_size", config.intermediate_size),
+        ):
+            _check_width(name, width)
+        if config.num_queries_per_kv > MAX_QUERIES_PER_KV:
+            raise KernelArgumentError(
+                f"{config.num_queries_per_kv} query heads per KV head (at most {MAX_QUERIES_PER_KV})"
+            )
         # The very tensors the structs point into, kept alive with them.
         self._tensors = [t for index in sorted(layers) for t in layers[index].tensors()]
         self.structs = (_Layer * len(layers))()
@@ -231,14 +364,12 @@ class NativeLayers:
         struct.packed = 0
         for bit, name in enumerate(_MATRICES):
             matrix, bias, (n, k) = matrices[name]
-            is_packed = _check_matrix(matrix, bias, n, k)
+            is_packed = _check_matrix(name, matrix, bias, n, k)
             setattr(struct, name, matrix.data_ptr())
             setattr(struct, f"{name}_bias", None if bias is None else bias.data_ptr())
             struct.packed |= is_packed << bit
-        for norm in (w.input_norm, w.post_attention_norm):
-            assert norm.shape == (c.hidden_size,) and norm.is_contiguous()
-        for vector in (w.input_norm, w.post_attention_norm, *(m[1] for m in matrices.values())):
-            assert vector is None or vector.dtype == torch.float32
+        _check_tensor("input_norm", w.input_norm, (c.hidden_size,))
+        _check_tensor("post_attention_norm", w.post_attention_norm, (c.hidden_size,))
         struct.input_norm = w.input_norm.data_ptr()
         struct.post_attention_norm = w.post_attention_norm.data_ptr()
 
@@ -258,20 +389,26 @@ class NativeLayers:
         over it: model._layer's math in one native call for the whole range, the same
         bits as the op-by-op path. cos, sin: (T, hd / 2) contiguous."""
         c = self.config
-        num_rows = hidden.shape[0]
         first = layer_start - self.layer_start
-        assert first >= 0 and layer_end - self.layer_start <= len(self.structs)
-        assert hidden.shape == (num_rows, c.hidden_size) and hidden.is_contiguous()
-        assert hidden.dtype == torch.float32 and layer_start < layer_end
-        assert cos.shape == sin.shape == (num_rows, c.head_dim // 2)
-        assert cos.is_contiguous() and sin.is_contiguous()
-        assert cos.dtype == sin.dtype == torch.float32
-        assert slots.dtype == torch.int64 and slots.is_contiguous() and slots.numel() == num_rows
-        assert rows.positions.numel() == rows.row_seq.numel() == num_rows
-        for index in (rows.row_seq, rows.positions, rows.block_tables):
-            assert index.dtype == torch.int32 and index.is_contiguous()
-        shape = pools[layer_start].shape  # (2, nkv, NB, bs, hd)
-        assert shape[1] == c.num_kv_heads and shape[4] == c.head_dim, shape
+        held_end = self.layer_start + len(self.structs)
+        if not self.layer_start <= layer_start < layer_end <= held_end:
+            raise KernelArgumentError(
+                f"layers [{layer_start}, {layer_end}) are not within the held "
+                f"[{self.layer_start}, {held_end})"
+            )
+        if hidden.dim() != 2:
+            raise KernelArgumentError(f"hidden: expected (T, H), got {tuple(hidden.shape)}")
+        num_rows = hidden.shape[0]
+        _check_tensor("hidden", hidden, (num_rows, c.hidden_size))
+        _check_tensor("cos", cos, (num_rows, c.head_dim // 2))
+        _check_tensor("sin", sin, (num_rows, c.head_dim // 2))
+        _check_tensor("slots", slots, (num_rows,), torch.int64)
+        _check_native_rows(rows, num_rows)
+        first_pool = pools.get(layer_start)
+        if first_pool is None:
+            raise KernelArgumentError(f"pools hold layers {sorted(pools)}, not {layer_start}")
+        _check_pool("pool", first_pool, c.num_kv_heads, c.head_dim)
+        shape = first_pool.shape  # (2, nkv, NB, bs, hd)
         half = shape.numel() // 2 * 4  # bytes from K to V
         # This call's own copy: the model's structs stay as built (no state across calls).
         num_layers = layer_end - layer_start
@@ -279,8 +416,19 @@ class NativeLayers:
             self.structs, first * ctypes.sizeof(_Layer)
         )
         for struct, index in zip(structs, range(layer_start, layer_end), strict=True):
-            pool = pools[index]
-            assert pool.shape == shape and pool.is_contiguous() and pool.dtype == torch.float32
+            pool = pools.get(index)
+            if (
+                pool is None
+                or pool.shape != shape
+                or not pool.is_contiguous()
+                or pool.dtype != torch.float32
+                or not pool.is_cpu
+            ):
+                raise KernelArgumentError(
+                    f"pool of layer {index}: expected a contiguous float32 cpu tensor "
+                    f"{tuple(shape)} like layer {layer_start}'s, got "
+                    f"{None if pool is None else (pool.dtype, tuple(pool.shape), pool.stride())}"
+                )
             struct.cache_k = pool.data_ptr()
             struct.cache_v = struct.cache_k + half
         status = library().llmesh_decoder_layers(

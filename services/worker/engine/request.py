@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any
 
 from services.worker.engine.sampling_params import SamplingParams
 
@@ -164,26 +163,3 @@ class RequestState:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "request_id": self.request_id,
-            "prompt_token_ids": list(self.prompt_token_ids),
-            "output_token_ids": list(self.output_token_ids),
-            "params": self.params.to_dict(),
-            "priority": self.priority,
-            "num_computed_tokens": self.num_computed_tokens,
-            "arrival_time": self.arrival_time,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RequestState:
-        return cls(
-            request_id=str(d["request_id"]),
-            prompt_token_ids=tuple(int(t) for t in d["prompt_token_ids"]),
-            output_token_ids=tuple(int(t) for t in d["output_token_ids"]),
-            params=SamplingParams.from_dict(d["params"]),
-            priority=int(d["priority"]),
-            num_computed_tokens=int(d["num_computed_tokens"]),
-            arrival_time=float(d["arrival_time"]),
-        )

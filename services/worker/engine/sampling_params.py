@@ -6,8 +6,7 @@ Torch-free: the scheduler, the simulator and the wire formats use these.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 from services.worker.engine.errors import InvalidSamplingParamsError
 
@@ -65,18 +64,6 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["stop_token_ids"] = list(self.stop_token_ids)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SamplingParams:
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        if "stop_token_ids" in known:
-            known["stop_token_ids"] = tuple(known["stop_token_ids"])
-        return cls(**known)
 
 
 def _is_int(value: object) -> bool:

@@ -16,7 +16,8 @@ import torch
 
 from services.worker.engine import native
 from services.worker.engine.config import ModelConfig
-from services.worker.engine.model import LayerWeights, StageWeights
+from services.worker.engine.dtypes import TORCH_DTYPES
+from services.worker.engine.stage_weights import LayerWeights, StageWeights
 from services.worker.engine.tiny import TINY_MODEL_CONFIG, tiny_hf_tensors
 
 EMBED_NAME = "model.embed_tokens.weight"
@@ -39,12 +40,6 @@ _ATTENTION_BIAS_FIELDS: dict[str, tuple[str, ...]] = {
 _MLP_BIAS_FIELDS: dict[str, tuple[str, ...]] = {
     "gate_up_bias": ("mlp.gate_proj.bias", "mlp.up_proj.bias"),
     "down_bias": ("mlp.down_proj.bias",),
-}
-
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
 }
 
 

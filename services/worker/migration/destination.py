@@ -1,8 +1,8 @@
 """Destination side: reservations under leases, stage receives, idempotent commit.
 
-A reservation holds blocks outside any request (engine.reserve_blocks). Each stage
+A reservation holds blocks outside any request (engine.migration.reserve_blocks). Each stage
 posts a data-plane receive into a staging tensor and copies it into the reserved
-blocks. Commit waits for every stage, adopts the request (engine.import_request) and
+blocks. Commit waits for every stage, adopts the request (engine.migration.import_request) and
 remembers (request_id, migration_id) so a repeated commit, after a lost reply, answers
 "committed" without running the request twice. A reservation that sees no RPC for
 lease_s is freed: a dead source can never leak blocks here. A handshake from an engine
@@ -133,7 +133,7 @@ class MigrationDestination:
             if engine.request_status(offer.request_id) is not None:
                 return "duplicate_request"
             try:
-                return engine.reserve_blocks(offer.num_blocks)
+                return engine.migration.reserve_blocks(offer.num_blocks)
             except NoFreeBlocksError:
                 return "no_free_blocks"
 
@@ -162,11 +162,11 @@ class MigrationDestination:
         missing = end - len(reservation.block_ids)
         if missing > 0:
             try:
-                more = await self._engine.run(lambda e: e.reserve_blocks(missing))
+                more = await self._engine.run(lambda e: e.migration.reserve_blocks(missing))
             except NoFreeBlocksError:
                 return False, "no_free_blocks"
             if reservation.status is not ReservationStatus.RESERVED:  # aborted meanwhile
-                await self._engine.run(lambda e: e.release_blocks(more))
+                await self._engine.run(lambda e: e.migration.release_blocks(more))
                 return False, "unknown_migration"
             reservation.block_ids.extend(more)
         block_ids = reservation.block_ids[offer.first_block_index : end]
@@ -196,7 +196,7 @@ class MigrationDestination:
             return
         # Reserved blocks belong to this reservation alone: the engine never reads or
         # writes them, so the copy can run beside its steps instead of stalling them.
-        await asyncio.to_thread(engine.write_kv_blocks, block_ids, staging)
+        await asyncio.to_thread(engine.migration.write_kv_blocks, block_ids, staging)
         self._buffers.release(staging)
         reservation.num_received_blocks += len(block_ids)
         reservation.last_touch = time.monotonic()
@@ -233,8 +233,8 @@ class MigrationDestination:
 
         def adopt(engine: LLMEngine) -> None:
             if extra:
-                engine.release_blocks(extra)
-            engine.import_request(state, used)
+                engine.migration.release_blocks(extra)
+            engine.migration.import_request(state, used)
 
         if self._on_adopting is not None:
             self._on_adopting(offer.handoff)
@@ -275,7 +275,7 @@ class MigrationDestination:
         blocks = reservation.block_ids if release is None else release
         reservation.block_ids = []
         if blocks:
-            await self._engine.run(lambda e: e.release_blocks(blocks))
+            await self._engine.run(lambda e: e.migration.release_blocks(blocks))
         self.num_aborted += 1
         log.info(
             "migration_reservation_aborted",

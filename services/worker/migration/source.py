@@ -98,9 +98,11 @@ def _snapshot(engine: LLMEngine, request_id: str) -> _Snapshot:
     status = engine.request_status(request_id)
     if status is None or status.is_finished:
         return _Snapshot(status, (), 0, 0)
-    state = engine.export_request_state(request_id)
+    state = engine.migration.export_request_state(request_id)
     block_ids = (
-        tuple(engine.request_block_ids(request_id)) if status is not RequestStatus.WAITING else ()
+        tuple(engine.migration.request_block_ids(request_id))
+        if status is not RequestStatus.WAITING
+        else ()
     )
     return _Snapshot(status, block_ids, state.num_computed_tokens, state.num_tokens)
 
@@ -235,7 +237,7 @@ class MigrationSource:
         # The destination runs it from here: downtime ends at its adoption, not when
         # this engine gets round to freeing the blocks.
         m.downtime_ms = (time.perf_counter() - stopped_at) * 1000
-        await self._engine.run(lambda e: e.remove_request(m.request_id))
+        await self._engine.run(lambda e: e.migration.remove_request(m.request_id))
         m.set_status(MigrationStatus.COMMITTED)
         if self._on_committed is not None:
             result = self._on_committed(handoff, m.target)
@@ -319,9 +321,9 @@ class MigrationSource:
                 or s.block_ids[: len(sent_ids)] != sent_ids
             ):
                 return s, None, 0.0
-            e.suspend_request(m.request_id)
+            e.migration.suspend_request(m.request_id)
             stopped_at = time.perf_counter()  # the request stops making progress here
-            return s, e.export_request_state(m.request_id), stopped_at
+            return s, e.migration.export_request_state(m.request_id), stopped_at
 
         snap, state, stopped_at = await self._engine.run(suspend)
         if state is None:
@@ -386,7 +388,7 @@ class MigrationSource:
         def read(ids: list[int]) -> torch.Tensor:
             kv = engine.kv_cache
             buf = self._buffers.acquire(kv.block_shape(len(ids)), kv.layers[kv.layer_start].dtype)
-            return engine.read_kv_blocks(ids, out=buf)
+            return engine.migration.read_kv_blocks(ids, out=buf)
 
         # A last stage's few blocks are read right here: a thread hop would add downtime
         # (their buffer is a pooled one by then: the stages before used it).
@@ -470,7 +472,7 @@ class MigrationSource:
     async def _resume_here(self, m: _Migration) -> None:
         def resume(e: LLMEngine) -> None:
             if e.request_status(m.request_id) is RequestStatus.SUSPENDED:
-                e.resume_request(m.request_id)
+                e.migration.resume_request(m.request_id)
 
         await self._engine.run(resume)
         if m.status is not MigrationStatus.ABORTED:

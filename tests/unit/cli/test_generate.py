@@ -38,7 +38,7 @@ def test_generate_local_prints_one_json_object_per_request(tmp_path, capsys):
     )
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["index"] for line in lines] == [0, 1, 2]
-    engine = LLMEngine(EngineConfig(num_kv_blocks=16, memory_capacity_bytes=32 * 2**20))
+    engine = LLMEngine.from_config(EngineConfig(num_kv_blocks=16, memory_capacity_bytes=32 * 2**20))
     expected = engine.generate([engine.tokenizer.encode("Hello")], SamplingParams(max_tokens=16))[0]
     assert lines[0] == {
         "index": 0,

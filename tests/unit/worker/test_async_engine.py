@@ -17,7 +17,9 @@ MiB = 1024 * 1024
 
 @pytest.fixture(scope="module")
 def engine() -> LLMEngine:
-    return LLMEngine(EngineConfig(model="tiny", num_kv_blocks=64, memory_capacity_bytes=32 * MiB))
+    return LLMEngine.from_config(
+        EngineConfig(model="tiny", num_kv_blocks=64, memory_capacity_bytes=32 * MiB)
+    )
 
 
 class Collector:
@@ -92,7 +94,7 @@ async def test_failover_resume_continues_with_the_same_tokens(engine):
     async_engine = AsyncEngine(engine, collector)
     async_engine.start()
     try:
-        await async_engine.run(lambda e: e.import_request(engine_state(resumed), []))
+        await async_engine.run(lambda e: e.migration.import_request(engine_state(resumed), []))
         await asyncio.wait_for(collector.done.wait(), 30)
     finally:
         await async_engine.stop()

@@ -1,7 +1,12 @@
 """Native kernels, compiled on first use with the machine's C compiler and cached.
 
-    paged_attention.c, layer_ops.c, linear.c (+ vec.h)  ->  <cache>/llmesh_kernels-<key>.so
-                                                   (loaded with ctypes)
+    paged_attention.c   attention over the paged KV pool
+    linear.c            matmuls, weight packing
+    layer_ops.c         RMSNorm, RoPE, SwiGLU, KV writes
+    decoder.c           a step's layer range in one call: the ops above, phase by phase
+    vec.h, kernels.h    vectors; the per-phase loop bodies the entry points share
+
+        --cc-->  <cache>/llmesh_kernels-<key>.so, loaded with ctypes (wrapped by ../native.py)
 
 The key hashes the sources, the compiler's version, the flags and the CPU's feature
 flags (the build targets -march=native), so a changed source, compiler or machine

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from services.worker.engine import BlockManager, EngineConfig, LLMEngine
+from tests.unit.worker.engine.helpers import skip_without_native_kernels
 
 
 @pytest.fixture(autouse=True)
@@ -31,19 +32,51 @@ def _assert_clean(engine_or_manager: LLMEngine | BlockManager) -> None:
 
 
 @pytest.fixture
-def make_engine() -> Iterator[Callable[..., LLMEngine]]:
-    """make_engine(executor="torch", profile=None, **EngineConfig fields) -> LLMEngine."""
-    engines: list[LLMEngine] = []
+def engines() -> Iterator[list[LLMEngine]]:
+    """Engines checked clean after the test (make_engine, make_simulated_engine)."""
+    made: list[LLMEngine] = []
+    yield made
+    for engine in made:
+        _assert_clean(engine)
 
-    def make(executor: str = "torch", profile=None, **config) -> LLMEngine:
-        config.setdefault("memory_capacity_bytes", 32 * 1024 * 1024)
-        engine = LLMEngine(EngineConfig(**config), executor=executor, profile=profile)
+
+def _config(config: dict) -> EngineConfig:
+    config.setdefault("memory_capacity_bytes", 32 * 1024 * 1024)
+    return EngineConfig(**config)
+
+
+@pytest.fixture
+def make_engine(engines) -> Callable[..., LLMEngine]:
+    """make_engine(**EngineConfig fields) -> a torch LLMEngine (LLMEngine.from_config).
+    kernels="native" skips the test where the native kernels cannot be built."""
+
+    def make(**config) -> LLMEngine:
+        if config.get("kernels") == "native":
+            skip_without_native_kernels()
+        engine = LLMEngine.from_config(_config(config))
         engines.append(engine)
         return engine
 
-    yield make
-    for engine in engines:
-        _assert_clean(engine)
+    return make
+
+
+@pytest.fixture
+def make_simulated_engine(engines) -> Callable[..., LLMEngine]:
+    """make_simulated_engine(profile, **EngineConfig fields) -> LLMEngine.simulated."""
+
+    def make(profile: str, **config) -> LLMEngine:
+        engine = LLMEngine.simulated(_config(config), profile)
+        engines.append(engine)
+        return engine
+
+    return make
+
+
+@pytest.fixture
+def needs_native_kernels() -> None:
+    """Skips the test where the native kernels cannot be built (no C compiler: the
+    README makes one optional)."""
+    skip_without_native_kernels()
 
 
 @pytest.fixture

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
-import json
+import pickle
 import random
 
+import pytest
 import torch
 
-from services.worker.engine import LLMEngine, RequestState
+from services.worker.engine import LLMEngine, native
+from services.worker.engine.tiny import TINY_MODEL_CONFIG
+
+NO_NATIVE_KERNELS = "the native kernels are unavailable here"
+
+
+def skip_without_native_kernels() -> None:
+    """Skips the calling test where the native kernels cannot run the tiny model (no C
+    compiler, most often: the README makes one optional), saying why."""
+    why_not = native.unavailable(TINY_MODEL_CONFIG, "float32", "cpu")
+    if why_not is not None:
+        pytest.skip(f"{NO_NATIVE_KERNELS}: {why_not}")
 
 
 def random_prompts(
@@ -52,32 +64,34 @@ def dense_greedy(engine: LLMEngine, prompt: list[int], max_tokens: int) -> list[
 
 def migrate(source, destination, request_id: str, tokens: dict[str, list[int]]) -> None:
     """Llumnix's protocol: pre-allocate, copy blocks while decoding, stop-and-copy, commit."""
-    state = source.export_request_state(request_id)
-    reserved = destination.reserve_blocks(
+    state = source.migration.export_request_state(request_id)
+    reserved = destination.migration.reserve_blocks(
         destination.block_manager.num_blocks_for(state.num_tokens + 8)
     )
     # Stage 1: copy the full blocks computed so far while the request keeps decoding.
-    source_blocks = source.request_block_ids(request_id)
+    source_blocks = source.migration.request_block_ids(request_id)
     num_copied = (
-        source.export_request_state(request_id).num_computed_tokens // source.config.block_size
+        source.migration.export_request_state(request_id).num_computed_tokens
+        // source.config.block_size
     )
-    destination.write_kv_blocks(
-        reserved[:num_copied], source.read_kv_blocks(source_blocks[:num_copied])
+    destination.migration.write_kv_blocks(
+        reserved[:num_copied], source.migration.read_kv_blocks(source_blocks[:num_copied])
     )
     for _ in range(3):
         collect(source.step(), tokens)
     # Last stage: stop the request between steps and copy what is left with its state.
-    source.suspend_request(request_id)
-    state = source.export_request_state(request_id)
+    source.migration.suspend_request(request_id)
+    state = source.migration.export_request_state(request_id)
     assert state.num_computed_tokens == state.num_tokens - 1  # last sampled token not fed yet
-    source_blocks = source.request_block_ids(request_id)
+    source_blocks = source.migration.request_block_ids(request_id)
     num_needed = destination.block_manager.num_blocks_for(state.num_computed_tokens)
-    destination.write_kv_blocks(
-        reserved[num_copied:num_needed], source.read_kv_blocks(source_blocks[num_copied:num_needed])
+    destination.migration.write_kv_blocks(
+        reserved[num_copied:num_needed],
+        source.migration.read_kv_blocks(source_blocks[num_copied:num_needed]),
     )
-    wire = RequestState.from_dict(json.loads(json.dumps(state.to_dict())))
+    wire = pickle.loads(pickle.dumps(state))  # plain data: it travels as it is
     assert wire == state
-    destination.import_request(wire, reserved[:num_needed])
-    destination.release_blocks(reserved[num_needed:])
-    assert source.remove_request(request_id) == state
+    destination.migration.import_request(wire, reserved[:num_needed])
+    destination.migration.release_blocks(reserved[num_needed:])
+    assert source.migration.remove_request(request_id) == state
     assert source.request_status(request_id) is None

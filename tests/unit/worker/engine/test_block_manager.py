@@ -70,20 +70,6 @@ def test_reserve_release_and_adopt(make_block_manager):
     bm.free("migrated")
 
 
-def test_shared_blocks_return_only_when_the_last_owner_lets_go(make_block_manager):
-    bm = make_block_manager(4, block_size=4)
-    bm.allocate("a", 8)  # [0, 1]
-    bm.add_ref([0, 1])
-    assert bm.ref_counts[:2] == [2, 2]
-    bm.free("a")
-    assert bm.num_free_blocks == 2  # still referenced
-    bm.check_integrity()
-    bm.drop_ref([0, 1])
-    assert list(bm.free_block_ids) == [2, 3, 0, 1]  # in drop_ref order
-    with pytest.raises(InvalidBlocksError):
-        bm.drop_ref([0])
-
-
 def test_integrity_check_catches_broken_books(make_block_manager):
     bm = make_block_manager(4, block_size=4)
     bm.allocate("a", 4)

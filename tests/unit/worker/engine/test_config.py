@@ -43,11 +43,11 @@ def test_memory_that_cannot_hold_the_weights_is_refused():
     with pytest.raises(
         ValueError, match="memory_capacity_bytes=1000000 leaves no room for a KV block"
     ):
-        LLMEngine(EngineConfig(memory_capacity_bytes=1_000_000))
+        LLMEngine.from_config(EngineConfig(memory_capacity_bytes=1_000_000))
     with pytest.raises(ValueError, match="cannot hold .* plus num_kv_blocks=100000"):
-        LLMEngine(EngineConfig(memory_capacity_bytes=16 * 2**20, num_kv_blocks=100_000))
+        LLMEngine.from_config(EngineConfig(memory_capacity_bytes=16 * 2**20, num_kv_blocks=100_000))
     with pytest.raises(ValueError, match="max_model_len=4096 exceeds the model's context of 2048"):
-        LLMEngine(EngineConfig(max_model_len=4096))
+        LLMEngine.from_config(EngineConfig(max_model_len=4096))
 
 
 def test_transformers_5_rope_parameters():

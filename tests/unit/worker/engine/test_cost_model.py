@@ -88,10 +88,9 @@ def test_profile_json_round_trip(tmp_path):
         get_profile("gpt-9")
 
 
-def test_accounting_only_engine_runs_the_real_scheduler(make_engine):
-    engine = make_engine(
-        executor="cost_model",
-        profile="tiny-cpu",
+def test_accounting_only_engine_runs_the_real_scheduler(make_simulated_engine):
+    engine = make_simulated_engine(
+        "tiny-cpu",
         num_kv_blocks=50_000,
         memory_capacity_bytes=2**40,
         max_num_seqs=256,
@@ -113,7 +112,7 @@ def test_accounting_only_engine_runs_the_real_scheduler(make_engine):
     assert all(257 not in v for v in tokens.values())
     assert simulated > 0
     # deterministic in (seed, position): a second run gives the same tokens
-    again = make_engine(executor="cost_model", profile="tiny-cpu", num_kv_blocks=64)
+    again = make_simulated_engine("tiny-cpu", num_kv_blocks=64)
     assert (
         again.generate([[1] * 10], SamplingParams(max_tokens=5, seed=0))[0].new_token_ids
         == tokens["r0"]

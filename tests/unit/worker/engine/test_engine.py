@@ -33,7 +33,9 @@ PROMPTS = random_prompts(seed=1, num_prompts=12, min_len=1, max_len=40)
 def reference(prompt: tuple[int, ...]) -> list[int]:
     from services.worker.engine import EngineConfig, LLMEngine
 
-    engine = LLMEngine(EngineConfig(num_kv_blocks=1, memory_capacity_bytes=64 * 1024 * 1024))
+    engine = LLMEngine.from_config(
+        EngineConfig(num_kv_blocks=1, memory_capacity_bytes=64 * 1024 * 1024)
+    )
     return dense_greedy(engine, list(prompt), MAX_TOKENS)
 
 
@@ -168,7 +170,7 @@ def test_stop_token_outside_vocab_and_duplicate_ids(make_engine):
     assert not engine.abort_request("a")
     assert not engine.abort_request("nobody")
     with pytest.raises(UnknownRequestError):
-        engine.export_request_state("nobody")
+        engine.migration.export_request_state("nobody")
     assert [(o.request_id, o.finish_reason) for o in engine.step()] == [("a", "abort")]
 
 
@@ -178,7 +180,7 @@ def test_abort_frees_blocks_and_reports_once(make_engine):
     engine.add_request("b", [1, 2], SamplingParams(max_tokens=50, ignore_eos=True))
     first = engine.step()
     assert [(o.request_id, o.first_token_index) for o in first] == [("a", 0), ("b", 0)]
-    assert engine.request_block_ids("a") == [0, 1]
+    assert engine.migration.request_block_ids("a") == [0, 1]
     assert engine.abort_request("a")
     assert engine.request_status("a") is None
     assert engine.stats().num_used_blocks == 1
@@ -219,10 +221,10 @@ def test_stats_and_running_views(make_engine):
         ("hi", 7, 2, 2, 1),
         ("lo", 10, 3, 0, 1),
     ]
-    reserved = engine.reserve_blocks(1)
+    reserved = engine.migration.reserve_blocks(1)
     assert engine.stats().num_reserved_blocks == 1
     engine.step()  # hi needs no block (7 -> 8 tokens fit), lo needs none either (10 -> 11 in 3 blocks)
-    engine.release_blocks(reserved)
+    engine.migration.release_blocks(reserved)
     for request_id in ("hi", "lo", "queued"):
         engine.abort_request(request_id)
     engine.step()

@@ -142,8 +142,10 @@ def test_restore_dropped_layers_from_the_checkpoint(make_engine, checkpoint):
     engine = make_engine(model=str(path), num_kv_blocks=40, block_size=4)
     weight_bytes = engine.weight_nbytes
     prompt = engine.tokenizer.encode(TEXTS[1])
-    engine.drop_layers(2, 4)  # last stage: a tied lm_head keeps its own copy of the embedding
-    engine.restore_layers()
+    engine.layer_ranges.drop_layers(
+        2, 4
+    )  # last stage: a tied lm_head keeps its own copy of the embedding
+    engine.layer_ranges.restore_layers()
     assert engine.weight_nbytes == weight_bytes
     assert engine.generate([prompt], SamplingParams(max_tokens=16))[0].new_token_ids == hf_greedy(
         hf_model, prompt, 16

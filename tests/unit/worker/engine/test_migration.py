@@ -49,7 +49,7 @@ def test_migrated_request_continues_exactly_as_unmoved(make_engine, params):
         collect(source.step(), tokens)
     migrate(source, destination, "r", tokens)
     assert (
-        destination.request_block_ids("r")[0] != source.block_manager.num_total_blocks
+        destination.migration.request_block_ids("r")[0] != source.block_manager.num_total_blocks
     )  # moved blocks
     run_to_completion(destination, tokens)
     assert tokens["r"] == expected
@@ -63,17 +63,17 @@ def test_suspended_request_resumes_where_it_stopped(make_engine):
     engine.add_request("r", PROMPT, params)
     engine.add_request("other", OTHERS[0], params)
     tokens = collect(engine.step(), {})
-    engine.suspend_request("r")
+    engine.migration.suspend_request("r")
     with pytest.raises(InvalidRequestStateError, match="not running"):
-        engine.suspend_request("r")
-    blocks = engine.request_block_ids("r")
+        engine.migration.suspend_request("r")
+    blocks = engine.migration.request_block_ids("r")
     for _ in range(3):
         collect(engine.step(), tokens)
-    assert len(tokens["r"]) == 1 and engine.request_block_ids("r") == blocks
+    assert len(tokens["r"]) == 1 and engine.migration.request_block_ids("r") == blocks
     assert engine.stats().num_suspended == 1
-    engine.resume_request("r")
+    engine.migration.resume_request("r")
     with pytest.raises(InvalidRequestStateError, match="not suspended"):
-        engine.resume_request("r")
+        engine.migration.resume_request("r")
     assert run_to_completion(engine, tokens)["r"] == expected
 
 
@@ -87,8 +87,8 @@ def test_preemption_of_a_migrating_request_is_reported(make_engine):
     engine.step()
     assert preempted == ["migrating"]  # the llumlet aborts the migration on this
     with pytest.raises(InvalidRequestStateError):
-        engine.suspend_request("migrating")  # waiting now, nothing to stop-and-copy
-    assert engine.request_block_ids("migrating") == []
+        engine.migration.suspend_request("migrating")  # waiting now, nothing to stop-and-copy
+    assert engine.migration.request_block_ids("migrating") == []
     run_to_completion(engine)
 
 
@@ -97,30 +97,30 @@ def test_import_rejects_bad_blocks_and_states(make_engine):
     destination = make_engine(num_kv_blocks=16, block_size=4)
     source.add_request("r", [5] * 9, SamplingParams(max_tokens=4, ignore_eos=True))
     source.step()
-    state = source.export_request_state("r")  # 9 tokens computed: 3 blocks
+    state = source.migration.export_request_state("r")  # 9 tokens computed: 3 blocks
     assert (state.num_computed_tokens, state.num_tokens) == (9, 10)
-    reserved = destination.reserve_blocks(3)
+    reserved = destination.migration.reserve_blocks(3)
     assert reserved == [0, 1, 2]
     with pytest.raises(InvalidBlocksError, match="2 blocks cannot hold 9 tokens"):
-        destination.import_request(state, reserved[:2])
+        destination.migration.import_request(state, reserved[:2])
     with pytest.raises(InvalidBlocksError, match="not reserved"):
-        destination.import_request(state, [0, 1, 5])
+        destination.migration.import_request(state, [0, 1, 5])
     with pytest.raises(InvalidRequestStateError, match="num_computed_tokens=10"):
-        destination.import_request(
+        destination.migration.import_request(
             RequestState(**{**state.__dict__, "num_computed_tokens": 10}), reserved
         )
     finished = RequestState(**{**state.__dict__, "output_token_ids": (1, 2, 3, 4)})
     with pytest.raises(InvalidRequestStateError, match="already finished"):
-        destination.import_request(finished, reserved)
+        destination.migration.import_request(finished, reserved)
     stopped = RequestState(
         **{**state.__dict__, "output_token_ids": (257,), "params": SamplingParams(max_tokens=4)}
     )
     with pytest.raises(InvalidRequestStateError, match="already finished"):
-        destination.import_request(stopped, reserved)  # its last token was EOS
-    destination.import_request(state, reserved)
+        destination.migration.import_request(stopped, reserved)  # its last token was EOS
+    destination.migration.import_request(state, reserved)
     with pytest.raises(DuplicateRequestError):
-        destination.import_request(state, [])
-    assert destination.request_block_ids("r") == [0, 1, 2]
+        destination.migration.import_request(state, [])
+    assert destination.migration.request_block_ids("r") == [0, 1, 2]
     assert destination.request_status("r") is RequestStatus.RUNNING
     destination.abort_request("r")
     source.abort_request("r")
@@ -129,22 +129,22 @@ def test_import_rejects_bad_blocks_and_states(make_engine):
 def test_reservations_are_bounded_and_released(make_engine):
     engine = make_engine(num_kv_blocks=4, block_size=4)
     with pytest.raises(NoFreeBlocksError, match="cannot reserve 5 blocks: 4 free"):
-        engine.reserve_blocks(5)
-    reserved = engine.reserve_blocks(4)
+        engine.migration.reserve_blocks(5)
+    reserved = engine.migration.reserve_blocks(4)
     engine.add_request("r", [1, 2], SamplingParams(max_tokens=2))
     assert engine.step() == []  # no room while the reservation holds every block
     assert engine.stats().num_hol_blocks == 1
-    engine.release_blocks(reserved)
+    engine.migration.release_blocks(reserved)
     assert len(run_to_completion(engine)["r"]) == 2
     with pytest.raises(InvalidBlocksError):
-        engine.release_blocks(reserved)
+        engine.migration.release_blocks(reserved)
 
 
 def test_read_kv_blocks_into_a_given_buffer(make_engine):
     engine = make_engine(num_kv_blocks=8, block_size=4)
     engine.add_request("r", [5, 9, 2, 7, 1, 3, 8, 4, 6], SamplingParams(max_tokens=2))
     engine.step()
-    blocks = engine.request_block_ids("r")[::-1]  # any order: data follows the ids given
+    blocks = engine.migration.request_block_ids("r")[::-1]  # any order: data follows the ids given
     kv = engine.kv_cache
     expected = torch.stack(
         [
@@ -154,12 +154,14 @@ def test_read_kv_blocks_into_a_given_buffer(make_engine):
     )
     assert expected.abs().sum() > 0
     out = torch.full(kv.block_shape(len(blocks)), float("nan"))
-    assert engine.read_kv_blocks(blocks, out=out) is out
-    assert torch.equal(out, expected) and torch.equal(engine.read_kv_blocks(blocks), expected)
+    assert engine.migration.read_kv_blocks(blocks, out=out) is out
+    assert torch.equal(out, expected) and torch.equal(
+        engine.migration.read_kv_blocks(blocks), expected
+    )
     with pytest.raises(InvalidBlocksError, match="expected contiguous"):
-        engine.read_kv_blocks(blocks, out=torch.empty(kv.block_shape(len(blocks) + 1)))
+        engine.migration.read_kv_blocks(blocks, out=torch.empty(kv.block_shape(len(blocks) + 1)))
     with pytest.raises(InvalidBlocksError, match="dtype"):
-        engine.read_kv_blocks(blocks, out=out.double())
+        engine.migration.read_kv_blocks(blocks, out=out.double())
     run_to_completion(engine)
 
 
@@ -167,8 +169,8 @@ def test_read_and_write_kv_blocks_shapes(make_engine):
     engine = make_engine(num_kv_blocks=8, block_size=4)
     engine.add_request("r", [3] * 6, SamplingParams(max_tokens=2))
     engine.step()
-    blocks = engine.request_block_ids("r")
-    data = engine.read_kv_blocks(blocks)
+    blocks = engine.migration.request_block_ids("r")
+    data = engine.migration.read_kv_blocks(blocks)
     assert tuple(data.shape) == (
         4,
         2,
@@ -180,16 +182,16 @@ def test_read_and_write_kv_blocks_shapes(make_engine):
     assert data.is_contiguous()
     assert data.numel() * data.element_size() == 2 * engine.kv_block_nbytes
     assert data[:, :, 1, 2:].abs().sum() == 0  # slots past the 6 computed tokens are untouched
-    spare = engine.reserve_blocks(2)
-    engine.write_kv_blocks(spare, data)
-    assert engine.read_kv_blocks(spare).equal(data)
+    spare = engine.migration.reserve_blocks(2)
+    engine.migration.write_kv_blocks(spare, data)
+    assert engine.migration.read_kv_blocks(spare).equal(data)
     with pytest.raises(ValueError, match="expected"):
-        engine.write_kv_blocks(spare[:1], data)
+        engine.migration.write_kv_blocks(spare[:1], data)
     with pytest.raises(InvalidBlocksError):
-        engine.read_kv_blocks([8])
-    engine.release_blocks(spare)
+        engine.migration.read_kv_blocks([8])
+    engine.migration.release_blocks(spare)
     with pytest.raises(UnknownRequestError):
-        engine.request_block_ids("nobody")
+        engine.migration.request_block_ids("nobody")
     run_to_completion(engine)
 
 
@@ -198,9 +200,9 @@ def test_remove_request_emits_nothing_and_frees_blocks(make_engine):
     engine.add_request("r", [3] * 6, SamplingParams(max_tokens=5))
     engine.add_request("w", [3] * 6, SamplingParams(max_tokens=5), arrival_time=1e12)
     engine.step()
-    engine.remove_request("r")
+    engine.migration.remove_request("r")
     assert engine.stats().num_used_blocks == 2
     assert all(o.request_id == "w" for o in engine.step())
-    engine.remove_request("w")
+    engine.migration.remove_request("w")
     assert engine.step() == []
     assert not engine.has_unfinished_requests()

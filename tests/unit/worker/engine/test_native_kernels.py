@@ -6,6 +6,12 @@ why not) when the native ones cannot serve."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 import torch
@@ -13,9 +19,13 @@ import torch.nn.functional as F
 
 from services.worker.engine import EngineConfig, LLMEngine, native
 from services.worker.engine import kernels as kernel_build
-from services.worker.engine.attention import NativeRows
+from services.worker.engine.errors import KernelArgumentError
 from services.worker.engine.model import apply_rope, rms_norm, silu
+from services.worker.engine.native import NativeRows
 from services.worker.engine.tiny import TINY_MODEL_CONFIG
+from tests.unit.worker.engine.helpers import NO_NATIVE_KERNELS
+
+REPO_ROOT = Path(__file__).resolve().parents[4]
 
 # Contexts on both sides of the kernel's 64-key chunks and 8-key score groups.
 LENGTHS = [1, 7, 8, 9, 63, 64, 65, 129, 200]
@@ -82,6 +92,7 @@ class Pool:
         return torch.cat(out)
 
 
+@pytest.mark.usefixtures("needs_native_kernels")
 @pytest.mark.parametrize(
     ("num_heads", "num_kv_heads", "head_dim", "block_size"),
     [
@@ -116,14 +127,13 @@ def test_unsupported_shapes_and_dtypes_say_why():
     odd = dataclasses.replace(TINY_MODEL_CONFIG, head_dim=12)
     assert "multiples of 8 (this model: head_dim 12)" in native.unavailable(odd, "float32", "cpu")
     assert "float32 on cpu" in native.unavailable(TINY_MODEL_CONFIG, "bfloat16", "cpu")
-    assert native.unavailable(TINY_MODEL_CONFIG, "float32", "cpu") is None
     with pytest.raises(ValueError, match="kernels 'native' are unavailable.*bfloat16"):
-        LLMEngine(EngineConfig(dtype="bfloat16", kernels="native", num_kv_blocks=4))
-    engine = LLMEngine(EngineConfig(dtype="bfloat16", kernels="auto", num_kv_blocks=4))
+        LLMEngine.from_config(EngineConfig(dtype="bfloat16", kernels="native", num_kv_blocks=4))
+    engine = LLMEngine.from_config(EngineConfig(dtype="bfloat16", kernels="auto", num_kv_blocks=4))
     assert engine.executor.kernels == "torch"
 
 
-def test_bad_backend_name_is_a_config_error():
+def test_bad_kernels_name_is_a_config_error():
     with pytest.raises(ValueError, match="kernels 'flash' is not one of"):
         EngineConfig(kernels="flash")
 
@@ -135,20 +145,21 @@ def test_no_compiler_falls_back_to_torch_or_says_why(monkeypatch, tmp_path):
     try:
         with pytest.raises(kernel_build.KernelBuildError, match="no-such-cc"):
             kernel_build.library()
-        engine = LLMEngine(EngineConfig(num_kv_blocks=4))
+        engine = LLMEngine.from_config(EngineConfig(num_kv_blocks=4))
         assert engine.executor.kernels == "torch"
         with pytest.raises(ValueError, match="'native' are unavailable: cannot run the C compiler"):
-            LLMEngine(EngineConfig(num_kv_blocks=4, kernels="native"))
+            LLMEngine.from_config(EngineConfig(num_kv_blocks=4, kernels="native"))
     finally:
         kernel_build.library.cache_clear()
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 
+@pytest.mark.usefixtures("needs_native_kernels")
 def test_the_kernel_is_built_once_into_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("LLMESH_KERNEL_CACHE", str(tmp_path))
     kernel_build.library.cache_clear()
     try:
-        kernel_build.library()
+        assert native.unavailable(TINY_MODEL_CONFIG, "float32", "cpu") is None  # builds them
         built = sorted(p.name for p in tmp_path.iterdir())
         assert len(built) == 1 and built[0].startswith("llmesh_kernels-"), built
         assert built[0].endswith(".so")
@@ -176,6 +187,7 @@ def rows_invariant(op, x: torch.Tensor) -> torch.Tensor:
     return together
 
 
+@pytest.mark.usefixtures("needs_native_kernels")
 @pytest.mark.parametrize("num_rows", [3, 300])  # 300 rows: the threaded path
 def test_layer_ops_match_torch_and_are_row_invariant(num_rows):
     generator = torch.Generator().manual_seed(num_rows)
@@ -200,6 +212,7 @@ def test_layer_ops_match_torch_and_are_row_invariant(num_rows):
     torch.testing.assert_close(act, silu(gate_up[:, :256]) * x, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.usefixtures("needs_native_kernels")
 def test_rope_is_bit_for_bit_the_torch_rope():
     generator = torch.Generator().manual_seed(3)
     heads, head_dim, extra = 10, 32, 64  # rotate 10 heads of rows 10 * 32 + 64 wide
@@ -213,6 +226,7 @@ def test_rope_is_bit_for_bit_the_torch_rope():
     assert torch.equal(rotated[:, heads * head_dim :], x[:, heads * head_dim :])  # untouched
 
 
+@pytest.mark.usefixtures("needs_native_kernels")
 def test_write_kv_puts_each_row_in_its_slot():
     k_and_v = torch.arange(5 * 2 * 2 * 8, dtype=torch.float32).view(5, 2 * 2 * 8)
     k = k_and_v[:, :16].view(5, 2, 8)
@@ -227,6 +241,7 @@ def test_write_kv_puts_each_row_in_its_slot():
     assert all(flat[:, :, s].abs().sum() == 0 for s in range(12) if s not in written)
 
 
+@pytest.mark.usefixtures("needs_native_kernels")
 @pytest.mark.parametrize(
     ("in_features", "out_features", "bias"),
     [(256, 384, False), (264, 259, True), (40, 7, True), (768, 256, False)],
@@ -252,6 +267,7 @@ def test_linear_matches_torch_and_every_row_is_computed_alone(in_features, out_f
     assert together[3, 2] == expected
 
 
+@pytest.mark.usefixtures("needs_native_kernels")
 def test_packed_weights_give_the_same_bits_and_unpack_exactly():
     generator = torch.Generator().manual_seed(11)
     weight = torch.randn(48, 264, generator=generator)
@@ -292,11 +308,12 @@ def _stage(layer_start: int, layer_end: int, packed: bool, biases: bool):
             for field, matrix in (("qkv", w.qkv_proj), ("o", w.o_proj),
                                   ("gate_up", w.gate_up_proj), ("down", w.down_proj)):  # fmt: skip
                 setattr(w, f"{field}_bias", torch.randn(matrix.shape[0], generator=generator))
-    model = LlamaModel(c, weights, native_ops=packed)
-    model.native_ops = True  # unpacked matrices run the native path too
+    model = LlamaModel(c, weights, kernels="native" if packed else "torch")
+    model.kernels = "native"  # unpacked matrices run the native path too
     return model
 
 
+@pytest.mark.usefixtures("needs_native_kernels")
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(
     "held, run, packed, biases",
@@ -310,9 +327,9 @@ def _stage(layer_start: int, layer_end: int, packed: bool, biases: bool):
 def test_decoder_layers_in_one_call_are_the_op_by_op_path_bit_for_bit(
     threads, held, run, packed, biases
 ):
-    """native.NativeLayers (one call per step) against the same layers run op by op
-    (an attention function without native_pool): same hidden states, same K/V written
-    to the same slots, for decodes and prefill chunks together, any layer range."""
+    """native.NativeLayers (one call per step, given paged_kv) against the same layers
+    run op by op (through the attention function alone): same hidden states, same K/V
+    written to the same slots, for decodes and prefill chunks together, any layer range."""
     from services.worker.engine.attention import PagedAttention, build_attention_metadata
     from services.worker.engine.kv_cache import KVCache
 
@@ -340,12 +357,12 @@ def test_decoder_layers_in_one_call_are_the_op_by_op_path_bit_for_bit(
     try:
         initial = {i: pool.clone() for i, pool in cache.layers.items()}
         attention = PagedAttention(c, cache, meta)
-        assert attention.native_pool is not None
-        fused = model.forward_layers(hidden, position_ids, attention, *run)
+        paged_kv = native.PagedKV(cache.layers, meta.slot_mapping, meta.native)
+        fused = model.forward_layers(hidden, position_ids, attention, *run, paged_kv=paged_kv)
         fused_pools = {i: pool.clone() for i, pool in cache.layers.items()}
         for i, pool in cache.layers.items():
             pool.copy_(initial[i])
-        op_by_op = model.forward_layers(hidden, position_ids, lambda *args: attention(*args), *run)
+        op_by_op = model.forward_layers(hidden, position_ids, attention, *run)
     finally:
         torch.set_num_threads(previous)
     assert torch.equal(fused, op_by_op) and fused.isfinite().all()
@@ -356,6 +373,7 @@ def test_decoder_layers_in_one_call_are_the_op_by_op_path_bit_for_bit(
         assert torch.equal(pool, initial[i]) == (not run[0] <= i < run[1])
 
 
+@pytest.mark.usefixtures("needs_native_kernels")
 def test_decoder_layers_reject_mismatched_inputs():
     from services.worker.engine.attention import build_attention_metadata
     from services.worker.engine.kv_cache import KVCache
@@ -367,16 +385,137 @@ def test_decoder_layers_reject_mismatched_inputs():
     cos, sin = torch.zeros(1, c.head_dim // 2), torch.zeros(1, c.head_dim // 2)
     layer = model.weights.layers[0]
     stack = native.NativeLayers(c, {0: layer})
-    with pytest.raises(AssertionError):  # two rows of hidden states, one row of metadata
+    with pytest.raises(KernelArgumentError):  # two rows of hidden states, one row of metadata
         stack.run(
             torch.zeros(2, c.hidden_size), 0, 1, cache.layers, cos, sin, meta.slot_mapping,
             meta.native,
         )  # fmt: skip
-    with pytest.raises(AssertionError):  # a layer this stack does not hold
+    with pytest.raises(KernelArgumentError):  # a layer this stack does not hold
         stack.run(
             torch.zeros(1, c.hidden_size), 0, 2, cache.layers, cos, sin, meta.slot_mapping,
             meta.native,
         )  # fmt: skip
+    with pytest.raises(KernelArgumentError, match="pools hold layers"):  # no KV pool
+        stack.run(torch.zeros(1, c.hidden_size), 0, 1, {}, cos, sin, meta.slot_mapping, meta.native)
     wrong = dataclasses.replace(layer, down_proj=layer.down_proj[:, :8].contiguous())
-    with pytest.raises(AssertionError):  # a matrix of the wrong shape
+    with pytest.raises(KernelArgumentError):  # a matrix of the wrong shape
         native.NativeLayers(c, {0: wrong})
+
+
+# ---- guards and a machine without a C compiler ----------------------------------------
+
+
+def test_wrong_tensors_raise_value_errors_before_any_native_call():
+    """Every check runs before the library is even loaded: these need no compiler."""
+    x, weight = torch.zeros(3, 16), torch.zeros(32, 16)
+    rows = NativeRows(
+        *(torch.zeros(1, dtype=torch.int32),) * 2, torch.zeros(1, 1, dtype=torch.int32)
+    )
+    wrong = {  # what the message names: the call
+        "weight: expected a contiguous torch.float32 cpu tensor of shape (32, 16)": lambda: (
+            native.linear(x, torch.zeros(32, 24))  # K 16 against 24
+        ),
+        "width 12 is not a multiple of 8": lambda: native.linear(
+            torch.zeros(3, 12), torch.zeros(32, 12)
+        ),
+        "x: expected float32 on cpu": lambda: native.linear(x.double(), weight),
+        "x: expected rows of 16 contiguous floats": lambda: native.linear(
+            torch.zeros(16, 3).t(), weight
+        ),
+        "weight bias: expected": lambda: native.linear(x, weight, torch.zeros(31)),
+        "N a multiple of 16": lambda: native.pack_weight(torch.zeros(24, 16)),
+        "x: expected rows of 8": lambda: native.rms_norm(torch.zeros(3, 16), torch.zeros(8), 1e-5),
+        "silu_mul: width 6": lambda: native.silu_mul(torch.zeros(3, 12)),
+        "hidden, delta and out have 3, 2 and 3 rows": lambda: native.add_rms_norm_(
+            torch.zeros(3, 16), torch.zeros(2, 16), torch.zeros(16), 1e-5, torch.zeros(3, 16)
+        ),
+        "sin: expected": lambda: native.rope_(
+            torch.zeros(3, 16), 2, 8, torch.zeros(3, 4), torch.zeros(2, 4)
+        ),
+        "slots: expected a contiguous torch.int64": lambda: native.write_kv(
+            torch.zeros(3, 2, 8),
+            torch.zeros(3, 2, 8),
+            torch.zeros(3, dtype=torch.int32),
+            torch.zeros(2, 2, 4, 4, 8),
+        ),  # fmt: skip
+        "64 query heads over 2 KV heads": lambda: native.paged_attention(
+            torch.zeros(1, 64, 8), torch.zeros(2, 2, 4, 4, 8), rows, torch.zeros(1, 512), 1.0
+        ),
+    }
+    for message, call in wrong.items():
+        with pytest.raises(KernelArgumentError, match=re.escape(message)):
+            call()
+    assert issubclass(KernelArgumentError, ValueError)
+
+
+def test_the_guards_hold_under_python_O():
+    """They are checks, not asserts: `python -O` keeps them."""
+    script = (
+        "import torch\n"
+        "from services.worker.engine import native\n"
+        "assert False, 'asserts run: not -O'\n"
+    )
+    result = subprocess.run([sys.executable, "-O", "-c", script + _CALL_WITH_A_WRONG_K], **_RUN)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "KernelArgumentError"
+
+
+_CALL_WITH_A_WRONG_K = """
+try:
+    native.linear(torch.zeros(3, 16), torch.zeros(32, 24))
+except ValueError as e:
+    print(type(e).__name__)
+"""
+_RUN = {"cwd": REPO_ROOT, "capture_output": True, "text": True, "timeout": 120}
+
+# The tests in this file that need the native kernels (skipped without a compiler).
+NEEDS_NATIVE = {
+    "test_a_row_gets_the_same_bits_however_it_is_batched",
+    "test_the_kernel_is_built_once_into_the_cache",
+    "test_layer_ops_match_torch_and_are_row_invariant",
+    "test_rope_is_bit_for_bit_the_torch_rope",
+    "test_write_kv_puts_each_row_in_its_slot",
+    "test_linear_matches_torch_and_every_row_is_computed_alone",
+    "test_packed_weights_give_the_same_bits_and_unpack_exactly",
+    "test_a_native_engine_holds_packed_matrices_and_exports_them_unpacked",
+    "test_decoder_layers_in_one_call_are_the_op_by_op_path_bit_for_bit",
+    "test_decoder_layers_reject_mismatched_inputs",
+}
+
+
+def test_without_a_compiler_the_native_tests_skip_and_the_rest_pass(tmp_path):
+    """This file in a fresh pytest, with CC naming no compiler and an empty kernel cache:
+    the tests that need the native kernels skip, saying why; every other one passes."""
+    env = {k: v for k, v in os.environ.items() if k != "LLMESH_KERNELS"}
+    env.update(CC=str(tmp_path / "no-such-cc"), LLMESH_KERNEL_CACHE=str(tmp_path / "cache"))
+    this = "tests/unit/worker/engine/test_native_kernels.py"
+    report = tmp_path / "report.xml"
+    command = [
+        sys.executable, "-m", "pytest", this, "-q", "-p", "no:cacheprovider",
+        f"--junitxml={report}", "--deselect", f"{this}::{_this_test_name()}",
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, **{**_RUN, "timeout": 600})
+    assert result.returncode == 0, result.stdout[-3000:]
+    outcomes: dict[str, set[str]] = {}
+    for case in ElementTree.parse(report).iter("testcase"):
+        name = case.get("name", "").split("[")[0]
+        skipped = case.find("skipped")
+        if skipped is not None:
+            assert NO_NATIVE_KERNELS in skipped.get("message", ""), skipped.get("message")
+            assert "no-such-cc" in skipped.get("message", ""), skipped.get("message")
+        outcome = "skipped" if skipped is not None else "passed"
+        assert case.find("failure") is None and case.find("error") is None, name
+        outcomes.setdefault(outcome, set()).add(name)
+    assert outcomes["skipped"] == NEEDS_NATIVE
+    assert outcomes["passed"] == {
+        "test_unsupported_shapes_and_dtypes_say_why",
+        "test_bad_kernels_name_is_a_config_error",
+        "test_no_compiler_falls_back_to_torch_or_says_why",
+        "test_wrong_tensors_raise_value_errors_before_any_native_call",
+        "test_the_guards_hold_under_python_O",
+    }
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def _this_test_name() -> str:
+    return test_without_a_compiler_the_native_tests_skip_and_the_rest_pass.__name__

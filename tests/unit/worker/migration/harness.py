@@ -58,7 +58,7 @@ class Node:
         self.name = name
         self.faults = faults
         self.streams = streams
-        self.engine = LLMEngine(engine_config)
+        self.engine = LLMEngine.from_config(engine_config)
         self.async_engine = AsyncEngine(self.engine, self._on_step, snapshot_interval_s=0.05)
         self.transport = make_transport(TransportConfig(backend=Backend.UCX))
         self.config = config
@@ -124,7 +124,7 @@ def reference_tokens(
     engine_config: EngineConfig, prompt: list[int], params: SamplingParams
 ) -> list[int]:
     """The request run alone, unmoved, on a fresh engine."""
-    engine = LLMEngine(engine_config)
+    engine = LLMEngine.from_config(engine_config)
     engine.add_request("ref", prompt, params)
     tokens: list[int] = []
     while engine.has_unfinished_requests():

@@ -61,7 +61,7 @@ async def test_migrated_request_yields_the_unmoved_tokens(cluster, params):
 
 async def test_stages_travel_in_chunks_of_stage_chunk_bytes(cluster):
     # One block per transfer: a stage of n blocks is n transfers, read ahead of the wire.
-    block_nbytes = LLMEngine(ENGINE_CONFIG).kv_block_nbytes
+    block_nbytes = LLMEngine.from_config(ENGINE_CONFIG).kv_block_nbytes
     a, b, streams = await cluster(MigrationConfig(stage_chunk_bytes=block_nbytes))
     p = prompt(3, 130)
     expected = reference_tokens(ENGINE_CONFIG, p, GREEDY)
@@ -132,7 +132,7 @@ async def test_destination_without_room_refuses_and_request_continues(cluster):
 async def test_destination_on_other_kernels_refuses_and_request_continues(cluster):
     native = dataclasses.replace(ENGINE_CONFIG, kernels="native")
     try:
-        LLMEngine(native)
+        LLMEngine.from_config(native)
     except ValueError as exc:
         pytest.skip(f"needs the native kernels: {exc}")
     a, b, streams = await cluster(b_engine_config=native)

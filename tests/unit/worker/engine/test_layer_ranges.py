@@ -1,4 +1,5 @@
-"""KunServe hooks: layer-range execution, drop and restore with exact byte accounting."""
+"""KunServe hooks (layer_ranges.py): layer-range execution, drop and restore with exact
+byte accounting."""
 
 from __future__ import annotations
 
@@ -45,8 +46,8 @@ def test_two_pipeline_stages_generate_what_the_full_engine_does(make_engine):
     expected = run_to_completion(full)
 
     first, second = make_engine(num_kv_blocks=64), make_engine(num_kv_blocks=64)
-    first.drop_layers(0, 2)
-    second.drop_layers(2, 4)
+    first.layer_ranges.drop_layers(0, 2)
+    second.layer_ranges.drop_layers(2, 4)
     assert first.block_manager.num_total_blocks == second.block_manager.num_total_blocks
     for i, prompt in enumerate(PROMPTS):
         first.add_request(f"r{i}", prompt, PARAMS)
@@ -75,11 +76,11 @@ def test_drop_layers_turns_freed_bytes_into_blocks(make_engine):
     engine.add_request("r", PROMPTS[1], SamplingParams(max_tokens=30, ignore_eos=True))
     engine.step()
     blocks, kv_before = (
-        engine.request_block_ids("r"),
-        engine.read_kv_blocks(engine.request_block_ids("r")),
+        engine.migration.request_block_ids("r"),
+        engine.migration.read_kv_blocks(engine.migration.request_block_ids("r")),
     )
 
-    change = engine.drop_layers(2, 4)  # a last stage: layers 2, 3, final norm, lm_head
+    change = engine.layer_ranges.drop_layers(2, 4)  # a last stage: layers 2, 3, final norm, lm_head
     kept_weight_bytes = 2 * LAYER_BYTES + EMBED_BYTES + 4 * 256
     pool_bytes = num_blocks * 4 * BLOCK_BYTES_PER_LAYER + (FULL_WEIGHT_BYTES - kept_weight_bytes)
     new_num_blocks = pool_bytes // (2 * BLOCK_BYTES_PER_LAYER)
@@ -100,17 +101,21 @@ def test_drop_layers_turns_freed_bytes_into_blocks(make_engine):
     assert engine.weight_nbytes == kept_weight_bytes
     assert engine.kv_cache.nbytes == new_num_blocks * 2 * BLOCK_BYTES_PER_LAYER
     assert engine.block_manager.num_free_blocks == new_num_blocks - len(blocks)
-    assert engine.request_block_ids("r") == blocks  # block ids survive a drop
-    assert torch.equal(engine.read_kv_blocks(blocks), kv_before[2:])  # kept layers' KV intact
+    assert engine.migration.request_block_ids("r") == blocks  # block ids survive a drop
+    assert torch.equal(
+        engine.migration.read_kv_blocks(blocks), kv_before[2:]
+    )  # kept layers' KV intact
     engine.check_integrity()
 
-    change = engine.restore_layers()  # from the tiny seed; "r" recomputes its KV
+    change = engine.layer_ranges.restore_layers()  # from the tiny seed; "r" recomputes its KV
     assert (change.weight_nbytes_after, change.num_total_blocks_after) == (
         FULL_WEIGHT_BYTES,
         num_blocks,
     )
     assert engine.kv_cache.nbytes == num_blocks * 4 * BLOCK_BYTES_PER_LAYER
-    assert engine.request_block_ids("r") == []  # preempted to recompute the restored layers
+    assert (
+        engine.migration.request_block_ids("r") == []
+    )  # preempted to recompute the restored layers
     assert engine.stats().num_preemptions == 1
     tokens = run_to_completion(engine)["r"]  # the first token came before the drop
     reference = make_engine(num_kv_blocks=8).generate(
@@ -121,44 +126,46 @@ def test_drop_layers_turns_freed_bytes_into_blocks(make_engine):
 
 def test_restore_moves_blocks_beyond_the_original_pool(make_engine):
     engine = make_engine(num_kv_blocks=4, block_size=4)
-    engine.drop_layers(0, 2)
+    engine.layer_ranges.drop_layers(0, 2)
     assert engine.block_manager.num_total_blocks > 8
-    low = engine.reserve_blocks(4)
-    high = engine.reserve_blocks(2)
+    low = engine.migration.reserve_blocks(4)
+    high = engine.migration.reserve_blocks(2)
     assert high == [4, 5]
     kv = torch.randn(2, 2, 2, 4, 2, 32)  # (layers 0-1, K/V, blocks, block_size, kv heads, head dim)
-    engine.write_kv_blocks(high, kv)
+    engine.migration.write_kv_blocks(high, kv)
     state = RequestState("r", (7,) * 6, (9,), PARAMS, 0, num_computed_tokens=6, arrival_time=0.0)
-    engine.import_request(state, high)
-    engine.release_blocks(low)
-    engine.restore_layers(recompute=False)  # the caller will write layers 2, 3 itself
+    engine.migration.import_request(state, high)
+    engine.migration.release_blocks(low)
+    engine.layer_ranges.restore_layers(recompute=False)  # the caller will write layers 2, 3 itself
     assert engine.block_manager.num_total_blocks == 4
-    moved = engine.request_block_ids("r")
+    moved = engine.migration.request_block_ids("r")
     assert moved == [0, 1]  # free ids below 4, in free-list order
-    assert torch.equal(engine.read_kv_blocks(moved)[:2], kv)  # contents moved with the ids
-    assert engine.read_kv_blocks(moved)[2:].abs().sum() == 0  # restored layers: zero until written
+    assert torch.equal(
+        engine.migration.read_kv_blocks(moved)[:2], kv
+    )  # contents moved with the ids
+    assert (
+        engine.migration.read_kv_blocks(moved)[2:].abs().sum() == 0
+    )  # restored layers: zero until written
     engine.abort_request("r")
     engine.step()
 
 
 def test_restore_refuses_when_used_blocks_do_not_fit(make_engine):
     engine = make_engine(num_kv_blocks=2, block_size=4)
-    engine.drop_layers(0, 2)
-    reserved = engine.reserve_blocks(3)
+    engine.layer_ranges.drop_layers(0, 2)
+    reserved = engine.migration.reserve_blocks(3)
     with pytest.raises(NoFreeBlocksError, match="3 blocks are in use"):
-        engine.restore_layers()
-    engine.release_blocks(reserved)
+        engine.layer_ranges.restore_layers()
+    engine.migration.release_blocks(reserved)
     with pytest.raises(InvalidRequestStateError, match=r"cannot keep layers \[1, 3\)"):
-        engine.drop_layers(1, 3)
-    engine.restore_layers()
+        engine.layer_ranges.drop_layers(1, 3)
+    engine.layer_ranges.restore_layers()
     with pytest.raises(InvalidRequestStateError, match="no layers are dropped"):
-        engine.restore_layers()
+        engine.layer_ranges.restore_layers()
 
 
-def test_simulated_engine_drops_layers_by_accounting_only(make_engine):
-    engine = make_engine(
-        executor="cost_model", profile="llama-7b-a10", memory_capacity_bytes=21_600_000_000
-    )
+def test_simulated_engine_drops_layers_by_accounting_only(make_simulated_engine):
+    engine = make_simulated_engine("llama-7b-a10", memory_capacity_bytes=21_600_000_000)
     assert engine.kv_cache is None and engine.model is None
     weight_bytes = 2 * (
         32 * (4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096) + 2 * 32000 * 4096 + 4096
@@ -175,7 +182,7 @@ def test_simulated_engine_drops_layers_by_accounting_only(make_engine):
     engine.add_request("r", [1] * 100, PARAMS)
     batch = engine.scheduler.schedule()
     full_step_time = engine.executor.step_time(batch)
-    change = engine.drop_layers(0, 16)  # KunServe, group of 2: the first half
+    change = engine.layer_ranges.drop_layers(0, 16)  # KunServe, group of 2: the first half
     assert engine.executor.step_time(batch) == pytest.approx(full_step_time / 2)
     engine.scheduler.update_from_output(batch, [5])
     engine.abort_request("r")
@@ -186,19 +193,20 @@ def test_simulated_engine_drops_layers_by_accounting_only(make_engine):
         // change.kv_block_nbytes_after
         == 3542
     )
-    engine.restore_layers()
+    engine.layer_ranges.restore_layers()
     assert engine.block_manager.num_total_blocks == 968
 
 
 def test_restore_from_the_host_copy(make_engine, monkeypatch):
     engine = make_engine(num_kv_blocks=16)
     expected = engine.generate([PROMPTS[2]], PARAMS)[0].new_token_ids
-    engine.drop_layers(1, 4, keep_host_copy=True)
-    assert sorted(engine.host_weights)[:2] == [
+    engine.layer_ranges.drop_layers(1, 4, keep_host_copy=True)
+    held = engine.layer_ranges.held
+    assert sorted(held.host_weights)[:2] == [
         "model.embed_tokens.weight",
         "model.layers.0.input_layernorm.weight",
     ]
-    monkeypatch.setattr(engine.weight_source, "load", lambda names: pytest.fail("read the source"))
-    engine.restore_layers()
-    assert engine.host_weights == {}
+    monkeypatch.setattr(held.weight_source, "load", lambda names: pytest.fail("read the source"))
+    engine.layer_ranges.restore_layers()
+    assert held.host_weights == {}
     assert engine.generate([PROMPTS[2]], PARAMS)[0].new_token_ids == expected
