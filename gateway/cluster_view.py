@@ -120,7 +120,8 @@ async def refresh_forever(
             is_outage = True
             view.is_scheduler_reachable = False
         else:
-            if is_outage:
+            # A failed Dispatch may have found the outage first (view marked unreachable).
+            if is_outage or (view.updated_at is not None and not view.is_scheduler_reachable):
                 log.info("scheduler_reachable_again", num_instances=len(state.instances))
             is_outage = False
             view.update(view_from_proto(state))

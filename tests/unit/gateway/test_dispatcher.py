@@ -174,3 +174,22 @@ def test_admission_control_limits():
     full = view_of(clock, ("a", 0, 1, 3), ("b", 0, 1, 5))
     with pytest.raises(ResourceExhaustedError, match="max_waiting_per_instance"):
         admission.check(0, full)
+
+
+async def test_a_failed_dispatch_marks_the_scheduler_down_until_a_refresh_reaches_it():
+    clock = Clock()
+    view = view_of(clock, ("a", 10, 1, 0), ("b", 20, 1, 0))
+    scheduler = FakeScheduler(code=grpc.StatusCode.UNAVAILABLE)
+    dispatcher = make(clock, view, scheduler)
+    assert view.is_scheduler_reachable
+    await dispatcher.choose("r0", 16, 0, set())
+    assert view.is_scheduler_reachable is False
+    # The next request decides locally at once: no second Dispatch deadline.
+    placement = await dispatcher.choose("r1", 16, 0, set())
+    assert (placement.source, len(scheduler.requests)) == (PlacementSource.CACHED_VIEW, 1)
+    # Any other error (the scheduler answered) leaves the flag alone.
+    view.update(list(view.instances.values()))
+    await make(clock, view, FakeScheduler(code=grpc.StatusCode.RESOURCE_EXHAUSTED)).choose(
+        "r2", 16, 0, set()
+    )
+    assert view.is_scheduler_reachable is True
