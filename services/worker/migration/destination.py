@@ -51,8 +51,8 @@ _COMMITTED_MEMORY = 4096
 class Reservation:
     offer: PrepareOffer
     block_ids: list[int]
+    last_touch: float  # the lease's clock when the source was last heard from
     status: ReservationStatus = ReservationStatus.RESERVED
-    last_touch: float = field(default_factory=time.monotonic)
     receives: list[asyncio.Task] = field(default_factory=list)
     transfer_ids: list[str] = field(default_factory=list)
     num_received_blocks: int = 0
@@ -71,9 +71,12 @@ class MigrationDestination:
         on_adopting: Callable[[RequestHandoff], None] | None = None,
         on_adopt_failed: Callable[[RequestHandoff], None] | None = None,
         is_draining: Callable[[], bool] = lambda: False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """on_adopting(handoff) runs just before the engine adopts the request, so its
-        owner is known before its first output; on_adopt_failed undoes it."""
+        owner is known before its first output; on_adopt_failed undoes it. `clock`
+        measures leases (tests inject one)."""
+        self._clock = clock
         self._engine = async_engine
         self._transport = transport
         self._config = config
@@ -111,7 +114,7 @@ class MigrationDestination:
         engine_nbytes = self._engine.engine.kv_block_nbytes
         existing = self._reservations.get(offer.migration_id)
         if existing is not None:  # a retried handshake
-            existing.last_touch = time.monotonic()
+            existing.last_touch = self._clock()
             return PrepareReply(True, "", engine_nbytes)
         mismatch = kernels_mismatch(offer.kernels, kernel_backend(self._engine.engine))
         if mismatch is not None:
@@ -140,7 +143,7 @@ class MigrationDestination:
         outcome = await self._engine.run(reserve)
         if isinstance(outcome, str):
             return PrepareReply(False, outcome)
-        self._reservations[offer.migration_id] = Reservation(offer, outcome)
+        self._reservations[offer.migration_id] = Reservation(offer, outcome, self._clock())
         log.info(
             "migration_reserved",
             migration_id=offer.migration_id,
@@ -153,7 +156,7 @@ class MigrationDestination:
         reservation = self._reservations.get(offer.migration_id)
         if reservation is None or reservation.status is not ReservationStatus.RESERVED:
             return False, "unknown_migration"
-        reservation.last_touch = time.monotonic()
+        reservation.last_touch = self._clock()
         if offer.first_block_index < 0 or offer.num_blocks < 0:
             raise ValueError(
                 f"first_block_index={offer.first_block_index} and num_blocks={offer.num_blocks} must be >= 0"
@@ -199,7 +202,7 @@ class MigrationDestination:
         await asyncio.to_thread(engine.migration.write_kv_blocks, block_ids, staging)
         self._buffers.release(staging)
         reservation.num_received_blocks += len(block_ids)
-        reservation.last_touch = time.monotonic()
+        reservation.last_touch = self._clock()
 
     async def commit(self, offer: CommitOffer) -> tuple[bool, str]:
         request_id = offer.handoff.state.request_id
@@ -216,7 +219,7 @@ class MigrationDestination:
                 f"request_id={request_id!r} does not match the reservation's {reservation.offer.request_id!r}"
             )
         reservation.set_status(ReservationStatus.COMMITTING)
-        reservation.last_touch = time.monotonic()
+        reservation.last_touch = self._clock()
         try:
             await asyncio.gather(*reservation.receives)
         except (TransportError, asyncio.CancelledError) as exc:
@@ -293,7 +296,7 @@ class MigrationDestination:
         lease_s = self._config.lease_s
         while True:
             await asyncio.sleep(lease_s / 4)
-            now = time.monotonic()
+            now = self._clock()
             for reservation in list(self._reservations.values()):
                 if reservation.status is not ReservationStatus.RESERVED:
                     continue

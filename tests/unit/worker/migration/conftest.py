@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -28,9 +30,10 @@ async def cluster():
         engine_config: EngineConfig = ENGINE_CONFIG,
         b_engine_config: EngineConfig | None = None,
         a_faults: FaultHooks = NO_FAULTS,
+        b_clock=time.monotonic,
     ):
         a = Node("a", streams, engine_config, config, a_faults)
-        b = Node("b", streams, b_engine_config or engine_config, config)
+        b = Node("b", streams, b_engine_config or engine_config, config, clock=b_clock)
         peers = {"a": a, "b": b}
         for node in (a, b):
             nodes.append(node)

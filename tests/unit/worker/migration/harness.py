@@ -7,6 +7,7 @@ protocol itself; tests/integration/ runs it across worker processes over gRPC.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 
 from kvtransport import Backend, TransportConfig, make_transport
@@ -54,8 +55,10 @@ class Node:
         engine_config: EngineConfig,
         config: MigrationConfig,
         faults: FaultHooks = NO_FAULTS,
+        clock=time.monotonic,
     ):
         self.name = name
+        self.clock = clock  # the destination's lease clock
         self.faults = faults
         self.streams = streams
         self.engine = LLMEngine.from_config(engine_config)
@@ -78,7 +81,9 @@ class Node:
     async def start(self, peers: dict[str, Node]) -> None:
         await self.transport.start()
         self.async_engine.start()
-        self.destination = MigrationDestination(self.async_engine, self.transport, self.config)
+        self.destination = MigrationDestination(
+            self.async_engine, self.transport, self.config, clock=self.clock
+        )
         self.destination.start()
 
         def client_for(target: MigrationTarget) -> LocalClient:

@@ -250,15 +250,18 @@ async def test_data_plane_timeout_aborts_and_request_continues(cluster):
 
 
 async def test_silent_source_lease_frees_the_reservation(cluster):
-    a, b, streams = await cluster(MigrationConfig(lease_s=0.2))
+    now = [0.0]
+    a, b, streams = await cluster(MigrationConfig(lease_s=0.2), b_clock=lambda: now[0])
     from services.worker.migration import PrepareOffer
 
     reply = await b.destination.prepare(
         PrepareOffer("m1", "ghost", "a", a.transport.address, 10, 0.2, 40, "torch")
     )
     assert reply.accepted
-    used = await b.async_engine.run(lambda e: e.block_manager.num_used_blocks)
-    assert used == 10
+    await asyncio.sleep(0.3)  # lease checks run, but the lease clock has not moved
+    assert b.destination.num_active == 1
+    assert await b.async_engine.run(lambda e: e.block_manager.num_used_blocks) == 10
+    now[0] = 0.25  # the source has been silent for longer than the lease
     for _ in range(100):
         if b.destination.num_active == 0:
             break
