@@ -106,9 +106,9 @@ class Dispatcher:
             # RESOURCE_EXHAUSTED: the scheduler knows no candidate (e.g. it just restarted
             # and has not re-learned the instances); the cached view may still know some.
             log.warning("dispatch_fallback", code=exc.code().name, details=exc.details())
-            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                # Until the background refresh reaches it again, later requests decide
-                # locally instead of paying a Dispatch deadline each.
+            if exc.code() is grpc.StatusCode.UNAVAILABLE:
+                # Down (not merely slow): until the background refresh reaches it
+                # again, later requests decide locally instead of failing a Dispatch each.
                 self._view.is_scheduler_reachable = False
         placement = self.choose_locally(request_id, num_prompt_tokens, priority, excluded)
         if placement is None:
