@@ -1,4 +1,5 @@
 from protos import common_pb2 as _common_pb2
+from protos import group_pb2 as _group_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -84,7 +85,7 @@ class GetClusterStateRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ClusterState(_message.Message):
-    __slots__ = ("instances", "num_migrations_ordered", "dispatch_policy", "migration_policy", "autoscale", "pending_instance_ids", "draining_instance_ids", "num_instances_started", "num_instances_stopped")
+    __slots__ = ("instances", "num_migrations_ordered", "dispatch_policy", "migration_policy", "autoscale", "pending_instance_ids", "draining_instance_ids", "num_instances_started", "num_instances_stopped", "groups")
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     NUM_MIGRATIONS_ORDERED_FIELD_NUMBER: _ClassVar[int]
     DISPATCH_POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +95,7 @@ class ClusterState(_message.Message):
     DRAINING_INSTANCE_IDS_FIELD_NUMBER: _ClassVar[int]
     NUM_INSTANCES_STARTED_FIELD_NUMBER: _ClassVar[int]
     NUM_INSTANCES_STOPPED_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
     instances: _containers.RepeatedCompositeFieldContainer[InstanceState]
     num_migrations_ordered: int
     dispatch_policy: str
@@ -103,7 +105,8 @@ class ClusterState(_message.Message):
     draining_instance_ids: _containers.RepeatedScalarFieldContainer[str]
     num_instances_started: int
     num_instances_stopped: int
-    def __init__(self, instances: _Optional[_Iterable[_Union[InstanceState, _Mapping]]] = ..., num_migrations_ordered: _Optional[int] = ..., dispatch_policy: _Optional[str] = ..., migration_policy: _Optional[str] = ..., autoscale: _Optional[bool] = ..., pending_instance_ids: _Optional[_Iterable[str]] = ..., draining_instance_ids: _Optional[_Iterable[str]] = ..., num_instances_started: _Optional[int] = ..., num_instances_stopped: _Optional[int] = ...) -> None: ...
+    groups: _containers.RepeatedCompositeFieldContainer[_group_pb2.GroupState]
+    def __init__(self, instances: _Optional[_Iterable[_Union[InstanceState, _Mapping]]] = ..., num_migrations_ordered: _Optional[int] = ..., dispatch_policy: _Optional[str] = ..., migration_policy: _Optional[str] = ..., autoscale: _Optional[bool] = ..., pending_instance_ids: _Optional[_Iterable[str]] = ..., draining_instance_ids: _Optional[_Iterable[str]] = ..., num_instances_started: _Optional[int] = ..., num_instances_stopped: _Optional[int] = ..., groups: _Optional[_Iterable[_Union[_group_pb2.GroupState, _Mapping]]] = ...) -> None: ...
 
 class InstanceState(_message.Message):
     __slots__ = ("info", "load", "ms_since_report")
@@ -146,3 +149,33 @@ class SchedulerDrainResponse(_message.Message):
     SENT_FIELD_NUMBER: _ClassVar[int]
     sent: bool
     def __init__(self, sent: _Optional[bool] = ...) -> None: ...
+
+class DropGroupRequest(_message.Message):
+    __slots__ = ("instance_ids",)
+    INSTANCE_IDS_FIELD_NUMBER: _ClassVar[int]
+    instance_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, instance_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DropGroupResponse(_message.Message):
+    __slots__ = ("group", "drop_ms")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    DROP_MS_FIELD_NUMBER: _ClassVar[int]
+    group: _group_pb2.GroupState
+    drop_ms: float
+    def __init__(self, group: _Optional[_Union[_group_pb2.GroupState, _Mapping]] = ..., drop_ms: _Optional[float] = ...) -> None: ...
+
+class RestoreGroupRequest(_message.Message):
+    __slots__ = ("group_id",)
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    def __init__(self, group_id: _Optional[str] = ...) -> None: ...
+
+class RestoreGroupResponse(_message.Message):
+    __slots__ = ("num_requests_moved", "num_preempted", "restore_ms")
+    NUM_REQUESTS_MOVED_FIELD_NUMBER: _ClassVar[int]
+    NUM_PREEMPTED_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_MS_FIELD_NUMBER: _ClassVar[int]
+    num_requests_moved: int
+    num_preempted: int
+    restore_ms: float
+    def __init__(self, num_requests_moved: _Optional[int] = ..., num_preempted: _Optional[int] = ..., restore_ms: _Optional[float] = ...) -> None: ...

@@ -71,6 +71,16 @@ class SchedulerStub:
                 request_serializer=protos_dot_scheduler__pb2.SchedulerDrainRequest.SerializeToString,
                 response_deserializer=protos_dot_scheduler__pb2.SchedulerDrainResponse.FromString,
                 _registered_method=True)
+        self.DropGroup = channel.unary_unary(
+                '/llmesh.v1.Scheduler/DropGroup',
+                request_serializer=protos_dot_scheduler__pb2.DropGroupRequest.SerializeToString,
+                response_deserializer=protos_dot_scheduler__pb2.DropGroupResponse.FromString,
+                _registered_method=True)
+        self.RestoreGroup = channel.unary_unary(
+                '/llmesh.v1.Scheduler/RestoreGroup',
+                request_serializer=protos_dot_scheduler__pb2.RestoreGroupRequest.SerializeToString,
+                response_deserializer=protos_dot_scheduler__pb2.RestoreGroupResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -130,6 +140,22 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DropGroup(self, request, context):
+        """/ KunServe (admin or policy): the listed instances drop the layers the others also
+        / hold and serve as one pipeline; answers once the group's capacity is usable.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreGroup(self, request, context):
+        """/ KunServe (admin or policy): the group's members get their layers back and serve
+        / alone again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -167,6 +193,16 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.Drain,
                     request_deserializer=protos_dot_scheduler__pb2.SchedulerDrainRequest.FromString,
                     response_serializer=protos_dot_scheduler__pb2.SchedulerDrainResponse.SerializeToString,
+            ),
+            'DropGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropGroup,
+                    request_deserializer=protos_dot_scheduler__pb2.DropGroupRequest.FromString,
+                    response_serializer=protos_dot_scheduler__pb2.DropGroupResponse.SerializeToString,
+            ),
+            'RestoreGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreGroup,
+                    request_deserializer=protos_dot_scheduler__pb2.RestoreGroupRequest.FromString,
+                    response_serializer=protos_dot_scheduler__pb2.RestoreGroupResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -359,6 +395,60 @@ class Scheduler:
             '/llmesh.v1.Scheduler/Drain',
             protos_dot_scheduler__pb2.SchedulerDrainRequest.SerializeToString,
             protos_dot_scheduler__pb2.SchedulerDrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.Scheduler/DropGroup',
+            protos_dot_scheduler__pb2.DropGroupRequest.SerializeToString,
+            protos_dot_scheduler__pb2.DropGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.Scheduler/RestoreGroup',
+            protos_dot_scheduler__pb2.RestoreGroupRequest.SerializeToString,
+            protos_dot_scheduler__pb2.RestoreGroupResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from protos import common_pb2 as protos_dot_common__pb2
+from protos import group_pb2 as protos_dot_group__pb2
 from protos import worker_pb2 as protos_dot_worker__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -76,6 +77,46 @@ class WorkerStub:
                 request_serializer=protos_dot_worker__pb2.AbortMigrationRequest.SerializeToString,
                 response_deserializer=protos_dot_worker__pb2.AbortMigrationResponse.FromString,
                 _registered_method=True)
+        self.FormGroup = channel.unary_unary(
+                '/llmesh.v1.Worker/FormGroup',
+                request_serializer=protos_dot_group__pb2.FormGroupRequest.SerializeToString,
+                response_deserializer=protos_dot_group__pb2.FormGroupResponse.FromString,
+                _registered_method=True)
+        self.DissolveGroup = channel.unary_unary(
+                '/llmesh.v1.Worker/DissolveGroup',
+                request_serializer=protos_dot_group__pb2.DissolveGroupRequest.SerializeToString,
+                response_deserializer=protos_dot_group__pb2.DissolveGroupResponse.FromString,
+                _registered_method=True)
+        self.PrepareJoin = channel.unary_unary(
+                '/llmesh.v1.Worker/PrepareJoin',
+                request_serializer=protos_dot_group__pb2.PrepareJoinRequest.SerializeToString,
+                response_deserializer=protos_dot_group__pb2.PrepareJoinResponse.FromString,
+                _registered_method=True)
+        self.JoinGroup = channel.unary_unary(
+                '/llmesh.v1.Worker/JoinGroup',
+                request_serializer=protos_dot_group__pb2.JoinGroupRequest.SerializeToString,
+                response_deserializer=protos_dot_group__pb2.JoinGroupResponse.FromString,
+                _registered_method=True)
+        self.Exchange = channel.unary_unary(
+                '/llmesh.v1.Worker/Exchange',
+                request_serializer=protos_dot_group__pb2.ExchangeRequest.SerializeToString,
+                response_deserializer=protos_dot_group__pb2.ExchangeResponse.FromString,
+                _registered_method=True)
+        self.ExchangeDone = channel.unary_unary(
+                '/llmesh.v1.Worker/ExchangeDone',
+                request_serializer=protos_dot_group__pb2.ExchangeDoneRequest.SerializeToString,
+                response_deserializer=protos_dot_group__pb2.ExchangeDoneResponse.FromString,
+                _registered_method=True)
+        self.LeaveGroup = channel.unary_unary(
+                '/llmesh.v1.Worker/LeaveGroup',
+                request_serializer=protos_dot_group__pb2.LeaveGroupRequest.SerializeToString,
+                response_deserializer=protos_dot_group__pb2.LeaveGroupResponse.FromString,
+                _registered_method=True)
+        self.AbortGroup = channel.unary_unary(
+                '/llmesh.v1.Worker/AbortGroup',
+                request_serializer=protos_dot_group__pb2.AbortGroupRequest.SerializeToString,
+                response_deserializer=protos_dot_group__pb2.AbortGroupResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -142,6 +183,63 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FormGroup(self, request, context):
+        """/ KunServe, scheduler -> stage 0: form a group (stage 0 runs the drop protocol with
+        / the members) and answer once its capacity is usable.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DissolveGroup(self, request, context):
+        """/ KunServe, scheduler -> stage 0: restore every member's layers and dissolve.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PrepareJoin(self, request, context):
+        """/ KunServe, stage 0 -> member: check that the member can join.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def JoinGroup(self, request, context):
+        """/ KunServe, stage 0 -> member: drop the other layers, hand over the requests.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Exchange(self, request, context):
+        """/ KunServe, stage 0 -> member: post and start the member's KV transfers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExchangeDone(self, request, context):
+        """/ KunServe, member -> stage 0: a request's KV slices reached this member.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LeaveGroup(self, request, context):
+        """/ KunServe, stage 0 -> member: get every layer back and leave the group.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortGroup(self, request, context):
+        """/ KunServe, any member -> member: a member died; leave the group at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -184,6 +282,46 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.AbortMigration,
                     request_deserializer=protos_dot_worker__pb2.AbortMigrationRequest.FromString,
                     response_serializer=protos_dot_worker__pb2.AbortMigrationResponse.SerializeToString,
+            ),
+            'FormGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.FormGroup,
+                    request_deserializer=protos_dot_group__pb2.FormGroupRequest.FromString,
+                    response_serializer=protos_dot_group__pb2.FormGroupResponse.SerializeToString,
+            ),
+            'DissolveGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.DissolveGroup,
+                    request_deserializer=protos_dot_group__pb2.DissolveGroupRequest.FromString,
+                    response_serializer=protos_dot_group__pb2.DissolveGroupResponse.SerializeToString,
+            ),
+            'PrepareJoin': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrepareJoin,
+                    request_deserializer=protos_dot_group__pb2.PrepareJoinRequest.FromString,
+                    response_serializer=protos_dot_group__pb2.PrepareJoinResponse.SerializeToString,
+            ),
+            'JoinGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.JoinGroup,
+                    request_deserializer=protos_dot_group__pb2.JoinGroupRequest.FromString,
+                    response_serializer=protos_dot_group__pb2.JoinGroupResponse.SerializeToString,
+            ),
+            'Exchange': grpc.unary_unary_rpc_method_handler(
+                    servicer.Exchange,
+                    request_deserializer=protos_dot_group__pb2.ExchangeRequest.FromString,
+                    response_serializer=protos_dot_group__pb2.ExchangeResponse.SerializeToString,
+            ),
+            'ExchangeDone': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExchangeDone,
+                    request_deserializer=protos_dot_group__pb2.ExchangeDoneRequest.FromString,
+                    response_serializer=protos_dot_group__pb2.ExchangeDoneResponse.SerializeToString,
+            ),
+            'LeaveGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeaveGroup,
+                    request_deserializer=protos_dot_group__pb2.LeaveGroupRequest.FromString,
+                    response_serializer=protos_dot_group__pb2.LeaveGroupResponse.SerializeToString,
+            ),
+            'AbortGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortGroup,
+                    request_deserializer=protos_dot_group__pb2.AbortGroupRequest.FromString,
+                    response_serializer=protos_dot_group__pb2.AbortGroupResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -403,6 +541,222 @@ class Worker:
             '/llmesh.v1.Worker/AbortMigration',
             protos_dot_worker__pb2.AbortMigrationRequest.SerializeToString,
             protos_dot_worker__pb2.AbortMigrationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FormGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.Worker/FormGroup',
+            protos_dot_group__pb2.FormGroupRequest.SerializeToString,
+            protos_dot_group__pb2.FormGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DissolveGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.Worker/DissolveGroup',
+            protos_dot_group__pb2.DissolveGroupRequest.SerializeToString,
+            protos_dot_group__pb2.DissolveGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrepareJoin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.Worker/PrepareJoin',
+            protos_dot_group__pb2.PrepareJoinRequest.SerializeToString,
+            protos_dot_group__pb2.PrepareJoinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def JoinGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.Worker/JoinGroup',
+            protos_dot_group__pb2.JoinGroupRequest.SerializeToString,
+            protos_dot_group__pb2.JoinGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Exchange(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.Worker/Exchange',
+            protos_dot_group__pb2.ExchangeRequest.SerializeToString,
+            protos_dot_group__pb2.ExchangeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExchangeDone(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.Worker/ExchangeDone',
+            protos_dot_group__pb2.ExchangeDoneRequest.SerializeToString,
+            protos_dot_group__pb2.ExchangeDoneResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaveGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.Worker/LeaveGroup',
+            protos_dot_group__pb2.LeaveGroupRequest.SerializeToString,
+            protos_dot_group__pb2.LeaveGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.Worker/AbortGroup',
+            protos_dot_group__pb2.AbortGroupRequest.SerializeToString,
+            protos_dot_group__pb2.AbortGroupResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -175,6 +175,11 @@ def load_to_proto(report: LoadReport) -> common_pb2.LoadReport:
         integrity_error=report.integrity_error,
         num_waiting_blocks=load.num_waiting_blocks,
         num_headroom_blocks=load.num_headroom_blocks,
+        group_id=load.group_id,
+        group_stage=load.group_stage,
+        layer_start=report.layer_start,
+        layer_end=report.layer_end,
+        freed_weight_bytes=report.freed_weight_bytes,
     )
 
 
@@ -202,12 +207,17 @@ def load_from_proto(report: common_pb2.LoadReport) -> LoadReport:
         num_waiting_blocks=report.num_waiting_blocks,
         num_headroom_blocks=report.num_headroom_blocks,
         num_preemptions=report.num_preemptions,
+        group_id=report.group_id,
+        group_stage=report.group_stage,
     )
     return LoadReport(
         load=load,
         seq=report.seq,
         is_integrity_checked=report.is_integrity_checked,
         integrity_error=report.integrity_error,
+        layer_start=report.layer_start,
+        layer_end=report.layer_end,
+        freed_weight_bytes=report.freed_weight_bytes,
     )
 
 

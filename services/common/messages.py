@@ -63,6 +63,11 @@ class LoadReport:
     seq: int
     is_integrity_checked: bool = False
     integrity_error: str = ""
+    # Layers held now, [layer_start, layer_end); (0, 0) when not reported. A KunServe
+    # member holds only its stage's range and has freed the rest of its weights.
+    layer_start: int = 0
+    layer_end: int = 0
+    freed_weight_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,10 @@ Registered names:
                   (used blocks + blocks all queued requests need) / total blocks; no
                   virtual usage, so no de-fragmentation, headroom or drain signal.
 
-Every policy skips terminating instances and `DispatchInfo.exclude_instance_ids`, and
-returns None when nothing is left. Ties go to the lowest instance id.
+Every policy skips terminating instances, KunServe pipeline stages other than 0 (a
+group takes its requests through stage 0, whose load is the group's) and
+`DispatchInfo.exclude_instance_ids`, and returns None when nothing is left. Ties go to
+the lowest instance id.
 """
 
 from __future__ import annotations
@@ -45,7 +47,13 @@ class DispatchPolicy:
 
 def _candidates(loads: Sequence[InstanceLoad], request: DispatchInfo) -> list[InstanceLoad]:
     excluded = set(request.exclude_instance_ids)
-    return [ld for ld in loads if not ld.is_terminating and ld.instance_id not in excluded]
+    return [
+        ld
+        for ld in loads
+        if not ld.is_terminating
+        and not ld.is_group_follower
+        and ld.instance_id not in excluded
+    ]
 
 
 @register_dispatch("freest")

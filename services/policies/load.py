@@ -89,6 +89,19 @@ class InstanceLoad:
     # Tokens per KV block (turns a prompt length into a block demand). A load report
     # does not carry it: the scheduler and the gateway take it from the registration.
     block_size: int = 16
+    # KunServe group the instance serves in ("" when alone) and its pipeline stage.
+    # Stage 0 reports the group's requests and blocks and takes its dispatches.
+    group_id: str = ""
+    group_stage: int = 0
+
+    @property
+    def is_group_follower(self) -> bool:
+        """A pipeline stage other than 0: it schedules nothing and takes no requests."""
+        return self.group_id != "" and self.group_stage > 0
+
+    @property
+    def is_in_group(self) -> bool:
+        return self.group_id != ""
 
 
 def headroom_blocks(num_running_high_priority: int, config: LoadModelConfig) -> int:
@@ -134,6 +147,8 @@ def make_instance_load(
     num_preemptions: int = 0,
     running: Iterable[tuple[str, int, int, int]] = (),
     block_size: int = 16,
+    group_id: str = "",
+    group_stage: int = 0,
     config: LoadModelConfig = LoadModelConfig(),
 ) -> InstanceLoad:
     """A snapshot with `virtual_usage` and `freeness` filled in by the load model."""
@@ -159,6 +174,8 @@ def make_instance_load(
         else headroom_blocks(num_running_high_priority, config),
         num_preemptions=num_preemptions,
         block_size=block_size,
+        group_id=group_id,
+        group_stage=group_stage,
     )
 
 

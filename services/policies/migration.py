@@ -11,6 +11,8 @@ Registered names:
                `dst_freeness_above`; the i-th least free source is paired with the i-th
                freest destination. The default.
     none       never migrates (the round-robin and load-balance baselines).
+
+Members of a KunServe group are never paired: their requests hold KV on every member.
 """
 
 from __future__ import annotations
@@ -88,7 +90,12 @@ class FreenessMigration(MigrationPolicy):
 
     def pair(self, loads):
         cfg = self.config
-        has_slot = [ld for ld in loads if ld.num_migrating < cfg.max_migrations_per_instance]
+        # A KunServe group's requests hold KV on every member: they do not migrate.
+        has_slot = [
+            ld
+            for ld in loads
+            if ld.num_migrating < cfg.max_migrations_per_instance and not ld.is_in_group
+        ]
         sources = sorted(
             (
                 ld
