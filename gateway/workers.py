@@ -1,10 +1,8 @@
 """Channels to the workers this gateway submits to, and how it learns that one died.
 
-Each worker in use gets one channel and one grpc.health.v1 Watch stream. A kill -9
-closes the worker's sockets, so the Watch fails at once; a hung or partitioned worker
-is caught by channel keepalive. Before declaring a worker lost the pool confirms with
-a Check (a Watch can also end for benign reasons, e.g. a GOAWAY). A worker that turns
-NOT_SERVING (graceful shutdown) counts as lost too, so its requests move elsewhere.
+Each worker in use gets one channel and one grpc.health.v1 Watch stream
+(services.common.health_watch): a worker killed, hung or partitioned, or turning
+NOT_SERVING (graceful shutdown), counts as lost, so its requests move elsewhere.
 """
 
 from __future__ import annotations
@@ -15,16 +13,15 @@ import contextvars
 from collections.abc import Callable
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import worker_pb2, worker_pb2_grpc
-from services.common.grpc_client import aio_channel, check_health
+from services.common.grpc_client import aio_channel
+from services.common.health_watch import watch_until_lost
 from services.common.logging import get_logger
 
 log = get_logger(__name__)
 
 WORKER_SERVICE = "llmesh.v1.Worker"
-_SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 class WorkerLink:
@@ -102,17 +99,9 @@ class WorkerPool:
         return reply.aborted
 
     async def _watch(self, link: WorkerLink) -> None:
-        health = health_pb2_grpc.HealthStub(link.channel)
-        while True:
-            reason = await self._watch_once(health)
-            if reason is None:
-                continue  # the stream's deadline passed: re-open it
-            if not reason.startswith("health status") and await check_health(
-                link.address, WORKER_SERVICE, timeout=1.0
-            ):
-                await asyncio.sleep(0.1)
-                continue  # a benign stream end; the worker still answers
-            break
+        reason = await watch_until_lost(
+            link.channel, link.address, WORKER_SERVICE, self._watch_rotate_s
+        )
         log.warning(
             "worker_lost", instance_id=link.instance_id, address=link.address, reason=reason
         )
@@ -120,23 +109,6 @@ class WorkerPool:
             del self._links[link.instance_id]
         self._on_lost(link.instance_id, reason)
         await link.channel.close()
-
-    async def _watch_once(self, health) -> str | None:
-        """Follow one Watch stream; the reason it ended, or None for a deadline rotation."""
-        request = health_pb2.HealthCheckRequest(service=WORKER_SERVICE)
-        call = health.Watch(request, timeout=self._watch_rotate_s)
-        try:
-            async for reply in call:
-                if reply.status != _SERVING:
-                    name = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-                    return f"health status {name}"
-            return "health watch ended"
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                return None
-            return f"health watch failed: {exc.code().name}"
-        finally:
-            call.cancel()
 
     def _drop(self, link: WorkerLink) -> None:
         if link.watch_task is not None:

@@ -54,12 +54,14 @@ class GroupState(_message.Message):
     def __init__(self, group_id: _Optional[str] = ..., members: _Optional[_Iterable[_Union[GroupMember, _Mapping]]] = ..., status: _Optional[_Union[GroupStatus, str]] = ..., num_group_blocks: _Optional[int] = ..., num_blocks_before: _Optional[int] = ..., freed_weight_bytes: _Optional[int] = ..., block_size: _Optional[int] = ...) -> None: ...
 
 class GroupRequest(_message.Message):
-    __slots__ = ("state", "block_ids")
+    __slots__ = ("state", "block_ids", "group_block_ids")
     STATE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     state: _common_pb2.RequestState
     block_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, state: _Optional[_Union[_common_pb2.RequestState, _Mapping]] = ..., block_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    group_block_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, state: _Optional[_Union[_common_pb2.RequestState, _Mapping]] = ..., block_ids: _Optional[_Iterable[int]] = ..., group_block_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class KVTransfer(_message.Message):
     __slots__ = ("transfer_id", "request_id", "from_stage", "to_stage", "src_block_ids", "dst_block_ids", "layer_start", "layer_end")
@@ -132,12 +134,14 @@ class PrepareJoinResponse(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., num_blocks: _Optional[int] = ..., num_group_blocks_possible: _Optional[int] = ...) -> None: ...
 
 class JoinGroupRequest(_message.Message):
-    __slots__ = ("group", "block_offset")
+    __slots__ = ("group", "block_offset", "epoch")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     BLOCK_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     group: GroupState
     block_offset: int
-    def __init__(self, group: _Optional[_Union[GroupState, _Mapping]] = ..., block_offset: _Optional[int] = ...) -> None: ...
+    epoch: str
+    def __init__(self, group: _Optional[_Union[GroupState, _Mapping]] = ..., block_offset: _Optional[int] = ..., epoch: _Optional[str] = ...) -> None: ...
 
 class JoinGroupResponse(_message.Message):
     __slots__ = ("requests", "freed_weight_bytes")

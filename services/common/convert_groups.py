@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from protos import group_pb2
-from services.common.convert import request_from_proto, request_to_proto
 from services.common.groups import (
     ExchangePlan,
     GroupMember,
-    GroupRequest,
     GroupSpec,
     GroupStatus,
     KVTransferSpec,
@@ -78,16 +76,6 @@ def group_from_proto(state: group_pb2.GroupState) -> GroupSpec:
         state.freed_weight_bytes,
         state.block_size,
     )
-
-
-def group_request_to_proto(request: GroupRequest) -> group_pb2.GroupRequest:
-    return group_pb2.GroupRequest(
-        state=request_to_proto(request.spec), block_ids=list(request.block_ids)
-    )
-
-
-def group_request_from_proto(request: group_pb2.GroupRequest) -> GroupRequest:
-    return GroupRequest(request_from_proto(request.state), tuple(request.block_ids))
 
 
 def transfer_to_proto(t: KVTransferSpec) -> group_pb2.KVTransfer:

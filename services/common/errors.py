@@ -38,3 +38,10 @@ class UnavailableError(ServiceError):
     """No instance can serve the call right now (retry later)."""
 
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class FailedPreconditionError(ServiceError):
+    """The call is valid but the system is not in a state to run it (e.g. an instance
+    already in a KunServe group, a group that is restoring)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION

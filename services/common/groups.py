@@ -13,8 +13,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field, replace
 
-from services.common.messages import RequestSpec
-
 
 class GroupStatus(enum.Enum):
     DROPPING = "dropping"
@@ -79,15 +77,6 @@ class GroupSpec:
 
     def with_status(self, status: GroupStatus) -> GroupSpec:
         return replace(self, status=status)
-
-
-@dataclass(frozen=True)
-class GroupRequest:
-    """A request handed between members, with its block table in the receiving pool
-    (empty for a waiting request)."""
-
-    spec: RequestSpec
-    block_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=_mib_to_bytes,
         help="largest KV transfer of a migration stage, MiB (default 16)",
     )
+    kunserve = parser.add_argument_group("KunServe groups (WorkerConfig.kunserve)")
+    kunserve.add_argument(
+        "--kunserve-max-in-flight",
+        dest="kunserve.max_in_flight",
+        type=int,
+        help="micro-batches stage 0 keeps in flight; 0 = one per stage (default)",
+    )
+    kunserve.add_argument(
+        "--kunserve-transfer-timeout-s", dest="kunserve.transfer_timeout_s", type=float
+    )
     return parser.parse_args(argv)
 
 

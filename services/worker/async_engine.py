@@ -87,6 +87,10 @@ class AsyncEngine:
             collections.deque()
         )
         self._wakeup = threading.Event()
+        # What runs a step: None = engine.step(); a KunServe stage 0 sets its pipeline
+        # driver (step(engine) -> outputs, has_work(engine) -> bool). Set it on the
+        # engine thread only (inside run()).
+        self.stepper = None
         self._is_stopping = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -106,6 +110,11 @@ class AsyncEngine:
         self._started_at = time.perf_counter()
         self._thread = threading.Thread(target=self._thread_main, name="engine", daemon=True)
         self._thread.start()
+
+    @property
+    def wakeup(self) -> threading.Event:
+        """Set when a call arrives; a stepper that waits for something waits on it too."""
+        return self._wakeup
 
     @property
     def is_running(self) -> bool:
@@ -161,10 +170,11 @@ class AsyncEngine:
                 return
             engine = self.engine
             outputs: list[RequestOutput] = []
-            if engine.has_unfinished_requests():
+            stepper = self.stepper
+            if stepper.has_work(engine) if stepper else engine.has_unfinished_requests():
                 try:
                     step_start = time.perf_counter()
-                    outputs = engine.step()
+                    outputs = stepper.step(engine) if stepper else engine.step()
                     self.step_wall_s += time.perf_counter() - step_start
                     self.num_steps += 1
                     self.num_step_tokens += engine.last_step.num_batched_tokens

@@ -1,7 +1,8 @@
 """Worker configuration: defaults, then LLMESH_WORKER_<FIELD> env vars, then flags.
 
-The engine's and the migration's knobs nest (`WorkerConfig.engine`,
-`WorkerConfig.migration`): their env vars are LLMESH_WORKER_ENGINE_<FIELD> and
+The engine's, the migration's and KunServe's knobs nest (`WorkerConfig.engine`,
+`WorkerConfig.migration`, `WorkerConfig.kunserve`): their env vars are
+LLMESH_WORKER_ENGINE_<FIELD>, LLMESH_WORKER_KUNSERVE_<FIELD> and
 LLMESH_WORKER_MIGRATION_<FIELD>, their flags' argparse dests `engine.<field>` and
 `migration.<field>` (services/worker/__main__.py).
 """
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 
 from services.common.config import require
 from services.worker.engine.config import EngineConfig
+from services.worker.kunserve.config import KunServeConfig
 from services.worker.migration.config import MigrationConfig
 
 
@@ -25,6 +27,7 @@ class WorkerConfig:
     instance_id: str = ""  # stable id; empty = "worker-<random>" chosen at start
     engine: EngineConfig = field(default_factory=EngineConfig)  # model, KV pool, batch, kernels
     migration: MigrationConfig = field(default_factory=MigrationConfig)  # live migration
+    kunserve: KunServeConfig = field(default_factory=KunServeConfig)  # KunServe groups
     torch_threads: int = 0  # torch intra-op threads; 0 = torch's default
     # How long the engine thread may hold the GIL while the gRPC/migration event loop
     # waits for it (Python's default is 5000 us). Every handoff on the control path

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from opentelemetry import trace
 
-from services.common.errors import AlreadyExistsError
+from services.common.errors import AlreadyExistsError, UnavailableError
 from services.common.logging import bind_context, get_logger
 from services.common.messages import FinishReason, LoadReport, OutputDelta, RequestSpec
 from services.common.tracing import context_from_dict, context_to_dict
@@ -21,8 +21,10 @@ from services.worker.engine import (
     DuplicateRequestError,
     LLMEngine,
     RequestOutput,
+    RequestState,
 )
-from services.worker.llumlet import Llumlet
+from services.worker.kunserve import GroupMembership, KunServeConfig, MemberHooks, Role
+from services.worker.llumlet import GroupReport, Llumlet
 from services.worker.migration import MigrationConfig, RequestHandoff
 from services.worker.migration.faults import NO_FAULTS, FaultHooks
 from services.worker.migration.service import MigrationHooks, WorkerMigration
@@ -63,6 +65,7 @@ class WorkerInstance:
         self._failures: dict[str, str] = {}  # request id -> why this worker gives it up
         self._tasks: set[asyncio.Task] = set()
         self.migration: WorkerMigration | None = None
+        self.kunserve: GroupMembership | None = None
 
     def start(self) -> None:
         self.async_engine.start()
@@ -77,7 +80,8 @@ class WorkerInstance:
             publish=self.router.publish,
             adopt=self._adopt,
             forget=self._forget,
-            is_draining=lambda: self.llumlet.is_terminating,
+            # A group member takes no migrations either: its KV is split across members.
+            is_draining=lambda: self.llumlet.is_terminating or self._is_grouped(),
             on_count_changed=self._migration_count_changed,
         )
         self.migration = WorkerMigration(
@@ -85,6 +89,67 @@ class WorkerInstance:
         )
         self.migration.start()
         return self.migration
+
+    def attach_kunserve(self, transport, config: KunServeConfig) -> GroupMembership:
+        """KunServe group membership over `transport` (started); call after start()."""
+        hooks = MemberHooks(
+            publish=self.router.publish,
+            adopt=self._adopt,
+            forget=self._forget,
+            handoff_for=self._handoff_for,
+            set_epoch=self._set_epoch,
+            is_busy=self._why_busy,
+            on_changed=self._group_changed,
+        )
+        self.kunserve = GroupMembership(
+            self.instance_id, self.async_engine, transport, hooks, config
+        )
+        return self.kunserve
+
+    # ---- KunServe hooks ------------------------------------------------------------------
+
+    def _is_grouped(self) -> bool:
+        return self.kunserve is not None and self.kunserve.role is not Role.ALONE
+
+    def _handoff_for(self, request_id: str, state: RequestState, moves: bool) -> RequestHandoff:
+        """What travels with a request to another member; `moves`: its placement
+        changes (the gateway follows the newer epoch)."""
+        epochs = self.migration.epochs if self.migration is not None else {}
+        epoch = epochs.get(request_id, 0)
+        return RequestHandoff(
+            state=state,
+            owner_address=self.router.owner_of(request_id) or "",
+            trace_context=self._trace_context_of(request_id),
+            placement_epoch=epoch + 1 if moves else epoch,
+        )
+
+    def _set_epoch(self, request_id: str, epoch: int) -> None:
+        if self.migration is not None and epoch > 0:
+            self.migration.epochs[request_id] = epoch
+
+    def _why_busy(self) -> str:
+        if self.llumlet.is_terminating:
+            return "draining"
+        if self.migration is not None and self.migration.num_active:
+            return f"{self.migration.num_active} migrations in flight"
+        return ""
+
+    def _group_changed(self) -> None:
+        membership = self.kunserve
+        spec = self.llumlet.spec
+        if membership is None or membership.group is None or membership.role is Role.JOINING:
+            self.llumlet.set_group(GroupReport(layer_start=0, layer_end=spec.num_layers))
+            return
+        me = membership.group.members[membership.stage]
+        self.llumlet.set_group(
+            GroupReport(
+                membership.group.group_id,
+                me.stage,
+                me.layer_start,
+                me.layer_end,
+                membership.freed_weight_bytes,
+            )
+        )
 
     # ---- migration hooks ---------------------------------------------------------------
 
@@ -124,6 +189,11 @@ class WorkerInstance:
     async def submit(self, spec: RequestSpec) -> None:
         """Admit a request (new, or resumed after a failover). Raises ValueError subclasses
         for bad input and AlreadyExistsError for an id already here."""
+        if self.kunserve is not None and not self.kunserve.takes_requests:
+            raise UnavailableError(
+                f"instance {self.instance_id} is a stage of KunServe group "
+                f"{self.kunserve.group_id}; submit to its stage 0"
+            )
         if spec.num_computed_tokens != 0:
             raise ValueError(
                 f"state.num_computed_tokens={spec.num_computed_tokens} must be 0 (KV arrives only by migration)"
@@ -251,6 +321,8 @@ class WorkerInstance:
             num_given_up = 0
         if num_given_up:
             log.info("requests_given_up_on_shutdown", num_requests=num_given_up)
+        if self.kunserve is not None:
+            await self.kunserve.close()
         if self.migration is not None:
             await self.migration.close()
         await self.async_engine.stop()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import dataclass
 
 import grpc
 
@@ -39,6 +40,8 @@ def load_from_snapshot(
     block_size: int,
     is_terminating: bool = False,
     num_migrating: int = 0,
+    group_id: str = "",
+    group_stage: int = 0,
 ) -> InstanceLoad:
     stats = snapshot.stats
     running = sorted(snapshot.running, key=lambda r: (r.num_tokens, r.request_id))  # shortest first
@@ -56,8 +59,21 @@ def load_from_snapshot(
         num_preemptions=stats.num_preemptions,
         running=[(r.request_id, r.num_tokens, r.num_blocks, r.priority) for r in running],
         block_size=block_size,
+        group_id=group_id,
+        group_stage=group_stage,
         config=config,
     )
+
+
+@dataclass(frozen=True)
+class GroupReport:
+    """What a load report says of this instance's KunServe group and layers."""
+
+    group_id: str = ""
+    group_stage: int = 0
+    layer_start: int = 0
+    layer_end: int = 0
+    freed_weight_bytes: int = 0
 
 
 class Llumlet:
@@ -75,6 +91,7 @@ class Llumlet:
         self.report_interval_s = report_interval_s
         self.is_terminating = False
         self.num_migrating = 0
+        self.group = GroupReport(layer_start=spec.layer_start, layer_end=spec.layer_end)
         self.is_registered = False
         self._snapshot = initial_snapshot
         self._snapshot_version = 0
@@ -84,6 +101,11 @@ class Llumlet:
         self.on_migrate = None
         self._channel = aio_channel(scheduler_address)
         self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
+
+    def set_group(self, group: GroupReport) -> None:
+        """The instance joined or left a KunServe group (or its layers changed)."""
+        self.group = group
+        self._changed.set()
 
     def set_num_migrating(self, num_migrating: int) -> None:
         self.num_migrating = num_migrating
@@ -105,8 +127,17 @@ class Llumlet:
             self.spec.block_size,
             self.is_terminating,
             self.num_migrating,
+            self.group.group_id,
+            self.group.group_stage,
         )
-        return LoadReport(load, self._seq)
+        g = self.group
+        return LoadReport(
+            load,
+            self._seq,
+            layer_start=g.layer_start,
+            layer_end=g.layer_end,
+            freed_weight_bytes=g.freed_weight_bytes,
+        )
 
     async def run(self) -> None:
         """Register and stream load reports until cancelled."""
@@ -142,7 +173,7 @@ class Llumlet:
             self._changed.clear()
             # A heartbeat with nothing new reuses the last report (64 running requests
             # make building one cost more than copying it); only seq changes.
-            key = (self._snapshot_version, self.is_terminating, self.num_migrating)
+            key = (self._snapshot_version, self.is_terminating, self.num_migrating, self.group)
             if key != cached_key:
                 cached_key, cached = key, load_to_proto(self.next_report())
                 report = cached

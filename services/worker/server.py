@@ -120,6 +120,7 @@ async def _start_instance(
     instance = WorkerInstance(engine, llumlet, config.owner_unreachable_s)
     instance.start()
     migration = instance.attach_migration(transport, config.migration, faults)
+    instance.attach_kunserve(transport, config.kunserve)
     llumlet.on_migrate = lambda command: migration.migrate_out_soon(
         MigrationTarget(
             command.dst_instance_id, command.dst_address, command.dst_transport_address

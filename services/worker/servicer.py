@@ -1,12 +1,15 @@
 """gRPC adapter of a worker: protobuf in, WorkerInstance calls, protobuf out.
 
 The migration RPCs (MigrateOut on the source; PrepareMigration, MigrationStage,
-CommitMigration, AbortMigration on the destination) go to services.worker.migration.
+CommitMigration, AbortMigration on the destination) go to services.worker.migration;
+the KunServe group RPCs (FormGroup, DissolveGroup on stage 0; PrepareJoin, JoinGroup,
+Exchange, ExchangeDone, LeaveGroup, AbortGroup between members) to
+services.worker.kunserve.
 """
 
 from __future__ import annotations
 
-from protos import worker_pb2, worker_pb2_grpc
+from protos import group_pb2, worker_pb2, worker_pb2_grpc
 from services.common.convert import (
     kernels_from_proto,
     load_to_proto,
@@ -14,9 +17,12 @@ from services.common.convert import (
     migration_status_to_proto,
     request_from_proto,
 )
-from services.common.errors import UnavailableError
+from services.common.convert_groups import exchange_from_proto, group_from_proto, group_to_proto
+from services.common.errors import FailedPreconditionError, UnavailableError
 from services.common.logging import bind_context
 from services.worker.instance import WorkerInstance
+from services.worker.kunserve import GroupMembership
+from services.worker.kunserve.client import handed_from_proto, handed_to_proto
 from services.worker.migration import (
     CommitOffer,
     MigrationTarget,
@@ -67,6 +73,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     async def MigrateOut(self, request, context):
         migration = self._migration()
+        kunserve = self._ready().kunserve
+        if kunserve is not None and kunserve.group is not None:
+            raise FailedPreconditionError(
+                f"instance is in KunServe group {kunserve.group_id}: its requests' KV is "
+                "split across the members and does not migrate"
+            )
         if not request.dst_instance_id:
             raise ValueError("dst_instance_id must not be empty")
         if not request.dst_address:
@@ -144,6 +156,81 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             _required(request.migration_id, "migration_id"), request.reason or "aborted_by_source"
         )
         return worker_pb2.AbortMigrationResponse(freed=freed)
+
+    # ---- KunServe groups -----------------------------------------------------------------
+
+    def _kunserve(self) -> GroupMembership:
+        kunserve = self._ready().kunserve
+        if kunserve is None:
+            raise UnavailableError("KunServe is not enabled on this worker")
+        return kunserve
+
+    async def FormGroup(self, request, context):
+        group, num_exchanging, drop_ms = await self._kunserve().form_group(
+            group_from_proto(request.group)
+        )
+        return group_pb2.FormGroupResponse(
+            group=group_to_proto(group), num_exchanging_requests=num_exchanging, drop_ms=drop_ms
+        )
+
+    async def DissolveGroup(self, request, context):
+        moved, preempted, restore_ms = await self._kunserve().dissolve_group(
+            _required(request.group_id, "group_id")
+        )
+        return group_pb2.DissolveGroupResponse(
+            num_requests_moved=moved, num_preempted=preempted, restore_ms=restore_ms
+        )
+
+    async def PrepareJoin(self, request, context):
+        reply = await self._kunserve().prepare_join(group_from_proto(request.group))
+        return group_pb2.PrepareJoinResponse(
+            accepted=reply.accepted,
+            reason=reply.reason,
+            num_blocks=reply.num_blocks,
+            num_group_blocks_possible=reply.num_group_blocks_possible,
+        )
+
+    async def JoinGroup(self, request, context):
+        group = group_from_proto(request.group)
+        if group.num_group_blocks <= 0:
+            raise ValueError(f"group.num_group_blocks={group.num_group_blocks} must be > 0")
+        if request.block_offset < 0:
+            raise ValueError(f"block_offset={request.block_offset} must be >= 0")
+        reply = await self._kunserve().join_group(
+            group, request.block_offset, _required(request.epoch, "epoch")
+        )
+        return group_pb2.JoinGroupResponse(
+            requests=[handed_to_proto(r) for r in reply.requests],
+            freed_weight_bytes=reply.freed_weight_bytes,
+        )
+
+    async def Exchange(self, request, context):
+        await self._kunserve().exchange(exchange_from_proto(request))
+        return group_pb2.ExchangeResponse()
+
+    async def ExchangeDone(self, request, context):
+        await self._kunserve().exchange_done(
+            _required(request.group_id, "group_id"),
+            _required(request.request_id, "request_id"),
+            request.stage,
+            request.error,
+        )
+        return group_pb2.ExchangeDoneResponse()
+
+    async def LeaveGroup(self, request, context):
+        restored = await self._kunserve().leave_group(
+            _required(request.group_id, "group_id"),
+            exchange_from_proto(request.exchange),
+            tuple(handed_from_proto(r) for r in request.requests),
+        )
+        return group_pb2.LeaveGroupResponse(restored_weight_bytes=restored)
+
+    async def AbortGroup(self, request, context):
+        await self._kunserve().abort(
+            f"told by a member: {request.reason}" if request.reason else "told by a member",
+            group_id=_required(request.group_id, "group_id"),
+        )
+        return group_pb2.AbortGroupResponse()
 
 
 def _required(value: str, field: str) -> str:

@@ -1,0 +1,344 @@
+"""Cooperative pipeline execution of a KunServe group.
+
+    stage 0 (engine thread)            stage 1 .. g-2 (event loop)      stage g-1
+    schedule micro-batch k (not the
+    requests in flight or exchanging)
+    run layers [0, a) ---- meta + hidden ---> run [a, b) ---- ... ---> run [c, L), sample
+          ^                                                                  |
+          +---------------------- meta + sampled token ids -------------------+
+    apply the tokens of k (outputs to the gateways as usual)
+
+Up to `max_in_flight` micro-batches are out at once, so every stage has work while the
+others compute. A request is in at most one micro-batch: it samples its next token only
+after its previous one came back. Each link (into stage k, and the return to stage 0)
+numbers its transfers 0, 1, 2, ... so a receiver always knows the next transfer id and
+posts it ahead; transfers travel in the activation class, ahead of KV traffic.
+
+Threads: PipelineDriver.step runs on stage 0's engine thread (it is the AsyncEngine's
+stepper); sends and receives run on the event loop; the two meet in `_returned` (a
+deque plus the engine thread's wakeup event) and `loop.call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from kvtransport import TrafficClass, Transport
+from services.common.logging import get_logger
+from services.worker.engine import LLMEngine, RequestOutput, SchedulerOutput
+from services.worker.kunserve.exchange import KVExchange
+from services.worker.kunserve.wire import decode_micro_batch, encode_micro_batch
+
+log = get_logger(__name__)
+
+# A stage waits this long for the next micro-batch of a live group (idle groups are
+# normal); a dead peer is noticed by the member monitor, which cancels the receive.
+IDLE_RECV_TIMEOUT_S = 24 * 3600.0
+# How long stage 0's engine thread sleeps when every request is in flight.
+RESULT_WAIT_S = 0.05
+
+
+def link_id(group_key: str, link: str, seq: int) -> str:
+    """Transfer id of micro-batch `seq` on one link ("s<k>": into stage k; "ret")."""
+    return f"pp/{group_key}/{link}/{seq}"
+
+
+def _yielding(exchange: KVExchange | None, peer: bytes):
+    """KV sends to `peer` pause while an activation goes there (none: nothing to do)."""
+    return exchange.activation_to(peer) if exchange is not None else contextlib.nullcontext()
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor the data plane can send and nobody else writes: a copy (through
+    pinned memory for a CUDA tensor), since the engine reuses its buffers."""
+    if tensor.device.type == "cpu":
+        return tensor.clone()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    torch.cuda.current_stream(tensor.device).synchronize()
+    return host
+
+
+@dataclass
+class _InFlight:
+    batch: SchedulerOutput
+    request_ids: frozenset[str]
+    sent_at: float
+
+
+@dataclass
+class PipelineStats:
+    num_micro_batches: int = 0
+    num_tokens_returned: int = 0
+    busy_s: float = 0.0  # stage 0's own layers
+    samples_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))
+
+
+class PipelineDriver:
+    """Stage 0's stepper: forms micro-batches, runs the first stage, applies results."""
+
+    def __init__(
+        self,
+        group_key: str,
+        transport: Transport,
+        next_stage_address: bytes,
+        loop: asyncio.AbstractEventLoop,
+        wakeup: threading.Event,
+        max_in_flight: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        on_failure: Callable[[BaseException], None],
+        exchange: KVExchange | None = None,
+    ) -> None:
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight={max_in_flight} must be >= 1")
+        self.group_key = group_key
+        self._transport = transport
+        self._next = next_stage_address
+        self._loop = loop
+        self._wakeup = wakeup
+        self.max_in_flight = max_in_flight
+        # Simple formation: each micro-batch gets an even share of the step's limits.
+        self.max_num_seqs = max(1, max_num_seqs // max_in_flight)
+        self.max_num_batched_tokens = max(1, max_num_batched_tokens // max_in_flight)
+        self._on_failure = on_failure
+        self._exchange = exchange  # its KV sends to a peer pause while activations go there
+        self._seq = itertools.count()
+        self._in_flight: dict[int, _InFlight] = {}
+        self._returned: collections.deque[tuple[int, list[int]]] = collections.deque()
+        self.held_back: set[str] = set()  # requests waiting for their KV exchange
+        self.is_paused = False  # restore: stop forming micro-batches, let these return
+        self.stats = PipelineStats()
+        self._tasks: set[asyncio.Task] = set()
+        self._receiver: asyncio.Task | None = None
+
+    # ---- event loop side ---------------------------------------------------------------
+
+    def start(self) -> None:
+        self._receiver = self._loop.create_task(self._receive_returns())
+
+    async def close(self) -> None:
+        if self._receiver is not None:
+            self._receiver.cancel()
+            await asyncio.gather(self._receiver, return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _receive_returns(self) -> None:
+        # Every link carries the micro-batches in the same order: return `seq` is
+        # micro-batch `seq`.
+        for seq in itertools.count():
+            try:
+                received = await self._transport.recv(
+                    link_id(self.group_key, "ret", seq), timeout=IDLE_RECV_TIMEOUT_S
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the group cannot go on
+                self._on_failure(exc)
+                return
+            token_ids = received[0].tolist()
+            self._transport.release(received)
+            self._returned.append((seq, token_ids))
+            self._wakeup.set()
+
+    def _send(self, seq: int, meta: torch.Tensor, hidden: torch.Tensor) -> None:
+        task = self._loop.create_task(self._send_async(seq, meta, hidden))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_async(self, seq: int, meta: torch.Tensor, hidden: torch.Tensor) -> None:
+        try:
+            with _yielding(self._exchange, self._next):
+                handle = await self._transport.send(
+                    self._next,
+                    link_id(self.group_key, "s1", seq),
+                    [meta, hidden],
+                    TrafficClass.ACTIVATION,
+                )
+                await handle.wait()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            self._on_failure(exc)
+
+    # ---- engine thread side --------------------------------------------------------------
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def in_flight_request_ids(self) -> set[str]:
+        ids: set[str] = set()
+        for item in self._in_flight.values():
+            ids |= item.request_ids
+        return ids
+
+    def has_work(self, engine: LLMEngine) -> bool:
+        return bool(self._in_flight) or bool(self._returned) or engine.has_unfinished_requests()
+
+    def step(self, engine: LLMEngine) -> list[RequestOutput]:
+        outputs = self._apply_returned(engine)
+        num_sent = 0 if self.is_paused else self._fill(engine)
+        outputs += engine.pipeline.take_pending_outputs()
+        if not outputs and num_sent == 0:
+            # Everything is in flight (or held back): sleep until a result or a call.
+            self._wakeup.wait(RESULT_WAIT_S)
+            self._wakeup.clear()
+        return outputs
+
+    def _apply_returned(self, engine: LLMEngine) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        while self._returned:
+            seq, token_ids = self._returned.popleft()
+            item = self._in_flight.pop(seq, None)
+            if item is None:
+                continue  # a result of a micro-batch this driver no longer waits for
+            self.stats.samples_ms.append((time.perf_counter() - item.sent_at) * 1000)
+            if not any(r.is_sampling for r in item.batch.requests):
+                token_ids = []  # the last stage's pad of an empty result
+            self.stats.num_tokens_returned += len(token_ids)
+            outputs += engine.pipeline.apply_micro_batch(item.batch, token_ids)
+        return outputs
+
+    def _fill(self, engine: LLMEngine) -> int:
+        num_sent = 0
+        while len(self._in_flight) < self.max_in_flight:
+            exclude = self.in_flight_request_ids() | self.held_back
+            batch = engine.pipeline.schedule_micro_batch(
+                exclude, self.max_num_seqs, self.max_num_batched_tokens
+            )
+            if batch.is_empty:
+                break
+            started = time.perf_counter()
+            result = engine.pipeline.execute_stage(batch, None)
+            self.stats.busy_s += time.perf_counter() - started
+            seq = next(self._seq)
+            self._in_flight[seq] = _InFlight(
+                batch, frozenset(r.request_id for r in batch.requests), time.perf_counter()
+            )
+            self.stats.num_micro_batches += 1
+            meta = encode_micro_batch(seq, batch)
+            hidden = to_host(result.hidden_states)
+            self._loop.call_soon_threadsafe(self._send, seq, meta, hidden)
+            num_sent += 1
+        return num_sent
+
+    def drop_in_flight(self) -> list[SchedulerOutput]:
+        """Forget the micro-batches out (their stages are gone); returns them."""
+        batches = [item.batch for item in self._in_flight.values()]
+        self._in_flight.clear()
+        self._returned.clear()
+        return batches
+
+
+class StageRunner:
+    """A follower stage: receives micro-batches, runs its layers, passes them on."""
+
+    def __init__(
+        self,
+        group_key: str,
+        stage: int,
+        num_stages: int,
+        transport: Transport,
+        run_on_engine: Callable,
+        next_address: bytes,
+        device: str,
+        on_failure: Callable[[BaseException], None],
+        exchange: KVExchange | None = None,
+        prefetch: int = 2,
+    ) -> None:
+        self.group_key = group_key
+        self.stage = stage
+        self.is_last = stage == num_stages - 1
+        self._transport = transport
+        self._run = run_on_engine  # async: fn(engine) on the engine thread
+        self._next = next_address  # stage+1, or stage 0 for the last stage
+        self._device = device
+        self._on_failure = on_failure
+        self._exchange = exchange
+        self._prefetch = prefetch
+        self._task: asyncio.Task | None = None
+        self._sends: set[asyncio.Future] = set()
+        self.num_micro_batches = 0
+        self.busy_s = 0.0
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run_forever())
+
+    async def close(self) -> None:
+        tasks = [t for t in (self._task, *self._sends) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _recv(self, seq: int) -> asyncio.Task:
+        return asyncio.ensure_future(
+            self._transport.recv(
+                link_id(self.group_key, f"s{self.stage}", seq), timeout=IDLE_RECV_TIMEOUT_S
+            )
+        )
+
+    async def _run_forever(self) -> None:
+        pending = collections.deque(self._recv(seq) for seq in range(self._prefetch))
+        next_seq = self._prefetch
+        try:
+            for seq in itertools.count():
+                received = await pending.popleft()
+                pending.append(self._recv(next_seq))
+                next_seq += 1
+                await self._handle(seq, received)
+        except asyncio.CancelledError:
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            raise
+        except Exception as exc:  # noqa: BLE001 - the group cannot go on
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            self._on_failure(exc)
+
+    async def _handle(self, seq: int, received: list[torch.Tensor]) -> None:
+        meta_in, hidden_in = received
+        _, batch = decode_micro_batch(meta_in)
+        hidden = hidden_in.to(self._device)
+        started = time.perf_counter()
+        result = await self._run(lambda engine: engine.pipeline.execute_stage(batch, hidden))
+        self.busy_s += time.perf_counter() - started
+        self.num_micro_batches += 1
+        if self.is_last:
+            # One token per sampling request, in batch order; [-1] pads an empty list
+            # (a micro-batch of prefill chunks only) so the transfer is never empty.
+            tokens = result.sampled_token_ids or [-1]
+            tensors = [torch.tensor(tokens, dtype=torch.int64)]
+            link = "ret"
+        else:
+            tensors = [meta_in.clone(), to_host(result.hidden_states)]
+            link = f"s{self.stage + 1}"
+        self._transport.release(received)
+        send = asyncio.ensure_future(self._send(link_id(self.group_key, link, seq), tensors))
+        self._sends.add(send)
+        send.add_done_callback(self._sends.discard)
+
+    async def _send(self, transfer_id: str, tensors: list[torch.Tensor]) -> None:
+        try:
+            with _yielding(self._exchange, self._next):
+                handle = await self._transport.send(
+                    self._next, transfer_id, tensors, TrafficClass.ACTIVATION
+                )
+                await handle.wait()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the group cannot go on
+            self._on_failure(exc)
