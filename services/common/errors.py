@@ -38,3 +38,16 @@ class UnavailableError(ServiceError):
     """No instance can serve the call right now (retry later)."""
 
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class FailedPreconditionError(ServiceError):
+    """The call is well-formed but the named instance or group is not in a state that
+    allows it (already in a group, draining, still dropping)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class DeadlineExceededError(ServiceError):
+    """A call this service made on the caller's behalf did not answer in time."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
