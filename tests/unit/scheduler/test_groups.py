@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import grpc
 import pytest
 
 from services.common.errors import FailedPreconditionError, NotFoundError, UnavailableError
@@ -182,8 +183,6 @@ def test_bad_drop_requests_are_refused_naming_the_field_or_instance(instance_ids
 
 
 def test_the_error_classes_carry_the_grpc_codes():
-    import grpc
-
     assert NotFoundError.code == grpc.StatusCode.NOT_FOUND
     assert FailedPreconditionError.code == grpc.StatusCode.FAILED_PRECONDITION
     assert UnavailableError.code == grpc.StatusCode.UNAVAILABLE
