@@ -24,6 +24,8 @@ SUBCOMMANDS: dict[str, str] = {
     "simulate": "simulate",
     "migrate": "migrate",
     "drain": "drain",
+    "drop": "drop",
+    "restore": "restore",
 }
 
 

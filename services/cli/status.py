@@ -1,4 +1,8 @@
-"""`llmesh status`: the cluster as the global scheduler sees it, as a table (or JSON)."""
+"""`llmesh status`: the cluster as the global scheduler sees it, as a table (or JSON).
+
+Each instance shows the layers it holds and, in a KunServe group, the group and its
+stage; the groups follow in a table of their own (services/cli/group_view.py).
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,12 @@ from dataclasses import dataclass
 import grpc
 
 from protos import scheduler_pb2, scheduler_pb2_grpc
+from services.cli.group_view import group_to_json, render_groups
 from services.common.config import load_config
 from services.common.convert import instance_spec_from_proto, load_from_proto
-from services.common.messages import InstanceSpec
+from services.common.convert_groups import group_from_proto
+from services.common.groups import GroupSpec
+from services.common.messages import InstanceSpec, LoadReport
 from services.policies import InstanceLoad
 
 HELP = "show the instances the scheduler knows (running, waiting, KV usage, freeness)"
@@ -36,6 +43,26 @@ class InstanceRow:
     spec: InstanceSpec
     load: InstanceLoad
     ms_since_report: int
+    layer_start: int = 0  # layers held now (a group member holds its stage's only)
+    layer_end: int = 0
+    freed_weight_bytes: int = 0
+
+    @classmethod
+    def from_proto(cls, state: scheduler_pb2.InstanceState) -> InstanceRow:
+        spec = instance_spec_from_proto(state.info)
+        report: LoadReport = load_from_proto(state.load)
+        # A worker that does not report its layers holds what it registered with.
+        layers = (
+            (report.layer_start, report.layer_end)
+            if report.layer_end
+            else (spec.layer_start, spec.layer_end)
+        )
+        return cls(spec, report.load, state.ms_since_report, *layers, report.freed_weight_bytes)
+
+    def group_text(self) -> str:
+        """`group-0/1`: the group and the stage, or "-" when the instance serves alone."""
+        load = self.load
+        return f"{load.group_id}/{load.group_stage}" if load.group_id else "-"
 
 
 @dataclass(frozen=True)
@@ -50,6 +77,7 @@ class ClusterSummary:
     draining_instance_ids: tuple[str, ...]
     num_instances_started: int
     num_instances_stopped: int
+    groups: tuple[GroupSpec, ...] = ()
 
     @classmethod
     def from_proto(cls, state: scheduler_pb2.ClusterState) -> ClusterSummary:
@@ -62,6 +90,7 @@ class ClusterSummary:
             draining_instance_ids=tuple(state.draining_instance_ids),
             num_instances_started=state.num_instances_started,
             num_instances_stopped=state.num_instances_stopped,
+            groups=tuple(group_from_proto(g) for g in state.groups),
         )
 
     def describe(self) -> str:
@@ -86,12 +115,7 @@ def fetch_cluster(
         state = scheduler_pb2_grpc.SchedulerStub(channel).GetClusterState(
             scheduler_pb2.GetClusterStateRequest(), timeout=timeout_s
         )
-    rows = [
-        InstanceRow(
-            instance_spec_from_proto(i.info), load_from_proto(i.load).load, i.ms_since_report
-        )
-        for i in state.instances
-    ]
+    rows = [InstanceRow.from_proto(i) for i in state.instances]
     return rows, ClusterSummary.from_proto(state)
 
 
@@ -110,7 +134,10 @@ def render_table(rows: list[InstanceRow], title: str):
         collapse_padding=True,
         title=title,
         title_justify="left",
-        caption="KV used = blocks used/total; queued = blocks waiting requests need; age = since last report",
+        caption=(
+            "KV used = blocks used/total; queued = blocks waiting requests need; "
+            "layers = held now; group = KunServe group/stage; age = since last report"
+        ),
         caption_justify="left",
     )
     for column in (
@@ -121,6 +148,8 @@ def render_table(rows: list[InstanceRow], title: str):
         "KV used",
         "freeness",
         "queued",
+        "layers",
+        "group",
         "age",
     ):
         table.add_column(
@@ -137,10 +166,12 @@ def render_table(rows: list[InstanceRow], title: str):
             f"{load.num_used_blocks}/{load.num_total_blocks} {usage:.0%}",
             _freeness(load.freeness),
             str(load.num_waiting_blocks),
+            f"[{row.layer_start},{row.layer_end})",
+            row.group_text(),
             f"{row.ms_since_report}ms",
         )
     if not rows:
-        table.add_row("(none registered)", *[""] * 7)
+        table.add_row("(none registered)", *[""] * 9)
     return table
 
 
@@ -168,9 +199,15 @@ def rows_to_json(rows: list[InstanceRow], summary: ClusterSummary) -> dict:
                 "is_terminating": r.load.is_terminating,
                 "num_preemptions": r.load.num_preemptions,
                 "ms_since_report": r.ms_since_report,
+                "layer_start": r.layer_start,
+                "layer_end": r.layer_end,
+                "group_id": r.load.group_id,
+                "group_stage": r.load.group_stage,
+                "freed_weight_bytes": r.freed_weight_bytes,
             }
             for r in rows
         ],
+        "groups": [group_to_json(g) for g in summary.groups],
     }
 
 
@@ -197,7 +234,8 @@ def run(args) -> int:
         return 0
     from rich.console import Console
 
-    Console().print(
-        render_table(rows, f"llmesh cluster (scheduler {address})  {summary.describe()}")
-    )
+    console = Console()
+    console.print(render_table(rows, f"llmesh cluster (scheduler {address})  {summary.describe()}"))
+    if summary.groups:
+        console.print(render_groups(list(summary.groups)))
     return 0

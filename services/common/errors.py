@@ -41,7 +41,13 @@ class UnavailableError(ServiceError):
 
 
 class FailedPreconditionError(ServiceError):
-    """The call is valid but the system is not in a state to run it (e.g. an instance
-    already in a KunServe group, a group that is restoring)."""
+    """The call is well-formed but the named instance or group is not in a state that
+    allows it (already in a group, draining, still dropping)."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class DeadlineExceededError(ServiceError):
+    """A call this service made on the caller's behalf did not answer in time."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED

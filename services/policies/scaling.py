@@ -18,7 +18,8 @@ Registered names:
                     freeness *after removing* the chosen instance would still be
                     > `scale_down_freeness` (so a scale-down never lands below the
                     band's top); `cooldown_s` between actions; one drain at a time;
-                    never below `min_instances` or above `max_instances`.
+                    never below `min_instances` or above `max_instances`; never a
+                    member of a KunServe group (its requests hold KV on every member).
 """
 
 from __future__ import annotations
@@ -150,7 +151,11 @@ class FreenessBandScaling(ScalingPolicy):
                 return self._act(ScaleDecision(ScaleAction.UP, None, reason, count), now)
         if num_draining or num_pending or len(active) <= cfg.min_instances:
             return NO_ACTION
-        candidates = [ld for ld in active if removable is None or ld.instance_id in removable]
+        candidates = [
+            ld
+            for ld in active
+            if (removable is None or ld.instance_id in removable) and not ld.is_in_group
+        ]
         if not candidates:
             return NO_ACTION
         victim = min(

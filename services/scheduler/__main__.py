@@ -26,6 +26,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--dispatch-policy", dest="dispatch_policy", help="e.g. freest, round_robin"
     )
+    parser.add_argument(
+        "--group-timeout-s",
+        dest="group_timeout_s",
+        type=float,
+        help="KunServe: deadline of a group's drop / restore call to its stage 0, seconds",
+    )
     migration = parser.add_argument_group("migration loop")
     migration.add_argument(
         "--migration-policy",

@@ -29,6 +29,10 @@ class SchedulerConfig:
     otlp_endpoint: str = ""  # OTLP/gRPC trace collector (empty = traces not exported)
     ready_file: str = ""  # write {"address", "pid"} here once serving (process launchers)
     grace_s: float = 5.0  # graceful-stop grace period
+    # KunServe: deadline of the Worker.FormGroup / DissolveGroup call that drops or
+    # restores a group (stage 0 answers once the new capacity is usable / every member
+    # serves alone again: weights freed or reloaded, requests handed over).
+    group_timeout_s: float = 120.0
 
     # Migration loop (Llumnix): every interval, pair overloaded with free instances.
     migration_policy: str = "freeness"  # registered pairing policy; "none" = no loop
@@ -69,6 +73,7 @@ class SchedulerConfig:
             f"dispatch_policy={self.dispatch_policy!r} is not one of {sorted(DISPATCH_POLICIES)}",
         )
         require(self.grace_s >= 0, f"grace_s={self.grace_s} must be >= 0")
+        require(self.group_timeout_s > 0, f"group_timeout_s={self.group_timeout_s} must be > 0")
         require(
             self.migration_policy in MIGRATION_POLICIES,
             f"migration_policy={self.migration_policy!r} is not one of {sorted(MIGRATION_POLICIES)}",

@@ -15,6 +15,10 @@ through commands on the workers' load streams, so a worker is never called from 
                     migration loop drains it) or nothing. A terminating instance that
                     reports itself empty is stopped through the provisioner.
 
+Neither touches a KunServe group's members (their requests hold KV on every member):
+both read the snapshots through the GroupTable, which marks members whose reports do
+not show their group yet, and the policies skip members.
+
 `tick()` does one round and returns what it did, so tests drive the loops with a fake
 clock; `run()` repeats it forever.
 """
@@ -33,12 +37,14 @@ from opentelemetry import trace
 from protos import scheduler_pb2
 from services.common.logging import get_logger
 from services.policies import (
+    InstanceLoad,
     MigrationPair,
     MigrationPolicy,
     ScaleAction,
     ScaleDecision,
     ScalingPolicy,
 )
+from services.scheduler.groups import GroupTable
 from services.scheduler.provisioner import Provisioner
 from services.scheduler.registry import InstanceRegistry
 
@@ -50,6 +56,11 @@ LoadT = TypeVar("LoadT")  # a load snapshot (anything with an instance_id)
 OrderMigration = Callable[..., bool]
 # send(instance_id, SchedulerCommand) -> whether the command was queued.
 SendCommand = Callable[[str, scheduler_pb2.SchedulerCommand], bool]
+
+
+def _loads(registry: InstanceRegistry, groups: GroupTable | None) -> list[InstanceLoad]:
+    loads = registry.loads()
+    return groups.annotate(loads) if groups is not None else loads
 
 
 async def _repeat(name: str, interval_s: float, tick) -> None:
@@ -75,11 +86,13 @@ class MigrationLoop:
         policy: MigrationPolicy,
         order: OrderMigration,
         hold_s: float = 0.3,
+        groups: GroupTable | None = None,
     ) -> None:
         self.registry = registry
         self.policy = policy
         self.order = order
         self.hold_s = hold_s
+        self.groups = groups
         self._held_until: dict[str, float] = {}
 
     def tick(self, now: float) -> list[MigrationPair]:
@@ -89,7 +102,11 @@ class MigrationLoop:
         only: a request moved to the other backend would not continue the tokens it
         would have produced unmoved (the destination would refuse it anyway)."""
         self._held_until = {i: t for i, t in self._held_until.items() if t > now}
-        loads = [ld for ld in self.registry.loads() if ld.instance_id not in self._held_until]
+        loads = [
+            ld
+            for ld in _loads(self.registry, self.groups)
+            if ld.instance_id not in self._held_until
+        ]
         pairs = [
             pair
             for group in group_by_kernels(loads, self._kernels_of)
@@ -140,11 +157,13 @@ class ScalingLoop:
         policy: ScalingPolicy,
         provisioner: Provisioner,
         send_command: SendCommand,
+        groups: GroupTable | None = None,
     ) -> None:
         self.registry = registry
         self.policy = policy
         self.provisioner = provisioner
         self.send_command = send_command
+        self.groups = groups
         self.draining: dict[str, float] = {}  # instance id -> when it was told to drain
         self._stopping: set[asyncio.Task] = set()
         self.num_started = 0
@@ -154,7 +173,7 @@ class ScalingLoop:
         registered = [r.spec.instance_id for r in self.registry.records()]
         pending = self.provisioner.pending(registered)
         stopped = self._stop_drained()
-        loads = self.registry.loads()
+        loads = _loads(self.registry, self.groups)
         removable = {i for i in registered if self.provisioner.owns(i)}
         decision = self.policy.decide(loads, now, len(pending), removable)
         done = ScalingRound(decision, stopped=stopped)

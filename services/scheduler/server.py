@@ -18,6 +18,7 @@ from services.common.procs import write_ready_file
 from services.policies import make_migration_policy, make_scaling_policy
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.control import MigrationLoop, ScalingLoop
+from services.scheduler.groups import GroupTable
 from services.scheduler.provisioner import make_provisioner
 from services.scheduler.registry import InstanceRegistry
 from services.scheduler.servicer import SchedulerServicer
@@ -25,12 +26,17 @@ from services.scheduler.servicer import SchedulerServicer
 log = get_logger(__name__)
 
 
-async def expire_leases(registry: InstanceRegistry, interval_s: float) -> None:
-    """Drop instances whose lease ran out, forever."""
+async def expire_leases(
+    registry: InstanceRegistry, interval_s: float, groups: GroupTable | None = None
+) -> None:
+    """Drop instances whose lease ran out, and the KunServe groups they were in, forever."""
     while True:
         await asyncio.sleep(interval_s)
-        for instance_id in registry.expire():
+        expired = registry.expire()
+        for instance_id in expired:
             log.warning("instance_lease_expired", instance_id=instance_id, lease_s=registry.lease_s)
+        if expired and groups is not None:
+            groups.forget_members(expired)
 
 
 def make_migration_loop(
@@ -39,7 +45,13 @@ def make_migration_loop(
     if config.migration_policy == "none":
         return None
     policy = make_migration_policy(config.migration_policy, config=config.migration_config())
-    return MigrationLoop(registry, policy, servicer.order_migration, hold_s=config.migration_hold_s)
+    return MigrationLoop(
+        registry,
+        policy,
+        servicer.order_migration,
+        hold_s=config.migration_hold_s,
+        groups=servicer.groups,
+    )
 
 
 def make_scaling_loop(
@@ -56,7 +68,7 @@ def make_scaling_loop(
         log_dir=config.worker_log_dir,
     )
     policy = make_scaling_policy(config.scaling_policy, config=config.scaling_config())
-    return ScalingLoop(registry, policy, provisioner, servicer.send_command)
+    return ScalingLoop(registry, policy, provisioner, servicer.send_command, servicer.groups)
 
 
 async def serve(config: SchedulerConfig, server: GrpcServer | None = None) -> None:
@@ -66,7 +78,7 @@ async def serve(config: SchedulerConfig, server: GrpcServer | None = None) -> No
     server = server or GrpcServer("scheduler", config.bind, grace_s=config.grace_s)
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, server.server)
     await server.start(service_names=["llmesh.v1.Scheduler"])
-    tasks = [asyncio.create_task(expire_leases(registry, config.lease_s / 4))]
+    tasks = [asyncio.create_task(expire_leases(registry, config.lease_s / 4, servicer.groups))]
     migration = make_migration_loop(config, registry, servicer)
     if migration is not None:
         servicer.migration_policy_name = migration.policy.name

@@ -1,7 +1,9 @@
 """gRPC adapter of the global scheduler: protobuf in, registry/policy calls, protobuf out.
 
 Never on the token path: it only sees registrations, load reports and one Dispatch
-call per request.
+call per request. KunServe groups (DropGroup / RestoreGroup) are kept in a GroupTable
+(services/scheduler/groups.py) and ordered through the group's stage 0
+(services/scheduler/worker_client.py).
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ from services.common.convert import (
     load_from_proto,
     load_to_proto,
 )
+from services.common.convert_groups import group_to_proto
 from services.common.errors import NotFoundError, ResourceExhaustedError
 from services.common.logging import bind_context, get_logger
 from services.common.messages import InstanceSpec
 from services.policies import DispatchInfo, make_dispatch_policy
 from services.scheduler.config import SchedulerConfig
+from services.scheduler.groups import GroupTable
 from services.scheduler.registry import InstanceRegistry
+from services.scheduler.worker_client import WorkerClient
 
 log = get_logger(__name__)
 tracer = trace.get_tracer("llmesh.scheduler")
@@ -33,6 +38,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def __init__(self, config: SchedulerConfig, registry: InstanceRegistry):
         self.config = config
         self.registry = registry
+        self.groups = GroupTable(registry)
+        self.workers = WorkerClient(config.group_timeout_s)
         self.dispatch_policy = make_dispatch_policy(config.dispatch_policy)
         # instance id -> commands waiting to go down its StreamLoad stream.
         self._commands: dict[str, asyncio.Queue[scheduler_pb2.SchedulerCommand]] = {}
@@ -44,6 +51,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def RegisterInstance(self, request, context):
         spec = instance_spec_from_proto(request.info)
         self.registry.register(spec)
+        self.groups.note_registered(spec.instance_id)
         log.info(
             "instance_registered",
             instance_id=spec.instance_id,
@@ -74,6 +82,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                     raise NotFoundError(
                         f"instance_id {instance_id!r} is not registered; call RegisterInstance first"
                     )
+                self.groups.observe(instance_id)
 
         reader = asyncio.create_task(read_reports())
         try:
@@ -94,6 +103,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def DeregisterInstance(self, request, context):
         if self.registry.deregister(request.instance_id):
             log.info("instance_deregistered", instance_id=request.instance_id)
+            self.groups.forget_members([request.instance_id])
         return scheduler_pb2.DeregisterInstanceResponse()
 
     async def Dispatch(self, request, context):
@@ -109,7 +119,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 priority=request.priority,
                 exclude_instance_ids=tuple(request.exclude_instance_ids),
             )
-            instance_id = self.dispatch_policy.choose(self.registry.loads(), info)
+            loads = self.groups.annotate(self.registry.loads())
+            instance_id = self.dispatch_policy.choose(loads, info)
             if instance_id is None:
                 raise ResourceExhaustedError(
                     f"no instance can take request {request.request_id!r}: "
@@ -148,6 +159,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             ],
             num_migrations_ordered=self.num_migrations_ordered,
             dispatch_policy=self.dispatch_policy.name,
+            groups=[group_to_proto(g) for g in self.groups.groups()],
         )
 
     async def Migrate(self, request, context):
@@ -186,6 +198,69 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             sent=sent,
         )
         return scheduler_pb2.SchedulerDrainResponse(sent=sent)
+
+    async def DropGroup(self, request, context):
+        """KunServe: plan the group, have its stage 0 form it, keep it once it serves."""
+        with tracer.start_as_current_span("scheduler.drop_group") as span:
+            draining = self.scaling_loop.draining if self.scaling_loop else ()
+            group = self.groups.plan(list(request.instance_ids), draining)
+            span.set_attribute("llmesh.group_id", group.group_id)
+            span.set_attribute("llmesh.num_stages", group.num_stages)
+            log.info(
+                "group_dropping",
+                group_id=group.group_id,
+                members=[f"{m.instance_id}[{m.layer_start},{m.layer_end})" for m in group.members],
+            )
+            try:
+                formed = await self.workers.form_group(group)
+            except Exception as exc:
+                self.groups.forget(group.group_id)
+                log.warning("group_drop_failed", group_id=group.group_id, error=str(exc))
+                raise
+            group = self.groups.mark_serving(
+                group.group_id,
+                formed.num_group_blocks,
+                formed.num_blocks_before,
+                formed.freed_weight_bytes,
+            )
+            log.info(
+                "group_serving",
+                group_id=group.group_id,
+                num_group_blocks=group.num_group_blocks,
+                num_blocks_before=group.num_blocks_before,
+                freed_weight_bytes=group.freed_weight_bytes,
+                num_exchanging_requests=formed.num_exchanging_requests,
+                drop_ms=round(formed.drop_ms, 3),
+            )
+            return scheduler_pb2.DropGroupResponse(
+                group=group_to_proto(group), drop_ms=formed.drop_ms
+            )
+
+    async def RestoreGroup(self, request, context):
+        """KunServe: have the group's stage 0 restore every member, then forget it."""
+        with tracer.start_as_current_span("scheduler.restore_group") as span:
+            group = self.groups.begin_restore(request.group_id)
+            span.set_attribute("llmesh.group_id", group.group_id)
+            log.info("group_restoring", group_id=group.group_id)
+            try:
+                dissolved = await self.workers.dissolve_group(group)
+            except Exception as exc:
+                self.groups.end_restore(group.group_id, is_dissolved=False)
+                log.warning("group_restore_failed", group_id=group.group_id, error=str(exc))
+                raise
+            self.groups.end_restore(group.group_id, is_dissolved=True)
+            log.info(
+                "group_restored",
+                group_id=group.group_id,
+                num_requests_moved=dissolved.num_requests_moved,
+                num_preempted=dissolved.num_preempted,
+                restore_ms=round(dissolved.restore_ms, 3),
+            )
+            return scheduler_pb2.RestoreGroupResponse(
+                num_requests_moved=dissolved.num_requests_moved,
+                num_preempted=dissolved.num_preempted,
+                restore_ms=dissolved.restore_ms,
+            )
 
     def order_migration(
         self, src_instance_id: str, dst: InstanceSpec, num_requests: int, request_id: str = ""

@@ -19,6 +19,8 @@ def load(
     migrating: int = 0,
     headroom: int = 0,
     defrag: bool = True,
+    group_id: str = "",
+    group_stage: int = 0,
 ) -> InstanceLoad:
     """A snapshot whose virtual usage and freeness come from the real load model.
 
@@ -34,5 +36,7 @@ def load(
         num_running_high_priority=high,
         is_terminating=terminating,
         num_migrating=migrating,
+        group_id=group_id,
+        group_stage=group_stage,
         config=LoadModelConfig(enable_defrag=defrag, high_priority_headroom_blocks=headroom),
     )

@@ -166,3 +166,33 @@ def test_load_balance_skips_terminating_and_handles_an_empty_cluster():
     assert policy.choose([load("a", 0, 0, terminating=True), load("b", 90, 9)], NORMAL) == "b"
     assert policy.choose([load("a", terminating=True)], NORMAL) is None
     assert policy.choose([], NORMAL) is None
+
+
+# ---- KunServe groups ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(DISPATCH_POLICIES))
+def test_every_policy_skips_group_followers_but_takes_stage_0(name):
+    # g0's stage 0 reports the group's load; its followers report an idle pool. Only the
+    # followers are skipped, so the group takes requests through stage 0 alone.
+    loads = [
+        load("a", 90, 9, group_id="g0", group_stage=0),
+        load("b", 0, 0, group_id="g0", group_stage=1),
+        load("c", 0, 0, group_id="g0", group_stage=2),
+    ]
+    policy = make_dispatch_policy(name)
+    assert [policy.choose(loads, NORMAL) for _ in range(3)] == ["a", "a", "a"]
+
+
+def test_freest_weighs_a_group_stage_0_against_instances_alone():
+    # Stage 0 of g0: (400-100-2)/4 = 74.5; d alone: (100-50-2)/2 = 24; e (follower of
+    # g0, idle) would be the freest but takes nothing.
+    loads = [
+        load("a", 100, 4, total=400, group_id="g0", group_stage=0),
+        load("d", 50, 2),
+        load("e", 0, 0, total=400, group_id="g0", group_stage=1),
+    ]
+    policy = make_dispatch_policy("freest")
+    assert policy.choose(loads, NORMAL) == "a"
+    assert policy.choose(loads, DispatchInfo("r", 32, exclude_instance_ids=("a",))) == "d"
+    assert policy.choose(loads, DispatchInfo("r", 32, exclude_instance_ids=("a", "d"))) is None

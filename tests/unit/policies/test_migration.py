@@ -161,3 +161,21 @@ def test_default_config_values():
 def test_config_validation_names_the_bad_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MigrationConfig(**kwargs)
+
+
+def test_group_members_are_never_sources_or_destinations():
+    # Alone, a (freeness 2) would migrate to b (45) or c (45); as members of g0 (either
+    # stage) neither end is paired, so the overloaded d goes to the free e only.
+    loads = [
+        load("a", 80, 10, group_id="g0", group_stage=0),
+        load("b", 10, 2, group_id="g0", group_stage=1),
+        load("d", 85, 10),
+        load("e", 10, 2),
+    ]
+    assert pair(loads) == [MigrationPair("d", "e", 1)]
+    members = [
+        load("a", 98, 10, group_id="g0", group_stage=0),
+        load("b", 0, 0, group_id="g0", group_stage=1),
+        load("c", 0, 0),
+    ]
+    assert pair(members) == []

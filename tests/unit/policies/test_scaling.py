@@ -189,3 +189,18 @@ def test_scale_down_victims_come_from_the_removable_instances_only():
     decision = policy().decide(loads, now=0.0, removable={"a", "c"})
     assert (decision.action, decision.instance_id) == (ScaleAction.DOWN, "a")
     assert policy().decide(loads, now=0.0, removable=set()) == NONE
+
+
+def test_group_members_are_never_scale_down_victims():
+    # b (idle) would be the victim; as a member of g0 (stage 1) it stays, so a goes.
+    loads = [
+        load("a", 10, 1),
+        load("b", 0, 0, group_id="g0", group_stage=1),
+        load("c", 20, 2, group_id="g0", group_stage=0),
+    ]
+    decision = policy().decide(loads, now=0.0)
+    assert decision == ScaleDecision(
+        ScaleAction.DOWN, "a", "average freeness 90.0, 56.7 without it"
+    )
+    only_members = [load("b", 0, 0, group_id="g0", group_stage=1), load("c", 20, 2, group_id="g0")]
+    assert policy().decide(only_members, now=0.0) == NONE

@@ -16,16 +16,18 @@ from services.policies import (
     make_scaling_policy,
 )
 from services.scheduler.control import MigrationLoop, ScalingLoop
+from services.scheduler.groups import GroupTable
 from services.scheduler.provisioner import Provisioner
 from services.scheduler.registry import InstanceRegistry
 from tests.unit.policies.snapshots import load
+from tests.unit.scheduler.test_groups import spec as member_spec
 from tests.unit.scheduler.test_registry import Clock, spec
 
 
-def registry_with(*loads, clock: Clock | None = None) -> InstanceRegistry:
+def registry_with(*loads, clock: Clock | None = None, spec_of=spec) -> InstanceRegistry:
     registry = InstanceRegistry(lease_s=3.0, clock=clock or Clock())
     for ld in loads:
-        registry.register(spec(ld.instance_id))
+        registry.register(spec_of(ld.instance_id))
         registry.report(LoadReport(ld, seq=1))
     return registry
 
@@ -55,9 +57,9 @@ class Orders:
         return True
 
 
-def migration_loop(registry, orders, hold_s=0.3, **config) -> MigrationLoop:
+def migration_loop(registry, orders, hold_s=0.3, groups=None, **config) -> MigrationLoop:
     policy = make_migration_policy("freeness", config=MigrationConfig(**config))
-    return MigrationLoop(registry, policy, orders.order, hold_s=hold_s)
+    return MigrationLoop(registry, policy, orders.order, hold_s=hold_s, groups=groups)
 
 
 # ---- migration loop ------------------------------------------------------------------
@@ -130,6 +132,21 @@ def test_a_balanced_cluster_migrates_nothing():
     assert migration_loop(registry, Orders()).tick(now=0.0) == []
 
 
+def test_members_of_a_group_still_dropping_are_never_paired():
+    # a (freeness 0.5) would go to b (45); the table plans them as a group whose
+    # reports do not show it yet, so only c -> d is ordered.
+    registry = registry_with(
+        load("a", 98, 4), load("b", 10, 2), load("c", 99, 4), load("d", 20, 2), spec_of=member_spec
+    )
+    groups = GroupTable(registry)
+    groups.plan(["a", "b"])
+    orders = Orders()
+    assert migration_loop(registry, orders, groups=groups).tick(now=0.0) == [
+        MigrationPair("c", "d", 1)
+    ]
+    assert orders.migrations == [("c", "d", 1)]
+
+
 # ---- scaling loop --------------------------------------------------------------------
 
 
@@ -168,9 +185,9 @@ SCALING = ScalingConfig(
 )  # fmt: skip
 
 
-def scaling_loop(registry, provisioner, orders) -> ScalingLoop:
+def scaling_loop(registry, provisioner, orders, groups=None) -> ScalingLoop:
     policy = make_scaling_policy("freeness_band", config=SCALING)
-    return ScalingLoop(registry, policy, provisioner, orders.send)
+    return ScalingLoop(registry, policy, provisioner, orders.send, groups)
 
 
 async def test_scaling_starts_workers_below_the_band_and_counts_them_pending():
@@ -261,3 +278,16 @@ async def test_an_empty_cluster_scales_up_to_min_instances():
     assert (await loop.tick(now=0.0)).started == ["auto-0"]
     # Starting (pending) counts: no second start while it boots.
     assert (await loop.tick(now=0.5)).started == []
+
+
+async def test_members_of_a_group_are_never_drained():
+    # auto-0 (idle, owned) would be the victim; it is stage 1 of a group, so auto-1 goes.
+    registry = registry_with(
+        load("a", 10, 1), load("auto-0", 0, 0), load("auto-1", 5, 1), spec_of=member_spec
+    )
+    groups = GroupTable(registry)
+    groups.plan(["a", "auto-0"])
+    orders = Orders()
+    loop = scaling_loop(registry, FakeProvisioner(owned={"auto-0", "auto-1"}), orders, groups)
+    assert (await loop.tick(now=0.0)).draining == "auto-1"
+    assert [i for i, _ in orders.commands] == ["auto-1"]
