@@ -36,14 +36,10 @@ from services.worker.engine.config import EngineConfig, ModelConfig
 from services.worker.engine.cost_model import CostModelExecutor, CostModelProfile, get_profile
 from services.worker.engine.errors import BlockIntegrityError, EngineStateError
 from services.worker.engine.executor import Executor, TorchExecutor
+from services.worker.engine.held_layers import HeldLayers, SimulatedLayers, TorchLayers
 from services.worker.engine.intake import RequestIntake
 from services.worker.engine.kv_cache import KVCache, kv_block_nbytes
-from services.worker.engine.layer_ranges import (
-    HeldLayers,
-    LayerRanges,
-    SimulatedLayers,
-    TorchLayers,
-)
+from services.worker.engine.layer_ranges import LayerRanges
 from services.worker.engine.loader import load_model_source
 from services.worker.engine.migration import MigrationHooks
 from services.worker.engine.model import LlamaModel
