@@ -16,6 +16,7 @@ import torch
 
 from services.worker.engine.config import DTYPE_NBYTES, ModelConfig
 from services.worker.engine.cost_model import CostModel
+from services.worker.engine.errors import EngineStateError
 from services.worker.engine.kv_cache import KVCache
 from services.worker.engine.model import LlamaModel
 from services.worker.engine.stage_weights import StageWeights
@@ -34,12 +35,15 @@ class HeldLayers(Protocol):
     (TorchLayers), or a simulated engine's byte counts and cost model (SimulatedLayers).
     LayerRanges does the accounting and calls these in this order:
 
-        drop:     drop(keep_start, keep_end, keep_host_copy); resize_kv(num_blocks)
-        restore:  restore(weights, num_blocks, moves)
+        drop:        drop(keep_start, keep_end, keep_host_copy); resize_kv(num_blocks)
+        restore:     restore(weights, num_blocks, moves)
+        join_group:  drop(keep_start, keep_end, keep_host_copy); remap_kv(num_blocks, moves)
+        leave_group: remap_kv(num_blocks, moves); restore(weights, num_blocks, {})
     """
 
     def weight_nbytes(self, layer_start: int, layer_end: int) -> int:
-        """Bytes of the weights held while holding [layer_start, layer_end)."""
+        """Bytes of the weights held while holding [layer_start, layer_end) (the range
+        held, or one within it: what a drop to that range would keep)."""
         ...
 
     def steps_alone(self, layer_start: int, layer_end: int) -> bool:
@@ -50,9 +54,17 @@ class HeldLayers(Protocol):
 
     def resize_kv(self, num_blocks: int) -> None: ...
 
+    def remap_kv(self, num_blocks: int, moves: Mapping[int, int]) -> None:
+        """The held layers' KV in a pool of num_blocks blocks, block old at moves[old]."""
+        ...
+
     def restore(
         self, weights: Mapping[str, torch.Tensor] | None, num_blocks: int, moves: dict[int, int]
     ) -> None: ...
+
+    def hf_tensors(self) -> dict[str, torch.Tensor]:
+        """The held weights under their HF names (for a peer that restores them)."""
+        ...
 
 
 class TorchLayers:
@@ -75,18 +87,21 @@ class TorchLayers:
         self.host_weights: dict[str, torch.Tensor] = {}  # dropped weights kept for restore
 
     def weight_nbytes(self, layer_start: int, layer_end: int) -> int:
-        del layer_start, layer_end  # the model holds exactly them: count its tensors
-        return self.model.nbytes()
+        model = self.model
+        if (layer_start, layer_end) == (model.layer_start, model.layer_end):
+            return model.nbytes()
+        return self._kept(layer_start, layer_end).nbytes()  # the real tensors' bytes
 
     def steps_alone(self, layer_start: int, layer_end: int) -> bool:
         """Only with every layer: a stage without the embedding or the lm_head runs in a
         pipeline (TorchExecutor.execute with hidden states)."""
         return layer_start == 0 and layer_end == self.model.config.num_layers
 
-    def drop(self, keep_start: int, keep_end: int, keep_host_copy: bool) -> None:
-        config, old = self.model.config, self.model.weights
-        is_last = keep_end == config.num_layers
-        weights = StageWeights(
+    def _kept(self, keep_start: int, keep_end: int) -> StageWeights:
+        """The held tensors a stage keeping [keep_start, keep_end) keeps (no copies)."""
+        old = self.model.weights
+        is_last = keep_end == self.model.config.num_layers
+        return StageWeights(
             keep_start,
             keep_end,
             {i: w for i, w in old.layers.items() if keep_start <= i < keep_end},
@@ -94,6 +109,11 @@ class TorchLayers:
             old.norm if is_last else None,
             old.lm_head if is_last else None,
         )
+
+    def drop(self, keep_start: int, keep_end: int, keep_host_copy: bool) -> None:
+        config, old = self.model.config, self.model.weights
+        is_last = keep_end == config.num_layers
+        weights = self._kept(keep_start, keep_end)
         if keep_host_copy:
             dropped = StageWeights(
                 keep_start,
@@ -111,6 +131,13 @@ class TorchLayers:
 
     def resize_kv(self, num_blocks: int) -> None:
         self.kv_cache.resize(num_blocks)
+
+    def remap_kv(self, num_blocks: int, moves: Mapping[int, int]) -> None:
+        self.kv_cache.remap(num_blocks, moves)
+
+    def hf_tensors(self) -> dict[str, torch.Tensor]:
+        """Views of the held weights (a matrix the native kernels packed: an unpacked copy)."""
+        return to_hf_tensors(self.model.config, self.model.weights)
 
     def restore(
         self, weights: Mapping[str, torch.Tensor] | None, num_blocks: int, moves: dict[int, int]
@@ -176,6 +203,12 @@ class SimulatedLayers:
 
     def resize_kv(self, num_blocks: int) -> None:
         del num_blocks  # no tensors
+
+    def remap_kv(self, num_blocks: int, moves: Mapping[int, int]) -> None:
+        del num_blocks, moves  # no tensors
+
+    def hf_tensors(self) -> dict[str, torch.Tensor]:
+        raise EngineStateError("a simulated engine holds no weight tensors")
 
     def restore(
         self, weights: Mapping[str, torch.Tensor] | None, num_blocks: int, moves: dict[int, int]
