@@ -17,7 +17,6 @@ queues for the links between stages, dicts of tensors for the KV exchange.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections import deque
 
 import pytest
@@ -33,7 +32,7 @@ from services.worker.engine import (
     plan_group_pool,
     split_layers,
 )
-from tests.unit.worker.engine.helpers import collect, random_prompts
+from tests.unit.worker.engine.helpers import collect, random_prompts, weight_digest
 
 BLOCK_SIZE = 8
 MEMBER_CONFIG = {
@@ -61,15 +60,6 @@ class Job:
     request_id: str
     prompt: list[int]
     params: SamplingParams
-
-
-def weight_digest(engine: LLMEngine) -> str:
-    """A hash of every weight under its HF name, bit for bit."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(engine.layer_ranges.export_weights().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 class Group:
