@@ -19,7 +19,10 @@ from services.worker.engine.errors import (
     EmptyPromptError,
     EngineInputError,
     EngineStateError,
+    GroupCapacityError,
     InvalidBlocksError,
+    InvalidLayerRangeError,
+    InvalidMicroBatchError,
     InvalidRequestIdError,
     InvalidRequestStateError,
     InvalidSamplingParamsError,
@@ -33,6 +36,7 @@ from services.worker.engine.executor import Executor, ExecutorOutput, TorchExecu
 from services.worker.engine.layer_ranges import LayerChange, LayerRanges
 from services.worker.engine.migration import MigrationHooks
 from services.worker.engine.outputs import EngineStats, RequestOutput, RequestView, StepInfo
+from services.worker.engine.pipeline import GroupPool, Pipeline, plan_group_pool, split_layers
 from services.worker.engine.request import RequestState, RequestStatus
 from services.worker.engine.sampling_params import SamplingParams
 from services.worker.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
@@ -52,7 +56,11 @@ __all__ = [
     "EngineStats",
     "Executor",
     "ExecutorOutput",
+    "GroupCapacityError",
+    "GroupPool",
     "InvalidBlocksError",
+    "InvalidLayerRangeError",
+    "InvalidMicroBatchError",
     "InvalidRequestIdError",
     "InvalidRequestStateError",
     "InvalidSamplingParamsError",
@@ -64,6 +72,7 @@ __all__ = [
     "MigrationHooks",
     "ModelConfig",
     "NoFreeBlocksError",
+    "Pipeline",
     "PromptTooLongError",
     "RequestOutput",
     "RequestState",
@@ -78,4 +87,6 @@ __all__ = [
     "TorchExecutor",
     "UnknownRequestError",
     "get_profile",
+    "plan_group_pool",
+    "split_layers",
 ]

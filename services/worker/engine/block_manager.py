@@ -5,17 +5,24 @@ handed out here. Every block is in exactly one of three places:
 
     free list  --allocate / may_append-->  a request's block table
     free list  --reserve-->                 reservations (held outside any request)
+    free list  --reserve_ids-->             reservations, exactly the ids asked for
     reservations --adopt-->                 a request's block table (migration import)
 
 and goes back to the free list when its reference count drops to 0. Checks come paired
-with actions: can_allocate / allocate, can_append / may_append, can_reserve / reserve.
+with actions: can_allocate / allocate, can_append / may_append, can_reserve / reserve,
+can_reserve_ids / reserve_ids.
 """
 
 from __future__ import annotations
 
 from collections import deque
 
-from services.worker.engine.errors import BlockIntegrityError, InvalidBlocksError, NoFreeBlocksError
+from services.worker.engine.errors import (
+    BlockIntegrityError,
+    EngineStateError,
+    InvalidBlocksError,
+    NoFreeBlocksError,
+)
 
 
 class BlockManager:
@@ -114,7 +121,45 @@ class BlockManager:
         self.reserved_block_ids.difference_update(block_ids)
         self.block_tables[request_id] = list(block_ids)
 
+    # ---- given ids (KunServe: a group's leader adopts a member's blocks in place) ----
+
+    def can_reserve_ids(self, block_ids: list[int]) -> bool:
+        """Whether block_ids are distinct ids of this pool and all free."""
+        total, ref_counts = self.num_total_blocks, self.ref_counts
+        return len(set(block_ids)) == len(block_ids) and all(
+            isinstance(b, int) and 0 <= b < total and ref_counts[b] == 0 for b in block_ids
+        )
+
+    def reserve_ids(self, block_ids: list[int]) -> None:
+        """Takes exactly these free blocks off the free list, owned by no request (adopt
+        turns them into a block table). The free list keeps its order otherwise."""
+        if len(set(block_ids)) != len(block_ids):
+            raise InvalidBlocksError(f"block ids repeat: {block_ids}")
+        total = self.num_total_blocks
+        outside = [b for b in block_ids if not (isinstance(b, int) and 0 <= b < total)]
+        if outside:
+            raise InvalidBlocksError(f"blocks {outside} are not in [0, {total})")
+        in_use = [b for b in block_ids if self.ref_counts[b] != 0]
+        if in_use:
+            raise InvalidBlocksError(f"blocks {in_use} are in use")
+        taken = set(block_ids)
+        self.free_block_ids = deque(b for b in self.free_block_ids if b not in taken)
+        for block_id in block_ids:
+            self.ref_counts[block_id] = 1
+        self.reserved_block_ids.update(block_ids)
+
     # ---- pool size changes (KunServe drop / restore) --------------------------------
+
+    def reset(self, num_blocks: int) -> None:
+        """Starts over with num_blocks free blocks, ids 0..num_blocks-1 (KunServe: the
+        pool was laid out anew to join or leave a group). Only while no block is used."""
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks <= 0:
+            raise ValueError(f"num_blocks must be an int > 0, got {num_blocks!r}")
+        if self.num_used_blocks:
+            raise EngineStateError(f"{self.num_used_blocks} blocks are in use; cannot reset")
+        self.num_total_blocks = num_blocks
+        self.free_block_ids = deque(range(num_blocks))
+        self.ref_counts = [0] * num_blocks
 
     def grow(self, num_new_blocks: int) -> list[int]:
         """Adds blocks with the next ids to the free list; returns them."""

@@ -10,7 +10,10 @@ The engine owns its parts and hands each one what it needs; none of them knows t
     scheduler      waiting queue, running batch, preemption, over the block manager
     executor       runs a scheduled batch (TorchExecutor or CostModelExecutor)
     migration      Llumnix hooks: engine.migration.read_kv_blocks(...), ... (migration.py)
-    layer_ranges   KunServe hooks: engine.layer_ranges.drop_layers(...), ... (layer_ranges.py)
+    layer_ranges   KunServe hooks: engine.layer_ranges.drop_layers(...), join_group(...), ...
+                   (layer_ranges.py)
+    pipeline       KunServe micro-batches: engine.pipeline.schedule_micro_batch(...), ...
+                   (pipeline.py)
 
 Threads. The engine is not thread-safe. One thread steps it (the worker's AsyncEngine
 runs it on a thread of its own) and every other call runs on that thread between two
@@ -36,18 +39,15 @@ from services.worker.engine.config import EngineConfig, ModelConfig
 from services.worker.engine.cost_model import CostModelExecutor, CostModelProfile, get_profile
 from services.worker.engine.errors import BlockIntegrityError, EngineStateError
 from services.worker.engine.executor import Executor, TorchExecutor
+from services.worker.engine.held_layers import HeldLayers, SimulatedLayers, TorchLayers
 from services.worker.engine.intake import RequestIntake
 from services.worker.engine.kv_cache import KVCache, kv_block_nbytes
-from services.worker.engine.layer_ranges import (
-    HeldLayers,
-    LayerRanges,
-    SimulatedLayers,
-    TorchLayers,
-)
+from services.worker.engine.layer_ranges import LayerRanges
 from services.worker.engine.loader import load_model_source
 from services.worker.engine.migration import MigrationHooks
 from services.worker.engine.model import LlamaModel
 from services.worker.engine.outputs import EngineStats, RequestOutput, RequestView, StepInfo
+from services.worker.engine.pipeline import Pipeline
 from services.worker.engine.request import Request, RequestStatus
 from services.worker.engine.sampling_params import SamplingParams
 from services.worker.engine.scheduler import Scheduler
@@ -92,10 +92,16 @@ class LLMEngine:
             self.scheduler, self.block_manager, kv_cache, self.intake, model_config.eos_token_ids
         )
         self.layer_ranges = LayerRanges(
-            model_config, dtype, self.block_manager, self.scheduler, held
+            model_config,
+            dtype,
+            self.block_manager,
+            self.scheduler,
+            held,
+            memory_nbytes=config.memory_capacity_bytes if config.num_kv_blocks is None else None,
         )
         self.last_step = StepInfo()
-        self._pending_outputs: list[RequestOutput] = []
+        self._pending_outputs: list[RequestOutput] = []  # shared with the pipeline: no rebinding
+        self.pipeline = Pipeline(self.scheduler, executor, self._pending_outputs)
 
     # ---- construction -----------------------------------------------------------------
 
@@ -241,7 +247,8 @@ class LLMEngine:
                 f"the engine holds layers [{self.layer_start}, {self.layer_end}) only; "
                 "run it as a pipeline stage or restore_layers() first"
             )
-        outputs, self._pending_outputs = self._pending_outputs, []
+        outputs = self._pending_outputs.copy()
+        self._pending_outputs.clear()
         batch = self.scheduler.schedule()
         self.last_step = StepInfo(preempted_request_ids=list(batch.preempted_request_ids))
         if batch.is_empty:
@@ -271,7 +278,7 @@ class LLMEngine:
         except Exception:
             for request_id in ids:
                 self.abort_request(request_id)
-            self._pending_outputs = [o for o in self._pending_outputs if o.request_id not in ids]
+            self._pending_outputs[:] = [o for o in self._pending_outputs if o.request_id not in ids]
             raise
         merged = {request_id: RequestOutput(request_id, [], 0, False, None) for request_id in ids}
         while any(not m.finished for m in merged.values()):

@@ -45,7 +45,22 @@ class InvalidRequestStateError(EngineInputError):
 
 
 class InvalidBlocksError(EngineInputError):
-    """Block ids passed in are out of range, duplicated, or not reserved."""
+    """Block ids passed in are out of range, duplicated, not reserved, or in use where
+    they must be free."""
+
+
+class InvalidLayerRangeError(EngineInputError):
+    """A layer range or split is not valid, or names layers this engine does not hold."""
+
+
+class GroupCapacityError(EngineInputError):
+    """A KunServe group's block pool cannot take its members' blocks (their ids would
+    collide), or is more than a member can hold once it keeps its layers only."""
+
+
+class InvalidMicroBatchError(EngineInputError):
+    """Micro-batch limits are not ints > 0, or a micro-batch applied is not in flight
+    (or comes with the wrong number of sampled tokens)."""
 
 
 class NoFreeBlocksError(RuntimeError):

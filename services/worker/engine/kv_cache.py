@@ -14,6 +14,8 @@ values (they are masked out, and 0 * NaN would not be 0).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from services.worker.engine.config import DTYPE_NBYTES, ModelConfig
@@ -147,6 +149,8 @@ class KVCache:
         moves {old id: new id} relocates blocks beyond a shrunken pool first. Layers
         are re-allocated one at a time, so the peak overhead is one layer's slice.
         """
+        if num_blocks == self.num_blocks and not moves:
+            return
         if moves:
             src = torch.tensor(list(moves), dtype=torch.long, device=self.device)
             dst = torch.tensor(list(moves.values()), dtype=torch.long, device=self.device)
@@ -159,8 +163,42 @@ class KVCache:
             self.layers[i] = new
         self.num_blocks = num_blocks
 
+    def remap(self, num_blocks: int, moves: Mapping[int, int]) -> None:
+        """Re-allocates every held layer with num_blocks blocks: block `old` of the old
+        pool becomes block moves[old] of the new one, every other block is zero (KunServe:
+        join a group at a block offset, leave it with new local ids).
+
+            join     old [0 ...... N)           group [.. offset ...... offset+N ..)
+            leave    group {g1, g2, ...}   ->   local {moves[g1], moves[g2], ...}
+
+        Layers are re-allocated one at a time, so the peak overhead is one layer's slice
+        (plus a copy of the moved rows when they are not one contiguous run)."""
+        src, dst = list(moves), list(moves.values())
+        run = _contiguous_run(src, dst)
+        src_index = torch.tensor(src, dtype=torch.long, device=self.device)
+        dst_index = torch.tensor(dst, dtype=torch.long, device=self.device)
+        for i in list(self.layers):
+            old = self.layers[i]
+            new = self._empty(num_blocks)
+            if run is not None:
+                src_start, dst_start, n = run
+                new[:, :, dst_start : dst_start + n] = old[:, :, src_start : src_start + n]
+            elif src:
+                new.index_copy_(2, dst_index, old.index_select(2, src_index))
+            self.layers[i] = new
+            del old  # before the next layer's allocation: one old slice alive at a time
+        self.num_blocks = num_blocks
+
     def add_layers(self, layer_start: int, layer_end: int) -> None:
         """Allocates (zeroed) slices for layers [layer_start, layer_end) not held yet."""
         for i in range(layer_start, layer_end):
             if i not in self.layers:
                 self.layers[i] = self._empty(self.num_blocks)
+
+
+def _contiguous_run(src: list[int], dst: list[int]) -> tuple[int, int, int] | None:
+    """(src_start, dst_start, n) if src and dst are both runs of consecutive ids."""
+    n = len(src)
+    if n == 0 or src != list(range(src[0], src[0] + n)) or dst != list(range(dst[0], dst[0] + n)):
+        return None
+    return src[0], dst[0], n

@@ -1,4 +1,5 @@
-"""KunServe hooks of the engine: drop a layer range's weights and KV, and restore them.
+"""KunServe hooks of the engine: drop a layer range's weights and KV, and restore them;
+join a group (a pipeline of members sharing one block id space) and leave it.
 
     before   layers [0 ....................... L)   N blocks of b bytes (all layers)
     drop     layers      [keep_start, keep_end)      N' = (N*b + freed weight bytes) // b'
@@ -9,38 +10,45 @@ Block ids survive a drop (the pool only grows). A restore moves request blocks w
 ids are >= N into free ids below N first; the restored layers' KV is zero, so by
 default every request holding KV is preempted to recompute it (a caller that writes
 the KV slices back itself passes recompute=False).
+
+A group (pipeline.py has the split and the pool plan) re-lays the pool instead:
+
+    join_group   member r keeps [start_r, end_r); its old block i becomes group block
+                 offset_r + i of a pool of num_group_blocks blocks (same count on every
+                 member, each block holding that member's layers only)
+    leave_group  every layer back, num_blocks_complete blocks; group block g becomes
+                 local block block_map[g] (kept layers copied, the others zero until
+                 the caller writes what the other members send)
+
+Both need an engine without requests: the caller exports and removes them first and
+imports them afterwards at the new ids (migration.import_request_at).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
 from services.worker.engine.block_manager import BlockManager
-from services.worker.engine.config import DTYPE_NBYTES, ModelConfig
-from services.worker.engine.cost_model import CostModel
-from services.worker.engine.errors import EngineStateError, InvalidRequestStateError
-from services.worker.engine.kv_cache import KVCache, kv_block_nbytes
-from services.worker.engine.model import LlamaModel
+from services.worker.engine.config import ModelConfig
+from services.worker.engine.errors import (
+    EngineStateError,
+    GroupCapacityError,
+    InvalidBlocksError,
+    InvalidLayerRangeError,
+    InvalidRequestStateError,
+)
+from services.worker.engine.held_layers import HeldLayers
+from services.worker.engine.kv_cache import kv_block_nbytes
 from services.worker.engine.request import RequestStatus
 from services.worker.engine.scheduler import Scheduler
-from services.worker.engine.stage_weights import StageWeights
-from services.worker.engine.weights import (
-    WeightSource,
-    build_embedding,
-    build_head,
-    build_layer_weights,
-    hf_names,
-    to_hf_tensors,
-)
 
 
 @dataclass(frozen=True)
 class LayerChange:
-    """Byte and block accounting of one drop or restore."""
+    """Byte and block accounting of one drop, restore, join or leave of a group."""
 
     layer_start: int  # held range after the change
     layer_end: int
@@ -56,164 +64,14 @@ class LayerChange:
         return self.weight_nbytes_before - self.weight_nbytes_after
 
 
-class HeldLayers(Protocol):
-    """What stands behind the held layers: a torch engine's weights and KV pool
-    (TorchLayers), or a simulated engine's byte counts and cost model (SimulatedLayers).
-    LayerRanges does the accounting and calls these in this order:
-
-        drop:     drop(keep_start, keep_end, keep_host_copy); resize_kv(num_blocks)
-        restore:  restore(weights, num_blocks, moves)
-    """
-
-    def weight_nbytes(self, layer_start: int, layer_end: int) -> int:
-        """Bytes of the weights held while holding [layer_start, layer_end)."""
-        ...
-
-    def steps_alone(self, layer_start: int, layer_end: int) -> bool:
-        """Whether an engine holding [layer_start, layer_end) can step on its own."""
-        ...
-
-    def drop(self, keep_start: int, keep_end: int, keep_host_copy: bool) -> None: ...
-
-    def resize_kv(self, num_blocks: int) -> None: ...
-
-    def restore(
-        self, weights: Mapping[str, torch.Tensor] | None, num_blocks: int, moves: dict[int, int]
-    ) -> None: ...
-
-
-class TorchLayers:
-    """A torch engine's held layers: the model's weights and the KV pool's layer slices.
-    `model` and `kv_cache` are the engine's own (its executor runs them), changed in place."""
-
-    def __init__(
-        self,
-        model: LlamaModel,
-        kv_cache: KVCache,
-        weight_source: WeightSource,
-        dtype: str,
-        device: str,
-    ) -> None:
-        self.model = model
-        self.kv_cache = kv_cache
-        self.weight_source = weight_source  # where restore_layers reads dropped weights
-        self.dtype = dtype
-        self.device = device
-        self.host_weights: dict[str, torch.Tensor] = {}  # dropped weights kept for restore
-
-    def weight_nbytes(self, layer_start: int, layer_end: int) -> int:
-        del layer_start, layer_end  # the model holds exactly them: count its tensors
-        return self.model.nbytes()
-
-    def steps_alone(self, layer_start: int, layer_end: int) -> bool:
-        """Only with every layer: a stage without the embedding or the lm_head runs in a
-        pipeline (TorchExecutor.execute with hidden states)."""
-        return layer_start == 0 and layer_end == self.model.config.num_layers
-
-    def drop(self, keep_start: int, keep_end: int, keep_host_copy: bool) -> None:
-        config, old = self.model.config, self.model.weights
-        is_last = keep_end == config.num_layers
-        weights = StageWeights(
-            keep_start,
-            keep_end,
-            {i: w for i, w in old.layers.items() if keep_start <= i < keep_end},
-            old.embed_tokens if keep_start == 0 else None,
-            old.norm if is_last else None,
-            old.lm_head if is_last else None,
-        )
-        if keep_host_copy:
-            dropped = StageWeights(
-                keep_start,
-                keep_end,
-                {i: w for i, w in old.layers.items() if not keep_start <= i < keep_end},
-                old.embed_tokens if keep_start > 0 else None,
-                old.norm if not is_last else None,
-                old.lm_head if not is_last else None,
-            )
-            host = to_hf_tensors(config, dropped)
-            self.host_weights.update({k: t.to("cpu", copy=True) for k, t in host.items()})
-        self.model.set_weights(weights)
-        del old
-        self.kv_cache.drop_layers(keep_start, keep_end)
-
-    def resize_kv(self, num_blocks: int) -> None:
-        self.kv_cache.resize(num_blocks)
-
-    def restore(
-        self, weights: Mapping[str, torch.Tensor] | None, num_blocks: int, moves: dict[int, int]
-    ) -> None:
-        config, held = self.model.config, self.model.weights
-        num_layers = config.num_layers
-        held_names = set(hf_names(config, held.layer_start, held.layer_end))
-        missing = [n for n in hf_names(config, 0, num_layers) if n not in held_names]
-        if weights is None and all(name in self.host_weights for name in missing):
-            weights = self.host_weights
-        if weights is None:
-            weights = self.weight_source.load(missing)
-        self.model.set_weights(self._complete_weights(weights))
-        self.kv_cache.resize(num_blocks, moves)
-        self.kv_cache.add_layers(0, num_layers)
-        self.host_weights = {}
-
-    def _complete_weights(self, tensors: Mapping[str, torch.Tensor]) -> StageWeights:
-        """The held weights plus the dropped ones, built from `tensors` (HF names)."""
-        config, dtype, device = self.model.config, self.dtype, self.device
-        old = self.model.weights
-        layers = {
-            i: old.layers[i]
-            if i in old.layers
-            else build_layer_weights(config, tensors, i, dtype, device)
-            for i in range(config.num_layers)
-        }
-        if old.embed_tokens is not None:
-            embed = old.embed_tokens
-        elif config.tie_word_embeddings and old.lm_head is not None:
-            embed = old.lm_head  # a last stage's copy of the tied embedding
-        else:
-            embed = build_embedding(tensors, dtype, device)
-        if old.norm is not None and old.lm_head is not None:
-            norm, lm_head = old.norm, old.lm_head
-            if config.tie_word_embeddings:
-                lm_head = embed  # drop the stage's separate copy
-        else:
-            norm, lm_head = build_head(config, tensors, dtype, device, embed)
-        return StageWeights(0, config.num_layers, layers, embed, norm, lm_head)
-
-
-class SimulatedLayers:
-    """A simulated engine's held layers: weight bytes from the model's shape, and the
-    cost model's share of the layers (its executor's), so a stage's step takes its share
-    of the time."""
-
-    def __init__(self, model_config: ModelConfig, dtype: str, cost_model: CostModel) -> None:
-        self.model_config = model_config
-        self.dtype = dtype
-        self.cost_model = cost_model
-
-    def weight_nbytes(self, layer_start: int, layer_end: int) -> int:
-        return self.model_config.num_params(layer_start, layer_end) * DTYPE_NBYTES[self.dtype]
-
-    def steps_alone(self, layer_start: int, layer_end: int) -> bool:
-        del layer_start, layer_end
-        return True  # a stage's modelled step: its share of the layers' time
-
-    def drop(self, keep_start: int, keep_end: int, keep_host_copy: bool) -> None:
-        del keep_host_copy  # no tensors
-        self.cost_model.layer_fraction = (keep_end - keep_start) / self.model_config.num_layers
-
-    def resize_kv(self, num_blocks: int) -> None:
-        del num_blocks  # no tensors
-
-    def restore(
-        self, weights: Mapping[str, torch.Tensor] | None, num_blocks: int, moves: dict[int, int]
-    ) -> None:
-        del weights, num_blocks, moves  # no tensors
-        self.cost_model.layer_fraction = 1.0
-
-
 class LayerRanges:
-    """Which layers the engine holds, and drop_layers / restore_layers over its block
-    manager, scheduler (requests to preempt) and `held` (the tensors, or their stand-in)."""
+    """Which layers the engine holds, and drop_layers / restore_layers / join_group /
+    leave_group over its block manager, scheduler (requests to preempt, or to check there
+    are none) and `held` (the tensors, or their stand-in).
+
+    memory_nbytes: the bytes the engine may hold, weights and KV pool together (its
+    memory_capacity_bytes); None when its pool was sized exactly (num_kv_blocks): then
+    what it holds now."""
 
     def __init__(
         self,
@@ -222,6 +80,7 @@ class LayerRanges:
         block_manager: BlockManager,
         scheduler: Scheduler,
         held: HeldLayers,
+        memory_nbytes: int | None = None,
     ) -> None:
         self.model_config = model_config
         self.dtype = dtype
@@ -230,6 +89,9 @@ class LayerRanges:
         self.held = held
         self.layer_start, self.layer_end = 0, model_config.num_layers
         self.num_blocks_complete = block_manager.num_total_blocks  # the restore target
+        if memory_nbytes is None:
+            memory_nbytes = self.weight_nbytes + self.num_blocks_complete * self.kv_block_nbytes
+        self.memory_nbytes = memory_nbytes  # what a group member's pool grows into
 
     @property
     def is_complete(self) -> bool:
@@ -323,3 +185,129 @@ class LayerRanges:
             num_blocks_before,
             num_blocks,
         )
+
+    # ---- KunServe group -------------------------------------------------------------
+
+    def _check_keep(self, keep_start: int, keep_end: int) -> None:
+        if not (
+            isinstance(keep_start, int)
+            and isinstance(keep_end, int)
+            and self.layer_start <= keep_start < keep_end <= self.layer_end
+        ):
+            raise InvalidLayerRangeError(
+                f"cannot keep layers [{keep_start}, {keep_end}): this engine holds "
+                f"[{self.layer_start}, {self.layer_end})"
+            )
+
+    def _check_no_requests(self, action: str) -> None:
+        if self.scheduler.requests or self.block_manager.num_used_blocks:
+            raise EngineStateError(
+                f"{action} needs an engine without requests or reserved blocks "
+                f"({len(self.scheduler.requests)} requests, "
+                f"{self.block_manager.num_used_blocks} blocks in use): export and remove them"
+            )
+
+    def group_capacity(self, keep_start: int, keep_end: int) -> int:
+        """Blocks this engine's pool would hold if it kept only [keep_start, keep_end):
+        (memory_nbytes - the kept weights' bytes) // one block's bytes over the kept
+        layers. Pure arithmetic over the real tensor sizes; changes nothing."""
+        self._check_keep(keep_start, keep_end)
+        block_nbytes = kv_block_nbytes(
+            self.model_config, keep_end - keep_start, self.block_manager.block_size, self.dtype
+        )
+        return (self.memory_nbytes - self.held.weight_nbytes(keep_start, keep_end)) // block_nbytes
+
+    def join_group(
+        self,
+        keep_start: int,
+        keep_end: int,
+        num_group_blocks: int,
+        block_offset: int,
+        keep_host_copy: bool = False,
+    ) -> LayerChange:
+        """Becomes a group member keeping layers [keep_start, keep_end): frees the other
+        layers' weights and KV slices, and lays the kept layers' KV out again so that
+        old block i is block block_offset + i of a pool of num_group_blocks blocks (the
+        group's ids, valid on every member); the block manager starts over with all of
+        them free. Only without requests (export and remove them first)."""
+        self._check_keep(keep_start, keep_end)
+        self._check_no_requests("join_group")
+        num_blocks_before = self.block_manager.num_total_blocks
+        for name, value in (("num_group_blocks", num_group_blocks), ("block_offset", block_offset)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise GroupCapacityError(f"{name} must be an int >= 0, got {value!r}")
+        if block_offset + num_blocks_before > num_group_blocks:
+            raise GroupCapacityError(
+                f"a pool of {num_group_blocks} group blocks cannot take this engine's "
+                f"{num_blocks_before} blocks at offset {block_offset}"
+            )
+        capacity = self.group_capacity(keep_start, keep_end)
+        if num_group_blocks > capacity:
+            raise GroupCapacityError(
+                f"keeping layers [{keep_start}, {keep_end}), this engine holds at most "
+                f"{capacity} blocks, not {num_group_blocks}"
+            )
+        weight_before, block_before = self.weight_nbytes, self.kv_block_nbytes
+        self.held.drop(keep_start, keep_end, keep_host_copy)
+        self.layer_start, self.layer_end = keep_start, keep_end
+        moves = {i: block_offset + i for i in range(num_blocks_before)}
+        self.held.remap_kv(num_group_blocks, moves)
+        self.block_manager.reset(num_group_blocks)
+        return LayerChange(
+            keep_start,
+            keep_end,
+            weight_before,
+            self.weight_nbytes,
+            block_before,
+            self.kv_block_nbytes,
+            num_blocks_before,
+            num_group_blocks,
+        )
+
+    def leave_group(
+        self,
+        block_map: Mapping[int, int],
+        weights: Mapping[str, torch.Tensor] | None = None,
+    ) -> LayerChange:
+        """Holds every layer again, in a pool of num_blocks_complete blocks: the kept
+        layers' KV of group block g is copied to local block block_map[g], every other
+        block and the restored layers' KV are zero (the caller writes the slices other
+        members send: migration.write_kv_blocks(local_ids, data, layer_start)). Weights
+        come from `weights` (HF names, e.g. received from peers), else the host copy
+        join_group kept, else the model's source. Only without requests."""
+        if self.is_complete:
+            raise InvalidLayerRangeError("no layers are dropped")
+        self._check_no_requests("leave_group")
+        num_blocks = self.num_blocks_complete
+        group_ids, local_ids = list(block_map), list(block_map.values())
+        for ids, total, what in (
+            (group_ids, self.block_manager.num_total_blocks, "group"),
+            (local_ids, num_blocks, "local"),
+        ):
+            if len(set(ids)) != len(ids) or not all(
+                isinstance(b, int) and not isinstance(b, bool) and 0 <= b < total for b in ids
+            ):
+                raise InvalidBlocksError(
+                    f"{what} block ids must be distinct ints in [0, {total}), got {ids}"
+                )
+        weight_before, block_before = self.weight_nbytes, self.kv_block_nbytes
+        num_blocks_before = self.block_manager.num_total_blocks
+        self.held.remap_kv(num_blocks, block_map)  # shrinks the pool before weights arrive
+        self.held.restore(weights, num_blocks, {})
+        self.layer_start, self.layer_end = 0, self.model_config.num_layers
+        self.block_manager.reset(num_blocks)
+        return LayerChange(
+            0,
+            self.layer_end,
+            weight_before,
+            self.weight_nbytes,
+            block_before,
+            self.kv_block_nbytes,
+            num_blocks_before,
+            num_blocks,
+        )
+
+    def export_weights(self) -> dict[str, torch.Tensor]:
+        """The held weights under their HF names, for a member that leaves the group
+        (leave_group's `weights`) or restores (views; packed matrices: unpacked copies)."""
+        return self.held.hf_tensors()

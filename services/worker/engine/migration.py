@@ -29,6 +29,7 @@ from services.worker.engine.block_manager import BlockManager
 from services.worker.engine.errors import (
     EngineStateError,
     InvalidBlocksError,
+    InvalidLayerRangeError,
     InvalidRequestStateError,
     NoFreeBlocksError,
     UnknownRequestError,
@@ -183,3 +184,54 @@ class MigrationHooks:
             return
         self.block_manager.adopt(state.request_id, list(block_ids))
         self.scheduler.add_running(request)
+
+    # ---- KunServe group (issue #17) -------------------------------------------------
+    # A member that joins a group reads its running requests' KV of the layers other
+    # members will hold (read_kv_layers) before it drops them; the group's leader adopts
+    # every member's requests at their group block ids (import_request_at).
+
+    def read_kv_layers(
+        self,
+        block_ids: list[int],
+        layer_start: int,
+        layer_end: int,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """read_kv_blocks for layers [layer_start, layer_end) only (all held here):
+        (layer_end - layer_start, 2, len(block_ids), block_size, num_kv_heads, head_dim)."""
+        self._check_block_ids(block_ids)
+        kv_cache = self._held_kv()
+        if not (
+            isinstance(layer_start, int)
+            and isinstance(layer_end, int)
+            and kv_cache.layer_start <= layer_start < layer_end <= kv_cache.layer_end
+        ):
+            raise InvalidLayerRangeError(
+                f"layers [{layer_start}, {layer_end}) are not all held; the pool holds "
+                f"[{kv_cache.layer_start}, {kv_cache.layer_end})"
+            )
+        if out is not None and out.dtype != kv_cache.layers[layer_start].dtype:
+            raise InvalidBlocksError(f"out has dtype {out.dtype}, the KV cache holds another")
+        try:
+            return kv_cache.read_blocks(block_ids, layer_start, layer_end, out=out)
+        except ValueError as exc:  # out's shape
+            raise InvalidBlocksError(str(exc)) from None
+
+    def can_import_at(self, block_ids: list[int]) -> bool:
+        """Whether import_request_at can take these block ids (distinct, all free)."""
+        return self.block_manager.can_reserve_ids(list(block_ids))
+
+    def import_request_at(self, state: RequestState, block_ids: list[int]) -> None:
+        """import_request into exactly these free block ids (in block-table order), which
+        hold the request's KV already: a group's leader adopts member r's request at
+        offset_r + its old ids, a member leaving the group its requests at new local
+        ids. A request with nothing computed queues as waiting and takes no blocks."""
+        block_ids = list(block_ids)
+        self._check_block_ids(block_ids)
+        self.block_manager.reserve_ids(block_ids)  # raises naming blocks in use
+        try:
+            self.import_request(state, block_ids)
+        except Exception:
+            if self.block_manager.reserved_block_ids.issuperset(block_ids):  # not adopted
+                self.block_manager.release(block_ids)
+            raise

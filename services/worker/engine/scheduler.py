@@ -11,12 +11,17 @@ One step:
      (recompute: blocks freed, back to waiting) until the chunk fits;
   2. if nothing was preempted, waiting requests are admitted in policy order while
      budget, max_num_seqs and free blocks allow (the head blocks the line: FCFS).
+
+schedule_micro_batch is the same for one micro-batch of a pipeline (a KunServe group's
+leader): some requests are left out (in flight, or waiting for their KV), and the limits
+are the micro-batch's. It is a copy of schedule()'s loop, so the normal step pays
+nothing for it.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 
 from services.worker.engine.block_manager import BlockManager
@@ -162,10 +167,70 @@ class Scheduler:
             budget -= num_new_tokens
         return output
 
-    def _pick_victim(self, start: int) -> Request:
-        """The last request in policy order that is not yet scheduled this step."""
+    def schedule_micro_batch(
+        self, exclude: Container[str], max_num_seqs: int, max_num_batched_tokens: int
+    ) -> SchedulerOutput:
+        """schedule() for one micro-batch: requests in `exclude` are neither scheduled
+        nor preempted; the micro-batch takes at most max_num_seqs requests and
+        max_num_batched_tokens tokens. These limits replace the engine's: with k
+        micro-batches in flight, a request in one of them excluded from the others,
+        up to about k * max_num_seqs requests run (the group's running set), bounded by
+        the blocks."""
+        output = SchedulerOutput()
+        budget = max_num_batched_tokens
+        block_manager = self.block_manager
+        self.running.sort(key=self._order)
+
+        tables, block_size = block_manager.block_tables, block_manager.block_size
+        i = 0
+        while i < len(self.running) and budget > 0 and len(output.requests) < max_num_seqs:
+            request = self.running[i]
+            if request.status is RequestStatus.SUSPENDED or request.request_id in exclude:
+                i += 1
+                continue
+            num_new_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
+            assert num_new_tokens > 0, request
+            num_tokens = request.num_computed_tokens + num_new_tokens
+            table = tables.get(request.request_id)
+            if table is None or len(table) * block_size < num_tokens:
+                while not block_manager.can_append(request.request_id, num_tokens):
+                    victim = self._pick_victim(start=i, exclude=exclude)
+                    self.preempt(victim)
+                    output.preempted_request_ids.append(victim.request_id)
+                    if victim is request:
+                        break
+                if request.status is RequestStatus.WAITING:  # preempted itself
+                    continue
+                block_manager.may_append(request.request_id, num_tokens)
+            self._add_to_output(output, request, num_new_tokens)
+            budget -= num_new_tokens
+            i += 1
+
+        if output.preempted_request_ids:
+            return output  # memory is short: admit nobody in this micro-batch
+        j = 0
+        while j < len(self.waiting) and budget > 0 and len(output.requests) < max_num_seqs:
+            request = self.waiting[j]
+            if request.request_id in exclude:
+                j += 1
+                continue
+            num_new_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_tokens = request.num_computed_tokens + num_new_tokens
+            if not block_manager.can_allocate(num_tokens):
+                break
+            block_manager.allocate(request.request_id, num_tokens)
+            self.waiting.pop(j)
+            request.set_status(RequestStatus.RUNNING)
+            self.running.append(request)
+            self._add_to_output(output, request, num_new_tokens)
+            budget -= num_new_tokens
+        return output
+
+    def _pick_victim(self, start: int, exclude: Container[str] = frozenset()) -> Request:
+        """The last request in policy order that is not yet scheduled this step (nor
+        excluded from it)."""
         for request in reversed(self.running[start:]):
-            if request.status is RequestStatus.RUNNING:
+            if request.status is RequestStatus.RUNNING and request.request_id not in exclude:
                 return request
         raise AssertionError("the request being scheduled is always a candidate")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import random
 
@@ -95,3 +96,12 @@ def migrate(source, destination, request_id: str, tokens: dict[str, list[int]]) 
     destination.migration.release_blocks(reserved[num_needed:])
     assert source.migration.remove_request(request_id) == state
     assert source.request_status(request_id) is None
+
+
+def weight_digest(engine: LLMEngine) -> str:
+    """A hash of every weight under its HF name, bit for bit."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(engine.layer_ranges.export_weights().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -2,7 +2,12 @@ from __future__ import annotations
 
 import pytest
 
-from services.worker.engine import BlockIntegrityError, InvalidBlocksError, NoFreeBlocksError
+from services.worker.engine import (
+    BlockIntegrityError,
+    EngineStateError,
+    InvalidBlocksError,
+    NoFreeBlocksError,
+)
 
 
 def test_allocate_hands_out_lowest_ids_first(make_block_manager):
@@ -114,3 +119,49 @@ def test_shrink_refuses_when_used_blocks_do_not_fit(make_block_manager):
     with pytest.raises(NoFreeBlocksError):
         bm.plan_shrink(4 - 1)
     bm.release([0, 1, 2, 3])
+
+
+def test_reserve_ids_takes_exactly_the_given_free_blocks(make_block_manager):
+    bm = make_block_manager(8, block_size=4)
+    bm.allocate("a", 8)  # [0, 1]
+    assert bm.can_reserve_ids([5, 2])
+    bm.reserve_ids([5, 2])
+    assert bm.reserved_block_ids == {2, 5}
+    assert list(bm.free_block_ids) == [3, 4, 6, 7]  # order kept otherwise
+    bm.adopt("b", [5, 2])
+    assert bm.block_ids("b") == [5, 2]
+    assert bm.allocate("c", 4) == [3]
+    for request_id in "abc":
+        bm.free(request_id)
+
+
+@pytest.mark.parametrize(
+    ("block_ids", "message"),
+    [
+        ([1, 3], r"blocks \[1\] are in use"),  # a's
+        ([4, 8], r"blocks \[8\] are not in \[0, 8\)"),
+        ([-1], r"blocks \[-1\] are not in \[0, 8\)"),
+        ([3, 3], r"block ids repeat: \[3, 3\]"),
+    ],
+)
+def test_reserve_ids_refuses_used_repeated_and_foreign_ids(make_block_manager, block_ids, message):
+    bm = make_block_manager(8, block_size=4)
+    bm.allocate("a", 8)  # [0, 1]
+    assert not bm.can_reserve_ids(block_ids)
+    with pytest.raises(InvalidBlocksError, match=message):
+        bm.reserve_ids(block_ids)
+    assert (bm.num_free_blocks, bm.num_reserved_blocks) == (6, 0)  # a refusal takes nothing
+    bm.free("a")
+
+
+def test_reset_starts_over_with_all_blocks_free_only_when_idle(make_block_manager):
+    bm = make_block_manager(4, block_size=4)
+    reserved = bm.reserve(1)
+    with pytest.raises(EngineStateError, match="1 blocks are in use"):
+        bm.reset(10)
+    bm.release(reserved)
+    bm.allocate("a", 4)
+    bm.free("a")
+    bm.reset(10)
+    assert (bm.num_total_blocks, list(bm.free_block_ids)) == (10, list(range(10)))
+    bm.check_integrity()

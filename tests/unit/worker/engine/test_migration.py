@@ -8,6 +8,7 @@ import torch
 from services.worker.engine import (
     DuplicateRequestError,
     InvalidBlocksError,
+    InvalidLayerRangeError,
     InvalidRequestStateError,
     NoFreeBlocksError,
     RequestState,
@@ -206,3 +207,61 @@ def test_remove_request_emits_nothing_and_frees_blocks(make_engine):
     engine.migration.remove_request("w")
     assert engine.step() == []
     assert not engine.has_unfinished_requests()
+
+
+# ---- KunServe group: a layer range's KV, adoption at given block ids ---------------------
+
+
+def test_read_kv_layers_reads_a_layer_range_of_the_blocks(make_engine):
+    engine = make_engine(num_kv_blocks=8, block_size=4)
+    engine.add_request("r", [3, 1, 4, 1, 5, 9], SamplingParams(max_tokens=2))
+    engine.step()
+    blocks = engine.migration.request_block_ids("r")
+    every_layer = engine.migration.read_kv_blocks(blocks)
+    middle = engine.migration.read_kv_layers(blocks, 1, 3)
+    assert tuple(middle.shape) == (2, 2, 2, 4, 2, 32)  # (layers 1-2, K/V, blocks, bs, nkv, hd)
+    assert torch.equal(middle, every_layer[1:3])
+    out = torch.empty(engine.kv_cache.block_shape(len(blocks), 1))
+    assert engine.migration.read_kv_layers(blocks, 3, 4, out=out) is out
+    assert torch.equal(out, every_layer[3:])
+    for start, end in ((2, 2), (0, 5), (-1, 1)):
+        with pytest.raises(InvalidLayerRangeError, match=rf"layers \[{start}, {end}\) are not"):
+            engine.migration.read_kv_layers(blocks, start, end)
+    with pytest.raises(InvalidBlocksError, match="expected contiguous"):
+        engine.migration.read_kv_layers(blocks, 0, 2, out=out)
+    with pytest.raises(InvalidBlocksError, match="distinct ints"):
+        engine.migration.read_kv_layers([0, 0], 0, 2)
+    run_to_completion(engine)
+
+
+def test_import_request_at_adopts_the_given_free_blocks(make_engine):
+    source = make_engine(num_kv_blocks=8, block_size=4)
+    leader = make_engine(num_kv_blocks=16, block_size=4)
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    expected = make_engine(num_kv_blocks=8, block_size=4).generate([[5] * 9], params)[0]
+    source.add_request("r", [5] * 9, params)
+    tokens = collect(source.step(), {})
+    blocks = source.migration.request_block_ids("r")  # 9 tokens computed: [0, 1, 2]
+    data = source.migration.read_kv_blocks(blocks)
+    state = source.migration.remove_request("r")
+    leader.add_request("other", [1] * 4, params)
+    leader.step()  # "other" holds block 0
+    group_ids = [10 + b for b in blocks]  # e.g. a member's blocks at offset 10
+    assert not leader.migration.can_import_at([0, 11])
+    with pytest.raises(InvalidBlocksError, match=r"blocks \[0\] are in use"):
+        leader.migration.import_request_at(state, [0, 11, 12])
+    with pytest.raises(InvalidBlocksError, match=r"distinct ints in \[0, 16\)"):
+        leader.migration.import_request_at(state, [10, 11, 16])
+    with pytest.raises(InvalidBlocksError, match="2 blocks cannot hold 9 tokens"):
+        leader.migration.import_request_at(state, group_ids[:2])
+    assert leader.block_manager.num_free_blocks == 15  # refusals take nothing
+    assert leader.migration.can_import_at(group_ids)
+    leader.migration.write_kv_blocks(group_ids, data)
+    leader.migration.import_request_at(state, group_ids)
+    assert leader.migration.request_block_ids("r") == [10, 11, 12]
+    # A request with nothing computed queues as waiting and takes no blocks.
+    waiting = RequestState("w", (7,) * 5, (), params, 0, num_computed_tokens=0, arrival_time=9.0)
+    leader.migration.import_request_at(waiting, [])
+    assert leader.request_status("w") is RequestStatus.WAITING
+    run_to_completion(leader, tokens)
+    assert tokens["r"] == expected.new_token_ids

@@ -180,3 +180,77 @@ def test_suspended_requests_keep_blocks_and_are_skipped(make_block_manager):
     assert chunks(out) == [("b", 3, 1, True)]
     assert s.block_manager.block_ids("a") == [0]
     finish_all(s)
+
+
+# ---- micro-batches (a KunServe group's leader) -------------------------------------------
+
+
+def micro_step(scheduler: Scheduler, exclude=frozenset(), max_num_seqs=8, budget=64):
+    output = scheduler.schedule_micro_batch(exclude, max_num_seqs, budget)
+    results = scheduler.update_from_output(
+        output, [7] * sum(r.is_sampling for r in output.requests)
+    )
+    return output, results
+
+
+def test_micro_batch_leaves_excluded_requests_out_and_takes_its_own_limits(make_block_manager):
+    s = make_scheduler(make_block_manager, num_blocks=16, max_num_seqs=2)
+    for i, name in enumerate("abcd"):
+        add(s, name, 3, arrival=float(i))
+    # The engine's max_num_seqs (2) does not cap a micro-batch: its own limits do.
+    out = s.schedule_micro_batch(set(), max_num_seqs=3, max_num_batched_tokens=64)
+    assert chunks(out) == [("a", 0, 3, True), ("b", 0, 3, True), ("c", 0, 3, True)]
+    # a, b, c are in flight: the next micro-batch takes only d, even with room for more.
+    second = s.schedule_micro_batch({"a", "b", "c"}, max_num_seqs=3, max_num_batched_tokens=64)
+    assert chunks(second) == [("d", 0, 3, True)]
+    assert s.schedule_micro_batch({"a", "b", "c", "d"}, 3, 64).is_empty
+    s.update_from_output(out, [7, 7, 7])
+    # The token budget cuts a micro-batch like a step's; waiting requests in `exclude`
+    # are skipped without blocking the line.
+    add(s, "e", 5, arrival=5.0)
+    add(s, "f", 5, arrival=6.0)
+    third = s.schedule_micro_batch({"d", "e"}, max_num_seqs=8, max_num_batched_tokens=6)
+    assert chunks(third) == [
+        ("a", 3, 1, True),
+        ("b", 3, 1, True),
+        ("c", 3, 1, True),
+        ("f", 0, 3, False),
+    ]
+    assert [r.request_id for r in s.waiting] == ["e"]
+    finish_all(s)
+
+
+def test_micro_batch_never_preempts_an_excluded_request(make_block_manager):
+    s = make_scheduler(make_block_manager, num_blocks=4, block_size=4)
+    preempted = []
+    s.preemption_callbacks.append(preempted.append)
+    for i, name in enumerate("abc"):
+        add(s, name, 4, arrival=float(i))
+    micro_step(s)  # a, b, c hold blocks 0, 1, 2, each full
+    # a and b need a second block, one is free. schedule() would take it from c, the
+    # latest arrival; with c in flight (excluded), b is the victim instead.
+    out, _ = micro_step(s, exclude={"c"})
+    assert out.preempted_request_ids == ["b"] and preempted == ["b"]
+    assert chunks(out) == [("a", 4, 1, True)]
+    assert s.block_manager.block_ids("c") == [2]
+    assert s.requests["c"].num_computed_tokens == 4
+    # b's freed block goes to c once c is back; a, in flight now, keeps its blocks.
+    out, _ = micro_step(s, exclude={"a"})
+    assert out.preempted_request_ids == []
+    assert chunks(out) == [("c", 4, 1, True)]  # b (5 tokens) needs 2 blocks: none free
+    assert s.block_manager.block_ids("c") == [2, 1]
+    assert [r.request_id for r in s.waiting] == ["b"]
+    finish_all(s)
+
+
+def test_schedule_is_unchanged_by_micro_batches(make_block_manager):
+    # The normal step keeps the engine's running cap (max_num_seqs) and picks the latest
+    # arrival as victim: test_preemption_* and test_max_num_seqs_* above; here, after
+    # micro-batches, schedule() still takes every running request.
+    s = make_scheduler(make_block_manager, num_blocks=16, max_num_seqs=2)
+    add(s, "a", 2, arrival=1.0)
+    add(s, "b", 2, arrival=2.0)
+    micro_step(s, max_num_seqs=1)
+    out, _ = step(s)
+    assert chunks(out) == [("a", 2, 1, True), ("b", 0, 2, True)]
+    finish_all(s)
