@@ -50,9 +50,7 @@ def _candidates(loads: Sequence[InstanceLoad], request: DispatchInfo) -> list[In
     return [
         ld
         for ld in loads
-        if not ld.is_terminating
-        and not ld.is_group_follower
-        and ld.instance_id not in excluded
+        if not ld.is_terminating and not ld.is_group_follower and ld.instance_id not in excluded
     ]
 
 

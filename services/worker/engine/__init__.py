@@ -36,7 +36,7 @@ from services.worker.engine.executor import Executor, ExecutorOutput, TorchExecu
 from services.worker.engine.layer_ranges import LayerChange, LayerRanges
 from services.worker.engine.migration import MigrationHooks
 from services.worker.engine.outputs import EngineStats, RequestOutput, RequestView, StepInfo
-from services.worker.engine.pipeline import GroupPool, Pipeline, plan_group_pool, split_layers
+from services.worker.engine.pipeline import GroupPool, Pipeline, plan_group_pool
 from services.worker.engine.request import RequestState, RequestStatus
 from services.worker.engine.sampling_params import SamplingParams
 from services.worker.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
@@ -88,5 +88,4 @@ __all__ = [
     "UnknownRequestError",
     "get_profile",
     "plan_group_pool",
-    "split_layers",
 ]

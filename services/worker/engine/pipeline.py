@@ -5,8 +5,8 @@ g members of one model split its L layers (stage 0 keeps the embedding, stage g-
 final norm and lm_head); when g does not divide L the first L mod g stages take one
 layer more:
 
-    split_layers(4, 2)  ->  [(0, 2), (2, 4)]
-    split_layers(6, 4)  ->  [(0, 2), (2, 4), (4, 5), (5, 6)]
+    services.policies.groups.split_layers(4, 2)  ->  [(0, 2), (2, 4)]
+    services.policies.groups.split_layers(6, 4)  ->  [(0, 2), (2, 4), (4, 5), (5, 6)]
 
 Block ids are the group's, valid on every member: each member's pool has
 num_group_blocks blocks, a block holding that member's layers only. Member r's blocks
@@ -38,7 +38,6 @@ import torch
 
 from services.worker.engine.errors import (
     GroupCapacityError,
-    InvalidLayerRangeError,
     InvalidMicroBatchError,
 )
 from services.worker.engine.executor import Executor, ExecutorOutput
@@ -48,22 +47,6 @@ from services.worker.engine.scheduler import Scheduler, SchedulerOutput
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def split_layers(num_layers: int, num_stages: int) -> list[tuple[int, int]]:
-    """Stage r's layer range [start, end): L / g layers each, the first L mod g stages
-    one more."""
-    if not (_is_int(num_layers) and _is_int(num_stages) and 1 <= num_stages <= num_layers):
-        raise InvalidLayerRangeError(
-            f"cannot split {num_layers!r} layers over {num_stages!r} stages (1 <= stages <= layers)"
-        )
-    base, num_longer = divmod(num_layers, num_stages)
-    ranges, start = [], 0
-    for stage in range(num_stages):
-        end = start + base + (1 if stage < num_longer else 0)
-        ranges.append((start, end))
-        start = end
-    return ranges
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from opentelemetry import trace
 
 from services.common.groups import ExchangePlan, GroupSpec, GroupStatus, KVTransferSpec
 from services.common.logging import get_logger
-from services.worker.engine import LLMEngine
+from services.worker.engine import GroupCapacityError, LLMEngine, plan_group_pool
 from services.worker.kunserve.pipeline import PipelineDriver
 from services.worker.kunserve.types import GroupError, HandedRequest, JoinReply
 
@@ -76,21 +76,20 @@ class GroupLeader:
                 for s, r in zip(members, replies, strict=True)
                 if isinstance(r, BaseException) or not r.accepted
             ]
-            num_blocks = [r.num_blocks for r in replies if not isinstance(r, BaseException)]
             if not refusals:
-                num_group_blocks = min(r.num_group_blocks_possible for r in replies)
-                if num_group_blocks < sum(num_blocks):
-                    refusals.append(
-                        f"the group pool ({num_group_blocks} blocks) cannot hold the members' "
-                        f"{sum(num_blocks)} blocks"
+                try:
+                    pool = plan_group_pool(
+                        [r.num_blocks for r in replies],
+                        [r.num_group_blocks_possible for r in replies],
                     )
+                except GroupCapacityError as exc:
+                    refusals.append(str(exc))
             if refusals:
                 await self._call_off(members)
                 raise GroupError(f"group {group.group_id} refused: " + "; ".join(refusals))
-            self.num_blocks_alone = dict(zip(members, num_blocks, strict=True))
-            offsets, total = {}, 0
-            for stage in sorted(members):
-                offsets[stage], total = total, total + self.num_blocks_alone[stage]
+            self.num_blocks_alone = {s: r.num_blocks for s, r in zip(members, replies, strict=True)}
+            num_group_blocks, offsets = pool.num_group_blocks, pool.block_offsets
+            total = sum(self.num_blocks_alone.values())
             group = replace(group, num_group_blocks=num_group_blocks, num_blocks_before=total)
             epoch = uuid.uuid4().hex[:8]
             joins = await asyncio.gather(
@@ -382,6 +381,6 @@ class GroupLeader:
         def detach(engine: LLMEngine) -> None:
             if self.m.async_engine.stepper is driver:
                 self.m.async_engine.stepper = None
-            driver.drop_in_flight()
+            driver.drop_in_flight(engine)
 
         await self.m.async_engine.run(detach)

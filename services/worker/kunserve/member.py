@@ -87,7 +87,6 @@ class GroupMembership:
         self.group: GroupSpec | None = None
         self.stage = 0
         self.key = ""  # group id + epoch: prefix of the group's transfer ids
-        self.num_blocks_alone = 0  # pool size before the drop (what a restore brings back)
         self.freed_weight_bytes = 0
         self.kv_exchange: KVExchange | None = None
         self.runner: StageRunner | None = None
@@ -216,7 +215,9 @@ class GroupMembership:
                 state = engine.migration.export_request_state(request_id)
                 if state.num_computed_tokens > 0:
                     for m in others:  # slices of the layers another member keeps
-                        data = engine.kv_cache.read_blocks(block_ids, m.layer_start, m.layer_end)
+                        data = engine.migration.read_kv_layers(
+                            block_ids, m.layer_start, m.layer_end
+                        )
                         staged[(request_id, m.stage)] = to_host(data)
                 exported.append((state, tuple(block_offset + b for b in block_ids)))
             exported += [
@@ -225,21 +226,19 @@ class GroupMembership:
             ]
             for state, _ in exported:
                 engine.migration.remove_request(state.request_id)
-            blocks_alone = engine.block_manager.num_total_blocks
             change = engine.layer_ranges.join_group(
                 me.layer_start, me.layer_end, group.num_group_blocks, block_offset
             )
-            return exported, staged, blocks_alone, change
+            return exported, staged, change
 
         with tracer.start_as_current_span(
             "kunserve.drop",
             attributes={"llmesh.group_id": group.group_id, "llmesh.stage": me.stage},
         ) as span:
-            exported, staged, blocks_alone, change = await self.async_engine.run(drop)
+            exported, staged, change = await self.async_engine.run(drop)
             span.set_attribute("llmesh.freed_weight_bytes", change.freed_weight_nbytes)
             span.set_attribute("llmesh.num_requests", len(exported))
         self._staged = staged
-        self.num_blocks_alone = blocks_alone
         self.freed_weight_bytes = change.freed_weight_nbytes
         self.key = f"{group.group_id}.{epoch}"
         self.kv_exchange = KVExchange(self.transport, self.config.transfer_timeout_s)
@@ -324,7 +323,7 @@ class GroupMembership:
         exchange is not done (stage 0 holds it back)."""
         engine = self.async_engine.engine
         await asyncio.to_thread(
-            engine.kv_cache.write_blocks,
+            engine.migration.write_kv_blocks,
             list(spec.dst_block_ids),
             data.to(engine.config.device),
             spec.layer_start,
@@ -361,8 +360,8 @@ class GroupMembership:
             # Outbound KV first: these blocks are gone once the layers come back.
             outbound = await self.async_engine.run(
                 lambda e: [
-                    (s, to_host(e.kv_cache.read_blocks(list(s.src_block_ids), s.layer_start,
-                                                       s.layer_end)))
+                    (s, to_host(e.migration.read_kv_layers(list(s.src_block_ids), s.layer_start,
+                                                           s.layer_end)))
                     for s in plan.sends
                 ]
             )  # fmt: skip
@@ -392,9 +391,9 @@ class GroupMembership:
             }
 
             def restore(e: LLMEngine) -> int:
-                change = e.layer_ranges.leave_group(weights, self.num_blocks_alone, moves)
+                change = e.layer_ranges.leave_group(moves, weights)
                 for spec in plan.receives:
-                    e.kv_cache.write_blocks(
+                    e.migration.write_kv_blocks(
                         list(spec.dst_block_ids),
                         inbound[spec.transfer_id].to(e.config.device),
                         spec.layer_start,
@@ -420,7 +419,7 @@ class GroupMembership:
     async def _swap_weights(self, group: GroupSpec, me: GroupMember) -> dict[str, torch.Tensor]:
         """Send this member's layers to every other member; receive theirs."""
         held = await self.async_engine.run(
-            lambda e: {n: to_host(t) for n, t in e.layer_ranges.held_hf_tensors().items()}
+            lambda e: {n: to_host(t) for n, t in e.layer_ranges.export_weights().items()}
         )
         others = [m for m in group.members if m.stage != me.stage]
         sends = [
@@ -477,8 +476,8 @@ class GroupMembership:
             if was_leader:
                 for request in list(engine.scheduler.requests.values()):
                     states.append(engine.migration.remove_request(request.request_id))
-            if engine.layer_start != 0 or engine.layer_end != engine.model_config.num_layers:
-                engine.layer_ranges.leave_group(None, self.num_blocks_alone, {})
+            if not engine.layer_ranges.is_complete:
+                engine.layer_ranges.leave_group({})  # weights: host copy, else the source
             for state in states + [h.handoff.state for h in reclaimed]:
                 engine.migration.import_request(replace(state, num_computed_tokens=0), [])
             return len(states) + len(reclaimed)

@@ -71,7 +71,6 @@ def to_host(tensor: torch.Tensor) -> torch.Tensor:
 @dataclass
 class _InFlight:
     batch: SchedulerOutput
-    request_ids: frozenset[str]
     sent_at: float
 
 
@@ -178,19 +177,13 @@ class PipelineDriver:
     def num_in_flight(self) -> int:
         return len(self._in_flight)
 
-    def in_flight_request_ids(self) -> set[str]:
-        ids: set[str] = set()
-        for item in self._in_flight.values():
-            ids |= item.request_ids
-        return ids
-
     def has_work(self, engine: LLMEngine) -> bool:
         return bool(self._in_flight) or bool(self._returned) or engine.has_unfinished_requests()
 
     def step(self, engine: LLMEngine) -> list[RequestOutput]:
         outputs = self._apply_returned(engine)
         num_sent = 0 if self.is_paused else self._fill(engine)
-        outputs += engine.pipeline.take_pending_outputs()
+        outputs += engine.pipeline.take_outputs()  # aborts of requests not in flight
         if not outputs and num_sent == 0:
             # Everything is in flight (or held back): sleep until a result or a call.
             self._wakeup.wait(RESULT_WAIT_S)
@@ -214,9 +207,9 @@ class PipelineDriver:
     def _fill(self, engine: LLMEngine) -> int:
         num_sent = 0
         while len(self._in_flight) < self.max_in_flight:
-            exclude = self.in_flight_request_ids() | self.held_back
+            # The engine leaves out the requests in flight; held back: exchange running.
             batch = engine.pipeline.schedule_micro_batch(
-                exclude, self.max_num_seqs, self.max_num_batched_tokens
+                self.held_back, self.max_num_seqs, self.max_num_batched_tokens
             )
             if batch.is_empty:
                 break
@@ -224,9 +217,7 @@ class PipelineDriver:
             result = engine.pipeline.execute_stage(batch, None)
             self.stats.busy_s += time.perf_counter() - started
             seq = next(self._seq)
-            self._in_flight[seq] = _InFlight(
-                batch, frozenset(r.request_id for r in batch.requests), time.perf_counter()
-            )
+            self._in_flight[seq] = _InFlight(batch, time.perf_counter())
             self.stats.num_micro_batches += 1
             meta = encode_micro_batch(seq, batch)
             hidden = to_host(result.hidden_states)
@@ -234,12 +225,12 @@ class PipelineDriver:
             num_sent += 1
         return num_sent
 
-    def drop_in_flight(self) -> list[SchedulerOutput]:
-        """Forget the micro-batches out (their stages are gone); returns them."""
-        batches = [item.batch for item in self._in_flight.values()]
+    def drop_in_flight(self, engine: LLMEngine) -> list[str]:
+        """On the engine thread: forget the micro-batches out (a stage is gone); their
+        requests compute those tokens again. Returns their ids."""
         self._in_flight.clear()
         self._returned.clear()
-        return batches
+        return engine.pipeline.discard_in_flight()
 
 
 class StageRunner:

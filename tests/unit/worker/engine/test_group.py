@@ -22,6 +22,7 @@ from collections import deque
 import pytest
 import torch
 
+from services.policies.groups import split_layers
 from services.worker.engine import (
     EngineStateError,
     GroupPool,
@@ -30,7 +31,6 @@ from services.worker.engine import (
     RequestStatus,
     SamplingParams,
     plan_group_pool,
-    split_layers,
 )
 from tests.unit.worker.engine.helpers import collect, random_prompts, weight_digest
 

@@ -9,6 +9,7 @@ import weakref
 import pytest
 import torch
 
+from services.policies.groups import split_layers
 from services.worker.engine import (
     EngineStateError,
     GroupCapacityError,
@@ -19,7 +20,6 @@ from services.worker.engine import (
     RequestState,
     SamplingParams,
     plan_group_pool,
-    split_layers,
 )
 from tests.unit.worker.engine.helpers import (
     collect,

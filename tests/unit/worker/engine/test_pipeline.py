@@ -8,38 +8,15 @@ import pytest
 from services.worker.engine import (
     GroupCapacityError,
     GroupPool,
-    InvalidLayerRangeError,
     InvalidMicroBatchError,
     RequestOutput,
     SamplingParams,
     plan_group_pool,
-    split_layers,
 )
 from tests.unit.worker.engine.helpers import collect, random_prompts
 
 PROMPTS = random_prompts(seed=5, num_prompts=3, min_len=6, max_len=12)
 PARAMS = SamplingParams(max_tokens=4, ignore_eos=True)
-
-
-@pytest.mark.parametrize(
-    ("num_layers", "num_stages", "ranges"),
-    [
-        (4, 1, [(0, 4)]),
-        (4, 2, [(0, 2), (2, 4)]),
-        (4, 4, [(0, 1), (1, 2), (2, 3), (3, 4)]),
-        (32, 4, [(0, 8), (8, 16), (16, 24), (24, 32)]),
-        (6, 4, [(0, 2), (2, 4), (4, 5), (5, 6)]),  # the first 6 mod 4 stages: one more
-        (7, 3, [(0, 3), (3, 5), (5, 7)]),
-    ],
-)
-def test_split_layers(num_layers, num_stages, ranges):
-    assert split_layers(num_layers, num_stages) == ranges
-
-
-@pytest.mark.parametrize(("num_layers", "num_stages"), [(4, 5), (4, 0), (0, 1), (4, 2.0)])
-def test_split_layers_refuses_impossible_splits(num_layers, num_stages):
-    with pytest.raises(InvalidLayerRangeError, match=f"cannot split {num_layers!r} layers"):
-        split_layers(num_layers, num_stages)
 
 
 def test_plan_group_pool_puts_members_side_by_side():
