@@ -14,10 +14,12 @@ CHANNEL_OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    # Reconnect quickly after a peer restarts (default backoff grows to 120 s).
+    # Reconnect quickly after a peer restarts (default backoff grows to 120 s). Not
+    # grpc.min_reconnect_backoff_ms: gRPC also takes it as each connection attempt's
+    # timeout, and a loaded host can need more than a fraction of a second for the
+    # handshake ("connection attempt timed out before receiving SETTINGS frame").
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2_000),
-    ("grpc.min_reconnect_backoff_ms", 200),
 ]
 
 # Default deadline for unary control-plane calls, in seconds. Streams set their own.

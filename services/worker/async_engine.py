@@ -171,7 +171,13 @@ class AsyncEngine:
             engine = self.engine
             outputs: list[RequestOutput] = []
             stepper = self.stepper
-            if stepper.has_work(engine) if stepper else engine.has_unfinished_requests():
+            # An engine without every layer steps only through a stepper (KunServe stage
+            # 0's pipeline); a stage that runs what stage 0 sends has nothing to step.
+            if (
+                stepper.has_work(engine)
+                if stepper
+                else engine.layer_ranges.steps_alone and engine.has_unfinished_requests()
+            ):
                 try:
                     step_start = time.perf_counter()
                     outputs = stepper.step(engine) if stepper else engine.step()
@@ -223,7 +229,8 @@ class AsyncEngine:
         request_ids = list(engine.scheduler.requests)
         for request_id in request_ids:
             engine.abort_request(request_id)
-        outputs = engine.step() if engine.has_unfinished_requests() else []
+        # The aborts come out of the pending outputs (step() needs every layer).
+        outputs = engine.pipeline.take_outputs()
         for output in outputs:
             if output.finish_reason == "abort":
                 output.finish_reason = "error"

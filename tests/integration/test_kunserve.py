@@ -136,9 +136,13 @@ def _names(mesh) -> list[str]:
 
 @pytest.mark.parametrize("num_stages", [2, 4])
 def test_drop_serve_restore_gives_exact_tokens(kmesh, reference_engine, num_stages):
+    """Requests running on the members when they drop (their KV is exchanged), requests
+    that arrive while the group serves (they cross the restore), all exact."""
     members = _names(kmesh)[:num_stages]
-    before = workload(6, num_stages, 90)
+    before = workload(8, num_stages, 700)
+    during_group = workload(4, 50 + num_stages, 500)
     expected = reference_tokens(reference_engine, before)
+    expected_during = reference_tokens(reference_engine, during_group)
     figures = {}
 
     def during():
@@ -146,8 +150,7 @@ def test_drop_serve_restore_gives_exact_tokens(kmesh, reference_engine, num_stag
         group = reply.group
         figures["drop"] = reply
         assert [m.instance_id for m in group.members] == members
-        num_layers = 4
-        step = num_layers // num_stages
+        step = 4 // num_stages
         assert [(m.layer_start, m.layer_end) for m in group.members] == [
             (s * step, (s + 1) * step) for s in range(num_stages)
         ]
@@ -155,7 +158,7 @@ def test_drop_serve_restore_gives_exact_tokens(kmesh, reference_engine, num_stag
         assert group.freed_weight_bytes > 0
         state = cluster_state(kmesh.scheduler_address)
         assert [g.group_id for g in state.groups] == [group.group_id]
-        # Each member reports its stage and layers; only stage 0 takes requests.
+        # Each member reports its stage and layers.
         for m in group.members:
             address = next(w.address for w in kmesh.workers if w.name == m.instance_id)
             report = wait_until(
@@ -167,19 +170,21 @@ def test_drop_serve_restore_gives_exact_tokens(kmesh, reference_engine, num_stag
                 m.layer_start,
                 m.layer_end,
             )
-        # Requests that arrive while the group serves run in the pipeline.
-        during_group = workload(3, 50 + num_stages, 40)
-        figures["during"] = (
-            during_group,
-            run_streams(kmesh, during_group, f"in-group-{num_stages}", lambda: None),
+        # Requests that arrive while the group serves; the restore comes mid-stream.
+        in_group = threading.Thread(
+            target=lambda: figures.setdefault(
+                "during", run_streams(kmesh, during_group, f"in-group-{num_stages}", lambda: None)
+            )
         )
-        time.sleep(0.3)
+        in_group.start()
+        time.sleep(1.0)
         figures["restore"] = restore(kmesh, group.group_id)
+        in_group.join()
 
     tokens = run_streams(kmesh, before, f"drop-{num_stages}", during)
     assert tokens == expected
-    during_group, during_tokens = figures["during"]
-    assert during_tokens == reference_tokens(reference_engine, during_group)
+    assert figures["during"] == expected_during
+    assert figures["drop"].group.group_id
     assert figures["restore"].restore_ms > 0
 
 

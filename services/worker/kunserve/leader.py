@@ -170,7 +170,7 @@ class GroupLeader:
                 m.hooks.set_epoch(r.handoff.state.request_id, r.handoff.placement_epoch)
                 m.hooks.adopt(r.handoff)
         engine_config = m.async_engine.engine.config
-        self.driver = PipelineDriver(
+        driver = PipelineDriver(
             m.key,
             m.transport,
             group.members[1].transport_address,
@@ -180,9 +180,8 @@ class GroupLeader:
             max_num_seqs=engine_config.max_num_seqs,
             max_num_batched_tokens=engine_config.max_num_batched_tokens,
             on_failure=lambda exc: m.lost(f"pipeline transfer failed: {exc}"),
-            exchange=m.exchange,
+            exchange=m.kv_exchange,
         )
-        driver = self.driver
 
         def adopt(engine: LLMEngine) -> None:
             for reply in joined.values():
@@ -195,6 +194,7 @@ class GroupLeader:
             m.async_engine.stepper = driver
 
         await m.async_engine.run(adopt)
+        self.driver = driver  # stage 0 takes submits from here on
         driver.start()
 
     def _exchange_plans(self, joined: dict[int, JoinReply]) -> dict[int, ExchangePlan]:

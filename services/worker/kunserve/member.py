@@ -105,9 +105,15 @@ class GroupMembership:
 
     @property
     def takes_requests(self) -> bool:
-        """Submits and incoming migrations: only alone, or as stage 0 of a serving group."""
-        return self.role in (Role.ALONE, Role.LEADER) and not (
-            self.role is Role.LEADER and self.leader is not None and self.leader.is_restoring
+        """Submits: alone, or as stage 0 of a group whose pipeline runs (not restoring)."""
+        if self.role is Role.ALONE:
+            return True
+        leader = self.leader
+        return (
+            self.role is Role.LEADER
+            and leader is not None
+            and leader.driver is not None
+            and not leader.is_restoring
         )
 
     def member_client(self, member: GroupMember) -> GrpcMember:
@@ -251,7 +257,7 @@ class GroupMembership:
         if moves:
             self.announce_moves(handed, group.leader)
             self._handed = handed
-        self.group = replace(group, num_group_blocks=group.num_group_blocks)
+        self.group = group
         self.role = Role.LEADER if is_leader else Role.STAGE
         if not is_leader:
             self._start_runner(group, me)
