@@ -203,7 +203,7 @@ def test_drop_refuses_bad_groups_with_clear_errors(kmesh):
 
 def test_kill_9_of_a_stage_dissolves_the_group_and_requests_finish_exactly(kmesh, reference_engine):
     members = _names(kmesh)[:2]
-    requests = workload(4, 77, 200)
+    requests = workload(6, 77, 900)
     expected = reference_tokens(reference_engine, requests)
     killed = threading.Event()
 
@@ -239,7 +239,7 @@ def test_kill_9_of_a_stage_dissolves_the_group_and_requests_finish_exactly(kmesh
 
 def test_kill_9_of_stage_0_fails_over_and_members_reload(kmesh, reference_engine):
     members = _names(kmesh)[:2]
-    requests = workload(4, 91, 200)
+    requests = workload(6, 91, 900)
     expected = reference_tokens(reference_engine, requests)
 
     def during():
