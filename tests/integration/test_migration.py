@@ -17,6 +17,7 @@ import pytest
 from bench._checkpoint import llama_config, write_checkpoint
 from gateway.client import AsyncClient
 from protos import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
+from services.common.config import load_config
 from services.common.procs import LocalMesh
 from services.worker.engine import EngineConfig, LLMEngine, SamplingParams
 from tests.integration.conftest import (
@@ -104,7 +105,11 @@ def timeout_mesh(tmp_path_factory, model_dir):
 @pytest.fixture(scope="module")
 def reference(model_dir):
     engine = LLMEngine.from_config(
-        EngineConfig(model=str(model_dir), memory_capacity_bytes=256 * 1024 * 1024, kernels=KERNELS)
+        load_config(
+            EngineConfig,
+            "ENGINE",
+            {"model": str(model_dir), "memory_capacity_bytes": 256 * 2**20, "kernels": KERNELS},
+        )
     )
 
     def tokens(prompt: list[int], **sampling) -> list[int]:
