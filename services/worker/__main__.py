@@ -15,8 +15,19 @@ from services.common.tracing import setup_tracing, shutdown_tracing
 MiB = 1024 * 1024
 
 
-def _mib_to_bytes(value: str) -> int:
-    return max(1, int(float(value) * MiB))
+def _mib_to_bytes(flag: str):
+    """An argparse type for `flag`, a size in MiB (fractions allowed) > 0, as bytes."""
+
+    def parse(value: str) -> int:
+        try:
+            num_bytes = int(float(value) * MiB)
+        except (ValueError, OverflowError):  # not a number, nan, inf
+            num_bytes = 0
+        if num_bytes <= 0:
+            raise argparse.ArgumentTypeError(f"{flag} must be a number of MiB > 0, got {value!r}")
+        return num_bytes
+
+    return parse
 
 
 def _zero_is_none(value: str) -> int | None:
@@ -59,7 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     engine.add_argument(
         "--memory-capacity-mb",
         dest="engine.memory_capacity_bytes",
-        type=_mib_to_bytes,
+        type=_mib_to_bytes("--memory-capacity-mb"),
         help="weights + KV pool, MiB (default 256)",
     )
     engine.add_argument(
@@ -89,7 +100,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     migration.add_argument(
         "--migration-stage-chunk-mib",
         dest="migration.stage_chunk_bytes",
-        type=_mib_to_bytes,
+        type=_mib_to_bytes("--migration-stage-chunk-mib"),
         help="largest KV transfer of a migration stage, MiB (default 16)",
     )
     return parser.parse_args(argv)

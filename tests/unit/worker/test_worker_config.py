@@ -81,6 +81,15 @@ def test_every_worker_flag_lands_in_its_field():
     assert (config.engine.block_size, config.engine.kernels) == (8, "torch")
 
 
+@pytest.mark.parametrize("flag", ["--memory-capacity-mb", "--migration-stage-chunk-mib"])
+@pytest.mark.parametrize("value", ["0", "-1", "1e-9", "inf", "lots"])
+def test_a_size_flag_below_one_byte_is_refused_naming_the_flag(flag, value, capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_args([flag, value])
+    assert info.value.code == 2
+    assert f"{flag} must be a number of MiB > 0, got {value!r}" in capsys.readouterr().err
+
+
 def test_llmesh_kernels_sets_the_engine_kernels_below_the_worker_variable():
     assert load_config(WorkerConfig, "WORKER", environ={}).engine.kernels == "auto"
     env = {"LLMESH_KERNELS": "torch"}
