@@ -9,16 +9,22 @@ nests: field `scheduling_policy` of `WorkerConfig.engine` comes from
 (an argparse `dest`). A field may also name a process-wide variable in its metadata,
 `field(metadata={ENV: "LLMESH_KERNELS"})`, read when its own name is not set.
 
+Values are spelled the same in env vars and flags (`flag_type`): `none` unsets an
+optional field, a size (a `*_bytes` field) is bytes or carries a unit (`256MiB`),
+durations are seconds (`*_s`), booleans `1/0`, `true/false`, `yes/no` or `on/off`.
+
 This module imports nothing from the services: every component may use it.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
+import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -40,17 +46,41 @@ def env_name(prefix: str, field: str) -> str:
     )
 
 
-def _parse(raw: str, annotation: Any, name: str) -> Any:
+# Units a size (`*_bytes` field) may carry, e.g. "256MiB"; a bare number is bytes.
+_SIZE_UNITS = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+_SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*", re.IGNORECASE)
+
+
+def parse_size(raw: str, name: str) -> int:
+    """A size in bytes: `4096`, `256MiB`, `0.25 MiB`, `2GiB` (KiB/MiB/GiB, any case).
+
+    Fractions of a byte round down; the result must be at least 1 byte, so a zero, a
+    negative or a too small value is refused, never clamped.
+    """
+    match = _SIZE.fullmatch(raw)
+    unit = _SIZE_UNITS.get(match.group(2).lower()) if match else None
+    num_bytes = int(float(match.group(1)) * unit) if match and unit else 0
+    if num_bytes < 1:
+        raise ConfigError(
+            f"{name}={raw!r} is not a size of at least 1 byte (bytes, or with KiB/MiB/GiB)"
+        )
+    return num_bytes
+
+
+def _parse(raw: str, annotation: Any, name: str, field: str) -> Any:
+    """`raw` (the text of env var or flag `name`) as a value of `field`'s type."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
         if raw.lower() in ("", "none", "null") and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _parse(raw, inner[0], name)
+        return _parse(raw, inner[0], name, field)
     if origin is tuple:
         item = args[0] if args else str
-        return tuple(_parse(p.strip(), item, name) for p in raw.split(",") if p.strip())
+        return tuple(_parse(p.strip(), item, name, field) for p in raw.split(",") if p.strip())
+    if annotation is int and field.endswith("_bytes"):
+        return parse_size(raw, name)
     try:
         if annotation is bool:
             if raw.lower() in ("1", "true", "yes", "on"):
@@ -63,6 +93,31 @@ def _parse(raw: str, annotation: Any, name: str) -> Any:
     except ValueError as exc:
         raise ConfigError(f"{name}={raw!r} is not a valid {annotation.__name__}") from exc
     raise ConfigError(f"{name}: unsupported config type {annotation!r}")
+
+
+class _ExplicitNone:
+    """A flag's `none`: unlike None (the flag was not given), it overrides the env var."""
+
+    def __repr__(self) -> str:
+        return "none"
+
+
+EXPLICIT_NONE = _ExplicitNone()
+
+
+def flag_type(annotation: Any, field: str, flag: str) -> Callable[[str], Any]:
+    """An argparse `type` for `flag`, which sets `field`: it takes exactly the spellings
+    the field's environment variable takes (`none` for an optional, `256MiB` for a size)
+    and refuses the others naming the flag."""
+
+    def parse(raw: str) -> Any:
+        try:
+            value = _parse(raw, annotation, flag, field)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return EXPLICIT_NONE if value is None else value
+
+    return parse
 
 
 def _nested_overrides(overrides: Mapping[str, Any], name: str) -> dict[str, Any]:
@@ -110,11 +165,11 @@ def _load(
             continue
         for name in (env_name(prefix, field.name), field.metadata.get(ENV)):
             if name and name in environ:
-                values[field.name] = _parse(environ[name], annotation, name)
+                values[field.name] = _parse(environ[name], annotation, name, field.name)
                 break
         value = overrides.get(field.name)
         if value is not None:
-            values[field.name] = value
+            values[field.name] = None if value is EXPLICIT_NONE else value
     try:
         return cls(**values) if base is None else dataclasses.replace(base, **values)
     except TypeError as exc:
@@ -130,8 +185,8 @@ def load_config(
     """Build `cls` from its defaults, then env vars `LLMESH_<PREFIX>_<FIELD>`, then overrides.
 
     Overrides whose value is None are ignored, so argparse namespaces can be passed
-    directly (`vars(args)`) with unset flags left as None; keys that name no field are
-    ignored too. A nested config's overrides are `{"engine": {...}}` or dotted keys
+    directly (`vars(args)`) with unset flags left as None (a flag's explicit `none` is
+    EXPLICIT_NONE, which sets None); keys that name no field are ignored too. A nested config's overrides are `{"engine": {...}}` or dotted keys
     (`"engine.block_size"`).
     """
     environ = os.environ if environ is None else environ

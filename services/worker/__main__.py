@@ -7,31 +7,10 @@ import asyncio
 import importlib
 import sys
 
-from services.common.config import load_config
+from services.common.config import flag_type, load_config
 from services.common.logging import setup_logging
 from services.common.procs import die_with_parent
 from services.common.tracing import setup_tracing, shutdown_tracing
-
-MiB = 1024 * 1024
-
-
-def _mib_to_bytes(flag: str):
-    """An argparse type for `flag`, a size in MiB (fractions allowed) > 0, as bytes."""
-
-    def parse(value: str) -> int:
-        try:
-            num_bytes = int(float(value) * MiB)
-        except (ValueError, OverflowError):  # not a number, nan, inf
-            num_bytes = 0
-        if num_bytes <= 0:
-            raise argparse.ArgumentTypeError(f"{flag} must be a number of MiB > 0, got {value!r}")
-        return num_bytes
-
-    return parse
-
-
-def _zero_is_none(value: str) -> int | None:
-    return int(value) or None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,7 +18,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="llmesh-worker",
         description="llmesh worker (one engine). Every flag also reads LLMESH_WORKER_<FIELD>; "
         "engine flags LLMESH_WORKER_ENGINE_<FIELD>, migration flags "
-        "LLMESH_WORKER_MIGRATION_<FIELD> (see services/worker/config.py).",
+        "LLMESH_WORKER_MIGRATION_<FIELD> (see services/worker/config.py). A flag takes what "
+        "its variable takes: 'none' unsets an optional, sizes are bytes or 256MiB, 2GiB.",
     )
     parser.add_argument("--bind", help="host:port of the Worker API (port 0 = any free port)")
     parser.add_argument(
@@ -68,18 +48,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     engine.add_argument("--device", dest="engine.device")
     engine.add_argument("--block-size", dest="engine.block_size", type=int)
     engine.add_argument(
-        "--memory-capacity-mb",
+        "--memory-capacity-bytes",
         dest="engine.memory_capacity_bytes",
-        type=_mib_to_bytes("--memory-capacity-mb"),
-        help="weights + KV pool, MiB (default 256)",
+        type=flag_type(int, "memory_capacity_bytes", "--memory-capacity-bytes"),
+        help="weights + KV pool (default 256MiB)",
     )
     engine.add_argument(
-        "--num-kv-blocks", dest="engine.num_kv_blocks", type=_zero_is_none, help="0 = all that fits"
+        "--num-kv-blocks",
+        dest="engine.num_kv_blocks",
+        type=flag_type(int | None, "num_kv_blocks", "--num-kv-blocks"),
+        help="KV pool size in blocks; none (default) = all that fits",
     )
     engine.add_argument("--max-num-seqs", dest="engine.max_num_seqs", type=int)
     engine.add_argument("--max-num-batched-tokens", dest="engine.max_num_batched_tokens", type=int)
     engine.add_argument(
-        "--max-model-len", dest="engine.max_model_len", type=_zero_is_none, help="0 = the model's"
+        "--max-model-len",
+        dest="engine.max_model_len",
+        type=flag_type(int | None, "max_model_len", "--max-model-len"),
+        help="context limit; none (default) = the model's",
     )
     engine.add_argument(
         "--scheduling-policy",
@@ -98,10 +84,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--migration-transfer-timeout-s", dest="migration.transfer_timeout_s", type=float
     )
     migration.add_argument(
-        "--migration-stage-chunk-mib",
+        "--migration-stage-chunk-bytes",
         dest="migration.stage_chunk_bytes",
-        type=_mib_to_bytes("--migration-stage-chunk-mib"),
-        help="largest KV transfer of a migration stage, MiB (default 16)",
+        type=flag_type(int, "stage_chunk_bytes", "--migration-stage-chunk-bytes"),
+        help="largest KV transfer of a migration stage (default 16MiB)",
     )
     return parser.parse_args(argv)
 

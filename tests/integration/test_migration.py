@@ -53,7 +53,7 @@ def _mesh(
         log_dir=tmp_path_factory.mktemp(name),
         num_workers=2,
         model=str(model_dir),
-        worker_args=("--memory-capacity-mb", "128", *worker_args),
+        worker_args=("--memory-capacity-bytes", "128MiB", *worker_args),
         # These tests order every migration themselves (admin RPC / CLI); the
         # scheduler's own loop is tested in test_scheduling_loops.py.
         scheduler_args=("--migration-policy", "none"),
@@ -64,7 +64,9 @@ def _mesh(
 @pytest.fixture(scope="module")
 def mesh2(tmp_path_factory, model_dir):
     # Stages in transfers of 16 blocks (16 KiB each here), so long contexts take many.
-    mesh = _mesh(tmp_path_factory, model_dir, "migration", ("--migration-stage-chunk-mib", "0.25"))
+    mesh = _mesh(
+        tmp_path_factory, model_dir, "migration", ("--migration-stage-chunk-bytes", "0.25MiB")
+    )
     yield mesh
     mesh.stop()
 
@@ -89,7 +91,7 @@ def timeout_mesh(tmp_path_factory, model_dir):
         log_dir=tmp_path_factory.mktemp("migration-timeout"),
         num_workers=2,
         model=str(model_dir),
-        worker_args=("--memory-capacity-mb", "128"),
+        worker_args=("--memory-capacity-bytes", "128MiB"),
         scheduler_args=("--migration-policy", "none"),
         env={
             "LLMESH_WORKER_TORCH_THREADS": "1",

@@ -1,8 +1,9 @@
+import argparse
 from dataclasses import dataclass, field
 
 import pytest
 
-from services.common.config import ENV, ConfigError, load_config, require
+from services.common.config import ENV, ConfigError, flag_type, load_config, require
 
 
 @dataclass(frozen=True)
@@ -93,3 +94,34 @@ def test_a_bad_nested_value_is_a_config_error_naming_it():
         load_config(OuterConfig, "outer", environ={"LLMESH_OUTER_OTHER_SIZE": "0"})
     with pytest.raises(ConfigError, match="LLMESH_OUTER_INNER_SIZE='big'"):
         load_config(OuterConfig, "outer", environ={"LLMESH_OUTER_INNER_SIZE": "big"})
+
+
+@dataclass(frozen=True)
+class SizedConfig:
+    buffer_bytes: int = 1024
+    limit: int | None = None
+
+
+@pytest.mark.parametrize(
+    ("raw", "num_bytes"),
+    [("4096", 4096), ("4KiB", 4096), ("0.25MiB", 1 << 18), ("2 gib", 2 << 30), ("1.5", 1)],
+)
+def test_a_bytes_field_takes_a_size_with_a_binary_unit(raw, num_bytes):
+    env = {"LLMESH_SIZED_BUFFER_BYTES": raw}
+    assert load_config(SizedConfig, "sized", environ=env).buffer_bytes == num_bytes
+
+
+@pytest.mark.parametrize("raw", ["0", "-4KiB", "0.1", "16MB", "MiB", "1e-10GiB"])
+def test_a_size_below_one_byte_or_misspelled_is_refused_naming_the_variable(raw):
+    with pytest.raises(ConfigError, match=f"LLMESH_SIZED_BUFFER_BYTES='{raw}' is not a size"):
+        load_config(SizedConfig, "sized", environ={"LLMESH_SIZED_BUFFER_BYTES": raw})
+
+
+def test_a_flag_parses_like_the_env_var_and_its_none_overrides_it():
+    parse_limit = flag_type(int | None, "limit", "--limit")
+    parse_size = flag_type(int, "buffer_bytes", "--buffer-bytes")
+    env = {"LLMESH_SIZED_LIMIT": "3", "LLMESH_SIZED_BUFFER_BYTES": "1MiB"}
+    flags = {"limit": parse_limit("none"), "buffer_bytes": parse_size("2KiB")}
+    assert load_config(SizedConfig, "sized", flags, environ=env) == SizedConfig(2048, None)
+    with pytest.raises(argparse.ArgumentTypeError, match="--buffer-bytes='0' is not a size"):
+        parse_size("0")
