@@ -86,13 +86,16 @@ def fetch_cluster(
         state = scheduler_pb2_grpc.SchedulerStub(channel).GetClusterState(
             scheduler_pb2.GetClusterStateRequest(), timeout=timeout_s
         )
-    rows = [
-        InstanceRow(
-            instance_spec_from_proto(i.info), load_from_proto(i.load).load, i.ms_since_report
-        )
-        for i in state.instances
-    ]
-    return rows, ClusterSummary.from_proto(state)
+    return rows_from_proto(state), ClusterSummary.from_proto(state)
+
+
+def rows_from_proto(state: scheduler_pb2.ClusterState) -> list[InstanceRow]:
+    rows = []
+    for instance in state.instances:
+        spec = instance_spec_from_proto(instance.info)
+        load = load_from_proto(instance.load, spec.block_size).load
+        rows.append(InstanceRow(spec, load, instance.ms_since_report))
+    return rows
 
 
 def _freeness(value: float) -> str:

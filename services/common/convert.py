@@ -178,13 +178,14 @@ def load_to_proto(report: LoadReport) -> common_pb2.LoadReport:
     )
 
 
-def load_from_proto(report: common_pb2.LoadReport) -> LoadReport:
-    """The report as sent; its load's `block_size` is the default (the proto does not
-    carry it: readers that need it take it from the instance's InstanceInfo)."""
+def load_from_proto(report: common_pb2.LoadReport, block_size: int) -> LoadReport:
+    """The report as sent. A report does not carry the instance's block size: pass the
+    one its registration (InstanceInfo.block_size) gave."""
     if not report.instance_id:
         raise ValueError("load report instance_id must not be empty")
     load = InstanceLoad(
         instance_id=report.instance_id,
+        block_size=block_size,
         num_total_blocks=report.num_total_blocks,
         num_used_blocks=report.num_used_blocks,
         num_running=report.num_running,

@@ -62,7 +62,8 @@ def worker_load(address: str, check_integrity: bool = False) -> LoadReport:
         reply = worker_pb2_grpc.WorkerStub(channel).GetLoad(
             worker_pb2.GetLoadRequest(check_integrity=check_integrity), timeout=RPC_TIMEOUT_S
         )
-    return load_from_proto(reply)
+    # The mesh's workers run the default block size (a load report does not carry it).
+    return load_from_proto(reply, EngineConfig().block_size)
 
 
 def wait_worker_idle(address: str, timeout_s: float = 20.0) -> LoadReport:

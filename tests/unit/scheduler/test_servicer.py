@@ -107,6 +107,17 @@ async def test_dispatch_goes_to_the_freest_instance_and_respects_exclusions(sche
     assert state.dispatch_policy == "freest"
 
 
+async def test_a_reported_load_takes_the_block_size_of_the_registration(scheduler):
+    stub, registry = scheduler
+    spec = InstanceSpec("a", "addr-a", "tiny", 32, 4, 0, 4, 2048, 258, 257)
+    await stub.RegisterInstance(
+        scheduler_pb2.RegisterInstanceRequest(info=instance_spec_to_proto(spec)), timeout=TIMEOUT_S
+    )
+    await stream_one_report(stub, registry, report("a", 1, used=10, running=1))
+    assert registry.get("a").report.load.block_size == 32
+    assert [load.block_size for load in registry.loads()] == [32]
+
+
 async def test_load_stream_of_an_unregistered_instance_is_not_found(scheduler):
     stub, _ = scheduler
 
