@@ -77,7 +77,9 @@ def kernels_to_proto(kernels: str) -> int:
 
 
 def kernels_from_proto(value: int) -> str:
-    return _from_proto(_KERNELS_FROM_PROTO, value, "kernels")
+    """The backend's name; "" (unknown) for a value this build does not know, so a newer
+    worker's registration still reads (migrations pair and accept equal known names only)."""
+    return _KERNELS_FROM_PROTO.get(value, "")
 
 
 def migration_mode_to_proto(mode: MigrationMode) -> int:
