@@ -7,7 +7,7 @@ import asyncio
 import importlib
 import sys
 
-from services.common.config import flag_type, load_config
+from services.common.config import ConfigError, flag_type, load_config
 from services.common.logging import setup_logging
 from services.common.procs import die_with_parent
 from services.common.tracing import setup_tracing, shutdown_tracing
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = load_config(WorkerConfig, "WORKER", vars(args))
-    except ValueError as exc:
+    except ConfigError as exc:
         print(f"llmesh-worker: {exc}", file=sys.stderr)
         return 2
     setup_logging("worker", config.log_level)

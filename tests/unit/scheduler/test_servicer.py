@@ -152,17 +152,22 @@ async def test_bad_registration_and_deregistration(scheduler):
 
 
 def test_config_names_the_bad_value():
-    with pytest.raises(ValueError, match="dispatch_policy='nope'"):
+    with pytest.raises(ConfigError, match="dispatch_policy='nope'"):
         SchedulerConfig(dispatch_policy="nope")
     with pytest.raises(
         ConfigError, match="lease_s=0.1 must be at least 4 x report_interval_s=0.05"
     ):
         SchedulerConfig(lease_s=0.1)
-    with pytest.raises(ValueError, match="migration_policy='nope'"):
+    with pytest.raises(ConfigError, match="migration_policy='nope'"):
         SchedulerConfig(migration_policy="nope")
-    with pytest.raises(ValueError, match="scale_up_freeness=50.0 must be < scale_down_freeness"):
+    with pytest.raises(
+        ConfigError,
+        match="^scaling settings: scale_up_freeness=50.0 must be < scale_down_freeness",
+    ):
         SchedulerConfig(scale_up_freeness=50.0, scale_down_freeness=20.0)
-    with pytest.raises(ValueError, match="worker_args=.*not valid shell syntax"):
+    with pytest.raises(ConfigError, match="^migration settings: interval_s=0.0 must be > 0"):
+        SchedulerConfig(migration_interval_s=0.0)
+    with pytest.raises(ConfigError, match="worker_args=.*not valid shell syntax"):
         SchedulerConfig(worker_args='--model "unclosed')
 
 
