@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import re
 import types
@@ -32,6 +33,23 @@ T = TypeVar("T")
 ENV_PREFIX = "LLMESH_"
 # Field metadata key: a process-wide environment variable that also sets the field.
 ENV = "env"
+# LLMESH_* variables that are not fields of the config whose prefix they share, so
+# load_config does not warn about them: where the CLI finds the services (they share
+# the gateway's and the scheduler's prefixes), process-wide settings read through field
+# metadata or their own configs, and what launchers set for their children.
+NON_CONFIG_VARIABLES = frozenset(
+    {
+        "LLMESH_GATEWAY_ADDRESS",  # services/cli/status.py ClientAddresses
+        "LLMESH_SCHEDULER_ADDRESS",  # services/cli/status.py ClientAddresses
+        "LLMESH_KERNELS",  # EngineConfig.kernels (field metadata)
+        "LLMESH_KERNEL_CACHE",  # KernelBuildConfig.cache
+        "LLMESH_TEST_HOOKS",  # services/worker/config.py TestHooksConfig (tests only)
+        "LLMESH_PARENT_PID",  # services/common/procs.py: set by launchers for die_with_parent
+        "LLMESH_PYTHON",  # ./llmesh: the interpreter that creates .venv
+    }
+)
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -186,11 +204,43 @@ def load_config(
 
     Overrides whose value is None are ignored, so argparse namespaces can be passed
     directly (`vars(args)`) with unset flags left as None (a flag's explicit `none` is
-    EXPLICIT_NONE, which sets None); keys that name no field are ignored too. A nested config's overrides are `{"engine": {...}}` or dotted keys
-    (`"engine.block_size"`).
+    EXPLICIT_NONE, which sets None); keys that name no field are ignored too. A nested
+    config's overrides are `{"engine": {...}}` or dotted keys (`"engine.block_size"`).
+
+    An env var `LLMESH_<PREFIX>_*` that names no field (a typo, or a name from an older
+    release such as LLMESH_SCHEDULER_LEASE_MS) is logged as a WARNING and ignored, unless
+    it is one of NON_CONFIG_VARIABLES.
     """
     environ = os.environ if environ is None else environ
+    if prefix:
+        _warn_unknown_variables(cls, prefix, environ)
     return _load(cls, prefix, overrides or {}, environ, None)
+
+
+def _env_names(cls: type, prefix: str) -> set[str]:
+    """The env var of every field of `cls`, nested configs' fields included."""
+    hints = typing.get_type_hints(cls)
+    names: set[str] = set()
+    for field in dataclasses.fields(cls):
+        annotation = hints[field.name]
+        if dataclasses.is_dataclass(annotation):
+            names |= _env_names(annotation, f"{prefix}_{field.name}")
+        else:
+            names.add(env_name(prefix, field.name))
+    return names
+
+
+def _warn_unknown_variables(cls: type, prefix: str, environ: Mapping[str, str]) -> None:
+    known = _env_names(cls, prefix) | NON_CONFIG_VARIABLES
+    start = env_name(prefix, "")
+    for name in sorted(environ):
+        if name.startswith(start) and name not in known:
+            log.warning(
+                "%s matches no field of %s (loaded from %s*): ignored",
+                name,
+                cls.__name__,
+                start,
+            )
 
 
 def require(condition: bool, message: str) -> None:

@@ -125,3 +125,38 @@ def test_a_flag_parses_like_the_env_var_and_its_none_overrides_it():
     assert load_config(SizedConfig, "sized", flags, environ=env) == SizedConfig(2048, None)
     with pytest.raises(argparse.ArgumentTypeError, match="--buffer-bytes='0' is not a size"):
         parse_size("0")
+
+
+def test_an_env_var_under_the_prefix_that_names_no_field_is_a_warning(caplog):
+    env = {
+        "LLMESH_OUTER_NAME": "y",
+        "LLMESH_OUTER_INNER_SIZE": "3",
+        "LLMESH_OUTER_LEASE_MS": "300",  # an old name
+        "LLMESH_OUTER_INNER_SIZ": "4",  # a typo in a nested config's field
+        "LLMESH_OUTER_OTHER": "5",  # a nested config is not a variable itself
+        "LLMESH_OUTERMOST_NAME": "z",  # another prefix
+        "LLMESH_MODE": "b",
+    }
+    with caplog.at_level("WARNING", logger="services.common.config"):
+        cfg = load_config(OuterConfig, "outer", environ=env)
+    assert cfg == OuterConfig("y", InnerConfig(3, "b"), InnerConfig(5, "b"))
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        (
+            "WARNING",
+            f"LLMESH_OUTER_{name} matches no field of OuterConfig (loaded from LLMESH_OUTER_*): "
+            "ignored",
+        )
+        for name in ("INNER_SIZ", "LEASE_MS", "OTHER")
+    ]
+
+
+def test_the_documented_non_config_variables_are_not_warned_about(caplog):
+    @dataclass(frozen=True)
+    class GatewayLike:
+        bind: str = ""
+
+    env = {"LLMESH_GATEWAY_ADDRESS": "h:1", "LLMESH_GATEWAY_BIND": "h:2"}
+    with caplog.at_level("WARNING", logger="services.common.config"):
+        assert load_config(GatewayLike, "gateway", environ=env) == GatewayLike("h:2")
+        assert load_config(GatewayLike, "", environ={"LLMESH_ANYTHING": "1"}) == GatewayLike()
+    assert caplog.records == []

@@ -193,3 +193,27 @@ def test_the_worker_installs_the_fault_hooks_llmesh_test_hooks_names(monkeypatch
     assert _fault_hooks() is NO_FAULTS
     monkeypatch.setenv("LLMESH_TEST_HOOKS", "tests.integration.hooks.pause_before_commit")
     assert type(_fault_hooks()) is PauseBeforeCommit
+
+
+def test_old_variable_names_are_warned_about_and_the_service_addresses_are_not(caplog):
+    from services.scheduler.config import SchedulerConfig
+
+    env = {
+        "LLMESH_WORKER_MEMORY_CAPACITY_MB": "64",  # now ..._ENGINE_MEMORY_CAPACITY_BYTES
+        "LLMESH_WORKER_ENGINE_MEMORY_CAPACITY_BYTES": "64MiB",
+        "LLMESH_SCHEDULER_LEASE_MS": "300",  # now ..._LEASE_S
+        "LLMESH_SCHEDULER_ADDRESS": "127.0.0.1:7002",  # where the CLI finds the scheduler
+        "LLMESH_GATEWAY_ADDRESS": "127.0.0.1:7001",
+        "LLMESH_KERNELS": "torch",
+        "LLMESH_TEST_HOOKS": "",
+    }
+    with caplog.at_level("WARNING", logger="services.common.config"):
+        worker = load_config(WorkerConfig, "WORKER", environ=env)
+        scheduler = load_config(SchedulerConfig, "SCHEDULER", environ=env)
+        gateway = load_config(GatewayConfig, "GATEWAY", environ=env)
+    assert (worker.engine.memory_capacity_bytes, scheduler.lease_s) == (64 * MiB, 3.0)
+    assert gateway == GatewayConfig()
+    assert [r.getMessage().split()[0] for r in caplog.records] == [
+        "LLMESH_WORKER_MEMORY_CAPACITY_MB",
+        "LLMESH_SCHEDULER_LEASE_MS",
+    ]
