@@ -6,8 +6,9 @@ read here and nowhere else: field `foo_bar` of a config loaded with prefix `WORK
 comes from `LLMESH_WORKER_FOO_BAR`. A field whose type is itself a config dataclass
 nests: field `scheduling_policy` of `WorkerConfig.engine` comes from
 `LLMESH_WORKER_ENGINE_SCHEDULING_POLICY`, and from the override `engine.scheduling_policy`
-(an argparse `dest`). A field may also name a process-wide variable in its metadata,
-`field(metadata={ENV: "LLMESH_KERNELS"})`, read when its own name is not set.
+(an argparse `dest`); a nested config is declared `field(default_factory=ItsClass)` and
+starts from its class's defaults. A field may also name a process-wide variable in its
+metadata, `field(metadata={ENV: "LLMESH_KERNELS"})`, read when its own name is not set.
 
 Values are spelled the same in env vars and flags (`flag_type`): `none` unsets an
 optional field, a size (a `*_bytes` field) is bytes or carries a unit (`256MiB`),
@@ -148,38 +149,28 @@ def _nested_overrides(overrides: Mapping[str, Any], name: str) -> dict[str, Any]
     return nested
 
 
-def _field_default(field: dataclasses.Field) -> Any:
-    if field.default is not dataclasses.MISSING:
-        return field.default
-    if field.default_factory is not dataclasses.MISSING:
-        return field.default_factory()
-    return dataclasses.MISSING
-
-
-def _load(
-    cls: type[T],
-    prefix: str,
-    overrides: Mapping[str, Any],
-    environ: Mapping[str, str],
-    base: T | None,
-) -> T:
+def _load(cls: type[T], prefix: str, overrides: Mapping[str, Any], environ: Mapping[str, str]) -> T:
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     for field in dataclasses.fields(cls):
         annotation = hints[field.name]
         if dataclasses.is_dataclass(annotation):
+            # A nested config starts from its own class's defaults, like a top-level one.
+            if field.default_factory is not annotation:
+                raise TypeError(
+                    f"{cls.__name__}.{field.name}: declare a nested config as "
+                    f"field(default_factory={annotation.__name__})"
+                )
             given = overrides.get(field.name)
             if isinstance(given, annotation):  # a whole nested config wins, like any override
                 values[field.name] = given
-                continue
-            default = _field_default(field) if base is None else getattr(base, field.name)
-            values[field.name] = _load(
-                annotation,
-                f"{prefix}_{field.name}" if prefix else field.name,
-                _nested_overrides(overrides, field.name),
-                environ,
-                None if default is dataclasses.MISSING else default,
-            )
+            else:
+                values[field.name] = _load(
+                    annotation,
+                    f"{prefix}_{field.name}" if prefix else field.name,
+                    _nested_overrides(overrides, field.name),
+                    environ,
+                )
             continue
         for name in (env_name(prefix, field.name), field.metadata.get(ENV)):
             if name and name in environ:
@@ -189,7 +180,7 @@ def _load(
         if value is not None:
             values[field.name] = None if value is EXPLICIT_NONE else value
     try:
-        return cls(**values) if base is None else dataclasses.replace(base, **values)
+        return cls(**values)
     except TypeError as exc:
         raise ConfigError(f"{cls.__name__}: {exc}") from exc
 
@@ -214,7 +205,7 @@ def load_config(
     environ = os.environ if environ is None else environ
     if prefix:
         _warn_unknown_variables(cls, prefix, environ)
-    return _load(cls, prefix, overrides or {}, environ, None)
+    return _load(cls, prefix, overrides or {}, environ)
 
 
 def _env_names(cls: type, prefix: str) -> set[str]:

@@ -66,7 +66,7 @@ class InnerConfig:
 class OuterConfig:
     name: str = "x"
     inner: InnerConfig = field(default_factory=InnerConfig)
-    other: InnerConfig = field(default_factory=lambda: InnerConfig(size=5))
+    other: InnerConfig = field(default_factory=InnerConfig)
 
 
 def test_nested_configs_load_from_prefixed_env_and_dotted_or_nested_overrides():
@@ -74,18 +74,18 @@ def test_nested_configs_load_from_prefixed_env_and_dotted_or_nested_overrides():
     cfg = load_config(OuterConfig, "outer", {"name": "y", "other.size": 7}, environ=env)
     assert cfg == OuterConfig("y", InnerConfig(3, "a"), InnerConfig(7, "b"))
     cfg = load_config(OuterConfig, "outer", {"inner": {"size": 2}}, environ={})
-    assert cfg == OuterConfig("x", InnerConfig(2, "a"), InnerConfig(5, "a"))
+    assert cfg == OuterConfig("x", InnerConfig(2, "a"), InnerConfig(1, "a"))
     cfg = load_config(OuterConfig, "outer", {"inner": InnerConfig(4, "c")}, environ=env)
-    assert cfg == OuterConfig("x", InnerConfig(4, "c"), InnerConfig(5, "b"))
+    assert cfg == OuterConfig("x", InnerConfig(4, "c"), InnerConfig(1, "b"))
 
 
 def test_a_field_also_reads_its_process_wide_variable_below_its_own():
     assert load_config(OuterConfig, "outer", environ={"LLMESH_MODE": "b"}) == OuterConfig(
-        "x", InnerConfig(1, "b"), InnerConfig(5, "b")
+        "x", InnerConfig(1, "b"), InnerConfig(1, "b")
     )
     env = {"LLMESH_MODE": "b", "LLMESH_OUTER_INNER_MODE": "c"}
     assert load_config(OuterConfig, "outer", {"other.mode": "d"}, environ=env) == OuterConfig(
-        "x", InnerConfig(1, "c"), InnerConfig(5, "d")
+        "x", InnerConfig(1, "c"), InnerConfig(1, "d")
     )
 
 
@@ -139,7 +139,7 @@ def test_an_env_var_under_the_prefix_that_names_no_field_is_a_warning(caplog):
     }
     with caplog.at_level("WARNING", logger="services.common.config"):
         cfg = load_config(OuterConfig, "outer", environ=env)
-    assert cfg == OuterConfig("y", InnerConfig(3, "b"), InnerConfig(5, "b"))
+    assert cfg == OuterConfig("y", InnerConfig(3, "b"), InnerConfig(1, "b"))
     assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
         (
             "WARNING",
@@ -160,3 +160,14 @@ def test_the_documented_non_config_variables_are_not_warned_about(caplog):
         assert load_config(GatewayLike, "gateway", environ=env) == GatewayLike("h:2")
         assert load_config(GatewayLike, "", environ={"LLMESH_ANYTHING": "1"}) == GatewayLike()
     assert caplog.records == []
+
+
+def test_a_nested_config_with_another_default_than_its_class_is_refused():
+    @dataclass(frozen=True)
+    class Odd:
+        inner: InnerConfig = field(default_factory=lambda: InnerConfig(size=5))
+
+    with pytest.raises(
+        TypeError, match=r"Odd.inner: declare .* field\(default_factory=InnerConfig"
+    ):
+        load_config(Odd, "odd", environ={})
