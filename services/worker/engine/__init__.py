@@ -31,7 +31,7 @@ from services.worker.engine.errors import (
 )
 from services.worker.engine.executor import Executor, ExecutorOutput, TorchExecutor
 from services.worker.engine.layer_ranges import LayerChange, LayerRanges
-from services.worker.engine.migration import MigrationHooks
+from services.worker.engine.migration import EngineMigration
 from services.worker.engine.outputs import EngineStats, RequestOutput, RequestView, StepInfo
 from services.worker.engine.request import RequestState, RequestStatus
 from services.worker.engine.sampling_params import SamplingParams
@@ -48,6 +48,7 @@ __all__ = [
     "EmptyPromptError",
     "EngineConfig",
     "EngineInputError",
+    "EngineMigration",
     "EngineStateError",
     "EngineStats",
     "Executor",
@@ -61,7 +62,6 @@ __all__ = [
     "LLMEngine",
     "LayerChange",
     "LayerRanges",
-    "MigrationHooks",
     "ModelConfig",
     "NoFreeBlocksError",
     "PromptTooLongError",
