@@ -448,6 +448,22 @@ def test_wrong_tensors_raise_value_errors_before_any_native_call():
     assert issubclass(KernelArgumentError, ValueError)
 
 
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"head_dim": 12}, "multiples of 8 (this model: head_dim 12)"),
+        ({"hidden_size": 100, "intermediate_size": 36}, "hidden_size 100, intermediate_size 36"),
+        ({"num_heads": 34, "num_kv_heads": 2}, "at most 16 query heads per KV head"),
+    ],
+)
+def test_a_model_shape_the_kernels_cannot_take_is_one_reason_for_both_checks(changes, reason):
+    config = dataclasses.replace(TINY_MODEL_CONFIG, **changes)
+    assert reason in native.unavailable(config, "float32", "cpu")
+    with pytest.raises(KernelArgumentError, match=re.escape("native decoder layers: they")) as e:
+        native.NativeLayers(config, {})
+    assert reason in str(e.value)
+
+
 def test_the_guards_hold_under_python_O():
     """They are checks, not asserts: `python -O` keeps them."""
     script = (
@@ -512,6 +528,7 @@ def test_without_a_compiler_the_native_tests_skip_and_the_rest_pass(tmp_path):
         "test_bad_kernels_name_is_a_config_error",
         "test_no_compiler_falls_back_to_torch_or_says_why",
         "test_wrong_tensors_raise_value_errors_before_any_native_call",
+        "test_a_model_shape_the_kernels_cannot_take_is_one_reason_for_both_checks",
         "test_the_guards_hold_under_python_O",
     }
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
