@@ -75,7 +75,7 @@ async def test_stages_travel_in_chunks_of_stage_chunk_bytes(cluster):
     # Every transfer carries one block; an empty last stage is one offer without bytes.
     assert result.num_stages in (result.num_blocks, result.num_blocks + 1)
     assert result.num_bytes == result.num_blocks * a.engine.kv_block_nbytes
-    assert a.source._buffers.num_free >= 1 and b.destination._buffers.num_free >= 1  # reused
+    assert a.source._stages.buffers.num_free >= 1 and b.destination._buffers.num_free >= 1  # reused
     await asyncio.wait_for(streams["r1"].finished.wait(), 60)
     assert streams["r1"].tokens == expected
     assert streams["r1"].sources[0] == "a" and streams["r1"].sources[-1] == "b"
