@@ -25,7 +25,7 @@ from services.worker.async_engine import AsyncEngine
 from services.worker.engine import LLMEngine
 from services.worker.engine.errors import NoFreeBlocksError
 from services.worker.migration.buffers import StagingBuffers
-from services.worker.migration.compatibility import kernel_backend, kernels_mismatch
+from services.worker.migration.compatibility import kernels_mismatch
 from services.worker.migration.config import MigrationConfig
 from services.worker.migration.status import (
     RESERVATION_TRANSITIONS,
@@ -116,7 +116,7 @@ class MigrationDestination:
         if existing is not None:  # a retried handshake
             existing.last_touch = self._clock()
             return PrepareReply(True, "", engine_nbytes)
-        mismatch = kernels_mismatch(offer.kernels, kernel_backend(self._engine.engine))
+        mismatch = kernels_mismatch(offer.kernels, self._engine.engine.kernels)
         if mismatch is not None:
             log.warning(
                 "migration_refused",

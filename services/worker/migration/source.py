@@ -34,7 +34,6 @@ from services.common.logging import bind_context, get_logger
 from services.common.tracing import context_to_dict, get_tracer
 from services.worker.async_engine import AsyncEngine
 from services.worker.engine import LLMEngine, RequestState, RequestStatus
-from services.worker.migration.compatibility import kernel_backend
 from services.worker.migration.config import MigrationConfig
 from services.worker.migration.faults import NO_FAULTS, FaultHooks
 from services.worker.migration.stages import StageProgress, StageSender
@@ -263,7 +262,7 @@ class MigrationSource:
             num_blocks=num_blocks,
             lease_s=self._config.lease_s,
             num_tokens=snap.num_tokens,
-            kernels=kernel_backend(engine),
+            kernels=engine.kernels,
             trace_context=context_to_dict(),
         )
         try:
