@@ -319,7 +319,11 @@ def outputs_from_proto(batch: gateway_pb2.OutputBatch) -> list[OutputDelta]:
             o.request_id,
             o.first_token_index,
             tuple(o.token_ids),
-            _FINISH_FROM_PROTO[o.finish_reason] if o.finish_reason else FinishReason.NONE,
+            (
+                _from_proto(_FINISH_FROM_PROTO, o.finish_reason, "finish_reason")
+                if o.finish_reason  # the common case, unfinished, without a lookup
+                else FinishReason.NONE
+            ),
             o.error,
             o.moved_to_instance_id,
             o.moved_to_address,

@@ -128,3 +128,10 @@ def test_output_batch_round_trip():
     batch = outputs_to_proto("w", deltas)
     assert batch.instance_id == "w"
     assert outputs_from_proto(batch) == deltas
+
+
+def test_an_unknown_finish_reason_is_a_value_error_naming_it():
+    batch = outputs_to_proto("w", [OutputDelta("a", 0, (1,), FinishReason.STOP)])
+    batch.outputs[0].finish_reason = 9
+    with pytest.raises(ValueError, match="finish_reason=9 is not a known value"):
+        outputs_from_proto(batch)
