@@ -5,7 +5,8 @@ posts a data-plane receive into a staging tensor and copies it into the reserved
 blocks. Commit waits for every stage, adopts the request (engine.migration.import_request) and
 remembers (request_id, migration_id) so a repeated commit, after a lost reply, answers
 "committed" without running the request twice. A reservation that sees no RPC for
-lease_s is freed: a dead source can never leak blocks here. A handshake from an engine
+its lease (the one the source offered, PrepareOffer.lease_s, else this worker's
+MigrationConfig.lease_s) is freed: a dead source can never leak blocks here. A handshake from an engine
 on other kernels is refused (compatibility.py): its request would not continue the
 same tokens here.
 """
@@ -52,6 +53,7 @@ class Reservation:
     offer: PrepareOffer
     block_ids: list[int]
     last_touch: float  # the lease's clock when the source was last heard from
+    lease_s: float  # freed when the source is silent this long (its offer's lease)
     status: ReservationStatus = ReservationStatus.RESERVED
     receives: list[asyncio.Task] = field(default_factory=list)
     transfer_ids: list[str] = field(default_factory=list)
@@ -143,7 +145,9 @@ class MigrationDestination:
         outcome = await self._engine.run(reserve)
         if isinstance(outcome, str):
             return PrepareReply(False, outcome)
-        self._reservations[offer.migration_id] = Reservation(offer, outcome, self._clock())
+        # The source's lease, if it offered one; else this worker's.
+        lease_s = offer.lease_s if offer.lease_s > 0 else self._config.lease_s
+        self._reservations[offer.migration_id] = Reservation(offer, outcome, self._clock(), lease_s)
         log.info(
             "migration_reserved",
             migration_id=offer.migration_id,
@@ -293,14 +297,16 @@ class MigrationDestination:
             self._committed.popitem(last=False)
 
     async def _lease_loop(self) -> None:
-        lease_s = self._config.lease_s
         while True:
-            await asyncio.sleep(lease_s / 4)
+            shortest = min(
+                [self._config.lease_s, *(r.lease_s for r in self._reservations.values())]
+            )
+            await asyncio.sleep(shortest / 4)
             now = self._clock()
             for reservation in list(self._reservations.values()):
                 if reservation.status is not ReservationStatus.RESERVED:
                     continue
                 # A receive still in progress counts as activity: bytes are flowing.
                 is_receiving = any(not t.done() for t in reservation.receives)
-                if not is_receiving and now - reservation.last_touch > lease_s:
+                if not is_receiving and now - reservation.last_touch > reservation.lease_s:
                     await self._abort(reservation, AbortReason.LEASE_EXPIRED)
