@@ -7,14 +7,7 @@ import pytest
 from services.common.messages import InstanceSpec, LoadReport
 from services.policies import InstanceLoad
 from services.scheduler.registry import InstanceRegistry
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clock import FakeClock
 
 
 def spec(instance_id: str, block_size: int = 16) -> InstanceSpec:
@@ -34,7 +27,7 @@ def load(
 
 
 def test_lease_runs_out_without_reports_and_reports_renew_it():
-    clock = Clock()
+    clock = FakeClock()
     registry = InstanceRegistry(lease_s=3.0, clock=clock)
     registry.register(spec("a"))
     registry.register(spec("b"))
@@ -77,7 +70,7 @@ def test_a_registered_instance_looks_idle_until_it_reports():
 
 
 def test_pending_dispatches_count_until_a_later_report():
-    clock = Clock()
+    clock = FakeClock()
     registry = InstanceRegistry(lease_s=2.0, clock=clock)
     registry.register(spec("a", block_size=32))
     registry.report(load("a", 1, used=10, running=1, block_size=32))

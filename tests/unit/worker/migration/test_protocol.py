@@ -11,6 +11,7 @@ import pytest
 from services.worker.engine import LLMEngine, SamplingParams
 from services.worker.migration import MigrationConfig, MigrationMode, MigrationStatus
 from services.worker.migration.faults import FaultHooks
+from tests.clock import FakeClock
 from tests.unit.worker.migration.conftest import ENGINE_CONFIG
 from tests.unit.worker.migration.harness import reference_tokens
 
@@ -258,8 +259,8 @@ async def test_silent_source_lease_frees_the_reservation(
 ):
     """The lease is the one the source offered; an offer without one gets the
     destination's own."""
-    now = [0.0]
-    a, b, streams = await cluster(MigrationConfig(lease_s=own_lease_s), b_clock=lambda: now[0])
+    clock = FakeClock()
+    a, b, streams = await cluster(MigrationConfig(lease_s=own_lease_s), b_clock=clock)
     from services.worker.migration import PrepareOffer
 
     reply = await b.destination.prepare(
@@ -267,11 +268,11 @@ async def test_silent_source_lease_frees_the_reservation(
     )
     assert reply.accepted
     await asyncio.sleep(0.3)  # lease checks run, but the lease clock has not moved
-    now[0] = lease_s * 0.9  # silent, but not for a whole lease yet
+    clock.now = lease_s * 0.9  # silent, but not for a whole lease yet
     await asyncio.sleep(0.3)
     assert b.destination.num_active == 1
     assert await b.async_engine.run(lambda e: e.block_manager.num_used_blocks) == 10
-    now[0] = lease_s * 1.1  # the source has been silent for longer than the lease
+    clock.now = lease_s * 1.1  # the source has been silent for longer than the lease
     for _ in range(100):
         if b.destination.num_active == 0:
             break
