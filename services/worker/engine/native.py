@@ -25,6 +25,7 @@ from services.worker.engine.native_checks import (
     MAX_QUERIES_PER_KV,
     PANEL,
     check_matrix,
+    check_norm_weight,
     check_pool,
     check_row_tables,
     check_rows,
@@ -119,9 +120,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """(T, H) -> (T, H): weight * (x / sqrt(mean(x^2) + eps)), per row."""
-    width = weight.shape[0]
-    check_width("rms_norm", width)
-    check_tensor("norm weight", weight, (width,))
+    width = check_norm_weight("norm weight", weight)
     x_stride = check_rows("x", x, width)
     rows = x.shape[0]
     out = torch.empty(rows, width)
@@ -136,10 +135,11 @@ def add_rms_norm_(
     hidden: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor
 ) -> None:
     """hidden += delta (in place), then out = rms_norm(hidden); all (T, H)."""
-    width = weight.shape[0]
-    check_width("add_rms_norm_", width)
-    check_tensor("norm weight", weight, (width,))
-    strides = [check_rows(name, t, width) for name, t in (("hidden", hidden), ("delta", delta), ("out", out))]  # fmt: skip
+    width = check_norm_weight("norm weight", weight)
+    strides = [
+        check_rows(name, t, width)
+        for name, t in (("hidden", hidden), ("delta", delta), ("out", out))
+    ]
     rows = hidden.shape[0]
     if delta.shape[0] != rows or out.shape[0] != rows:
         raise KernelArgumentError(
@@ -360,9 +360,9 @@ class NativeLayers:
             struct.cache_k = pool.data_ptr()
             struct.cache_v = struct.cache_k + half
         status = library().llmesh_decoder_layers(
-            hidden.data_ptr(), num_rows, structs, num_layers, c.hidden_size, c.intermediate_size, c.num_heads,
-            c.num_kv_heads, c.head_dim, c.rms_norm_eps, c.head_dim**-0.5, cos.data_ptr(),
-            sin.data_ptr(), slots.data_ptr(), shape[2] * shape[3], shape[3],
+            hidden.data_ptr(), num_rows, structs, num_layers, c.hidden_size, c.intermediate_size,
+            c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps, c.head_dim**-0.5,
+            cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), shape[2] * shape[3], shape[3],
             rows.block_tables.data_ptr(), rows.block_tables.shape[1], rows.row_seq.data_ptr(),
             rows.positions.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip

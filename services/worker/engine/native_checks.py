@@ -81,6 +81,16 @@ def check_matrix(
     return packed
 
 
+def check_norm_weight(name: str, weight: torch.Tensor) -> int:
+    """An RMSNorm weight (H,), H a multiple of the vector width; returns H."""
+    if weight.dim() != 1:
+        raise KernelArgumentError(f"{name}: expected (H,), got {tuple(weight.shape)}")
+    width = weight.shape[0]
+    check_width(name, width)
+    check_tensor(name, weight, (width,))
+    return width
+
+
 def check_pool(name: str, pool: torch.Tensor, num_kv_heads: int, head_dim: int) -> None:
     """A layer's KV pool (2, nkv, NB, bs, hd), float32, contiguous."""
     if pool.dim() != 5:

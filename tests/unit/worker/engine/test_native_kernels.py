@@ -425,6 +425,12 @@ def test_wrong_tensors_raise_value_errors_before_any_native_call():
         "weight bias: expected": lambda: native.linear(x, weight, torch.zeros(31)),
         "N a multiple of 16": lambda: native.pack_weight(torch.zeros(24, 16)),
         "x: expected rows of 8": lambda: native.rms_norm(torch.zeros(3, 16), torch.zeros(8), 1e-5),
+        "norm weight: expected (H,), got ()": lambda: native.rms_norm(
+            torch.zeros(3, 16), torch.tensor(1.0), 1e-5
+        ),
+        "norm weight: width 12 is not a multiple of 8": lambda: native.add_rms_norm_(
+            torch.zeros(3, 12), torch.zeros(3, 12), torch.zeros(12), 1e-5, torch.zeros(3, 12)
+        ),
         "silu_mul: width 6": lambda: native.silu_mul(torch.zeros(3, 12)),
         "hidden, delta and out have 3, 2 and 3 rows": lambda: native.add_rms_norm_(
             torch.zeros(3, 16), torch.zeros(2, 16), torch.zeros(16), 1e-5, torch.zeros(3, 16)
