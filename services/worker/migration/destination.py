@@ -6,9 +6,9 @@ blocks. Commit waits for every stage, adopts the request (engine.migration.impor
 remembers (request_id, migration_id) so a repeated commit, after a lost reply, answers
 "committed" without running the request twice. A reservation that sees no RPC for
 its lease (the one the source offered, PrepareOffer.lease_s, else this worker's
-MigrationConfig.lease_s) is freed: a dead source can never leak blocks here. A handshake from an engine
-on other kernels is refused (compatibility.py): its request would not continue the
-same tokens here.
+MigrationConfig.lease_s) is freed: a dead source can never leak blocks here. A
+handshake from an engine on other kernels is refused (compatibility.py): its request
+would not continue the same tokens here.
 """
 
 from __future__ import annotations
