@@ -175,7 +175,7 @@ def run_processes(
         num_workers=2,
         model=str(model_dir),
         worker_args=(
-            "--torch-threads", "1", "--memory-capacity-mb", "2048",
+            "--torch-threads", "1", "--memory-capacity-bytes", "2GiB",
             "--max-model-len", str(max_len), "--max-num-batched-tokens", "1024",
             "--log-level", "WARNING",
         ),

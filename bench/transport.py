@@ -58,7 +58,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print a JSON summary last")
     parser.add_argument("--rounds", type=int, default=2, help="throughput rounds (best kept)")
     parser.add_argument("--activations", type=int, default=300, help="latency samples per run")
-    parser.add_argument("--interval-ms", type=float, default=4.0, help="between activations")
+    parser.add_argument(
+        "--interval-s", type=float, default=0.004, help="between activations, seconds"
+    )
     parser.add_argument("--no-native", action="store_true", help="skip ucx_perftest")
     parser.add_argument("--chunk-mib", type=float, default=None, help="override kv_chunk_bytes")
     parser.add_argument("--window", type=int, default=None, help="override kv_window")
@@ -69,7 +71,7 @@ def main(argv: list[str]) -> int:
         streamed_in_flight=4,
         single_reps=5,
         num_activations=args.activations,
-        activation_interval_s=args.interval_ms / 1000,
+        activation_interval_s=args.interval_s,
         with_native=not args.no_native,
         with_throughput=not args.skip_throughput,
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import grpc
 
@@ -97,8 +97,7 @@ def view_from_proto(state: scheduler_pb2.ClusterState) -> list[InstanceView]:
     views = []
     for instance in state.instances:
         spec = instance_spec_from_proto(instance.info)
-        load = replace(load_from_proto(instance.load).load, block_size=spec.block_size)
-        views.append(InstanceView(spec, load))
+        views.append(InstanceView(spec, load_from_proto(instance.load, spec.block_size).load))
     return views
 
 

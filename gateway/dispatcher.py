@@ -2,8 +2,10 @@
 
     1. Scheduler.Dispatch (with a deadline)               the normal path
     2. "freest" over the gateway's cached cluster view    scheduler down, view fresh
-    3. "round_robin" over every instance ever seen        scheduler down, view stale
+    3. "round_robin" over the same view's instances       scheduler down, view stale
 
+Both local paths skip the instances the view shows draining (terminating); the view
+keeps an instance missing from a refresh for its forget_after_s, then drops it.
 Instances the gateway saw die recently are excluded on every path, as are the ones the
 caller excludes (e.g. those that already failed this request).
 """

@@ -5,12 +5,16 @@ UCX_NET_DEVICES, ...) when a transport starts, and options given in `ucx_options
 over them. The one the UCX backend looks at itself is UCX_RNDV_THRESH, when it creates
 its context: set, it wins over the threshold chosen here (ucx.py). Nothing here writes
 the environment. See docs/kvtransport.md for the settings to use per deployment.
+Validation raises services.common.config.ConfigError (a ValueError), as every config's
+does; that module is torch-free and imports nothing from the services.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+
+from services.common.config import ConfigError, require
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -87,10 +91,10 @@ class TransportConfig:
         _check_range("kv_chunk_bytes", self.kv_chunk_bytes, 4 * KIB, 1 * GIB)
         _check_range("kv_window", self.kv_window, 1, 64)
         _check_range("kv_window_with_activations", self.kv_window_with_activations, 1, 64)
-        if not isinstance(self.activation_quiet_s, int | float) or self.activation_quiet_s < 0:
-            raise ValueError(
-                f"activation_quiet_s must be a number of seconds >= 0, got {self.activation_quiet_s!r}"
-            )
+        require(
+            isinstance(self.activation_quiet_s, int | float) and self.activation_quiet_s >= 0,
+            f"activation_quiet_s must be a number of seconds >= 0, got {self.activation_quiet_s!r}",
+        )
         _check_range("inline_max_bytes", self.inline_max_bytes, 0, 16 * MIB)
         _check_range("max_header_bytes", self.max_header_bytes, 4 * KIB, 16 * MIB)
         _check_range("num_mailbox_slots", self.num_mailbox_slots, 2, 1024)
@@ -104,15 +108,20 @@ class TransportConfig:
             "tombstone_ttl_s",
         ):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or not value > 0:
-                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-        if not self.tcp_host:
-            raise ValueError(f"tcp_host must be a non-empty address, got {self.tcp_host!r}")
+            require(
+                isinstance(value, int | float) and value > 0,
+                f"{name} must be a positive number of seconds, got {value!r}",
+            )
+        require(bool(self.tcp_host), f"tcp_host must be a non-empty address, got {self.tcp_host!r}")
         for pair in self.ucx_options:
-            if len(pair) != 2 or not all(isinstance(part, str) for part in pair):
-                raise ValueError(f"ucx_options entries must be (name, value) strings, got {pair!r}")
-            if pair[0].startswith("UCX_"):
-                raise ValueError(f"ucx_options names go without the UCX_ prefix, got {pair[0]!r}")
+            require(
+                len(pair) == 2 and all(isinstance(part, str) for part in pair),
+                f"ucx_options entries must be (name, value) strings, got {pair!r}",
+            )
+            require(
+                not pair[0].startswith("UCX_"),
+                f"ucx_options names go without the UCX_ prefix, got {pair[0]!r}",
+            )
 
     @property
     def mailbox_slot_bytes(self) -> int:
@@ -125,9 +134,11 @@ def _enum(enum_type, value, name: str):
         return enum_type(value)
     except ValueError:
         choices = ", ".join(repr(member.value) for member in enum_type)
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}") from None
+        raise ConfigError(f"{name} must be one of {choices}, got {value!r}") from None
 
 
 def _check_range(name: str, value, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+    require(
+        not isinstance(value, bool) and isinstance(value, int) and low <= value <= high,
+        f"{name} must be an integer in [{low}, {high}], got {value!r}",
+    )

@@ -92,7 +92,7 @@ class UcxWorker:
         self._is_closed = False
         # The latency mode's window runs on `clock` (tests step it); progress slices
         # always on time.monotonic.
-        self.clock = clock
+        self._clock = clock
         self._latency_until = float("-inf")  # clock() until which to slice finely
 
     def start(self) -> None:
@@ -112,11 +112,11 @@ class UcxWorker:
 
     def prefer_latency_for(self, seconds: float) -> None:
         """Progress in short slices for `seconds` from now (activations are flowing)."""
-        self._latency_until = max(self._latency_until, self.clock() + seconds)
+        self._latency_until = max(self._latency_until, self._clock() + seconds)
 
     @property
     def is_latency_mode(self) -> bool:
-        return self.clock() < self._latency_until
+        return self._clock() < self._latency_until
 
     @property
     def num_pending(self) -> int:

@@ -150,3 +150,39 @@ def test_no_mixins_in_the_engine() -> None:
             ):
                 mixins.append(f"{path.relative_to(REPO_ROOT)}:{node.name}")
     assert mixins == []
+
+
+def _engine_doc_rows() -> list[list[str]]:
+    """The modules of each row of docs/engine.md's file table, top to bottom."""
+    lines = (REPO_ROOT / "docs" / "engine.md").read_text().splitlines()
+    start = lines.index("| file | job |") + 2  # below the header and its rule
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        names = line.split("|")[1].split("`")[1::2]
+        rows.append(
+            [f"services.worker.engine.{n.removesuffix('/').removesuffix('.py')}" for n in names]
+        )
+    return rows
+
+
+def test_the_engine_modules_import_down_the_order_of_their_doc_table() -> None:
+    """docs/engine.md says no engine module imports one listed below it: keep it true."""
+    rows = _engine_doc_rows()
+    row_of = {module: index for index, row in enumerate(rows) for module in row}
+    engine = "services.worker.engine"
+    graph = _graph()
+    modules = {m for m in graph if m.startswith(engine + ".")}
+    # Every engine module is in the table (a package's modules count as the package).
+    missing = sorted(
+        m for m in modules if m not in row_of and not any(_is_within(m, r) for r in row_of)
+    )
+    assert missing == []
+    upward = sorted(
+        f"{name} -> {target}"
+        for name in modules
+        for target in graph[name]
+        if target in row_of and name in row_of and row_of[target] > row_of[name]
+    )
+    assert upward == []

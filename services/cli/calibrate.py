@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+from services.common.config import flag_type
+
 HELP = "measure the torch executor and fit a cost-model profile (JSON) for the simulator"
 
 
@@ -13,7 +15,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="where to write the profile JSON")
     parser.add_argument("--name", default=None, help="profile name (default: <model>-cpu)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--memory-capacity-bytes", type=int, default=256 * 1024 * 1024)
+    parser.add_argument(
+        "--memory-capacity-bytes",
+        type=flag_type(int, "memory_capacity_bytes", "--memory-capacity-bytes"),
+        default=256 * 1024 * 1024,
+        help="weights + KV memory: bytes, or 256MiB, 2GiB",
+    )
     parser.add_argument(
         "--repeats", type=int, default=7, help="timed runs per probe (the fastest counts)"
     )

@@ -22,6 +22,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from services.common.config import flag_type
+
 HELP = "generate tokens for a prompt through the gateway (--local: engine in this process)"
 
 PARAM_FIELDS = (
@@ -76,7 +78,10 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--block-size", type=int, default=16, help="KV block size in tokens")
     parser.add_argument(
-        "--memory-capacity-bytes", type=int, default=None, help="weights + KV memory (bytes)"
+        "--memory-capacity-bytes",
+        type=flag_type(int, "memory_capacity_bytes", "--memory-capacity-bytes"),
+        default=None,
+        help="weights + KV memory: bytes, or 256MiB, 2GiB",
     )
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")

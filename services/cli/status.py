@@ -50,7 +50,7 @@ class InstanceRow:
     @classmethod
     def from_proto(cls, state: scheduler_pb2.InstanceState) -> InstanceRow:
         spec = instance_spec_from_proto(state.info)
-        report: LoadReport = load_from_proto(state.load)
+        report: LoadReport = load_from_proto(state.load, spec.block_size)
         # A worker that does not report its layers holds what it registered with.
         layers = (
             (report.layer_start, report.layer_end)
@@ -115,8 +115,11 @@ def fetch_cluster(
         state = scheduler_pb2_grpc.SchedulerStub(channel).GetClusterState(
             scheduler_pb2.GetClusterStateRequest(), timeout=timeout_s
         )
-    rows = [InstanceRow.from_proto(i) for i in state.instances]
-    return rows, ClusterSummary.from_proto(state)
+    return [InstanceRow.from_proto(i) for i in state.instances], ClusterSummary.from_proto(state)
+
+
+def rows_from_proto(state: scheduler_pb2.ClusterState) -> list[InstanceRow]:
+    return [InstanceRow.from_proto(i) for i in state.instances]
 
 
 def _freeness(value: float) -> str:

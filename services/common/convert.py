@@ -77,7 +77,9 @@ def kernels_to_proto(kernels: str) -> int:
 
 
 def kernels_from_proto(value: int) -> str:
-    return _from_proto(_KERNELS_FROM_PROTO, value, "kernels")
+    """The backend's name; "" (unknown) for a value this build does not know, so a newer
+    worker's registration still reads (migrations pair and accept equal known names only)."""
+    return _KERNELS_FROM_PROTO.get(value, "")
 
 
 def migration_mode_to_proto(mode: MigrationMode) -> int:
@@ -183,13 +185,14 @@ def load_to_proto(report: LoadReport) -> common_pb2.LoadReport:
     )
 
 
-def load_from_proto(report: common_pb2.LoadReport) -> LoadReport:
-    """The report as sent; its load's `block_size` is the default (the proto does not
-    carry it: readers that need it take it from the instance's InstanceInfo)."""
+def load_from_proto(report: common_pb2.LoadReport, block_size: int) -> LoadReport:
+    """The report as sent. A report does not carry the instance's block size: pass the
+    one its registration (InstanceInfo.block_size) gave."""
     if not report.instance_id:
         raise ValueError("load report instance_id must not be empty")
     load = InstanceLoad(
         instance_id=report.instance_id,
+        block_size=block_size,
         num_total_blocks=report.num_total_blocks,
         num_used_blocks=report.num_used_blocks,
         num_running=report.num_running,
@@ -326,7 +329,11 @@ def outputs_from_proto(batch: gateway_pb2.OutputBatch) -> list[OutputDelta]:
             o.request_id,
             o.first_token_index,
             tuple(o.token_ids),
-            _FINISH_FROM_PROTO[o.finish_reason] if o.finish_reason else FinishReason.NONE,
+            (
+                _from_proto(_FINISH_FROM_PROTO, o.finish_reason, "finish_reason")
+                if o.finish_reason  # the common case, unfinished, without a lookup
+                else FinishReason.NONE
+            ),
             o.error,
             o.moved_to_instance_id,
             o.moved_to_address,

@@ -49,14 +49,19 @@ class HFTokenizer:
         return self._tokenizer.decode(token_ids, skip_special_tokens=True)
 
 
+def checkpoint_dir(model: str) -> Path:
+    """`model` (anything but "tiny") as an HF checkpoint directory; ValueError if it is not one."""
+    path = Path(model)
+    if not path.is_dir():
+        raise ValueError(f"model {model!r} is neither 'tiny' nor a checkpoint directory")
+    return path
+
+
 def load_tokenizer(model: str) -> Tokenizer:
     """The tokenizer of `model`: "tiny" or an HF checkpoint directory (its tokenizer.json)."""
     if model == TINY_MODEL:
         return ByteTokenizer()
-    path = Path(model)
-    if not path.is_dir():
-        raise ValueError(f"model {model!r} is neither 'tiny' nor a checkpoint directory")
-    tokenizer_file = path / "tokenizer.json"
+    tokenizer_file = checkpoint_dir(model) / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise ValueError(f"model {model!r}: no tokenizer.json in that directory")
     return HFTokenizer(tokenizer_file)

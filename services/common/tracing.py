@@ -2,8 +2,9 @@
 
 No exporter by default (spans are created but dropped); OTLP/gRPC export when an
 endpoint is configured (each service config's `otlp_endpoint`, e.g.
-`LLMESH_WORKER_OTLP_ENDPOINT`), and an in-memory exporter for tests. Trace context travels as `traceparent`/`tracestate` in
-gRPC metadata and in plain dicts (data-plane control messages, RequestState).
+`LLMESH_WORKER_OTLP_ENDPOINT`), and an in-memory exporter for tests. Trace context
+travels as `traceparent`/`tracestate` in gRPC metadata and in plain dicts (data-plane
+control messages, RequestState).
 """
 
 from __future__ import annotations

@@ -24,6 +24,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
+from services.common.config import require
+
 # Priorities follow the protos: 0 is normal, anything above is "high".
 NORMAL_PRIORITY = 0
 
@@ -42,10 +44,10 @@ class LoadModelConfig:
     high_priority_headroom_blocks: int = 0
 
     def __post_init__(self) -> None:
-        if self.high_priority_headroom_blocks < 0:
-            raise ValueError(
-                f"high_priority_headroom_blocks={self.high_priority_headroom_blocks} must be >= 0"
-            )
+        require(
+            self.high_priority_headroom_blocks >= 0,
+            f"high_priority_headroom_blocks={self.high_priority_headroom_blocks} must be >= 0",
+        )
 
 
 class RunningRequest(NamedTuple):

@@ -21,6 +21,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from services.common.config import require
 from services.policies.load import InstanceLoad
 from services.policies.registry import register_migration
 
@@ -43,22 +44,22 @@ class MigrationConfig:
     max_migrations_per_instance: int = 2
 
     def __post_init__(self) -> None:
-        if not self.interval_s > 0:
-            raise ValueError(f"interval_s={self.interval_s} must be > 0")
-        if math.isnan(self.src_freeness_below) or math.isnan(self.dst_freeness_above):
-            raise ValueError("src_freeness_below and dst_freeness_above must be numbers")
-        if self.dst_freeness_above < self.src_freeness_below:
-            raise ValueError(
-                f"dst_freeness_above={self.dst_freeness_above} must be >= "
-                f"src_freeness_below={self.src_freeness_below}"
-            )
+        require(self.interval_s > 0, f"interval_s={self.interval_s} must be > 0")
+        require(
+            not (math.isnan(self.src_freeness_below) or math.isnan(self.dst_freeness_above)),
+            "src_freeness_below and dst_freeness_above must be numbers",
+        )
+        require(
+            self.dst_freeness_above >= self.src_freeness_below,
+            f"dst_freeness_above={self.dst_freeness_above} must be >= "
+            f"src_freeness_below={self.src_freeness_below}",
+        )
         for name in (
             "num_requests_per_pair",
             "num_drain_requests_per_pair",
             "max_migrations_per_instance",
         ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+            require(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,14 @@
 
 One registry per kind of decision (dispatch, migration pairing, request selection,
 scaling). `make_<kind>_policy(name, **kwargs)` builds a fresh instance; an unknown name
-raises ValueError listing the known ones.
+(a configuration value) raises ConfigError listing the known ones.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+
+from services.common.config import ConfigError
 
 DISPATCH_POLICIES: dict[str, type] = {}
 MIGRATION_POLICIES: dict[str, type] = {}
@@ -29,7 +31,7 @@ def _make(registry: dict[str, type], kind: str, name: str, kwargs: dict):
     try:
         cls = registry[name]
     except KeyError:
-        raise ValueError(
+        raise ConfigError(
             f"{kind} policy {name!r} is unknown; choose from {sorted(registry)}"
         ) from None
     return cls(**kwargs)

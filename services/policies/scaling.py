@@ -29,6 +29,7 @@ import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
+from services.common.config import require
 from services.policies.load import InstanceLoad
 from services.policies.registry import register_scaling
 
@@ -71,21 +72,18 @@ class ScalingConfig:
     max_instances: int = 64
 
     def __post_init__(self) -> None:
-        if not self.interval_s > 0:
-            raise ValueError(f"interval_s={self.interval_s} must be > 0")
-        if not self.scale_up_freeness < self.scale_down_freeness:
-            raise ValueError(
-                f"scale_up_freeness={self.scale_up_freeness} must be < "
-                f"scale_down_freeness={self.scale_down_freeness}"
-            )
-        if not self.cooldown_s >= 0:
-            raise ValueError(f"cooldown_s={self.cooldown_s} must be >= 0")
-        if self.min_instances < 1:
-            raise ValueError(f"min_instances={self.min_instances} must be >= 1")
-        if self.max_instances < self.min_instances:
-            raise ValueError(
-                f"max_instances={self.max_instances} must be >= min_instances={self.min_instances}"
-            )
+        require(self.interval_s > 0, f"interval_s={self.interval_s} must be > 0")
+        require(
+            self.scale_up_freeness < self.scale_down_freeness,
+            f"scale_up_freeness={self.scale_up_freeness} must be < "
+            f"scale_down_freeness={self.scale_down_freeness}",
+        )
+        require(self.cooldown_s >= 0, f"cooldown_s={self.cooldown_s} must be >= 0")
+        require(self.min_instances >= 1, f"min_instances={self.min_instances} must be >= 1")
+        require(
+            self.max_instances >= self.min_instances,
+            f"max_instances={self.max_instances} must be >= min_instances={self.min_instances}",
+        )
 
 
 def average_freeness(

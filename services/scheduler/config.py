@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
-from services.common.config import require
+from services.common.config import ConfigError, require
 from services.policies import (
     DISPATCH_POLICIES,
     MIGRATION_POLICIES,
@@ -92,33 +92,34 @@ class SchedulerConfig:
         try:
             shlex.split(self.worker_args)
         except ValueError as exc:
-            require(False, f"worker_args={self.worker_args!r} is not valid shell syntax: {exc}")
-        # The policy configs check their own fields; a bad value fails here, named.
-        self.migration_config()
-        self.scaling_config()
+            raise ConfigError(
+                f"worker_args={self.worker_args!r} is not valid shell syntax: {exc}"
+            ) from None
+        # The policy configs check their own fields, under their own names
+        # (`interval_s`): say which of the two a bad value belongs to.
+        for settings, make_config in (
+            ("migration", self.migration_config),
+            ("scaling", self.scaling_config),
+        ):
+            try:
+                make_config()
+            except ConfigError as exc:
+                raise ConfigError(f"{settings} settings: {exc}") from None
 
     def migration_config(self) -> MigrationConfig:
-        try:
-            return MigrationConfig(
-                interval_s=self.migration_interval_s,
-                src_freeness_below=self.migration_src_freeness_below,
-                dst_freeness_above=self.migration_dst_freeness_above,
-                max_migrations_per_instance=self.migration_max_per_instance,
-            )
-        except ValueError as exc:
-            require(False, f"migration settings: {exc}")
-            raise
+        return MigrationConfig(
+            interval_s=self.migration_interval_s,
+            src_freeness_below=self.migration_src_freeness_below,
+            dst_freeness_above=self.migration_dst_freeness_above,
+            max_migrations_per_instance=self.migration_max_per_instance,
+        )
 
     def scaling_config(self) -> ScalingConfig:
-        try:
-            return ScalingConfig(
-                interval_s=self.scaling_interval_s,
-                scale_up_freeness=self.scale_up_freeness,
-                scale_down_freeness=self.scale_down_freeness,
-                cooldown_s=self.scaling_cooldown_s,
-                min_instances=self.min_instances,
-                max_instances=self.max_instances,
-            )
-        except ValueError as exc:
-            require(False, f"scaling settings: {exc}")
-            raise
+        return ScalingConfig(
+            interval_s=self.scaling_interval_s,
+            scale_up_freeness=self.scale_up_freeness,
+            scale_down_freeness=self.scale_down_freeness,
+            cooldown_s=self.scaling_cooldown_s,
+            min_instances=self.min_instances,
+            max_instances=self.max_instances,
+        )

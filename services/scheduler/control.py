@@ -30,7 +30,6 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 from opentelemetry import trace
 
@@ -51,7 +50,6 @@ from services.scheduler.registry import InstanceRegistry
 log = get_logger(__name__)
 tracer = trace.get_tracer("llmesh.scheduler")
 
-LoadT = TypeVar("LoadT")  # a load snapshot (anything with an instance_id)
 # order(src_instance_id, dst spec, num_requests) -> whether the command was queued.
 OrderMigration = Callable[..., bool]
 # send(instance_id, SchedulerCommand) -> whether the command was queued.
@@ -130,9 +128,11 @@ class MigrationLoop:
         await _repeat("migration", self.policy.config.interval_s, self.tick)
 
 
-def group_by_kernels(loads: list[LoadT], kernels_of: Callable[[str], str]) -> list[list[LoadT]]:
+def group_by_kernels(
+    loads: list[InstanceLoad], kernels_of: Callable[[str], str]
+) -> list[list[InstanceLoad]]:
     """`loads` split by their instance's kernel backend, in backend-name order."""
-    groups: dict[str, list[LoadT]] = {}
+    groups: dict[str, list[InstanceLoad]] = {}
     for load in loads:
         groups.setdefault(kernels_of(load.instance_id), []).append(load)
     return [groups[kernels] for kernels in sorted(groups)]

@@ -24,6 +24,7 @@ import tempfile
 from collections.abc import Collection
 from pathlib import Path
 
+from services.common.config import ConfigError
 from services.common.logging import get_logger
 from services.common.procs import ServiceProcess, start_service
 
@@ -158,4 +159,4 @@ class LocalProcessProvisioner(Provisioner):
 def make_provisioner(name: str, scheduler_address: str, **kwargs) -> Provisioner:
     if name == "local":
         return LocalProcessProvisioner(scheduler_address, **kwargs)
-    raise ValueError(f"provisioner {name!r} is not one of ['local']")
+    raise ConfigError(f"provisioner {name!r} is not one of ['local']")

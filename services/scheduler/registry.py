@@ -12,7 +12,6 @@ instance that looked freest 50 ms ago.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,10 +40,8 @@ class InstanceRecord:
 
     def effective_load(self) -> InstanceLoad:
         """The reported load plus dispatches the report cannot reflect yet."""
-        # A report does not carry the block size; the registration does.
-        load = dataclasses.replace(self.report.load, block_size=self.spec.block_size)
         return add_pending_dispatches(
-            load, len(self.pending), sum(p.num_blocks for p in self.pending)
+            self.report.load, len(self.pending), sum(p.num_blocks for p in self.pending)
         )
 
 

@@ -73,15 +73,16 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
         async def read_reports() -> None:
             async for message in request_iterator:
-                report = load_from_proto(message)
-                instance_id = report.load.instance_id
-                if not instance_ids:
-                    instance_ids.append(instance_id)
-                    self._commands[instance_id] = queue
-                if not self.registry.report(report):
+                instance_id = message.instance_id
+                record = self.registry.get(instance_id)
+                if record is None:
                     raise NotFoundError(
                         f"instance_id {instance_id!r} is not registered; call RegisterInstance first"
                     )
+                if not instance_ids:
+                    instance_ids.append(instance_id)
+                    self._commands[instance_id] = queue
+                self.registry.report(load_from_proto(message, record.spec.block_size))
                 self.groups.observe(instance_id)
 
         reader = asyncio.create_task(read_reports())

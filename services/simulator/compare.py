@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from services.common.config import ConfigError, require
 from services.policies import LoadModelConfig, ScalingConfig
 from services.simulator.cluster import SimResult, Simulator
 from services.simulator.config import SimConfig
@@ -51,7 +52,7 @@ def policy_config(name: str, base: SimConfig) -> SimConfig:
         return dataclasses.replace(
             base, dispatch="freest", migration="freeness", load_model=load_model
         )
-    raise ValueError(f"policy {name!r} is not one of {POLICY_NAMES}")
+    raise ConfigError(f"policy {name!r} is not one of {POLICY_NAMES}")
 
 
 @dataclass(frozen=True)
@@ -99,17 +100,17 @@ class CompareConfig:
     workers: int = 2
 
     def __post_init__(self) -> None:
-        if not self.rates or any(r <= 0 for r in self.rates):
-            raise ValueError(f"rates={self.rates} must be positive and non-empty")
-        if self.workers < 1:
-            raise ValueError(f"workers={self.workers} must be >= 1")
-        if self.priority_seeds < 1:
-            raise ValueError(f"priority_seeds={self.priority_seeds} must be >= 1")
-        if not 1 <= self.autoscale_min_instances <= self.num_instances:
-            raise ValueError(
-                f"autoscale_min_instances={self.autoscale_min_instances} must be in "
-                f"[1, num_instances={self.num_instances}]"
-            )
+        require(
+            bool(self.rates) and all(r > 0 for r in self.rates),
+            f"rates={self.rates} must be positive and non-empty",
+        )
+        require(self.workers >= 1, f"workers={self.workers} must be >= 1")
+        require(self.priority_seeds >= 1, f"priority_seeds={self.priority_seeds} must be >= 1")
+        require(
+            1 <= self.autoscale_min_instances <= self.num_instances,
+            f"autoscale_min_instances={self.autoscale_min_instances} must be in "
+            f"[1, num_instances={self.num_instances}]",
+        )
         parse_length(self.prompt), parse_length(self.output)  # validates the specs
 
     def workload(self, rate: float, **changes: Any) -> WorkloadConfig:

@@ -26,6 +26,7 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from services.common.config import require
 from services.simulator.instance import SimInstance
 from services.simulator.loop import EventLoop
 from services.worker.engine.request import Request, RequestStatus
@@ -66,14 +67,18 @@ class MigrationCost:
     last_stage_max_blocks: int = 2
 
     def __post_init__(self) -> None:
-        if self.bytes_per_block <= 0:
-            raise ValueError(f"bytes_per_block={self.bytes_per_block} must be > 0")
-        if not self.bandwidth_bytes_per_s > 0:
-            raise ValueError(f"bandwidth_bytes_per_s={self.bandwidth_bytes_per_s} must be > 0")
-        if self.stage_overhead_s < 0:
-            raise ValueError(f"stage_overhead_s={self.stage_overhead_s} must be >= 0")
-        if self.last_stage_max_blocks < 1:
-            raise ValueError(f"last_stage_max_blocks={self.last_stage_max_blocks} must be >= 1")
+        require(self.bytes_per_block > 0, f"bytes_per_block={self.bytes_per_block} must be > 0")
+        require(
+            self.bandwidth_bytes_per_s > 0,
+            f"bandwidth_bytes_per_s={self.bandwidth_bytes_per_s} must be > 0",
+        )
+        require(
+            self.stage_overhead_s >= 0, f"stage_overhead_s={self.stage_overhead_s} must be >= 0"
+        )
+        require(
+            self.last_stage_max_blocks >= 1,
+            f"last_stage_max_blocks={self.last_stage_max_blocks} must be >= 1",
+        )
 
     def copy_s(self, num_blocks: int) -> float:
         return (

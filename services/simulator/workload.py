@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from services.common.config import ConfigError, require
+
 LENGTH_KINDS = ("fixed", "uniform", "exponential", "zipf")
 ARRIVAL_KINDS = ("poisson", "gamma")
 
@@ -50,21 +52,23 @@ class LengthDistribution:
     params: tuple[float, ...]
 
     def __post_init__(self) -> None:
-        if self.kind not in LENGTH_KINDS:
-            raise ValueError(f"length kind {self.kind!r} is not one of {LENGTH_KINDS}")
+        require(
+            self.kind in LENGTH_KINDS, f"length kind {self.kind!r} is not one of {LENGTH_KINDS}"
+        )
         expected = {"fixed": 1, "uniform": 2, "exponential": 1, "zipf": 3}[self.kind]
-        if len(self.params) != expected:
-            raise ValueError(f"{self.spec!r}: {self.kind} takes {expected} parameter(s)")
-        if self.kind == "fixed" and not self.params[0] >= 1:
-            raise ValueError(f"{self.spec!r}: length must be >= 1")
-        if self.kind == "uniform" and not 1 <= self.params[0] <= self.params[1]:
-            raise ValueError(f"{self.spec!r}: need 1 <= LO <= HI")
-        if self.kind == "exponential" and not self.params[0] >= 1:
-            raise ValueError(f"{self.spec!r}: mean must be >= 1")
+        require(
+            len(self.params) == expected,
+            f"{self.spec!r}: {self.kind} takes {expected} parameter(s)",
+        )
+        if self.kind == "fixed":
+            require(self.params[0] >= 1, f"{self.spec!r}: length must be >= 1")
+        if self.kind == "uniform":
+            require(1 <= self.params[0] <= self.params[1], f"{self.spec!r}: need 1 <= LO <= HI")
+        if self.kind == "exponential":
+            require(self.params[0] >= 1, f"{self.spec!r}: mean must be >= 1")
         if self.kind == "zipf":
             alpha, lo, hi = self.params
-            if not (alpha > 0 and 1 <= lo <= hi):
-                raise ValueError(f"{self.spec!r}: need A > 0 and 1 <= LO <= HI")
+            require(alpha > 0 and 1 <= lo <= hi, f"{self.spec!r}: need A > 0 and 1 <= LO <= HI")
 
     @property
     def spec(self) -> str:
@@ -113,7 +117,7 @@ def parse_length(spec: str) -> LengthDistribution:
     try:
         params = tuple(float(x) for x in rest)
     except ValueError:
-        raise ValueError(f"length {spec!r}: parameters must be numbers") from None
+        raise ConfigError(f"length {spec!r}: parameters must be numbers") from None
     return LengthDistribution(kind, params)
 
 
@@ -139,25 +143,24 @@ class WorkloadConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.num_requests < 1:
-            raise ValueError(f"num_requests={self.num_requests} must be >= 1")
-        if not self.rate > 0:
-            raise ValueError(f"rate={self.rate} must be > 0")
-        if self.arrival not in ARRIVAL_KINDS:
-            raise ValueError(f"arrival={self.arrival!r} is not one of {ARRIVAL_KINDS}")
-        if not self.cv > 0:
-            raise ValueError(f"cv={self.cv} must be > 0")
+        require(self.num_requests >= 1, f"num_requests={self.num_requests} must be >= 1")
+        require(self.rate > 0, f"rate={self.rate} must be > 0")
+        require(
+            self.arrival in ARRIVAL_KINDS, f"arrival={self.arrival!r} is not one of {ARRIVAL_KINDS}"
+        )
+        require(self.cv > 0, f"cv={self.cv} must be > 0")
         for duration, rate in self.rate_schedule:
-            if not (duration > 0 and rate > 0):
-                raise ValueError(
-                    f"rate_schedule segment ({duration}, {rate}) needs positive values"
-                )
-        if not 0 <= self.high_priority_fraction <= 1:
-            raise ValueError(
-                f"high_priority_fraction={self.high_priority_fraction} must be in [0, 1]"
+            require(
+                duration > 0 and rate > 0,
+                f"rate_schedule segment ({duration}, {rate}) needs positive values",
             )
-        if self.max_total_tokens < 2:
-            raise ValueError(f"max_total_tokens={self.max_total_tokens} must be >= 2")
+        require(
+            0 <= self.high_priority_fraction <= 1,
+            f"high_priority_fraction={self.high_priority_fraction} must be in [0, 1]",
+        )
+        require(
+            self.max_total_tokens >= 2, f"max_total_tokens={self.max_total_tokens} must be >= 2"
+        )
 
 
 def generate(config: WorkloadConfig) -> list[SimRequest]:

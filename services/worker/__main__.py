@@ -7,20 +7,10 @@ import asyncio
 import importlib
 import sys
 
-from services.common.config import load_config
+from services.common.config import ConfigError, flag_type, load_config
 from services.common.logging import setup_logging
 from services.common.procs import die_with_parent
 from services.common.tracing import setup_tracing, shutdown_tracing
-
-MiB = 1024 * 1024
-
-
-def _mib_to_bytes(value: str) -> int:
-    return max(1, int(float(value) * MiB))
-
-
-def _zero_is_none(value: str) -> int | None:
-    return int(value) or None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -28,7 +18,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="llmesh-worker",
         description="llmesh worker (one engine). Every flag also reads LLMESH_WORKER_<FIELD>; "
         "engine flags LLMESH_WORKER_ENGINE_<FIELD>, migration flags "
-        "LLMESH_WORKER_MIGRATION_<FIELD> (see services/worker/config.py).",
+        "LLMESH_WORKER_MIGRATION_<FIELD> (see services/worker/config.py). A flag takes what "
+        "its variable takes: 'none' unsets an optional, sizes are bytes or 256MiB, 2GiB.",
     )
     parser.add_argument("--bind", help="host:port of the Worker API (port 0 = any free port)")
     parser.add_argument(
@@ -57,18 +48,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     engine.add_argument("--device", dest="engine.device")
     engine.add_argument("--block-size", dest="engine.block_size", type=int)
     engine.add_argument(
-        "--memory-capacity-mb",
+        "--memory-capacity-bytes",
         dest="engine.memory_capacity_bytes",
-        type=_mib_to_bytes,
-        help="weights + KV pool, MiB (default 256)",
+        type=flag_type(int, "memory_capacity_bytes", "--memory-capacity-bytes"),
+        help="weights + KV pool (default 256MiB)",
     )
     engine.add_argument(
-        "--num-kv-blocks", dest="engine.num_kv_blocks", type=_zero_is_none, help="0 = all that fits"
+        "--num-kv-blocks",
+        dest="engine.num_kv_blocks",
+        type=flag_type(int | None, "num_kv_blocks", "--num-kv-blocks"),
+        help="KV pool size in blocks; none (default) = all that fits",
     )
     engine.add_argument("--max-num-seqs", dest="engine.max_num_seqs", type=int)
     engine.add_argument("--max-num-batched-tokens", dest="engine.max_num_batched_tokens", type=int)
     engine.add_argument(
-        "--max-model-len", dest="engine.max_model_len", type=_zero_is_none, help="0 = the model's"
+        "--max-model-len",
+        dest="engine.max_model_len",
+        type=flag_type(int | None, "max_model_len", "--max-model-len"),
+        help="context limit; none (default) = the model's",
     )
     engine.add_argument(
         "--scheduling-policy",
@@ -87,10 +84,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--migration-transfer-timeout-s", dest="migration.transfer_timeout_s", type=float
     )
     migration.add_argument(
-        "--migration-stage-chunk-mib",
+        "--migration-stage-chunk-bytes",
         dest="migration.stage_chunk_bytes",
-        type=_mib_to_bytes,
-        help="largest KV transfer of a migration stage, MiB (default 16)",
+        type=flag_type(int, "stage_chunk_bytes", "--migration-stage-chunk-bytes"),
+        help="largest KV transfer of a migration stage (default 16MiB)",
     )
     kunserve = parser.add_argument_group("KunServe groups (WorkerConfig.kunserve)")
     kunserve.add_argument(
@@ -123,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = load_config(WorkerConfig, "WORKER", vars(args))
-    except ValueError as exc:
+    except ConfigError as exc:
         print(f"llmesh-worker: {exc}", file=sys.stderr)
         return 2
     setup_logging("worker", config.log_level)

@@ -28,7 +28,6 @@ from services.worker.engine import LLMEngine
 from services.worker.instance import WorkerInstance
 from services.worker.llumlet import Llumlet
 from services.worker.migration import MigrationTarget
-from services.worker.migration.compatibility import kernel_backend
 from services.worker.migration.faults import NO_FAULTS, FaultHooks
 from services.worker.servicer import WorkerServicer
 
@@ -58,7 +57,7 @@ def instance_spec(
         memory_capacity_bytes=engine.config.memory_capacity_bytes,
         transport_address=transport_address,
         transport_backend=config.transport_backend,
-        kernels=kernel_backend(engine),
+        kernels=engine.kernels,
     )
 
 

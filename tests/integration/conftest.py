@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from protos import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
+from services.common.config import load_config
 from services.common.convert import load_from_proto
 from services.common.messages import LoadReport
 from services.common.procs import LocalMesh
@@ -61,7 +62,8 @@ def worker_load(address: str, check_integrity: bool = False) -> LoadReport:
         reply = worker_pb2_grpc.WorkerStub(channel).GetLoad(
             worker_pb2.GetLoadRequest(check_integrity=check_integrity), timeout=RPC_TIMEOUT_S
         )
-    return load_from_proto(reply)
+    # The mesh's workers run the default block size (a load report does not carry it).
+    return load_from_proto(reply, EngineConfig().block_size)
 
 
 def wait_worker_idle(address: str, timeout_s: float = 20.0) -> LoadReport:
@@ -112,8 +114,11 @@ def log_events(log_path: Path, request_id: str | None = None) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def reference_engine() -> LLMEngine:
-    """The local engine the mesh must agree with, token for token."""
-    return LLMEngine.from_config(EngineConfig(model="tiny"))
+    """The local engine the mesh must agree with, token for token.
+
+    Loaded like the workers' engines, so `LLMESH_KERNELS` picks the same kernels here.
+    """
+    return LLMEngine.from_config(load_config(EngineConfig, "ENGINE", {"model": "tiny"}))
 
 
 def reference_tokens(engine: LLMEngine, requests: list[tuple[list[int], dict]]) -> list[list[int]]:

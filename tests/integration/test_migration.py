@@ -17,6 +17,7 @@ import pytest
 from bench._checkpoint import llama_config, write_checkpoint
 from gateway.client import AsyncClient
 from protos import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
+from services.common.config import load_config
 from services.common.procs import LocalMesh
 from services.worker.engine import EngineConfig, LLMEngine, SamplingParams
 from tests.integration.conftest import (
@@ -52,7 +53,7 @@ def _mesh(
         log_dir=tmp_path_factory.mktemp(name),
         num_workers=2,
         model=str(model_dir),
-        worker_args=("--memory-capacity-mb", "128", *worker_args),
+        worker_args=("--memory-capacity-bytes", "128MiB", *worker_args),
         # These tests order every migration themselves (admin RPC / CLI); the
         # scheduler's own loop is tested in test_scheduling_loops.py.
         scheduler_args=("--migration-policy", "none"),
@@ -63,7 +64,9 @@ def _mesh(
 @pytest.fixture(scope="module")
 def mesh2(tmp_path_factory, model_dir):
     # Stages in transfers of 16 blocks (16 KiB each here), so long contexts take many.
-    mesh = _mesh(tmp_path_factory, model_dir, "migration", ("--migration-stage-chunk-mib", "0.25"))
+    mesh = _mesh(
+        tmp_path_factory, model_dir, "migration", ("--migration-stage-chunk-bytes", "0.25MiB")
+    )
     yield mesh
     mesh.stop()
 
@@ -88,7 +91,7 @@ def timeout_mesh(tmp_path_factory, model_dir):
         log_dir=tmp_path_factory.mktemp("migration-timeout"),
         num_workers=2,
         model=str(model_dir),
-        worker_args=("--memory-capacity-mb", "128"),
+        worker_args=("--memory-capacity-bytes", "128MiB"),
         scheduler_args=("--migration-policy", "none"),
         env={
             "LLMESH_WORKER_TORCH_THREADS": "1",
@@ -104,7 +107,11 @@ def timeout_mesh(tmp_path_factory, model_dir):
 @pytest.fixture(scope="module")
 def reference(model_dir):
     engine = LLMEngine.from_config(
-        EngineConfig(model=str(model_dir), memory_capacity_bytes=256 * 1024 * 1024, kernels=KERNELS)
+        load_config(
+            EngineConfig,
+            "ENGINE",
+            {"model": str(model_dir), "memory_capacity_bytes": 256 * 2**20, "kernels": KERNELS},
+        )
     )
 
     def tokens(prompt: list[int], **sampling) -> list[int]:

@@ -34,7 +34,7 @@ from services.worker.engine.errors import (
 )
 from services.worker.engine.executor import Executor, ExecutorOutput, TorchExecutor
 from services.worker.engine.layer_ranges import LayerChange, LayerRanges
-from services.worker.engine.migration import MigrationHooks
+from services.worker.engine.migration import EngineMigration
 from services.worker.engine.outputs import EngineStats, RequestOutput, RequestView, StepInfo
 from services.worker.engine.pipeline import GroupPool, Pipeline, plan_group_pool
 from services.worker.engine.request import RequestState, RequestStatus
@@ -52,6 +52,7 @@ __all__ = [
     "EmptyPromptError",
     "EngineConfig",
     "EngineInputError",
+    "EngineMigration",
     "EngineStateError",
     "EngineStats",
     "Executor",
@@ -69,7 +70,6 @@ __all__ = [
     "LLMEngine",
     "LayerChange",
     "LayerRanges",
-    "MigrationHooks",
     "ModelConfig",
     "NoFreeBlocksError",
     "Pipeline",

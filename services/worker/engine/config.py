@@ -272,12 +272,10 @@ class KernelBuildConfig:
     """Where and with what the native kernels are built: one library per process, so
     these are process-wide (load_config(KernelBuildConfig, "KERNEL") reads them)."""
 
-    cache: str = (
-        ""  # directory of built libraries ($LLMESH_KERNEL_CACHE); "" = ~/.cache/llmesh/kernels
-    )
-    compiler: str = dataclasses.field(
-        default="", metadata={ENV: "CC"}
-    )  # "" = cc, else gcc, on PATH
+    # Directory of the built libraries ($LLMESH_KERNEL_CACHE); "" = ~/.cache/llmesh/kernels.
+    cache: str = ""
+    # The C compiler ($CC); "" = cc, else gcc, on PATH.
+    compiler: str = dataclasses.field(default="", metadata={ENV: "CC"})
 
 
 @dataclass(frozen=True)

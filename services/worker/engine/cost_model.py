@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.common.config import require
 from services.worker.engine.config import DTYPE_NBYTES, ModelConfig, RopeConfig
 from services.worker.engine.executor import ExecutorOutput
 from services.worker.engine.sampling_params import splitmix64
@@ -56,12 +57,11 @@ class CostModelProfile:
     def __post_init__(self) -> None:
         for name in FEATURE_NAMES:
             value = getattr(self, name)
-            if not value >= 0:
-                raise ValueError(f"cost model {self.name!r}: {name} must be >= 0, got {value!r}")
-        if self.dtype not in DTYPE_NBYTES:
-            raise ValueError(
-                f"cost model {self.name!r}: dtype {self.dtype!r} is not one of {tuple(DTYPE_NBYTES)}"
-            )
+            require(value >= 0, f"cost model {self.name!r}: {name} must be >= 0, got {value!r}")
+        require(
+            self.dtype in DTYPE_NBYTES,
+            f"cost model {self.name!r}: dtype {self.dtype!r} is not one of {tuple(DTYPE_NBYTES)}",
+        )
 
     def coefficients(self) -> tuple[float, ...]:
         return tuple(getattr(self, name) for name in FEATURE_NAMES)

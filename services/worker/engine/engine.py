@@ -44,7 +44,7 @@ from services.worker.engine.intake import RequestIntake
 from services.worker.engine.kv_cache import KVCache, kv_block_nbytes
 from services.worker.engine.layer_ranges import LayerRanges
 from services.worker.engine.loader import load_model_source
-from services.worker.engine.migration import MigrationHooks
+from services.worker.engine.migration import EngineMigration
 from services.worker.engine.model import LlamaModel
 from services.worker.engine.outputs import EngineStats, RequestOutput, RequestView, StepInfo
 from services.worker.engine.pipeline import Pipeline
@@ -88,7 +88,7 @@ class LLMEngine:
             config, self.block_manager, max_model_len, model_config.eos_token_ids
         )
         self.intake = RequestIntake(model_config, max_model_len, self.scheduler, self.block_manager)
-        self.migration = MigrationHooks(
+        self.migration = EngineMigration(
             self.scheduler, self.block_manager, kv_cache, self.intake, model_config.eos_token_ids
         )
         self.layer_ranges = LayerRanges(

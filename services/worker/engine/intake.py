@@ -1,5 +1,5 @@
 """What enters the engine: a new request (LLMEngine.add_request) or one that migrates in
-(MigrationHooks.import_request).
+(EngineMigration.import_request).
 
 Checks the request against the model and the KV pool (an EngineInputError subclass
 names what is wrong), fixes a seed for a sampled request that brought none, and numbers

@@ -40,7 +40,7 @@ from services.worker.engine.request import Request, RequestState, RequestStatus
 from services.worker.engine.scheduler import Scheduler
 
 
-class MigrationHooks:
+class EngineMigration:
     """The engine's migration hooks (`engine.migration`), over its scheduler, block
     manager and KV cache (None in a simulated engine: no KV to read or write)."""
 

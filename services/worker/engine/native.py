@@ -4,11 +4,11 @@ With kernels "native" (or "auto" where they apply) the engine runs its matmuls,
 attention, RMSNorm, RoPE, SwiGLU activation and KV writes through these: a step's
 decoder layers in one call (`NativeLayers`), the rest op by op. Every wrapper takes
 float32 CPU tensors whose rows are contiguous (any row stride) and checks the shapes,
-dtypes and layouts the C code assumes before calling it, raising KernelArgumentError
-(a ValueError; real checks, not asserts, so they hold under `python -O`): a wrong call
-raises instead of reading past a buffer. The values inside index tensors (slots,
-positions, block tables) are the caller's invariant: checking them would cost a pass
-over them every step.
+dtypes and layouts the C code assumes before calling it (native_checks.py), raising
+KernelArgumentError (a ValueError; real checks, not asserts, so they hold under
+`python -O`): a wrong call raises instead of reading past a buffer. The values inside
+index tensors (slots, positions, block tables) are the caller's invariant: checking
+them would cost a pass over them every step.
 """
 
 from __future__ import annotations
@@ -21,10 +21,19 @@ import torch
 from services.worker.engine.config import ModelConfig
 from services.worker.engine.errors import KernelArgumentError
 from services.worker.engine.kernels import KernelBuildError, library
+from services.worker.engine.native_checks import (
+    MAX_QUERIES_PER_KV,
+    PANEL,
+    check_matrix,
+    check_norm_weight,
+    check_pool,
+    check_row_tables,
+    check_rows,
+    check_tensor,
+    check_width,
+    unsupported_shape,
+)
 from services.worker.engine.stage_weights import LayerWeights
-
-MAX_QUERIES_PER_KV = 16  # the attention kernel's per-tile head arrays
-WIDTH_MULTIPLE = 8  # the kernels' vectors: every row width is a multiple of 8 floats
 
 
 @dataclass
@@ -51,55 +60,14 @@ def unavailable(config: ModelConfig, dtype: str, device: str) -> str | None:
     """Why the native kernels cannot run this model, or None if they can (builds them)."""
     if dtype != "float32" or device != "cpu":
         return f"they run float32 on cpu only (this engine: {dtype} on {device})"
-    widths = {
-        "head_dim": config.head_dim,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-    }
-    odd = [f"{name} {value}" for name, value in widths.items() if value % 8]
-    if odd:
-        return f"they need widths that are multiples of 8 (this model: {', '.join(odd)})"
-    if config.num_queries_per_kv > MAX_QUERIES_PER_KV:
-        return (
-            f"they take at most {MAX_QUERIES_PER_KV} query heads per KV head "
-            f"(this model: {config.num_queries_per_kv})"
-        )
+    reason = unsupported_shape(config)
+    if reason is not None:
+        return reason
     try:
         library()
     except KernelBuildError as e:
         return str(e)
     return None
-
-
-def _check_rows(name: str, x: torch.Tensor, width: int) -> int:
-    """x's row stride, after checking it is float32 CPU rows of `width` contiguous floats."""
-    if x.dtype != torch.float32 or not x.is_cpu:
-        raise KernelArgumentError(f"{name}: expected float32 on cpu, got {x.dtype} on {x.device}")
-    if x.dim() != 2 or x.shape[1] != width or x.stride(1) != 1:
-        raise KernelArgumentError(
-            f"{name}: expected rows of {width} contiguous floats, got shape "
-            f"{tuple(x.shape)} with strides {x.stride()}"
-        )
-    return x.stride(0)
-
-
-def _check_tensor(
-    name: str, x: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype = torch.float32
-) -> None:
-    """x is a contiguous CPU tensor of this shape and dtype."""
-    if x.shape != shape or x.dtype != dtype or not x.is_cpu or not x.is_contiguous():
-        raise KernelArgumentError(
-            f"{name}: expected a contiguous {dtype} cpu tensor of shape {shape}, got "
-            f"{x.dtype} on {x.device}, shape {tuple(x.shape)}, strides {x.stride()}"
-        )
-
-
-def _check_width(name: str, width: int) -> None:
-    if width % WIDTH_MULTIPLE:
-        raise KernelArgumentError(f"{name}: width {width} is not a multiple of {WIDTH_MULTIPLE}")
-
-
-PANEL = 16  # output columns per panel of a packed weight (kernels/linear.c NR)
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -111,8 +79,8 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
             f"weight: expected (N, K) with N a multiple of {PANEL}, got {tuple(weight.shape)}"
         )
     n, k = weight.shape
-    _check_width("weight", k)
-    _check_tensor("weight", weight, (n, k))
+    check_width("weight", k)
+    check_tensor("weight", weight, (n, k))
     packed = torch.empty(n // PANEL, k, PANEL)
     library().llmesh_pack_weight(
         weight.data_ptr(), n, k, packed.data_ptr(), torch.get_num_threads()
@@ -127,21 +95,6 @@ def unpack_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(0, 2, 1).reshape(-1, weight.shape[1])
 
 
-def _check_matrix(
-    name: str, weight: torch.Tensor, bias: torch.Tensor | None, n: int, k: int
-) -> bool:
-    """Checks W (N, K), or packed (N / 16, K, 16), and its bias (N,) for the C code;
-    returns whether W is packed."""
-    packed = weight.dim() == 3
-    if packed and n % PANEL:
-        raise KernelArgumentError(f"{name}: a packed matrix has N a multiple of {PANEL}, not {n}")
-    _check_width(name, k)
-    _check_tensor(name, weight, (n // PANEL, k, PANEL) if packed else (n, k))
-    if bias is not None:
-        _check_tensor(f"{name} bias", bias, (n,))
-    return packed
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """(T, K) @ W^T (+ bias (N,)) -> (T, N). weight: W (N, K), or pack_weight(W) (same
     bits, faster)."""
@@ -152,8 +105,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         )
     rows, k = x.shape
     n = weight.shape[0] * PANEL if weight.dim() == 3 else weight.shape[0]
-    packed = _check_matrix("weight", weight, bias, n, k)
-    x_stride = _check_rows("x", x, k)
+    packed = check_matrix("weight", weight, bias, n, k)
+    x_stride = check_rows("x", x, k)
     out = torch.empty(rows, n)
     kernel = library().llmesh_linear_packed if packed else library().llmesh_linear
     status = kernel(
@@ -167,10 +120,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """(T, H) -> (T, H): weight * (x / sqrt(mean(x^2) + eps)), per row."""
-    width = weight.shape[0]
-    _check_width("rms_norm", width)
-    _check_tensor("norm weight", weight, (width,))
-    x_stride = _check_rows("x", x, width)
+    width = check_norm_weight("norm weight", weight)
+    x_stride = check_rows("x", x, width)
     rows = x.shape[0]
     out = torch.empty(rows, width)
     library().llmesh_rms_norm(
@@ -184,10 +135,11 @@ def add_rms_norm_(
     hidden: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor
 ) -> None:
     """hidden += delta (in place), then out = rms_norm(hidden); all (T, H)."""
-    width = weight.shape[0]
-    _check_width("add_rms_norm_", width)
-    _check_tensor("norm weight", weight, (width,))
-    strides = [_check_rows(name, t, width) for name, t in (("hidden", hidden), ("delta", delta), ("out", out))]  # fmt: skip
+    width = check_norm_weight("norm weight", weight)
+    strides = [
+        check_rows(name, t, width)
+        for name, t in (("hidden", hidden), ("delta", delta), ("out", out))
+    ]
     rows = hidden.shape[0]
     if delta.shape[0] != rows or out.shape[0] != rows:
         raise KernelArgumentError(
@@ -207,10 +159,10 @@ def rope_(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: to
         raise KernelArgumentError(
             f"rope_: x {tuple(x.shape)} does not hold {heads} heads of an even head_dim {head_dim}"
         )
-    x_stride = _check_rows("x", x, x.shape[1])
+    x_stride = check_rows("x", x, x.shape[1])
     rows = x.shape[0]
-    _check_tensor("cos", cos, (rows, head_dim // 2))
-    _check_tensor("sin", sin, (rows, head_dim // 2))
+    check_tensor("cos", cos, (rows, head_dim // 2))
+    check_tensor("sin", sin, (rows, head_dim // 2))
     library().llmesh_rope(
         x.data_ptr(), x_stride, heads, head_dim, cos.data_ptr(), sin.data_ptr(), rows,
         torch.get_num_threads(),
@@ -223,21 +175,13 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         raise KernelArgumentError(f"silu_mul: expected (T, 2I), got {tuple(gate_up.shape)}")
     rows, double = gate_up.shape
     width = double // 2
-    _check_width("silu_mul", width)
-    stride = _check_rows("gate_up", gate_up, double)
+    check_width("silu_mul", width)
+    stride = check_rows("gate_up", gate_up, double)
     out = torch.empty(rows, width)
     library().llmesh_silu_mul(
         gate_up.data_ptr(), stride, rows, width, out.data_ptr(), width, torch.get_num_threads()
     )
     return out
-
-
-def _check_pool(name: str, pool: torch.Tensor, num_kv_heads: int, head_dim: int) -> None:
-    """A layer's KV pool (2, nkv, NB, bs, hd), float32, contiguous."""
-    if pool.dim() != 5:
-        raise KernelArgumentError(f"{name}: expected (2, nkv, NB, bs, hd), got {tuple(pool.shape)}")
-    _, _, num_blocks, block_size, _ = pool.shape
-    _check_tensor(name, pool, (2, num_kv_heads, num_blocks, block_size, head_dim))
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, cache: torch.Tensor) -> None:
@@ -246,7 +190,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, cache: torch
     if k.dim() != 3:
         raise KernelArgumentError(f"write_kv: expected k (T, nkv, hd), got {tuple(k.shape)}")
     rows, kv_heads, head_dim = k.shape
-    _check_pool("cache", cache, kv_heads, head_dim)
+    check_pool("cache", cache, kv_heads, head_dim)
     _, _, num_blocks, block_size, _ = cache.shape
     if (
         v.shape != k.shape
@@ -261,20 +205,11 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, cache: torch
             f"and one row stride, got {tuple(k.shape)} {k.stride()} {k.dtype} and "
             f"{tuple(v.shape)} {v.stride()} {v.dtype}"
         )
-    _check_tensor("slots", slots, (rows,), torch.int64)
+    check_tensor("slots", slots, (rows,), torch.int64)
     library().llmesh_write_kv(
         k.data_ptr(), v.data_ptr(), k.stride(0), slots.data_ptr(), rows,
         cache[0].data_ptr(), cache[1].data_ptr(), num_blocks * block_size, kv_heads, head_dim,
     )  # fmt: skip
-
-
-def _check_native_rows(rows: NativeRows, num_rows: int) -> None:
-    _check_tensor("row_seq", rows.row_seq, (num_rows,), torch.int32)
-    _check_tensor("positions", rows.positions, (num_rows,), torch.int32)
-    tables = rows.block_tables
-    if tables.dim() != 2:
-        raise KernelArgumentError(f"block_tables: expected 2 dims, got {tuple(tables.shape)}")
-    _check_tensor("block_tables", tables, tuple(tables.shape), torch.int32)
 
 
 def paged_attention(
@@ -294,13 +229,13 @@ def paged_attention(
             f"paged_attention: {num_heads} query heads over {num_kv_heads} KV heads "
             f"(a whole number, at most {MAX_QUERIES_PER_KV} per KV head)"
         )
-    _check_pool("cache", cache, num_kv_heads, head_dim)
+    check_pool("cache", cache, num_kv_heads, head_dim)
     if q.dtype != torch.float32 or not q.is_cpu:
         raise KernelArgumentError(f"q: expected float32 on cpu, got {q.dtype} on {q.device}")
     if q.stride(2) != 1 or q.stride(1) != head_dim:
         q = q.contiguous()
-    _check_tensor("out", out, (num_rows, num_heads * head_dim))
-    _check_native_rows(rows, num_rows)
+    check_tensor("out", out, (num_rows, num_heads * head_dim))
+    check_row_tables(rows.row_seq, rows.positions, rows.block_tables, num_rows)
     _, _, num_blocks, block_size, _ = cache.shape
     status = library().llmesh_paged_attention(
         q.data_ptr(), q.stride(0), cache[0].data_ptr(), cache[1].data_ptr(),
@@ -333,20 +268,13 @@ class NativeLayers:
     copies them and fills in the KV pools' addresses."""
 
     def __init__(self, config: ModelConfig, layers: dict[int, LayerWeights]) -> None:
+        reason = unsupported_shape(config)
+        if reason is not None:
+            raise KernelArgumentError(f"native decoder layers: {reason}")
         self.config = config
         self.layer_start = min(layers)
         if sorted(layers) != list(range(self.layer_start, self.layer_start + len(layers))):
             raise KernelArgumentError(f"layers {sorted(layers)} are not a contiguous range")
-        for name, width in (
-            ("head_dim", config.head_dim),
-            ("hidden_size", config.hidden_size),
-            ("intermediate_size", config.intermediate_size),
-        ):
-            _check_width(name, width)
-        if config.num_queries_per_kv > MAX_QUERIES_PER_KV:
-            raise KernelArgumentError(
-                f"{config.num_queries_per_kv} query heads per KV head (at most {MAX_QUERIES_PER_KV})"
-            )
         # The very tensors the structs point into, kept alive with them.
         self._tensors = [t for index in sorted(layers) for t in layers[index].tensors()]
         self.structs = (_Layer * len(layers))()
@@ -364,12 +292,12 @@ class NativeLayers:
         struct.packed = 0
         for bit, name in enumerate(_MATRICES):
             matrix, bias, (n, k) = matrices[name]
-            is_packed = _check_matrix(name, matrix, bias, n, k)
+            is_packed = check_matrix(name, matrix, bias, n, k)
             setattr(struct, name, matrix.data_ptr())
             setattr(struct, f"{name}_bias", None if bias is None else bias.data_ptr())
             struct.packed |= is_packed << bit
-        _check_tensor("input_norm", w.input_norm, (c.hidden_size,))
-        _check_tensor("post_attention_norm", w.post_attention_norm, (c.hidden_size,))
+        check_tensor("input_norm", w.input_norm, (c.hidden_size,))
+        check_tensor("post_attention_norm", w.post_attention_norm, (c.hidden_size,))
         struct.input_norm = w.input_norm.data_ptr()
         struct.post_attention_norm = w.post_attention_norm.data_ptr()
 
@@ -399,15 +327,15 @@ class NativeLayers:
         if hidden.dim() != 2:
             raise KernelArgumentError(f"hidden: expected (T, H), got {tuple(hidden.shape)}")
         num_rows = hidden.shape[0]
-        _check_tensor("hidden", hidden, (num_rows, c.hidden_size))
-        _check_tensor("cos", cos, (num_rows, c.head_dim // 2))
-        _check_tensor("sin", sin, (num_rows, c.head_dim // 2))
-        _check_tensor("slots", slots, (num_rows,), torch.int64)
-        _check_native_rows(rows, num_rows)
+        check_tensor("hidden", hidden, (num_rows, c.hidden_size))
+        check_tensor("cos", cos, (num_rows, c.head_dim // 2))
+        check_tensor("sin", sin, (num_rows, c.head_dim // 2))
+        check_tensor("slots", slots, (num_rows,), torch.int64)
+        check_row_tables(rows.row_seq, rows.positions, rows.block_tables, num_rows)
         first_pool = pools.get(layer_start)
         if first_pool is None:
             raise KernelArgumentError(f"pools hold layers {sorted(pools)}, not {layer_start}")
-        _check_pool("pool", first_pool, c.num_kv_heads, c.head_dim)
+        check_pool("pool", first_pool, c.num_kv_heads, c.head_dim)
         shape = first_pool.shape  # (2, nkv, NB, bs, hd)
         half = shape.numel() // 2 * 4  # bytes from K to V
         # This call's own copy: the model's structs stay as built (no state across calls).
@@ -432,9 +360,9 @@ class NativeLayers:
             struct.cache_k = pool.data_ptr()
             struct.cache_v = struct.cache_k + half
         status = library().llmesh_decoder_layers(
-            hidden.data_ptr(), num_rows, structs, num_layers, c.hidden_size, c.intermediate_size, c.num_heads,
-            c.num_kv_heads, c.head_dim, c.rms_norm_eps, c.head_dim**-0.5, cos.data_ptr(),
-            sin.data_ptr(), slots.data_ptr(), shape[2] * shape[3], shape[3],
+            hidden.data_ptr(), num_rows, structs, num_layers, c.hidden_size, c.intermediate_size,
+            c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps, c.head_dim**-0.5,
+            cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), shape[2] * shape[3], shape[3],
             rows.block_tables.data_ptr(), rows.block_tables.shape[1], rows.row_seq.data_ptr(),
             rows.positions.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip

@@ -5,16 +5,12 @@ bytes) and the kernel backend: "native" and "torch" round differently, so a requ
 decoded by one and continued by the other would not produce the tokens it would have
 produced unmoved. Workers register their backend (InstanceInfo.kernels), the scheduler
 pairs only equal ones, and the destination refuses a handshake from another backend.
+
+An engine's backend is `engine.kernels`, resolved when it was built ("native" or
+"torch", never "auto"; "none" for a simulated engine).
 """
 
 from __future__ import annotations
-
-from services.worker.engine import LLMEngine
-
-
-def kernel_backend(engine: LLMEngine) -> str:
-    """The engine's resolved kernel backend, "native" or "torch" (the one place that asks)."""
-    return engine.kernels
 
 
 def kernels_mismatch(src_kernels: str, dst_kernels: str) -> str | None:

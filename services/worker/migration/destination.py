@@ -5,9 +5,10 @@ posts a data-plane receive into a staging tensor and copies it into the reserved
 blocks. Commit waits for every stage, adopts the request (engine.migration.import_request) and
 remembers (request_id, migration_id) so a repeated commit, after a lost reply, answers
 "committed" without running the request twice. A reservation that sees no RPC for
-lease_s is freed: a dead source can never leak blocks here. A handshake from an engine
-on other kernels is refused (compatibility.py): its request would not continue the
-same tokens here.
+its lease (the one the source offered, PrepareOffer.lease_s, else this worker's
+MigrationConfig.lease_s) is freed: a dead source can never leak blocks here. A
+handshake from an engine on other kernels is refused (compatibility.py): its request
+would not continue the same tokens here.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from services.worker.async_engine import AsyncEngine
 from services.worker.engine import LLMEngine
 from services.worker.engine.errors import NoFreeBlocksError
 from services.worker.migration.buffers import StagingBuffers
-from services.worker.migration.compatibility import kernel_backend, kernels_mismatch
+from services.worker.migration.compatibility import kernels_mismatch
 from services.worker.migration.config import MigrationConfig
 from services.worker.migration.status import (
     RESERVATION_TRANSITIONS,
@@ -52,6 +53,7 @@ class Reservation:
     offer: PrepareOffer
     block_ids: list[int]
     last_touch: float  # the lease's clock when the source was last heard from
+    lease_s: float  # freed when the source is silent this long (its offer's lease)
     status: ReservationStatus = ReservationStatus.RESERVED
     receives: list[asyncio.Task] = field(default_factory=list)
     transfer_ids: list[str] = field(default_factory=list)
@@ -116,7 +118,7 @@ class MigrationDestination:
         if existing is not None:  # a retried handshake
             existing.last_touch = self._clock()
             return PrepareReply(True, "", engine_nbytes)
-        mismatch = kernels_mismatch(offer.kernels, kernel_backend(self._engine.engine))
+        mismatch = kernels_mismatch(offer.kernels, self._engine.engine.kernels)
         if mismatch is not None:
             log.warning(
                 "migration_refused",
@@ -143,7 +145,9 @@ class MigrationDestination:
         outcome = await self._engine.run(reserve)
         if isinstance(outcome, str):
             return PrepareReply(False, outcome)
-        self._reservations[offer.migration_id] = Reservation(offer, outcome, self._clock())
+        # The source's lease, if it offered one; else this worker's.
+        lease_s = offer.lease_s if offer.lease_s > 0 else self._config.lease_s
+        self._reservations[offer.migration_id] = Reservation(offer, outcome, self._clock(), lease_s)
         log.info(
             "migration_reserved",
             migration_id=offer.migration_id,
@@ -293,14 +297,16 @@ class MigrationDestination:
             self._committed.popitem(last=False)
 
     async def _lease_loop(self) -> None:
-        lease_s = self._config.lease_s
         while True:
-            await asyncio.sleep(lease_s / 4)
+            shortest = min(
+                [self._config.lease_s, *(r.lease_s for r in self._reservations.values())]
+            )
+            await asyncio.sleep(shortest / 4)
             now = self._clock()
             for reservation in list(self._reservations.values()):
                 if reservation.status is not ReservationStatus.RESERVED:
                     continue
                 # A receive still in progress counts as activity: bytes are flowing.
                 is_receiving = any(not t.done() for t in reservation.receives)
-                if not is_receiving and now - reservation.last_touch > lease_s:
+                if not is_receiving and now - reservation.last_touch > reservation.lease_s:
                     await self._abort(reservation, AbortReason.LEASE_EXPIRED)

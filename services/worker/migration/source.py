@@ -12,6 +12,7 @@ Full blocks are append-only and never written again, so stages read them off the
 thread while it keeps stepping, then check on the engine thread that the request still
 owns them (not preempted, finished or aborted meanwhile). Only the last stage stops the
 request, and it copies a bounded number of blocks: downtime does not grow with length.
+How a stage's blocks travel (chunks, read-ahead, staging buffers) is stages.py's job.
 """
 
 from __future__ import annotations
@@ -24,24 +25,22 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import torch
 from opentelemetry.trace import Status, StatusCode
 
-from kvtransport import TrafficClass, Transport
-from kvtransport.errors import TransportError
+from kvtransport import Transport
 from services.common.logging import bind_context, get_logger
 from services.common.tracing import context_to_dict, get_tracer
 from services.worker.async_engine import AsyncEngine
 from services.worker.engine import LLMEngine, RequestState, RequestStatus
-from services.worker.migration.buffers import StagingBuffers
-from services.worker.migration.compatibility import kernel_backend
 from services.worker.migration.config import MigrationConfig
 from services.worker.migration.faults import NO_FAULTS, FaultHooks
+from services.worker.migration.stages import StageProgress, StageSender
 from services.worker.migration.status import (
     SOURCE_TRANSITIONS,
     AbortReason,
+    MigrationAborted,
     MigrationMode,
     MigrationStatus,
     check_transition,
@@ -53,18 +52,10 @@ from services.worker.migration.types import (
     MigrationTarget,
     PrepareOffer,
     RequestHandoff,
-    StageOffer,
 )
 
 log = get_logger(__name__)
 tracer = get_tracer(__name__)
-
-
-class MigrationAborted(Exception):
-    def __init__(self, reason: AbortReason, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else str(reason))
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -75,6 +66,16 @@ class _Snapshot:
     num_tokens: int
 
 
+@dataclass(frozen=True)
+class _Suspended:
+    """What suspending the request found: its snapshot and, if it was suspended, its
+    state and when it stopped making progress."""
+
+    snap: _Snapshot
+    state: RequestState | None = None  # None: not suspended (lost its blocks, finished)
+    stopped_at: float = 0.0  # time.perf_counter()
+
+
 @dataclass
 class _Migration:
     migration_id: str
@@ -82,12 +83,13 @@ class _Migration:
     target: MigrationTarget
     mode: MigrationMode = MigrationMode.LIVE
     status: MigrationStatus = MigrationStatus.PREPARING
-    num_stages: int = 0
-    num_blocks_sent: int = 0
-    num_bytes: int = 0
+    sent: StageProgress = field(init=False)  # stages, blocks and bytes sent so far
     downtime_ms: float = 0.0
     num_rounds: int = 0  # live stages (copy rounds) done; each is one or more transfers
     is_preempted: bool = False  # set from the engine thread by the preemption callback
+
+    def __post_init__(self) -> None:
+        self.sent = StageProgress(self.migration_id, self.target.transport_address)
 
     def set_status(self, status: MigrationStatus) -> None:
         check_transition(SOURCE_TRANSITIONS, self.status, status)
@@ -136,7 +138,7 @@ class MigrationSource:
         self._active: dict[str, _Migration] = {}
         self._lock = threading.Lock()
         self._slots = asyncio.Semaphore(config.max_outgoing)
-        self._buffers = StagingBuffers(config.stage_chunk_bytes)
+        self._stages = StageSender(async_engine.engine, transport, config, faults)
         self.results: list[MigrationResult] = []
         async_engine.engine.add_preemption_callback(self._on_preempted)
 
@@ -191,16 +193,16 @@ class MigrationSource:
                         reason = str(exc)
                         span.set_status(Status(StatusCode.ERROR, reason))
                     span.set_attribute("llmesh.outcome", migration.status.value)
-                    span.set_attribute("llmesh.num_stages", migration.num_stages)
-                    span.set_attribute("llmesh.num_blocks", migration.num_blocks_sent)
-                    span.set_attribute("llmesh.num_bytes", migration.num_bytes)
+                    span.set_attribute("llmesh.num_stages", migration.sent.num_stages)
+                    span.set_attribute("llmesh.num_blocks", migration.sent.num_blocks_sent)
+                    span.set_attribute("llmesh.num_bytes", migration.sent.num_bytes)
                     span.set_attribute("llmesh.downtime_ms", migration.downtime_ms)
                     log.info(
                         "migration_finished",
                         status=migration.status.value,
                         reason=reason,
-                        num_stages=migration.num_stages,
-                        num_blocks=migration.num_blocks_sent,
+                        num_stages=migration.sent.num_stages,
+                        num_blocks=migration.sent.num_blocks_sent,
                         downtime_ms=round(migration.downtime_ms, 3),
                         dst_instance_id=target.instance_id,
                     )
@@ -212,10 +214,10 @@ class MigrationSource:
             request_id=request_id,
             status=migration.status,
             reason=reason,
-            num_stages=migration.num_stages,
-            num_blocks=migration.num_blocks_sent,
+            num_stages=migration.sent.num_stages,
+            num_blocks=migration.sent.num_blocks_sent,
             downtime_ms=migration.downtime_ms,
-            num_bytes=migration.num_bytes,
+            num_bytes=migration.sent.num_bytes,
             duration_ms=(time.perf_counter() - started) * 1000,
         )
         self.results.append(result)
@@ -232,11 +234,11 @@ class MigrationSource:
             raise MigrationAborted(AbortReason.REQUEST_NOT_RUNNING, str(snap.status))
         await self._handshake(client, m, snap)
         sent_ids = await self._copy_live_stages(client, m)
-        snap, state, stopped_at = await self._suspend(client, m, sent_ids)
-        handoff = await self._last_stage_and_commit(client, m, snap, state, sent_ids)
+        suspended = await self._suspend(client, m, sent_ids)
+        handoff = await self._last_stage_and_commit(client, m, suspended, sent_ids)
         # The destination runs it from here: downtime ends at its adoption, not when
         # this engine gets round to freeing the blocks.
-        m.downtime_ms = (time.perf_counter() - stopped_at) * 1000
+        m.downtime_ms = (time.perf_counter() - suspended.stopped_at) * 1000
         await self._engine.run(lambda e: e.migration.remove_request(m.request_id))
         m.set_status(MigrationStatus.COMMITTED)
         if self._on_committed is not None:
@@ -260,7 +262,7 @@ class MigrationSource:
             num_blocks=num_blocks,
             lease_s=self._config.lease_s,
             num_tokens=snap.num_tokens,
-            kernels=kernel_backend(engine),
+            kernels=engine.kernels,
             trace_context=context_to_dict(),
         )
         try:
@@ -295,9 +297,10 @@ class MigrationSource:
                 ):
                     break
                 with tracer.start_as_current_span("migration.stage") as span:
+                    span.set_attribute("llmesh.stage_index", m.num_rounds)
                     # Full blocks never change: read them beside the engine's steps.
-                    await self._send_blocks(
-                        client, m, len(sent_ids), snap.block_ids[len(sent_ids) : num_full],
+                    await self._stages.send_blocks(
+                        client, m.sent, len(sent_ids), snap.block_ids[len(sent_ids) : num_full],
                         is_last=False, span=span,
                     )  # fmt: skip
                 m.num_rounds += 1
@@ -307,45 +310,46 @@ class MigrationSource:
             raise
         return sent_ids
 
-    async def _suspend(
-        self, client, m: _Migration, sent_ids: tuple[int, ...]
-    ) -> tuple[_Snapshot, RequestState, float]:
-        """3. Stop the request here (COPYING -> STOPPED) unless it lost the blocks sent;
-        returns its snapshot, its state and when it stopped making progress."""
+    async def _suspend(self, client, m: _Migration, sent_ids: tuple[int, ...]) -> _Suspended:
+        """3. Stop the request here (COPYING -> STOPPED) unless it lost the blocks sent."""
 
-        def suspend(e: LLMEngine):
+        def suspend(e: LLMEngine) -> _Suspended:
             s = _snapshot(e, m.request_id)
             if (
                 s.status is not RequestStatus.RUNNING
                 or m.is_preempted
                 or s.block_ids[: len(sent_ids)] != sent_ids
             ):
-                return s, None, 0.0
+                return _Suspended(s)
             e.migration.suspend_request(m.request_id)
             stopped_at = time.perf_counter()  # the request stops making progress here
-            return s, e.migration.export_request_state(m.request_id), stopped_at
+            return _Suspended(s, e.migration.export_request_state(m.request_id), stopped_at)
 
-        snap, state, stopped_at = await self._engine.run(suspend)
-        if state is None:
+        suspended = await self._engine.run(suspend)
+        if suspended.state is None:
             await self._abort_remote(client, m, None)
+            snap = suspended.snap
             self._check_still_owned(m, snap, expect_prefix=sent_ids)  # the precise reason
             raise MigrationAborted(AbortReason.REQUEST_FINISHED, str(snap.status))
         m.set_status(MigrationStatus.STOPPED)
         if m.mode is MigrationMode.RECOMPUTE:  # no KV travels: the destination re-prefills
-            state = dataclasses.replace(state, num_computed_tokens=0)
-        return snap, state, stopped_at
+            state = dataclasses.replace(suspended.state, num_computed_tokens=0)
+            suspended = dataclasses.replace(suspended, state=state)
+        return suspended
 
     async def _last_stage_and_commit(
-        self, client, m: _Migration, snap: _Snapshot, state: RequestState, sent_ids
+        self, client, m: _Migration, suspended: _Suspended, sent_ids: tuple[int, ...]
     ) -> RequestHandoff:
         """4. Copy the rest and hand the request over (STOPPED -> COMMITTING); on any
         failure the request resumes here and the destination drops its reservation."""
+        snap, state = suspended.snap, suspended.state
         num_blocks = math.ceil(state.num_computed_tokens / self._engine.engine.config.block_size)
         try:
             if m.mode is not MigrationMode.RECOMPUTE:
                 with tracer.start_as_current_span("migration.last_stage") as span:
-                    await self._send_blocks(
-                        client, m, len(sent_ids), snap.block_ids[len(sent_ids) : num_blocks],
+                    span.set_attribute("llmesh.stage_index", m.num_rounds)
+                    await self._stages.send_blocks(
+                        client, m.sent, len(sent_ids), snap.block_ids[len(sent_ids) : num_blocks],
                         is_last=True, span=span,
                     )  # fmt: skip
             m.set_status(MigrationStatus.COMMITTING)
@@ -364,53 +368,6 @@ class MigrationSource:
             raise MigrationAborted(AbortReason.COMMIT_REFUSED, detail)
         return handoff
 
-    async def _send_blocks(
-        self, client, m: _Migration, first: int, block_ids: tuple[int, ...], is_last: bool, span
-    ) -> None:
-        """Send blocks [first, first + len(block_ids)) of the block table as transfers of
-        at most stage_chunk_bytes each, reading the next chunk while one is on the wire.
-
-        Chunking keeps the staging buffers bounded and reused, and the destination's lease
-        fresh (each chunk is an RPC), whatever the context length. A last stage with
-        nothing left still sends one empty offer: the destination's commit counts on it."""
-        engine = self._engine.engine
-        per_chunk = max(1, self._buffers.chunk_bytes // engine.kv_block_nbytes)
-        chunks = [list(block_ids[i : i + per_chunk]) for i in range(0, len(block_ids), per_chunk)]
-        span.set_attribute("llmesh.stage_index", m.num_rounds)
-        span.set_attribute("llmesh.num_blocks", len(block_ids))
-        span.set_attribute("llmesh.num_transfers", len(chunks))
-        span.set_attribute("llmesh.num_bytes", len(block_ids) * engine.kv_block_nbytes)
-        if not chunks:
-            if is_last:
-                await self._send_stage(client, m, first, None, is_last=True)
-            return
-
-        def read(ids: list[int]) -> torch.Tensor:
-            kv = engine.kv_cache
-            buf = self._buffers.acquire(kv.block_shape(len(ids)), kv.layers[kv.layer_start].dtype)
-            return engine.migration.read_kv_blocks(ids, out=buf)
-
-        # A last stage's few blocks are read right here: a thread hop would add downtime
-        # (their buffer is a pooled one by then: the stages before used it).
-        small = len(block_ids) <= max(self._config.last_stage_max_blocks, 4)
-        data = read(chunks[0]) if small else await asyncio.to_thread(read, chunks[0])
-        for k, ids in enumerate(chunks):
-            is_final = k == len(chunks) - 1
-            reading = (
-                None if is_final else asyncio.create_task(asyncio.to_thread(read, chunks[k + 1]))
-            )
-            try:
-                await self._send_stage(client, m, first, data, is_last=is_last and is_final)
-            except BaseException:
-                if reading is not None:  # let the read finish: it writes into a buffer
-                    with contextlib.suppress(Exception):
-                        await asyncio.shield(reading)
-                raise
-            self._buffers.release(data)  # delivered: the buffer is free again
-            first += len(ids)
-            if reading is not None:
-                data = await reading
-
     def _check_still_owned(
         self, m: _Migration, snap: _Snapshot, expect_prefix: tuple[int, ...] = ()
     ) -> None:
@@ -420,42 +377,6 @@ class MigrationSource:
             raise MigrationAborted(AbortReason.REQUEST_FINISHED, str(snap.status))
         if snap.block_ids[: len(expect_prefix)] != expect_prefix:
             raise MigrationAborted(AbortReason.REQUEST_PREEMPTED, "block table changed")
-
-    async def _send_stage(
-        self, client, m: _Migration, first: int, data: torch.Tensor | None, is_last: bool
-    ) -> None:
-        """One stage offer and its transfer: blocks [first, first + data's blocks)."""
-        await self._faults.before_stage(m.num_stages)
-        num_blocks = 0 if data is None else data.shape[2]
-        transfer_id = f"mig-{m.migration_id}-{m.num_stages}"
-        offer = StageOffer(m.migration_id, m.num_stages, first, num_blocks, transfer_id, is_last)
-        try:
-            ready, reason = await client.stage(offer)
-        except ConnectionError as exc:
-            raise MigrationAborted(AbortReason.DESTINATION_UNREACHABLE, str(exc)) from exc
-        if not ready:
-            raise MigrationAborted(AbortReason.DESTINATION_REFUSED, reason)
-        if data is not None:
-            handle = None
-            try:
-                handle = await self._transport.send(
-                    m.target.transport_address,
-                    self._faults.transfer_id(m.num_stages, transfer_id),
-                    [data],
-                    TrafficClass.KV,
-                    context_to_dict(),
-                )
-                await asyncio.wait_for(handle.wait(), self._config.transfer_timeout_s)
-            except (TransportError, TimeoutError) as exc:
-                if handle is not None:  # stop the bytes and settle the handle
-                    with contextlib.suppress(TransportError):
-                        await handle.cancel()
-                raise MigrationAborted(
-                    AbortReason.TRANSFER_FAILED, f"{type(exc).__name__}: {exc}"
-                ) from exc
-            m.num_bytes += data.numel() * data.element_size()
-        m.num_stages += 1
-        m.num_blocks_sent += num_blocks
 
     async def _commit(self, client, offer: CommitOffer) -> tuple[bool, str]:
         last_error: Exception | None = None

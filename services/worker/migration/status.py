@@ -32,6 +32,7 @@ __all__ = [
     "SOURCE_TRANSITIONS",
     "AbortReason",
     "IllegalTransition",
+    "MigrationAborted",
     "MigrationMode",
     "MigrationStatus",
     "ReservationStatus",
@@ -82,6 +83,15 @@ class AbortReason(StrEnum):
     SHUTDOWN = "shutdown"  # this worker is stopping
     LEASE_EXPIRED = "lease_expired"  # destination: the source went silent
     ABORTED_BY_SOURCE = "aborted_by_source"  # destination: AbortMigration
+
+
+class MigrationAborted(Exception):
+    """A source-side migration stops here, for `reason`; the request runs at the source."""
+
+    def __init__(self, reason: AbortReason, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else str(reason))
+        self.reason = reason
+        self.detail = detail
 
 
 class IllegalTransition(RuntimeError):

@@ -8,6 +8,7 @@ import pytest
 
 from services.cli.generate import read_requests
 from services.cli.main import main
+from services.common.config import load_config
 from services.worker.engine import CostModelProfile, EngineConfig, LLMEngine, SamplingParams
 
 
@@ -38,7 +39,12 @@ def test_generate_local_prints_one_json_object_per_request(tmp_path, capsys):
     )
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["index"] for line in lines] == [0, 1, 2]
-    engine = LLMEngine.from_config(EngineConfig(num_kv_blocks=16, memory_capacity_bytes=32 * 2**20))
+    # Loaded like the CLI's engine, so `LLMESH_KERNELS` picks the same kernels for both.
+    engine = LLMEngine.from_config(
+        load_config(
+            EngineConfig, "ENGINE", {"num_kv_blocks": 16, "memory_capacity_bytes": 32 * 2**20}
+        )
+    )
     expected = engine.generate([engine.tokenizer.encode("Hello")], SamplingParams(max_tokens=16))[0]
     assert lines[0] == {
         "index": 0,

@@ -15,14 +15,7 @@ from services.common.convert import instance_spec_to_proto, load_to_proto
 from services.common.errors import ResourceExhaustedError, UnavailableError
 from services.common.messages import InstanceSpec, LoadReport
 from services.policies import InstanceLoad, make_instance_load
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clock import FakeClock
 
 
 class FakeRpcError(grpc.aio.AioRpcError):
@@ -75,7 +68,7 @@ def make(clock, view, scheduler, lost=None):
 
 
 async def test_the_scheduler_decides_when_it_answers_and_sees_the_exclusions():
-    clock = Clock()
+    clock = FakeClock(100.0)
     lost = LostInstances(5.0, clock)
     lost.add("dead")
     scheduler = FakeScheduler(scheduler_pb2.DispatchResponse(instance_id="b", address="addr-b"))
@@ -91,7 +84,7 @@ async def test_the_scheduler_decides_when_it_answers_and_sees_the_exclusions():
 
 
 async def test_scheduler_down_uses_freeness_of_the_cached_view_without_herding():
-    clock = Clock()
+    clock = FakeClock(100.0)
     view = view_of(clock, ("a", 10, 1, 0), ("b", 10, 1, 0), ("c", 90, 1, 0))
     dispatcher = make(clock, view, FakeScheduler(code=grpc.StatusCode.UNAVAILABLE))
     chosen = [(await dispatcher.choose(f"r{i}", 320, 0, set())) for i in range(4)]
@@ -103,7 +96,7 @@ async def test_scheduler_down_uses_freeness_of_the_cached_view_without_herding()
 
 
 async def test_stale_view_falls_back_to_round_robin_and_skips_lost_instances():
-    clock = Clock()
+    clock = FakeClock(100.0)
     view = view_of(clock, ("a", 0, 0, 0), ("b", 0, 0, 0), ("c", 0, 0, 0))
     lost = LostInstances(5.0, clock)
     lost.add("b")
@@ -116,7 +109,7 @@ async def test_stale_view_falls_back_to_round_robin_and_skips_lost_instances():
 
 
 async def test_stale_view_round_robin_is_the_registered_policy_and_skips_draining_instances():
-    clock = Clock()
+    clock = FakeClock(100.0)
     view = view_of(clock, ("a", 0, 0, 0), ("b", 0, 0, 0), ("c", 0, 0, 0), terminating={"a"})
     dispatcher = make(clock, view, FakeScheduler(code=grpc.StatusCode.UNAVAILABLE))
     clock.now += 4.0
@@ -143,7 +136,7 @@ def test_view_from_proto_gives_each_load_the_block_size_of_its_registration():
 
 
 async def test_no_candidate_anywhere_is_unavailable():
-    clock = Clock()
+    clock = FakeClock(100.0)
     dispatcher = make(
         clock, view_of(clock, ("a", 0, 0, 0)), FakeScheduler(code=grpc.StatusCode.UNAVAILABLE)
     )
@@ -152,7 +145,7 @@ async def test_no_candidate_anywhere_is_unavailable():
 
 
 def test_view_keeps_instances_a_restarted_scheduler_forgot_for_a_while():
-    clock = Clock()
+    clock = FakeClock(100.0)
     view = view_of(clock, ("a", 0, 0, 0), ("b", 0, 0, 0))
     limits = view.model_limits()
     view.update([])  # the restarted scheduler knows nobody yet
@@ -165,7 +158,7 @@ def test_view_keeps_instances_a_restarted_scheduler_forgot_for_a_while():
 
 
 def test_admission_control_limits():
-    clock = Clock()
+    clock = FakeClock(100.0)
     admission = AdmissionControl(max_inflight_requests=2, max_waiting_per_instance=3)
     view = view_of(clock, ("a", 0, 1, 3), ("b", 0, 1, 2))
     admission.check(1, view)
@@ -177,7 +170,7 @@ def test_admission_control_limits():
 
 
 async def test_a_failed_dispatch_marks_the_scheduler_down_until_a_refresh_reaches_it():
-    clock = Clock()
+    clock = FakeClock(100.0)
     view = view_of(clock, ("a", 10, 1, 0), ("b", 20, 1, 0))
     scheduler = FakeScheduler(code=grpc.StatusCode.UNAVAILABLE)
     dispatcher = make(clock, view, scheduler)

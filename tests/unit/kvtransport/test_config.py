@@ -4,6 +4,7 @@ import pytest
 
 from kvtransport import Backend, SchedulingPolicy, TransportConfig
 from kvtransport.config import MIB
+from services.common.config import ConfigError
 
 
 def test_defaults_are_ucx_priority_with_4mib_chunks():
@@ -38,7 +39,7 @@ def test_strings_become_enums():
     ],
 )
 def test_bad_values_raise_value_error_naming_them(kwargs, named):
-    with pytest.raises(ValueError, match=named):
+    with pytest.raises(ConfigError, match=named):
         TransportConfig(**kwargs)
 
 

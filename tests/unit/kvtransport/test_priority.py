@@ -20,6 +20,7 @@ from kvtransport.fabric import ChunkOut, ControlOut, PeerLink
 from kvtransport.handles import SendHandle
 from kvtransport.priority import Outbound, PeerScheduler
 from kvtransport.wire import MAGIC, CancelTransfer, decode
+from tests.clock import FakeClock
 
 KV, ACT = TrafficClass.KV, TrafficClass.ACTIVATION
 
@@ -58,18 +59,10 @@ def _label(message) -> str:
     return message.frame.decode()
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class Harness:
     def __init__(self, **config_kwargs) -> None:
         self.link = FakeLink()
-        self.clock = Clock()
+        self.clock = FakeClock(1000.0)
         self.finished: list[str] = []
         self.failed: list[PeerScheduler] = []
         self.scheduler = PeerScheduler(

@@ -9,6 +9,7 @@ import torch
 
 from kvtransport import Backend, TrafficClass, TransportConfig, make_transport
 from kvtransport.config import MIB
+from tests.clock import FakeClock
 from tests.unit.kvtransport.helpers import assert_clean, pattern
 
 QUIET_S = 0.3
@@ -40,18 +41,10 @@ async def _ucx_pair(**config_kwargs):
         await receiver.close()
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 async def test_activations_switch_both_ends_to_fine_slices_until_quiet():
     async with _ucx_pair(kv_chunk_bytes=MIB, activation_quiet_s=QUIET_S) as (sender, receiver):
-        clock = Clock()  # the quiet time passes when the test says so
-        _worker(sender).clock = _worker(receiver).clock = clock
+        clock = FakeClock(1000.0)  # the quiet time passes when the test says so
+        _worker(sender)._clock = _worker(receiver)._clock = clock
         # KV alone (3 MiB in 1 MiB chunks, 4 messages) leaves both in bulk mode.
         await _round_trip(sender, receiver, "kv-0", pattern(3 * MIB + 5), TrafficClass.KV)
         assert not _worker(sender).is_latency_mode

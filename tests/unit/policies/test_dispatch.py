@@ -1,5 +1,6 @@
 import pytest
 
+from services.common.config import ConfigError
 from services.policies import DISPATCH_POLICIES, DispatchInfo, make_dispatch_policy
 from tests.unit.policies.snapshots import load
 
@@ -12,7 +13,7 @@ def test_registered_dispatch_names():
 
 
 def test_unknown_dispatch_name_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"'nope' is unknown; choose from \['freest'"):
+    with pytest.raises(ConfigError, match=r"'nope' is unknown; choose from \['freest'"):
         make_dispatch_policy("nope")
 
 

@@ -3,6 +3,7 @@ from dataclasses import replace
 
 import pytest
 
+from services.common.config import ConfigError
 from services.policies import (
     InstanceLoad,
     LoadModelConfig,
@@ -118,5 +119,5 @@ def test_no_pending_dispatch_or_a_terminating_instance_leaves_the_load_as_it_is(
 
 
 def test_load_model_config_rejects_negative_headroom():
-    with pytest.raises(ValueError, match="high_priority_headroom_blocks=-1"):
+    with pytest.raises(ConfigError, match="high_priority_headroom_blocks=-1"):
         LoadModelConfig(high_priority_headroom_blocks=-1)

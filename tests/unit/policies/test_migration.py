@@ -2,6 +2,7 @@ import math
 
 import pytest
 
+from services.common.config import ConfigError
 from services.policies import (
     MIGRATION_POLICIES,
     MigrationConfig,
@@ -159,7 +160,7 @@ def test_default_config_values():
     ],
 )
 def test_config_validation_names_the_bad_value(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
         MigrationConfig(**kwargs)
 
 

@@ -19,13 +19,14 @@ from services.scheduler.control import MigrationLoop, ScalingLoop
 from services.scheduler.groups import GroupTable
 from services.scheduler.provisioner import Provisioner
 from services.scheduler.registry import InstanceRegistry
+from tests.clock import FakeClock
 from tests.unit.policies.snapshots import load
 from tests.unit.scheduler.test_groups import spec as member_spec
-from tests.unit.scheduler.test_registry import Clock, spec
+from tests.unit.scheduler.test_registry import spec
 
 
-def registry_with(*loads, clock: Clock | None = None, spec_of=spec) -> InstanceRegistry:
-    registry = InstanceRegistry(lease_s=3.0, clock=clock or Clock())
+def registry_with(*loads, clock: FakeClock | None = None, spec_of=spec) -> InstanceRegistry:
+    registry = InstanceRegistry(lease_s=3.0, clock=clock or FakeClock())
     for ld in loads:
         registry.register(spec_of(ld.instance_id))
         registry.report(LoadReport(ld, seq=1))
@@ -110,7 +111,7 @@ def test_terminating_instances_are_drained_with_more_requests_per_round():
 def test_migrations_pair_only_instances_on_the_same_kernels():
     # freeness: a = 0.25 and c = 0.5 (sources); b = 45, d = 10 (destinations).
     kernels = {"a": "native", "b": "torch", "c": "torch", "d": "native"}
-    registry = InstanceRegistry(lease_s=3.0, clock=Clock())
+    registry = InstanceRegistry(lease_s=3.0, clock=FakeClock())
     for ld in (load("a", 99, 4), load("b", 10, 2), load("c", 98, 4), load("d", 60, 4)):
         registry.register(
             dataclasses.replace(spec(ld.instance_id), kernels=kernels[ld.instance_id])
@@ -206,7 +207,7 @@ async def test_scaling_starts_workers_below_the_band_and_counts_them_pending():
 
 
 async def test_scaling_drains_an_owned_idle_instance_then_stops_it_once_empty():
-    clock = Clock()
+    clock = FakeClock()
     registry = registry_with(load("a", 10, 1), load("auto-0", 5, 1), clock=clock)
     provisioner = FakeProvisioner(owned={"auto-0"})
     orders = Orders()
@@ -239,7 +240,7 @@ async def test_scaling_drains_an_owned_idle_instance_then_stops_it_once_empty():
 
 
 async def test_a_dispatch_the_reports_do_not_show_yet_keeps_a_drained_instance_alive():
-    clock = Clock()
+    clock = FakeClock()
     registry = registry_with(load("a", 10, 1), load("auto-0", 5, 1), clock=clock)
     provisioner = FakeProvisioner(owned={"auto-0"})
     loop = scaling_loop(registry, provisioner, Orders())

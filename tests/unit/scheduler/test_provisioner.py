@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from services.common.config import ConfigError
 from services.scheduler.provisioner import LocalProcessProvisioner, make_provisioner
 
 
@@ -43,5 +44,5 @@ async def test_a_registered_worker_is_not_pending_and_is_stopped_on_close(tmp_pa
 
 
 def test_unknown_provisioner_is_named():
-    with pytest.raises(ValueError, match="provisioner 'k8s' is not one of"):
+    with pytest.raises(ConfigError, match="provisioner 'k8s' is not one of"):
         make_provisioner("k8s", "127.0.0.1:1")

@@ -7,14 +7,7 @@ import pytest
 from services.common.messages import InstanceSpec, LoadReport
 from services.policies import InstanceLoad
 from services.scheduler.registry import InstanceRegistry
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clock import FakeClock
 
 
 def spec(instance_id: str, block_size: int = 16) -> InstanceSpec:
@@ -23,13 +16,18 @@ def spec(instance_id: str, block_size: int = 16) -> InstanceSpec:
     )
 
 
-def load(instance_id: str, seq: int, used: int = 0, running: int = 0) -> LoadReport:
-    load = InstanceLoad(instance_id, 100, used, running, 0, virtual_usage=used, freeness=100 - used)
+def load(
+    instance_id: str, seq: int, used: int = 0, running: int = 0, block_size: int = 16
+) -> LoadReport:
+    load = InstanceLoad(
+        instance_id, 100, used, running, 0, virtual_usage=used, freeness=100 - used,
+        block_size=block_size,
+    )  # fmt: skip
     return LoadReport(load, seq)
 
 
 def test_lease_runs_out_without_reports_and_reports_renew_it():
-    clock = Clock()
+    clock = FakeClock()
     registry = InstanceRegistry(lease_s=3.0, clock=clock)
     registry.register(spec("a"))
     registry.register(spec("b"))
@@ -72,10 +70,10 @@ def test_a_registered_instance_looks_idle_until_it_reports():
 
 
 def test_pending_dispatches_count_until_a_later_report():
-    clock = Clock()
+    clock = FakeClock()
     registry = InstanceRegistry(lease_s=2.0, clock=clock)
     registry.register(spec("a", block_size=32))
-    registry.report(load("a", 1, used=10, running=1))
+    registry.report(load("a", 1, used=10, running=1, block_size=32))
     registry.note_dispatch("a", "r1", num_blocks=5)
     registry.note_dispatch("a", "r2", num_blocks=3)
     [effective] = registry.loads()
@@ -84,7 +82,7 @@ def test_pending_dispatches_count_until_a_later_report():
         2,
         8,
     )
-    assert effective.block_size == 32  # from the registration: reports do not carry it
+    assert effective.block_size == 32
     clock.now = 1.0  # older than the pending TTL (0.5 s): the next report shows them
     registry.report(load("a", 2, used=18, running=3))
     [effective] = registry.loads()

@@ -107,6 +107,17 @@ async def test_dispatch_goes_to_the_freest_instance_and_respects_exclusions(sche
     assert state.dispatch_policy == "freest"
 
 
+async def test_a_reported_load_takes_the_block_size_of_the_registration(scheduler):
+    stub, registry = scheduler
+    spec = InstanceSpec("a", "addr-a", "tiny", 32, 4, 0, 4, 2048, 258, 257)
+    await stub.RegisterInstance(
+        scheduler_pb2.RegisterInstanceRequest(info=instance_spec_to_proto(spec)), timeout=TIMEOUT_S
+    )
+    await stream_one_report(stub, registry, report("a", 1, used=10, running=1))
+    assert registry.get("a").report.load.block_size == 32
+    assert [load.block_size for load in registry.loads()] == [32]
+
+
 async def test_load_stream_of_an_unregistered_instance_is_not_found(scheduler):
     stub, _ = scheduler
 
@@ -141,17 +152,22 @@ async def test_bad_registration_and_deregistration(scheduler):
 
 
 def test_config_names_the_bad_value():
-    with pytest.raises(ValueError, match="dispatch_policy='nope'"):
+    with pytest.raises(ConfigError, match="dispatch_policy='nope'"):
         SchedulerConfig(dispatch_policy="nope")
     with pytest.raises(
         ConfigError, match="lease_s=0.1 must be at least 4 x report_interval_s=0.05"
     ):
         SchedulerConfig(lease_s=0.1)
-    with pytest.raises(ValueError, match="migration_policy='nope'"):
+    with pytest.raises(ConfigError, match="migration_policy='nope'"):
         SchedulerConfig(migration_policy="nope")
-    with pytest.raises(ValueError, match="scale_up_freeness=50.0 must be < scale_down_freeness"):
+    with pytest.raises(
+        ConfigError,
+        match="^scaling settings: scale_up_freeness=50.0 must be < scale_down_freeness",
+    ):
         SchedulerConfig(scale_up_freeness=50.0, scale_down_freeness=20.0)
-    with pytest.raises(ValueError, match="worker_args=.*not valid shell syntax"):
+    with pytest.raises(ConfigError, match="^migration settings: interval_s=0.0 must be > 0"):
+        SchedulerConfig(migration_interval_s=0.0)
+    with pytest.raises(ConfigError, match="worker_args=.*not valid shell syntax"):
         SchedulerConfig(worker_args='--model "unclosed')
 
 

@@ -43,12 +43,12 @@ def test_every_worker_flag_lands_in_its_field():
         [
             "--bind", "127.0.0.1:7001", "--scheduler", "127.0.0.1:7002", "--instance-id", "w-2",
             "--model", "tiny", "--dtype", "float32", "--device", "cpu", "--block-size", "8",
-            "--memory-capacity-mb", "128", "--num-kv-blocks", "0", "--max-num-seqs", "4",
-            "--max-num-batched-tokens", "256", "--max-model-len", "0",
+            "--memory-capacity-bytes", "128MiB", "--num-kv-blocks", "none", "--max-num-seqs", "4",
+            "--max-num-batched-tokens", "256", "--max-model-len", "none",
             "--scheduling-policy", "priority", "--kernels", "torch", "--torch-threads", "1",
             "--gil-switch-interval-us", "1000", "--transport-backend", "tcp",
             "--migration-selection", "shortest_first", "--migration-lease-s", "2.5",
-            "--migration-transfer-timeout-s", "3", "--migration-stage-chunk-mib", "0.25",
+            "--migration-transfer-timeout-s", "3", "--migration-stage-chunk-bytes", "0.25MiB",
         ]
     )  # fmt: skip
     config = load_config(WorkerConfig, "WORKER", vars(args), environ={})
@@ -79,6 +79,55 @@ def test_every_worker_flag_lands_in_its_field():
         config.migration.stage_chunk_bytes,
     ) == ("shortest_first", 2.5, 3.0, MiB // 4)
     assert (config.engine.block_size, config.engine.kernels) == (8, "torch")
+
+
+@pytest.mark.parametrize(
+    ("flag", "env", "raw", "value"),
+    [
+        ("--memory-capacity-bytes", "ENGINE_MEMORY_CAPACITY_BYTES", "134217728", 128 * MiB),
+        ("--memory-capacity-bytes", "ENGINE_MEMORY_CAPACITY_BYTES", "128MiB", 128 * MiB),
+        ("--migration-stage-chunk-bytes", "MIGRATION_STAGE_CHUNK_BYTES", "0.25 mib", MiB // 4),
+        ("--num-kv-blocks", "ENGINE_NUM_KV_BLOCKS", "none", None),
+        ("--num-kv-blocks", "ENGINE_NUM_KV_BLOCKS", "7", 7),
+        ("--max-model-len", "ENGINE_MAX_MODEL_LEN", "None", None),
+    ],
+)
+def test_a_flag_and_its_env_var_take_the_same_spellings(flag, env, raw, value):
+    field = env.lower().split("_", 1)
+    from_flag = load_config(WorkerConfig, "WORKER", vars(parse_args([flag, raw])), environ={})
+    from_env = load_config(WorkerConfig, "WORKER", environ={f"LLMESH_WORKER_{env}": raw})
+    assert from_flag == from_env
+    assert getattr(getattr(from_flag, field[0]), field[1]) == value
+
+
+def test_a_flags_none_wins_over_the_env_var():
+    environ = {"LLMESH_WORKER_ENGINE_NUM_KV_BLOCKS": "32"}
+    assert load_config(WorkerConfig, "WORKER", environ=environ).engine.num_kv_blocks == 32
+    args = parse_args(["--num-kv-blocks", "none"])
+    assert (
+        load_config(WorkerConfig, "WORKER", vars(args), environ=environ).engine.num_kv_blocks
+        is None
+    )
+
+
+@pytest.mark.parametrize("flag", ["--memory-capacity-bytes", "--migration-stage-chunk-bytes"])
+@pytest.mark.parametrize("value", ["0", "-1", "0.5", "1e-9MiB", "16MB", "lots"])
+def test_a_size_flag_below_one_byte_or_misspelled_is_refused_naming_the_flag(flag, value, capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_args([flag, value])
+    assert info.value.code == 2
+    assert f"{flag}={value!r} is not a size of at least 1 byte" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--num-kv-blocks", "--max-model-len"])
+def test_an_optional_flag_is_unset_with_none_and_refuses_zero_like_its_env_var(flag, capsys):
+    field = flag.removeprefix("--").replace("-", "_")
+    with pytest.raises(ConfigError, match=f"{field} must be None or an int > 0, got 0"):
+        load_config(WorkerConfig, "WORKER", vars(parse_args([flag, "0"])), environ={})
+    with pytest.raises(SystemExit) as info:
+        parse_args([flag, "all"])
+    assert info.value.code == 2
+    assert f"{flag}='all' is not a valid int" in capsys.readouterr().err
 
 
 def test_llmesh_kernels_sets_the_engine_kernels_below_the_worker_variable():
@@ -120,7 +169,11 @@ def test_bad_values_are_named(cls, fields, message):
         ({"LLMESH_WORKER_ENGINE_BLOCK_SIZE": "0"}, "block_size must be an int > 0, got 0"),
         ({"LLMESH_WORKER_ENGINE_DTYPE": "int8"}, "dtype 'int8'"),
         ({"LLMESH_WORKER_ENGINE_KERNELS": "flash"}, "kernels 'flash' is not one of"),
-        ({"LLMESH_WORKER_MIGRATION_STAGE_CHUNK_BYTES": "0"}, "stage_chunk_bytes=0 must be >= 1"),
+        (
+            {"LLMESH_WORKER_MIGRATION_STAGE_CHUNK_BYTES": "0"},
+            "LLMESH_WORKER_MIGRATION_STAGE_CHUNK_BYTES='0' is not a size of at least 1 byte",
+        ),
+        ({"LLMESH_WORKER_ENGINE_NUM_KV_BLOCKS": "0"}, "num_kv_blocks must be None or an int > 0"),
         ({"LLMESH_WORKER_MIGRATION_LEASE_S": "0"}, "lease_s=0.0 must be > 0"),
         ({"LLMESH_WORKER_ENGINE_MAX_NUM_SEQS": "many"}, "LLMESH_WORKER_ENGINE_MAX_NUM_SEQS='many'"),
     ],
@@ -140,3 +193,27 @@ def test_the_worker_installs_the_fault_hooks_llmesh_test_hooks_names(monkeypatch
     assert _fault_hooks() is NO_FAULTS
     monkeypatch.setenv("LLMESH_TEST_HOOKS", "tests.integration.hooks.pause_before_commit")
     assert type(_fault_hooks()) is PauseBeforeCommit
+
+
+def test_old_variable_names_are_warned_about_and_the_service_addresses_are_not(caplog):
+    from services.scheduler.config import SchedulerConfig
+
+    env = {
+        "LLMESH_WORKER_MEMORY_CAPACITY_MB": "64",  # now ..._ENGINE_MEMORY_CAPACITY_BYTES
+        "LLMESH_WORKER_ENGINE_MEMORY_CAPACITY_BYTES": "64MiB",
+        "LLMESH_SCHEDULER_LEASE_MS": "300",  # now ..._LEASE_S
+        "LLMESH_SCHEDULER_ADDRESS": "127.0.0.1:7002",  # where the CLI finds the scheduler
+        "LLMESH_GATEWAY_ADDRESS": "127.0.0.1:7001",
+        "LLMESH_KERNELS": "torch",
+        "LLMESH_TEST_HOOKS": "",
+    }
+    with caplog.at_level("WARNING", logger="services.common.config"):
+        worker = load_config(WorkerConfig, "WORKER", environ=env)
+        scheduler = load_config(SchedulerConfig, "SCHEDULER", environ=env)
+        gateway = load_config(GatewayConfig, "GATEWAY", environ=env)
+    assert (worker.engine.memory_capacity_bytes, scheduler.lease_s) == (64 * MiB, 3.0)
+    assert gateway == GatewayConfig()
+    assert [r.getMessage().split()[0] for r in caplog.records] == [
+        "LLMESH_WORKER_MEMORY_CAPACITY_MB",
+        "LLMESH_SCHEDULER_LEASE_MS",
+    ]

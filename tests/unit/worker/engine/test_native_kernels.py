@@ -425,6 +425,12 @@ def test_wrong_tensors_raise_value_errors_before_any_native_call():
         "weight bias: expected": lambda: native.linear(x, weight, torch.zeros(31)),
         "N a multiple of 16": lambda: native.pack_weight(torch.zeros(24, 16)),
         "x: expected rows of 8": lambda: native.rms_norm(torch.zeros(3, 16), torch.zeros(8), 1e-5),
+        "norm weight: expected (H,), got ()": lambda: native.rms_norm(
+            torch.zeros(3, 16), torch.tensor(1.0), 1e-5
+        ),
+        "norm weight: width 12 is not a multiple of 8": lambda: native.add_rms_norm_(
+            torch.zeros(3, 12), torch.zeros(3, 12), torch.zeros(12), 1e-5, torch.zeros(3, 12)
+        ),
         "silu_mul: width 6": lambda: native.silu_mul(torch.zeros(3, 12)),
         "hidden, delta and out have 3, 2 and 3 rows": lambda: native.add_rms_norm_(
             torch.zeros(3, 16), torch.zeros(2, 16), torch.zeros(16), 1e-5, torch.zeros(3, 16)
@@ -446,6 +452,22 @@ def test_wrong_tensors_raise_value_errors_before_any_native_call():
         with pytest.raises(KernelArgumentError, match=re.escape(message)):
             call()
     assert issubclass(KernelArgumentError, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"head_dim": 12}, "multiples of 8 (this model: head_dim 12)"),
+        ({"hidden_size": 100, "intermediate_size": 36}, "hidden_size 100, intermediate_size 36"),
+        ({"num_heads": 34, "num_kv_heads": 2}, "at most 16 query heads per KV head"),
+    ],
+)
+def test_a_model_shape_the_kernels_cannot_take_is_one_reason_for_both_checks(changes, reason):
+    config = dataclasses.replace(TINY_MODEL_CONFIG, **changes)
+    assert reason in native.unavailable(config, "float32", "cpu")
+    with pytest.raises(KernelArgumentError, match=re.escape("native decoder layers: they")) as e:
+        native.NativeLayers(config, {})
+    assert reason in str(e.value)
 
 
 def test_the_guards_hold_under_python_O():
@@ -512,6 +534,7 @@ def test_without_a_compiler_the_native_tests_skip_and_the_rest_pass(tmp_path):
         "test_bad_kernels_name_is_a_config_error",
         "test_no_compiler_falls_back_to_torch_or_says_why",
         "test_wrong_tensors_raise_value_errors_before_any_native_call",
+        "test_a_model_shape_the_kernels_cannot_take_is_one_reason_for_both_checks",
         "test_the_guards_hold_under_python_O",
     }
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())

@@ -11,6 +11,7 @@ import pytest
 from services.worker.engine import LLMEngine, SamplingParams
 from services.worker.migration import MigrationConfig, MigrationMode, MigrationStatus
 from services.worker.migration.faults import FaultHooks
+from tests.clock import FakeClock
 from tests.unit.worker.migration.conftest import ENGINE_CONFIG
 from tests.unit.worker.migration.harness import reference_tokens
 
@@ -75,7 +76,7 @@ async def test_stages_travel_in_chunks_of_stage_chunk_bytes(cluster):
     # Every transfer carries one block; an empty last stage is one offer without bytes.
     assert result.num_stages in (result.num_blocks, result.num_blocks + 1)
     assert result.num_bytes == result.num_blocks * a.engine.kv_block_nbytes
-    assert a.source._buffers.num_free >= 1 and b.destination._buffers.num_free >= 1  # reused
+    assert a.source._stages.buffers.num_free >= 1 and b.destination._buffers.num_free >= 1  # reused
     await asyncio.wait_for(streams["r1"].finished.wait(), 60)
     assert streams["r1"].tokens == expected
     assert streams["r1"].sources[0] == "a" and streams["r1"].sources[-1] == "b"
@@ -249,19 +250,29 @@ async def test_data_plane_timeout_aborts_and_request_continues(cluster):
     assert await b.async_engine.run(lambda e: e.block_manager.num_used_blocks) == 0
 
 
-async def test_silent_source_lease_frees_the_reservation(cluster):
-    now = [0.0]
-    a, b, streams = await cluster(MigrationConfig(lease_s=0.2), b_clock=lambda: now[0])
+@pytest.mark.parametrize(
+    ("own_lease_s", "offered_lease_s", "lease_s"),
+    [(0.2, 0.2, 0.2), (3.0, 0.2, 0.2), (0.2, 1.0, 1.0), (0.2, 0.0, 0.2)],
+)
+async def test_silent_source_lease_frees_the_reservation(
+    cluster, own_lease_s, offered_lease_s, lease_s
+):
+    """The lease is the one the source offered; an offer without one gets the
+    destination's own."""
+    clock = FakeClock()
+    a, b, streams = await cluster(MigrationConfig(lease_s=own_lease_s), b_clock=clock)
     from services.worker.migration import PrepareOffer
 
     reply = await b.destination.prepare(
-        PrepareOffer("m1", "ghost", "a", a.transport.address, 10, 0.2, 40, "torch")
+        PrepareOffer("m1", "ghost", "a", a.transport.address, 10, offered_lease_s, 40, "torch")
     )
     assert reply.accepted
     await asyncio.sleep(0.3)  # lease checks run, but the lease clock has not moved
+    clock.now = lease_s * 0.9  # silent, but not for a whole lease yet
+    await asyncio.sleep(0.3)
     assert b.destination.num_active == 1
     assert await b.async_engine.run(lambda e: e.block_manager.num_used_blocks) == 10
-    now[0] = 0.25  # the source has been silent for longer than the lease
+    clock.now = lease_s * 1.1  # the source has been silent for longer than the lease
     for _ in range(100):
         if b.destination.num_active == 0:
             break
