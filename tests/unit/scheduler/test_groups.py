@@ -13,7 +13,7 @@ from services.common.messages import InstanceSpec, LoadReport
 from services.policies import make_instance_load
 from services.scheduler.groups import GroupTable
 from services.scheduler.registry import InstanceRegistry
-from tests.unit.scheduler.test_registry import Clock
+from tests.clock import FakeClock
 
 
 def spec(instance_id: str, num_layers: int = 4, **changes) -> InstanceSpec:
@@ -59,8 +59,8 @@ def report(
     )
 
 
-def table_with(*specs: InstanceSpec, clock: Clock | None = None) -> GroupTable:
-    registry = InstanceRegistry(lease_s=3.0, clock=clock or Clock())
+def table_with(*specs: InstanceSpec, clock: FakeClock | None = None) -> GroupTable:
+    registry = InstanceRegistry(lease_s=3.0, clock=clock or FakeClock())
     for s in specs:
         registry.register(s)
         assert registry.report(report(s.instance_id, 1))
@@ -260,7 +260,7 @@ def test_restore_of_an_unknown_or_unnamed_group_is_refused():
 
 
 def test_a_member_leaving_the_registry_forgets_its_group_only():
-    clock = Clock()
+    clock = FakeClock()
     table = table_with(*(spec(i) for i in "abcd"), clock=clock)
     table.mark_serving(table.plan(["a", "b"]).group_id, 300, 200, 1)
     table.mark_serving(table.plan(["c", "d"]).group_id, 300, 200, 1)
