@@ -20,6 +20,9 @@ class GatewayConfig:
         1024  # admission: refuse when every instance has this many queued
     )
     max_placements: int = 4  # instances tried per placement before the client gets UNAVAILABLE
+    # A request whose worker was lost mid-stream keeps trying to be placed this long when
+    # no instance takes it at first (e.g. a KunServe group dissolving after a member died).
+    failover_wait_s: float = 10.0
     dispatch_timeout_s: float = 1.0  # deadline of Scheduler.Dispatch
     submit_timeout_s: float = 5.0  # deadline of Worker.Submit
     abort_timeout_s: float = 2.0  # deadline of Worker.Abort
@@ -58,6 +61,7 @@ class GatewayConfig:
         ):
             value = getattr(self, name)
             require(value > 0, f"{name}={value!r} must be > 0")
+        require(self.failover_wait_s >= 0, f"failover_wait_s={self.failover_wait_s!r} must be >= 0")
         require(
             self.health_watch_rotate_s > 0,
             f"health_watch_rotate_s={self.health_watch_rotate_s} must be > 0",

@@ -72,6 +72,7 @@ def _build(config: GatewayConfig, tokenizer, owner_address: str) -> _Gateway:
         owner_address=owner_address,
         model_id=config.model,
         max_placements=config.max_placements,
+        failover_wait_s=config.failover_wait_s,
     )
     sink = OutputSinkServicer(sessions, pool)
     return _Gateway(scheduler_channel, scheduler_stub, view, sessions, pool, servicer, sink)

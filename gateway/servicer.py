@@ -96,6 +96,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         owner_address: str,
         model_id: str,
         max_placements: int,
+        failover_wait_s: float = 10.0,
     ) -> None:
         self._sessions = sessions
         self._view = view
@@ -106,6 +107,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self._owner_address = owner_address
         self._model_id = model_id
         self._max_placements = max_placements
+        self._failover_wait_s = failover_wait_s
         self._rng = random.Random()
 
     def _new_session(self, request: gateway_pb2.GenerateRequest) -> GenerationSession:
@@ -121,6 +123,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             self._pool,
             self._owner_address,
             self._max_placements,
+            self._failover_wait_s,
         )
         self._sessions.add(session)
         return session

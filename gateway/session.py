@@ -12,6 +12,7 @@ The session never talks protobuf except for the RequestState it submits.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import NamedTuple
@@ -42,6 +43,10 @@ class Chunk(NamedTuple):
     instance_id: str
 
 
+# First and longest wait between placement tries of a failover (seconds).
+FAILOVER_RETRY_S = (0.05, 1.0)
+
+
 class GenerationSession:
     def __init__(
         self,
@@ -51,6 +56,7 @@ class GenerationSession:
         pool: WorkerPool,
         owner_address: str,
         max_placements: int,
+        failover_wait_s: float = 10.0,
     ) -> None:
         self.spec = spec
         self.tracker = tracker
@@ -58,6 +64,7 @@ class GenerationSession:
         self._pool = pool
         self._owner_address = owner_address
         self._max_placements = max_placements
+        self._failover_wait_s = failover_wait_s
         self._excluded: set[str] = set()
         self._arrival_time = time.time()
         self._trace_context = context_to_dict()
@@ -142,6 +149,24 @@ class GenerationSession:
             f"(last: {last_error})"
         )
 
+    async def _place_again(self, lost_instance: str | None) -> None:
+        """A failover: when no instance takes the request at first (e.g. a KunServe
+        group dissolving after a member died has no stage 0 yet), retry with backoff for
+        up to failover_wait_s, each time giving the instances that refused another try."""
+        deadline = time.monotonic() + self._failover_wait_s
+        delay_s = FAILOVER_RETRY_S[0]
+        while True:
+            try:
+                await self.place()
+                return
+            except UnavailableError as exc:
+                if time.monotonic() + delay_s > deadline:
+                    raise
+                log.info("failover_waiting", delay_s=delay_s, error=str(exc))
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, FAILOVER_RETRY_S[1])
+            self._excluded = {lost_instance} if lost_instance else set()
+
     async def chunks(self) -> AsyncIterator[Chunk]:
         """The output as contiguous chunks; the last one carries the finish reason."""
         tracker = self.tracker
@@ -165,7 +190,7 @@ class GenerationSession:
                     )
                     continue
                 tracker.mark_unplaced()
-                await self.place()
+                await self._place_again(lost_instance)
                 continue
             num_tokens = len(tracker.tokens)
             is_finished = tracker.is_finished

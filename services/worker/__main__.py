@@ -103,14 +103,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _fault_hooks():
-    """The migration fault hooks: none, unless $LLMESH_TEST_HOOKS names a test module."""
+    """(migration, KunServe) fault hooks: none, unless $LLMESH_TEST_HOOKS names a test
+    module (defining `migration_faults` and/or `kunserve_faults`)."""
     from services.worker.config import TestHooksConfig
+    from services.worker.kunserve.faults import NO_GROUP_FAULTS
     from services.worker.migration.faults import NO_FAULTS
 
     module_name = load_config(TestHooksConfig, "TEST").hooks
     if not module_name:
-        return NO_FAULTS
-    return importlib.import_module(module_name).migration_faults
+        return NO_FAULTS, NO_GROUP_FAULTS
+    module = importlib.import_module(module_name)
+    return (
+        getattr(module, "migration_faults", NO_FAULTS),
+        getattr(module, "kunserve_faults", NO_GROUP_FAULTS),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     from services.worker.server import serve
 
     try:
-        asyncio.run(serve(config, faults=_fault_hooks()))
+        faults, group_faults = _fault_hooks()
+        asyncio.run(serve(config, faults=faults, group_faults=group_faults))
     finally:
         shutdown_tracing()
     return 0

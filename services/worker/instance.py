@@ -24,6 +24,7 @@ from services.worker.engine import (
     RequestState,
 )
 from services.worker.kunserve import GroupMembership, KunServeConfig, MemberHooks, Role
+from services.worker.kunserve.faults import NO_GROUP_FAULTS, GroupFaultHooks
 from services.worker.llumlet import GroupReport, Llumlet
 from services.worker.migration import MigrationConfig, RequestHandoff
 from services.worker.migration.faults import NO_FAULTS, FaultHooks
@@ -33,6 +34,10 @@ from services.worker.requests import engine_state
 
 log = get_logger(__name__)
 tracer = trace.get_tracer("llmesh.worker")
+
+# A Submit that reaches a KunServe member while its group dissolves waits this long for
+# it to serve alone (a restore takes well under a second) instead of being refused.
+SUBMIT_WAIT_LEAVING_S = 10.0
 
 
 def delta_from_output(output: RequestOutput, failure: str | None = None) -> OutputDelta:
@@ -90,7 +95,9 @@ class WorkerInstance:
         self.migration.start()
         return self.migration
 
-    def attach_kunserve(self, transport, config: KunServeConfig) -> GroupMembership:
+    def attach_kunserve(
+        self, transport, config: KunServeConfig, faults: GroupFaultHooks = NO_GROUP_FAULTS
+    ) -> GroupMembership:
         """KunServe group membership over `transport` (started); call after start()."""
         hooks = MemberHooks(
             publish=self.router.publish,
@@ -102,7 +109,7 @@ class WorkerInstance:
             on_changed=self._group_changed,
         )
         self.kunserve = GroupMembership(
-            self.instance_id, self.async_engine, transport, hooks, config
+            self.instance_id, self.async_engine, transport, hooks, config, faults
         )
         return self.kunserve
 
@@ -189,10 +196,16 @@ class WorkerInstance:
     async def submit(self, spec: RequestSpec) -> None:
         """Admit a request (new, or resumed after a failover). Raises ValueError subclasses
         for bad input and AlreadyExistsError for an id already here."""
-        if self.kunserve is not None and not self.kunserve.takes_requests:
+        kunserve = self.kunserve
+        # A group dissolving (restore, or a member died) serves alone in a moment.
+        if (
+            kunserve is not None
+            and not kunserve.takes_requests
+            and not (kunserve.is_leaving and await kunserve.wait_alone(SUBMIT_WAIT_LEAVING_S))
+        ):
             raise UnavailableError(
                 f"instance {self.instance_id} is a stage of KunServe group "
-                f"{self.kunserve.group_id}; submit to its stage 0"
+                f"{kunserve.group_id}; submit to its stage 0"
             )
         if spec.num_computed_tokens != 0:
             raise ValueError(

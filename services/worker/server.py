@@ -26,6 +26,7 @@ from services.worker.async_engine import take_snapshot
 from services.worker.config import WorkerConfig
 from services.worker.engine import LLMEngine
 from services.worker.instance import WorkerInstance
+from services.worker.kunserve.faults import NO_GROUP_FAULTS, GroupFaultHooks
 from services.worker.llumlet import Llumlet
 from services.worker.migration import MigrationTarget
 from services.worker.migration.faults import NO_FAULTS, FaultHooks
@@ -62,7 +63,10 @@ def instance_spec(
 
 
 async def serve(
-    config: WorkerConfig, server: GrpcServer | None = None, faults: FaultHooks = NO_FAULTS
+    config: WorkerConfig,
+    server: GrpcServer | None = None,
+    faults: FaultHooks = NO_FAULTS,
+    group_faults: GroupFaultHooks = NO_GROUP_FAULTS,
 ) -> None:
     """Run one worker until SIGTERM/SIGINT (or `server.request_stop()`). `faults` are
     the migration fault hooks tests install (none by default)."""
@@ -77,7 +81,7 @@ async def serve(
     await server.start(service_names=["llmesh.v1.Worker"])
     server.install_signal_handlers()
     address = config.advertise_address or server.address
-    instance = await _start_instance(config, instance_id, address, faults)
+    instance = await _start_instance(config, instance_id, address, faults, group_faults)
     servicer.instance = instance
     await server.set_serving()
     reporter = asyncio.create_task(instance.llumlet.run())
@@ -98,7 +102,11 @@ async def serve(
 
 
 async def _start_instance(
-    config: WorkerConfig, instance_id: str, address: str, faults: FaultHooks
+    config: WorkerConfig,
+    instance_id: str,
+    address: str,
+    faults: FaultHooks,
+    group_faults: GroupFaultHooks,
 ) -> WorkerInstance:
     """Load the engine (off the event loop), start the data plane, the engine thread
     and live migration; the llumlet is built but does not report yet."""
@@ -119,7 +127,7 @@ async def _start_instance(
     instance = WorkerInstance(engine, llumlet, config.owner_unreachable_s)
     instance.start()
     migration = instance.attach_migration(transport, config.migration, faults)
-    instance.attach_kunserve(transport, config.kunserve)
+    instance.attach_kunserve(transport, config.kunserve, group_faults)
     llumlet.on_migrate = lambda command: migration.migrate_out_soon(
         MigrationTarget(
             command.dst_instance_id, command.dst_address, command.dst_transport_address

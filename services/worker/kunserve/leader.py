@@ -277,13 +277,28 @@ class GroupLeader:
             for stage, handed in requests.items():
                 if stage != 0 and handed:
                     m.announce_moves(handed, group.members[stage])
-            await asyncio.gather(
+            results = await asyncio.gather(
                 *(
                     self._client(mem).leave_group(group.group_id, plans[mem.stage],
                                                   requests[mem.stage])
                     for mem in group.members
-                )
+                ),
+                return_exceptions=True,
             )  # fmt: skip
+            failed = [
+                (mem, r) for mem, r in zip(group.members, results, strict=True)
+                if isinstance(r, BaseException)
+            ]  # fmt: skip
+            for member, error in failed:
+                # It reloaded alone and recomputes the requests homed there (or it is
+                # dead, and their gateways resume them elsewhere).
+                log.warning(
+                    "group_restore_member_failed",
+                    group_id=group.group_id,
+                    stage=member.stage,
+                    error=str(error),
+                )
+                preempted += len(requests[member.stage])
             restore_ms = (time.perf_counter() - started) * 1000
             span.set_attribute("llmesh.num_moved", moved)
             span.set_attribute("llmesh.num_preempted", preempted)

@@ -38,6 +38,7 @@ from services.worker.engine import LLMEngine, RequestState
 from services.worker.kunserve.client import GrpcMember
 from services.worker.kunserve.config import KunServeConfig
 from services.worker.kunserve.exchange import KVExchange
+from services.worker.kunserve.faults import NO_GROUP_FAULTS, GroupFaultHooks
 from services.worker.kunserve.leader import GroupLeader
 from services.worker.kunserve.pipeline import StageRunner, to_host
 from services.worker.kunserve.types import (
@@ -77,13 +78,17 @@ class GroupMembership:
         transport: Transport,
         hooks: MemberHooks,
         config: KunServeConfig,
+        faults: GroupFaultHooks = NO_GROUP_FAULTS,
     ) -> None:
         self.instance_id = instance_id
+        self.faults = faults
         self.async_engine = async_engine
         self.transport = transport
         self.hooks = hooks
         self.config = config
         self.role = Role.ALONE
+        self._alone = asyncio.Event()  # set while role is ALONE
+        self._alone.set()
         self.group: GroupSpec | None = None
         self.stage = 0
         self.key = ""  # group id + epoch: prefix of the group's transfer ids
@@ -93,6 +98,7 @@ class GroupMembership:
         self.leader = None  # a GroupLeader while this worker is stage 0 (leader.py)
         self._staged: dict[tuple[str, int], torch.Tensor] = {}  # (request, to stage) -> KV
         self._handed: tuple[HandedRequest, ...] = ()  # until stage 0 confirms adoption
+        self._leaving: asyncio.Future | None = None  # a restore's transfers, while they run
         self._clients: dict[str, GrpcMember] = {}
         self._watches: list[asyncio.Task] = []
         self._tasks: set[asyncio.Task] = set()
@@ -102,6 +108,21 @@ class GroupMembership:
     @property
     def group_id(self) -> str:
         return self.group.group_id if self.group is not None else ""
+
+    @property
+    def is_leaving(self) -> bool:
+        """Restoring or aborting: this worker serves alone again shortly."""
+        leader = self.leader
+        return self.role is Role.LEAVING or (leader is not None and leader.is_restoring)
+
+    async def wait_alone(self, timeout_s: float) -> bool:
+        """While the group dissolves, wait (at most timeout_s) until this worker serves
+        alone; True if it does."""
+        try:
+            await asyncio.wait_for(self._alone.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
     @property
     def takes_requests(self) -> bool:
@@ -188,6 +209,7 @@ class GroupMembership:
         reply = await self.async_engine.run(numbers)
         if reply.accepted:
             self.role, self.group, self.stage = Role.JOINING, group, me.stage
+            self._alone.clear()
             self._spawn(self._expire_join(group.group_id))
         return reply
 
@@ -203,6 +225,7 @@ class GroupMembership:
         """Stage 0 gave the drop up before JoinGroup: back to ALONE."""
         if self.role is Role.JOINING and self.group_id == group_id:
             self.role, self.group = Role.ALONE, None
+            self._alone.set()
 
     # ---- JoinGroup --------------------------------------------------------------------
 
@@ -319,10 +342,15 @@ class GroupMembership:
             data = self._staged.pop((spec.request_id, spec.to_stage), None)
             if data is None:
                 raise GroupError(f"no staged KV of {spec.request_id} for stage {spec.to_stage}")
-            exchange.send(spec, group.members[spec.to_stage].transport_address, data)
+            self._spawn(self._send_staged(spec, group.members[spec.to_stage], data))
         self._staged.clear()  # whatever stage 0 did not ask for (finished meanwhile)
         for spec in plan.receives:
             exchange.receive(spec, self._write_slices, self._received)
+
+    async def _send_staged(self, spec: KVTransferSpec, to: GroupMember, data) -> None:
+        await self.faults.before_exchange_send(spec)
+        if self.kv_exchange is not None:  # None: the group is gone meanwhile
+            self.kv_exchange.send(spec, to.transport_address, data)
 
     async def _write_slices(self, spec: KVTransferSpec, data: torch.Tensor) -> None:
         """Into the pool beside the steps: no micro-batch touches a request whose
@@ -355,7 +383,13 @@ class GroupMembership:
         self, group_id: str, plan: ExchangePlan, requests: tuple[HandedRequest, ...]
     ) -> int:
         """Every layer back: weights from their owners, the KV of the requests that go
-        home here from the other members; then those requests run here."""
+        home here from the other members; then those requests run here.
+
+        Two phases. The transfers can fail or be cut short (a member dies: the monitor
+        cancels them); then this member reloads its layers from its own source and
+        still takes `requests`, to recompute their KV (their gateways already follow
+        them here), and raises GroupError. Once every byte is here, the switch to the
+        full engine runs to its end, uncancelled."""
         group = self._require_group(group_id)
         me = group.members[self.stage]
         self.role = Role.LEAVING
@@ -363,33 +397,17 @@ class GroupMembership:
         with tracer.start_as_current_span(
             "kunserve.restore", attributes={"llmesh.group_id": group_id, "llmesh.stage": me.stage}
         ) as span:
-            # Outbound KV first: these blocks are gone once the layers come back.
-            outbound = await self.async_engine.run(
-                lambda e: [
-                    (s, to_host(e.migration.read_kv_layers(list(s.src_block_ids), s.layer_start,
-                                                           s.layer_end)))
-                    for s in plan.sends
-                ]
-            )  # fmt: skip
-            exchange = KVExchange(self.transport, self.config.transfer_timeout_s)
-            inbound: dict[str, torch.Tensor] = {}
-            failures: list[str] = []
-
-            async def keep(spec: KVTransferSpec, data: torch.Tensor) -> None:
-                inbound[spec.transfer_id] = data.clone()  # the pooled buffer goes back
-
-            def note(spec: KVTransferSpec, error: str) -> None:
-                if error:
-                    failures.append(f"{spec.transfer_id}: {error}")
-
-            for spec in plan.receives:
-                exchange.receive(spec, keep, note)
-            for spec, data in outbound:
-                exchange.send(spec, group.members[spec.to_stage].transport_address, data, note)
-            weights = await self._swap_weights(group, me)
-            if not await exchange.wait_idle(self.config.transfer_timeout_s * 2) or failures:
-                await exchange.close()
-                raise GroupError(f"restore KV transfers failed on {self.instance_id}: {failures}")
+            self._leaving = asyncio.ensure_future(self._restore_transfers(group, me, plan))
+            try:
+                weights, inbound = await self._leaving
+            except BaseException as exc:
+                reason = "cut short" if isinstance(exc, asyncio.CancelledError) else str(exc)
+                await self._reload_alone(f"restore transfers failed: {reason}", requests)
+                raise GroupError(
+                    f"restore of {group_id} failed on {self.instance_id}: {reason}"
+                ) from None
+            finally:
+                self._leaving = None
             # This member's own layers of the requests that go home here move inside
             # its pool: {group block id: new local block id}.
             moves = {
@@ -411,7 +429,7 @@ class GroupMembership:
                         e.migration.import_request(r.handoff.state, [])
                 return change.weight_nbytes_after - change.weight_nbytes_before
 
-            restored = await self.async_engine.run(restore)
+            restored = await asyncio.shield(self.async_engine.run(restore))
             span.set_attribute("llmesh.restored_weight_bytes", restored)
             span.set_attribute("llmesh.num_requests", len(requests))
         for r in requests:
@@ -421,6 +439,68 @@ class GroupMembership:
         await self._become_alone()
         log.info("group_left", group_id=group_id, num_requests=len(requests))
         return restored
+
+    async def _restore_transfers(
+        self, group: GroupSpec, me: GroupMember, plan: ExchangePlan
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Send this member's KV of requests going home elsewhere and its layers' weights;
+        receive the others'. Returns (weights by HF name, KV by transfer id)."""
+        await self.faults.before_restore_transfers(group.group_id)
+        # Outbound KV first: these blocks are gone once the layers come back.
+        outbound = await self.async_engine.run(
+            lambda e: [
+                (s, to_host(e.migration.read_kv_layers(list(s.src_block_ids), s.layer_start,
+                                                       s.layer_end)))
+                for s in plan.sends
+            ]
+        )  # fmt: skip
+        exchange = KVExchange(self.transport, self.config.transfer_timeout_s)
+        inbound: dict[str, torch.Tensor] = {}
+        failures: list[str] = []
+
+        async def keep(spec: KVTransferSpec, data: torch.Tensor) -> None:
+            inbound[spec.transfer_id] = data.clone()  # the pooled buffer goes back
+
+        def note(spec: KVTransferSpec, error: str) -> None:
+            if error:
+                failures.append(f"{spec.transfer_id}: {error}")
+
+        try:
+            for spec in plan.receives:
+                exchange.receive(spec, keep, note)
+            for spec, data in outbound:
+                exchange.send(spec, group.members[spec.to_stage].transport_address, data, note)
+            weights = await self._swap_weights(group, me)
+            if not await exchange.wait_idle(self.config.transfer_timeout_s * 2) or failures:
+                raise GroupError(f"KV transfers failed: {failures or 'timed out'}")
+        finally:
+            await exchange.close()
+        return weights, inbound
+
+    async def _reload_alone(self, reason: str, requests: tuple[HandedRequest, ...]) -> None:
+        """This member's own way back to every layer (its host copy or its weight
+        source), with an empty pool; `requests` then queue here to recompute."""
+        log.warning(
+            "group_reload_alone",
+            group_id=self.group_id,
+            reason=reason,
+            num_requests=len(requests),
+        )
+
+        def reload(engine: LLMEngine) -> None:
+            for request_id in list(engine.scheduler.requests):
+                engine.migration.remove_request(request_id)
+            if not engine.layer_ranges.is_complete:
+                engine.layer_ranges.leave_group({})
+            for r in requests:
+                engine.migration.import_request(replace(r.handoff.state, num_computed_tokens=0), [])
+
+        await asyncio.shield(self.async_engine.run(reload))
+        for r in requests:
+            self.hooks.set_epoch(r.handoff.state.request_id, r.handoff.placement_epoch)
+            if self.stage != 0:
+                self.hooks.adopt(r.handoff)
+        await self._become_alone()
 
     async def _swap_weights(self, group: GroupSpec, me: GroupMember) -> dict[str, torch.Tensor]:
         """Send this member's layers to every other member; receive theirs."""
@@ -449,8 +529,14 @@ class GroupMembership:
 
     def lost(self, reason: str) -> None:
         """A member died (or the pipeline broke): leave the group at once, in the
-        background (called from callbacks)."""
-        if self.role in (Role.ALONE, Role.LEAVING):
+        background (called from callbacks). During a restore: cut its transfers short
+        (leave_group then reloads this member alone)."""
+        if self.role is Role.LEAVING:
+            if self._leaving is not None:
+                log.warning("group_restore_cut_short", group_id=self.group_id, reason=reason)
+                self._leaving.cancel()
+            return
+        if self.role is Role.ALONE:
             return
         task = asyncio.ensure_future(self.abort(reason, tell_others=True))
         self._tasks.add(task)
@@ -541,6 +627,7 @@ class GroupMembership:
             self.kv_exchange = None
         self.role, self.group, self.leader, self.key = Role.ALONE, None, None, ""
         self.freed_weight_bytes = 0
+        self._alone.set()
         self.hooks.on_changed()
 
     def _me(self, group: GroupSpec) -> GroupMember:

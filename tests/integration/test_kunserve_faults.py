@@ -1,0 +1,118 @@
+"""KunServe members killed (kill -9) while the KV exchange runs and while a restore
+runs: the survivors end alone with every layer, every request finishes with exactly
+the tokens of one unloaded engine, and no block leaks.
+
+Each test runs a 2-worker mesh of its own whose workers pause at the phase under test
+(tests/integration/hooks/pause_group_*.py), so the kill lands inside it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from services.common.procs import LocalMesh
+from tests.integration.conftest import (
+    cluster_state,
+    log_events,
+    reference_tokens,
+    wait_until,
+    wait_worker_idle,
+    worker_load,
+)
+from tests.integration.kunserve_helpers import drop, restore, run_streams, workload
+
+
+def _mesh(tmp_path, hooks: str) -> LocalMesh:
+    return LocalMesh(
+        log_dir=tmp_path,
+        num_workers=2,
+        env={
+            "LLMESH_WORKER_TORCH_THREADS": "1",
+            "LLMESH_WORKER_ENGINE_MEMORY_CAPACITY_BYTES": str(32 << 20),
+            "LLMESH_TEST_HOOKS": f"tests.integration.hooks.{hooks}",
+        },
+    )
+
+
+def _paused(worker, point: str) -> bool:
+    return any(
+        e["event"] == "kunserve_fault_paused" and e.get("point") == point
+        for e in log_events(worker.log_path)
+    )
+
+
+def _survivor_alone_and_clean(mesh: LocalMesh, survivor) -> None:
+    report = wait_until(
+        lambda: (r := worker_load(survivor.address)).load.group_id == "" and r,
+        what="the survivor to serve alone",
+    )
+    assert (report.layer_start, report.layer_end) == (0, 4)
+    report = wait_worker_idle(survivor.address)
+    assert report.integrity_error == ""
+    load = report.load
+    assert (load.num_running, load.num_waiting, load.num_used_blocks) == (0, 0, 0)
+    wait_until(
+        lambda: not cluster_state(mesh.scheduler_address).groups,
+        what="the scheduler to forget the group",
+    )
+
+
+@pytest.mark.parametrize("victim_stage", [1, 0])
+def test_kill_9_during_the_kv_exchange(tmp_path, reference_engine, victim_stage):
+    requests = workload(6, 13 + victim_stage, 900)
+    expected = reference_tokens(reference_engine, requests)
+    with _mesh(tmp_path, "pause_group_exchange") as mesh:
+        members = [w.name for w in mesh.workers]
+
+        def during():
+            drop(mesh, members)  # answers once the capacity is usable; the exchange waits
+            wait_until(
+                lambda: any(_paused(w, "exchange") for w in mesh.workers),
+                what="an exchange to pause",
+            )
+            mesh.workers[victim_stage].kill()
+
+        tokens = run_streams(mesh, requests, f"exchange-kill-{victim_stage}", during)
+        assert tokens == expected
+        _survivor_alone_and_clean(mesh, mesh.workers[1 - victim_stage])
+
+
+@pytest.mark.parametrize("victim_stage", [1, 0])
+def test_kill_9_during_the_restore(tmp_path, reference_engine, victim_stage):
+    requests = workload(6, 29 + victim_stage, 900)
+    expected = reference_tokens(reference_engine, requests)
+    with _mesh(tmp_path, "pause_group_restore") as mesh:
+        members = [w.name for w in mesh.workers]
+        outcome = {}
+
+        def during():
+            group = drop(mesh, members).group
+            time.sleep(0.5)
+
+            def kill_when_paused():
+                wait_until(
+                    lambda: any(_paused(w, "restore") for w in mesh.workers),
+                    what="the restore to pause",
+                )
+                mesh.workers[victim_stage].kill()
+
+            killer = threading.Thread(target=kill_when_paused)
+            killer.start()
+            try:
+                outcome["restore"] = restore(mesh, group.group_id)
+            except Exception as exc:  # stage 0 killed: the scheduler's call fails
+                outcome["error"] = exc
+            killer.join()
+
+        tokens = run_streams(mesh, requests, f"restore-kill-{victim_stage}", during)
+        assert tokens == expected
+        if victim_stage == 0:
+            assert "error" in outcome
+        else:
+            # Stage 0 finished the restore alone: the dead member's requests resumed
+            # elsewhere through their gateway, stage 0 kept its own.
+            assert outcome["restore"].restore_ms > 0
+        _survivor_alone_and_clean(mesh, mesh.workers[1 - victim_stage])

@@ -1,0 +1,59 @@
+"""gateway.session: a failover keeps trying to place its request for a while."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.dispatcher import Placement, PlacementSource
+from gateway.session import GenerationSession
+from gateway.tracker import RequestTracker
+from gateway.validation import GenerationSpec
+from services.common.errors import UnavailableError
+from services.common.messages import SamplingSpec
+
+
+class FlakyDispatcher:
+    """No instance for the first `num_refusals` choices, then instance b."""
+
+    def __init__(self, num_refusals: int) -> None:
+        self.num_refusals = num_refusals
+        self.excluded_seen: list[set[str]] = []
+
+    async def choose(self, request_id, num_tokens, priority, exclude):
+        self.excluded_seen.append(set(exclude))
+        if len(self.excluded_seen) <= self.num_refusals:
+            raise UnavailableError("no instance can take it now")
+        return Placement("b", "addr-b", PlacementSource.SCHEDULER)
+
+
+class Pool:
+    def __init__(self) -> None:
+        self.submitted: list[str] = []
+
+    async def submit(self, instance_id, address, state):
+        self.submitted.append(instance_id)
+
+
+def session(dispatcher, pool, failover_wait_s: float) -> GenerationSession:
+    spec = GenerationSpec("r", (1, 2, 3), SamplingSpec(max_tokens=8, seed=1), 0, False)
+    return GenerationSession(
+        spec, RequestTracker("r"), dispatcher, pool, "owner", 2, failover_wait_s
+    )
+
+
+async def test_a_failover_waits_for_an_instance_and_gives_refusers_another_try():
+    dispatcher, pool = FlakyDispatcher(num_refusals=3), Pool()
+    s = session(dispatcher, pool, failover_wait_s=5.0)
+    s._excluded = {"a", "c"}  # a was lost, c refused earlier
+    await s._place_again("a")
+    assert pool.submitted == ["b"]
+    # The first try still skips c; after a wait only the lost instance is skipped.
+    assert dispatcher.excluded_seen == [{"a", "c"}, {"a"}, {"a"}, {"a"}]
+
+
+async def test_a_failover_gives_up_after_its_wait():
+    dispatcher, pool = FlakyDispatcher(num_refusals=1000), Pool()
+    s = session(dispatcher, pool, failover_wait_s=0.0)
+    with pytest.raises(UnavailableError, match="no instance can take it now"):
+        await s._place_again("a")
+    assert (pool.submitted, len(dispatcher.excluded_seen)) == ([], 1)
