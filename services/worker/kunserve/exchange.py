@@ -27,15 +27,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import torch
+from opentelemetry import trace
 
-from kvtransport import SendHandle, TrafficClass, Transport
+from kvtransport import SendHandle, TrafficClass, Transport, TransportConfig
 from services.common.groups import KVTransferSpec
 from services.common.logging import get_logger
 
 log = get_logger(__name__)
+tracer = trace.get_tracer("llmesh.worker")
+
+DEFAULT_CHUNK_BYTES = TransportConfig().kv_chunk_bytes
 
 
-@dataclass
+@dataclass(eq=False)  # kept in sets: identity, not field equality
 class SendRecord:
     spec: KVTransferSpec
     num_bytes: int
@@ -60,9 +64,12 @@ class ExchangeStats:
 class KVExchange:
     """One member's KV transfers (sends and receives) for one group."""
 
-    def __init__(self, transport: Transport, timeout_s: float) -> None:
+    def __init__(
+        self, transport: Transport, timeout_s: float, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    ) -> None:
         self._transport = transport
         self.timeout_s = timeout_s
+        self.chunk_bytes = chunk_bytes  # the transport's KV chunk (spans count chunks)
         self._active: dict[bytes, set[SendRecord]] = collections.defaultdict(set)
         self._activations: collections.Counter[bytes] = collections.Counter()
         self._tasks: set[asyncio.Task] = set()
@@ -106,6 +113,16 @@ class KVExchange:
         self._spawn(self._send(record, peer, data, on_done, metadata))
 
     async def _send(self, record, peer, data, on_done, metadata) -> None:
+        span = tracer.start_span(
+            "kunserve.exchange.send",
+            attributes={
+                "llmesh.request_id": record.spec.request_id,
+                "llmesh.transfer_id": record.spec.transfer_id,
+                "llmesh.to_stage": record.spec.to_stage,
+                "llmesh.num_bytes": record.num_bytes,
+                "llmesh.num_chunks": max(1, -(-record.num_bytes // self.chunk_bytes)),
+            },
+        )
         try:
             record.handle = await self._transport.send(
                 peer, record.spec.transfer_id, [data], TrafficClass.KV, metadata
@@ -123,6 +140,9 @@ class KVExchange:
         finally:
             self._active[peer].discard(record)
             record.finished_at = time.perf_counter()
+            span.set_attribute("llmesh.num_pauses", record.num_pauses)
+            span.set_attribute("llmesh.error", record.error)
+            span.end()
         if not record.error:
             self.stats.num_sent += 1
             self.stats.num_bytes_sent += record.num_bytes

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from opentelemetry import trace
 
 from kvtransport import TrafficClass, Transport
 from services.common.logging import get_logger
@@ -45,6 +46,29 @@ log = get_logger(__name__)
 IDLE_RECV_TIMEOUT_S = 24 * 3600.0
 # How long stage 0's engine thread sleeps when every request is in flight.
 RESULT_WAIT_S = 0.05
+# One micro-batch in this many gets a span on every stage (all of them would be
+# thousands of spans a second).
+STAGE_SPAN_EVERY = 64
+tracer = trace.get_tracer("llmesh.worker")
+
+
+def _stage_span(group_key: str, stage: int, seq: int, batch: SchedulerOutput, busy_s: float):
+    """A finished span for micro-batch `seq` on `stage` (only one in STAGE_SPAN_EVERY)."""
+    if seq % STAGE_SPAN_EVERY:
+        return
+    end = time.time_ns()
+    span = tracer.start_span(
+        "kunserve.stage",
+        start_time=end - int(busy_s * 1e9),
+        attributes={
+            "llmesh.group_key": group_key,
+            "llmesh.stage": stage,
+            "llmesh.micro_batch": seq,
+            "llmesh.num_requests": len(batch.requests),
+            "llmesh.num_tokens": batch.num_batched_tokens,
+        },
+    )
+    span.end(end_time=end)
 
 
 def link_id(group_key: str, link: str, seq: int) -> str:
@@ -215,8 +239,10 @@ class PipelineDriver:
                 break
             started = time.perf_counter()
             result = engine.pipeline.execute_stage(batch, None)
-            self.stats.busy_s += time.perf_counter() - started
+            busy_s = time.perf_counter() - started
+            self.stats.busy_s += busy_s
             seq = next(self._seq)
+            _stage_span(self.group_key, 0, seq, batch, busy_s)
             self._in_flight[seq] = _InFlight(batch, time.perf_counter())
             self.stats.num_micro_batches += 1
             meta = encode_micro_batch(seq, batch)
@@ -306,7 +332,9 @@ class StageRunner:
         hidden = hidden_in.to(self._device)
         started = time.perf_counter()
         result = await self._run(lambda engine: engine.pipeline.execute_stage(batch, hidden))
-        self.busy_s += time.perf_counter() - started
+        busy_s = time.perf_counter() - started
+        self.busy_s += busy_s
+        _stage_span(self.group_key, self.stage, seq, batch, busy_s)
         self.num_micro_batches += 1
         if self.is_last:
             # One token per sampling request, in batch order; [-1] pads an empty list

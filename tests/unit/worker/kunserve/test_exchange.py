@@ -1,0 +1,100 @@
+"""services.worker.kunserve.exchange: KV sends pause while activations go to their peer."""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+
+from services.common.groups import KVTransferSpec
+from services.worker.kunserve.exchange import KVExchange
+
+
+class Handle:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.done = asyncio.Event()
+
+    def pause(self):
+        self.calls.append("pause")
+
+    def resume(self):
+        self.calls.append("resume")
+
+    async def wait(self):
+        await self.done.wait()
+
+
+class Transport:
+    def __init__(self) -> None:
+        self.handles: dict[str, Handle] = {}
+        self.inbox: dict[str, list[torch.Tensor]] = {}
+        self.released: list[str] = []
+
+    async def send(self, peer, transfer_id, tensors, traffic_class, metadata=None):
+        handle = self.handles[transfer_id] = Handle()
+        return handle
+
+    async def recv(self, transfer_id, timeout=None):
+        if transfer_id not in self.inbox:
+            raise TimeoutError(f"transfer {transfer_id!r} not received within {timeout}s")
+        return self.inbox[transfer_id]
+
+    def release(self, tensors):
+        self.released.append("x")
+        return True
+
+
+def spec(transfer_id: str, to_stage: int = 1) -> KVTransferSpec:
+    return KVTransferSpec(transfer_id, "r", 0, to_stage, (4, 5), (4, 5), 2, 4)
+
+
+async def settle():
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_kv_to_a_peer_pauses_while_an_activation_goes_there():
+    transport = Transport()
+    exchange = KVExchange(transport, timeout_s=5.0)
+    done: list[tuple[str, str]] = []
+    exchange.send(spec("kv-p"), b"P", torch.zeros(16), lambda s, e: done.append((s.transfer_id, e)))
+    exchange.send(spec("kv-q"), b"Q", torch.zeros(8))
+    await settle()
+    with exchange.activation_to(b"P"):
+        with exchange.activation_to(b"P"):  # nested: one pause, one resume
+            pass
+        # A send to P that starts while an activation is out starts paused.
+        exchange.send(spec("kv-p2"), b"P", torch.zeros(4))
+        await settle()
+    assert transport.handles["kv-p"].calls == ["pause", "resume"]
+    assert transport.handles["kv-p2"].calls == ["pause", "resume"]
+    assert transport.handles["kv-q"].calls == []  # another peer's link: untouched
+    assert exchange.stats.num_pauses == 2
+    for handle in transport.handles.values():
+        handle.done.set()
+    assert await exchange.wait_idle(5.0)
+    assert done == [("kv-p", "")]
+    assert (exchange.stats.num_sent, exchange.stats.num_bytes_sent) == (3, (16 + 8 + 4) * 4)
+
+
+async def test_receives_write_then_report_and_failures_report_the_error():
+    transport = Transport()
+    data = torch.arange(6, dtype=torch.float32)
+    transport.inbox["kv-in"] = [data]
+    exchange = KVExchange(transport, timeout_s=0.5)
+    written, reports = [], []
+
+    async def write(s, tensor):
+        written.append((s.transfer_id, tensor.tolist()))
+
+    exchange.receive(spec("kv-in"), write, lambda s, e: reports.append((s.transfer_id, e)))
+    exchange.receive(spec("kv-missing"), write, lambda s, e: reports.append((s.transfer_id, e)))
+    assert await exchange.wait_idle(5.0)
+    assert written == [("kv-in", [0.0, 1.0, 2.0, 3.0, 4.0, 5.0])]
+    assert sorted(reports) == [
+        ("kv-in", ""),
+        ("kv-missing", "TimeoutError: transfer 'kv-missing' not received within 0.5s"),
+    ]
+    assert transport.released == ["x"]
+    assert (exchange.stats.num_received, exchange.stats.num_bytes_received) == (1, 24)
