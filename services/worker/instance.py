@@ -35,9 +35,9 @@ from services.worker.requests import engine_state
 log = get_logger(__name__)
 tracer = trace.get_tracer("llmesh.worker")
 
-# A Submit that reaches a KunServe member while its group dissolves waits this long for
-# it to serve alone (a restore takes well under a second) instead of being refused.
-SUBMIT_WAIT_LEAVING_S = 10.0
+# A Submit that reaches a KunServe member while its group forms or dissolves waits this
+# long for that to end (it takes well under a second) instead of being refused.
+SUBMIT_WAIT_GROUP_S = 10.0
 
 
 def delta_from_output(output: RequestOutput, failure: str | None = None) -> OutputDelta:
@@ -197,11 +197,12 @@ class WorkerInstance:
         """Admit a request (new, or resumed after a failover). Raises ValueError subclasses
         for bad input and AlreadyExistsError for an id already here."""
         kunserve = self.kunserve
-        # A group dissolving (restore, or a member died) serves alone in a moment.
+        # A drop or a dissolve in progress decides in a moment whether this worker
+        # takes requests (stage 0 of a serving group, or alone): wait for it.
         if (
             kunserve is not None
             and not kunserve.takes_requests
-            and not (kunserve.is_leaving and await kunserve.wait_alone(SUBMIT_WAIT_LEAVING_S))
+            and not (kunserve.is_changing and await kunserve.wait_settled(SUBMIT_WAIT_GROUP_S))
         ):
             raise UnavailableError(
                 f"instance {self.instance_id} is a stage of KunServe group "

@@ -102,11 +102,15 @@ def test_drop_serve_restore_gives_exact_tokens(kmesh, reference_engine, num_stag
                 m.layer_end,
             )
         # Requests that arrive while the group serves; the restore comes mid-stream.
-        in_group = threading.Thread(
-            target=lambda: figures.setdefault(
-                "during", run_streams(kmesh, during_group, f"in-group-{num_stages}", lambda: None)
-            )
-        )
+        def stream_in_group():
+            try:
+                figures["during"] = run_streams(
+                    kmesh, during_group, f"in-group-{num_stages}", lambda: None
+                )
+            except Exception as exc:  # reported by the assertion below, with its reason
+                figures["during"] = exc
+
+        in_group = threading.Thread(target=stream_in_group)
         in_group.start()
         time.sleep(1.0)
         figures["restore"] = restore(kmesh, group.group_id)
@@ -114,6 +118,7 @@ def test_drop_serve_restore_gives_exact_tokens(kmesh, reference_engine, num_stag
 
     tokens = run_streams(kmesh, before, f"drop-{num_stages}", during)
     assert tokens == expected
+    assert not isinstance(figures["during"], Exception), figures["during"]
     assert figures["during"] == expected_during
     assert figures["drop"].group.group_id
     assert figures["restore"].restore_ms > 0

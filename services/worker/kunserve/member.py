@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -55,6 +56,7 @@ log = get_logger(__name__)
 tracer = trace.get_tracer("llmesh.worker")
 
 WORKER_SERVICE = "llmesh.v1.Worker"
+SETTLE_POLL_S = 0.02
 
 
 @dataclass
@@ -87,8 +89,6 @@ class GroupMembership:
         self.hooks = hooks
         self.config = config
         self.role = Role.ALONE
-        self._alone = asyncio.Event()  # set while role is ALONE
-        self._alone.set()
         self.group: GroupSpec | None = None
         self.stage = 0
         self.key = ""  # group id + epoch: prefix of the group's transfer ids
@@ -110,19 +110,22 @@ class GroupMembership:
         return self.group.group_id if self.group is not None else ""
 
     @property
-    def is_leaving(self) -> bool:
-        """Restoring or aborting: this worker serves alone again shortly."""
+    def is_changing(self) -> bool:
+        """Dropping or dissolving: whether this worker takes requests is decided shortly."""
         leader = self.leader
-        return self.role is Role.LEAVING or (leader is not None and leader.is_restoring)
+        return (
+            self.role in (Role.JOINING, Role.LEAVING)
+            or (self.role is Role.LEADER and (leader is None or leader.driver is None))
+            or (leader is not None and leader.is_restoring)
+        )
 
-    async def wait_alone(self, timeout_s: float) -> bool:
-        """While the group dissolves, wait (at most timeout_s) until this worker serves
-        alone; True if it does."""
-        try:
-            await asyncio.wait_for(self._alone.wait(), timeout_s)
-        except TimeoutError:
-            return False
-        return True
+    async def wait_settled(self, timeout_s: float) -> bool:
+        """While a drop or a dissolve runs, wait (at most timeout_s) for it to end;
+        True if this worker then takes requests."""
+        deadline = time.monotonic() + timeout_s
+        while self.is_changing and time.monotonic() < deadline:
+            await asyncio.sleep(SETTLE_POLL_S)
+        return self.takes_requests
 
     @property
     def takes_requests(self) -> bool:
@@ -209,7 +212,6 @@ class GroupMembership:
         reply = await self.async_engine.run(numbers)
         if reply.accepted:
             self.role, self.group, self.stage = Role.JOINING, group, me.stage
-            self._alone.clear()
             self._spawn(self._expire_join(group.group_id))
         return reply
 
@@ -225,7 +227,6 @@ class GroupMembership:
         """Stage 0 gave the drop up before JoinGroup: back to ALONE."""
         if self.role is Role.JOINING and self.group_id == group_id:
             self.role, self.group = Role.ALONE, None
-            self._alone.set()
 
     # ---- JoinGroup --------------------------------------------------------------------
 
@@ -627,7 +628,6 @@ class GroupMembership:
             self.kv_exchange = None
         self.role, self.group, self.leader, self.key = Role.ALONE, None, None, ""
         self.freed_weight_bytes = 0
-        self._alone.set()
         self.hooks.on_changed()
 
     def _me(self, group: GroupSpec) -> GroupMember:
