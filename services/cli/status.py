@@ -155,8 +155,13 @@ def render_table(rows: list[InstanceRow], title: str):
         "group",
         "age",
     ):
+        is_id = column in ("instance", "address")
+        # Ids fold onto a second line rather than lose characters: users copy them.
         table.add_column(
-            column, justify="left" if column in ("instance", "address") else "right", no_wrap=True
+            column,
+            justify="left" if is_id else "right",
+            no_wrap=not is_id,
+            overflow="fold" if is_id else "ellipsis",
         )
     for row in rows:
         load = row.load
@@ -238,6 +243,8 @@ def run(args) -> int:
     from rich.console import Console
 
     console = Console()
+    if not console.is_terminal:  # piped or logged: do not cut ids to an 80-column default
+        console = Console(width=200)
     console.print(render_table(rows, f"llmesh cluster (scheduler {address})  {summary.describe()}"))
     if summary.groups:
         console.print(render_groups(list(summary.groups)))

@@ -202,7 +202,13 @@ class AsyncEngine:
     def _maybe_snapshot(self, force: bool) -> EngineSnapshot | None:
         """A new snapshot if the load changed (and, unless forced, the interval passed)."""
         stats = self.engine.stats()
-        key = (stats.num_running, stats.num_waiting, stats.num_used_blocks, stats.num_hol_blocks)
+        key = (
+            stats.num_running,
+            stats.num_waiting,
+            stats.num_used_blocks,
+            stats.num_hol_blocks,
+            stats.num_total_blocks,  # a KunServe drop or restore resizes the pool
+        )
         now = time.monotonic()
         if key == self._last_snapshot_key:
             return None

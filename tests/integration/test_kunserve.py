@@ -38,6 +38,8 @@ def kmesh(tmp_path_factory):
         },
     )
     mesh.start()
+    # Every worker has the same pool; a restore must bring back exactly this.
+    mesh.pool_blocks = worker_load(mesh.workers[0].address).load.num_total_blocks
     yield mesh
     mesh.stop()
     assert [p.name for p in mesh.processes() if p.is_alive()] == []
@@ -59,6 +61,7 @@ def _members_alone_and_clean(request):
         load = report.load
         assert (load.num_running, load.num_waiting, load.num_used_blocks) == (0, 0, 0)
         assert (load.group_id, report.layer_start, report.layer_end) == ("", 0, 4)
+        assert load.num_total_blocks == mesh.pool_blocks
 
 
 def _names(mesh) -> list[str]:
