@@ -35,7 +35,7 @@ from services.common.logging import get_logger
 log = get_logger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)  # identity: records live in per-peer sets (a field-wise __eq__ unhashes)
 class SendRecord:
     spec: KVTransferSpec
     num_bytes: int
