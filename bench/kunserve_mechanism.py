@@ -182,11 +182,12 @@ def _run_mesh(args, model_dir: Path, memory_nbytes: int, progress) -> dict:
 
 PIPELINE_BOUND = (
     "CPU: the g member processes (one torch thread each), the gateway, the scheduler and "
-    "this client share {cores} cores, which both runs keep busy (machine_busy_share in "
-    "pipeline_cpu). Both do the same FLOPs, so with g >= cores the pipeline cannot gain by "
-    "overlapping stages as g GPUs would; the ratio weighs its overheads (activation "
-    "transfers, micro-batch bookkeeping, bubbles: a lower busy share) against each stage's "
-    "smaller working set (1/g of the weights: fewer member CPU-seconds per batch)"
+    "this client share {cores} cores, and both runs keep them busy (machine_busy_share in "
+    "pipeline_cpu). Both do the same FLOPs, so with g >= cores the pipeline cannot gain from "
+    "overlapping stages as g accelerators would: the ratio weighs its overheads on shared "
+    "cores (activation transfers, micro-batch bookkeeping, bubbles) against each stage's "
+    "smaller working set (1/g of the weights), and moves with other load on the host (see "
+    "pipeline_vs_unpipelined_samples)"
 )
 
 
