@@ -16,12 +16,15 @@ in the model's dtype. The KV side is the real KVExchange (the pause around each
 activation included), in rounds of num_requests transfers of one request's KV over
 half the layers each; rounds follow each other until the activations are through.
 One-way latency = arrival (child) - just before the send (here), both time.monotonic.
+Idle and exchanging runs alternate, num_pairs of each; each figure is the median of the
+runs' (a host stall in one run moves its p99 alone).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -43,6 +46,7 @@ GROUP_KEY = "bench.0"
 @dataclass(frozen=True)
 class ActivationOptions:
     num_samples: int = 300  # activations per run (idle, exchanging)
+    num_pairs: int = 3  # runs of each kind, alternating
     interval_s: float = 0.004  # between two micro-batches leaving stage 0
     num_seqs: int = 8  # requests in a decode micro-batch
     num_requests: int = 8  # requests whose KV one exchange round moves
@@ -87,32 +91,46 @@ class ActivationBench:
                            *self.kv_shape[3:])  # fmt: skip
 
     async def run(self, progress) -> dict:
+        """options.num_pairs pairs of runs (idle, then during an exchange); each figure is
+        the median over the pairs (one stall of the host in one run moves its p99 alone)."""
         peer = StagePeer(self.pool_shape)
         transport = make_transport(TransportConfig())  # a worker's defaults
+        runs: dict[str, list[list[float]]] = {"idle": [], "exchange": []}
+        num_bytes, busy_s, num_rounds = 0, 0.0, 0
         try:
             await transport.start()
             exchange = KVExchange(transport, timeout_s=120.0)
-            idle = await self._activations(transport, exchange, peer, "idle")
-            progress(f"activations idle: p99 {percentile(idle, 99):.3f} ms")
-            stop = asyncio.Event()
-            flowing = asyncio.Event()
-            rounds = asyncio.create_task(self._exchange_rounds(exchange, peer, stop, flowing))
-            await asyncio.wait_for(flowing.wait(), 120)
-            try:
-                loaded = await self._activations(transport, exchange, peer, "kvx")
-            finally:
-                stop.set()
-            num_bytes, busy_s, num_rounds = await rounds
+            for k in range(self.options.num_pairs):
+                runs["idle"].append(await self._activations(transport, exchange, peer, f"i{k}"))
+                stop, flowing = asyncio.Event(), asyncio.Event()
+                rounds = asyncio.create_task(
+                    self._exchange_rounds(exchange, peer, f"x{k}", stop, flowing)
+                )
+                await asyncio.wait_for(flowing.wait(), 120)
+                try:
+                    loaded = await self._activations(transport, exchange, peer, f"a{k}")
+                finally:
+                    stop.set()
+                moved, busy, num = await rounds
+                num_bytes, busy_s, num_rounds = num_bytes + moved, busy_s + busy, num_rounds + num
+                runs["exchange"].append(loaded)
+                progress(
+                    f"activations, pair {k}: p99 idle {percentile(runs['idle'][-1], 99):.3f} ms, "
+                    f"during the KV exchange {percentile(loaded, 99):.3f} ms"
+                )
             await exchange.close()
         finally:
             await transport.close()
             peer.stop()
-        progress(f"activations during the exchange: p99 {percentile(loaded, 99):.3f} ms")
+        figures = {
+            f"p{q}_{kind}_ms": statistics.median(percentile(run, q) for run in runs[kind])
+            for kind in runs
+            for q in (50, 99)
+        }
         return {
-            "p50_idle_ms": percentile(idle, 50),
-            "p99_idle_ms": percentile(idle, 99),
-            "p50_exchange_ms": percentile(loaded, 50),
-            "p99_exchange_ms": percentile(loaded, 99),
+            **figures,
+            "p99_idle_ms_samples": [percentile(run, 99) for run in runs["idle"]],
+            "p99_exchange_ms_samples": [percentile(run, 99) for run in runs["exchange"]],
             "exchange_gbps": num_bytes / busy_s / 1e9,
             "exchange_num_rounds": num_rounds,
             "exchange_mib_per_round": round(
@@ -124,6 +142,7 @@ class ActivationBench:
                 for t in micro_batch(self.config, 0, self.options, self.block_size)
             ),  # fmt: skip
             "num_samples": self.options.num_samples,
+            "num_pairs": self.options.num_pairs,
             "interval_ms": self.options.interval_s * 1000,
         }
 
@@ -159,7 +178,12 @@ class ActivationBench:
         return [(done - sent) * 1000 for done, sent in zip(done_at, sent_at, strict=True)]
 
     async def _exchange_rounds(
-        self, exchange: KVExchange, peer: StagePeer, stop: asyncio.Event, flowing: asyncio.Event
+        self,
+        exchange: KVExchange,
+        peer: StagePeer,
+        tag: str,
+        stop: asyncio.Event,
+        flowing: asyncio.Event,
     ) -> tuple[int, float, int]:
         """Exchange rounds until `stop`: (bytes moved, seconds from each round's first
         send to its last arrival summed, rounds)."""
@@ -175,7 +199,7 @@ class ActivationBench:
                 )
                 specs.append(
                     KVTransferSpec(
-                        f"kvx/{GROUP_KEY}-r{num_rounds}/req-{i}/0-1",
+                        f"kvx/{GROUP_KEY}-{tag}.{num_rounds}/req-{i}/0-1",
                         f"req-{i}",
                         0,
                         1,

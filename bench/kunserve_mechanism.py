@@ -21,7 +21,7 @@ One run, on a mesh of 4 workers (bench/_kunserve_mesh.py), for g = 2 and g = 4,
   restore    RestoreGroup while requests run in the group: restore_ms, stage 0's.
 Then, in this process and a child (bench/_kunserve_activations.py): activation
 one-way p99 between two stages idle vs during a real KVExchange to the same peer
-(target <= 3x), and the exchange's throughput.
+(target <= 3x; median of 3 runs of each), and the exchange's throughput.
 
 Every process it starts is stopped by PID, on failure too. The last stdout line is
 one JSON object (--json is accepted; the line is always printed).
@@ -230,6 +230,9 @@ def _extra(args, rounds, activation, weight_nbytes, memory_nbytes, load_at_start
         "activation_bytes": activation["activation_bytes"],
         "activation_interval_ms": activation["interval_ms"],
         "num_activation_samples": activation["num_samples"],
+        "num_activation_runs": activation["num_pairs"],
+        "activation_p99_idle_ms_samples": _rounded(activation["p99_idle_ms_samples"]),
+        "activation_p99_exchange_ms_samples": _rounded(activation["p99_exchange_ms_samples"]),
         "exchange_mib_per_round": activation["exchange_mib_per_round"],
         "exchange_num_rounds": activation["exchange_num_rounds"],
         "exchange_num_pauses": activation["exchange_num_pauses"],
@@ -241,6 +244,10 @@ def _extra(args, rounds, activation, weight_nbytes, memory_nbytes, load_at_start
         },
         "elapsed_s": round(time.monotonic() - started, 1),
     }
+
+
+def _rounded(values: list[float]) -> list[float]:
+    return [round(v, 3) for v in values]
 
 
 def _print_table(summary: dict) -> None:
@@ -282,6 +289,10 @@ def _print_table(summary: dict) -> None:
         f"during the KV exchange {summary['activation_p99_exchange_ms']:.3f} ms = {ratio}x idle "
         f"({verdict} the {ACTIVATION_TARGET:.0f}x target); exchange {summary['exchange_gbps']:.2f} GB/s, "
         f"{summary['exchange_num_pauses']} pauses"
+    )
+    print(
+        f"  p99 per run (median counts): idle {summary['activation_p99_idle_ms_samples']}, "
+        f"during the exchange {summary['activation_p99_exchange_ms_samples']}"
     )
     host = summary["host"]
     print(
