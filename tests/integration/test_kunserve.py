@@ -104,6 +104,7 @@ def test_drop_serve_restore_gives_exact_tokens(kmesh, reference_engine, num_stag
                 m.layer_start,
                 m.layer_end,
             )
+
         # Requests that arrive while the group serves; the restore comes mid-stream.
         def stream_in_group():
             try:
