@@ -76,3 +76,31 @@ def run_streams(mesh, requests, prefix: str, during) -> list[list[int]]:
         assert chunks[-1].finish_reason == "length"
         tokens.append([t for c in chunks for t in c.token_ids])
     return tokens
+
+
+def trickle(mesh, requests, prefix: str, gap_s: float, stop) -> list[list[int]]:
+    """Submit `requests` one every `gap_s` seconds (cycling until `stop` is set, at
+    least once through), each streamed to its end; their tokens in submit order."""
+
+    async def scenario():
+        async with AsyncClient(mesh.gateway_address, timeout_s=TIMEOUT_S) as client:
+
+            async def one(i: int, prompt, sampling) -> list[int]:
+                tokens: list[int] = []
+                async for chunk in client.generate_stream(
+                    prompt_token_ids=prompt, request_id=f"{prefix}-{i}", **sampling
+                ):
+                    assert chunk.first_token_index == len(tokens)
+                    tokens += chunk.token_ids
+                assert chunk.finish_reason == "length"
+                return tokens
+
+            tasks, i = [], 0
+            while i < len(requests) or not stop.is_set():
+                prompt, sampling = requests[i % len(requests)]
+                tasks.append(asyncio.ensure_future(one(i, prompt, sampling)))
+                i += 1
+                await asyncio.sleep(gap_s)
+            return await asyncio.gather(*tasks)
+
+    return asyncio.run(scenario())

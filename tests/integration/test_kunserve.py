@@ -22,7 +22,7 @@ from tests.integration.conftest import (
     wait_worker_idle,
     worker_load,
 )
-from tests.integration.kunserve_helpers import drop, restore, run_streams, workload
+from tests.integration.kunserve_helpers import drop, restore, run_streams, trickle, workload
 
 NUM_WORKERS = 4
 
@@ -207,3 +207,34 @@ def test_kill_9_of_stage_0_fails_over_and_members_reload(kmesh, reference_engine
         lambda: len(cluster_state(kmesh.scheduler_address).instances) == NUM_WORKERS,
         what="a new worker to register",
     )
+
+
+@pytest.mark.parametrize("num_stages", [2, 4])
+def test_requests_arriving_during_the_drop_and_the_restore_are_exact(
+    kmesh, reference_engine, num_stages
+):
+    """A request every 50 ms from before the drop until after the restore: some land
+    while members are dropping, in the pipeline, while it dissolves, and after."""
+    members = _names(kmesh)[:num_stages]
+    requests = workload(8, 70 + num_stages, 60)
+    expected = reference_tokens(reference_engine, requests)
+    stop = threading.Event()
+    outcome = {}
+
+    def operate():
+        try:
+            time.sleep(0.3)
+            group = drop(kmesh, members).group
+            time.sleep(0.8)
+            outcome["restore"] = restore(kmesh, group.group_id)
+            time.sleep(0.3)
+        finally:
+            stop.set()
+
+    operator = threading.Thread(target=operate)
+    operator.start()
+    tokens = trickle(kmesh, requests, f"trickle-{num_stages}", 0.05, stop)
+    operator.join()
+    assert outcome["restore"].restore_ms > 0
+    assert len(tokens) >= 2 * len(requests)
+    assert tokens == [expected[i % len(requests)] for i in range(len(tokens))]
