@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from kvtransport.errors import TransportError
-from kvtransport.wire import TransferHeader
+from kvtransport.wire import ChunkPlan, TransferHeader
 
 
 class IncomingStatus(StrEnum):
@@ -63,8 +63,9 @@ class IncomingTransfer:
     inline_payload: bytes | None = None
     is_claimed: bool = False  # a recv() owns this record
     is_posted: bool = False  # its chunk buffers are being posted on the fabric
-    targets: list = field(default_factory=list)  # (ChunkRef, destination view) per chunk
-    num_posted: int = 0  # targets[:num_posted] have a receive posted
+    plan: ChunkPlan | None = None  # the header's chunks, once a destination is chosen
+    views: list = field(default_factory=list)  # destination bytes per tensor (uint8 views)
+    num_posted: int = 0  # chunks 1 .. num_posted have a receive posted
     chunk_futures: dict[int, asyncio.Future] = field(default_factory=dict)  # by seq
     completed_seqs: set[int] = field(default_factory=set)
     num_bytes_received: int = 0

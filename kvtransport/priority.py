@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -46,7 +46,7 @@ class Outbound:
 
     handle: SendHandle
     key: int
-    messages: list[OutMessage]
+    messages: Sequence[OutMessage]  # made on demand (sender.TransferMessages)
     tensors: list[torch.Tensor]  # keeps the source memory alive while views are in flight
     next_index: int = 0
     num_in_flight: int = 0

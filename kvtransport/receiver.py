@@ -36,11 +36,11 @@ from kvtransport.incoming import ENDED_STATUSES, IncomingStatus, IncomingTable, 
 from kvtransport.tensors import check_receivable
 from kvtransport.wire import (
     CancelTransfer,
+    ChunkPlan,
     ChunkRef,
     RejectTransfer,
     TransferHeader,
     encode,
-    plan_chunks,
 )
 
 log = logging.getLogger(__name__)
@@ -119,11 +119,14 @@ class Receiver:
             if header.is_inline:  # 4
                 self._fill_inline(entry, views)
             else:
-                chunks = plan_chunks(header.tensors, header.chunk_bytes)
-                self._start_chunks(entry, chunks, views)
+                plan = ChunkPlan.of(header.tensors, header.chunk_bytes)
+                self._start_chunks(entry, plan, views)
                 try:
                     await self._wait_until(
-                        lambda: len(entry.completed_seqs) == len(chunks), entry, deadline, timeout
+                        lambda: len(entry.completed_seqs) == plan.num_chunks,
+                        entry,
+                        deadline,
+                        timeout,
                     )
                 except PeerUnreachable as exc:
                     self._report_peer_lost(header.sender, exc)
@@ -293,12 +296,9 @@ class Receiver:
         self.num_bytes_received += num_bytes
 
     def _start_chunks(
-        self, entry: IncomingTransfer, chunks: list[ChunkRef], views: list[np.ndarray]
+        self, entry: IncomingTransfer, plan: ChunkPlan, views: list[np.ndarray]
     ) -> None:
-        entry.targets = [
-            (chunk, views[chunk.tensor_index][chunk.offset : chunk.offset + chunk.nbytes])
-            for chunk in chunks
-        ]
+        entry.plan, entry.views = plan, views
         entry.is_posted = True
         self._post_more(entry)
 
@@ -313,9 +313,11 @@ class Receiver:
             return
         assert entry.header is not None
         num_in_flight = len(entry.chunk_futures) - len(entry.completed_seqs)
-        if entry.num_posted >= len(entry.targets) or num_in_flight >= POSTED_CHUNKS_AHEAD:
+        assert entry.plan is not None
+        if entry.num_posted >= entry.plan.num_chunks or num_in_flight >= POSTED_CHUNKS_AHEAD:
             return
-        chunk, view = entry.targets[entry.num_posted]
+        chunk = entry.plan.chunk(entry.num_posted + 1)
+        view = entry.views[chunk.tensor_index][chunk.offset : chunk.offset + chunk.nbytes]
         entry.num_posted += 1
         (future,) = self._fabric.post_chunks(entry.header.key, [(chunk.seq, view)])
         entry.chunk_futures[chunk.seq] = future
@@ -385,8 +387,9 @@ class Receiver:
         header = entry.header
         if header is None or header.is_inline or header.sender in self._lost_senders:
             return
-        chunks = plan_chunks(header.tensors, header.chunk_bytes)[:num_chunks_issued]
-        sizes = [(c.seq, c.nbytes) for c in chunks if c.seq not in entry.completed_seqs]
+        plan = ChunkPlan.of(header.tensors, header.chunk_bytes)
+        issued = (plan.chunk(seq) for seq in range(1, min(num_chunks_issued, plan.num_chunks) + 1))
+        sizes = [(c.seq, c.nbytes) for c in issued if c.seq not in entry.completed_seqs]
         task = asyncio.get_running_loop().create_task(
             self._fabric.drain_chunks(header.key, sizes, self._config.cancel_grace_s)
         )

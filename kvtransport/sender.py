@@ -7,6 +7,7 @@ import logging
 import secrets
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from kvtransport.config import TransportConfig
@@ -16,9 +17,37 @@ from kvtransport.handles import SendHandle
 from kvtransport.priority import Outbound, PeerScheduler
 from kvtransport.tensors import as_sendable, byte_view, spec_of
 from kvtransport.traffic import TrafficClass
-from kvtransport.wire import KEY_BITS, MAX_SEQ, TransferHeader, encode, meta_size, plan_chunks
+from kvtransport.wire import KEY_BITS, MAX_SEQ, ChunkPlan, TransferHeader, encode, meta_size
 
 log = logging.getLogger(__name__)
+
+
+class TransferMessages(Sequence[OutMessage]):
+    """A transfer's messages: its header, then its chunks, each made when it is issued."""
+
+    def __init__(
+        self,
+        header: ControlOut,
+        key: int,
+        plan: ChunkPlan,
+        views: list[np.ndarray],
+        traffic_class: TrafficClass,
+    ) -> None:
+        self._header = header
+        self._key = key
+        self._plan = plan
+        self._views = views
+        self._traffic_class = traffic_class
+
+    def __len__(self) -> int:
+        return 1 + self._plan.num_chunks
+
+    def __getitem__(self, index: int) -> OutMessage:  # type: ignore[override]
+        if index == 0:
+            return self._header
+        chunk = self._plan.chunk(index)
+        view = self._views[chunk.tensor_index][chunk.offset : chunk.offset + chunk.nbytes]
+        return ChunkOut(self._key, chunk.seq, view, self._traffic_class)
 
 
 class Sender:
@@ -61,10 +90,10 @@ class Sender:
         num_bytes_total = sum(spec.nbytes for spec in specs)
         is_inline = num_bytes_total <= self._config.inline_max_bytes
         chunk_bytes = self._config.kv_chunk_bytes if traffic_class is TrafficClass.KV else 0
-        chunks = [] if is_inline else plan_chunks(specs, chunk_bytes)
-        if len(chunks) > MAX_SEQ:
+        plan = ChunkPlan.of([] if is_inline else specs, chunk_bytes)
+        if plan.num_chunks > MAX_SEQ:
             raise ValueError(
-                f"transfer {transfer_id!r} needs {len(chunks)} chunks, more than {MAX_SEQ}; "
+                f"transfer {transfer_id!r} needs {plan.num_chunks} chunks, more than {MAX_SEQ}; "
                 "raise kv_chunk_bytes or split it"
             )
         scheduler = await self._scheduler_for(bytes(peer_address))
@@ -86,10 +115,9 @@ class Sender:
                 f"header of {transfer_id!r} is {meta_size(frame)} bytes, over "
                 f"max_header_bytes={self._config.max_header_bytes} (too many tensors/metadata)"
             )
-        messages: list[OutMessage] = [ControlOut(frame, traffic_class, len(payload))]
-        for chunk in chunks:
-            view = views[chunk.tensor_index][chunk.offset : chunk.offset + chunk.nbytes]
-            messages.append(ChunkOut(key, chunk.seq, view, traffic_class))
+        messages = TransferMessages(
+            ControlOut(frame, traffic_class, len(payload)), key, plan, views, traffic_class
+        )
         handle = SendHandle(transfer_id, traffic_class, num_bytes_total, scheduler)
         self._schedulers_by_key[key] = scheduler
         scheduler.submit(Outbound(handle, key, messages, sources))

@@ -18,9 +18,10 @@ Chunks of a transfer, numbered from 1 (0 is the header), never straddle tensors:
 
 from __future__ import annotations
 
+import bisect
 import json
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -90,15 +91,43 @@ class ChunkRef:
     nbytes: int
 
 
+class ChunkPlan:
+    """How a transfer's tensors split into chunks of at most `chunk_bytes` (0: one chunk
+    per tensor), computed per chunk on demand: a transfer of many small chunks costs
+    the event loop nothing until its chunks are issued (sender) or posted (receiver).
+    """
+
+    def __init__(self, sizes: Sequence[int], chunk_bytes: int) -> None:
+        self._sizes = list(sizes)
+        self._steps = [chunk_bytes or max(size, 1) for size in self._sizes]
+        self._first_seqs: list[int] = []  # seq of each tensor's first chunk
+        num_chunks = 0
+        for size, step in zip(self._sizes, self._steps, strict=True):
+            self._first_seqs.append(num_chunks + 1)
+            num_chunks += -(-size // step)
+        self.num_chunks = num_chunks
+
+    @classmethod
+    def of(cls, specs: Sequence[TensorSpec], chunk_bytes: int) -> ChunkPlan:
+        return cls([spec.nbytes for spec in specs], chunk_bytes)
+
+    def chunk(self, seq: int) -> ChunkRef:
+        """Chunk `seq` (1 .. num_chunks)."""
+        if not 1 <= seq <= self.num_chunks:
+            raise IndexError(f"chunk {seq} out of 1..{self.num_chunks}")
+        # The last tensor starting at or before seq; empty tensors share the next
+        # tensor's first seq, so bisect_right picks the non-empty one.
+        index = bisect.bisect_right(self._first_seqs, seq) - 1
+        offset = (seq - self._first_seqs[index]) * self._steps[index]
+        return ChunkRef(seq, index, offset, min(self._steps[index], self._sizes[index] - offset))
+
+    def __iter__(self) -> Iterator[ChunkRef]:
+        return (self.chunk(seq) for seq in range(1, self.num_chunks + 1))
+
+
 def plan_chunks(specs: Sequence[TensorSpec], chunk_bytes: int) -> list[ChunkRef]:
-    """Split tensors into chunks of at most chunk_bytes (0: whole tensors)."""
-    chunks: list[ChunkRef] = []
-    for index, spec in enumerate(specs):
-        size = spec.nbytes
-        step = chunk_bytes or max(size, 1)
-        for offset in range(0, size, step):
-            chunks.append(ChunkRef(len(chunks) + 1, index, offset, min(step, size - offset)))
-    return chunks
+    """Every chunk of `ChunkPlan.of(specs, chunk_bytes)`, in order."""
+    return list(ChunkPlan.of(specs, chunk_bytes))
 
 
 def encode(message: ControlMessage, payload: bytes | memoryview = b"") -> bytes:
