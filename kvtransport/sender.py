@@ -7,53 +7,29 @@ import logging
 import secrets
 from collections.abc import Mapping, Sequence
 
-import numpy as np
 import torch
 
+from kvtransport.chunks import MAX_SEQ, ChunkPlan
 from kvtransport.config import TransportConfig
 from kvtransport.errors import PeerUnreachable, TransportError
-from kvtransport.fabric import ChunkOut, ControlOut, Fabric, OutMessage
+from kvtransport.fabric import ControlOut, Fabric
 from kvtransport.handles import SendHandle
-from kvtransport.priority import Outbound, PeerScheduler
+from kvtransport.outbound import Outbound, TransferMessages
+from kvtransport.priority import PeerScheduler, kv_chunk_bytes
 from kvtransport.tensors import as_sendable, byte_view, spec_of
-from kvtransport.traffic import TrafficClass
-from kvtransport.wire import KEY_BITS, MAX_SEQ, ChunkPlan, TransferHeader, encode, meta_size
+from kvtransport.traffic import ActivationFlow, TrafficClass
+from kvtransport.wire import KEY_BITS, TransferHeader, encode, meta_size
 
 log = logging.getLogger(__name__)
 
 
-class TransferMessages(Sequence[OutMessage]):
-    """A transfer's messages: its header, then its chunks, each made when it is issued."""
-
-    def __init__(
-        self,
-        header: ControlOut,
-        key: int,
-        plan: ChunkPlan,
-        views: list[np.ndarray],
-        traffic_class: TrafficClass,
-    ) -> None:
-        self._header = header
-        self._key = key
-        self._plan = plan
-        self._views = views
-        self._traffic_class = traffic_class
-
-    def __len__(self) -> int:
-        return 1 + self._plan.num_chunks
-
-    def __getitem__(self, index: int) -> OutMessage:  # type: ignore[override]
-        if index == 0:
-            return self._header
-        chunk = self._plan.chunk(index)
-        view = self._views[chunk.tensor_index][chunk.offset : chunk.offset + chunk.nbytes]
-        return ChunkOut(self._key, chunk.seq, view, self._traffic_class)
-
-
 class Sender:
-    def __init__(self, fabric: Fabric, config: TransportConfig) -> None:
+    def __init__(
+        self, fabric: Fabric, config: TransportConfig, activations: ActivationFlow
+    ) -> None:
         self._fabric = fabric
         self._config = config
+        self._activations = activations
         self._schedulers: dict[bytes, PeerScheduler] = {}
         self._connecting: dict[bytes, asyncio.Future[PeerScheduler]] = {}
         self._schedulers_by_key: dict[int, PeerScheduler] = {}
@@ -89,7 +65,11 @@ class Sender:
         specs = tuple(spec_of(t) for t in sources)
         num_bytes_total = sum(spec.nbytes for spec in specs)
         is_inline = num_bytes_total <= self._config.inline_max_bytes
-        chunk_bytes = self._config.kv_chunk_bytes if traffic_class is TrafficClass.KV else 0
+        chunk_bytes = (
+            kv_chunk_bytes(self._config, self._activations)
+            if traffic_class is TrafficClass.KV
+            else 0  # activations are not chunked
+        )
         plan = ChunkPlan.of([] if is_inline else specs, chunk_bytes)
         if plan.num_chunks > MAX_SEQ:
             raise ValueError(
@@ -165,7 +145,12 @@ class Sender:
             finally:
                 del self._connecting[peer_address]
             scheduler = PeerScheduler(
-                peer_address, link, self._config, self._on_transfer_finished, self._on_failed
+                peer_address,
+                link,
+                self._config,
+                self._on_transfer_finished,
+                self._on_failed,
+                self._activations,
             )
             self._schedulers[peer_address] = scheduler
             pending.set_result(scheduler)

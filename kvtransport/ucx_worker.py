@@ -9,11 +9,12 @@ One-way latency ~250 us here with zero idle CPU, and every UCX call happens on t
 thread (no GIL/spinlock interplay with a progress thread). The cost: UCX copies (CMA
 gets of a chunk) run on the loop thread, which bounded chunk sizes keep short.
 
-Two progress modes. While activations flow (`prefer_latency_for`), progress runs in
-~0.1 ms slices and stops at each completion, so an activation's header is handled
-between the fragments of a KV chunk. Otherwise it runs for up to 2 ms and settles once:
-a 4 MiB chunk is ~8 fragments, and a loop turn plus a settle per fragment cost as much
-Python as the copy itself (~14% of streamed throughput at 4 MiB).
+Two progress modes. While activations flow (ActivationFlow), progress runs in ~0.1 ms
+slices and stops at each completion, so an activation's header is handled after the KV
+chunk being copied (a chunk's CMA read happens inside one progress call: the chunk size
+bounds the wait). Otherwise it runs for up to 2 ms and settles once, unless a control
+frame lands: a loop turn plus a settle per completion cost as much Python as the copies
+themselves (~14% of streamed throughput at 4 MiB).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ucxx._lib.arr import Array
 from ucxx.types import Tag, TagMask, TagMaskFull
 
 from kvtransport.errors import PeerUnreachable, TransferCancelled, TransportError
+from kvtransport.traffic import ActivationFlow
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ class UcxWorker:
         self,
         options: Mapping[str, str],
         peer_error_handling: bool,
-        clock: Callable[[], float] = time.monotonic,
+        activations: ActivationFlow,
     ) -> None:
         self._options = dict(options)
         self._peer_error_handling = peer_error_handling
@@ -88,12 +90,12 @@ class UcxWorker:
         # futures failed; the buffers stay referenced until the worker closes.
         self._orphans: dict[ucx_api.UCXRequest, Array] = {}
         self._endpoints: set[ucx_api.UCXEndpoint] = set()
+        # Pending tag_recv_callback receives (the mailbox: headers and control frames).
+        # They settle first, and their completion ends a bulk progress slice.
+        self._callback_requests: set[ucx_api.UCXRequest] = set()
         self._is_progress_scheduled = False
         self._is_closed = False
-        # The latency mode's window runs on `clock` (tests step it); progress slices
-        # always on time.monotonic.
-        self._clock = clock
-        self._latency_until = float("-inf")  # clock() until which to slice finely
+        self._activations = activations  # latency mode while they flow
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -110,13 +112,9 @@ class UcxWorker:
         self._watchdog = self._loop.create_task(self._watch())
         self.address = self._worker.address.tobytes()
 
-    def prefer_latency_for(self, seconds: float) -> None:
-        """Progress in short slices for `seconds` from now (activations are flowing)."""
-        self._latency_until = max(self._latency_until, self._clock() + seconds)
-
     @property
     def is_latency_mode(self) -> bool:
-        return self._clock() < self._latency_until
+        return self._activations.is_flowing
 
     @property
     def num_pending(self) -> int:
@@ -146,6 +144,7 @@ class UcxWorker:
             self._settle()
             for request in self._requests_by_endpoint.pop(endpoint, set()):
                 target, array, _ = self._pending.pop(request)
+                self._callback_requests.discard(request)
                 self._orphans[request] = array
                 _complete(target, PeerUnreachable("endpoint closed with the request in flight"))
             self._schedule_progress()
@@ -171,6 +170,7 @@ class UcxWorker:
         request = endpoint.tag_recv(array, Tag(tag), TagMaskFull)
         self._pending[request] = (on_done, array, endpoint)
         self._requests_by_endpoint[endpoint].add(request)
+        self._callback_requests.add(request)
         self._schedule_progress()
 
     def close(self) -> None:
@@ -194,6 +194,7 @@ class UcxWorker:
             log.warning("UCX worker has undelivered messages; leaking it instead of a crash")
             _immortalize(self._worker)
         self._pending.clear()
+        self._callback_requests.clear()
         del self._worker, self._context
 
     def _has_unexpected(self) -> bool:
@@ -217,16 +218,22 @@ class UcxWorker:
         self._is_progress_scheduled = False
         if self._is_closed:
             return
-        # One UCX progress step can be a chunk fragment copy (CMA get): take steps only
-        # for a time slice, then let the loop run. While activations flow the slice is
-        # short and ends at the first completion, so a receiver busy with KV resumes an
-        # activation's task between fragments instead of after the whole transfer;
-        # otherwise it is long and requests are settled once, at its end.
+        # One UCX progress step can be a whole KV chunk's copy (UCX performs a CMA get of
+        # all its segments inside one call): take steps only for a time slice, then let
+        # the loop run. While activations flow the slice is short and ends at the first
+        # completion, so an activation's task resumes after the chunk being copied, not
+        # after every chunk that is ready; otherwise it is long and requests are settled
+        # once, at its end, unless a control frame (say the first activation's header
+        # after a quiet spell) lands first.
         is_latency_mode = self.is_latency_mode
         deadline = time.monotonic() + (LATENCY_SLICE_S if is_latency_mode else BULK_SLICE_S)
         is_sliced = False
         while self._worker.progress_once():
-            if (is_latency_mode and self._settle()) or time.monotonic() >= deadline:
+            if is_latency_mode:
+                is_ended = self._settle() > 0
+            else:
+                is_ended = any(request.completed for request in self._callback_requests)
+            if is_ended or time.monotonic() >= deadline:
                 is_sliced = True
                 break
         self._settle()
@@ -235,12 +242,20 @@ class UcxWorker:
             self._schedule_progress()
 
     def _settle(self) -> int:
-        """Settle every completed request; returns how many."""
+        """Settle every completed request, callback receives first (an activation's
+        header then wakes its recv() ahead of the KV chunks' future callbacks); returns
+        how many."""
         for request in [request for request in self._orphans if request.completed]:
             del self._orphans[request]
-        done = [request for request in self._pending if request.completed]
+        done = [request for request in self._callback_requests if request.completed]
+        done += [
+            request
+            for request in self._pending
+            if request.completed and request not in self._callback_requests
+        ]
         for request in done:
             target, _, endpoint = self._pending.pop(request)
+            self._callback_requests.discard(request)
             self._requests_by_endpoint.get(endpoint, set()).discard(request)
             try:
                 request.check_error()

@@ -16,9 +16,12 @@ from kvtransport import (
     TransferTimeout,
     TransportConfig,
 )
+from kvtransport.chunks import ChunkPlan
 from kvtransport.fabric import ChunkOut, ControlOut, PeerLink
 from kvtransport.handles import SendHandle
-from kvtransport.priority import Outbound, PeerScheduler
+from kvtransport.outbound import Outbound, TransferMessages
+from kvtransport.priority import PeerScheduler
+from kvtransport.traffic import ActivationFlow
 from kvtransport.wire import MAGIC, CancelTransfer, decode
 from tests.clock import FakeClock
 
@@ -65,23 +68,32 @@ class Harness:
         self.clock = FakeClock(1000.0)
         self.finished: list[str] = []
         self.failed: list[PeerScheduler] = []
+        config = TransportConfig(**config_kwargs)
+        self.activations = ActivationFlow(config.activation_quiet_s, clock=self.clock)
         self.scheduler = PeerScheduler(
             b"peer",
             self.link,
-            TransportConfig(**config_kwargs),
+            config,
             lambda outbound: self.finished.append(outbound.handle.transfer_id),
             self.failed.append,
-            clock=self.clock,
+            self.activations,
         )
 
-    def submit(self, key: int, traffic_class: TrafficClass, num_chunks: int) -> SendHandle:
+    def submit(
+        self, key: int, traffic_class: TrafficClass, num_chunks: int, chunk_bytes: int = 10
+    ) -> SendHandle:
+        """A transfer of num_chunks chunks of chunk_bytes (one tensor); chunk labels are
+        'key:seq', the header's 'hdr<key>'."""
         name = f"{traffic_class.value}{key}"
-        messages = [ControlOut(f"hdr{key}".encode(), traffic_class, 0)]
-        messages += [
-            ChunkOut(key, seq, np.zeros(10, dtype=np.uint8), traffic_class)
-            for seq in range(1, num_chunks + 1)
-        ]
-        handle = SendHandle(name, traffic_class, 10 * num_chunks, self.scheduler)
+        num_bytes = chunk_bytes * num_chunks
+        messages = TransferMessages(
+            ControlOut(f"hdr{key}".encode(), traffic_class, 0),
+            key,
+            ChunkPlan([num_bytes], chunk_bytes),
+            [np.zeros(num_bytes, dtype=np.uint8)],
+            traffic_class,
+        )
+        handle = SendHandle(name, traffic_class, num_bytes, self.scheduler)
         self.scheduler.submit(Outbound(handle, key, messages, []))
         return handle
 

@@ -44,7 +44,7 @@ async def _ucx_pair(**config_kwargs):
 async def test_activations_switch_both_ends_to_fine_slices_until_quiet():
     async with _ucx_pair(kv_chunk_bytes=MIB, activation_quiet_s=QUIET_S) as (sender, receiver):
         clock = FakeClock(1000.0)  # the quiet time passes when the test says so
-        _worker(sender)._clock = _worker(receiver)._clock = clock
+        sender._activations._clock = receiver._activations._clock = clock
         # KV alone (3 MiB in 1 MiB chunks, 4 messages) leaves both in bulk mode.
         await _round_trip(sender, receiver, "kv-0", pattern(3 * MIB + 5), TrafficClass.KV)
         assert not _worker(sender).is_latency_mode

@@ -3,17 +3,16 @@ from __future__ import annotations
 import pytest
 
 from kvtransport import TrafficClass, TransportError
+from kvtransport.chunks import ChunkRef, plan_chunks
 from kvtransport.tensors import TensorSpec
 from kvtransport.wire import (
     PREFIX,
     CancelTransfer,
-    ChunkRef,
     RejectTransfer,
     TransferHeader,
     decode,
     encode,
     meta_size,
-    plan_chunks,
 )
 
 
