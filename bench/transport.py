@@ -64,6 +64,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-native", action="store_true", help="skip ucx_perftest")
     parser.add_argument("--chunk-mib", type=float, default=None, help="override kv_chunk_bytes")
     parser.add_argument("--window", type=int, default=None, help="override kv_window")
+    parser.add_argument(
+        "--chunk-kib-with-activations",
+        type=int,
+        default=None,
+        help="override kv_chunk_bytes_with_activations (KiB)",
+    )
+    parser.add_argument(
+        "--window-with-activations",
+        type=int,
+        default=None,
+        help="override kv_window_with_activations",
+    )
     parser.add_argument("--skip-throughput", action="store_true", help="latency part only")
     args = parser.parse_args(argv)
     options = Options(
@@ -80,6 +92,10 @@ def main(argv: list[str]) -> int:
         overrides["kv_chunk_bytes"] = int(args.chunk_mib * MIB)
     if args.window is not None:
         overrides["kv_window"] = args.window
+    if args.chunk_kib_with_activations is not None:
+        overrides["kv_chunk_bytes_with_activations"] = args.chunk_kib_with_activations * 1024
+    if args.window_with_activations is not None:
+        overrides["kv_window_with_activations"] = args.window_with_activations
     config = TransportConfig(**overrides)
     peer = TransportPeer(kv_chunk_bytes=config.kv_chunk_bytes)
     try:
@@ -127,6 +143,8 @@ async def _run(peer: TransportPeer, config: TransportConfig, options: Options) -
         "num_activation_samples": options.num_activations,
         "kv_chunk_bytes": config.kv_chunk_bytes,
         "kv_window": config.kv_window,
+        "kv_chunk_bytes_with_activations": config.kv_chunk_bytes_with_activations,
+        "kv_window_with_activations": config.kv_window_with_activations,
         "streamed_in_flight": options.streamed_in_flight,
         "backend": config.backend.value,
         "host_load_avg_1m": [load_at_start, round(os.getloadavg()[0], 2)],

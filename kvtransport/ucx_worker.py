@@ -108,7 +108,7 @@ class UcxWorker:
         )
         self._worker.init_blocking_progress_mode()
         self._fd = self._worker.epoll_file_descriptor
-        self._loop.add_reader(self._fd, self._progress)
+        self._loop.add_reader(self._fd, self._on_readable)
         self._watchdog = self._loop.create_task(self._watch())
         self.address = self._worker.address.tobytes()
 
@@ -209,6 +209,15 @@ class UcxWorker:
         self._schedule_progress()
         return future
 
+    def _on_readable(self) -> None:
+        # The fd is level-triggered and stays readable while progress is sliced (not
+        # re-armed): then a progress is already scheduled, and a second one per loop
+        # turn would copy another KV chunk ahead of the tasks the first one woke (such
+        # progress calls used to pile up in the ready queue: ~1 ms before an activation's
+        # recv() resumed, with two 512 KiB chunks in flight).
+        if not self._is_progress_scheduled:
+            self._progress()
+
     def _schedule_progress(self) -> None:
         if not self._is_progress_scheduled and not self._is_closed:
             self._is_progress_scheduled = True
@@ -269,7 +278,7 @@ class UcxWorker:
         while True:
             await asyncio.sleep(WATCHDOG_INTERVAL_S)
             if self._pending:
-                self._progress()
+                self._schedule_progress()
 
 
 def _complete(target: asyncio.Future | OnDone, error: TransportError | None) -> None:
