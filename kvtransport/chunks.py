@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from kvtransport.tensors import TensorSpec
 
 MAX_SEQ = (1 << 24) - 1  # the UCX tag keeps 24 bits for the chunk number
 
 
-@dataclass(frozen=True)
-class ChunkRef:
+class ChunkRef(NamedTuple):
     """Chunk `seq` is bytes [offset, offset + nbytes) of tensor `tensor_index`."""
 
     seq: int
@@ -40,8 +39,7 @@ class ChunkRef:
     nbytes: int
 
 
-@dataclass(frozen=True)
-class _Range:
+class _Range(NamedTuple):
     tensor_index: int
     start: int
     nbytes: int
@@ -96,29 +94,24 @@ class ChunkPlan:
 
     def __init__(self, sizes: Sequence[int], chunk_bytes: int) -> None:
         ranges = [_Range(index, 0, size) for index, size in enumerate(sizes)]
-        self._segments = [_Segment(1, 1, ranges, chunk_bytes)]
-        self._next_seq = 1 + self._segments[0].num_chunks  # no plan used it yet
+        segment = _Segment(1, 1, ranges, chunk_bytes)
+        self._segments = [segment]
+        self._first_positions = [1]  # of each segment, for bisect
+        self._next_seq = 1 + segment.num_chunks  # no plan used it yet
+        self.num_chunks = segment.num_chunks
+        self.chunk_bytes = chunk_bytes  # of the chunks after the last rechunk (0: per tensor)
 
     @classmethod
     def of(cls, specs: Sequence[TensorSpec], chunk_bytes: int) -> ChunkPlan:
         return cls([spec.nbytes for spec in specs], chunk_bytes)
 
-    @property
-    def num_chunks(self) -> int:
-        last = self._segments[-1]
-        return last.first_position - 1 + last.num_chunks
-
-    @property
-    def chunk_bytes(self) -> int:
-        """Size of the chunks after the last rechunk (0: one per tensor)."""
-        return self._segments[-1].chunk_bytes
-
     def chunk(self, position: int) -> ChunkRef:
         """The chunk issued at `position` (1 .. num_chunks)."""
         if not 1 <= position <= self.num_chunks:
             raise IndexError(f"chunk position {position} out of 1..{self.num_chunks}")
-        firsts = [segment.first_position for segment in self._segments]
-        segment = self._segments[bisect.bisect_right(firsts, position) - 1]
+        if len(self._segments) == 1:
+            return self._segments[0].chunk(position - 1)
+        segment = self._segments[bisect.bisect_right(self._first_positions, position) - 1]
         return segment.chunk(position - segment.first_position)
 
     def can_rechunk(self, num_kept: int, chunk_bytes: int) -> bool:
@@ -142,9 +135,13 @@ class ChunkPlan:
         last.num_chunks = num_kept + 1 - last.first_position
         if last.num_chunks == 0:
             self._segments.pop()
+            self._first_positions.pop()
         segment = _Segment(num_kept + 1, self._next_seq, remaining, chunk_bytes)
         self._segments.append(segment)
+        self._first_positions.append(segment.first_position)
         self._next_seq += segment.num_chunks
+        self.num_chunks = num_kept + segment.num_chunks
+        self.chunk_bytes = chunk_bytes
 
     def __iter__(self) -> Iterator[ChunkRef]:
         return (self.chunk(position) for position in range(1, self.num_chunks + 1))

@@ -60,6 +60,8 @@ class PeerScheduler:
         # Chunks (not headers: small, eager) issued and not yet taken, per class.
         self._num_chunks_in_flight = {TrafficClass.ACTIVATION: 0, TrafficClass.KV: 0}
         self._activations = activations  # the transport's: fed here and by its receiver
+        self._is_priority = config.scheduling is SchedulingPolicy.PRIORITY
+        self._small_chunk_bytes = min(config.kv_chunk_bytes, config.kv_chunk_bytes_with_activations)
         self._tasks: set[asyncio.Task] = set()
         self.is_failed = False
 
@@ -169,10 +171,6 @@ class PeerScheduler:
 
     # -- internals --------------------------------------------------------------------
 
-    @property
-    def _is_priority(self) -> bool:
-        return self._config.scheduling is SchedulingPolicy.PRIORITY
-
     def _next_ready(self) -> Outbound | None:
         window = self._config.kv_window
         if not self._is_priority:
@@ -225,6 +223,8 @@ class PeerScheduler:
         """Cut a transfer's chunks not issued yet smaller once activations flow: the
         chunks of a transfer planned in quiet times would otherwise hold every
         activation up to the end of the transfer."""
+        if outbound.messages.plan.chunk_bytes <= self._small_chunk_bytes:
+            return  # (the common case, checked first: this runs for every KV chunk)
         rechunked = outbound.rechunk(kv_chunk_bytes(self._config, self._activations))
         if rechunked is not None:
             self.send_control(encode(rechunked), TrafficClass.KV)
@@ -306,8 +306,9 @@ class PeerScheduler:
 
 def kv_chunk_bytes(config: TransportConfig, activations: ActivationFlow) -> int:
     """The KV chunk size for chunks planned now: smaller while activations flow (a chunk
-    is what the receiver copies in one go, so what an activation may wait behind)."""
-    if activations.is_flowing:
+    is what the receiver copies in one go, so what an activation may wait behind); the
+    FIFO baseline keeps kv_chunk_bytes."""
+    if config.scheduling is SchedulingPolicy.PRIORITY and activations.is_flowing:
         return min(config.kv_chunk_bytes, config.kv_chunk_bytes_with_activations)
     return config.kv_chunk_bytes
 

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 # Receive buffers kept posted per transfer. The sender has at most kv_window chunks in
 # flight, so a few more than that keeps every arriving chunk matched on arrival.
 POSTED_CHUNKS_AHEAD = 8
+POSTED_CHUNKS_AHEAD_WITH_ACTIVATIONS = 1
 
 # send_reject(sender_address, frame): deliver a control frame to a peer, best effort.
 SendReject = Callable[[bytes, bytes], None]
@@ -336,7 +337,12 @@ class Receiver:
             return
         assert entry.header is not None
         num_in_flight = len(entry.chunk_futures) - len(entry.completed_seqs)
-        if entry.num_posted >= entry.plan.num_chunks or num_in_flight >= POSTED_CHUNKS_AHEAD:
+        limit = (
+            POSTED_CHUNKS_AHEAD_WITH_ACTIVATIONS
+            if self._activations.is_flowing
+            else POSTED_CHUNKS_AHEAD
+        )
+        if entry.num_posted >= entry.plan.num_chunks or num_in_flight >= limit:
             return
         chunk = entry.plan.chunk(entry.num_posted + 1)
         view = entry.views[chunk.tensor_index][chunk.offset : chunk.offset + chunk.nbytes]

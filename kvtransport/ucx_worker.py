@@ -215,7 +215,7 @@ class UcxWorker:
         # turn would copy another KV chunk ahead of the tasks the first one woke (such
         # progress calls used to pile up in the ready queue: ~1 ms before an activation's
         # recv() resumed, with two 512 KiB chunks in flight).
-        if not self._is_progress_scheduled:
+        if not self._is_progress_scheduled or not self.is_latency_mode:
             self._progress()
 
     def _schedule_progress(self) -> None:
@@ -250,18 +250,18 @@ class UcxWorker:
         if is_sliced or not self._worker.arm():
             self._schedule_progress()
 
+    def _is_not_callback(self, request: ucx_api.UCXRequest) -> bool:
+        return request not in self._callback_requests
+
     def _settle(self) -> int:
         """Settle every completed request, callback receives first (an activation's
         header then wakes its recv() ahead of the KV chunks' future callbacks); returns
         how many."""
         for request in [request for request in self._orphans if request.completed]:
             del self._orphans[request]
-        done = [request for request in self._callback_requests if request.completed]
-        done += [
-            request
-            for request in self._pending
-            if request.completed and request not in self._callback_requests
-        ]
+        done = [request for request in self._pending if request.completed]
+        if len(done) > 1 and self._callback_requests:
+            done.sort(key=self._is_not_callback)  # stable: callback receives first
         for request in done:
             target, _, endpoint = self._pending.pop(request)
             self._callback_requests.discard(request)
