@@ -245,6 +245,8 @@ class PeerScheduler:
             self.fail(error)
             return
         outbound.handle.num_bytes_sent += message.num_payload_bytes
+        if isinstance(message, ChunkOut):
+            outbound.handle.num_chunks_sent += 1
         if not outbound.has_next and outbound.num_in_flight == 0 and not outbound.is_cancelling:
             self._finish(outbound, TransferStatus.DONE)
         self._issue_ready()
