@@ -11,7 +11,10 @@
     Measurements of both alternate, and each figure is the best of the rounds.
 (2) One-way activation latency (a 32 KiB bf16 hidden state every few ms), idle and while
     back-to-back 256 MiB KV transfers flow to the same peer, with the priority scheduler
-    and with plain FIFO.
+    and with plain FIFO. Idle is measured twice: as is (the receiver sleeps in epoll
+    between activations, so its wake-up is part of the figure), and with the receiver's
+    event loop kept turning ("polling"), which is what idle costs where wake-ups are
+    cheap (a faster or busier host): the loaded tail must stay within 3x of both.
 
 Prints a table, then (with --json) one JSON object as the last stdout line.
 """
@@ -134,6 +137,8 @@ async def _run(peer: TransportPeer, config: TransportConfig, options: Options) -
         "activation_bytes": 2 * ACTIVATION_SHAPE[0] * ACTIVATION_SHAPE[1],
         "activation_p50_idle_ms": latency["idle"][0],
         "activation_p99_idle_ms": latency["idle"][1],
+        "activation_p50_idle_polling_ms": latency["idle_polling"][0],
+        "activation_p99_idle_polling_ms": latency["idle_polling"][1],
         "activation_p50_loaded_ms": latency["loaded"][0],
         "activation_p99_loaded_ms": latency["loaded"][1],
         "activation_p50_loaded_fifo_ms": fifo_latency["loaded"][0],
@@ -152,9 +157,12 @@ async def _run(peer: TransportPeer, config: TransportConfig, options: Options) -
     }
     ratios = [r for r, size in zip(result["ratio"] or [], SIZES_MIB, strict=False) if size >= 4]
     p99_idle = result["activation_p99_idle_ms"]
+    p99_polling = result["activation_p99_idle_polling_ms"]
+    p99_loaded = result["activation_p99_loaded_ms"]
     result["targets"] = {
         "ratio_at_least_0.5_from_4mib": bool(ratios) and all(r >= 0.5 for r in ratios if r),
-        "loaded_p99_at_most_3x_idle_p99": result["activation_p99_loaded_ms"] <= 3 * p99_idle,
+        "loaded_p99_at_most_3x_idle_p99": p99_loaded <= 3 * p99_idle,
+        "loaded_p99_at_most_3x_polling_idle_p99": p99_loaded <= 3 * p99_polling,
     }
     return result
 
@@ -231,6 +239,13 @@ async def _latency(transport, peer: TransportPeer, options: Options, name: str, 
     activation = torch.randn(ACTIVATION_SHAPE).to(torch.bfloat16)
     if idle:
         result["idle"] = await _activation_run(transport, peer, activation, f"{name}-idle", options)
+        await peer.reply(peer.request("poll", True))
+        try:
+            result["idle_polling"] = await _activation_run(
+                transport, peer, activation, f"{name}-idle-polling", options
+            )
+        finally:
+            await peer.reply(peer.request("poll", False))
     bulk = huge_page_empty(BULK_TRANSFER_BYTES).fill_(1)
     stop = asyncio.Event()
     sink_prefix = f"{name}-bulk"
@@ -321,6 +336,10 @@ def _print_latency(result: dict) -> None:
     print(f"{'':>28} {'p50':>8} {'p99':>8}   KV GB/s meanwhile")
     print(
         f"{'idle':>28} {result['activation_p50_idle_ms']:>8.3f} {result['activation_p99_idle_ms']:>8.3f}"
+    )
+    print(
+        f"{'idle, receiver polling':>28} {result['activation_p50_idle_polling_ms']:>8.3f} "
+        f"{result['activation_p99_idle_polling_ms']:>8.3f}"
     )
     print(
         f"{'256 MiB KV flowing, priority':>28} {result['activation_p50_loaded_ms']:>8.3f} "
