@@ -1,5 +1,5 @@
-"""UCX progress: fine slices only while activations flow, bulk slices that end at a
-control frame, one progress pending at a time while activations flow (UCX only)."""
+"""UCX progress: fine slices only while activations flow (then one progress pending at
+a time, headers settled first), long slices settled once otherwise (UCX only)."""
 
 from __future__ import annotations
 
@@ -144,7 +144,7 @@ async def test_latency_mode_progress_stops_at_the_first_completion():
     assert worker._is_progress_scheduled
 
 
-async def test_bulk_progress_runs_on_until_a_control_frame_lands():
+async def test_bulk_progress_runs_on_and_settles_once():
     loop = asyncio.get_running_loop()
     delivered = []
     worker, fake = _fake_worker([], is_flowing=False)
@@ -153,11 +153,10 @@ async def test_bulk_progress_runs_on_until_a_control_frame_lands():
     fake.steps = [_complete(chunks[0]), _complete(chunks[1]), _complete(mailbox)]
     fake.steps += [_complete(chunks[2]), _complete(chunks[3])]
     worker._progress()
-    assert fake.num_progress_calls == 3  # two chunks, then the control frame ends the slice
+    assert fake.num_progress_calls == 5  # on until nothing progresses (or 2 ms)
     assert delivered == [None]
-    worker._progress()
-    assert fake.num_progress_calls == 5  # no control frame: on until nothing progresses
     assert not worker._pending
+    assert not worker._is_progress_scheduled  # armed: the next event wakes it
 
 
 async def test_callback_receives_settle_before_the_futures_of_chunks():
@@ -169,7 +168,7 @@ async def test_callback_receives_settle_before_the_futures_of_chunks():
     chunk = _pend(worker, chunk_future)
     header = _pend(worker, lambda error: order.append("header delivered"), is_callback=True)
     chunk.completed = header.completed = True  # the chunk was registered first
-    assert worker._settle() == 2
+    assert worker._settle(is_latency_mode=True) == 2
     await asyncio.sleep(0)
     assert order == ["header delivered", "chunk callback"]
 
