@@ -11,7 +11,10 @@
     Measurements of both alternate, and each figure is the best of the rounds.
 (2) One-way activation latency (a 32 KiB bf16 hidden state every few ms), idle and while
     back-to-back 256 MiB KV transfers flow to the same peer, with the priority scheduler
-    and with plain FIFO.
+    and with plain FIFO. Idle is measured twice: as is (the receiver sleeps in epoll
+    between activations, so its wake-up is part of the figure), and with the receiver's
+    event loop kept turning ("polling"), which is what idle costs where wake-ups are
+    cheap (a faster or busier host): the loaded tail must stay within 3x of both.
 
 Prints a table, then (with --json) one JSON object as the last stdout line.
 """
@@ -64,6 +67,18 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-native", action="store_true", help="skip ucx_perftest")
     parser.add_argument("--chunk-mib", type=float, default=None, help="override kv_chunk_bytes")
     parser.add_argument("--window", type=int, default=None, help="override kv_window")
+    parser.add_argument(
+        "--chunk-kib-with-activations",
+        type=int,
+        default=None,
+        help="override kv_chunk_bytes_with_activations (KiB)",
+    )
+    parser.add_argument(
+        "--window-with-activations",
+        type=int,
+        default=None,
+        help="override kv_window_with_activations",
+    )
     parser.add_argument("--skip-throughput", action="store_true", help="latency part only")
     args = parser.parse_args(argv)
     options = Options(
@@ -80,6 +95,10 @@ def main(argv: list[str]) -> int:
         overrides["kv_chunk_bytes"] = int(args.chunk_mib * MIB)
     if args.window is not None:
         overrides["kv_window"] = args.window
+    if args.chunk_kib_with_activations is not None:
+        overrides["kv_chunk_bytes_with_activations"] = args.chunk_kib_with_activations * 1024
+    if args.window_with_activations is not None:
+        overrides["kv_window_with_activations"] = args.window_with_activations
     config = TransportConfig(**overrides)
     peer = TransportPeer(kv_chunk_bytes=config.kv_chunk_bytes)
     try:
@@ -118,6 +137,8 @@ async def _run(peer: TransportPeer, config: TransportConfig, options: Options) -
         "activation_bytes": 2 * ACTIVATION_SHAPE[0] * ACTIVATION_SHAPE[1],
         "activation_p50_idle_ms": latency["idle"][0],
         "activation_p99_idle_ms": latency["idle"][1],
+        "activation_p50_idle_polling_ms": latency["idle_polling"][0],
+        "activation_p99_idle_polling_ms": latency["idle_polling"][1],
         "activation_p50_loaded_ms": latency["loaded"][0],
         "activation_p99_loaded_ms": latency["loaded"][1],
         "activation_p50_loaded_fifo_ms": fifo_latency["loaded"][0],
@@ -127,6 +148,8 @@ async def _run(peer: TransportPeer, config: TransportConfig, options: Options) -
         "num_activation_samples": options.num_activations,
         "kv_chunk_bytes": config.kv_chunk_bytes,
         "kv_window": config.kv_window,
+        "kv_chunk_bytes_with_activations": config.kv_chunk_bytes_with_activations,
+        "kv_window_with_activations": config.kv_window_with_activations,
         "streamed_in_flight": options.streamed_in_flight,
         "backend": config.backend.value,
         "host_load_avg_1m": [load_at_start, round(os.getloadavg()[0], 2)],
@@ -134,9 +157,12 @@ async def _run(peer: TransportPeer, config: TransportConfig, options: Options) -
     }
     ratios = [r for r, size in zip(result["ratio"] or [], SIZES_MIB, strict=False) if size >= 4]
     p99_idle = result["activation_p99_idle_ms"]
+    p99_polling = result["activation_p99_idle_polling_ms"]
+    p99_loaded = result["activation_p99_loaded_ms"]
     result["targets"] = {
         "ratio_at_least_0.5_from_4mib": bool(ratios) and all(r >= 0.5 for r in ratios if r),
-        "loaded_p99_at_most_3x_idle_p99": result["activation_p99_loaded_ms"] <= 3 * p99_idle,
+        "loaded_p99_at_most_3x_idle_p99": p99_loaded <= 3 * p99_idle,
+        "loaded_p99_at_most_3x_polling_idle_p99": p99_loaded <= 3 * p99_polling,
     }
     return result
 
@@ -213,6 +239,13 @@ async def _latency(transport, peer: TransportPeer, options: Options, name: str, 
     activation = torch.randn(ACTIVATION_SHAPE).to(torch.bfloat16)
     if idle:
         result["idle"] = await _activation_run(transport, peer, activation, f"{name}-idle", options)
+        await peer.reply(peer.request("poll", True))
+        try:
+            result["idle_polling"] = await _activation_run(
+                transport, peer, activation, f"{name}-idle-polling", options
+            )
+        finally:
+            await peer.reply(peer.request("poll", False))
     bulk = huge_page_empty(BULK_TRANSFER_BYTES).fill_(1)
     stop = asyncio.Event()
     sink_prefix = f"{name}-bulk"
@@ -303,6 +336,10 @@ def _print_latency(result: dict) -> None:
     print(f"{'':>28} {'p50':>8} {'p99':>8}   KV GB/s meanwhile")
     print(
         f"{'idle':>28} {result['activation_p50_idle_ms']:>8.3f} {result['activation_p99_idle_ms']:>8.3f}"
+    )
+    print(
+        f"{'idle, receiver polling':>28} {result['activation_p50_idle_polling_ms']:>8.3f} "
+        f"{result['activation_p99_idle_polling_ms']:>8.3f}"
     )
     print(
         f"{'256 MiB KV flowing, priority':>28} {result['activation_p50_loaded_ms']:>8.3f} "

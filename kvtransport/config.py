@@ -43,17 +43,22 @@ class TransportConfig:
     """Send ordering per peer; FIFO exists to measure what priority buys."""
     kv_chunk_bytes: int = 4 * MIB
     """KV payload per message; a chunk boundary is where activations overtake KV."""
+    kv_chunk_bytes_with_activations: int = 512 * KIB
+    """KV payload per message of transfers that start while activations flow through the
+    transport (see activation_quiet_s); never more than kv_chunk_bytes. The receiver
+    copies a chunk in one go (UCX: one CMA read inside one progress call), so this is
+    what an activation can find ahead of it, on either side's event loop."""
     kv_window: int = 2
     """KV chunks in flight per peer; more hides latency, fewer preempts sooner."""
     kv_window_with_activations: int = 1
-    """KV chunks in flight per peer while activations flow to it (one was issued within
-    `activation_quiet_s`): an activation then finds at most this many chunks ahead of it
-    on the wire, which the receiver copies before it reads the activation."""
+    """KV chunks in flight per peer while activations flow through the transport: an
+    activation then finds at most this many chunks ahead of it on the wire, which the
+    receiver copies before it reads the activation."""
     activation_quiet_s: float = 0.1
-    """How long after the last activation to a peer its KV window stays narrowed, and
-    after the last activation sent or received how long UCX progress runs in short
-    slices (an activation is then handled between KV chunk fragments); 0 never does
-    either."""
+    """Activations flow through a transport while one was sent or received less than this
+    long ago: meanwhile new KV transfers use kv_chunk_bytes_with_activations, the KV
+    window is kv_window_with_activations, and UCX progress runs in short slices that
+    end at each completion; 0 never does any of it."""
     inline_max_bytes: int = 64 * KIB
     """Transfers up to this size travel inside their header (one message, no chunks)."""
     max_header_bytes: int = 64 * KIB
@@ -89,6 +94,12 @@ class TransportConfig:
             self, "scheduling", _enum(SchedulingPolicy, self.scheduling, "scheduling")
         )
         _check_range("kv_chunk_bytes", self.kv_chunk_bytes, 4 * KIB, 1 * GIB)
+        _check_range(
+            "kv_chunk_bytes_with_activations",
+            self.kv_chunk_bytes_with_activations,
+            4 * KIB,
+            1 * GIB,
+        )
         _check_range("kv_window", self.kv_window, 1, 64)
         _check_range("kv_window_with_activations", self.kv_window_with_activations, 1, 64)
         require(

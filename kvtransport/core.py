@@ -18,8 +18,14 @@ from kvtransport.fabric import Fabric
 from kvtransport.handles import SendHandle
 from kvtransport.receiver import Receiver
 from kvtransport.sender import Sender
-from kvtransport.traffic import TrafficClass
-from kvtransport.wire import CancelTransfer, ControlMessage, RejectTransfer, TransferHeader
+from kvtransport.traffic import ActivationFlow, TrafficClass
+from kvtransport.wire import (
+    CancelTransfer,
+    ControlMessage,
+    RechunkTransfer,
+    RejectTransfer,
+    TransferHeader,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +33,18 @@ SWEEP_INTERVAL_S = 1.0
 
 
 class FabricTransport(Transport):
-    def __init__(self, config: TransportConfig, fabric: Fabric, pool: BufferPool) -> None:
+    def __init__(
+        self,
+        config: TransportConfig,
+        fabric: Fabric,
+        pool: BufferPool,
+        activations: ActivationFlow | None = None,
+    ) -> None:
+        """`activations`: the flow the fabric reads too (UCX progress), if it does."""
         self.config = config
         self._fabric = fabric
         self._pool = pool
+        self._activations = activations or ActivationFlow(config.activation_quiet_s)
         self._sender: Sender | None = None
         self._receiver: Receiver | None = None
         self._sweeper: asyncio.Task | None = None
@@ -43,9 +57,14 @@ class FabricTransport(Transport):
     async def start(self) -> None:
         if self._sender is not None:
             raise RuntimeError("transport already started")
-        self._sender = Sender(self._fabric, self.config)
+        self._sender = Sender(self._fabric, self.config, self._activations)
         self._receiver = Receiver(
-            self._fabric, self._pool, self.config, self._sender.send_reject, self.on_peer_lost
+            self._fabric,
+            self._pool,
+            self.config,
+            self._activations,
+            self._sender.send_reject,
+            self.on_peer_lost,
         )
         await self._fabric.start(self)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
@@ -121,6 +140,8 @@ class FabricTransport(Transport):
             receiver.on_header(message, payload)
         elif isinstance(message, CancelTransfer):
             receiver.on_cancel(message)
+        elif isinstance(message, RechunkTransfer):
+            receiver.on_rechunk(message)
         elif isinstance(message, RejectTransfer):
             sender.on_reject(message.key, message.reason)
 

@@ -85,6 +85,7 @@ class SendHandle:
         self.traffic_class = traffic_class
         self.num_bytes_total = num_bytes_total
         self.num_bytes_sent = 0
+        self.num_chunks_sent = 0  # chunk messages the peer took (the header is not one)
         self.status = TransferStatus.QUEUED
         self.error: TransportError | None = None
         self._controller = controller

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from kvtransport.chunks import ChunkPlan
 from kvtransport.errors import TransportError
 from kvtransport.wire import TransferHeader
 
@@ -63,8 +64,9 @@ class IncomingTransfer:
     inline_payload: bytes | None = None
     is_claimed: bool = False  # a recv() owns this record
     is_posted: bool = False  # its chunk buffers are being posted on the fabric
-    targets: list = field(default_factory=list)  # (ChunkRef, destination view) per chunk
-    num_posted: int = 0  # targets[:num_posted] have a receive posted
+    views: list = field(default_factory=list)  # destination bytes per tensor (uint8 views)
+    num_posted: int = 0  # chunks at positions 1 .. num_posted have a receive posted
+    num_stale_posts: int = 0  # receives for seqs a rechunk dropped: withdrawn at the end
     chunk_futures: dict[int, asyncio.Future] = field(default_factory=dict)  # by seq
     completed_seqs: set[int] = field(default_factory=set)
     num_bytes_received: int = 0
@@ -74,6 +76,18 @@ class IncomingTransfer:
     settled: asyncio.Future = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+    _plan: ChunkPlan | None = field(default=None, init=False, repr=False)
+
+    @property
+    def plan(self) -> ChunkPlan:
+        """The header's chunks in the sender's issue order, its rechunks applied."""
+        if self._plan is None:
+            header = self.header
+            assert header is not None, "no chunk plan before the header"
+            self._plan = ChunkPlan.of(
+                () if header.is_inline else header.tensors, header.chunk_bytes
+            )
+        return self._plan
 
     def set_status(self, status: IncomingStatus) -> None:
         if status is self.status:

@@ -23,53 +23,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
-
-import torch
 
 from kvtransport.config import SchedulingPolicy, TransportConfig
 from kvtransport.errors import PeerUnreachable, TransferCancelled, TransferTimeout, TransportError
 from kvtransport.fabric import ChunkOut, ControlOut, OutMessage, PeerLink
 from kvtransport.handles import SendHandle, TransferStatus
-from kvtransport.traffic import TrafficClass
+from kvtransport.outbound import Outbound
+from kvtransport.traffic import ActivationFlow, TrafficClass
 from kvtransport.wire import CancelTransfer, encode
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)
-class Outbound:
-    """One transfer in a peer's send queue: messages[0] is its header, then chunks."""
-
-    handle: SendHandle
-    key: int
-    messages: list[OutMessage]
-    tensors: list[torch.Tensor]  # keeps the source memory alive while views are in flight
-    next_index: int = 0
-    num_in_flight: int = 0
-    is_paused: bool = False
-    is_cancelling: bool = False
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @property
-    def has_next(self) -> bool:
-        return self.next_index < len(self.messages)
-
-    @property
-    def num_chunks_issued(self) -> int:
-        return max(0, self.next_index - 1)
-
-    @property
-    def is_issuable(self) -> bool:
-        return (
-            self.has_next
-            and not self.is_paused
-            and not self.is_cancelling
-            and not self.handle.is_finished
-        )
 
 
 class PeerScheduler:
@@ -82,7 +47,7 @@ class PeerScheduler:
         config: TransportConfig,
         on_transfer_finished: Callable[[Outbound], None],
         on_failed: Callable[[PeerScheduler], None],
-        clock: Callable[[], float] = time.monotonic,
+        activations: ActivationFlow,
     ) -> None:
         self.peer_address = peer_address
         self.link = link
@@ -94,8 +59,9 @@ class PeerScheduler:
         self._by_handle: dict[SendHandle, Outbound] = {}
         # Chunks (not headers: small, eager) issued and not yet taken, per class.
         self._num_chunks_in_flight = {TrafficClass.ACTIVATION: 0, TrafficClass.KV: 0}
-        self._clock = clock
-        self._last_activation_at = float("-inf")  # clock() when an activation last went out
+        self._activations = activations  # the transport's: fed here and by its receiver
+        self._is_priority = config.scheduling is SchedulingPolicy.PRIORITY
+        self._small_chunk_bytes = min(config.kv_chunk_bytes, config.kv_chunk_bytes_with_activations)
         self._tasks: set[asyncio.Task] = set()
         self.is_failed = False
 
@@ -207,7 +173,7 @@ class PeerScheduler:
 
     def _next_ready(self) -> Outbound | None:
         window = self._config.kv_window
-        if self._config.scheduling is SchedulingPolicy.FIFO:
+        if not self._is_priority:
             # The plain baseline: any message, header or chunk, waits for the window.
             if sum(ob.num_in_flight for ob in self._queue) >= window:
                 return None
@@ -218,8 +184,7 @@ class PeerScheduler:
         for outbound in self._issuable:
             if outbound.handle.traffic_class is TrafficClass.ACTIVATION and outbound.is_issuable:
                 return outbound
-        quiet_s = self._config.activation_quiet_s
-        if self._clock() - self._last_activation_at < quiet_s:
+        if self._activations.is_flowing:
             window = min(window, self._config.kv_window_with_activations)
         is_window_full = self._num_chunks_in_flight[TrafficClass.KV] >= window
         for outbound in self._issuable:
@@ -232,6 +197,8 @@ class PeerScheduler:
     def _issue_ready(self) -> None:
         loop = asyncio.get_running_loop()
         while not self.is_failed and (outbound := self._next_ready()) is not None:
+            if outbound.handle.traffic_class is TrafficClass.KV and self._is_priority:
+                self._rechunk(outbound)
             message = outbound.messages[outbound.next_index]
             outbound.next_index += 1
             if not outbound.has_next:
@@ -241,7 +208,7 @@ class PeerScheduler:
             outbound.num_in_flight += 1
             outbound.idle.clear()
             if outbound.handle.traffic_class is TrafficClass.ACTIVATION:
-                self._last_activation_at = self._clock()
+                self._activations.note_activation()
             if isinstance(message, ChunkOut):
                 self._num_chunks_in_flight[outbound.handle.traffic_class] += 1
             try:
@@ -251,6 +218,16 @@ class PeerScheduler:
                 future.set_exception(exc)
             timer = loop.call_later(self._config.send_timeout_s, self._on_timeout, outbound)
             future.add_done_callback(partial(self._on_sent, outbound, message, timer))
+
+    def _rechunk(self, outbound: Outbound) -> None:
+        """Cut a transfer's chunks not issued yet smaller once activations flow: the
+        chunks of a transfer planned in quiet times would otherwise hold every
+        activation up to the end of the transfer."""
+        if outbound.messages.plan.chunk_bytes <= self._small_chunk_bytes:
+            return  # (the common case, checked first: this runs for every KV chunk)
+        rechunked = outbound.rechunk(kv_chunk_bytes(self._config, self._activations))
+        if rechunked is not None:
+            self.send_control(encode(rechunked), TrafficClass.KV)
 
     def _on_sent(self, outbound: Outbound, message: OutMessage, timer, future) -> None:
         timer.cancel()
@@ -268,6 +245,8 @@ class PeerScheduler:
             self.fail(error)
             return
         outbound.handle.num_bytes_sent += message.num_payload_bytes
+        if isinstance(message, ChunkOut):
+            outbound.handle.num_chunks_sent += 1
         if not outbound.has_next and outbound.num_in_flight == 0 and not outbound.is_cancelling:
             self._finish(outbound, TransferStatus.DONE)
         self._issue_ready()
@@ -325,6 +304,15 @@ class PeerScheduler:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def kv_chunk_bytes(config: TransportConfig, activations: ActivationFlow) -> int:
+    """The KV chunk size for chunks planned now: smaller while activations flow (a chunk
+    is what the receiver copies in one go, so what an activation may wait behind); the
+    FIFO baseline keeps kv_chunk_bytes."""
+    if config.scheduling is SchedulingPolicy.PRIORITY and activations.is_flowing:
+        return min(config.kv_chunk_bytes, config.kv_chunk_bytes_with_activations)
+    return config.kv_chunk_bytes
 
 
 def _ignore_result(future: asyncio.Future) -> None:

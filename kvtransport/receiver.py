@@ -23,6 +23,7 @@ import torch
 
 from kvtransport.base import ReceivedTransfer
 from kvtransport.buffers import BufferPool
+from kvtransport.chunks import ChunkRef
 from kvtransport.config import TransportConfig
 from kvtransport.destinations import copy_inline, destinations
 from kvtransport.errors import (
@@ -34,13 +35,13 @@ from kvtransport.errors import (
 from kvtransport.fabric import Fabric
 from kvtransport.incoming import ENDED_STATUSES, IncomingStatus, IncomingTable, IncomingTransfer
 from kvtransport.tensors import check_receivable
+from kvtransport.traffic import ActivationFlow, TrafficClass
 from kvtransport.wire import (
     CancelTransfer,
-    ChunkRef,
+    RechunkTransfer,
     RejectTransfer,
     TransferHeader,
     encode,
-    plan_chunks,
 )
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 # Receive buffers kept posted per transfer. The sender has at most kv_window chunks in
 # flight, so a few more than that keeps every arriving chunk matched on arrival.
 POSTED_CHUNKS_AHEAD = 8
+POSTED_CHUNKS_AHEAD_WITH_ACTIVATIONS = 1
 
 # send_reject(sender_address, frame): deliver a control frame to a peer, best effort.
 SendReject = Callable[[bytes, bytes], None]
@@ -69,12 +71,14 @@ class Receiver:
         fabric: Fabric,
         pool: BufferPool,
         config: TransportConfig,
+        activations: ActivationFlow,
         send_reject: SendReject,
         report_peer_lost: ReportPeerLost,
     ) -> None:
         self._fabric = fabric
         self._pool = pool
         self._config = config
+        self._activations = activations
         self._send_reject = send_reject
         self._report_peer_lost = report_peer_lost
         self._table = IncomingTable()
@@ -119,17 +123,22 @@ class Receiver:
             if header.is_inline:  # 4
                 self._fill_inline(entry, views)
             else:
-                chunks = plan_chunks(header.tensors, header.chunk_bytes)
-                self._start_chunks(entry, chunks, views)
+                self._start_chunks(entry, views)
                 try:
                     await self._wait_until(
-                        lambda: len(entry.completed_seqs) == len(chunks), entry, deadline, timeout
+                        lambda: len(entry.completed_seqs) == entry.plan.num_chunks,
+                        entry,
+                        deadline,
+                        timeout,
                     )
                 except PeerUnreachable as exc:
                     self._report_peer_lost(header.sender, exc)
                     raise
-                self._fabric.finish_chunks(header.key)
                 entry.is_posted = False
+                if entry.num_stale_posts:
+                    await self._fabric.abort_chunks(header.key)  # withdraws the stale ones
+                else:
+                    self._fabric.finish_chunks(header.key)
             self._table.remove(entry)
             return ReceivedTransfer(
                 transfer_id, tensors, header.sender, header.traffic_class, dict(header.metadata)
@@ -161,6 +170,8 @@ class Receiver:
     # -- control messages -------------------------------------------------------------
 
     def on_header(self, header: TransferHeader, payload: memoryview) -> None:
+        if header.traffic_class is TrafficClass.ACTIVATION:
+            self._activations.note_activation()
         entry = self._table.get(header.transfer_id)
         if self._table.is_key_known(header.key):
             log.warning("ignoring header of %r: key already in use", header.transfer_id)
@@ -199,6 +210,24 @@ class Receiver:
             entry.interrupt_with(_SenderCancelled(message))
         elif entry.status is IncomingStatus.REJECTED:
             self._drain(entry, message.num_chunks_issued)
+
+    def on_rechunk(self, message: RechunkTransfer) -> None:
+        """The sender cut the chunks after `num_chunks_kept` anew (chunks.py)."""
+        entry = self._table.by_key(message.key)
+        if entry is None or entry.header is None:
+            return
+        plan = entry.plan
+        if not plan.can_rechunk(message.num_chunks_kept, message.chunk_bytes):
+            entry.interrupt_with(TransportError(f"invalid rechunk of {entry.transfer_id!r}"))
+            return
+        # Receives already posted after the kept chunks wait for seqs that will never
+        # come: they stop counting, and the transfer's receives close at its end.
+        for position in range(message.num_chunks_kept + 1, entry.num_posted + 1):
+            del entry.chunk_futures[plan.chunk(position).seq]
+            entry.num_stale_posts += 1
+        entry.num_posted = min(entry.num_posted, message.num_chunks_kept)
+        plan.rechunk(message.num_chunks_kept, message.chunk_bytes)
+        self._post_more(entry)
 
     def on_peer_lost(self, peer_address: bytes, error: PeerUnreachable) -> None:
         self._lost_senders.add(peer_address)
@@ -292,13 +321,8 @@ class Receiver:
         entry.num_bytes_received += num_bytes
         self.num_bytes_received += num_bytes
 
-    def _start_chunks(
-        self, entry: IncomingTransfer, chunks: list[ChunkRef], views: list[np.ndarray]
-    ) -> None:
-        entry.targets = [
-            (chunk, views[chunk.tensor_index][chunk.offset : chunk.offset + chunk.nbytes])
-            for chunk in chunks
-        ]
+    def _start_chunks(self, entry: IncomingTransfer, views: list[np.ndarray]) -> None:
+        entry.views = views
         entry.is_posted = True
         self._post_more(entry)
 
@@ -313,9 +337,15 @@ class Receiver:
             return
         assert entry.header is not None
         num_in_flight = len(entry.chunk_futures) - len(entry.completed_seqs)
-        if entry.num_posted >= len(entry.targets) or num_in_flight >= POSTED_CHUNKS_AHEAD:
+        limit = (
+            POSTED_CHUNKS_AHEAD_WITH_ACTIVATIONS
+            if self._activations.is_flowing
+            else POSTED_CHUNKS_AHEAD
+        )
+        if entry.num_posted >= entry.plan.num_chunks or num_in_flight >= limit:
             return
-        chunk, view = entry.targets[entry.num_posted]
+        chunk = entry.plan.chunk(entry.num_posted + 1)
+        view = entry.views[chunk.tensor_index][chunk.offset : chunk.offset + chunk.nbytes]
         entry.num_posted += 1
         (future,) = self._fabric.post_chunks(entry.header.key, [(chunk.seq, view)])
         entry.chunk_futures[chunk.seq] = future
@@ -323,8 +353,8 @@ class Receiver:
         asyncio.get_running_loop().call_soon(self._post_more, entry)
 
     def _on_chunk(self, entry: IncomingTransfer, chunk: ChunkRef, future: asyncio.Future) -> None:
-        if future.cancelled():
-            return
+        if future.cancelled() or entry.chunk_futures.get(chunk.seq) is not future:
+            return  # withdrawn, or posted for a seq a rechunk dropped
         error = future.exception()
         if error is not None:
             entry.interrupt_with(error)
@@ -343,7 +373,8 @@ class Receiver:
             if was_posted:
                 # The sender is alive and says which chunks it issued: let the posted
                 # ones among them land, withdraw the rest...
-                issued = [f for s, f in entry.chunk_futures.items() if s <= exc.num_chunks_issued]
+                issued_seqs = {chunk.seq for chunk in _issued(entry, exc.num_chunks_issued)}
+                issued = [f for s, f in entry.chunk_futures.items() if s in issued_seqs]
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
                         asyncio.gather(*issued, return_exceptions=True),
@@ -385,14 +416,22 @@ class Receiver:
         header = entry.header
         if header is None or header.is_inline or header.sender in self._lost_senders:
             return
-        chunks = plan_chunks(header.tensors, header.chunk_bytes)[:num_chunks_issued]
-        sizes = [(c.seq, c.nbytes) for c in chunks if c.seq not in entry.completed_seqs]
+        issued = _issued(entry, num_chunks_issued)
+        sizes = [(c.seq, c.nbytes) for c in issued if c.seq not in entry.completed_seqs]
         task = asyncio.get_running_loop().create_task(
             self._fabric.drain_chunks(header.key, sizes, self._config.cancel_grace_s)
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(_retrieve)
+
+
+def _issued(entry: IncomingTransfer, num_chunks_issued: int) -> list[ChunkRef]:
+    """The chunks a sender that issued `num_chunks_issued` of them sent, in order."""
+    plan = entry.plan
+    return [
+        plan.chunk(position) for position in range(1, min(num_chunks_issued, plan.num_chunks) + 1)
+    ]
 
 
 def _expire(waiter: asyncio.Future) -> None:

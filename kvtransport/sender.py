@@ -9,22 +9,27 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from kvtransport.chunks import MAX_SEQ, ChunkPlan
 from kvtransport.config import TransportConfig
 from kvtransport.errors import PeerUnreachable, TransportError
-from kvtransport.fabric import ChunkOut, ControlOut, Fabric, OutMessage
+from kvtransport.fabric import ControlOut, Fabric
 from kvtransport.handles import SendHandle
-from kvtransport.priority import Outbound, PeerScheduler
+from kvtransport.outbound import Outbound, TransferMessages
+from kvtransport.priority import PeerScheduler, kv_chunk_bytes
 from kvtransport.tensors import as_sendable, byte_view, spec_of
-from kvtransport.traffic import TrafficClass
-from kvtransport.wire import KEY_BITS, MAX_SEQ, TransferHeader, encode, meta_size, plan_chunks
+from kvtransport.traffic import ActivationFlow, TrafficClass
+from kvtransport.wire import KEY_BITS, TransferHeader, encode, meta_size
 
 log = logging.getLogger(__name__)
 
 
 class Sender:
-    def __init__(self, fabric: Fabric, config: TransportConfig) -> None:
+    def __init__(
+        self, fabric: Fabric, config: TransportConfig, activations: ActivationFlow
+    ) -> None:
         self._fabric = fabric
         self._config = config
+        self._activations = activations
         self._schedulers: dict[bytes, PeerScheduler] = {}
         self._connecting: dict[bytes, asyncio.Future[PeerScheduler]] = {}
         self._schedulers_by_key: dict[int, PeerScheduler] = {}
@@ -60,11 +65,15 @@ class Sender:
         specs = tuple(spec_of(t) for t in sources)
         num_bytes_total = sum(spec.nbytes for spec in specs)
         is_inline = num_bytes_total <= self._config.inline_max_bytes
-        chunk_bytes = self._config.kv_chunk_bytes if traffic_class is TrafficClass.KV else 0
-        chunks = [] if is_inline else plan_chunks(specs, chunk_bytes)
-        if len(chunks) > MAX_SEQ:
+        chunk_bytes = (
+            kv_chunk_bytes(self._config, self._activations)
+            if traffic_class is TrafficClass.KV
+            else 0  # activations are not chunked
+        )
+        plan = ChunkPlan.of([] if is_inline else specs, chunk_bytes)
+        if plan.num_chunks > MAX_SEQ:
             raise ValueError(
-                f"transfer {transfer_id!r} needs {len(chunks)} chunks, more than {MAX_SEQ}; "
+                f"transfer {transfer_id!r} needs {plan.num_chunks} chunks, more than {MAX_SEQ}; "
                 "raise kv_chunk_bytes or split it"
             )
         scheduler = await self._scheduler_for(bytes(peer_address))
@@ -86,10 +95,9 @@ class Sender:
                 f"header of {transfer_id!r} is {meta_size(frame)} bytes, over "
                 f"max_header_bytes={self._config.max_header_bytes} (too many tensors/metadata)"
             )
-        messages: list[OutMessage] = [ControlOut(frame, traffic_class, len(payload))]
-        for chunk in chunks:
-            view = views[chunk.tensor_index][chunk.offset : chunk.offset + chunk.nbytes]
-            messages.append(ChunkOut(key, chunk.seq, view, traffic_class))
+        messages = TransferMessages(
+            ControlOut(frame, traffic_class, len(payload)), key, plan, views, traffic_class
+        )
         handle = SendHandle(transfer_id, traffic_class, num_bytes_total, scheduler)
         self._schedulers_by_key[key] = scheduler
         scheduler.submit(Outbound(handle, key, messages, sources))
@@ -137,7 +145,12 @@ class Sender:
             finally:
                 del self._connecting[peer_address]
             scheduler = PeerScheduler(
-                peer_address, link, self._config, self._on_transfer_finished, self._on_failed
+                peer_address,
+                link,
+                self._config,
+                self._on_transfer_finished,
+                self._on_failed,
+                self._activations,
             )
             self._schedulers[peer_address] = scheduler
             pending.set_result(scheduler)

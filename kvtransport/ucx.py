@@ -35,9 +35,9 @@ from kvtransport.config import TransportConfig
 from kvtransport.core import FabricTransport
 from kvtransport.errors import PeerUnreachable, TransportError
 from kvtransport.fabric import ChunkOut, Fabric, FabricEvents, OutMessage, PeerLink
-from kvtransport.traffic import TrafficClass
+from kvtransport.traffic import ActivationFlow
 from kvtransport.ucx_worker import Array, UcxWorker, is_rndv_thresh_from_user
-from kvtransport.wire import TransferHeader, decode
+from kvtransport.wire import decode
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +72,14 @@ def _ucx_options(config: TransportConfig) -> dict[str, str]:
 
 
 class UcxLink(PeerLink):
-    def __init__(self, worker: UcxWorker, endpoint, activation_quiet_s: float) -> None:
+    def __init__(self, worker: UcxWorker, endpoint) -> None:
         self._worker = worker
         self._endpoint = endpoint
-        self._activation_quiet_s = activation_quiet_s
         self._is_aborted = False
 
     def start_send(self, message: OutMessage) -> asyncio.Future[None]:
         if self._is_aborted:
             raise PeerUnreachable("link aborted")
-        if message.traffic_class is TrafficClass.ACTIVATION:
-            self._worker.prefer_latency_for(self._activation_quiet_s)
         if isinstance(message, ChunkOut):
             return self._worker.tag_send(
                 self._endpoint, message.view, chunk_tag(message.key, message.seq)
@@ -97,10 +94,12 @@ class UcxLink(PeerLink):
 
 
 class UcxFabric(Fabric):
-    def __init__(self, config: TransportConfig, pool: BufferPool) -> None:
+    def __init__(
+        self, config: TransportConfig, pool: BufferPool, activations: ActivationFlow
+    ) -> None:
         self._config = config
         self._pool = pool
-        self._worker = UcxWorker(_ucx_options(config), config.ucx_peer_error_handling)
+        self._worker = UcxWorker(_ucx_options(config), config.ucx_peer_error_handling, activations)
         self._idle_scopes: list = []  # scope endpoints ready for another receive
         self._posted: dict[int, tuple[object, list[asyncio.Future]]] = {}
         self._slots: list[np.ndarray] = []
@@ -127,7 +126,7 @@ class UcxFabric(Fabric):
 
     async def connect(self, peer_address: bytes) -> PeerLink:
         endpoint = self._worker.create_endpoint(_raw_address(peer_address))
-        return UcxLink(self._worker, endpoint, self._config.activation_quiet_s)
+        return UcxLink(self._worker, endpoint)
 
     def post_chunks(
         self, key: int, targets: Sequence[tuple[int, np.ndarray]]
@@ -215,11 +214,6 @@ class UcxFabric(Fabric):
     def _deliver(self, buffer: memoryview) -> None:
         try:
             message, payload = decode(buffer)
-            if (
-                isinstance(message, TransferHeader)
-                and message.traffic_class is TrafficClass.ACTIVATION
-            ):
-                self._worker.prefer_latency_for(self._config.activation_quiet_s)
             self._events.on_control(message, payload)
         except Exception:  # the mailbox must survive any one bad message
             log.exception("dropping a control message")
@@ -230,4 +224,5 @@ class UcxTransport(FabricTransport):
 
     def __init__(self, config: TransportConfig) -> None:
         pool = BufferPool(config.recv_pool_max_bytes)
-        super().__init__(config, UcxFabric(config, pool), pool)
+        activations = ActivationFlow(config.activation_quiet_s)
+        super().__init__(config, UcxFabric(config, pool, activations), pool, activations)

@@ -9,11 +9,12 @@ One-way latency ~250 us here with zero idle CPU, and every UCX call happens on t
 thread (no GIL/spinlock interplay with a progress thread). The cost: UCX copies (CMA
 gets of a chunk) run on the loop thread, which bounded chunk sizes keep short.
 
-Two progress modes. While activations flow (`prefer_latency_for`), progress runs in
-~0.1 ms slices and stops at each completion, so an activation's header is handled
-between the fragments of a KV chunk. Otherwise it runs for up to 2 ms and settles once:
-a 4 MiB chunk is ~8 fragments, and a loop turn plus a settle per fragment cost as much
-Python as the copy itself (~14% of streamed throughput at 4 MiB).
+Two progress modes. While activations flow (ActivationFlow), progress runs in ~0.1 ms
+slices and stops at each completion, so an activation's header is handled after the KV
+chunk being copied (a chunk's CMA read happens inside one progress call: the chunk size
+bounds the wait). Otherwise it runs for up to 2 ms and settles once, unless a control
+frame lands: a loop turn plus a settle per completion cost as much Python as the copies
+themselves (~14% of streamed throughput at 4 MiB).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ucxx._lib.arr import Array
 from ucxx.types import Tag, TagMask, TagMaskFull
 
 from kvtransport.errors import PeerUnreachable, TransferCancelled, TransportError
+from kvtransport.traffic import ActivationFlow
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ class UcxWorker:
         self,
         options: Mapping[str, str],
         peer_error_handling: bool,
-        clock: Callable[[], float] = time.monotonic,
+        activations: ActivationFlow,
     ) -> None:
         self._options = dict(options)
         self._peer_error_handling = peer_error_handling
@@ -88,12 +90,12 @@ class UcxWorker:
         # futures failed; the buffers stay referenced until the worker closes.
         self._orphans: dict[ucx_api.UCXRequest, Array] = {}
         self._endpoints: set[ucx_api.UCXEndpoint] = set()
+        # Pending tag_recv_callback receives (the mailbox: headers and control frames).
+        # They settle first, and their completion ends a bulk progress slice.
+        self._callback_requests: set[ucx_api.UCXRequest] = set()
         self._is_progress_scheduled = False
         self._is_closed = False
-        # The latency mode's window runs on `clock` (tests step it); progress slices
-        # always on time.monotonic.
-        self._clock = clock
-        self._latency_until = float("-inf")  # clock() until which to slice finely
+        self._activations = activations  # latency mode while they flow
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -106,17 +108,13 @@ class UcxWorker:
         )
         self._worker.init_blocking_progress_mode()
         self._fd = self._worker.epoll_file_descriptor
-        self._loop.add_reader(self._fd, self._progress)
+        self._loop.add_reader(self._fd, self._on_readable)
         self._watchdog = self._loop.create_task(self._watch())
         self.address = self._worker.address.tobytes()
 
-    def prefer_latency_for(self, seconds: float) -> None:
-        """Progress in short slices for `seconds` from now (activations are flowing)."""
-        self._latency_until = max(self._latency_until, self._clock() + seconds)
-
     @property
     def is_latency_mode(self) -> bool:
-        return self._clock() < self._latency_until
+        return self._activations.is_flowing
 
     @property
     def num_pending(self) -> int:
@@ -146,6 +144,7 @@ class UcxWorker:
             self._settle()
             for request in self._requests_by_endpoint.pop(endpoint, set()):
                 target, array, _ = self._pending.pop(request)
+                self._callback_requests.discard(request)
                 self._orphans[request] = array
                 _complete(target, PeerUnreachable("endpoint closed with the request in flight"))
             self._schedule_progress()
@@ -171,6 +170,7 @@ class UcxWorker:
         request = endpoint.tag_recv(array, Tag(tag), TagMaskFull)
         self._pending[request] = (on_done, array, endpoint)
         self._requests_by_endpoint[endpoint].add(request)
+        self._callback_requests.add(request)
         self._schedule_progress()
 
     def close(self) -> None:
@@ -194,6 +194,7 @@ class UcxWorker:
             log.warning("UCX worker has undelivered messages; leaking it instead of a crash")
             _immortalize(self._worker)
         self._pending.clear()
+        self._callback_requests.clear()
         del self._worker, self._context
 
     def _has_unexpected(self) -> bool:
@@ -208,6 +209,15 @@ class UcxWorker:
         self._schedule_progress()
         return future
 
+    def _on_readable(self) -> None:
+        # The fd is level-triggered and stays readable while progress is sliced (not
+        # re-armed): then a progress is already scheduled, and a second one per loop
+        # turn would copy another KV chunk ahead of the tasks the first one woke (such
+        # progress calls used to pile up in the ready queue: ~1 ms before an activation's
+        # recv() resumed, with two 512 KiB chunks in flight).
+        if not self._is_progress_scheduled or not self.is_latency_mode:
+            self._progress()
+
     def _schedule_progress(self) -> None:
         if not self._is_progress_scheduled and not self._is_closed:
             self._is_progress_scheduled = True
@@ -217,30 +227,41 @@ class UcxWorker:
         self._is_progress_scheduled = False
         if self._is_closed:
             return
-        # One UCX progress step can be a chunk fragment copy (CMA get): take steps only
-        # for a time slice, then let the loop run. While activations flow the slice is
-        # short and ends at the first completion, so a receiver busy with KV resumes an
-        # activation's task between fragments instead of after the whole transfer;
-        # otherwise it is long and requests are settled once, at its end.
+        # One UCX progress step can be a whole KV chunk's copy (UCX performs a CMA get of
+        # all its segments inside one call): take steps only for a time slice, then let
+        # the loop run. While activations flow the slice is short and ends at the first
+        # completion, so an activation's task resumes after the chunk being copied, not
+        # after every chunk that is ready; otherwise it is long and requests are settled
+        # once, at its end. (Ending a bulk slice when a control frame lands, for the
+        # first activation after a quiet spell, cost ~10% of a 4 MiB stream: every
+        # transfer's header ended a slice. Dropped.)
         is_latency_mode = self.is_latency_mode
         deadline = time.monotonic() + (LATENCY_SLICE_S if is_latency_mode else BULK_SLICE_S)
         is_sliced = False
         while self._worker.progress_once():
-            if (is_latency_mode and self._settle()) or time.monotonic() >= deadline:
+            if (is_latency_mode and self._settle(is_latency_mode)) or time.monotonic() >= deadline:
                 is_sliced = True
                 break
-        self._settle()
+        self._settle(is_latency_mode)
         # Arming fails (busy) when events arrived meanwhile: progress again, don't sleep.
         if is_sliced or not self._worker.arm():
             self._schedule_progress()
 
-    def _settle(self) -> int:
-        """Settle every completed request; returns how many."""
+    def _is_not_callback(self, request: ucx_api.UCXRequest) -> bool:
+        return request not in self._callback_requests
+
+    def _settle(self, is_latency_mode: bool = False) -> int:
+        """Settle every completed request; returns how many. In latency mode callback
+        receives go first (an activation's header then wakes its recv() ahead of the KV
+        chunks' future callbacks)."""
         for request in [request for request in self._orphans if request.completed]:
             del self._orphans[request]
         done = [request for request in self._pending if request.completed]
+        if is_latency_mode and len(done) > 1:
+            done.sort(key=self._is_not_callback)  # stable: callback receives first
         for request in done:
             target, _, endpoint = self._pending.pop(request)
+            self._callback_requests.discard(request)
             self._requests_by_endpoint.get(endpoint, set()).discard(request)
             try:
                 request.check_error()
@@ -254,7 +275,7 @@ class UcxWorker:
         while True:
             await asyncio.sleep(WATCHDOG_INTERVAL_S)
             if self._pending:
-                self._progress()
+                self._schedule_progress()
 
 
 def _complete(target: asyncio.Future | OnDone, error: TransportError | None) -> None:

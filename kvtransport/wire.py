@@ -10,17 +10,13 @@ Control frame (little-endian):
     | magic | kind| pad | meta_len |   pad    |  payload_len   |  meta   | payload |
                                                                  (JSON)   (raw bytes)
 
-Chunks of a transfer, numbered from 1 (0 is the header), never straddle tensors:
-
-    tensor 0: [ seq 1 | seq 2 | seq 3 ]   tensor 1: [ seq 4 ]   (empty tensors: no chunk)
-              <chunk_bytes>
+How chunks are numbered and cut: chunks.py.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -30,7 +26,6 @@ from kvtransport.traffic import TrafficClass
 
 MAGIC = b"KVT1"
 PREFIX = struct.Struct("<4sB3xI4xQ")
-MAX_SEQ = (1 << 24) - 1  # the UCX tag keeps 24 bits for the chunk number
 KEY_BITS = 39  # the UCX tag keeps 39 bits for the transfer key (top bit: mailbox)
 
 
@@ -38,6 +33,7 @@ class MessageKind(IntEnum):
     HEADER = 1
     CANCEL = 2
     REJECT = 3
+    RECHUNK = 4
 
 
 @dataclass(frozen=True)
@@ -77,28 +73,19 @@ class RejectTransfer:
     reason: str
 
 
-ControlMessage = TransferHeader | CancelTransfer | RejectTransfer
-
-
 @dataclass(frozen=True)
-class ChunkRef:
-    """Chunk `seq` is bytes [offset, offset + nbytes) of tensor `tensor_index`."""
+class RechunkTransfer:
+    """Sender -> receiver: the chunks after the first `num_chunks_kept` (in issue order)
+    are cut every `chunk_bytes` from now on (chunks.ChunkPlan.rechunk). Sent in the
+    transfer's class, so it reaches the receiver after the header and before a Cancel."""
 
-    seq: int
-    tensor_index: int
-    offset: int
-    nbytes: int
+    transfer_id: str
+    key: int
+    num_chunks_kept: int
+    chunk_bytes: int
 
 
-def plan_chunks(specs: Sequence[TensorSpec], chunk_bytes: int) -> list[ChunkRef]:
-    """Split tensors into chunks of at most chunk_bytes (0: whole tensors)."""
-    chunks: list[ChunkRef] = []
-    for index, spec in enumerate(specs):
-        size = spec.nbytes
-        step = chunk_bytes or max(size, 1)
-        for offset in range(0, size, step):
-            chunks.append(ChunkRef(len(chunks) + 1, index, offset, min(step, size - offset)))
-    return chunks
+ControlMessage = TransferHeader | CancelTransfer | RejectTransfer | RechunkTransfer
 
 
 def encode(message: ControlMessage, payload: bytes | memoryview = b"") -> bytes:
@@ -112,6 +99,14 @@ def encode(message: ControlMessage, payload: bytes | memoryview = b"") -> bytes:
             "key": message.key,
             "num_chunks_issued": message.num_chunks_issued,
             "reason": message.reason,
+        }
+    elif isinstance(message, RechunkTransfer):
+        kind = MessageKind.RECHUNK
+        meta = {
+            "transfer_id": message.transfer_id,
+            "key": message.key,
+            "num_chunks_kept": message.num_chunks_kept,
+            "chunk_bytes": message.chunk_bytes,
         }
     else:
         kind = MessageKind.REJECT
@@ -147,6 +142,10 @@ def decode(buffer: memoryview) -> tuple[ControlMessage, memoryview]:
             )
         elif kind == MessageKind.REJECT:
             message = RejectTransfer(meta["transfer_id"], meta["key"], meta["reason"])
+        elif kind == MessageKind.RECHUNK:
+            message = RechunkTransfer(
+                meta["transfer_id"], meta["key"], meta["num_chunks_kept"], meta["chunk_bytes"]
+            )
         else:
             raise TransportError(f"unknown control message kind {kind}")
     except (KeyError, TypeError, ValueError) as exc:

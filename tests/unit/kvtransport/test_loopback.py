@@ -242,3 +242,110 @@ async def test_bad_arguments_raise_value_error(make_pair, backend):
     other_kind = b"tcp:127.0.0.1:1" if backend.value == "ucx" else b"ucx:\x00"
     with pytest.raises(ValueError, match="address"):
         await sender.send(other_kind, "a", torch.zeros(1))
+
+
+# Chunks of 1 MiB, 256 KiB once activations flow (which they do for a minute after one).
+RECHUNKING = dict(
+    kv_chunk_bytes=MIB,
+    kv_chunk_bytes_with_activations=256 * 1024,
+    kv_window=1,
+    activation_quiet_s=60.0,
+)
+
+
+async def _let_activations_flow(sender, receiver, transfer_id: str) -> None:
+    receiving = asyncio.create_task(receiver.recv(transfer_id))
+    await sender.send(receiver.address, transfer_id, torch.ones(8, dtype=torch.bfloat16), ACT)
+    await receiving
+
+
+async def test_a_transfer_rechunked_mid_way_arrives_byte_exact(make_pair):
+    sender, receiver = await make_pair(**RECHUNKING)
+    payload = pattern(8 * MIB + 5)
+    receiving = asyncio.create_task(receiver.recv("kv", timeout=30))
+    handle = await sender.send(receiver.address, "kv", payload)
+    await handle.pause()  # the header and the first 1 MiB chunk are through
+    assert (handle.num_chunks_sent, handle.num_bytes_sent) == (1, MIB)
+    await _let_activations_flow(sender, receiver, "act")
+    handle.resume()
+    (received,) = await receiving
+    await handle.wait()
+    assert torch.equal(received, payload)
+    # 1 chunk of 1 MiB, then 7 MiB + 5 bytes in 256 KiB chunks (28 full, 1 of 5 bytes).
+    assert (handle.num_chunks_sent, handle.num_bytes_sent) == (30, 8 * MIB + 5)
+    await assert_clean(sender, receiver)  # the receives posted for 1 MiB chunks were withdrawn
+
+
+async def test_a_queued_transfer_is_rechunked_before_its_first_chunk(make_pair):
+    sender, receiver = await make_pair(**RECHUNKING)
+    first, second = pattern(MIB, salt=1), pattern(3 * MIB + 1, salt=2)
+    first_handle = await sender.send(receiver.address, "first", first)  # fills the window
+    second_handle = await sender.send(receiver.address, "second", second)  # header only
+    await _let_activations_flow(sender, receiver, "act")
+    (got_first,) = await receiver.recv("first")
+    (got_second,) = await receiver.recv("second")
+    await second_handle.wait()
+    assert torch.equal(got_first, first) and torch.equal(got_second, second)
+    assert first_handle.num_chunks_sent == 1
+    assert second_handle.num_chunks_sent == 13  # 12 x 256 KiB + 1 byte, none of 1 MiB
+    await assert_clean(sender, receiver)
+
+
+async def test_sender_cancel_after_a_rechunk_leaves_both_sides_clean(make_pair):
+    sender, receiver = await make_pair(**RECHUNKING)
+    receiving = asyncio.create_task(receiver.recv("c", timeout=30))
+    handle = await sender.send(receiver.address, "c", pattern(64 * MIB))
+    await handle.pause()
+    await _let_activations_flow(sender, receiver, "act")
+    handle.resume()
+    await wait_until(lambda: handle.num_chunks_sent >= 4)
+    assert await handle.cancel() is True
+    assert handle.num_bytes_sent == MIB + (handle.num_chunks_sent - 1) * 256 * 1024  # rechunked
+    with pytest.raises(TransferCancelled, match="cancelled by its sender"):
+        await receiving
+    await assert_clean(sender, receiver)
+    payload = pattern(2 * MIB, salt=3)
+    receiving = asyncio.create_task(receiver.recv("after"))
+    await sender.send(receiver.address, "after", payload)
+    assert torch.equal((await receiving)[0], payload)
+
+
+async def test_receiver_cancel_after_a_rechunk_stops_every_write(make_pair):
+    sender, receiver = await make_pair(**RECHUNKING)
+    into = torch.zeros(64 * MIB, dtype=torch.uint8)
+    receiving = asyncio.create_task(receiver.recv("y", into=[into], timeout=30))
+    handle = await sender.send(receiver.address, "y", pattern(64 * MIB))
+    await handle.pause()
+    await _let_activations_flow(sender, receiver, "act")
+    handle.resume()
+    await wait_until(lambda: handle.num_chunks_sent >= 4)
+    assert await receiver.cancel_recv("y") is True
+    with pytest.raises(TransferCancelled, match="cancelled by the receiver"):
+        await receiving
+    snapshot = into.clone()
+    with pytest.raises(TransferCancelled, match="rejected by receiver"):
+        await handle.wait()
+    assert handle.num_bytes_sent == MIB + (handle.num_chunks_sent - 1) * 256 * 1024  # rechunked
+    await assert_clean(sender, receiver)
+    assert torch.equal(into, snapshot)
+
+
+@pytest.mark.parametrize("is_flowing, num_posted", [(False, 8), (True, 1)])
+async def test_receives_posted_ahead_are_one_while_activations_flow(
+    make_pair, is_flowing, num_posted
+):
+    sender, receiver = await make_pair(kv_chunk_bytes=64 * 1024, kv_window=1, activation_quiet_s=60)
+    if is_flowing:
+        await _let_activations_flow(sender, receiver, "act")
+    num_bytes_before = receiver.stats().num_bytes_received
+    receiving = asyncio.create_task(receiver.recv("k", timeout=30))
+    handle = await sender.send(receiver.address, "k", pattern(MIB))  # 16 chunks
+    await handle.pause()  # chunk 1 through, chunks 2..16 held back
+    await wait_until(lambda: receiver.stats().num_pending_requests == num_posted)
+    for _ in range(20):  # one receive is posted per loop turn: give it turns to go further
+        await asyncio.sleep(0)
+    assert receiver.stats().num_pending_requests == num_posted
+    assert receiver.stats().num_bytes_received - num_bytes_before == 64 * 1024
+    handle.resume()
+    assert torch.equal((await receiving)[0], pattern(MIB))
+    await assert_clean(sender, receiver)

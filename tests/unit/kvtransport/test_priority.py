@@ -16,10 +16,13 @@ from kvtransport import (
     TransferTimeout,
     TransportConfig,
 )
+from kvtransport.chunks import ChunkPlan
 from kvtransport.fabric import ChunkOut, ControlOut, PeerLink
 from kvtransport.handles import SendHandle
-from kvtransport.priority import Outbound, PeerScheduler
-from kvtransport.wire import MAGIC, CancelTransfer, decode
+from kvtransport.outbound import Outbound, TransferMessages
+from kvtransport.priority import PeerScheduler, kv_chunk_bytes
+from kvtransport.traffic import ActivationFlow
+from kvtransport.wire import MAGIC, CancelTransfer, RechunkTransfer, decode
 from tests.clock import FakeClock
 
 KV, ACT = TrafficClass.KV, TrafficClass.ACTIVATION
@@ -53,9 +56,11 @@ def _label(message) -> str:
     if isinstance(message, ChunkOut):
         return f"{message.key}:{message.seq}"
     if message.frame.startswith(MAGIC):
-        cancel = decode(memoryview(message.frame))[0]
-        assert isinstance(cancel, CancelTransfer)
-        return f"cancel:{cancel.key}:{cancel.num_chunks_issued}"
+        control = decode(memoryview(message.frame))[0]
+        if isinstance(control, RechunkTransfer):
+            return f"rechunk:{control.key}:{control.num_chunks_kept}:{control.chunk_bytes}"
+        assert isinstance(control, CancelTransfer)
+        return f"cancel:{control.key}:{control.num_chunks_issued}"
     return message.frame.decode()
 
 
@@ -65,23 +70,32 @@ class Harness:
         self.clock = FakeClock(1000.0)
         self.finished: list[str] = []
         self.failed: list[PeerScheduler] = []
+        config = TransportConfig(**config_kwargs)
+        self.activations = ActivationFlow(config.activation_quiet_s, clock=self.clock)
         self.scheduler = PeerScheduler(
             b"peer",
             self.link,
-            TransportConfig(**config_kwargs),
+            config,
             lambda outbound: self.finished.append(outbound.handle.transfer_id),
             self.failed.append,
-            clock=self.clock,
+            self.activations,
         )
 
-    def submit(self, key: int, traffic_class: TrafficClass, num_chunks: int) -> SendHandle:
+    def submit(
+        self, key: int, traffic_class: TrafficClass, num_chunks: int, chunk_bytes: int = 10
+    ) -> SendHandle:
+        """A transfer of num_chunks chunks of chunk_bytes (one tensor); chunk labels are
+        'key:seq', the header's 'hdr<key>'."""
         name = f"{traffic_class.value}{key}"
-        messages = [ControlOut(f"hdr{key}".encode(), traffic_class, 0)]
-        messages += [
-            ChunkOut(key, seq, np.zeros(10, dtype=np.uint8), traffic_class)
-            for seq in range(1, num_chunks + 1)
-        ]
-        handle = SendHandle(name, traffic_class, 10 * num_chunks, self.scheduler)
+        num_bytes = chunk_bytes * num_chunks
+        messages = TransferMessages(
+            ControlOut(f"hdr{key}".encode(), traffic_class, 0),
+            key,
+            ChunkPlan([num_bytes], chunk_bytes),
+            [np.zeros(num_bytes, dtype=np.uint8)],
+            traffic_class,
+        )
+        handle = SendHandle(name, traffic_class, num_bytes, self.scheduler)
         self.scheduler.submit(Outbound(handle, key, messages, []))
         return handle
 
@@ -130,6 +144,101 @@ def test_window_settings_are_validated():
         TransportConfig(kv_window_with_activations=0)
     with pytest.raises(ValueError, match="activation_quiet_s must be a number"):
         TransportConfig(activation_quiet_s=-1)
+
+
+async def test_a_received_activation_narrows_the_kv_window_too():
+    h = Harness(kv_window=2, kv_window_with_activations=1)
+    h.activations.note_activation()  # what the receiver does on an activation's header
+    h.submit(1, KV, num_chunks=3)
+    assert h.link.labels() == ["hdr1", "1:1"]
+
+
+KIB = 1024
+SMALL_CHUNKS = dict(kv_chunk_bytes=16 * KIB, kv_chunk_bytes_with_activations=4 * KIB)
+
+
+def test_kv_chunks_are_planned_smaller_while_activations_flow_except_in_fifo():
+    clock = FakeClock(10.0)
+    activations = ActivationFlow(0.5, clock=clock)
+    priority = TransportConfig(**SMALL_CHUNKS)
+    fifo = TransportConfig(scheduling=SchedulingPolicy.FIFO, **SMALL_CHUNKS)
+    assert kv_chunk_bytes(priority, activations) == 16 * KIB
+    activations.note_activation()
+    assert kv_chunk_bytes(priority, activations) == 4 * KIB
+    assert kv_chunk_bytes(fifo, activations) == 16 * KIB
+    larger = TransportConfig(kv_chunk_bytes=16 * KIB, kv_chunk_bytes_with_activations=64 * KIB)
+    assert kv_chunk_bytes(larger, activations) == 16 * KIB  # never above kv_chunk_bytes
+    clock.now += 0.5
+    assert kv_chunk_bytes(priority, activations) == 16 * KIB
+
+
+async def test_a_transfer_planned_in_quiet_times_is_rechunked_once_activations_flow():
+    h = Harness(kv_window=1, **SMALL_CHUNKS)
+    kv = h.submit(1, KV, num_chunks=4, chunk_bytes=16 * KIB)  # seqs 1..4
+    assert h.link.labels() == ["hdr1", "1:1"]
+    h.submit(2, ACT, num_chunks=0)
+    h.link.complete("1:1")
+    await settle()
+    # Chunk 1 stays; the other 48 KiB go as 12 chunks of 4 KiB, seqs 5..16, and the
+    # receiver is told before the first of them.
+    assert h.link.labels() == ["hdr1", "1:1", "hdr2", f"rechunk:1:1:{4 * KIB}", "1:5"]
+    for seq in range(5, 17):
+        h.link.complete(f"1:{seq}")
+        await settle()
+    assert h.link.labels()[4:] == [f"1:{seq}" for seq in range(5, 17)]
+    h.link.complete("hdr1")
+    await kv.wait()
+    assert kv.num_bytes_sent == 64 * KIB
+
+
+async def test_rechunked_chunks_stay_small_after_activations_go_quiet():
+    h = Harness(kv_window=2, activation_quiet_s=0.2, **SMALL_CHUNKS)
+    h.submit(1, ACT, num_chunks=0)
+    h.submit(2, KV, num_chunks=8, chunk_bytes=4 * KIB)  # as Sender plans while they flow
+    assert h.link.labels() == ["hdr1", "hdr2", "2:1"]
+    h.clock.now += 1.0  # quiet again: the window widens, the chunk size stays
+    h.link.complete("2:1")
+    await settle()
+    assert h.link.labels() == ["hdr1", "hdr2", "2:1", "2:2", "2:3"]
+    assert not any(label.startswith("rechunk") for label in h.link.labels())
+
+
+async def test_a_paused_transfer_is_rechunked_on_resume_and_its_cancel_counts_positions():
+    h = Harness(kv_window=1, **SMALL_CHUNKS)
+    kv = h.submit(1, KV, num_chunks=2, chunk_bytes=16 * KIB)
+    pausing = kv.pause()
+    h.link.complete("hdr1")
+    h.link.complete("1:1")
+    await pausing
+    h.submit(2, ACT, num_chunks=0)
+    kv.resume()
+    await settle()
+    assert h.link.labels() == ["hdr1", "1:1", "hdr2", f"rechunk:1:1:{4 * KIB}", "1:3"]
+    h.link.complete("1:3")
+    await settle()
+    cancelling = asyncio.create_task(kv.cancel())
+    await settle()
+    h.link.complete("1:4")
+    assert await cancelling is True
+    # Issued: position 1 (seq 1), 2 (seq 3), 3 (seq 4): what the receiver must drain.
+    assert h.link.labels()[-1] == "cancel:1:3"
+    assert kv.num_bytes_sent == 24 * KIB
+
+
+async def test_no_rechunk_in_fifo_or_for_chunks_already_small():
+    fifo = Harness(kv_window=1, scheduling=SchedulingPolicy.FIFO, **SMALL_CHUNKS)
+    fifo.activations.note_activation()
+    fifo.submit(1, KV, num_chunks=2, chunk_bytes=16 * KIB)
+    for label in ("hdr1", "1:1"):  # FIFO: one message at a time, the header too
+        fifo.link.complete(label)
+        await settle()
+    assert fifo.link.labels() == ["hdr1", "1:1", "1:2"]
+    small = Harness(kv_window=1, **SMALL_CHUNKS)
+    small.submit(1, KV, num_chunks=3, chunk_bytes=4 * KIB)
+    small.activations.note_activation()
+    small.link.complete("1:1")
+    await settle()
+    assert small.link.labels() == ["hdr1", "1:1", "1:2"]
 
 
 async def test_fifo_makes_the_activation_wait_for_every_kv_chunk():

@@ -7,13 +7,12 @@ from kvtransport.tensors import TensorSpec
 from kvtransport.wire import (
     PREFIX,
     CancelTransfer,
-    ChunkRef,
+    RechunkTransfer,
     RejectTransfer,
     TransferHeader,
     decode,
     encode,
     meta_size,
-    plan_chunks,
 )
 
 
@@ -41,11 +40,13 @@ def test_header_round_trips_with_inline_payload():
     assert meta_size(frame) == len(frame) - 3
 
 
-def test_cancel_and_reject_round_trip():
+def test_cancel_reject_and_rechunk_round_trip():
     cancel = CancelTransfer("t", 7, 3, "cancel() called")
     reject = RejectTransfer("t", 7, "timeout")
+    rechunk = RechunkTransfer("t", 7, 2, 512 * 1024)
     assert decode(memoryview(encode(cancel)))[0] == cancel
     assert decode(memoryview(encode(reject)))[0] == reject
+    assert decode(memoryview(encode(rechunk)))[0] == rechunk
 
 
 def test_truncated_and_garbage_frames_raise_transport_error():
@@ -56,19 +57,3 @@ def test_truncated_and_garbage_frames_raise_transport_error():
         decode(memoryview(b"XXXX" + frame[4:]))
     with pytest.raises(TransportError, match="too short"):
         decode(memoryview(frame[: PREFIX.size - 1]))
-
-
-def test_chunks_split_tensors_and_skip_empty_ones():
-    specs = [TensorSpec("uint8", (10,)), TensorSpec("uint8", (0,)), TensorSpec("int32", (2,))]
-    assert plan_chunks(specs, 4) == [
-        ChunkRef(1, 0, 0, 4),
-        ChunkRef(2, 0, 4, 4),
-        ChunkRef(3, 0, 8, 2),
-        ChunkRef(4, 2, 0, 4),
-        ChunkRef(5, 2, 4, 4),
-    ]
-
-
-def test_chunk_bytes_zero_means_one_chunk_per_tensor():
-    specs = [TensorSpec("float16", (3, 5)), TensorSpec("int8", (0, 2)), TensorSpec("uint8", (1,))]
-    assert plan_chunks(specs, 0) == [ChunkRef(1, 0, 0, 30), ChunkRef(2, 2, 0, 1)]
