@@ -97,6 +97,7 @@ class _Stage:
         import torch
 
         from services.common.groups import KVTransferSpec
+        from services.worker.kunserve.exchange import kv_pieces
 
         arrivals: list[float] = []
         errors: list[str] = []
@@ -104,9 +105,11 @@ class _Stage:
         num_left = len(specs)
 
         async def write(spec: KVTransferSpec, data: torch.Tensor) -> None:
-            # As GroupMembership._write_slices: into the pool, beside the event loop.
-            blocks = torch.tensor(spec.dst_block_ids)
-            await asyncio.to_thread(self._pool.index_copy_, 2, blocks, data)
+            # As GroupMembership._write_slices: into the pool, a piece per thread hop.
+            for piece in kv_pieces(spec, data):
+                layer = self._pool[piece.layer - spec.layer_start]
+                blocks = torch.tensor(piece.block_ids)
+                await asyncio.to_thread(layer.index_copy_, 1, blocks, piece.data[0])
 
         def done(spec: KVTransferSpec, error: str) -> None:
             nonlocal num_left

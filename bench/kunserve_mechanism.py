@@ -73,7 +73,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--activations", type=int, default=300, help="latency samples per run")
     parser.add_argument(
-        "--interval-ms", type=float, default=4.0, help="between two micro-batches (activations)"
+        "--interval-s",
+        type=float,
+        default=0.004,
+        help="between two micro-batches (activations), seconds",
     )
     parser.add_argument("--log-dir", default=None, help="where the mesh logs (default: temp)")
     args = parser.parse_args(argv)
@@ -121,7 +124,7 @@ def main(argv: list[str]) -> int:
     rounds = _run_mesh(args, model_dir, memory_nbytes, progress)
     from bench._kunserve_activations import ActivationBench, ActivationOptions
 
-    options = ActivationOptions(num_samples=args.activations, interval_s=args.interval_ms / 1000)
+    options = ActivationOptions(num_samples=args.activations, interval_s=args.interval_s)
     activation = asyncio.run(ActivationBench(config, BLOCK_SIZE, options).run(progress))
     summary = summarize(
         weight_share,

@@ -15,6 +15,13 @@ boundary (the transport's priority); on top of that, while this member sends an
 activation to a peer, its KV transfers to that peer are paused (no new chunks) and
 resumed once the activation is through, so an activation never queues behind more
 than the chunks already on the wire. Pauses are counted per transfer.
+
+The receiving member writes a transfer into its pool in pieces (kv_pieces: one layer
+and at most WRITE_PIECE_BYTES of blocks each), one hop to a worker thread per piece:
+between two pieces the event loop runs whatever arrived meanwhile, an activation
+included, where one copy of a whole transfer (16 MiB in the benchmark) held the
+member's second core for its whole length (activation p99 during an exchange 3.1 ms
+with whole writes, 1.6 ms with 2 MiB pieces, 1.6 ms with no write at all; idle 0.9).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import asyncio
 import collections
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +44,36 @@ log = get_logger(__name__)
 tracer = trace.get_tracer("llmesh.worker")
 
 DEFAULT_CHUNK_BYTES = TransportConfig().kv_chunk_bytes
+WRITE_PIECE_BYTES = 2 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class KVPiece:
+    layer: int  # the piece's one layer (absolute index)
+    block_ids: list[int]  # where its blocks go
+    data: torch.Tensor  # (1, 2, len(block_ids), block_size, kv heads, head dim), a view
+
+
+def kv_pieces(
+    spec: KVTransferSpec, data: torch.Tensor, max_bytes: int = WRITE_PIECE_BYTES
+) -> Iterator[KVPiece]:
+    """`data` (layers, 2, blocks, ...) of `spec`, cut into one-layer pieces of at most
+    max_bytes (at least one block each), in layer then block order."""
+    num_layers, _, num_blocks = data.shape[:3]
+    if num_layers != spec.layer_end - spec.layer_start or num_blocks != len(spec.dst_block_ids):
+        raise ValueError(
+            f"KV of {spec.transfer_id} has shape {tuple(data.shape)}: expected "
+            f"{spec.layer_end - spec.layer_start} layers of {len(spec.dst_block_ids)} blocks"
+        )
+    block_nbytes = data[0, :, :1].numel() * data.element_size()  # one layer's K and V
+    step = max(1, max_bytes // max(1, block_nbytes))
+    for i in range(num_layers):
+        for start in range(0, num_blocks, step):
+            yield KVPiece(
+                spec.layer_start + i,
+                list(spec.dst_block_ids[start : start + step]),
+                data[i : i + 1, :, start : start + step],
+            )
 
 
 @dataclass(eq=False)  # kept in sets: identity, not field equality

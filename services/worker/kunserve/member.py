@@ -38,7 +38,7 @@ from services.worker.async_engine import AsyncEngine
 from services.worker.engine import LLMEngine, RequestState
 from services.worker.kunserve.client import GrpcMember
 from services.worker.kunserve.config import KunServeConfig
-from services.worker.kunserve.exchange import KVExchange
+from services.worker.kunserve.exchange import KVExchange, kv_pieces
 from services.worker.kunserve.faults import NO_GROUP_FAULTS, GroupFaultHooks
 from services.worker.kunserve.leader import GroupLeader
 from services.worker.kunserve.pipeline import StageRunner, to_host
@@ -354,15 +354,17 @@ class GroupMembership:
             self.kv_exchange.send(spec, to.transport_address, data)
 
     async def _write_slices(self, spec: KVTransferSpec, data: torch.Tensor) -> None:
-        """Into the pool beside the steps: no micro-batch touches a request whose
-        exchange is not done (stage 0 holds it back)."""
+        """Into the pool beside the steps, a piece per thread hop (activations run in
+        between): no micro-batch touches a request whose exchange is not done (stage 0
+        holds it back)."""
         engine = self.async_engine.engine
-        await asyncio.to_thread(
-            engine.migration.write_kv_blocks,
-            list(spec.dst_block_ids),
-            data.to(engine.config.device),
-            spec.layer_start,
-        )
+        for piece in kv_pieces(spec, data):
+            await asyncio.to_thread(
+                engine.migration.write_kv_blocks,
+                piece.block_ids,
+                piece.data.to(engine.config.device),
+                piece.layer,
+            )
 
     async def _received(self, spec: KVTransferSpec, error: str) -> None:
         group = self.group

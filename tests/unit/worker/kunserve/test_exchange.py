@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import torch
 
 from services.common.groups import KVTransferSpec
-from services.worker.kunserve.exchange import KVExchange
+from services.worker.kunserve.exchange import KVExchange, kv_pieces
 
 
 class Handle:
@@ -98,3 +99,37 @@ async def test_receives_write_then_report_and_failures_report_the_error():
     ]
     assert transport.released == ["x"]
     assert (exchange.stats.num_received, exchange.stats.num_bytes_received) == (1, 24)
+
+
+def _spec(blocks: tuple[int, ...], layer_start: int, layer_end: int) -> KVTransferSpec:
+    return KVTransferSpec("kvx/g/r/0-1", "r", 0, 1, blocks, blocks, layer_start, layer_end)
+
+
+def test_kv_pieces_cut_layers_then_blocks_and_cover_the_transfer_once():
+    # 2 layers x (K, V) x 5 blocks x 4 tokens x 1 head x 2 dims, float32: a block of one
+    # layer (K and V) is 64 bytes, so 150 bytes hold 2 blocks.
+    data = torch.arange(2 * 2 * 5 * 4 * 1 * 2, dtype=torch.float32).reshape(2, 2, 5, 4, 1, 2)
+    spec = _spec((10, 11, 12, 13, 14), 6, 8)
+    pieces = list(kv_pieces(spec, data, max_bytes=150))
+    assert [(p.layer, p.block_ids) for p in pieces] == [
+        (6, [10, 11]),
+        (6, [12, 13]),
+        (6, [14]),
+        (7, [10, 11]),
+        (7, [12, 13]),
+        (7, [14]),
+    ]
+    rebuilt = torch.zeros_like(data)
+    for p in pieces:
+        assert p.data.shape == (1, 2, len(p.block_ids), 4, 1, 2)
+        first = p.block_ids[0] - 10
+        rebuilt[p.layer - 6, :, first : first + len(p.block_ids)] += p.data[0]
+    assert torch.equal(rebuilt, data)  # every element exactly once
+    # A piece holds at least one block, however small max_bytes is.
+    assert [len(p.block_ids) for p in kv_pieces(spec, data, max_bytes=1)] == [1] * 10
+
+
+def test_kv_pieces_refuse_data_of_another_shape():
+    data = torch.zeros(2, 2, 5, 4, 1, 2)
+    with pytest.raises(ValueError, match="expected 2 layers of 3 blocks"):
+        list(kv_pieces(_spec((1, 2, 3), 0, 2), data))
