@@ -6,8 +6,12 @@ import asyncio
 
 import pytest
 import torch
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from services.common.groups import KVTransferSpec
+from services.worker.kunserve import exchange as exchange_module
 from services.worker.kunserve.exchange import KVExchange, kv_pieces
 
 
@@ -133,3 +137,31 @@ def test_kv_pieces_refuse_data_of_another_shape():
     data = torch.zeros(2, 2, 5, 4, 1, 2)
     with pytest.raises(ValueError, match="expected 2 layers of 3 blocks"):
         list(kv_pieces(_spec((1, 2, 3), 0, 2), data))
+
+
+async def test_each_send_is_a_span_with_its_bytes_chunks_and_pauses(monkeypatch):
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    monkeypatch.setattr(exchange_module, "tracer", provider.get_tracer("test"))
+    transport = Transport()
+    exchange = KVExchange(transport, timeout_s=5.0, chunk_bytes=24)
+    exchange.send(spec("kv-p"), b"P", torch.zeros(16))  # 64 bytes: 3 chunks of 24
+    await settle()
+    with exchange.activation_to(b"P"):
+        pass
+    with exchange.activation_to(b"P"):
+        pass
+    transport.handles["kv-p"].done.set()
+    assert await exchange.wait_idle(5.0)
+    [span] = spans.get_finished_spans()
+    assert span.name == "kunserve.exchange.send"
+    assert dict(span.attributes) == {
+        "llmesh.request_id": "r",
+        "llmesh.transfer_id": "kv-p",
+        "llmesh.to_stage": 1,
+        "llmesh.num_bytes": 64,
+        "llmesh.num_chunks": 3,
+        "llmesh.num_pauses": 2,
+        "llmesh.error": "",
+    }
