@@ -116,3 +116,29 @@ def test_kill_9_during_the_restore(tmp_path, reference_engine, victim_stage):
             # elsewhere through their gateway, stage 0 kept its own.
             assert outcome["restore"].restore_ms > 0
         _survivor_alone_and_clean(mesh, mesh.workers[1 - victim_stage])
+
+
+def test_requests_going_home_at_a_restore_stream_their_first_tokens_there(
+    tmp_path, reference_engine
+):
+    """Each member pauses after its engine took the requests going home there (it steps
+    them meanwhile): the tokens of those first steps reach the gateway (a regression:
+    the owner used to be registered after the import, and those tokens went nowhere,
+    leaving the stream waiting for a gap forever)."""
+    requests = workload(6, 41, 600)
+    expected = reference_tokens(reference_engine, requests)
+    with _mesh(tmp_path, "pause_after_restore_import") as mesh:
+        members = [w.name for w in mesh.workers]
+        outcome = {}
+
+        def during():
+            group = drop(mesh, members).group
+            time.sleep(0.5)
+            outcome["restore"] = restore(mesh, group.group_id)
+
+        tokens = run_streams(mesh, requests, "restore-home", during)
+        assert tokens == expected
+        assert outcome["restore"].num_requests_moved > 0
+        assert all(_paused(w, "after_restore_import") for w in mesh.workers)
+        for worker in mesh.workers:
+            _survivor_alone_and_clean(mesh, worker)

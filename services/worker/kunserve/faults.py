@@ -20,5 +20,9 @@ class GroupFaultHooks:
     async def before_restore_transfers(self, group_id: str) -> None:
         """At a restore, before a member sends and receives weights and KV."""
 
+    async def after_restore_import(self, group_id: str) -> None:
+        """At a restore, once a member holds every layer again and its engine runs the
+        requests that went home there (it may already be stepping them)."""
+
 
 NO_GROUP_FAULTS = GroupFaultHooks()

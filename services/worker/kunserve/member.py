@@ -432,13 +432,16 @@ class GroupMembership:
                         e.migration.import_request(r.handoff.state, [])
                 return change.weight_nbytes_after - change.weight_nbytes_before
 
-            restored = await asyncio.shield(self.async_engine.run(restore))
+            handoffs = [r.handoff for r in requests]
+            self._route_here(handoffs)
+            try:
+                restored = await asyncio.shield(self.async_engine.run(restore))
+            except BaseException:
+                self._unroute(handoffs)
+                raise
             span.set_attribute("llmesh.restored_weight_bytes", restored)
             span.set_attribute("llmesh.num_requests", len(requests))
-        for r in requests:
-            self.hooks.set_epoch(r.handoff.state.request_id, r.handoff.placement_epoch)
-            if self.stage != 0:
-                self.hooks.adopt(r.handoff)
+        await self.faults.after_restore_import(group_id)
         await self._become_alone()
         log.info("group_left", group_id=group_id, num_requests=len(requests))
         return restored
@@ -498,12 +501,25 @@ class GroupMembership:
             for r in requests:
                 engine.migration.import_request(replace(r.handoff.state, num_computed_tokens=0), [])
 
+        self._route_here([r.handoff for r in requests])
         await asyncio.shield(self.async_engine.run(reload))
-        for r in requests:
-            self.hooks.set_epoch(r.handoff.state.request_id, r.handoff.placement_epoch)
-            if self.stage != 0:
-                self.hooks.adopt(r.handoff)
         await self._become_alone()
+
+    def _route_here(self, handoffs: list[RequestHandoff], adopt: bool | None = None) -> None:
+        """Before requests run here: their placement epochs and (`adopt`; default: unless
+        this is stage 0, which routes them already) their owners. Done before the engine
+        imports them, which may step them at once: a token published before its owner is
+        known would go nowhere, and the gateway would wait for it forever."""
+        adopt = self.stage != 0 if adopt is None else adopt
+        for handoff in handoffs:
+            self.hooks.set_epoch(handoff.state.request_id, handoff.placement_epoch)
+            if adopt:
+                self.hooks.adopt(handoff)
+
+    def _unroute(self, handoffs: list[RequestHandoff]) -> None:
+        if self.stage != 0:
+            for handoff in handoffs:
+                self.hooks.forget(handoff.state.request_id)
 
     async def _swap_weights(self, group: GroupSpec, me: GroupMember) -> dict[str, torch.Tensor]:
         """Send this member's layers to every other member; receive theirs."""
@@ -577,14 +593,15 @@ class GroupMembership:
                 engine.migration.import_request(replace(state, num_computed_tokens=0), [])
             return len(states) + len(reclaimed)
 
+        # Back here: the gateway follows the newer epoch.
+        self._route_here(
+            [replace(h.handoff, placement_epoch=h.handoff.placement_epoch + 1) for h in reclaimed],
+            adopt=True,
+        )
         with tracer.start_as_current_span(
             "kunserve.abort", attributes={"llmesh.group_id": group.group_id, "reason": reason}
         ):
             num_requeued = await self.async_engine.run(reload)
-        for h in reclaimed:  # back here: the gateway follows the newer epoch
-            epoch = h.handoff.placement_epoch + 1
-            self.hooks.set_epoch(h.handoff.state.request_id, epoch)
-            self.hooks.adopt(replace(h.handoff, placement_epoch=epoch))
         if tell_others:
             for m in group.members:
                 if m.stage != self.stage:

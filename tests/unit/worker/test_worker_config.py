@@ -186,13 +186,19 @@ def test_bad_nested_values_are_one_error_type_naming_them(environ, message):
 
 def test_the_worker_installs_the_fault_hooks_llmesh_test_hooks_names(monkeypatch):
     from services.worker.__main__ import _fault_hooks
+    from services.worker.kunserve.faults import NO_GROUP_FAULTS
     from services.worker.migration.faults import NO_FAULTS
     from tests.integration.hooks.pause_before_commit import PauseBeforeCommit
+    from tests.integration.hooks.pause_group_exchange import PauseGroupExchange
 
     monkeypatch.delenv("LLMESH_TEST_HOOKS", raising=False)
-    assert _fault_hooks() is NO_FAULTS
+    assert _fault_hooks() == (NO_FAULTS, NO_GROUP_FAULTS)
     monkeypatch.setenv("LLMESH_TEST_HOOKS", "tests.integration.hooks.pause_before_commit")
-    assert type(_fault_hooks()) is PauseBeforeCommit
+    migration, kunserve = _fault_hooks()
+    assert (type(migration), kunserve) == (PauseBeforeCommit, NO_GROUP_FAULTS)
+    monkeypatch.setenv("LLMESH_TEST_HOOKS", "tests.integration.hooks.pause_group_exchange")
+    migration, kunserve = _fault_hooks()
+    assert (migration, type(kunserve)) == (NO_FAULTS, PauseGroupExchange)
 
 
 def test_old_variable_names_are_warned_about_and_the_service_addresses_are_not(caplog):
