@@ -7,15 +7,26 @@ scheduler and the simulator. Importing this package registers every policy.
     selection   select(running, num_requests, max_blocks)       lowest_priority_first,
                   -> [request_id]                                 shortest_first, longest_first
     scaling     decide(loads, now, num_pending) -> ScaleDecision freeness_band
+    group       decide(loads, now) -> GroupDecision             kunserve, llmesh, none
+                                                                  (KunServe drop/restore)
+
+Presets (presets.py) name one policy per kind: recompute, llumnix, kunserve, llmesh.
 
 See docs/policies.md for the load model and every default.
 """
 
 from services.policies import dispatch as _dispatch  # noqa: F401  (registers)
+from services.policies import kunserve as _kunserve  # noqa: F401  (registers)
 from services.policies import migration as _migration  # noqa: F401  (registers)
 from services.policies import scaling as _scaling  # noqa: F401  (registers)
 from services.policies import selection as _selection  # noqa: F401  (registers)
 from services.policies.dispatch import DispatchInfo, DispatchPolicy
+from services.policies.kunserve import (
+    GroupConfig,
+    GroupDecision,
+    GroupPolicy,
+    capacity_gain,
+)
 from services.policies.load import (
     InstanceLoad,
     LoadModelConfig,
@@ -29,10 +40,12 @@ from services.policies.load import (
 from services.policies.migration import MigrationConfig, MigrationPair, MigrationPolicy
 from services.policies.registry import (
     DISPATCH_POLICIES,
+    GROUP_POLICIES,
     MIGRATION_POLICIES,
     SCALING_POLICIES,
     SELECTION_POLICIES,
     make_dispatch_policy,
+    make_group_policy,
     make_migration_policy,
     make_scaling_policy,
     make_selection_policy,
@@ -48,6 +61,12 @@ from services.policies.selection import SelectionPolicy
 
 __all__ = [
     "DISPATCH_POLICIES",
+    "GROUP_POLICIES",
+    "GroupConfig",
+    "GroupDecision",
+    "GroupPolicy",
+    "capacity_gain",
+    "make_group_policy",
     "MIGRATION_POLICIES",
     "SCALING_POLICIES",
     "SELECTION_POLICIES",

@@ -1,8 +1,9 @@
 """Policies are registered by name so configs and CLIs can pick them.
 
 One registry per kind of decision (dispatch, migration pairing, request selection,
-scaling). `make_<kind>_policy(name, **kwargs)` builds a fresh instance; an unknown name
-(a configuration value) raises ConfigError listing the known ones.
+scaling, KunServe groups). `make_<kind>_policy(name, **kwargs)` builds a fresh
+instance; an unknown name (a configuration value) raises ConfigError listing the
+known ones.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ DISPATCH_POLICIES: dict[str, type] = {}
 MIGRATION_POLICIES: dict[str, type] = {}
 SELECTION_POLICIES: dict[str, type] = {}
 SCALING_POLICIES: dict[str, type] = {}
+GROUP_POLICIES: dict[str, type] = {}
 
 
 def _register(registry: dict[str, type], kind: str, name: str) -> Callable[[type], type]:
@@ -53,6 +55,10 @@ def register_scaling(name: str) -> Callable[[type], type]:
     return _register(SCALING_POLICIES, "scaling", name)
 
 
+def register_group(name: str) -> Callable[[type], type]:
+    return _register(GROUP_POLICIES, "group", name)
+
+
 def make_dispatch_policy(name: str, **kwargs):
     """A new dispatch policy instance by registered name."""
     return _make(DISPATCH_POLICIES, "dispatch", name, kwargs)
@@ -71,3 +77,8 @@ def make_selection_policy(name: str, **kwargs):
 def make_scaling_policy(name: str, **kwargs):
     """A new scaling policy instance by registered name."""
     return _make(SCALING_POLICIES, "scaling", name, kwargs)
+
+
+def make_group_policy(name: str, **kwargs):
+    """A new KunServe group policy instance by registered name."""
+    return _make(GROUP_POLICIES, "group", name, kwargs)
