@@ -81,9 +81,10 @@ def test_a_vote_that_lapses_starts_its_window_again():
     p.decide([full("a"), full("b")], 0.0)
     # b's queue fits its free blocks at 0.5 s: its vote lapses.
     p.decide([full("a"), full("b", waiting_blocks=3)], 0.5)
+    # b holds again from 1.0 s: a alone has voted a whole window, which is no group.
     assert p.decide([full("a"), full("b")], 1.0).drops == ()
-    assert p.decide([full("a"), full("b")], 1.4).drops == ()
-    assert p.decide([full("a"), full("b")], 1.5).drops == (("a", "b"),)
+    assert p.decide([full("a"), full("b")], 1.9).drops == ()
+    assert p.decide([full("a"), full("b")], 2.0).drops == (("a", "b"),)
 
 
 @pytest.mark.parametrize(
