@@ -59,6 +59,12 @@ def add_arguments(parser) -> None:
         "--max-workers", type=int, default=4, help="--autoscale: most workers (default 4)"
     )
     parser.add_argument(
+        "--policy",
+        default=None,
+        help="scheduler policy preset: recompute, llumnix (default), kunserve or llmesh "
+        "(docs/kunserve.md, Policy)",
+    )
+    parser.add_argument(
         "--migration-policy",
         default=None,
         help="scheduler migration pairing: freeness (default) or none",
@@ -99,6 +105,8 @@ def run(args) -> int:
     stop.install()
     worker_args = ("--torch-threads", str(threads))
     scheduler_args: tuple[str, ...] = ()
+    if args.policy:
+        scheduler_args += ("--policy", args.policy)
     if args.migration_policy:
         scheduler_args += ("--migration-policy", args.migration_policy)
     if args.autoscale:
