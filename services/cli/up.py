@@ -21,6 +21,7 @@ import grpc
 
 from services.cli.status import fetch_cluster, render_table
 from services.common.procs import LocalMesh, ServiceStartError
+from services.policies.presets import PRESETS
 
 HELP = "start scheduler, gateway and workers on this machine and show a live cluster table"
 REFRESH_S = 0.5
@@ -61,8 +62,9 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--policy",
         default=None,
-        help="scheduler policy preset: recompute, llumnix (default), kunserve or llmesh "
-        "(docs/kunserve.md, Policy)",
+        choices=sorted(PRESETS),
+        help="the scheduler's policy preset (default llumnix; llmesh and kunserve drop "
+        "KunServe groups under overload, docs/kunserve.md)",
     )
     parser.add_argument(
         "--migration-policy",
