@@ -295,17 +295,20 @@ class GroupLoop:
             if key is not None:
                 by_class.setdefault(key, []).append(load)
         for key in sorted(by_class):
-            policy = self.policies.setdefault(key, self.make_policy())
+            policy = self.policies.get(key)
+            if policy is None:
+                policy = self.policies[key] = self.make_policy()
             decision = policy.decide(by_class[key], now)
-            drop_reasons = decision.reasons[: len(decision.drops)]
-            restore_reasons = decision.reasons[len(decision.drops) :]
-            for members, reason in zip(decision.drops, drop_reasons, strict=True):
+            reasons = iter(decision.reasons)  # one per drop, then one per restore
+            for members in decision.drops:
+                reason = next(reasons, "")
                 if self._busy.intersection(members):
                     continue
                 log.info("group_drop_decided", members=list(members), reason=reason)
                 self._start(self._drop(policy, members), members)
                 done.drops.append(members)
-            for group_id, reason in zip(decision.restores, restore_reasons, strict=True):
+            for group_id in decision.restores:
+                reason = next(reasons, "")
                 group = table.get(group_id)
                 if group is None or group.status is not GroupStatus.SERVING:
                     continue  # still dropping, already restoring, or gone
@@ -318,7 +321,7 @@ class GroupLoop:
         return done
 
     def _class_of(self, load: InstanceLoad) -> tuple | None:
-        """The class of instances `load`'s may group with (None: it can join none)."""
+        """The class of instances that `load`'s instance may group with (None: none)."""
         record = self.registry.get(load.instance_id)
         if record is None:
             return None

@@ -214,6 +214,7 @@ async def test_failed_operations_are_counted_and_leave_the_instances_free():
     await s.loop.join()
     assert s.workers.dissolved == ["group-1", "group-1"]
     assert (s.loop.num_restored, s.loop.num_failed) == (1, 3)
+    assert len(s.policies) == 1  # one policy for the class, kept across rounds
 
 
 async def test_each_class_of_groupable_instances_has_its_own_policy():
@@ -227,6 +228,8 @@ async def test_each_class_of_groupable_instances_has_its_own_policy():
     s.loop.tick(now=0.0)
     # e holds only some layers and f has no data plane: neither can join a group.
     assert sorted(p.seen[0] for p in s.policies) == [["a", "b"], ["c", "d"]]
+    s.loop.tick(now=1.0)
+    assert sorted(p.seen for p in s.policies) == [[["a", "b"]] * 2, [["c", "d"]] * 2]
 
 
 async def test_the_kunserve_policy_drops_under_a_flood_and_restores_after_it():
