@@ -10,9 +10,13 @@ from services.common.errors import UnavailableError
 from services.common.groups import GroupSpec, GroupStatus
 from services.common.messages import LoadReport
 from services.policies import GroupConfig, GroupDecision, GroupPolicy, make_group_policy
+from services.scheduler.config import SchedulerConfig
 from services.scheduler.control import GroupLoop, GroupRound
 from services.scheduler.group_control import GroupControl
 from services.scheduler.groups import GroupTable
+from services.scheduler.registry import InstanceRegistry
+from services.scheduler.server import make_group_loop
+from services.scheduler.servicer import SchedulerServicer
 from services.scheduler.worker_client import DissolvedGroup, FormedGroup
 from tests.clock import FakeClock
 from tests.unit.policies.snapshots import load
@@ -275,3 +279,16 @@ async def test_the_kunserve_policy_drops_under_a_flood_and_restores_after_it():
     assert s.loop.tick(now=12.0) == GroupRound()  # the vote starts here...
     assert s.loop.tick(now=13.0) == GroupRound(drops=[("a", "b")])  # ...and holds
     await s.loop.join()
+
+
+def test_the_server_runs_a_group_loop_only_when_a_group_policy_is_chosen():
+    def loop_of(config: SchedulerConfig):
+        registry = InstanceRegistry(lease_s=config.lease_s)
+        servicer = SchedulerServicer(config, registry)
+        return make_group_loop(config, registry, servicer), servicer
+
+    assert loop_of(SchedulerConfig())[0] is None
+    loop, servicer = loop_of(SchedulerConfig(policy="llmesh", group_interval_s=0.5))
+    assert (loop.interval_s, loop.control) == (0.5, servicer.group_control)
+    policy = loop.make_policy()
+    assert (policy.name, policy.config.interval_s) == ("llmesh", 0.5)
