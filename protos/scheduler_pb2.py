@@ -26,7 +26,7 @@ from protos import common_pb2 as protos_dot_common__pb2
 from protos import group_pb2 as protos_dot_group__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/scheduler.proto\x12\tllmesh.v1\x1a\x13protos/common.proto\x1a\x12protos/group.proto\"@\n\x17RegisterInstanceRequest\x12%\n\x04info\x18\x01 \x01(\x0b\x32\x17.llmesh.v1.InstanceInfo\"H\n\x18RegisterInstanceResponse\x12\x10\n\x08lease_ms\x18\x01 \x01(\x05\x12\x1a\n\x12report_interval_ms\x18\x02 \x01(\x05\"u\n\x10SchedulerCommand\x12,\n\x07migrate\x18\x01 \x01(\x0b\x32\x19.llmesh.v1.MigrateCommandH\x00\x12(\n\x05\x64rain\x18\x02 \x01(\x0b\x32\x17.llmesh.v1.DrainCommandH\x00\x42\t\n\x07\x63ommand\"\x87\x01\n\x0eMigrateCommand\x12\x17\n\x0f\x64st_instance_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64st_address\x18\x02 \x01(\t\x12\x14\n\x0cnum_requests\x18\x03 \x01(\x05\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x1d\n\x15\x64st_transport_address\x18\x05 \x01(\x0c\"&\n\x0c\x44rainCommand\x12\x16\n\x0eis_terminating\x18\x01 \x01(\x08\"0\n\x19\x44\x65registerInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\x1c\n\x1a\x44\x65registerInstanceResponse\"p\n\x0f\x44ispatchRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\x05\x12\x10\n\x08priority\x18\x03 \x01(\x05\x12\x1c\n\x14\x65xclude_instance_ids\x18\x04 \x03(\t\"8\n\x10\x44ispatchResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\x18\n\x16GetClusterStateRequest\"\xc3\x02\n\x0c\x43lusterState\x12+\n\tinstances\x18\x01 \x03(\x0b\x32\x18.llmesh.v1.InstanceState\x12\x1e\n\x16num_migrations_ordered\x18\x02 \x01(\x04\x12\x17\n\x0f\x64ispatch_policy\x18\x03 \x01(\t\x12\x18\n\x10migration_policy\x18\x04 \x01(\t\x12\x11\n\tautoscale\x18\x05 \x01(\x08\x12\x1c\n\x14pending_instance_ids\x18\x06 \x03(\t\x12\x1d\n\x15\x64raining_instance_ids\x18\x07 \x03(\t\x12\x1d\n\x15num_instances_started\x18\x08 \x01(\x04\x12\x1d\n\x15num_instances_stopped\x18\t \x01(\x04\x12%\n\x06groups\x18\n \x03(\x0b\x32\x15.llmesh.v1.GroupState\"t\n\rInstanceState\x12%\n\x04info\x18\x01 \x01(\x0b\x32\x17.llmesh.v1.InstanceInfo\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.llmesh.v1.LoadReport\x12\x17\n\x0fms_since_report\x18\x03 \x01(\x03\"u\n\x17SchedulerMigrateRequest\x12\x17\n\x0fsrc_instance_id\x18\x01 \x01(\t\x12\x17\n\x0f\x64st_instance_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x14\n\x0cnum_requests\x18\x04 \x01(\x05\"+\n\x18SchedulerMigrateResponse\x12\x0f\n\x07ordered\x18\x01 \x01(\x08\"D\n\x15SchedulerDrainRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x16\n\x0eis_terminating\x18\x02 \x01(\x08\"&\n\x16SchedulerDrainResponse\x12\x0c\n\x04sent\x18\x01 \x01(\x08\"(\n\x10\x44ropGroupRequest\x12\x14\n\x0cinstance_ids\x18\x01 \x03(\t\"J\n\x11\x44ropGroupResponse\x12$\n\x05group\x18\x01 \x01(\x0b\x32\x15.llmesh.v1.GroupState\x12\x0f\n\x07\x64rop_ms\x18\x02 \x01(\x01\"\'\n\x13RestoreGroupRequest\x12\x10\n\x08group_id\x18\x01 \x01(\t\"]\n\x14RestoreGroupResponse\x12\x1a\n\x12num_requests_moved\x18\x01 \x01(\x05\x12\x15\n\rnum_preempted\x18\x02 \x01(\x05\x12\x12\n\nrestore_ms\x18\x03 \x01(\x01\x32\xe0\x05\n\tScheduler\x12[\n\x10RegisterInstance\x12\".llmesh.v1.RegisterInstanceRequest\x1a#.llmesh.v1.RegisterInstanceResponse\x12\x44\n\nStreamLoad\x12\x15.llmesh.v1.LoadReport\x1a\x1b.llmesh.v1.SchedulerCommand(\x01\x30\x01\x12\x61\n\x12\x44\x65registerInstance\x12$.llmesh.v1.DeregisterInstanceRequest\x1a%.llmesh.v1.DeregisterInstanceResponse\x12\x43\n\x08\x44ispatch\x12\x1a.llmesh.v1.DispatchRequest\x1a\x1b.llmesh.v1.DispatchResponse\x12M\n\x0fGetClusterState\x12!.llmesh.v1.GetClusterStateRequest\x1a\x17.llmesh.v1.ClusterState\x12R\n\x07Migrate\x12\".llmesh.v1.SchedulerMigrateRequest\x1a#.llmesh.v1.SchedulerMigrateResponse\x12L\n\x05\x44rain\x12 .llmesh.v1.SchedulerDrainRequest\x1a!.llmesh.v1.SchedulerDrainResponse\x12\x46\n\tDropGroup\x12\x1b.llmesh.v1.DropGroupRequest\x1a\x1c.llmesh.v1.DropGroupResponse\x12O\n\x0cRestoreGroup\x12\x1e.llmesh.v1.RestoreGroupRequest\x1a\x1f.llmesh.v1.RestoreGroupResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/scheduler.proto\x12\tllmesh.v1\x1a\x13protos/common.proto\x1a\x12protos/group.proto\"@\n\x17RegisterInstanceRequest\x12%\n\x04info\x18\x01 \x01(\x0b\x32\x17.llmesh.v1.InstanceInfo\"H\n\x18RegisterInstanceResponse\x12\x10\n\x08lease_ms\x18\x01 \x01(\x05\x12\x1a\n\x12report_interval_ms\x18\x02 \x01(\x05\"u\n\x10SchedulerCommand\x12,\n\x07migrate\x18\x01 \x01(\x0b\x32\x19.llmesh.v1.MigrateCommandH\x00\x12(\n\x05\x64rain\x18\x02 \x01(\x0b\x32\x17.llmesh.v1.DrainCommandH\x00\x42\t\n\x07\x63ommand\"\x87\x01\n\x0eMigrateCommand\x12\x17\n\x0f\x64st_instance_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64st_address\x18\x02 \x01(\t\x12\x14\n\x0cnum_requests\x18\x03 \x01(\x05\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x1d\n\x15\x64st_transport_address\x18\x05 \x01(\x0c\"&\n\x0c\x44rainCommand\x12\x16\n\x0eis_terminating\x18\x01 \x01(\x08\"0\n\x19\x44\x65registerInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\x1c\n\x1a\x44\x65registerInstanceResponse\"p\n\x0f\x44ispatchRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\x05\x12\x10\n\x08priority\x18\x03 \x01(\x05\x12\x1c\n\x14\x65xclude_instance_ids\x18\x04 \x03(\t\"8\n\x10\x44ispatchResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\x18\n\x16GetClusterStateRequest\"\xb7\x03\n\x0c\x43lusterState\x12+\n\tinstances\x18\x01 \x03(\x0b\x32\x18.llmesh.v1.InstanceState\x12\x1e\n\x16num_migrations_ordered\x18\x02 \x01(\x04\x12\x17\n\x0f\x64ispatch_policy\x18\x03 \x01(\t\x12\x18\n\x10migration_policy\x18\x04 \x01(\t\x12\x11\n\tautoscale\x18\x05 \x01(\x08\x12\x1c\n\x14pending_instance_ids\x18\x06 \x03(\t\x12\x1d\n\x15\x64raining_instance_ids\x18\x07 \x03(\t\x12\x1d\n\x15num_instances_started\x18\x08 \x01(\x04\x12\x1d\n\x15num_instances_stopped\x18\t \x01(\x04\x12%\n\x06groups\x18\n \x03(\x0b\x32\x15.llmesh.v1.GroupState\x12\x14\n\x0cgroup_policy\x18\x0b \x01(\t\x12\x1a\n\x12num_groups_dropped\x18\x0c \x01(\x04\x12\x1b\n\x13num_groups_restored\x18\r \x01(\x04\x12#\n\x1bnum_group_operations_failed\x18\x0e \x01(\x04\"t\n\rInstanceState\x12%\n\x04info\x18\x01 \x01(\x0b\x32\x17.llmesh.v1.InstanceInfo\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.llmesh.v1.LoadReport\x12\x17\n\x0fms_since_report\x18\x03 \x01(\x03\"u\n\x17SchedulerMigrateRequest\x12\x17\n\x0fsrc_instance_id\x18\x01 \x01(\t\x12\x17\n\x0f\x64st_instance_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x14\n\x0cnum_requests\x18\x04 \x01(\x05\"+\n\x18SchedulerMigrateResponse\x12\x0f\n\x07ordered\x18\x01 \x01(\x08\"D\n\x15SchedulerDrainRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x16\n\x0eis_terminating\x18\x02 \x01(\x08\"&\n\x16SchedulerDrainResponse\x12\x0c\n\x04sent\x18\x01 \x01(\x08\"(\n\x10\x44ropGroupRequest\x12\x14\n\x0cinstance_ids\x18\x01 \x03(\t\"J\n\x11\x44ropGroupResponse\x12$\n\x05group\x18\x01 \x01(\x0b\x32\x15.llmesh.v1.GroupState\x12\x0f\n\x07\x64rop_ms\x18\x02 \x01(\x01\"\'\n\x13RestoreGroupRequest\x12\x10\n\x08group_id\x18\x01 \x01(\t\"]\n\x14RestoreGroupResponse\x12\x1a\n\x12num_requests_moved\x18\x01 \x01(\x05\x12\x15\n\rnum_preempted\x18\x02 \x01(\x05\x12\x12\n\nrestore_ms\x18\x03 \x01(\x01\x32\xe0\x05\n\tScheduler\x12[\n\x10RegisterInstance\x12\".llmesh.v1.RegisterInstanceRequest\x1a#.llmesh.v1.RegisterInstanceResponse\x12\x44\n\nStreamLoad\x12\x15.llmesh.v1.LoadReport\x1a\x1b.llmesh.v1.SchedulerCommand(\x01\x30\x01\x12\x61\n\x12\x44\x65registerInstance\x12$.llmesh.v1.DeregisterInstanceRequest\x1a%.llmesh.v1.DeregisterInstanceResponse\x12\x43\n\x08\x44ispatch\x12\x1a.llmesh.v1.DispatchRequest\x1a\x1b.llmesh.v1.DispatchResponse\x12M\n\x0fGetClusterState\x12!.llmesh.v1.GetClusterStateRequest\x1a\x17.llmesh.v1.ClusterState\x12R\n\x07Migrate\x12\".llmesh.v1.SchedulerMigrateRequest\x1a#.llmesh.v1.SchedulerMigrateResponse\x12L\n\x05\x44rain\x12 .llmesh.v1.SchedulerDrainRequest\x1a!.llmesh.v1.SchedulerDrainResponse\x12\x46\n\tDropGroup\x12\x1b.llmesh.v1.DropGroupRequest\x1a\x1c.llmesh.v1.DropGroupResponse\x12O\n\x0cRestoreGroup\x12\x1e.llmesh.v1.RestoreGroupRequest\x1a\x1f.llmesh.v1.RestoreGroupResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -54,25 +54,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETCLUSTERSTATEREQUEST']._serialized_start=767
   _globals['_GETCLUSTERSTATEREQUEST']._serialized_end=791
   _globals['_CLUSTERSTATE']._serialized_start=794
-  _globals['_CLUSTERSTATE']._serialized_end=1117
-  _globals['_INSTANCESTATE']._serialized_start=1119
-  _globals['_INSTANCESTATE']._serialized_end=1235
-  _globals['_SCHEDULERMIGRATEREQUEST']._serialized_start=1237
-  _globals['_SCHEDULERMIGRATEREQUEST']._serialized_end=1354
-  _globals['_SCHEDULERMIGRATERESPONSE']._serialized_start=1356
-  _globals['_SCHEDULERMIGRATERESPONSE']._serialized_end=1399
-  _globals['_SCHEDULERDRAINREQUEST']._serialized_start=1401
-  _globals['_SCHEDULERDRAINREQUEST']._serialized_end=1469
-  _globals['_SCHEDULERDRAINRESPONSE']._serialized_start=1471
-  _globals['_SCHEDULERDRAINRESPONSE']._serialized_end=1509
-  _globals['_DROPGROUPREQUEST']._serialized_start=1511
-  _globals['_DROPGROUPREQUEST']._serialized_end=1551
-  _globals['_DROPGROUPRESPONSE']._serialized_start=1553
-  _globals['_DROPGROUPRESPONSE']._serialized_end=1627
-  _globals['_RESTOREGROUPREQUEST']._serialized_start=1629
-  _globals['_RESTOREGROUPREQUEST']._serialized_end=1668
-  _globals['_RESTOREGROUPRESPONSE']._serialized_start=1670
-  _globals['_RESTOREGROUPRESPONSE']._serialized_end=1763
-  _globals['_SCHEDULER']._serialized_start=1766
-  _globals['_SCHEDULER']._serialized_end=2502
+  _globals['_CLUSTERSTATE']._serialized_end=1233
+  _globals['_INSTANCESTATE']._serialized_start=1235
+  _globals['_INSTANCESTATE']._serialized_end=1351
+  _globals['_SCHEDULERMIGRATEREQUEST']._serialized_start=1353
+  _globals['_SCHEDULERMIGRATEREQUEST']._serialized_end=1470
+  _globals['_SCHEDULERMIGRATERESPONSE']._serialized_start=1472
+  _globals['_SCHEDULERMIGRATERESPONSE']._serialized_end=1515
+  _globals['_SCHEDULERDRAINREQUEST']._serialized_start=1517
+  _globals['_SCHEDULERDRAINREQUEST']._serialized_end=1585
+  _globals['_SCHEDULERDRAINRESPONSE']._serialized_start=1587
+  _globals['_SCHEDULERDRAINRESPONSE']._serialized_end=1625
+  _globals['_DROPGROUPREQUEST']._serialized_start=1627
+  _globals['_DROPGROUPREQUEST']._serialized_end=1667
+  _globals['_DROPGROUPRESPONSE']._serialized_start=1669
+  _globals['_DROPGROUPRESPONSE']._serialized_end=1743
+  _globals['_RESTOREGROUPREQUEST']._serialized_start=1745
+  _globals['_RESTOREGROUPREQUEST']._serialized_end=1784
+  _globals['_RESTOREGROUPRESPONSE']._serialized_start=1786
+  _globals['_RESTOREGROUPRESPONSE']._serialized_end=1879
+  _globals['_SCHEDULER']._serialized_start=1882
+  _globals['_SCHEDULER']._serialized_end=2618
 # @@protoc_insertion_point(module_scope)

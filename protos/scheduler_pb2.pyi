@@ -85,7 +85,7 @@ class GetClusterStateRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ClusterState(_message.Message):
-    __slots__ = ("instances", "num_migrations_ordered", "dispatch_policy", "migration_policy", "autoscale", "pending_instance_ids", "draining_instance_ids", "num_instances_started", "num_instances_stopped", "groups")
+    __slots__ = ("instances", "num_migrations_ordered", "dispatch_policy", "migration_policy", "autoscale", "pending_instance_ids", "draining_instance_ids", "num_instances_started", "num_instances_stopped", "groups", "group_policy", "num_groups_dropped", "num_groups_restored", "num_group_operations_failed")
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     NUM_MIGRATIONS_ORDERED_FIELD_NUMBER: _ClassVar[int]
     DISPATCH_POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,10 @@ class ClusterState(_message.Message):
     NUM_INSTANCES_STARTED_FIELD_NUMBER: _ClassVar[int]
     NUM_INSTANCES_STOPPED_FIELD_NUMBER: _ClassVar[int]
     GROUPS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_POLICY_FIELD_NUMBER: _ClassVar[int]
+    NUM_GROUPS_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    NUM_GROUPS_RESTORED_FIELD_NUMBER: _ClassVar[int]
+    NUM_GROUP_OPERATIONS_FAILED_FIELD_NUMBER: _ClassVar[int]
     instances: _containers.RepeatedCompositeFieldContainer[InstanceState]
     num_migrations_ordered: int
     dispatch_policy: str
@@ -106,7 +110,11 @@ class ClusterState(_message.Message):
     num_instances_started: int
     num_instances_stopped: int
     groups: _containers.RepeatedCompositeFieldContainer[_group_pb2.GroupState]
-    def __init__(self, instances: _Optional[_Iterable[_Union[InstanceState, _Mapping]]] = ..., num_migrations_ordered: _Optional[int] = ..., dispatch_policy: _Optional[str] = ..., migration_policy: _Optional[str] = ..., autoscale: _Optional[bool] = ..., pending_instance_ids: _Optional[_Iterable[str]] = ..., draining_instance_ids: _Optional[_Iterable[str]] = ..., num_instances_started: _Optional[int] = ..., num_instances_stopped: _Optional[int] = ..., groups: _Optional[_Iterable[_Union[_group_pb2.GroupState, _Mapping]]] = ...) -> None: ...
+    group_policy: str
+    num_groups_dropped: int
+    num_groups_restored: int
+    num_group_operations_failed: int
+    def __init__(self, instances: _Optional[_Iterable[_Union[InstanceState, _Mapping]]] = ..., num_migrations_ordered: _Optional[int] = ..., dispatch_policy: _Optional[str] = ..., migration_policy: _Optional[str] = ..., autoscale: _Optional[bool] = ..., pending_instance_ids: _Optional[_Iterable[str]] = ..., draining_instance_ids: _Optional[_Iterable[str]] = ..., num_instances_started: _Optional[int] = ..., num_instances_stopped: _Optional[int] = ..., groups: _Optional[_Iterable[_Union[_group_pb2.GroupState, _Mapping]]] = ..., group_policy: _Optional[str] = ..., num_groups_dropped: _Optional[int] = ..., num_groups_restored: _Optional[int] = ..., num_group_operations_failed: _Optional[int] = ...) -> None: ...
 
 class InstanceState(_message.Message):
     __slots__ = ("info", "load", "ms_since_report")

@@ -78,6 +78,10 @@ class ClusterSummary:
     num_instances_started: int
     num_instances_stopped: int
     groups: tuple[GroupSpec, ...] = ()
+    group_policy: str = "none"
+    num_groups_dropped: int = 0
+    num_groups_restored: int = 0
+    num_group_operations_failed: int = 0
 
     @classmethod
     def from_proto(cls, state: scheduler_pb2.ClusterState) -> ClusterSummary:
@@ -91,6 +95,10 @@ class ClusterSummary:
             num_instances_started=state.num_instances_started,
             num_instances_stopped=state.num_instances_stopped,
             groups=tuple(group_from_proto(g) for g in state.groups),
+            group_policy=state.group_policy or "none",
+            num_groups_dropped=state.num_groups_dropped,
+            num_groups_restored=state.num_groups_restored,
+            num_group_operations_failed=state.num_group_operations_failed,
         )
 
     def describe(self) -> str:
@@ -98,6 +106,11 @@ class ClusterSummary:
             f"dispatch: {self.dispatch_policy}  migration: {self.migration_policy} "
             f"({self.num_migrations_ordered} ordered)"
         )
+        if self.group_policy != "none":
+            text += (
+                f"  groups: {self.group_policy} ({self.num_groups_dropped} dropped, "
+                f"{self.num_groups_restored} restored, {self.num_group_operations_failed} failed)"
+            )
         if self.autoscale:
             text += (
                 f"  autoscale: {len(self.pending_instance_ids)} starting, "
@@ -188,6 +201,10 @@ def rows_to_json(rows: list[InstanceRow], summary: ClusterSummary) -> dict:
         "dispatch_policy": summary.dispatch_policy,
         "migration_policy": summary.migration_policy,
         "num_migrations_ordered": summary.num_migrations_ordered,
+        "group_policy": summary.group_policy,
+        "num_groups_dropped": summary.num_groups_dropped,
+        "num_groups_restored": summary.num_groups_restored,
+        "num_group_operations_failed": summary.num_group_operations_failed,
         "autoscale": summary.autoscale,
         "pending_instance_ids": list(summary.pending_instance_ids),
         "draining_instance_ids": list(summary.draining_instance_ids),

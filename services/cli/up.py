@@ -21,6 +21,7 @@ import grpc
 
 from services.cli.status import fetch_cluster, render_table
 from services.common.procs import LocalMesh, ServiceStartError
+from services.policies.presets import PRESETS
 
 HELP = "start scheduler, gateway and workers on this machine and show a live cluster table"
 REFRESH_S = 0.5
@@ -57,6 +58,13 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--max-workers", type=int, default=4, help="--autoscale: most workers (default 4)"
+    )
+    parser.add_argument(
+        "--policy",
+        default=None,
+        choices=sorted(PRESETS),
+        help="the scheduler's policy preset (default llumnix; llmesh and kunserve drop "
+        "KunServe groups under overload, docs/kunserve.md)",
     )
     parser.add_argument(
         "--migration-policy",
@@ -99,6 +107,8 @@ def run(args) -> int:
     stop.install()
     worker_args = ("--torch-threads", str(threads))
     scheduler_args: tuple[str, ...] = ()
+    if args.policy:
+        scheduler_args += ("--policy", args.policy)
     if args.migration_policy:
         scheduler_args += ("--migration-policy", args.migration_policy)
     if args.autoscale:

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import sys
 
-from services.common.config import ConfigError, load_config
+from services.common.config import ConfigError, flag_type, load_config
 from services.common.logging import setup_logging
 from services.common.procs import die_with_parent
 from services.common.tracing import setup_tracing, shutdown_tracing
@@ -23,6 +23,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--lease-s", dest="lease_s", type=float, help="instance lease length, seconds"
     )
     parser.add_argument("--report-interval-s", dest="report_interval_s", type=float)
+    parser.add_argument(
+        "--policy",
+        dest="policy",
+        help="preset: recompute, llumnix (default), kunserve or llmesh; sets the dispatch, "
+        "migration and group policies not given by their own flags",
+    )
     parser.add_argument(
         "--dispatch-policy", dest="dispatch_policy", help="e.g. freest, round_robin"
     )
@@ -49,6 +55,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--migration-max-per-instance", dest="migration_max_per_instance", type=int
     )
     migration.add_argument("--migration-hold-s", dest="migration_hold_s", type=float)
+    groups = parser.add_argument_group("KunServe group loop")
+    groups.add_argument(
+        "--group-policy",
+        dest="group_policy",
+        help="when to drop and restore groups: kunserve, llmesh or none (no group loop)",
+    )
+    groups.add_argument("--group-interval-s", dest="group_interval_s", type=float)
+    groups.add_argument("--group-vote-usage-at-least", dest="group_vote_usage_at_least", type=float)
+    groups.add_argument("--group-vote-window-s", dest="group_vote_window_s", type=float)
+    groups.add_argument(
+        "--group-sizes",
+        dest="group_sizes",
+        type=flag_type(tuple[int, ...], "group_sizes", "--group-sizes"),
+        help="group sizes to choose from, e.g. 2,4",
+    )
+    groups.add_argument("--group-weight-share", dest="group_weight_share", type=float)
+    groups.add_argument(
+        "--group-restore-usage-at-most", dest="group_restore_usage_at_most", type=float
+    )
+    groups.add_argument("--group-restore-window-s", dest="group_restore_window_s", type=float)
+    groups.add_argument("--group-hold-s", dest="group_hold_s", type=float)
     scaling = parser.add_argument_group("auto-scaling")
     scaling.add_argument(
         "--autoscale",

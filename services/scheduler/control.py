@@ -1,8 +1,10 @@
-"""The scheduler's control loops: live migration pairing and auto-scaling.
+"""The scheduler's control loops: live migration pairing, auto-scaling and KunServe
+groups.
 
-Both run on the scheduler's event loop and read the registry's load snapshots (what
-workers reported, plus dispatches their reports cannot show yet); both act only
-through commands on the workers' load streams, so a worker is never called from here.
+All run on the scheduler's event loop and read the registry's load snapshots (what
+workers reported, plus dispatches their reports cannot show yet). Migration and
+scaling act only through commands on the workers' load streams; the group loop acts
+through the GroupControl behind the DropGroup / RestoreGroup RPCs.
 
     MigrationLoop   every MigrationConfig.interval_s: the pairing policy picks
                     (overloaded source, free destination) pairs; each becomes a
@@ -14,10 +16,14 @@ through commands on the workers' load streams, so a worker is never called from 
                     terminating: infinite virtual usage, so dispatch avoids it and the
                     migration loop drains it) or nothing. A terminating instance that
                     reports itself empty is stopped through the provisioner.
+    GroupLoop       every GroupConfig.interval_s: the group policy says which instances
+                    drop into a group and which groups restore; each becomes a task
+                    calling GroupControl.drop_group / restore_group (what the RPCs
+                    call), at most one per instance at a time.
 
-Neither touches a KunServe group's members (their requests hold KV on every member):
-both read the snapshots through the GroupTable, which marks members whose reports do
-not show their group yet, and the policies skip members.
+Migration and scaling never touch a KunServe group's members (their requests hold KV
+on every member): the loops read the snapshots through the GroupTable, which marks
+members whose reports do not show their group yet, and the policies skip members.
 
 `tick()` does one round and returns what it did, so tests drive the loops with a fake
 clock; `run()` repeats it forever.
@@ -28,14 +34,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from opentelemetry import trace
 
 from protos import scheduler_pb2
+from services.common.groups import GroupStatus
 from services.common.logging import get_logger
+from services.common.messages import InstanceSpec
 from services.policies import (
+    GroupPolicy,
     InstanceLoad,
     MigrationPair,
     MigrationPolicy,
@@ -43,7 +52,8 @@ from services.policies import (
     ScaleDecision,
     ScalingPolicy,
 )
-from services.scheduler.groups import GroupTable
+from services.scheduler.group_control import GroupControl
+from services.scheduler.groups import MATCHING_FIELDS, GroupTable
 from services.scheduler.provisioner import Provisioner
 from services.scheduler.registry import InstanceRegistry
 
@@ -230,3 +240,149 @@ class ScalingLoop:
             with contextlib.suppress(Exception):
                 await task
         await self.provisioner.close()
+
+
+@dataclass
+class GroupRound:
+    """The group operations one round started (for tests and logs)."""
+
+    drops: list[tuple[str, ...]] = field(default_factory=list)  # members, stage order
+    restores: list[str] = field(default_factory=list)  # group ids
+
+
+class GroupLoop:
+    """KunServe drops and restores decided by a group policy.
+
+    One policy instance per class of instances that may group together (same model,
+    block size, kernels and layer count: what GroupTable.plan demands), so a policy
+    never plans a group the table would refuse and its votes and windows see only
+    its class. Instances that cannot join any group (a layer range of their own, no
+    data plane) are left out of every policy's snapshots.
+
+    An operation runs as a task, so a slow FormGroup / DissolveGroup (up to
+    group_timeout_s) delays neither the rounds nor other groups' operations; while it
+    runs its instances are busy and decisions touching them are skipped. A failed
+    operation is logged and counted; the policy decides again in later rounds.
+    """
+
+    def __init__(
+        self,
+        registry: InstanceRegistry,
+        make_policy: Callable[[], GroupPolicy],
+        control: GroupControl,
+        interval_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.registry = registry
+        self.make_policy = make_policy  # a fresh policy for each class
+        self.control = control
+        self.interval_s = interval_s
+        self.clock = clock  # when an operation ends (hysteresis counts from there)
+        self.policies: dict[tuple, GroupPolicy] = {}  # class key -> its policy
+        self._busy: set[str] = set()  # instance ids with an operation in flight
+        self._tasks: set[asyncio.Task] = set()
+        self.num_dropped = 0
+        self.num_restored = 0
+        self.num_failed = 0
+
+    def tick(self, now: float) -> GroupRound:
+        """One round: decide per class, start the operations whose instances are free."""
+        done = GroupRound()
+        table = self.control.table
+        by_class: dict[tuple, list[InstanceLoad]] = {}
+        for load in table.annotate(self.registry.loads()):
+            key = self._class_of(load)
+            if key is not None:
+                by_class.setdefault(key, []).append(load)
+        for key in sorted(by_class):
+            policy = self.policies.get(key)
+            if policy is None:
+                policy = self.policies[key] = self.make_policy()
+            decision = policy.decide(by_class[key], now)
+            reasons = iter(decision.reasons)  # one per drop, then one per restore
+            for members in decision.drops:
+                reason = next(reasons, "")
+                if self._busy.intersection(members):
+                    continue
+                log.info("group_drop_decided", members=list(members), reason=reason)
+                self._start(self._drop(policy, members), members)
+                done.drops.append(members)
+            for group_id in decision.restores:
+                reason = next(reasons, "")
+                group = table.get(group_id)
+                if group is None or group.status is not GroupStatus.SERVING:
+                    continue  # still dropping, already restoring, or gone
+                members = tuple(m.instance_id for m in group.members)
+                if self._busy.intersection(members):
+                    continue
+                log.info("group_restore_decided", group_id=group_id, reason=reason)
+                self._start(self._restore(policy, group_id, members), members)
+                done.restores.append(group_id)
+        return done
+
+    def _class_of(self, load: InstanceLoad) -> tuple | None:
+        """The class of instances that `load`'s instance may group with (None: none)."""
+        record = self.registry.get(load.instance_id)
+        if record is None:
+            return None
+        spec = record.spec
+        if not load.is_in_group and not _can_join_a_group(spec):
+            return None
+        return tuple(getattr(spec, name) for name in MATCHING_FIELDS)
+
+    def _start(self, operation, members: Sequence[str]) -> None:
+        self._busy.update(members)
+        task = asyncio.get_running_loop().create_task(operation)
+        self._tasks.add(task)
+
+        def finished(task: asyncio.Task) -> None:
+            self._tasks.discard(task)
+            self._busy.difference_update(members)
+
+        task.add_done_callback(finished)
+
+    async def _drop(self, policy: GroupPolicy, members: tuple[str, ...]) -> None:
+        try:
+            dropped = await self.control.drop_group(list(members))
+        except Exception as exc:
+            self.num_failed += 1
+            log.warning("group_loop_drop_failed", members=list(members), error=str(exc))
+            return
+        self.num_dropped += 1
+        policy.note_formed(dropped.group.group_id, self.clock())
+
+    async def _restore(self, policy: GroupPolicy, group_id: str, members: tuple[str, ...]) -> None:
+        try:
+            await self.control.restore_group(group_id)
+        except Exception as exc:
+            self.num_failed += 1
+            log.warning("group_loop_restore_failed", group_id=group_id, error=str(exc))
+            return
+        self.num_restored += 1
+        policy.note_restored(members, self.clock())
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._tasks)
+
+    async def join(self) -> None:
+        """Wait until no operation is in flight."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def run(self) -> None:
+        await _repeat("groups", self.interval_s, self.tick)
+
+    async def close(self) -> None:
+        """Cancel the operations in flight (the workers finish or undo them on their
+        own; a restarted scheduler re-learns a group from its members' reports)."""
+        for task in list(self._tasks):
+            task.cancel()
+        await self.join()
+
+
+def _can_join_a_group(spec: InstanceSpec) -> bool:
+    """Every layer and a data plane: what GroupTable.plan checks of a member."""
+    return (spec.layer_start, spec.layer_end) == (0, spec.num_layers) and bool(
+        spec.transport_address
+    )

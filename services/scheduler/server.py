@@ -2,7 +2,8 @@
 
 gRPC servicer (registration, load streams, dispatch) + lease expiry + the control
 loops (services/scheduler/control.py): migration pairing unless
-`migration_policy=none`, auto-scaling with a provisioner when `autoscale` is on.
+`migration_policy=none`, KunServe drops and restores unless `group_policy=none`,
+auto-scaling with a provisioner when `autoscale` is on.
 On SIGTERM the loops stop first, then workers the auto-scaler started, then the server.
 """
 
@@ -10,14 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 
 from protos import scheduler_pb2_grpc
 from services.common.grpc_server import GrpcServer
 from services.common.logging import get_logger
 from services.common.procs import write_ready_file
-from services.policies import make_migration_policy, make_scaling_policy
+from services.policies import make_group_policy, make_migration_policy, make_scaling_policy
 from services.scheduler.config import SchedulerConfig
-from services.scheduler.control import MigrationLoop, ScalingLoop
+from services.scheduler.control import GroupLoop, MigrationLoop, ScalingLoop
 from services.scheduler.groups import GroupTable
 from services.scheduler.provisioner import make_provisioner
 from services.scheduler.registry import InstanceRegistry
@@ -54,6 +56,20 @@ def make_migration_loop(
     )
 
 
+def make_group_loop(
+    config: SchedulerConfig, registry: InstanceRegistry, servicer: SchedulerServicer
+) -> GroupLoop | None:
+    if config.group_policy == "none":
+        return None
+    group_config = config.group_config()
+    return GroupLoop(
+        registry,
+        functools.partial(make_group_policy, config.group_policy, config=group_config),
+        servicer.group_control,
+        interval_s=group_config.interval_s,
+    )
+
+
 def make_scaling_loop(
     config: SchedulerConfig, registry: InstanceRegistry, servicer: SchedulerServicer, address: str
 ) -> ScalingLoop | None:
@@ -83,6 +99,11 @@ async def serve(config: SchedulerConfig, server: GrpcServer | None = None) -> No
     if migration is not None:
         servicer.migration_policy_name = migration.policy.name
         tasks.append(asyncio.create_task(migration.run()))
+    groups = make_group_loop(config, registry, servicer)
+    if groups is not None:
+        servicer.group_policy_name = config.group_policy
+        servicer.group_loop = groups
+        tasks.append(asyncio.create_task(groups.run()))
     scaling = make_scaling_loop(config, registry, servicer, server.address)
     if scaling is not None:
         servicer.scaling_loop = scaling
@@ -93,8 +114,10 @@ async def serve(config: SchedulerConfig, server: GrpcServer | None = None) -> No
     log.info(
         "scheduler_ready",
         address=server.address,
+        policy=config.policy,
         dispatch_policy=config.dispatch_policy,
         migration_policy=config.migration_policy,
+        group_policy=config.group_policy,
         autoscale=config.autoscale,
     )
     try:
@@ -106,6 +129,8 @@ async def serve(config: SchedulerConfig, server: GrpcServer | None = None) -> No
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if groups is not None:
+            await groups.close()
         if scaling is not None:
             await scaling.close()
         await server.stop()

@@ -1,15 +1,16 @@
 """gRPC adapter of the global scheduler: protobuf in, registry/policy calls, protobuf out.
 
 Never on the token path: it only sees registrations, load reports and one Dispatch
-call per request. KunServe groups (DropGroup / RestoreGroup) are kept in a GroupTable
-(services/scheduler/groups.py) and ordered through the group's stage 0
-(services/scheduler/worker_client.py).
+call per request. KunServe groups (DropGroup / RestoreGroup) go through a GroupControl
+(services/scheduler/group_control.py: a GroupTable and the calls to the group's
+stage 0), the same one the group loop uses.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Collection
 
 from opentelemetry import trace
 
@@ -26,6 +27,7 @@ from services.common.logging import bind_context, get_logger
 from services.common.messages import InstanceSpec
 from services.policies import DispatchInfo, make_dispatch_policy
 from services.scheduler.config import SchedulerConfig
+from services.scheduler.group_control import GroupControl
 from services.scheduler.groups import GroupTable
 from services.scheduler.registry import InstanceRegistry
 from services.scheduler.worker_client import WorkerClient
@@ -40,6 +42,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.registry = registry
         self.groups = GroupTable(registry)
         self.workers = WorkerClient(config.group_timeout_s)
+        # DropGroup / RestoreGroup and the group loop go through this one object.
+        self.group_control = GroupControl(self.groups, self.workers, self._draining)
         self.dispatch_policy = make_dispatch_policy(config.dispatch_policy)
         # instance id -> commands waiting to go down its StreamLoad stream.
         self._commands: dict[str, asyncio.Queue[scheduler_pb2.SchedulerCommand]] = {}
@@ -47,6 +51,11 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         # Set by serve() when the scheduler runs its loops (shown in GetClusterState).
         self.migration_policy_name = "none"
         self.scaling_loop = None
+        self.group_policy_name = "none"
+        self.group_loop = None
+
+    def _draining(self) -> Collection[str]:
+        return self.scaling_loop.draining if self.scaling_loop is not None else ()
 
     async def RegisterInstance(self, request, context):
         spec = instance_spec_from_proto(request.info)
@@ -142,6 +151,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     async def GetClusterState(self, request, context):
         scaling = self.scaling_loop
+        group_loop = self.group_loop
         registered = [r.spec.instance_id for r in self.registry.records()]
         return scheduler_pb2.ClusterState(
             migration_policy=self.migration_policy_name,
@@ -161,6 +171,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             num_migrations_ordered=self.num_migrations_ordered,
             dispatch_policy=self.dispatch_policy.name,
             groups=[group_to_proto(g) for g in self.groups.groups()],
+            group_policy=self.group_policy_name,
+            num_groups_dropped=group_loop.num_dropped if group_loop else 0,
+            num_groups_restored=group_loop.num_restored if group_loop else 0,
+            num_group_operations_failed=group_loop.num_failed if group_loop else 0,
         )
 
     async def Migrate(self, request, context):
@@ -202,66 +216,19 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
 
     async def DropGroup(self, request, context):
         """KunServe: plan the group, have its stage 0 form it, keep it once it serves."""
-        with tracer.start_as_current_span("scheduler.drop_group") as span:
-            draining = self.scaling_loop.draining if self.scaling_loop else ()
-            group = self.groups.plan(list(request.instance_ids), draining)
-            span.set_attribute("llmesh.group_id", group.group_id)
-            span.set_attribute("llmesh.num_stages", group.num_stages)
-            log.info(
-                "group_dropping",
-                group_id=group.group_id,
-                members=[f"{m.instance_id}[{m.layer_start},{m.layer_end})" for m in group.members],
-            )
-            try:
-                formed = await self.workers.form_group(group)
-            except Exception as exc:
-                self.groups.forget(group.group_id)
-                log.warning("group_drop_failed", group_id=group.group_id, error=str(exc))
-                raise
-            group = self.groups.mark_serving(
-                group.group_id,
-                formed.num_group_blocks,
-                formed.num_blocks_before,
-                formed.freed_weight_bytes,
-            )
-            log.info(
-                "group_serving",
-                group_id=group.group_id,
-                num_group_blocks=group.num_group_blocks,
-                num_blocks_before=group.num_blocks_before,
-                freed_weight_bytes=group.freed_weight_bytes,
-                num_exchanging_requests=formed.num_exchanging_requests,
-                drop_ms=round(formed.drop_ms, 3),
-            )
-            return scheduler_pb2.DropGroupResponse(
-                group=group_to_proto(group), drop_ms=formed.drop_ms
-            )
+        dropped = await self.group_control.drop_group(list(request.instance_ids))
+        return scheduler_pb2.DropGroupResponse(
+            group=group_to_proto(dropped.group), drop_ms=dropped.formed.drop_ms
+        )
 
     async def RestoreGroup(self, request, context):
         """KunServe: have the group's stage 0 restore every member, then forget it."""
-        with tracer.start_as_current_span("scheduler.restore_group") as span:
-            group = self.groups.begin_restore(request.group_id)
-            span.set_attribute("llmesh.group_id", group.group_id)
-            log.info("group_restoring", group_id=group.group_id)
-            try:
-                dissolved = await self.workers.dissolve_group(group)
-            except Exception as exc:
-                self.groups.end_restore(group.group_id, is_dissolved=False)
-                log.warning("group_restore_failed", group_id=group.group_id, error=str(exc))
-                raise
-            self.groups.end_restore(group.group_id, is_dissolved=True)
-            log.info(
-                "group_restored",
-                group_id=group.group_id,
-                num_requests_moved=dissolved.num_requests_moved,
-                num_preempted=dissolved.num_preempted,
-                restore_ms=round(dissolved.restore_ms, 3),
-            )
-            return scheduler_pb2.RestoreGroupResponse(
-                num_requests_moved=dissolved.num_requests_moved,
-                num_preempted=dissolved.num_preempted,
-                restore_ms=dissolved.restore_ms,
-            )
+        dissolved = await self.group_control.restore_group(request.group_id)
+        return scheduler_pb2.RestoreGroupResponse(
+            num_requests_moved=dissolved.num_requests_moved,
+            num_preempted=dissolved.num_preempted,
+            restore_ms=dissolved.restore_ms,
+        )
 
     def order_migration(
         self, src_instance_id: str, dst: InstanceSpec, num_requests: int, request_id: str = ""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from protos import common_pb2, scheduler_pb2
-from services.cli.status import rows_from_proto
+from services.cli.status import ClusterSummary, rows_from_proto, rows_to_json
 from services.common.convert import instance_spec_to_proto
 from services.common.messages import InstanceSpec
 
@@ -26,3 +26,29 @@ def test_each_row_takes_the_block_size_of_its_instances_registration():
         ("a", 8, 5),
         ("b", 32, 5),
     ]
+
+
+def test_the_summary_shows_the_group_loop_when_one_runs():
+    state = scheduler_pb2.ClusterState(
+        dispatch_policy="load_balance",
+        migration_policy="none",
+        group_policy="kunserve",
+        num_groups_dropped=3,
+        num_groups_restored=2,
+        num_group_operations_failed=1,
+    )
+    summary = ClusterSummary.from_proto(state)
+    assert summary.describe() == (
+        "dispatch: load_balance  migration: none (0 ordered)  "
+        "groups: kunserve (3 dropped, 2 restored, 1 failed)"
+    )
+    assert {k: v for k, v in rows_to_json([], summary).items() if "group" in k} == {
+        "group_policy": "kunserve",
+        "num_groups_dropped": 3,
+        "num_groups_restored": 2,
+        "num_group_operations_failed": 1,
+        "groups": [],
+    }
+    # An older scheduler (no group policy field) or the default: nothing about groups.
+    plain = ClusterSummary.from_proto(scheduler_pb2.ClusterState(dispatch_policy="freest"))
+    assert plain.describe() == "dispatch: freest  migration: none (0 ordered)"
