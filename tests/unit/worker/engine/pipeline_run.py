@@ -48,9 +48,13 @@ def run_pipeline(
     arrivals: list[Arrival],
     profile: str = "tiny-cpu",
     engine_config: EngineConfig | None = None,
+    cost: MicroBatchCost | None = None,
 ) -> PipelineRun:
+    """Serves `arrivals` to the end; micro-batches cost `cost` (default: the profile's)
+    on the whole model, 1/num_stages of it on each stage."""
     engine = LLMEngine.simulated(engine_config or EngineConfig(num_kv_blocks=4096), profile)
-    cost = MicroBatchCost.from_profile(engine.executor.cost_model.profile)
+    if cost is None:
+        cost = MicroBatchCost.from_profile(engine.executor.cost_model.profile)
     clock = PipelineClock(num_stages, formation.num_micro_batches)
     run = PipelineRun(clock, engine=engine)
     pending = sorted(arrivals, key=lambda a: (a.arrival_s, a.request_id))
