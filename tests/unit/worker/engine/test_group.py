@@ -24,9 +24,7 @@ import pytest
 import torch
 
 from services.policies.groups import split_layers
-from services.worker.engine.cost_model import TINY_CPU
 from services.worker.engine import (
-
     EngineStateError,
     GroupPool,
     LLMEngine,
@@ -37,6 +35,7 @@ from services.worker.engine import (
     SamplingParams,
     plan_group_pool,
 )
+from services.worker.engine.cost_model import TINY_CPU
 from tests.unit.worker.engine.helpers import collect, random_prompts, weight_digest
 
 BLOCK_SIZE = 8

@@ -4,6 +4,8 @@ boundaries of a long prompt, and lookahead against simple on a mixed workload.""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from services.worker.engine import (
@@ -13,6 +15,7 @@ from services.worker.engine import (
     MicroBatchFormation,
     SamplingParams,
     SchedulerOutput,
+    get_profile,
 )
 from services.worker.engine.cost_model import TINY_CPU, CostModel
 from services.worker.engine.micro_batching import (
@@ -46,7 +49,9 @@ def _decoding(engine: LLMEngine, prompt_lens: dict[str, int]) -> None:
     for i, (request_id, n) in enumerate(prompt_lens.items()):
         engine.add_request(request_id, [1] * n, LONG, arrival_time=float(i))
     engine.step()
-    assert all(engine.scheduler.requests[r].num_computed_tokens == n for r, n in prompt_lens.items())
+    assert all(
+        engine.scheduler.requests[r].num_computed_tokens == n for r, n in prompt_lens.items()
+    )
 
 
 def _abort_all(engine: LLMEngine) -> None:
@@ -62,7 +67,9 @@ def _round_robin(engine: LLMEngine, formation: MicroBatchFormation, num: int):
     while len(formed) < num:
         if len(out) == formation.num_micro_batches:
             batch = out.pop(0)
-            engine.pipeline.apply_micro_batch(batch, engine.executor.execute(batch).sampled_token_ids)
+            engine.pipeline.apply_micro_batch(
+                batch, engine.executor.execute(batch).sampled_token_ids
+            )
         batch = engine.pipeline.form_micro_batch(formation)
         assert not batch.is_empty
         out.append(batch)
@@ -221,3 +228,86 @@ def test_lookahead_cuts_a_long_prompt_into_chunks_that_fill_the_level(make_simul
     assert [_contents(b) for b in batches] == [decodes, [("p", 200)]]
     assert [TOKENS_AND_CONTEXT.batch_s(b) for b in batches] == [128.0, 400.0]
     _abort_all(simple)
+
+
+def test_a_planned_micro_batch_preempts_like_a_step(make_simulated_engine):
+    engine = make_simulated_engine("tiny-cpu", block_size=4, num_kv_blocks=3)
+    _decoding(engine, {"a": 4, "b": 4, "c": 4})  # one full block each, none free
+    engine.add_request("w", [1] * 4, LONG, arrival_time=9.0)
+    batch = engine.scheduler.schedule_planned([("a", 1), ("b", 1), ("w", 4)], exclude=())
+    # a's next block comes from c (the last in policy order); b then has only itself to
+    # preempt; after a preemption nobody is admitted.
+    assert _contents(batch) == [("a", 1)]
+    assert batch.preempted_request_ids == ["c", "b"]
+    assert [r.request_id for r in engine.scheduler.waiting] == ["b", "c", "w"]
+    assert engine.block_manager.block_ids("a") == [0, 2]  # c's block 2
+    engine.scheduler.update_from_output(batch, engine.executor.execute(batch).sampled_token_ids)
+    _abort_all(engine)
+
+
+# ---- lookahead against simple on a mixed workload --------------------------------------
+
+
+def _mixed(seed: int, num_requests: int, gap_s: float) -> list[Arrival]:
+    """Short chats (8-64 prompt tokens) and, one in about seven, a long prompt (600-1500),
+    each generating 16-96 tokens; arrivals gap_s apart on average (0: one burst)."""
+    rng = random.Random(seed)
+    arrivals, t = [], 0.0
+    for i in range(num_requests):
+        t += rng.expovariate(1 / gap_s) if gap_s else 0.0
+        is_long = rng.random() < 0.15
+        prompt_len = rng.randint(600, 1500) if is_long else rng.randint(8, 64)
+        arrivals.append(Arrival(f"r{i}", round(t, 4), prompt_len, rng.randint(16, 96)))
+    return arrivals
+
+
+# (profile, requests, mean gap s, g) -> bubble fraction (simple, lookahead), rounded to
+# 4 places: a deterministic run of the cost model (no clock is read).
+BUBBLES = {
+    ("tiny-cpu", 40, 0.0, 2): (0.15, 0.0568),
+    ("tiny-cpu", 40, 0.0, 4): (0.3606, 0.1669),
+    ("tiny-cpu", 64, 0.002, 2): (0.2257, 0.057),
+    ("tiny-cpu", 64, 0.002, 4): (0.3872, 0.1484),
+    ("llama-7b-a10", 64, 0.002, 2): (0.0977, 0.034),
+    ("llama-7b-a10", 64, 0.002, 4): (0.1076, 0.045),
+    ("llama-7b-a10", 40, 0.0, 2): (0.0464, 0.0246),
+    ("llama-7b-a10", 40, 0.0, 4): (0.0833, 0.0494),
+}
+
+
+@pytest.mark.parametrize(("profile", "num_requests", "gap_s", "g"), list(BUBBLES))
+def test_lookahead_cuts_the_bubble_fraction(profile, num_requests, gap_s, g):
+    """The issue's target is lookahead <= simple / 2. It holds for the tiny-cpu profile
+    (2.2-4.0x) and for the 7B/A10 one under arrivals over time (2.4-2.9x), not for the
+    7B/A10 one on a single burst (1.7-1.9x): there a micro-batch's fixed part (22.5 ms of
+    weight reads on the whole model) outweighs its tokens (a decode adds 0.2 ms, a
+    500-token chunk 90 ms), so the simple formation's micro-batches are already near
+    equal (5-8% bubbles) and what is left of both is mostly the pipeline's ends: the
+    fill, and the drain, when fewer requests remain than micro-batches in flight."""
+    config = EngineConfig(num_kv_blocks=4096, memory_capacity_bytes=10**12)
+    cost = MicroBatchCost.from_profile(get_profile(profile))
+    arrivals = _mixed(1, num_requests, gap_s)
+    runs = {
+        name: run_pipeline(
+            MicroBatchFormation(name, g, max_num_seqs=64, max_num_batched_tokens=512, cost=cost),
+            g,
+            arrivals,
+            profile,
+            config,
+        )
+        for name in ("simple", "lookahead")
+    }
+    simple, lookahead = runs["simple"], runs["lookahead"]
+    assert (round(simple.bubble_fraction, 4), round(lookahead.bubble_fraction, 4)) == BUBBLES[
+        (profile, num_requests, gap_s, g)
+    ]
+    if profile == "tiny-cpu" or gap_s > 0:
+        assert lookahead.bubble_fraction <= simple.bubble_fraction / 2
+    # Every request generated all its tokens, the same in both runs.
+    assert simple.tokens == lookahead.tokens
+    assert {r: len(t) for r, t in lookahead.tokens.items()} == {
+        a.request_id: a.max_tokens for a in arrivals
+    }
+    for run in runs.values():
+        assert run.engine.block_manager.num_free_blocks == run.engine.block_manager.num_total_blocks
+        run.engine.check_integrity()
