@@ -195,7 +195,14 @@ class Pipeline:
             for r in scheduler.running_in_policy_order()
             if r.request_id not in excluded and r.status is not RequestStatus.SUSPENDED
         ]
-        running.sort(key=lambda r: self._back_since.get(r.request_id, -1))  # stable
+        # Back the longest first (stable: policy order among equals); priorities first.
+        is_priority = scheduler.is_priority_policy
+        running.sort(
+            key=lambda r: (
+                -r.priority if is_priority else 0,
+                self._back_since.get(r.request_id, -1),
+            )
+        )
         available = [
             Candidate(r.request_id, r.num_computed_tokens, r.num_tokens - r.num_computed_tokens)
             for r in running

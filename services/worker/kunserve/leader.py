@@ -283,6 +283,13 @@ class GroupLeader:
         ) as span:
             await self._finish_exchange()
             await self._drain()
+            bubble = None  # what the formation did over the group's life
+            if self.driver is not None:
+                stats = self.driver.stats
+                bubble = round(stats.modelled_bubble_fraction, 4)
+                span.set_attribute("llmesh.micro_batching", self.driver.formation.name)
+                span.set_attribute("llmesh.num_micro_batches", stats.num_micro_batches)
+                span.set_attribute("llmesh.modelled_bubble_fraction", bubble)
             placed, moved, preempted = await m.async_engine.run(self._plan_homes)
             homes: dict[int, list[HandedRequest]] = {mem.stage: [] for mem in group.members}
             for stage, state, local, group_ids in placed:
@@ -322,6 +329,7 @@ class GroupLeader:
         log.info(
             "group_dissolved",
             group_id=group.group_id,
+            modelled_bubble_fraction=bubble,
             num_moved=moved,
             num_preempted=preempted,
             restore_ms=round(restore_ms, 1),
