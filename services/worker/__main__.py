@@ -99,6 +99,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     kunserve.add_argument(
         "--kunserve-transfer-timeout-s", dest="kunserve.transfer_timeout_s", type=float
     )
+    kunserve.add_argument(
+        "--kunserve-micro-batching",
+        dest="kunserve.micro_batching",
+        help="lookahead (cost-balanced micro-batches, default) or simple",
+    )
     return parser.parse_args(argv)
 
 

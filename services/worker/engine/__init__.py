@@ -34,6 +34,7 @@ from services.worker.engine.errors import (
 )
 from services.worker.engine.executor import Executor, ExecutorOutput, TorchExecutor
 from services.worker.engine.layer_ranges import LayerChange, LayerRanges
+from services.worker.engine.micro_batching import MicroBatchCost, MicroBatchFormation
 from services.worker.engine.migration import EngineMigration
 from services.worker.engine.outputs import EngineStats, RequestOutput, RequestView, StepInfo
 from services.worker.engine.pipeline import GroupPool, Pipeline, plan_group_pool
@@ -70,6 +71,8 @@ __all__ = [
     "LLMEngine",
     "LayerChange",
     "LayerRanges",
+    "MicroBatchCost",
+    "MicroBatchFormation",
     "ModelConfig",
     "NoFreeBlocksError",
     "Pipeline",

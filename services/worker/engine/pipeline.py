@@ -26,7 +26,8 @@ scheduled, in the order it was scheduled; the last stage samples:
     leader     outputs = apply_micro_batch(batch, sampled)
 
 Several micro-batches are in flight at once: a request in one is left out of the next
-ones until it is applied (its tokens are not known yet).
+ones until it is applied (its tokens are not known yet). How the work is cut into
+micro-batches (simple, or lookahead: balanced by the cost model) is micro_batching.py's.
 """
 
 from __future__ import annotations
@@ -41,7 +42,13 @@ from services.worker.engine.errors import (
     InvalidMicroBatchError,
 )
 from services.worker.engine.executor import Executor, ExecutorOutput
+from services.worker.engine.micro_batching import (
+    Candidate,
+    MicroBatchFormation,
+    plan_lookahead,
+)
 from services.worker.engine.outputs import RequestOutput
+from services.worker.engine.request import RequestStatus
 from services.worker.engine.scheduler import Scheduler, SchedulerOutput
 
 
@@ -105,6 +112,10 @@ class Pipeline:
         self.pending_outputs = pending_outputs
         self._in_flight: list[SchedulerOutput] = []
         self._in_flight_ids: set[str] = set()
+        # The lookahead formation takes the requests back the longest first: number of
+        # the apply that brought each back (absent: never in flight, first of all).
+        self._num_applied = 0
+        self._back_since: dict[str, int] = {}
 
     @property
     def num_in_flight(self) -> int:
@@ -137,10 +148,99 @@ class Pipeline:
                 raise InvalidMicroBatchError(f"{name} must be an int > 0, got {value!r}")
         excluded = self._in_flight_ids.union(exclude)
         batch = scheduler.schedule_micro_batch(excluded, max_num_seqs, max_num_batched_tokens)
+        self._track(batch)
+        return batch
+
+    def form_micro_batch(
+        self, formation: MicroBatchFormation, exclude: Iterable[str] = ()
+    ) -> SchedulerOutput:
+        """The next micro-batch of `formation` (leader): simple (schedule_micro_batch
+        with 1/M of the limits) or lookahead (schedule_lookahead_micro_batch)."""
+        if formation.name == "simple":
+            m = formation.num_micro_batches
+            return self.schedule_micro_batch(
+                exclude,
+                max(1, formation.max_num_seqs // m),
+                max(1, formation.max_num_batched_tokens // m),
+            )
+        return self.schedule_lookahead_micro_batch(formation, exclude)
+
+    def schedule_lookahead_micro_batch(
+        self, formation: MicroBatchFormation, exclude: Iterable[str] = ()
+    ) -> SchedulerOutput:
+        """The next micro-batch, of the cost the round ahead spreads evenly
+        (micro_batching.plan_lookahead): the micro-batches in flight and this one hold
+        at most formation.max_num_seqs requests and max_num_batched_tokens tokens
+        together. Same exclusions as schedule_micro_batch."""
+        assert formation.cost is not None
+        scheduler = self.scheduler
+        excluded = self._in_flight_ids.union(exclude)
+        requests = scheduler.requests
+        returning: list[Candidate] = []
+        num_seqs_out = num_tokens_out = 0
+        for batch in self._in_flight:
+            num_seqs_out += len(batch.requests)
+            num_tokens_out += batch.num_batched_tokens
+            for r in batch.requests:
+                request = requests.get(r.request_id)
+                if request is None:
+                    continue
+                num_remaining = request.num_tokens - r.num_context_tokens + int(r.is_sampling)
+                if r.is_sampling and len(request.output_token_ids) + 1 >= request.params.max_tokens:
+                    continue  # its last token: it finishes when it comes back
+                if num_remaining > 0:
+                    returning.append(Candidate(r.request_id, r.num_context_tokens, num_remaining))
+        running = [
+            r
+            for r in scheduler.running_in_policy_order()
+            if r.request_id not in excluded and r.status is not RequestStatus.SUSPENDED
+        ]
+        # Back the longest first (stable: policy order among equals); priorities first.
+        is_priority = scheduler.is_priority_policy
+        running.sort(
+            key=lambda r: (
+                -r.priority if is_priority else 0,
+                self._back_since.get(r.request_id, -1),
+            )
+        )
+        available = [
+            Candidate(r.request_id, r.num_computed_tokens, r.num_tokens - r.num_computed_tokens)
+            for r in running
+        ]
+        num_seqs_left = formation.max_num_seqs - num_seqs_out
+        room = num_seqs_left - len(available)  # lookahead: the waiting ones that may join
+        for r in scheduler.waiting:
+            if room <= 0:
+                break
+            if r.request_id in excluded:
+                continue
+            available.append(
+                Candidate(
+                    r.request_id,
+                    r.num_computed_tokens,
+                    r.num_tokens - r.num_computed_tokens,
+                    is_waiting=True,
+                )
+            )
+            room -= 1
+        plan = plan_lookahead(
+            available,
+            returning,
+            formation.cost,
+            formation.num_micro_batches,
+            round_max_tokens=formation.max_num_batched_tokens,
+            max_num_seqs=num_seqs_left,
+            max_num_batched_tokens=formation.max_num_batched_tokens - num_tokens_out,
+            min_chunk_tokens=formation.min_chunk_tokens,
+        )
+        batch = scheduler.schedule_planned(plan, excluded)
+        self._track(batch)
+        return batch
+
+    def _track(self, batch: SchedulerOutput) -> None:
         if not batch.is_empty:
             self._in_flight.append(batch)
             self._in_flight_ids.update(r.request_id for r in batch.requests)
-        return batch
 
     def execute_stage(
         self, batch: SchedulerOutput, hidden_states: torch.Tensor | None = None
@@ -166,6 +266,12 @@ class Pipeline:
             )
         del self._in_flight[index]
         self._in_flight_ids.difference_update(r.request_id for r in batch.requests)
+        self._num_applied += 1
+        for r in batch.requests:
+            self._back_since[r.request_id] = self._num_applied
+        if len(self._back_since) > 2 * len(self.scheduler.requests) + 64:
+            live = self.scheduler.requests
+            self._back_since = {k: v for k, v in self._back_since.items() if k in live}
         return self.take_outputs() + self.scheduler.update_from_output(batch, sampled_token_ids)
 
     def take_outputs(self) -> list[RequestOutput]:

@@ -21,7 +21,7 @@ nothing for it.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass, field
 
 from services.worker.engine.block_manager import BlockManager
@@ -87,6 +87,11 @@ class Scheduler:
         if self.is_priority_policy:
             return (-request.priority, request.arrival_time, request.seq_no)
         return (request.arrival_time, request.seq_no)
+
+    def running_in_policy_order(self) -> list[Request]:
+        """The running list, sorted by policy (the order a step schedules it in)."""
+        self.running.sort(key=self._order)
+        return self.running
 
     @property
     def max_seq_len(self) -> int:
@@ -225,6 +230,66 @@ class Scheduler:
             self._add_to_output(output, request, num_new_tokens)
             budget -= num_new_tokens
         return output
+
+    def schedule_planned(
+        self, plan: Sequence[tuple[str, int]], exclude: Container[str]
+    ) -> SchedulerOutput:
+        """A micro-batch whose requests and chunk sizes a former chose (running requests
+        first, then waiting ones in policy order): [(request_id, num_new_tokens)]. The
+        blocks work as in schedule_micro_batch: a running request short of blocks
+        preempts the last running one in policy order that is neither in `exclude`
+        nor already in this micro-batch (planned ones after it drop out if preempted);
+        waiting ones are admitted in order until one cannot be allocated, and none after
+        a preemption."""
+        output = SchedulerOutput()
+        block_manager = self.block_manager
+        self.running.sort(key=self._order)
+        scheduled: set[str] = set()
+        is_admitting = True
+        for request_id, num_new_tokens in plan:
+            request = self.requests[request_id]
+            if request_id in output.preempted_request_ids:
+                continue  # a victim of an earlier request of this plan
+            num_tokens = request.num_computed_tokens + num_new_tokens
+            assert num_new_tokens > 0 and num_tokens <= request.num_tokens, (
+                request,
+                num_new_tokens,
+            )
+            if request.status is RequestStatus.RUNNING:
+                while not block_manager.can_append(request_id, num_tokens):
+                    victim = self._pick_planned_victim(exclude, scheduled)
+                    self.preempt(victim)
+                    output.preempted_request_ids.append(victim.request_id)
+                    if victim is request:
+                        break
+                if request.status is not RequestStatus.RUNNING:  # preempted itself
+                    continue
+                block_manager.may_append(request_id, num_tokens)
+            elif request.status is RequestStatus.WAITING:
+                if not is_admitting or output.preempted_request_ids:
+                    break
+                if not block_manager.can_allocate(num_tokens):
+                    is_admitting = False
+                    break
+                block_manager.allocate(request_id, num_tokens)
+                self.waiting.remove(request)
+                request.set_status(RequestStatus.RUNNING)
+                self.running.append(request)
+            else:
+                continue  # suspended
+            self._add_to_output(output, request, num_new_tokens)
+            scheduled.add(request_id)
+        return output
+
+    def _pick_planned_victim(self, exclude: Container[str], scheduled: set[str]) -> Request:
+        for request in reversed(self.running):
+            if (
+                request.status is RequestStatus.RUNNING
+                and request.request_id not in exclude
+                and request.request_id not in scheduled
+            ):
+                return request
+        raise AssertionError("the request being scheduled is always a candidate")
 
     def _pick_victim(self, start: int, exclude: Container[str] = frozenset()) -> Request:
         """The last request in policy order that is not yet scheduled this step (nor

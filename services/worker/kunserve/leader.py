@@ -35,7 +35,14 @@ from opentelemetry import trace
 
 from services.common.groups import ExchangePlan, GroupSpec, GroupStatus, KVTransferSpec
 from services.common.logging import get_logger
-from services.worker.engine import GroupCapacityError, LLMEngine, plan_group_pool
+from services.worker.engine import (
+    GroupCapacityError,
+    LLMEngine,
+    MicroBatchCost,
+    MicroBatchFormation,
+    get_profile,
+    plan_group_pool,
+)
 from services.worker.kunserve.pipeline import PipelineDriver
 from services.worker.kunserve.types import GroupError, HandedRequest, JoinReply
 
@@ -170,15 +177,24 @@ class GroupLeader:
                 m.hooks.set_epoch(r.handoff.state.request_id, r.handoff.placement_epoch)
                 m.hooks.adopt(r.handoff)
         engine_config = m.async_engine.engine.config
+        cost = MicroBatchCost.from_profile(get_profile(m.config.cost_profile))
+        formation = MicroBatchFormation(
+            m.config.micro_batching,
+            num_micro_batches=m.config.max_in_flight or group.num_stages,
+            max_num_seqs=engine_config.max_num_seqs,
+            max_num_batched_tokens=engine_config.max_num_batched_tokens,
+            cost=cost,
+            min_chunk_tokens=m.config.min_chunk_tokens,
+        )
         driver = PipelineDriver(
             m.key,
             m.transport,
             group.members[1].transport_address,
             asyncio.get_running_loop(),
             m.async_engine.wakeup,
-            max_in_flight=m.config.max_in_flight or group.num_stages,
-            max_num_seqs=engine_config.max_num_seqs,
-            max_num_batched_tokens=engine_config.max_num_batched_tokens,
+            num_stages=group.num_stages,
+            formation=formation,
+            cost=cost,
             on_failure=lambda exc: m.lost(f"pipeline transfer failed: {exc}"),
             exchange=m.kv_exchange,
         )
@@ -267,6 +283,13 @@ class GroupLeader:
         ) as span:
             await self._finish_exchange()
             await self._drain()
+            bubble = None  # what the formation did over the group's life
+            if self.driver is not None:
+                stats = self.driver.stats
+                bubble = round(stats.modelled_bubble_fraction, 4)
+                span.set_attribute("llmesh.micro_batching", self.driver.formation.name)
+                span.set_attribute("llmesh.num_micro_batches", stats.num_micro_batches)
+                span.set_attribute("llmesh.modelled_bubble_fraction", bubble)
             placed, moved, preempted = await m.async_engine.run(self._plan_homes)
             homes: dict[int, list[HandedRequest]] = {mem.stage: [] for mem in group.members}
             for stage, state, local, group_ids in placed:
@@ -306,6 +329,7 @@ class GroupLeader:
         log.info(
             "group_dissolved",
             group_id=group.group_id,
+            modelled_bubble_fraction=bubble,
             num_moved=moved,
             num_preempted=preempted,
             restore_ms=round(restore_ms, 1),

@@ -9,7 +9,8 @@
     apply the tokens of k (outputs to the gateways as usual)
 
 Up to `max_in_flight` micro-batches are out at once, so every stage has work while the
-others compute. A request is in at most one micro-batch: it samples its next token only
+others compute; the formation (KunServeConfig.micro_batching: lookahead or simple,
+services/worker/engine/micro_batching.py) decides what goes in each. A request is in at most one micro-batch: it samples its next token only
 after its previous one came back. Each link (into stage k, and the return to stage 0)
 numbers its transfers 0, 1, 2, ... so a receiver always knows the next transfer id and
 posts it ahead; transfers travel in the activation class, ahead of KV traffic.
@@ -35,7 +36,14 @@ from opentelemetry import trace
 
 from kvtransport import TrafficClass, Transport
 from services.common.logging import get_logger
-from services.worker.engine import LLMEngine, RequestOutput, SchedulerOutput
+from services.policies.microbatch import PipelineClock
+from services.worker.engine import (
+    LLMEngine,
+    MicroBatchCost,
+    MicroBatchFormation,
+    RequestOutput,
+    SchedulerOutput,
+)
 from services.worker.kunserve.exchange import KVExchange
 from services.worker.kunserve.wire import decode_micro_batch, encode_micro_batch
 
@@ -104,6 +112,18 @@ class PipelineStats:
     num_tokens_returned: int = 0
     busy_s: float = 0.0  # stage 0's own layers
     samples_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))
+    # The micro-batches formed so far, timed by the cost model through the g stages
+    # back to back (services.policies.microbatch): the formation's own bubbles, not
+    # the host's or the links'.
+    modelled_busy_s: float = 0.0  # every stage's modelled time, summed
+    modelled_stage_time_s: float = 0.0  # g x the modelled makespan
+
+    @property
+    def modelled_bubble_fraction(self) -> float:
+        """Idle stage time / total stage time of the modelled run."""
+        if self.modelled_stage_time_s <= 0:
+            return 0.0
+        return 1.0 - self.modelled_busy_s / self.modelled_stage_time_s
 
 
 class PipelineDriver:
@@ -116,23 +136,22 @@ class PipelineDriver:
         next_stage_address: bytes,
         loop: asyncio.AbstractEventLoop,
         wakeup: threading.Event,
-        max_in_flight: int,
-        max_num_seqs: int,
-        max_num_batched_tokens: int,
+        num_stages: int,
+        formation: MicroBatchFormation,
+        cost: MicroBatchCost,
         on_failure: Callable[[BaseException], None],
         exchange: KVExchange | None = None,
     ) -> None:
-        if max_in_flight < 1:
-            raise ValueError(f"max_in_flight={max_in_flight} must be >= 1")
         self.group_key = group_key
         self._transport = transport
         self._next = next_stage_address
         self._loop = loop
         self._wakeup = wakeup
-        self.max_in_flight = max_in_flight
-        # Simple formation: each micro-batch gets an even share of the step's limits.
-        self.max_num_seqs = max(1, max_num_seqs // max_in_flight)
-        self.max_num_batched_tokens = max(1, max_num_batched_tokens // max_in_flight)
+        self.num_stages = num_stages
+        self.formation = formation  # what goes in each micro-batch; M of them in flight
+        self.max_in_flight = formation.num_micro_batches
+        self._cost = cost  # the modelled bubble fraction's (either formation)
+        self._clock = PipelineClock(num_stages, self.max_in_flight, is_recording=False)
         self._on_failure = on_failure
         self._exchange = exchange  # its KV sends to a peer pause while activations go there
         self._seq = itertools.count()
@@ -232,11 +251,12 @@ class PipelineDriver:
         num_sent = 0
         while len(self._in_flight) < self.max_in_flight:
             # The engine leaves out the requests in flight; held back: exchange running.
-            batch = engine.pipeline.schedule_micro_batch(
-                self.held_back, self.max_num_seqs, self.max_num_batched_tokens
-            )
+            batch = engine.pipeline.form_micro_batch(self.formation, self.held_back)
             if batch.is_empty:
                 break
+            self._clock.add(self._cost.batch_s(batch) / self.num_stages)
+            self.stats.modelled_busy_s = self._clock.busy_s
+            self.stats.modelled_stage_time_s = self.num_stages * self._clock.makespan_s
             started = time.perf_counter()
             result = engine.pipeline.execute_stage(batch, None)
             busy_s = time.perf_counter() - started

@@ -223,3 +223,25 @@ def test_old_variable_names_are_warned_about_and_the_service_addresses_are_not(c
         "LLMESH_WORKER_MEMORY_CAPACITY_MB",
         "LLMESH_SCHEDULER_LEASE_MS",
     ]
+
+
+def test_kunserve_micro_batching_from_env_and_flags():
+    args = parse_args(["--kunserve-micro-batching", "simple", "--kunserve-max-in-flight", "3"])
+    config = load_config(
+        WorkerConfig,
+        "WORKER",
+        vars(args),
+        environ={"LLMESH_WORKER_KUNSERVE_MIN_CHUNK_TOKENS": "16"},
+    )
+    kunserve = config.kunserve
+    assert (kunserve.micro_batching, kunserve.max_in_flight, kunserve.min_chunk_tokens) == (
+        "simple",
+        3,
+        16,
+    )
+    assert WorkerConfig().kunserve.micro_batching == "lookahead"
+    assert WorkerConfig().kunserve.cost_profile == "tiny-cpu"
+    with pytest.raises(ConfigError, match=r"micro_batching='greedy' must be one of"):
+        load_config(
+            WorkerConfig, "WORKER", environ={"LLMESH_WORKER_KUNSERVE_MICRO_BATCHING": "greedy"}
+        )

@@ -9,7 +9,8 @@ queues for the links between stages, dicts of tensors for the KV exchange.
     drop      members export their requests (+ the KV of layers others will keep),
               join the group; the leader adopts them at group ids; each request is
               held back until its KV slices reach their owners
-    pipeline  up to g micro-batches in flight; new requests arrive
+    pipeline  up to g micro-batches in flight, formed simple or lookahead (balanced
+              by the cost model); new requests arrive
     restore   drain; each running request gets a home (or recomputes); KV slices move
               to the homes; members leave the group; requests continue unpipelined
 """
@@ -27,11 +28,14 @@ from services.worker.engine import (
     EngineStateError,
     GroupPool,
     LLMEngine,
+    MicroBatchCost,
+    MicroBatchFormation,
     RequestState,
     RequestStatus,
     SamplingParams,
     plan_group_pool,
 )
+from services.worker.engine.cost_model import TINY_CPU
 from tests.unit.worker.engine.helpers import collect, random_prompts, weight_digest
 
 BLOCK_SIZE = 8
@@ -65,9 +69,18 @@ class Job:
 class Group:
     """g members run as one pipeline; members[0] (the leader) schedules."""
 
-    def __init__(self, members: list[LLMEngine]) -> None:
+    def __init__(self, members: list[LLMEngine], formation: str = "simple") -> None:
         self.members = members
         self.g = len(members)
+        config = members[0].config
+        self.formation = MicroBatchFormation(
+            formation,
+            num_micro_batches=self.g,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            cost=MicroBatchCost.from_profile(TINY_CPU),
+            min_chunk_tokens=8,
+        )
         self.ranges = split_layers(members[0].model_config.num_layers, self.g)
         self.links: list[deque] = [deque() for _ in range(self.g)]  # micro-batches per stage
         self.waiting_for_kv: set[str] = set()
@@ -142,12 +155,7 @@ class Group:
                 collect(outputs, self.tokens)
         if not schedule or self.leader.pipeline.num_in_flight >= self.g:
             return []
-        config = self.leader.config
-        batch = self.leader.pipeline.schedule_micro_batch(
-            self.waiting_for_kv,
-            max(1, config.max_num_seqs // self.g),
-            max(1, config.max_num_batched_tokens // self.g),
-        )
+        batch = self.leader.pipeline.form_micro_batch(self.formation, self.waiting_for_kv)
         if batch.is_empty:
             return []
         self.links[0].append((batch, None))
@@ -225,16 +233,23 @@ def reference_tokens(make_engine, kernels: str, jobs: list[Job]) -> dict[str, li
 
 # (requests moved home with their KV, requests recomputed) at the restore, per g: the
 # group ran more than the members' pools of 28 blocks hold again.
-RESTORED = {2: (8, 6), 4: (19, 2)}
+# The formation changes which requests run when, hence the pool at the restore.
+RESTORED = {
+    ("simple", 2): (8, 6),
+    ("simple", 4): (19, 2),
+    ("lookahead", 2): (8, 6),
+    ("lookahead", 4): (17, 3),
+}
 
 
+@pytest.mark.parametrize("formation", ["simple", "lookahead"])
 @pytest.mark.parametrize("kernels", ["torch", "native"])
 @pytest.mark.parametrize("g", [2, 4])
-def test_a_group_serves_exactly_what_one_engine_serves(make_engine, g, kernels):
+def test_a_group_serves_exactly_what_one_engine_serves(make_engine, g, kernels, formation):
     members = [make_engine(kernels=kernels, **MEMBER_CONFIG) for _ in range(g)]
     digests = [weight_digest(m) for m in members]
     jobs: list[Job] = []
-    group = Group(members)
+    group = Group(members, formation)
 
     def arrive(engine: LLMEngine, request_id: str, length: int, seed: int, arrival: float):
         job = Job(request_id, random_prompts(seed, 1, length, length)[0], _params(seed, 16))
@@ -294,7 +309,7 @@ def test_a_group_serves_exactly_what_one_engine_serves(make_engine, g, kernels):
 
     # Restore: drain, move KV home, leave the group, continue unpipelined.
     group.drain()
-    assert group.restore("peers" if g == 2 else "source") == RESTORED[g]
+    assert group.restore("peers" if g == 2 else "source") == RESTORED[(formation, g)]
     arrive(members[-1], "late-0", 30, 900, 20.0)  # arrives just after the restore
     for member in members:
         assert member.layer_ranges.is_complete
