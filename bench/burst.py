@@ -5,9 +5,11 @@ Each policy gets a fresh mesh (scheduler, gateway, 4 workers) on the memory-cons
 model of `bench kunserve_mechanism` (weights 55% of each worker's memory) and the same
 requests at the same times:
 
-    calm      a few requests at a low rate (the cluster is lightly loaded)
-    burst     many long requests within about a second: their KV is several times
-              what the 4 workers hold, so requests queue, and preempt each other
+    residents long requests over the first second: their prompts alone take most of
+              the 4 workers' KV, and as they decode it grows past what they hold
+    burst     many shorter requests within a second, once the pools are full: they
+              queue for memory (the TTFT a KV-centric system pays), or run at once
+              if the workers drop their replicated layers
     tail      a few more at a low rate while the burst drains
 
 The live scheduler runs the policy preset (`--policy`): recompute (memory-aware
@@ -83,21 +85,22 @@ def workload(args) -> list[Arrival]:
         }
         return prompt, sampling
 
-    arrivals, t, i = [], 0.0, 0
-    for _ in range(args.calm):
-        t += rng.expovariate(args.calm_rate)
-        arrivals.append(Arrival(t, request(i, rng.randint(32, 128), rng.randint(32, 96))))
+    arrivals, i = [], 0
+    for _ in range(args.residents):
+        at = rng.uniform(0, 1.0)
+        tokens = rng.randint(args.resident_tokens * 3 // 4, args.resident_tokens)
+        prompt_len = rng.randint(args.resident_prompt * 5 // 6, args.resident_prompt)
+        arrivals.append(Arrival(at, request(i, prompt_len, tokens)))
         i += 1
-    burst_start = t + 0.2
     for _ in range(args.burst):
-        at = burst_start + rng.uniform(0, args.burst_s)
+        at = args.burst_at_s + rng.uniform(0, args.burst_s)
         prompt_len = rng.randint(args.burst_prompt // 2, args.burst_prompt)
         arrivals.append(Arrival(at, request(i, prompt_len, args.burst_tokens)))
         i += 1
-    t = burst_start + args.burst_s
+    t = args.burst_at_s + args.burst_s
     for _ in range(args.tail):
-        t += rng.expovariate(args.calm_rate)
-        arrivals.append(Arrival(t, request(i, rng.randint(32, 128), rng.randint(32, 96))))
+        t += rng.expovariate(args.tail_rate)
+        arrivals.append(Arrival(t, request(i, rng.randint(32, 96), rng.randint(32, 64))))
         i += 1
     return sorted(arrivals, key=lambda a: a.at_s)
 
@@ -246,15 +249,18 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="llmesh bench burst", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="(the JSON line is always last)")
     parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated presets")
-    parser.add_argument("--calm", type=int, default=8, help="requests before the burst")
-    parser.add_argument("--calm-rate", type=float, default=4.0, help="requests/s, calm phases")
-    parser.add_argument("--burst", type=int, default=48, help="requests in the burst")
-    parser.add_argument("--burst-s", type=float, default=1.0, help="the burst's length, seconds")
-    parser.add_argument("--burst-prompt", type=int, default=384, help="longest burst prompt")
+    parser.add_argument("--residents", type=int, default=20, help="long requests first")
+    parser.add_argument("--resident-prompt", type=int, default=480, help="longest resident prompt")
     parser.add_argument(
-        "--burst-tokens", type=int, default=160, help="new tokens per burst request"
+        "--resident-tokens", type=int, default=300, help="most new tokens of a resident"
     )
-    parser.add_argument("--tail", type=int, default=8, help="requests after the burst")
+    parser.add_argument("--burst", type=int, default=24, help="requests in the burst")
+    parser.add_argument("--burst-at-s", type=float, default=3.0, help="when the burst starts")
+    parser.add_argument("--burst-s", type=float, default=1.0, help="the burst's length, seconds")
+    parser.add_argument("--burst-prompt", type=int, default=128, help="longest burst prompt")
+    parser.add_argument("--burst-tokens", type=int, default=64, help="new tokens per burst request")
+    parser.add_argument("--tail", type=int, default=4, help="requests after the burst")
+    parser.add_argument("--tail-rate", type=float, default=2.0, help="requests/s after it")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--weight-share", type=float, default=0.55)
     parser.add_argument("--log-dir", default=None, help="where the meshes log (default: temp)")
