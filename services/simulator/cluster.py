@@ -178,9 +178,12 @@ class Simulator:
         if config.group == "none":
             return None
         model = profile.cost_profile.model
+        # Weights / memory of one instance, as its engine holds them (weights + pool).
+        memory = profile.weight_nbytes + self.engine_config.num_kv_blocks * (
+            profile.kv_bytes_per_token * config.block_size
+        )
         group_config = dataclasses.replace(
-            config.group_config,
-            weight_share=profile.weight_nbytes / profile.memory_capacity_bytes,
+            config.group_config, weight_share=profile.weight_nbytes / memory
         )
         self.group_config = group_config
         return GroupManager(
