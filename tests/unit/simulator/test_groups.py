@@ -61,7 +61,9 @@ class ScriptedGroups(GroupPolicy):
 
 
 def scripted_run(config, requests, policy):
-    sim = Simulator(dataclasses.replace(config, group_config=GroupConfig(interval_s=0.01)), requests)
+    sim = Simulator(
+        dataclasses.replace(config, group_config=GroupConfig(interval_s=0.01)), requests
+    )
     sim.groups.policy = policy
     return sim, sim.run()
 
