@@ -46,6 +46,12 @@ def add_arguments(parser) -> None:
         "--presets", default=None, help="--burst: comma-separated presets (default all four)"
     )
     parser.add_argument(
+        "--vote-window-s",
+        type=float,
+        default=None,
+        help="--burst: GroupConfig.vote_window_s of the kunserve and llmesh policies (0.5)",
+    )
+    parser.add_argument(
         "--burst-plot", default="out/simulate_burst.png", help="--burst: PNG path ('' for none)"
     )
     parser.add_argument(
@@ -216,7 +222,13 @@ def _run_compare(args) -> int:
 
 
 def _run_burst(args) -> int:
-    from services.simulator.burst import BurstConfig, burst_tables, plot_burst, run_burst
+    from services.simulator.burst import (
+        BurstConfig,
+        burst_tables,
+        plot_burst,
+        run_burst,
+        with_group_knobs,
+    )
 
     fields = {
         "num_instances": args.instances,
@@ -241,6 +253,8 @@ def _run_burst(args) -> int:
     if args.presets:
         fields["policies"] = tuple(args.presets.split(","))
     cfg = BurstConfig(**fields)
+    if args.vote_window_s is not None:
+        cfg = with_group_knobs(cfg, vote_window_s=args.vote_window_s)
     print(
         f"running the burst comparison ({len(cfg.intensities)} intensities x "
         f"{len(cfg.policies)} policies, {cfg.num_requests} requests each) on "
