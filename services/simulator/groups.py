@@ -45,6 +45,7 @@ from services.policies import InstanceLoad
 from services.policies.groups import split_layers
 from services.policies.kunserve import GroupPolicy
 from services.simulator.instance import SimInstance
+from services.simulator.link import Link
 from services.simulator.loop import EventLoop
 from services.worker.engine.outputs import RequestOutput
 from services.worker.engine.pipeline import plan_group_pool
@@ -106,57 +107,6 @@ class GroupStats:
         if self.stage_total_s <= 0:
             return 0.0
         return 1.0 - self.stage_busy_s / self.stage_total_s
-
-
-@dataclass
-class _Piece:
-    """KV bytes of one request on one link."""
-
-    nbytes: float
-    on_done: Callable[[], None]
-    started_s: float = 0.0
-
-
-class Link:
-    """A member's outgoing link: activations go first; KV pieces queue (FIFO) and send
-    in the time activations leave, pausing while one is sent."""
-
-    def __init__(self, loop: EventLoop, bandwidth_bytes_per_s: float) -> None:
-        self.loop = loop
-        self.bandwidth = bandwidth_bytes_per_s
-        self.pieces: deque[_Piece] = deque()
-        self.activation_until = 0.0
-        self._version = 0
-
-    def send_kv(self, nbytes: float, on_done: Callable[[], None]) -> None:
-        self.pieces.append(_Piece(nbytes, on_done))
-        if len(self.pieces) == 1:
-            self._resume()
-
-    def send_activation(self, nbytes: float) -> float:
-        """Sends at once (after earlier activations); returns seconds until it arrived."""
-        now = self.loop.now
-        if self.pieces:  # pause the piece being sent: count what went out so far
-            head = self.pieces[0]
-            head.nbytes = max(0.0, head.nbytes - max(0.0, now - head.started_s) * self.bandwidth)
-        self.activation_until = max(now, self.activation_until) + nbytes / self.bandwidth
-        if self.pieces:
-            self._resume()
-        return self.activation_until - now
-
-    def _resume(self) -> None:
-        head = self.pieces[0]
-        head.started_s = max(self.loop.now, self.activation_until)
-        self._version += 1
-        self.loop.at(head.started_s + head.nbytes / self.bandwidth, self._done, self._version)
-
-    def _done(self, version: int) -> None:
-        if version != self._version:
-            return  # rescheduled by an activation
-        piece = self.pieces.popleft()
-        if self.pieces:
-            self._resume()
-        piece.on_done()
 
 
 @dataclass
