@@ -3,6 +3,7 @@
 llmesh simulate --policy llumnix --rate 20 --requests 10000 --json
 llmesh simulate --trace requests.csv --policy load_balance
 llmesh simulate --compare --json            # the full comparison report
+llmesh simulate --burst --json              # KunServe's burst comparison of the presets
 """
 
 from __future__ import annotations
@@ -12,13 +13,47 @@ import json
 import sys
 from pathlib import Path
 
-HELP = "simulate a cluster under the Llumnix policies (or --compare all of them); last line is JSON"
+HELP = (
+    "simulate a cluster under the Llumnix policies (or --compare all of them, or --burst the "
+    "KunServe presets); last line is JSON"
+)
 
 POLICIES = ("round_robin", "load_balance", "llumnix", "llumnix_no_defrag")
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--compare", action="store_true", help="run the full comparison report")
+    parser.add_argument(
+        "--burst",
+        action="store_true",
+        help="run the burst comparison: recompute, llumnix, kunserve, llmesh presets",
+    )
+    parser.add_argument(
+        "--intensities",
+        default=None,
+        help="--burst: comma-separated burst intensities (burst rate / base rate)",
+    )
+    parser.add_argument(
+        "--base-rate", type=float, default=None, help="--burst: req/s between bursts"
+    )
+    parser.add_argument(
+        "--burst-s", type=float, default=None, help="--burst: seconds of each burst"
+    )
+    parser.add_argument(
+        "--period-s", type=float, default=None, help="--burst: a burst every this long"
+    )
+    parser.add_argument(
+        "--presets", default=None, help="--burst: comma-separated presets (default all four)"
+    )
+    parser.add_argument(
+        "--vote-window-s",
+        type=float,
+        default=None,
+        help="--burst: GroupConfig.vote_window_s of the kunserve and llmesh policies (0.5)",
+    )
+    parser.add_argument(
+        "--burst-plot", default="out/simulate_burst.png", help="--burst: PNG path ('' for none)"
+    )
     parser.add_argument(
         "--json", action="store_true", help="end with one JSON line (always the case; accepted)"
     )
@@ -68,6 +103,8 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     try:
+        if args.burst:
+            return _run_burst(args)
         if args.compare:
             return _run_compare(args)
         return _run_single(args)
@@ -177,6 +214,60 @@ def _run_compare(args) -> int:
     if not args.plot:
         print("plot: skipped (--plot '')")
     elif written := plot_compare(report, args.plot):
+        print(f"plot: wrote {written}")
+    else:
+        print("plot: skipped, matplotlib is not installed (it comes with the bench extra)")
+    print(json.dumps(report))
+    return 0
+
+
+def _run_burst(args) -> int:
+    from services.simulator.burst import (
+        BurstConfig,
+        burst_tables,
+        plot_burst,
+        run_burst,
+        with_group_knobs,
+    )
+
+    fields = {
+        "num_instances": args.instances,
+        "profile": args.profile,
+        "cv": args.cv,
+        "prompt": args.prompt,
+        "output": args.output,
+        "seed": args.seed,
+        "workers": args.workers,
+    }
+    if args.requests:
+        fields["num_requests"] = args.requests
+    if args.intensities:
+        fields["intensities"] = tuple(float(k) for k in args.intensities.split(","))
+    for flag, name in (
+        ("base_rate", "base_rate"),
+        ("burst_s", "burst_s"),
+        ("period_s", "period_s"),
+    ):
+        if getattr(args, flag) is not None:
+            fields[name] = getattr(args, flag)
+    if args.presets:
+        fields["policies"] = tuple(args.presets.split(","))
+    cfg = BurstConfig(**fields)
+    if args.vote_window_s is not None:
+        cfg = with_group_knobs(cfg, vote_window_s=args.vote_window_s)
+    print(
+        f"running the burst comparison ({len(cfg.intensities)} intensities x "
+        f"{len(cfg.policies)} policies, {cfg.num_requests} requests each) on "
+        f"{cfg.workers} process(es)...",
+        flush=True,
+    )
+    report = run_burst(cfg, lambda line: print(line, flush=True))
+    print()
+    print(burst_tables(report))
+    print()
+    if not args.burst_plot:
+        print("plot: skipped (--burst-plot '')")
+    elif written := plot_burst(report, args.burst_plot):
         print(f"plot: wrote {written}")
     else:
         print("plot: skipped, matplotlib is not installed (it comes with the bench extra)")

@@ -9,6 +9,9 @@ What runs on the event loop:
                     terminating instances hand their queued requests back to dispatch
     scaling tick    every ScalingConfig.interval_s: up (instance ready after
                     `instance_startup_s`) or down (mark terminating, drain, remove)
+    group tick      every GroupConfig.interval_s (group policy other than "none"): the
+                    KunServe policy drops groups of instances into pipelines and
+                    restores them (groups.py steps a group's micro-batches)
 
 Instances advance independently: each has its own step timeline from the cost model.
 With `host_cores` set (the fidelity bench's one-machine mesh) steps, request paths and
@@ -18,6 +21,7 @@ Load snapshots are exact at decision time (the live mesh sees ~50 ms old reports
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -27,11 +31,13 @@ from services.policies import (
     DispatchInfo,
     ScaleAction,
     make_dispatch_policy,
+    make_group_policy,
     make_migration_policy,
     make_scaling_policy,
     make_selection_policy,
 )
 from services.simulator.config import SimConfig
+from services.simulator.groups import GroupCost, GroupManager, GroupStats
 from services.simulator.host import SharedHost
 from services.simulator.instance import TOKEN_ID, SimInstance
 from services.simulator.loop import EventLoop
@@ -44,7 +50,8 @@ from services.simulator.migration import (
 )
 from services.simulator.profiles import SimProfile, get_profile
 from services.simulator.workload import SimRequest
-from services.worker.engine.config import EngineConfig
+from services.worker.engine.config import DTYPE_NBYTES, EngineConfig
+from services.worker.engine.outputs import RequestOutput
 from services.worker.engine.request import RequestState
 
 
@@ -65,6 +72,8 @@ class SimResult:
     cpu_s: float  # process CPU time (wall time is noisy on a shared machine)
     # (time, number of instances alive) at every change, for plots.
     instance_timeline: list[tuple[float, int]] = field(default_factory=list)
+    # KunServe groups: drops, restores, exchange, bubbles (all zero without groups).
+    groups: GroupStats = field(default_factory=GroupStats)
 
     def summary_for(self, is_high_priority: bool) -> LatencySummary:
         return summarize(r for r in self.records if (r.priority > 0) == is_high_priority)
@@ -100,6 +109,7 @@ class Simulator:
             on_commit=self._on_commit,
             on_change=self._kick,
         )
+        self.groups = self._make_groups()
         self.records = {
             r.request_id: RequestRecord(
                 r.request_id, r.arrival_s, r.priority, r.num_prompt_tokens, r.num_output_tokens
@@ -162,6 +172,40 @@ class Simulator:
             make_scaling_policy("freeness_band", config=config.scaling) if config.scaling else None
         )
 
+    def _make_groups(self) -> GroupManager | None:
+        """The KunServe group loop (None for the KV-centric policies)."""
+        config, profile = self.config, self.profile
+        if config.group == "none":
+            return None
+        model = profile.cost_profile.model
+        # Weights / memory of one instance, as its engine holds them (weights + pool).
+        memory = profile.weight_nbytes + self.engine_config.num_kv_blocks * (
+            profile.kv_bytes_per_token * config.block_size
+        )
+        group_config = dataclasses.replace(
+            config.group_config, weight_share=profile.weight_nbytes / memory
+        )
+        self.group_config = group_config
+        return GroupManager(
+            self.loop,
+            make_group_policy(config.group, config=group_config),
+            GroupCost(
+                bandwidth_bytes_per_s=config.migration_bandwidth_bytes_per_s,
+                kv_bytes_per_block_layer=profile.kv_bytes_per_token
+                * config.block_size
+                // model.num_layers,
+                activation_bytes_per_token=model.hidden_size
+                * DTYPE_NBYTES[profile.cost_profile.dtype],
+                hop_latency_s=config.activation_hop_latency_s,
+            ),
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            micro_batches=config.micro_batches,
+            on_outputs=self._record_outputs,
+            on_preempted=self._note_preempted,
+            dispatch=self._dispatch,
+            kick=self._kick,
+        )
+
     # ---- running ------------------------------------------------------------------
 
     def run(self) -> SimResult:
@@ -175,6 +219,8 @@ class Simulator:
             self.loop.at(self.config.migration_config.interval_s, self._on_migration_tick)
         if self.config.scaling is not None:
             self.loop.at(self.config.scaling.interval_s, self._on_scaling_tick)
+        if self.groups is not None:
+            self.loop.at(self.group_config.interval_s, self._on_group_tick)
         # Ticks stop once every request finished; the rest drains (e.g. a migration
         # whose request finished first aborts at its stage end and frees its reservation).
         self.loop.run(lambda: False)
@@ -194,6 +240,10 @@ class Simulator:
             if record.num_finishes != 1 or record.num_generated != record.num_output_tokens:
                 raise SimulationError(f"request {record.request_id} broke conservation: {record}")
         makespan = max((r.finish_s for r in records), default=0.0)
+        if self.groups is not None:
+            self.groups.finish()
+            if self.groups.num_returning:
+                raise SimulationError(f"{self.groups.num_returning} requests never went home")
         everyone = [*self.instances.values(), *self.removed]
         if self.config.check_integrity:
             for instance in everyone:
@@ -218,6 +268,7 @@ class Simulator:
             wall_s=wall_s,
             cpu_s=cpu_s,
             instance_timeline=self._timeline,
+            groups=self.groups.stats if self.groups is not None else GroupStats(),
         )
 
     # ---- instances ----------------------------------------------------------------
@@ -253,6 +304,9 @@ class Simulator:
 
     def _kick(self, instance: SimInstance) -> None:
         """Starts the instance's next step if it is idle and has work."""
+        if instance.group_id and self.groups is not None:
+            self.groups.kick(instance)  # forming, or a pipeline stage
+            return
         if instance.is_busy or instance.ready_s is None or instance.removed_s is not None:
             return
         started = instance.start_step()
@@ -260,20 +314,29 @@ class Simulator:
             self._maybe_remove(instance)
             return
         duration_s, preempted = started
-        for request_id in preempted:
-            record = self.records[request_id]
-            record.num_preemptions += 1
-            if math.isnan(record.preempted_at_s):
-                record.preempted_at_s = self.loop.now
+        self._note_preempted(preempted)
         if self.host is None:
             self.loop.at(self.loop.now + duration_s, self._on_step_end, instance)
         else:
             self.host.run(instance.instance_id, duration_s, self._on_step_end, instance)
 
+    def _note_preempted(self, request_ids: Sequence[str]) -> None:
+        for request_id in request_ids:
+            record = self.records[request_id]
+            record.num_preemptions += 1
+            if math.isnan(record.preempted_at_s):
+                record.preempted_at_s = self.loop.now
+
     def _on_step_end(self, instance: SimInstance) -> None:
+        outputs = instance.finish_step()
+        self._record_outputs(instance, outputs)
+        self.migrations.on_step_end(instance)
+        self._kick(instance)
+
+    def _record_outputs(self, instance: SimInstance, outputs: Sequence[RequestOutput]) -> None:
+        """A step's (or a group's micro-batch's) tokens reach the requests' records."""
         now = self.loop.now
         records = self.records
-        outputs = instance.finish_step()
         if self.host is not None and self.config.stream_cpu_per_token_s > 0 and outputs:
             # The tokens go out through worker, gateway and client while the next step runs.
             num_tokens = sum(len(out.new_token_ids) for out in outputs)
@@ -296,8 +359,6 @@ class Simulator:
                 record.num_finishes += 1
                 record.instance_id = instance.instance_id
                 self.num_finished += 1
-        self.migrations.on_step_end(instance)
-        self._kick(instance)
 
     def _maybe_remove(self, instance: SimInstance) -> None:
         if instance.is_terminating and instance.is_empty and instance.num_migrating == 0:
@@ -390,6 +451,15 @@ class Simulator:
 
     def _on_commit(self, migration: SimMigration) -> None:
         self.records[migration.request.request_id].num_migrations += 1
+
+    # ---- KunServe groups -----------------------------------------------------------
+
+    def _on_group_tick(self, _arg: object = None) -> None:
+        if self._is_done():
+            return
+        assert self.groups is not None
+        self.groups.tick(self._ready())
+        self.loop.at(self.loop.now + self.group_config.interval_s, self._on_group_tick)
 
     # ---- scaling ------------------------------------------------------------------
 

@@ -7,12 +7,15 @@ from dataclasses import dataclass
 from services.common.config import ConfigError
 from services.policies import (
     DISPATCH_POLICIES,
+    GROUP_POLICIES,
     MIGRATION_POLICIES,
     SELECTION_POLICIES,
     LoadModelConfig,
     MigrationConfig,
     ScalingConfig,
 )
+from services.policies.kunserve import GroupConfig
+from services.policies.presets import preset
 
 
 @dataclass(frozen=True)
@@ -38,10 +41,21 @@ class SimConfig:
     scheduling_policy: str = "fcfs"
     # False: the engine and the policies see every request as normal priority.
     use_priorities: bool = True
+    # A preset of services/policies/presets.py (recompute, llumnix, kunserve, llmesh):
+    # sets `dispatch`, `migration` and `group` (overriding them); "" = use those fields.
+    policy: str = ""
     # Registered policy names.
     dispatch: str = "freest"
     migration: str = "freeness"
     selection: str = "lowest_priority_first"
+    # KunServe group policy ("none": no instance ever drops its layers) and its knobs
+    # (weight_share is taken from the profile: weights / memory of one instance).
+    group: str = "none"
+    group_config: GroupConfig = GroupConfig()
+    # Micro-batches a group keeps in flight (0 = one per stage).
+    micro_batches: int = 0
+    # Fixed cost of one activation hand-off between pipeline stages, seconds.
+    activation_hop_latency_s: float = 0.0
     # Knobs of the load model, the migration loop and the auto-scaler (None = fixed fleet).
     load_model: LoadModelConfig = LoadModelConfig()
     migration_config: MigrationConfig = MigrationConfig()
@@ -73,12 +87,18 @@ class SimConfig:
     check_integrity: bool = True
 
     def __post_init__(self) -> None:
+        if self.policy:
+            chosen = preset(self.policy)  # raises ConfigError naming the presets
+            object.__setattr__(self, "dispatch", chosen.dispatch_policy)
+            object.__setattr__(self, "migration", chosen.migration_policy)
+            object.__setattr__(self, "group", chosen.group_policy)
         if self.num_instances < 1:
             raise ConfigError(f"num_instances={self.num_instances} must be >= 1")
         for name, registry in (
             ("dispatch", DISPATCH_POLICIES),
             ("migration", MIGRATION_POLICIES),
             ("selection", SELECTION_POLICIES),
+            ("group", GROUP_POLICIES),
         ):
             value = getattr(self, name)
             if value not in registry:
@@ -100,6 +120,14 @@ class SimConfig:
         if not self.migration_bandwidth_bytes_per_s > 0:
             raise ConfigError(
                 f"migration_bandwidth_bytes_per_s={self.migration_bandwidth_bytes_per_s} must be > 0"
+            )
+        if self.group != "none" and self.scaling is not None:
+            raise ConfigError(f"group={self.group!r} with auto-scaling is not supported")
+        if self.micro_batches < 0:
+            raise ConfigError(f"micro_batches={self.micro_batches} must be >= 0")
+        if self.activation_hop_latency_s < 0:
+            raise ConfigError(
+                f"activation_hop_latency_s={self.activation_hop_latency_s} must be >= 0"
             )
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise ConfigError(

@@ -50,6 +50,9 @@ class SimInstance:
         self.ready_s: float | None = None  # set when it can take requests
         self.removed_s: float | None = None
         self.is_terminating = False
+        # KunServe group (groups.py) and pipeline stage; "" while alone.
+        self.group_id = ""
+        self.group_stage = 0
         self.num_migrating = 0  # migrations in flight, either direction
         self.migrating_out: set[str] = set()  # request ids being copied away
         self._batch: SchedulerOutput | None = None
@@ -95,6 +98,8 @@ class SimInstance:
             num_migrating=self.num_migrating,
             num_preemptions=scheduler.num_preemptions,
             block_size=bm.block_size,
+            group_id=self.group_id,
+            group_stage=self.group_stage,
             config=self.load_config,
         )
 

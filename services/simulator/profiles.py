@@ -28,6 +28,7 @@ class SimProfile:
     max_model_len: int
     kv_bytes_per_token: int  # all layers, K and V
     source: str
+    weight_nbytes: int = 0  # all layers (KunServe: the weight share of memory)
 
 
 def get_profile(
@@ -53,5 +54,6 @@ def get_profile(
         block_size=block_size,
         max_model_len=probe.max_model_len,
         kv_bytes_per_token=probe.kv_block_nbytes // block_size,
+        weight_nbytes=probe.weight_nbytes,
         source=cost.source,
     )
