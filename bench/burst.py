@@ -36,13 +36,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench import _burst_sim
+from bench._burst_sim import percentile
 from bench._checkpoint import llama_config, write_checkpoint
+from bench._cpu import available_cores
 from bench.kunserve_mechanism import BLOCK_SIZE, MODEL_SHAPE
 
 POLICIES = ("recompute", "llumnix", "kunserve", "llmesh")
 NUM_WORKERS = 4
 MAX_NUM_SEQS = 64  # memory, not the batch size cap, is what a burst runs into
 RPC_TIMEOUT_S = 10.0
+NUM_PROBES = 8  # of each kind, on the first mesh (the simulator's mesh costs)
 STREAM_TIMEOUT_S = 900.0
 # The group policy's knobs for a run of a minute: votes over 0.5 s, a group serves at
 # least 2 s and restores after 1 s of low, falling usage with nothing waiting.
@@ -61,14 +65,6 @@ Request = tuple[list[int], dict]
 class Arrival:
     at_s: float  # after the run's start
     request: Request
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    k = max(0, min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1))))
-    return ordered[k]
 
 
 def workload(args) -> list[Arrival]:
@@ -121,11 +117,13 @@ class PolicyRun:
     migrations: int = 0
     preemptions: int = 0
     elapsed_s: float = 0.0
+    num_blocks: list[int] = field(default_factory=list)  # each worker's pool, alone
+    probes: object = None  # bench.simulator_fidelity.Probes of the idle mesh, if probed
 
     def figures(self) -> dict:
         return {
-            "p50_ttft_s": round(_percentile(self.ttft_s, 50), 4),
-            "p99_ttft_s": round(_percentile(self.ttft_s, 99), 4),
+            "p50_ttft_s": round(percentile(self.ttft_s, 50), 4),
+            "p99_ttft_s": round(percentile(self.ttft_s, 99), 4),
             "mean_ttft_s": round(statistics.fmean(self.ttft_s), 4),
             "drops": self.drops,
             "restores": self.restores,
@@ -213,7 +211,12 @@ async def _wait_clean(mesh, timeout_s: float = 120.0) -> list:
         await asyncio.sleep(0.2)
 
 
-def run_policy(policy: str, args, model_dir: Path, memory_nbytes: int, arrivals, progress):
+def run_policy(
+    policy: str, args, model_dir: Path, memory_nbytes: int, arrivals, progress, probe: bool = False
+):
+    """One policy's run on a fresh mesh; with `probe`, the idle mesh is probed first for
+    the simulator's mesh costs (run.probes)."""
+    from bench.simulator_fidelity import _probe
     from services.common.procs import LocalMesh
 
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="llmesh-bench-burst-")) / policy
@@ -230,8 +233,16 @@ def run_policy(policy: str, args, model_dir: Path, memory_nbytes: int, arrivals,
     )  # fmt: skip
     progress(f"{policy}: starting a mesh of {NUM_WORKERS} workers (logs in {log_dir})")
     with mesh:
+        probes = None
+        if probe:
+            front_pids = [mesh.gateway.pid, mesh.scheduler.pid, os.getpid()]
+            prompt_len = round(statistics.fmean(len(a.request[0]) for a in arrivals))
+            probes = asyncio.run(_probe(mesh.gateway_address, NUM_PROBES, prompt_len, front_pids))
+            asyncio.run(_wait_clean(mesh))
         run = asyncio.run(_play(mesh.gateway_address, arrivals, policy))
         loads = asyncio.run(_wait_clean(mesh))
+    run.probes = probes
+    run.num_blocks = [ld.num_total_blocks for ld in loads]
     run.preemptions = sum(ld.num_preemptions for ld in loads)
     scheduler = _events(log_dir / "scheduler.log")
     run.drops = sum(e.get("event") == "group_serving" for e in scheduler)
@@ -264,6 +275,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--weight-share", type=float, default=0.55)
     parser.add_argument("--log-dir", default=None, help="where the meshes log (default: temp)")
+    parser.add_argument(
+        "--resim",
+        default=None,
+        metavar="FILE",
+        help="no mesh: re-simulate the run whose JSON line FILE holds, print it again",
+    )
     args = parser.parse_args(argv)
     args.policies = [p for p in args.policies.split(",") if p]
     unknown = sorted(set(args.policies) - set(POLICIES))
@@ -278,6 +295,8 @@ def main(argv: list[str]) -> int:
     def progress(line: str) -> None:
         print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
 
+    if args.resim:
+        return resimulate(Path(args.resim), args.policies, progress)
     from services.common.logging import setup_logging
 
     setup_logging("bench-burst", level="WARNING")
@@ -292,46 +311,122 @@ def main(argv: list[str]) -> int:
     kv_tokens = sum(len(a.request[0]) + a.request[1]["max_tokens"] for a in arrivals)
     progress(
         f"{len(arrivals)} requests ({args.burst} in a {args.burst_s} s burst), "
-        f"{kv_tokens} tokens of KV in all; reference tokens on a local engine"
+        f"{kv_tokens} tokens of KV in all; calibrating the cost model on this host"
+    )
+    profile, fit_error = _burst_sim.calibrate(model_dir, memory_nbytes)
+    progress(
+        f"profile: fixed {profile.fixed_s * 1e3:.2f} ms, {profile.per_token_s * 1e6:.1f} us/token, "
+        f"{profile.per_seq_s * 1e6:.1f} us/request, {profile.per_context_token_s * 1e9:.1f} "
+        f"ns/context token ({fit_error:.1%} mean fit error); reference tokens on a local engine"
     )
     expected = reference_tokens(model_dir, arrivals)
     runs = {
-        p: run_policy(p, args, model_dir, memory_nbytes, arrivals, progress) for p in args.policies
+        p: run_policy(p, args, model_dir, memory_nbytes, arrivals, progress, probe=k == 0)
+        for k, p in enumerate(args.policies)
     }
+    probes = next(iter(runs.values())).probes
+    engine = _burst_sim.engine_knobs(profile, NUM_WORKERS, BLOCK_SIZE, MAX_NUM_SEQS)
+    real_blocks = sorted({n for r in runs.values() for n in r.num_blocks})
+    if real_blocks != [engine["num_kv_blocks"]]:
+        raise RuntimeError(
+            f"workers' pools {real_blocks} blocks, the simulated engine's "
+            f"{engine['num_kv_blocks']}: the memory accounting differs"
+        )
+    costs = _burst_sim.mesh_costs(profile, probes, available_cores())
+    sim = _burst_sim.sim_block(profile, fit_error, costs, engine, GROUP_KNOBS)
     identical = {p: r.tokens == expected for p, r in runs.items()}
     summary = {
         "policies": {p: r.figures() for p, r in runs.items()},
         "tokens_identical": all(identical.values()),
         "tokens_identical_per_policy": identical,
-        "sim_p99_ttft_s": {},
+        **sim_figures(sim, arrivals, args.policies, progress),
         "num_requests": len(arrivals),
         "num_burst_requests": args.burst,
         "weight_share": args.weight_share,
         "memory_capacity_bytes": memory_nbytes,
         "block_size": BLOCK_SIZE,
+        "num_blocks_per_worker": engine["num_kv_blocks"],
+        "probe_mean_ttft_s": round(statistics.fmean(probes.ttfts), 4),
+        "probe_mean_tpot_s": round(statistics.fmean(probes.tpots), 4),
         "host": {
             "cores": os.cpu_count(),
             "load_avg_at_start": load_at_start,
             "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
         },
+        "workload_args": {k: getattr(args, k) for k in WORKLOAD_ARGS},
+        "sim_config": sim,
         "elapsed_s": round(time.monotonic() - started, 1),
     }
-    if "recompute" in runs and "kunserve" in runs:
-        summary["kunserve_p99_ttft_speedup_vs_recompute"] = round(
-            runs["recompute"].figures()["p99_ttft_s"] / runs["kunserve"].figures()["p99_ttft_s"], 2
-        )
+    _add_ratios(summary)
+    _print_table(summary)
+    print(json.dumps(summary))
+    return 0
+
+
+# The flags that shape the workload (a recorded run's are replayed by --resim).
+WORKLOAD_ARGS = (
+    "residents", "resident_prompt", "resident_tokens", "burst", "burst_at_s", "burst_s",
+    "burst_prompt", "burst_tokens", "tail", "tail_rate", "seed",
+)  # fmt: skip
+
+
+def sim_figures(sim: dict, arrivals, policies, progress) -> dict:
+    """The simulator's figures for each policy: the summary's sim_* keys."""
+    figures = {}
+    for policy in policies:
+        figures[policy] = _burst_sim.simulate(policy, sim, arrivals)
+        progress(f"{policy} (simulated): {figures[policy]}")
+    return {
+        "sim_p99_ttft_s": {p: f["p99_ttft_s"] for p, f in figures.items()},
+        "sim_p50_ttft_s": {p: f["p50_ttft_s"] for p, f in figures.items()},
+        "sim_drops": {p: f["drops"] for p, f in figures.items()},
+        "sim_policies": figures,
+    }
+
+
+def _add_ratios(summary: dict) -> None:
+    """fidelity (simulated / measured P99 TTFT per policy) and the kunserve target."""
+    measured = summary["policies"]
+    summary["fidelity"] = {
+        p: round(sim / measured[p]["p99_ttft_s"], 3) for p, sim in summary["sim_p99_ttft_s"].items()
+    }
+    summary["fidelity_within_25pct"] = all(
+        abs(ratio - 1) <= 0.25 for ratio in summary["fidelity"].values()
+    )
+    if "recompute" in measured and "kunserve" in measured:
+        speedup = measured["recompute"]["p99_ttft_s"] / measured["kunserve"]["p99_ttft_s"]
+        summary["kunserve_p99_ttft_speedup_vs_recompute"] = round(speedup, 2)
+        summary["kunserve_target_met"] = speedup >= 2 and measured["kunserve"]["drops"] >= 1
+
+
+def resimulate(path: Path, policies, progress) -> int:
+    """Re-predicts a recorded run (its JSON line) with this simulator; prints the table."""
+    summary = json.loads(path.read_text().strip().splitlines()[-1])
+    args = argparse.Namespace(**summary["workload_args"])
+    policies = [p for p in policies if p in summary["policies"]]
+    summary.update(sim_figures(summary["sim_config"], workload(args), policies, progress))
+    _add_ratios(summary)
     _print_table(summary)
     print(json.dumps(summary))
     return 0
 
 
 def _print_table(summary: dict) -> None:
-    print(f"{'policy':>10} {'p50 ttft s':>10} {'p99 ttft s':>10} {'drops':>6} {'migr':>5} "
-          f"{'preempt':>7} {'tokens exact':>12}")  # fmt: skip
+    print(f"{'policy':>10} {'p50 ttft s':>10} {'p99 ttft s':>10} {'sim p50':>8} {'sim p99':>8} "
+          f"{'sim/real':>8} {'drops':>5} {'sim':>4} {'migr':>5} {'preempt':>7} "
+          f"{'tokens exact':>12}")  # fmt: skip
     for policy, f in summary["policies"].items():
         exact = summary["tokens_identical_per_policy"][policy]
-        print(f"{policy:>10} {f['p50_ttft_s']:>10.3f} {f['p99_ttft_s']:>10.3f} {f['drops']:>6} "
+        sim_p50 = summary["sim_p50_ttft_s"].get(policy, float("nan"))
+        sim_p99 = summary["sim_p99_ttft_s"].get(policy, float("nan"))
+        ratio = summary["fidelity"].get(policy, float("nan"))
+        sim_drops = summary["sim_drops"].get(policy, "-")
+        print(f"{policy:>10} {f['p50_ttft_s']:>10.3f} {f['p99_ttft_s']:>10.3f} {sim_p50:>8.3f} "
+              f"{sim_p99:>8.3f} {ratio:>8.2f} {f['drops']:>5} {sim_drops!s:>4} "
               f"{f['migrations']:>5} {f['preemptions']:>7} {exact!s:>12}")  # fmt: skip
+    host = summary["host"]
+    print(f"host: {host['cores']} cores, load average {host['load_avg_at_start']} at the start, "
+          f"{host['load_avg_at_end']} at the end")  # fmt: skip
 
 
 if __name__ == "__main__":

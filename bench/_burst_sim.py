@@ -1,0 +1,202 @@
+"""The simulator's prediction of `llmesh bench burst`: the same requests, 4 instances,
+the live scheduler's knobs, and a cost model of the bench's model on this host.
+
+    profile     `calibrate`: the torch executor of the bench model, timed on probe
+                batches shaped like the burst's (decodes of 1-24 requests, prefills of
+                64-512 tokens), one torch thread like each worker, fastest of 3 rounds
+                (about 15 s); the pool is then sized from the workers' memory, so the
+                simulated engine holds exactly the real worker's blocks
+    mesh costs  from probes on the first mesh, idle, before its workload
+                (bench/simulator_fidelity.py): per request (gateway, dispatch, first
+                chunk back), per step (the worker's serving loop), and the front-end's
+                CPU per streamed token
+    host        4 workers, gateway, scheduler and client share this machine's cores:
+                steps, request paths and streaming are jobs on `host_cores` cores
+                (processor sharing, services/simulator/host.py)
+    policy      the live scheduler's own config parsed from the bench's flags
+                (`--policy P` + GROUP_KNOBS): the same group and migration knobs
+
+`sim_config` below is everything a re-simulation needs (JSON-able), so that
+`bench burst --resim FILE.json` re-predicts a recorded run without a mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+# Calibration probes: (requests, context) decodes and (context, chunk) prefills that
+# span the burst's batches (up to ~24 running requests per worker, contexts to ~800,
+# chunks up to the worker's 512-token step budget).
+DECODE_PROBES = [(b, c) for b in (1, 8, 24) for c in (64, 512)]
+PREFILL_PROBES = [(0, 64), (0, 256), (0, 512), (256, 256)]
+CALIBRATION_ROUNDS = 3
+# KV bytes/s between two workers on this host: the exchange throughput of `bench
+# kunserve_mechanism` (docs/kunserve.md: 1.6-1.7 GB/s over loopback).
+LINK_BYTES_PER_S = 1.6e9
+
+
+def calibrate(model_dir: Path, memory_nbytes: int, torch_threads: int = 1):
+    """A cost-model profile of the bench model on this host (a CostModelProfile whose
+    memory is the workers')."""
+    import torch
+
+    from services.common.config import load_config
+    from services.worker.engine.calibration import measure
+    from services.worker.engine.config import EngineConfig
+    from services.worker.engine.cost_model import fit_profile
+    from services.worker.engine.loader import load_model_config
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(torch_threads)
+    try:
+        # Room for every probe's blocks at once (they are allocated together).
+        probe_tokens = sum(b * c for b, c in DECODE_PROBES) + sum(c + n for c, n in PREFILL_PROBES)
+        model = load_model_config(str(model_dir))
+        kv_nbytes = probe_tokens * model.num_layers * model.kv_nbytes_per_token_per_layer("float32")
+        config = load_config(
+            EngineConfig,
+            "ENGINE",
+            {"model": str(model_dir), "memory_capacity_bytes": memory_nbytes + 2 * kv_nbytes},
+        )
+        samples = measure(
+            config, CALIBRATION_ROUNDS, lambda _line: None, DECODE_PROBES, PREFILL_PROBES
+        )
+    finally:
+        torch.set_num_threads(threads)
+    profile = fit_profile(
+        name="bench-burst-cpu",
+        model=model,
+        dtype=config.dtype,
+        samples=[(s.features, s.seconds) for s in samples],
+        source=f"bench burst: {len(samples)} probes x {CALIBRATION_ROUNDS} rounds (fastest "
+        f"kept), {torch_threads} torch thread(s)",
+        memory_capacity_bytes=memory_nbytes,
+    )
+    errors = [
+        abs(
+            sum(c * f for c, f in zip(profile.coefficients(), s.features, strict=True)) / s.seconds
+            - 1
+        )
+        for s in samples
+    ]
+    return profile, sum(errors) / len(errors)
+
+
+def mesh_costs(profile, probes, host_cores: float) -> dict[str, float | None]:
+    """SimConfig fields for the live mesh's own costs, from the idle-mesh probes."""
+    from bench.simulator_fidelity import _modelled_overheads
+    from services.simulator.profiles import get_profile
+
+    dispatch_s, step_overhead_s = _modelled_overheads(get_profile(profile), probes)
+    stream = probes.stream_cpu_per_token_s
+    return {
+        "dispatch_latency_s": round(dispatch_s, 6),
+        "step_overhead_s": round(step_overhead_s, 6),
+        "host_cores": host_cores or None,
+        "stream_cpu_per_token_s": round(stream, 6) if host_cores and stream is not None else 0.0,
+    }
+
+
+def sim_requests(arrivals) -> list:
+    """The bench's arrivals as the simulator's requests (times, prompt and output lengths)."""
+    from services.simulator.workload import SimRequest
+
+    return [
+        SimRequest(str(k), a.at_s, len(a.request[0]), a.request[1]["max_tokens"])
+        for k, a in enumerate(arrivals)
+    ]
+
+
+def sim_config(policy: str, scheduler_flags: tuple[str, ...], costs: dict, **engine) -> object:
+    """The SimConfig of one policy's run: the live scheduler's config parsed from the same
+    flags the bench gives it, the workers' engine knobs, the measured mesh costs."""
+    from services.common.config import load_config
+    from services.scheduler.__main__ import parse_args
+    from services.scheduler.config import SchedulerConfig
+    from services.simulator.config import SimConfig
+
+    live = load_config(
+        SchedulerConfig, "SCHEDULER", vars(parse_args(["--policy", policy, *scheduler_flags]))
+    )
+    return SimConfig(
+        num_instances=engine["num_instances"],
+        block_size=engine["block_size"],
+        max_num_seqs=engine["max_num_seqs"],
+        max_num_batched_tokens=engine["max_num_batched_tokens"],
+        max_model_len=engine["max_model_len"],
+        policy=policy,
+        group_config=live.group_config(),
+        migration_config=live.migration_config(),
+        migration_bandwidth_bytes_per_s=LINK_BYTES_PER_S,
+        **costs,
+    )
+
+
+def engine_knobs(profile, num_instances: int, block_size: int, max_num_seqs: int) -> dict:
+    """The workers' engine knobs (their EngineConfig defaults where the bench sets none)."""
+    from services.simulator.profiles import get_profile
+    from services.worker.engine.config import EngineConfig
+
+    worker = EngineConfig()
+    pool = get_profile(profile, block_size=block_size)
+    return {
+        "num_instances": num_instances,
+        "block_size": block_size,
+        "max_num_seqs": max_num_seqs,
+        "max_num_batched_tokens": worker.max_num_batched_tokens,
+        # The worker allows the model's 4,096 tokens; the simulator wants a limit its pool
+        # can hold. No request of the burst comes near either.
+        "max_model_len": min(pool.max_model_len, pool.num_kv_blocks * block_size),
+        "num_kv_blocks": pool.num_kv_blocks,
+    }
+
+
+def simulate(policy: str, sim: dict, arrivals) -> dict:
+    """Figures of one policy's simulated run (the keys of the measured ones)."""
+    from services.simulator.cluster import Simulator
+    from services.simulator.profiles import get_profile
+    from services.worker.engine.cost_model import CostModelProfile
+
+    profile = CostModelProfile.from_dict(sim["profile"])
+    knobs = dict(sim["engine"])
+    num_kv_blocks = knobs.pop("num_kv_blocks")
+    config = sim_config(policy, tuple(sim["scheduler_flags"]), sim["costs"], **knobs)
+    sim_profile = get_profile(profile, block_size=config.block_size)
+    if sim_profile.num_kv_blocks != num_kv_blocks:
+        raise RuntimeError(
+            f"the simulated pool is {sim_profile.num_kv_blocks} blocks, the workers' "
+            f"{num_kv_blocks}: the memory accounting differs"
+        )
+    result = Simulator(config, sim_requests(arrivals), sim_profile).run()
+    ttfts = [r.first_token_s - r.arrival_s for r in result.records]
+    return {
+        "p50_ttft_s": round(percentile(ttfts, 50), 4),
+        "p99_ttft_s": round(percentile(ttfts, 99), 4),
+        "drops": result.groups.num_drops,
+        "restores": result.groups.num_restores,
+        "migrations": result.migration.num_committed,
+        "preemptions": sum(r.num_preemptions for r in result.records),
+        "makespan_s": round(result.makespan_s, 1),
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (the bench's, for both sides)."""
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    k = max(0, min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def sim_block(profile, fit_error: float, costs: dict, engine: dict, scheduler_flags) -> dict:
+    """The JSON-able record of what the simulator is given."""
+    return {
+        "profile": profile.to_dict(),
+        "profile_fit_error": round(fit_error, 4),
+        "costs": costs,
+        "engine": engine,
+        "scheduler_flags": list(scheduler_flags),
+        "link_bytes_per_s": LINK_BYTES_PER_S,
+    }
