@@ -36,10 +36,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import _burst_sim
+from bench import _burst_sim, _cpu
 from bench._burst_sim import percentile
 from bench._checkpoint import llama_config, write_checkpoint
-from bench._cpu import available_cores
 from bench.kunserve_mechanism import BLOCK_SIZE, MODEL_SHAPE
 
 POLICIES = ("recompute", "llumnix", "kunserve", "llmesh")
@@ -119,6 +118,7 @@ class PolicyRun:
     elapsed_s: float = 0.0
     num_blocks: list[int] = field(default_factory=list)  # each worker's pool, alone
     probes: object = None  # bench.simulator_fidelity.Probes of the idle mesh, if probed
+    cpu_cores: dict = field(default_factory=dict)  # during the workload: _cpu_cores
 
     def figures(self) -> dict:
         return {
@@ -130,6 +130,7 @@ class PolicyRun:
             "migrations": self.migrations,
             "preemptions": self.preemptions,
             "elapsed_s": round(self.elapsed_s, 1),
+            "cpu_cores": self.cpu_cores,
         }
 
 
@@ -211,6 +212,28 @@ async def _wait_clean(mesh, timeout_s: float = 120.0) -> list:
         await asyncio.sleep(0.2)
 
 
+def _cpu_sample(pids: tuple[list[int], list[int]]) -> tuple[float | None, ...]:
+    workers, front_end = pids
+    return (
+        _cpu.processes_cpu_s(workers),
+        _cpu.processes_cpu_s(front_end),
+        _cpu.machine_busy_s(),
+    )
+
+
+def _cpu_cores(before, after, elapsed_s: float) -> dict[str, float | None]:
+    """Mean cores the workers, the front end (gateway, scheduler, this client) and every
+    other process on the machine used during the workload."""
+    workers, front_end, busy = (
+        None if a is None or b is None else round((b - a) / elapsed_s, 3)
+        for a, b in zip(before, after, strict=True)
+    )
+    other = None
+    if workers is not None and front_end is not None and busy is not None:
+        other = round(max(0.0, busy - workers - front_end), 3)
+    return {"workers": workers, "front_end": front_end, "other": other}
+
+
 def run_policy(
     policy: str, args, model_dir: Path, memory_nbytes: int, arrivals, progress, probe: bool = False
 ):
@@ -239,7 +262,10 @@ def run_policy(
             prompt_len = round(statistics.fmean(len(a.request[0]) for a in arrivals))
             probes = asyncio.run(_probe(mesh.gateway_address, NUM_PROBES, prompt_len, front_pids))
             asyncio.run(_wait_clean(mesh))
+        pids = ([w.pid for w in mesh.workers], [mesh.gateway.pid, mesh.scheduler.pid, os.getpid()])
+        before = _cpu_sample(pids)
         run = asyncio.run(_play(mesh.gateway_address, arrivals, policy))
+        run.cpu_cores = _cpu_cores(before, _cpu_sample(pids), run.elapsed_s)
         loads = asyncio.run(_wait_clean(mesh))
     run.probes = probes
     run.num_blocks = [ld.num_total_blocks for ld in loads]
@@ -332,7 +358,7 @@ def main(argv: list[str]) -> int:
             f"workers' pools {real_blocks} blocks, the simulated engine's "
             f"{engine['num_kv_blocks']}: the memory accounting differs"
         )
-    costs = _burst_sim.mesh_costs(profile, probes, available_cores())
+    costs = _burst_sim.mesh_costs(profile, probes, _cpu.available_cores())
     sim = _burst_sim.sim_block(profile, fit_error, costs, engine, GROUP_KNOBS)
     identical = {p: r.tokens == expected for p, r in runs.items()}
     summary = {

@@ -204,6 +204,8 @@ class Simulator:
             on_preempted=self._note_preempted,
             dispatch=self._dispatch,
             kick=self._kick,
+            host=self.host,
+            stage_overhead_s=config.step_overhead_s,
         )
 
     # ---- running ------------------------------------------------------------------

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from services.policies import InstanceLoad
 from services.policies.groups import split_layers
 from services.policies.kunserve import GroupPolicy
+from services.simulator.host import SharedHost
 from services.simulator.instance import SimInstance
 from services.simulator.link import Link
 from services.simulator.loop import EventLoop
@@ -174,8 +175,14 @@ class GroupManager:
         on_preempted: Callable[[list[str]], None],
         dispatch: Callable[[RequestState], None],
         kick: Callable[[SimInstance], None],
+        host: SharedHost | None = None,
+        stage_overhead_s: float = 0.0,
     ) -> None:
         self.loop = loop
+        # As an instance's steps: with a shared host (SimConfig.host_cores) a stage's
+        # compute is a job on its cores, and the serving loop's overhead is added.
+        self.host = host
+        self.stage_overhead_s = stage_overhead_s
         self.policy = policy
         self.cost = cost
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -363,8 +370,13 @@ class GroupManager:
         st = group.stages[stage]
         mb = st.queue.popleft()
         st.running = mb
-        st.busy_s += mb.stage_s[stage]
-        self.loop.at(self.loop.now + mb.stage_s[stage], self._stage_done, (group, stage))
+        duration_s = mb.stage_s[stage] + self.stage_overhead_s
+        st.busy_s += duration_s
+        if self.host is None:
+            self.loop.at(self.loop.now + duration_s, self._stage_done, (group, stage))
+        else:
+            key = group.members[stage].instance_id  # a member runs no step of its own
+            self.host.run(key, duration_s, self._stage_done, (group, stage))
 
     def _stage_done(self, arg: tuple[SimGroup, int]) -> None:
         group, stage = arg

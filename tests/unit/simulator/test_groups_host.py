@@ -1,0 +1,39 @@
+"""A group's pipeline stages on a shared host (SimConfig.host_cores), as an instance's
+steps: every stage's compute is a job on the host's cores, plus the step overhead."""
+
+import dataclasses
+
+import pytest
+
+from services.simulator.workload import SimRequest
+from tests.unit.simulator.test_groups import TINY, ScriptedGroups, scripted_run
+
+ARRIVAL_S = 0.05
+
+
+def _group_run(num_requests, **changes):
+    # The group of two forms at the first tick (10 ms), before the requests arrive: no
+    # KV to exchange; the links are so fast that activations take no time.
+    config = dataclasses.replace(TINY, migration_bandwidth_bytes_per_s=1e18, **changes)
+    requests = [SimRequest(f"r{i}", ARRIVAL_S, 40, 30) for i in range(num_requests)]
+    _, result = scripted_run(config, requests, ScriptedGroups(["i00", "i01"], drop_at=0.0))
+    assert result.groups.num_drops == 1
+    return result.makespan_s - ARRIVAL_S
+
+
+def test_one_request_on_half_a_core_takes_twice_as_long():
+    # One request is in one micro-batch at a time: one stage job runs, at half speed.
+    assert _group_run(1, host_cores=0.5) == pytest.approx(2 * _group_run(1))
+
+
+def test_a_core_per_stage_shares_nothing():
+    assert _group_run(4, host_cores=2.0) == pytest.approx(_group_run(4))
+
+
+def test_two_stages_on_one_core_slow_each_other():
+    assert _group_run(4, host_cores=1.0) > 1.2 * _group_run(4)
+
+
+def test_every_stage_pays_the_step_overhead():
+    # 30 micro-batches (the prefill, 29 decodes) through 2 stages, 1 ms each.
+    assert _group_run(1, step_overhead_s=0.001) == pytest.approx(_group_run(1) + 30 * 2 * 0.001)
