@@ -1,0 +1,163 @@
+"""`llmesh bench burst`'s pure parts: the workload, the summary's ratios, and the
+simulator run built from the bench's own config (bench/burst.py, bench/_burst_sim.py)."""
+
+import math
+
+from bench import _burst_sim
+from bench._checkpoint import llama_config
+from bench.burst import GROUP_KNOBS, MODEL_SHAPE, POLICIES, _add_ratios, _parse, workload
+from services.worker.engine.cost_model import TINY_CPU, CostModelProfile
+
+SMALL = ["--residents", "4", "--burst", "6", "--tail", "2", "--resident-prompt", "120",
+         "--resident-tokens", "40", "--burst-prompt", "32", "--burst-tokens", "8"]  # fmt: skip
+
+
+def bench_profile() -> CostModelProfile:
+    """The bench model with tiny-cpu's coefficients, in the workers' memory."""
+    config = llama_config(**MODEL_SHAPE)
+    return CostModelProfile(
+        name="bench-burst-test",
+        model=config,
+        dtype="float32",
+        fixed_s=TINY_CPU.fixed_s,
+        per_token_s=TINY_CPU.per_token_s,
+        per_seq_s=0.0,
+        per_context_token_s=TINY_CPU.per_context_token_s,
+        per_attention_pair_s=TINY_CPU.per_attention_pair_s,
+        memory_capacity_bytes=round(config.num_params() * 4 / 0.55),
+    )
+
+
+# ---- the workload ---------------------------------------------------------------------------
+
+
+def test_the_workload_is_deterministic_in_the_seed():
+    args = _parse([])
+    assert workload(args) == workload(args)
+    assert workload(args) != workload(_parse(["--seed", "8"]))
+
+
+def test_the_workload_is_residents_then_a_burst_then_a_tail():
+    args = _parse([])
+    arrivals = workload(args)
+    assert len(arrivals) == 20 + 24 + 4
+    assert [a.at_s for a in arrivals] == sorted(a.at_s for a in arrivals)
+    by_kind = {"resident": [], "burst": [], "tail": []}
+    for a in arrivals:
+        prompt, sampling = a.request
+        if len(prompt) >= 400:
+            by_kind["resident"].append(a)
+            assert 0 <= a.at_s <= 1.0 and 225 <= sampling["max_tokens"] <= 300
+        elif sampling["max_tokens"] == 64 and 3.0 <= a.at_s <= 4.0:
+            by_kind["burst"].append(a)
+            assert 64 <= len(prompt) <= 128
+        else:
+            by_kind["tail"].append(a)
+            assert a.at_s > 4.0 and 32 <= len(prompt) <= 96
+        assert sampling["ignore_eos"] and sampling["temperature"] in (0.0, 0.8)
+    assert [len(v) for v in by_kind.values()] == [20, 24, 4]
+    # Request k: greedy when odd, seeded sampling when even, seed 5000 + k.
+    seeds = sorted(a.request[1]["seed"] for a in arrivals)
+    assert seeds == list(range(5000, 5048))
+
+
+# ---- the simulator's side -------------------------------------------------------------------
+
+
+def test_the_simulated_engine_holds_the_workers_159_blocks():
+    engine = _burst_sim.engine_knobs(bench_profile(), 4, 16, 64)
+    assert engine == {
+        "num_instances": 4,
+        "block_size": 16,
+        "max_num_seqs": 64,
+        "max_num_batched_tokens": 512,  # the worker's EngineConfig default
+        "max_model_len": 159 * 16,
+        "num_kv_blocks": 159,
+    }
+
+
+def test_the_sim_config_is_the_live_schedulers_with_the_bench_knobs():
+    engine = _burst_sim.engine_knobs(bench_profile(), 4, 16, 64)
+    del engine["num_kv_blocks"]
+    costs = {
+        "dispatch_latency_s": 0.01,
+        "step_overhead_s": 0.002,
+        "host_cores": 2.0,
+        "stream_cpu_per_token_s": 0.0003,
+    }
+    config = _burst_sim.sim_config("kunserve", GROUP_KNOBS, costs, **engine)
+    assert (config.dispatch, config.migration, config.group) == ("load_balance", "none", "kunserve")
+    group = config.group_config
+    assert (group.interval_s, group.vote_window_s, group.hold_s, group.restore_window_s) == (
+        0.1,
+        0.5,
+        2.0,
+        1.0,
+    )
+    assert (group.vote_usage_at_least, group.restore_usage_at_most) == (0.95, 0.5)  # defaults
+    assert config.migration_config.interval_s == 0.05
+    assert (config.num_instances, config.max_num_batched_tokens, config.max_num_seqs) == (
+        4,
+        512,
+        64,
+    )
+    assert (config.dispatch_latency_s, config.step_overhead_s, config.host_cores) == (
+        0.01,
+        0.002,
+        2.0,
+    )
+    assert config.stream_cpu_per_token_s == 0.0003
+    llmesh = _burst_sim.sim_config("llmesh", GROUP_KNOBS, costs, **engine)
+    assert (llmesh.dispatch, llmesh.migration, llmesh.group) == ("freest", "freeness", "llmesh")
+
+
+def test_sim_requests_keep_times_and_lengths():
+    arrivals = workload(_parse(SMALL))
+    requests = _burst_sim.sim_requests(arrivals)
+    assert [(r.request_id, r.arrival_s) for r in requests] == [
+        (str(k), a.at_s) for k, a in enumerate(arrivals)
+    ]
+    assert [(r.num_prompt_tokens, r.num_output_tokens) for r in requests] == [
+        (len(a.request[0]), a.request[1]["max_tokens"]) for a in arrivals
+    ]
+
+
+def test_every_policy_simulates_a_small_burst():
+    profile = bench_profile()
+    engine = _burst_sim.engine_knobs(profile, 4, 16, 64)
+    costs = {"dispatch_latency_s": 0.0, "step_overhead_s": 0.0, "host_cores": 2.0}
+    sim = _burst_sim.sim_block(profile, 0.0, costs, engine, GROUP_KNOBS)
+    arrivals = workload(_parse(SMALL))
+    for policy in POLICIES:
+        figures = _burst_sim.simulate(policy, sim, arrivals)
+        assert set(figures) == {
+            "p50_ttft_s", "p99_ttft_s", "drops", "restores", "migrations", "preemptions",
+            "makespan_s",
+        }  # fmt: skip
+        # 12 short requests fit 4 x 159 blocks: nobody preempts, nobody drops.
+        assert (figures["drops"], figures["preemptions"]) == (0, 0)
+        assert 0 < figures["p50_ttft_s"] <= figures["p99_ttft_s"]
+
+
+# ---- the summary ------------------------------------------------------------------------------
+
+
+def test_fidelity_and_the_kunserve_target_come_from_the_p99s():
+    summary = {
+        "policies": {
+            "recompute": {"p99_ttft_s": 40.0, "drops": 0},
+            "kunserve": {"p99_ttft_s": 10.0, "drops": 2},
+        },
+        "sim_p99_ttft_s": {"recompute": 44.0, "kunserve": 7.0},
+    }
+    _add_ratios(summary)
+    assert summary["fidelity"] == {"recompute": 1.1, "kunserve": 0.7}
+    assert summary["fidelity_within_25pct"] is False
+    assert summary["kunserve_p99_ttft_speedup_vs_recompute"] == 4.0
+    assert summary["kunserve_target_met"] is True
+
+
+def test_percentile_is_nearest_rank():
+    assert _burst_sim.percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert _burst_sim.percentile(list(range(101)), 99) == 99
+    assert math.isnan(_burst_sim.percentile([], 99))
