@@ -1,10 +1,12 @@
 """The simulator's prediction of `llmesh bench burst`: the same requests, 4 instances,
 the live scheduler's knobs, and a cost model of the bench's model on this host.
 
-    profile     `calibrate`: the torch executor of the bench model, timed on probe
-                batches shaped like the burst's (decodes of 1-24 requests, prefills of
-                64-512 tokens), one torch thread like each worker, fastest of 3 rounds
-                (about 15 s); the pool is then sized from the workers' memory, so the
+    profile     `calibrate`: the torch executor of the bench model on probe batches
+                shaped like the burst's (decodes of 1-24 requests, prefills of 64-512
+                tokens), one torch thread like each worker, fastest of 3 rounds (about
+                15 s), in CPU seconds: what a step costs one core, which the shared
+                host below then divides among its jobs (wall-clock times on a loaded
+                machine would count the contention twice); the pool is then sized from the workers' memory, so the
                 simulated engine holds exactly the real worker's blocks
     mesh costs  from probes on the first mesh, idle, before its workload
                 (bench/simulator_fidelity.py): per request (gateway, dispatch, first
@@ -12,7 +14,8 @@ the live scheduler's knobs, and a cost model of the bench's model on this host.
                 CPU per streamed token
     host        4 workers, gateway, scheduler and client share this machine's cores:
                 steps, request paths and streaming are jobs on `host_cores` cores
-                (processor sharing, services/simulator/host.py)
+                (processor sharing, services/simulator/host.py), less the cores other
+                processes used during that policy's run (measured)
     policy      the live scheduler's own config parsed from the bench's flags
                 (`--policy P` + GROUP_KNOBS): the same group and migration knobs
 
@@ -23,6 +26,7 @@ the live scheduler's knobs, and a cost model of the bench's model on this host.
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 # Calibration probes: (requests, context) decodes and (context, chunk) prefills that
@@ -60,7 +64,12 @@ def calibrate(model_dir: Path, memory_nbytes: int, torch_threads: int = 1):
             {"model": str(model_dir), "memory_capacity_bytes": memory_nbytes + 2 * kv_nbytes},
         )
         samples = measure(
-            config, CALIBRATION_ROUNDS, lambda _line: None, DECODE_PROBES, PREFILL_PROBES
+            config,
+            CALIBRATION_ROUNDS,
+            lambda _line: None,
+            DECODE_PROBES,
+            PREFILL_PROBES,
+            clock=time.process_time,
         )
     finally:
         torch.set_num_threads(threads)
