@@ -161,8 +161,18 @@ def engine_knobs(profile, num_instances: int, block_size: int, max_num_seqs: int
     }
 
 
-def simulate(policy: str, sim: dict, arrivals) -> dict:
-    """Figures of one policy's simulated run (the keys of the measured ones)."""
+def available_cores(host_cores: float | None, cpu_cores: dict) -> float | None:
+    """The cores the mesh had during a run: the machine's, less what other processes
+    used meanwhile (`cpu_cores["other"]`, measured; a quarter of a core at least)."""
+    other = cpu_cores.get("other")
+    if not host_cores or other is None:
+        return host_cores
+    return round(max(0.25, host_cores - other), 3)
+
+
+def simulate(policy: str, sim: dict, arrivals, host_cores: float | None = None) -> dict:
+    """Figures of one policy's simulated run (the keys of the measured ones); host_cores
+    replaces the nominal `sim["costs"]["host_cores"]` (available_cores)."""
     from services.simulator.cluster import Simulator
     from services.simulator.profiles import get_profile
     from services.worker.engine.cost_model import CostModelProfile
@@ -170,7 +180,10 @@ def simulate(policy: str, sim: dict, arrivals) -> dict:
     profile = CostModelProfile.from_dict(sim["profile"])
     knobs = dict(sim["engine"])
     num_kv_blocks = knobs.pop("num_kv_blocks")
-    config = sim_config(policy, tuple(sim["scheduler_flags"]), sim["costs"], **knobs)
+    costs = dict(sim["costs"])
+    if host_cores is not None:
+        costs["host_cores"] = host_cores
+    config = sim_config(policy, tuple(sim["scheduler_flags"]), costs, **knobs)
     sim_profile = get_profile(profile, block_size=config.block_size)
     if sim_profile.num_kv_blocks != num_kv_blocks:
         raise RuntimeError(
@@ -187,6 +200,7 @@ def simulate(policy: str, sim: dict, arrivals) -> dict:
         "migrations": result.migration.num_committed,
         "preemptions": sum(r.num_preemptions for r in result.records),
         "makespan_s": round(result.makespan_s, 1),
+        "host_cores": config.host_cores,
     }
 
 

@@ -365,7 +365,7 @@ def main(argv: list[str]) -> int:
         "policies": {p: r.figures() for p, r in runs.items()},
         "tokens_identical": all(identical.values()),
         "tokens_identical_per_policy": identical,
-        **sim_figures(sim, arrivals, args.policies, progress),
+        **sim_figures(sim, arrivals, {p: r.figures() for p, r in runs.items()}, progress),
         "num_requests": len(arrivals),
         "num_burst_requests": args.burst,
         "weight_share": args.weight_share,
@@ -396,16 +396,19 @@ WORKLOAD_ARGS = (
 )  # fmt: skip
 
 
-def sim_figures(sim: dict, arrivals, policies, progress) -> dict:
-    """The simulator's figures for each policy: the summary's sim_* keys."""
+def sim_figures(sim: dict, arrivals, measured: dict, progress) -> dict:
+    """The simulator's figures for each measured policy (the summary's sim_* keys), each
+    on the cores the mesh had during that policy's run."""
     figures = {}
-    for policy in policies:
-        figures[policy] = _burst_sim.simulate(policy, sim, arrivals)
+    for policy, real in measured.items():
+        cores = _burst_sim.available_cores(sim["costs"]["host_cores"], real.get("cpu_cores", {}))
+        figures[policy] = _burst_sim.simulate(policy, sim, arrivals, cores)
         progress(f"{policy} (simulated): {figures[policy]}")
     return {
         "sim_p99_ttft_s": {p: f["p99_ttft_s"] for p, f in figures.items()},
         "sim_p50_ttft_s": {p: f["p50_ttft_s"] for p, f in figures.items()},
         "sim_drops": {p: f["drops"] for p, f in figures.items()},
+        "sim_host_cores": {p: f["host_cores"] for p, f in figures.items()},
         "sim_policies": figures,
     }
 
@@ -429,8 +432,8 @@ def resimulate(path: Path, policies, progress) -> int:
     """Re-predicts a recorded run (its JSON line) with this simulator; prints the table."""
     summary = json.loads(path.read_text().strip().splitlines()[-1])
     args = argparse.Namespace(**summary["workload_args"])
-    policies = [p for p in policies if p in summary["policies"]]
-    summary.update(sim_figures(summary["sim_config"], workload(args), policies, progress))
+    measured = {p: f for p, f in summary["policies"].items() if p in policies}
+    summary.update(sim_figures(summary["sim_config"], workload(args), measured, progress))
     _add_ratios(summary)
     _print_table(summary)
     print(json.dumps(summary))
@@ -440,7 +443,7 @@ def resimulate(path: Path, policies, progress) -> int:
 def _print_table(summary: dict) -> None:
     print(f"{'policy':>10} {'p50 ttft s':>10} {'p99 ttft s':>10} {'sim p50':>8} {'sim p99':>8} "
           f"{'sim/real':>8} {'drops':>5} {'sim':>4} {'migr':>5} {'preempt':>7} "
-          f"{'tokens exact':>12}")  # fmt: skip
+          f"{'tokens exact':>12} {'sim cores':>9}")  # fmt: skip
     for policy, f in summary["policies"].items():
         exact = summary["tokens_identical_per_policy"][policy]
         sim_p50 = summary["sim_p50_ttft_s"].get(policy, float("nan"))
@@ -449,7 +452,8 @@ def _print_table(summary: dict) -> None:
         sim_drops = summary["sim_drops"].get(policy, "-")
         print(f"{policy:>10} {f['p50_ttft_s']:>10.3f} {f['p99_ttft_s']:>10.3f} {sim_p50:>8.3f} "
               f"{sim_p99:>8.3f} {ratio:>8.2f} {f['drops']:>5} {sim_drops!s:>4} "
-              f"{f['migrations']:>5} {f['preemptions']:>7} {exact!s:>12}")  # fmt: skip
+              f"{f['migrations']:>5} {f['preemptions']:>7} {exact!s:>12} "
+              f"{summary['sim_host_cores'].get(policy) or 0:>9.2f}")  # fmt: skip
     host = summary["host"]
     print(f"host: {host['cores']} cores, load average {host['load_avg_at_start']} at the start, "
           f"{host['load_avg_at_end']} at the end")  # fmt: skip
