@@ -14,8 +14,9 @@ the live scheduler's knobs, and a cost model of the bench's model on this host.
                 CPU per streamed token
     host        4 workers, gateway, scheduler and client share this machine's cores:
                 steps, request paths and streaming are jobs on `host_cores` cores
-                (processor sharing, services/simulator/host.py), less the cores other
-                processes used during that policy's run (measured)
+                (processor sharing, services/simulator/host.py), with the runnable
+                threads of other processes measured during that policy's run as
+                background jobs (bench/_cpu.BackgroundLoad)
     policy      the live scheduler's own config parsed from the bench's flags
                 (`--policy P` + GROUP_KNOBS): the same group and migration knobs
 
@@ -25,6 +26,7 @@ the live scheduler's knobs, and a cost model of the bench's model on this host.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -92,12 +94,24 @@ def calibrate(model_dir: Path, memory_nbytes: int, torch_threads: int = 1):
     return profile, sum(errors) / len(errors)
 
 
-def mesh_costs(profile, probes, host_cores: float) -> dict[str, float | None]:
-    """SimConfig fields for the live mesh's own costs, from the idle-mesh probes."""
+def mesh_costs(
+    profile, probes, host_cores: float, background_jobs: float = 0.0
+) -> dict[str, float | None]:
+    """SimConfig fields for the live mesh's own costs, from the idle-mesh probes.
+
+    The profile is in CPU seconds; so are the overheads: a probe is one job at a time,
+    which `background_jobs` other runnable threads slowed to min(1, cores / (1 + b)) of
+    a core, so its wall-clock times are scaled by that speed first."""
     from bench.simulator_fidelity import _modelled_overheads
     from services.simulator.profiles import get_profile
 
-    dispatch_s, step_overhead_s = _modelled_overheads(get_profile(profile), probes)
+    speed = min(1.0, host_cores / (1 + background_jobs)) if host_cores else 1.0
+    cpu_probes = dataclasses.replace(
+        probes,
+        ttfts=[t * speed for t in probes.ttfts],
+        tpots=[t * speed for t in probes.tpots],
+    )
+    dispatch_s, step_overhead_s = _modelled_overheads(get_profile(profile), cpu_probes)
     stream = probes.stream_cpu_per_token_s
     return {
         "dispatch_latency_s": round(dispatch_s, 6),
@@ -161,18 +175,9 @@ def engine_knobs(profile, num_instances: int, block_size: int, max_num_seqs: int
     }
 
 
-def available_cores(host_cores: float | None, cpu_cores: dict) -> float | None:
-    """The cores the mesh had during a run: the machine's, less what other processes
-    used meanwhile (`cpu_cores["other"]`, measured; a quarter of a core at least)."""
-    other = cpu_cores.get("other")
-    if not host_cores or other is None:
-        return host_cores
-    return round(max(0.25, host_cores - other), 3)
-
-
-def simulate(policy: str, sim: dict, arrivals, host_cores: float | None = None) -> dict:
-    """Figures of one policy's simulated run (the keys of the measured ones); host_cores
-    replaces the nominal `sim["costs"]["host_cores"]` (available_cores)."""
+def simulate(policy: str, sim: dict, arrivals, background_jobs: float = 0.0) -> dict:
+    """Figures of one policy's simulated run (the keys of the measured ones), with
+    `background_jobs` runnable threads of other processes sharing the host's cores."""
     from services.simulator.cluster import Simulator
     from services.simulator.profiles import get_profile
     from services.worker.engine.cost_model import CostModelProfile
@@ -181,8 +186,8 @@ def simulate(policy: str, sim: dict, arrivals, host_cores: float | None = None) 
     knobs = dict(sim["engine"])
     num_kv_blocks = knobs.pop("num_kv_blocks")
     costs = dict(sim["costs"])
-    if host_cores is not None:
-        costs["host_cores"] = host_cores
+    if costs["host_cores"]:
+        costs["host_background_jobs"] = background_jobs
     config = sim_config(policy, tuple(sim["scheduler_flags"]), costs, **knobs)
     sim_profile = get_profile(profile, block_size=config.block_size)
     if sim_profile.num_kv_blocks != num_kv_blocks:
@@ -200,7 +205,7 @@ def simulate(policy: str, sim: dict, arrivals, host_cores: float | None = None) 
         "migrations": result.migration.num_committed,
         "preemptions": sum(r.num_preemptions for r in result.records),
         "makespan_s": round(result.makespan_s, 1),
-        "host_cores": config.host_cores,
+        "background_jobs": round(config.host_background_jobs, 2),
     }
 
 

@@ -55,3 +55,72 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def num_runnable_threads() -> int | None:
+    """Threads runnable on the machine now, running or waiting for a core (the caller
+    included)."""
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                if line.startswith("procs_running"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def num_running_threads(pids: Iterable[int]) -> int:
+    """Threads of these processes in state R (running or runnable) now."""
+    count = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] == "R":
+                        count += 1
+            except (OSError, IndexError):
+                continue
+    return count
+
+
+class BackgroundLoad:
+    """Samples, on a thread, how many runnable threads of *other* processes compete for
+    the cores (every runnable thread on the machine less those of `pids` and of this
+    process, the sampler's included); `mean(start, end)` averages the samples of a time
+    window (perf_counter)."""
+
+    def __init__(self, pids: Iterable[int], interval_s: float = 0.25) -> None:
+        import threading
+
+        self.pids = sorted({*pids, os.getpid()})
+        self.interval_s = interval_s
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="background-load", daemon=True)
+
+    def __enter__(self) -> BackgroundLoad:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        import time
+
+        while not self._stop.is_set():
+            total = num_runnable_threads()
+            if total is not None:
+                others = total - num_running_threads(self.pids)
+                self.samples.append((time.perf_counter(), max(0, others)))
+            self._stop.wait(self.interval_s)
+
+    def mean(self, start: float, end: float) -> float | None:
+        window = [n for t, n in self.samples if start <= t <= end]
+        return sum(window) / len(window) if window else None

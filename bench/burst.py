@@ -119,6 +119,10 @@ class PolicyRun:
     num_blocks: list[int] = field(default_factory=list)  # each worker's pool, alone
     probes: object = None  # bench.simulator_fidelity.Probes of the idle mesh, if probed
     cpu_cores: dict = field(default_factory=dict)  # during the workload: _cpu_cores
+    # Runnable threads of other processes, on average (bench/_cpu.BackgroundLoad),
+    # during the workload and during the probes.
+    background_jobs: float | None = None
+    probe_background_jobs: float | None = None
 
     def figures(self) -> dict:
         return {
@@ -131,6 +135,7 @@ class PolicyRun:
             "preemptions": self.preemptions,
             "elapsed_s": round(self.elapsed_s, 1),
             "cpu_cores": self.cpu_cores,
+            "background_jobs": _round(self.background_jobs),
         }
 
 
@@ -212,6 +217,10 @@ async def _wait_clean(mesh, timeout_s: float = 120.0) -> list:
         await asyncio.sleep(0.2)
 
 
+def _round(value: float | None, digits: int = 2) -> float | None:
+    return None if value is None else round(value, digits)
+
+
 def _cpu_sample(pids: tuple[list[int], list[int]]) -> tuple[float | None, ...]:
     workers, front_end = pids
     return (
@@ -256,16 +265,23 @@ def run_policy(
     )  # fmt: skip
     progress(f"{policy}: starting a mesh of {NUM_WORKERS} workers (logs in {log_dir})")
     with mesh:
-        probes = None
-        if probe:
-            front_pids = [mesh.gateway.pid, mesh.scheduler.pid, os.getpid()]
-            prompt_len = round(statistics.fmean(len(a.request[0]) for a in arrivals))
-            probes = asyncio.run(_probe(mesh.gateway_address, NUM_PROBES, prompt_len, front_pids))
-            asyncio.run(_wait_clean(mesh))
-        pids = ([w.pid for w in mesh.workers], [mesh.gateway.pid, mesh.scheduler.pid, os.getpid()])
-        before = _cpu_sample(pids)
-        run = asyncio.run(_play(mesh.gateway_address, arrivals, policy))
-        run.cpu_cores = _cpu_cores(before, _cpu_sample(pids), run.elapsed_s)
+        workers = [w.pid for w in mesh.workers]
+        front_end = [mesh.gateway.pid, mesh.scheduler.pid, os.getpid()]
+        with _cpu.BackgroundLoad(workers + front_end) as background:
+            probes = probe_background = None
+            if probe:
+                prompt_len = round(statistics.fmean(len(a.request[0]) for a in arrivals))
+                start = time.perf_counter()
+                probes = asyncio.run(
+                    _probe(mesh.gateway_address, NUM_PROBES, prompt_len, front_end)
+                )
+                probe_background = background.mean(start, time.perf_counter())
+                asyncio.run(_wait_clean(mesh))
+            before, start = _cpu_sample((workers, front_end)), time.perf_counter()
+            run = asyncio.run(_play(mesh.gateway_address, arrivals, policy))
+            run.cpu_cores = _cpu_cores(before, _cpu_sample((workers, front_end)), run.elapsed_s)
+            run.background_jobs = background.mean(start, time.perf_counter())
+            run.probe_background_jobs = probe_background
         loads = asyncio.run(_wait_clean(mesh))
     run.probes = probes
     run.num_blocks = [ld.num_total_blocks for ld in loads]
@@ -350,7 +366,6 @@ def main(argv: list[str]) -> int:
         p: run_policy(p, args, model_dir, memory_nbytes, arrivals, progress, probe=k == 0)
         for k, p in enumerate(args.policies)
     }
-    probes = next(iter(runs.values())).probes
     engine = _burst_sim.engine_knobs(profile, NUM_WORKERS, BLOCK_SIZE, MAX_NUM_SEQS)
     real_blocks = sorted({n for r in runs.values() for n in r.num_blocks})
     if real_blocks != [engine["num_kv_blocks"]]:
@@ -358,7 +373,10 @@ def main(argv: list[str]) -> int:
             f"workers' pools {real_blocks} blocks, the simulated engine's "
             f"{engine['num_kv_blocks']}: the memory accounting differs"
         )
-    costs = _burst_sim.mesh_costs(profile, probes, _cpu.available_cores())
+    first = next(iter(runs.values()))
+    costs = _burst_sim.mesh_costs(
+        profile, first.probes, _cpu.available_cores(), first.probe_background_jobs or 0.0
+    )
     sim = _burst_sim.sim_block(profile, fit_error, costs, engine, GROUP_KNOBS)
     identical = {p: r.tokens == expected for p, r in runs.items()}
     summary = {
@@ -372,8 +390,9 @@ def main(argv: list[str]) -> int:
         "memory_capacity_bytes": memory_nbytes,
         "block_size": BLOCK_SIZE,
         "num_blocks_per_worker": engine["num_kv_blocks"],
-        "probe_mean_ttft_s": round(statistics.fmean(probes.ttfts), 4),
-        "probe_mean_tpot_s": round(statistics.fmean(probes.tpots), 4),
+        "probe_mean_ttft_s": round(statistics.fmean(first.probes.ttfts), 4),
+        "probe_mean_tpot_s": round(statistics.fmean(first.probes.tpots), 4),
+        "probe_background_jobs": _round(first.probe_background_jobs),
         "host": {
             "cores": os.cpu_count(),
             "load_avg_at_start": load_at_start,
@@ -398,17 +417,17 @@ WORKLOAD_ARGS = (
 
 def sim_figures(sim: dict, arrivals, measured: dict, progress) -> dict:
     """The simulator's figures for each measured policy (the summary's sim_* keys), each
-    on the cores the mesh had during that policy's run."""
+    with the other processes that loaded the machine during that policy's run."""
     figures = {}
     for policy, real in measured.items():
-        cores = _burst_sim.available_cores(sim["costs"]["host_cores"], real.get("cpu_cores", {}))
-        figures[policy] = _burst_sim.simulate(policy, sim, arrivals, cores)
+        background = real.get("background_jobs") or 0.0
+        figures[policy] = _burst_sim.simulate(policy, sim, arrivals, background)
         progress(f"{policy} (simulated): {figures[policy]}")
     return {
         "sim_p99_ttft_s": {p: f["p99_ttft_s"] for p, f in figures.items()},
         "sim_p50_ttft_s": {p: f["p50_ttft_s"] for p, f in figures.items()},
         "sim_drops": {p: f["drops"] for p, f in figures.items()},
-        "sim_host_cores": {p: f["host_cores"] for p, f in figures.items()},
+        "sim_background_jobs": {p: f["background_jobs"] for p, f in figures.items()},
         "sim_policies": figures,
     }
 
@@ -443,7 +462,7 @@ def resimulate(path: Path, policies, progress) -> int:
 def _print_table(summary: dict) -> None:
     print(f"{'policy':>10} {'p50 ttft s':>10} {'p99 ttft s':>10} {'sim p50':>8} {'sim p99':>8} "
           f"{'sim/real':>8} {'drops':>5} {'sim':>4} {'migr':>5} {'preempt':>7} "
-          f"{'tokens exact':>12} {'sim cores':>9}")  # fmt: skip
+          f"{'tokens exact':>12} {'bg threads':>10}")  # fmt: skip
     for policy, f in summary["policies"].items():
         exact = summary["tokens_identical_per_policy"][policy]
         sim_p50 = summary["sim_p50_ttft_s"].get(policy, float("nan"))
@@ -453,7 +472,7 @@ def _print_table(summary: dict) -> None:
         print(f"{policy:>10} {f['p50_ttft_s']:>10.3f} {f['p99_ttft_s']:>10.3f} {sim_p50:>8.3f} "
               f"{sim_p99:>8.3f} {ratio:>8.2f} {f['drops']:>5} {sim_drops!s:>4} "
               f"{f['migrations']:>5} {f['preemptions']:>7} {exact!s:>12} "
-              f"{summary['sim_host_cores'].get(policy) or 0:>9.2f}")  # fmt: skip
+              f"{summary['sim_background_jobs'].get(policy, 0):>10.2f}")  # fmt: skip
     host = summary["host"]
     print(f"host: {host['cores']} cores, load average {host['load_avg_at_start']} at the start, "
           f"{host['load_avg_at_end']} at the end")  # fmt: skip

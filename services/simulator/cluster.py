@@ -94,7 +94,9 @@ class Simulator:
         self.engine_config = self._engine_config()
         self.loop = EventLoop()
         self.host = (
-            SharedHost(self.loop, config.host_cores) if config.host_cores is not None else None
+            SharedHost(self.loop, config.host_cores, config.host_background_jobs)
+            if config.host_cores is not None
+            else None
         )
         self._num_streams = 0  # keys of token-streaming jobs on the shared host
         self._make_policies()

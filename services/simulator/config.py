@@ -72,6 +72,9 @@ class SimConfig:
     # while more jobs run than there are cores each slows down (processor sharing,
     # host.py). None = one accelerator per instance, nothing shared.
     host_cores: float | None = None
+    # With host_cores: runnable threads of other processes on the machine, on average
+    # (they share the cores with the mesh's jobs; 0 = the mesh has the machine).
+    host_background_jobs: float = 0.0
     # With host_cores: CPU seconds the mesh spends per generated token outside the
     # worker's step (gateway and client relaying it); it competes with the steps.
     stream_cpu_per_token_s: float = 0.0
@@ -113,6 +116,8 @@ class SimConfig:
             raise ConfigError(f"dispatch_latency_s={self.dispatch_latency_s} must be >= 0")
         if self.host_cores is not None and not self.host_cores > 0:
             raise ConfigError(f"host_cores={self.host_cores} must be > 0 (or None)")
+        if self.host_background_jobs < 0:
+            raise ConfigError(f"host_background_jobs={self.host_background_jobs} must be >= 0")
         if self.stream_cpu_per_token_s < 0:
             raise ConfigError(f"stream_cpu_per_token_s={self.stream_cpu_per_token_s} must be >= 0")
         if self.instance_startup_s < 0:

@@ -16,6 +16,10 @@ min(1, c / k):
         1-2.5 ms all three at 2/3             (the first ends at 2.5 ms)
         2.5 ms-  two left, full speed again
 
+Other processes on the machine (a loaded host) are `num_background_jobs` runnable
+threads on average that never finish: they take their share, each job then advancing
+at min(1, c / (k + b)) -- Linux gives every runnable thread an equal share.
+
 A job's end event is scheduled for the current speed; when the number of running jobs
 changes the speed, every running job's end is rescheduled and the stale events are
 ignored (each carries a ticket, unique over the run).
@@ -39,11 +43,14 @@ class _Job:
 
 
 class SharedHost:
-    def __init__(self, loop: EventLoop, num_cores: float) -> None:
+    def __init__(self, loop: EventLoop, num_cores: float, num_background_jobs: float = 0.0) -> None:
         if not num_cores > 0:
             raise ValueError(f"num_cores={num_cores} must be > 0")
+        if not num_background_jobs >= 0:
+            raise ValueError(f"num_background_jobs={num_background_jobs} must be >= 0")
         self.loop = loop
         self.num_cores = num_cores
+        self.num_background_jobs = num_background_jobs
         self._jobs: dict[Hashable, _Job] = {}  # running, in start order
         self._since = 0.0  # virtual time up to which work was accounted
         self._num_tickets = 0  # tickets are unique across jobs: keys are reused
@@ -56,7 +63,7 @@ class SharedHost:
     def speed(self) -> float:
         """Fraction of a core each running job gets."""
         k = len(self._jobs)
-        return min(1.0, self.num_cores / k) if k else 1.0
+        return min(1.0, self.num_cores / (k + self.num_background_jobs)) if k else 1.0
 
     def run(
         self, key: Hashable, work_s: float, on_done: Callable[[Any], None], arg: Any = None

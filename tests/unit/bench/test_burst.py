@@ -132,7 +132,7 @@ def test_every_policy_simulates_a_small_burst():
         figures = _burst_sim.simulate(policy, sim, arrivals)
         assert set(figures) == {
             "p50_ttft_s", "p99_ttft_s", "drops", "restores", "migrations", "preemptions",
-            "makespan_s", "host_cores",
+            "makespan_s", "background_jobs",
         }  # fmt: skip
         # 12 short requests fit 4 x 159 blocks: nobody preempts, nobody drops.
         assert (figures["drops"], figures["preemptions"]) == (0, 0)
@@ -161,10 +161,3 @@ def test_percentile_is_nearest_rank():
     assert _burst_sim.percentile([3.0, 1.0, 2.0], 50) == 2.0
     assert _burst_sim.percentile(list(range(101)), 99) == 99
     assert math.isnan(_burst_sim.percentile([], 99))
-
-
-def test_the_simulated_host_is_the_cores_other_processes_left():
-    assert _burst_sim.available_cores(2, {"workers": 1.1, "front_end": 0.2, "other": 0.6}) == 1.4
-    assert _burst_sim.available_cores(2, {"other": 1.9}) == 0.25
-    assert _burst_sim.available_cores(2, {"other": None}) == 2
-    assert _burst_sim.available_cores(None, {"other": 0.5}) is None

@@ -6,10 +6,10 @@ from services.simulator.host import SharedHost
 from services.simulator.loop import EventLoop
 
 
-def run_jobs(num_cores, jobs):
+def run_jobs(num_cores, jobs, num_background_jobs=0.0):
     """jobs: (start_s, key, work_s). Returns {key: end time}, and the host."""
     loop = EventLoop()
-    host = SharedHost(loop, num_cores)
+    host = SharedHost(loop, num_cores, num_background_jobs)
     ends = {}
 
     def start(job):
@@ -91,3 +91,19 @@ def test_a_key_runs_once_at_a_time():
 def test_needs_cores(num_cores):
     with pytest.raises(ValueError, match=f"num_cores={num_cores} must be > 0"):
         SharedHost(EventLoop(), num_cores)
+
+
+def test_background_threads_take_their_share():
+    # 2 cores, 3 other runnable threads: a job alone gets 2/4 of a core, two get 2/5.
+    ends, host = run_jobs(2, [(0.0, "a", 0.004)], num_background_jobs=3)
+    assert ends == {"a": pytest.approx(0.008)}
+    ends, _ = run_jobs(2, [(0.0, "a", 0.004), (0.0, "b", 0.004)], num_background_jobs=3)
+    assert ends == {"a": pytest.approx(0.010), "b": pytest.approx(0.010)}
+    # One background thread on 2 cores leaves a lone job its full core.
+    ends, _ = run_jobs(2, [(0.0, "a", 0.004)], num_background_jobs=1)
+    assert ends == {"a": pytest.approx(0.004)}
+
+
+def test_background_jobs_must_not_be_negative():
+    with pytest.raises(ValueError, match="num_background_jobs=-1"):
+        SharedHost(EventLoop(), 2, -1)
