@@ -161,3 +161,19 @@ def test_percentile_is_nearest_rank():
     assert _burst_sim.percentile([3.0, 1.0, 2.0], 50) == 2.0
     assert _burst_sim.percentile(list(range(101)), 99) == 99
     assert math.isnan(_burst_sim.percentile([], 99))
+
+
+def test_probes_count_in_cpu_seconds_of_a_lone_job():
+    from bench.simulator_fidelity import Probes
+
+    profile = bench_profile()
+    # 2 cores, 3 other runnable threads: a lone probe ran at half a core.
+    probes = Probes(
+        prompt_len=100, ttfts=[0.5, 0.7], tpots=[0.04, 0.06], stream_cpu_per_token_s=1e-4
+    )
+    alone = _burst_sim.mesh_costs(profile, probes, 2, background_jobs=0.0)
+    loaded = _burst_sim.mesh_costs(profile, probes, 2, background_jobs=3.0)
+    halved = Probes(100, [0.25, 0.35], [0.02, 0.03], 1e-4)
+    assert loaded == _burst_sim.mesh_costs(profile, halved, 2, background_jobs=0.0)
+    assert loaded["step_overhead_s"] < alone["step_overhead_s"]
+    assert (loaded["host_cores"], loaded["stream_cpu_per_token_s"]) == (2, 1e-4)
