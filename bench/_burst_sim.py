@@ -94,18 +94,17 @@ def calibrate(model_dir: Path, memory_nbytes: int, torch_threads: int = 1):
     return profile, sum(errors) / len(errors)
 
 
-def mesh_costs(
-    profile, probes, host_cores: float, background_jobs: float = 0.0
-) -> dict[str, float | None]:
+def mesh_costs(profile, probes, host_cores: float, probe_speed: float = 1.0) -> dict:
     """SimConfig fields for the live mesh's own costs, from the idle-mesh probes.
 
-    The profile is in CPU seconds; so are the overheads: a probe is one job at a time,
-    which `background_jobs` other runnable threads slowed to min(1, cores / (1 + b)) of
-    a core, so its wall-clock times are scaled by that speed first."""
+    The profile is in CPU seconds; so are the overheads: the probes' wall-clock times
+    are scaled by the share of a core each of the mesh's runnable threads had meanwhile
+    (`probe_speed`: CPU the mesh used / its runnable threads; other processes on a loaded
+    machine take the rest)."""
     from bench.simulator_fidelity import _modelled_overheads
     from services.simulator.profiles import get_profile
 
-    speed = min(1.0, host_cores / (1 + background_jobs)) if host_cores else 1.0
+    speed = min(1.0, probe_speed) if host_cores else 1.0
     cpu_probes = dataclasses.replace(
         probes,
         ttfts=[t * speed for t in probes.ttfts],

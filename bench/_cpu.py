@@ -89,17 +89,18 @@ def num_running_threads(pids: Iterable[int]) -> int:
 
 
 class BackgroundLoad:
-    """Samples, on a thread, how many runnable threads of *other* processes compete for
-    the cores (every runnable thread on the machine less those of `pids` and of this
-    process, the sampler's included); `mean(start, end)` averages the samples of a time
-    window (perf_counter)."""
+    """Samples, on a thread, how many runnable threads of `pids` (and of this process,
+    the sampler's included) and of *other* processes compete for the cores;
+    `mean(start, end)` averages the others over a time window (perf_counter),
+    `mean_own(start, end)` the mesh's own."""
 
     def __init__(self, pids: Iterable[int], interval_s: float = 0.25) -> None:
         import threading
 
         self.pids = sorted({*pids, os.getpid()})
         self.interval_s = interval_s
-        self.samples: list[tuple[float, int]] = []
+        self.samples: list[tuple[float, int]] = []  # (time, others)
+        self.own_samples: list[tuple[float, int]] = []  # (time, own runnable threads)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="background-load", daemon=True)
 
@@ -117,10 +118,30 @@ class BackgroundLoad:
         while not self._stop.is_set():
             total = num_runnable_threads()
             if total is not None:
-                others = total - num_running_threads(self.pids)
-                self.samples.append((time.perf_counter(), max(0, others)))
+                own = num_running_threads(self.pids)
+                now = time.perf_counter()
+                self.samples.append((now, max(0, total - own)))
+                self.own_samples.append((now, max(0, own - 1)))  # not the sampler
             self._stop.wait(self.interval_s)
 
     def mean(self, start: float, end: float) -> float | None:
-        window = [n for t, n in self.samples if start <= t <= end]
-        return sum(window) / len(window) if window else None
+        return _mean_in(self.samples, start, end)
+
+    def mean_own(self, start: float, end: float) -> float | None:
+        return _mean_in(self.own_samples, start, end)
+
+
+def _mean_in(samples: list[tuple[float, int]], start: float, end: float) -> float | None:
+    window = [n for t, n in samples if start <= t <= end]
+    return sum(window) / len(window) if window else None
+
+
+def effective_background(cores: float, own_threads: float | None, own_cores: float | None):
+    """Background threads b for which processor sharing gives the mesh the CPU it got:
+    each of its k runnable threads advanced at s = own_cores / k = cores / (k + b), so
+    b = k (cores / own_cores - 1). (Linux shares between sessions before threads, so the
+    count of others' runnable threads alone misstates the share; this measures it.)
+    None when unknown; 0 when the mesh was not short of cores."""
+    if not own_threads or not own_cores:
+        return None
+    return max(0.0, own_threads * (cores / own_cores - 1))

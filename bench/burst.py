@@ -119,10 +119,13 @@ class PolicyRun:
     num_blocks: list[int] = field(default_factory=list)  # each worker's pool, alone
     probes: object = None  # bench.simulator_fidelity.Probes of the idle mesh, if probed
     cpu_cores: dict = field(default_factory=dict)  # during the workload: _cpu_cores
-    # Runnable threads of other processes, on average (bench/_cpu.BackgroundLoad),
-    # during the workload and during the probes.
+    # During the workload (bench/_cpu.BackgroundLoad): runnable threads of other
+    # processes and of the mesh, on average; the background that processor sharing
+    # needs to give the mesh the CPU it got (what the simulator is given).
     background_jobs: float | None = None
-    probe_background_jobs: float | None = None
+    own_threads: float | None = None
+    effective_background_jobs: float | None = None
+    probe_speed: float | None = None  # during the probes: a core's share per thread
 
     def figures(self) -> dict:
         return {
@@ -136,6 +139,8 @@ class PolicyRun:
             "elapsed_s": round(self.elapsed_s, 1),
             "cpu_cores": self.cpu_cores,
             "background_jobs": _round(self.background_jobs),
+            "own_threads": _round(self.own_threads),
+            "effective_background_jobs": _round(self.effective_background_jobs),
         }
 
 
@@ -221,6 +226,20 @@ def _round(value: float | None, digits: int = 2) -> float | None:
     return None if value is None else round(value, digits)
 
 
+def _own_cores(cpu_cores: dict) -> float | None:
+    if cpu_cores.get("workers") is None or cpu_cores.get("front_end") is None:
+        return None
+    return cpu_cores["workers"] + cpu_cores["front_end"]
+
+
+def _speed(cpu_cores: dict, own_threads: float | None) -> float | None:
+    """The share of a core each of the mesh's runnable threads had."""
+    own = _own_cores(cpu_cores)
+    if own is None or not own_threads:
+        return None
+    return min(1.0, own / own_threads)
+
+
 def _cpu_sample(pids: tuple[list[int], list[int]]) -> tuple[float | None, ...]:
     workers, front_end = pids
     return (
@@ -268,20 +287,28 @@ def run_policy(
         workers = [w.pid for w in mesh.workers]
         front_end = [mesh.gateway.pid, mesh.scheduler.pid, os.getpid()]
         with _cpu.BackgroundLoad(workers + front_end) as background:
-            probes = probe_background = None
+            probes = probe_speed = None
             if probe:
                 prompt_len = round(statistics.fmean(len(a.request[0]) for a in arrivals))
-                start = time.perf_counter()
+                before, start = _cpu_sample((workers, front_end)), time.perf_counter()
                 probes = asyncio.run(
                     _probe(mesh.gateway_address, NUM_PROBES, prompt_len, front_end)
                 )
-                probe_background = background.mean(start, time.perf_counter())
+                end = time.perf_counter()
+                used = _cpu_cores(before, _cpu_sample((workers, front_end)), end - start)
+                probe_speed = _speed(used, background.mean_own(start, end))
                 asyncio.run(_wait_clean(mesh))
             before, start = _cpu_sample((workers, front_end)), time.perf_counter()
             run = asyncio.run(_play(mesh.gateway_address, arrivals, policy))
             run.cpu_cores = _cpu_cores(before, _cpu_sample((workers, front_end)), run.elapsed_s)
-            run.background_jobs = background.mean(start, time.perf_counter())
-            run.probe_background_jobs = probe_background
+            end = time.perf_counter()
+            run.background_jobs = background.mean(start, end)
+            run.own_threads = background.mean_own(start, end)
+            own_cores = _own_cores(run.cpu_cores)
+            run.effective_background_jobs = _cpu.effective_background(
+                _cpu.available_cores(), run.own_threads, own_cores
+            )
+            run.probe_speed = probe_speed
         loads = asyncio.run(_wait_clean(mesh))
     run.probes = probes
     run.num_blocks = [ld.num_total_blocks for ld in loads]
@@ -375,7 +402,7 @@ def main(argv: list[str]) -> int:
         )
     first = next(iter(runs.values()))
     costs = _burst_sim.mesh_costs(
-        profile, first.probes, _cpu.available_cores(), first.probe_background_jobs or 0.0
+        profile, first.probes, _cpu.available_cores(), first.probe_speed or 1.0
     )
     sim = _burst_sim.sim_block(profile, fit_error, costs, engine, GROUP_KNOBS)
     identical = {p: r.tokens == expected for p, r in runs.items()}
@@ -392,7 +419,7 @@ def main(argv: list[str]) -> int:
         "num_blocks_per_worker": engine["num_kv_blocks"],
         "probe_mean_ttft_s": round(statistics.fmean(first.probes.ttfts), 4),
         "probe_mean_tpot_s": round(statistics.fmean(first.probes.tpots), 4),
-        "probe_background_jobs": _round(first.probe_background_jobs),
+        "probe_speed": _round(first.probe_speed, 3),
         "host": {
             "cores": os.cpu_count(),
             "load_avg_at_start": load_at_start,
@@ -420,7 +447,9 @@ def sim_figures(sim: dict, arrivals, measured: dict, progress) -> dict:
     with the other processes that loaded the machine during that policy's run."""
     figures = {}
     for policy, real in measured.items():
-        background = real.get("background_jobs") or 0.0
+        background = real.get("effective_background_jobs")
+        if background is None:  # a run recorded before the mesh's own threads were
+            background = real.get("background_jobs") or 0.0
         figures[policy] = _burst_sim.simulate(policy, sim, arrivals, background)
         progress(f"{policy} (simulated): {figures[policy]}")
     return {

@@ -3,6 +3,8 @@ simulator run built from the bench's own config (bench/burst.py, bench/_burst_si
 
 import math
 
+import pytest
+
 from bench import _burst_sim
 from bench._checkpoint import llama_config
 from bench.burst import GROUP_KNOBS, MODEL_SHAPE, POLICIES, _add_ratios, _parse, workload
@@ -167,13 +169,23 @@ def test_probes_count_in_cpu_seconds_of_a_lone_job():
     from bench.simulator_fidelity import Probes
 
     profile = bench_profile()
-    # 2 cores, 3 other runnable threads: a lone probe ran at half a core.
+    # Each of the mesh's runnable threads had half a core during the probes.
     probes = Probes(
         prompt_len=100, ttfts=[0.5, 0.7], tpots=[0.04, 0.06], stream_cpu_per_token_s=1e-4
     )
-    alone = _burst_sim.mesh_costs(profile, probes, 2, background_jobs=0.0)
-    loaded = _burst_sim.mesh_costs(profile, probes, 2, background_jobs=3.0)
+    alone = _burst_sim.mesh_costs(profile, probes, 2)
+    loaded = _burst_sim.mesh_costs(profile, probes, 2, probe_speed=0.5)
     halved = Probes(100, [0.25, 0.35], [0.02, 0.03], 1e-4)
-    assert loaded == _burst_sim.mesh_costs(profile, halved, 2, background_jobs=0.0)
+    assert loaded == _burst_sim.mesh_costs(profile, halved, 2)
     assert loaded["step_overhead_s"] < alone["step_overhead_s"]
     assert (loaded["host_cores"], loaded["stream_cpu_per_token_s"]) == (2, 1e-4)
+
+
+def test_the_effective_background_gives_the_mesh_the_cpu_it_got():
+    from bench._cpu import effective_background
+
+    # 5 runnable threads of the mesh got 1.25 of 2 cores: a quarter core each = 2 / (5 + 3).
+    assert effective_background(2, 5.0, 1.25) == pytest.approx(3.0)
+    # 1 thread at a full core: nothing was in its way.
+    assert effective_background(2, 1.0, 1.0) == 1.0  # c / (1 + 1) = 1: full speed
+    assert effective_background(2, None, 1.0) is None
