@@ -20,6 +20,15 @@ same weights (greedy and seeded sampling: the same tokens however the mesh runs 
 Per policy: P50/P99 TTFT, drops and restores (scheduler log), migrations (committed,
 workers' logs), preemptions (workers' counters). After each run every worker must be
 alone, idle, with its block manager intact.
+
+Next to them, the simulator's prediction of the same run (bench/_burst_sim.py): the
+same arrivals and lengths on 4 simulated engines with the workers' pool (159 blocks,
+checked against their load reports), the live scheduler's config parsed from the same
+flags, a cost model of this model calibrated on this host at the start, the mesh's own
+costs from probes of the first mesh, and the machine's cores shared by every step,
+stage, request path and token stream, with the other processes' load measured during
+each policy's run. `fidelity` = simulated / measured P99 TTFT per policy (target:
+within 25%). `--resim FILE` re-predicts a recorded run (its JSON line) without a mesh.
 """
 
 from __future__ import annotations
