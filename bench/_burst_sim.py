@@ -151,6 +151,9 @@ def sim_config(policy: str, scheduler_flags: tuple[str, ...], costs: dict, **eng
         group_config=live.group_config(),
         migration_config=live.migration_config(),
         migration_bandwidth_bytes_per_s=LINK_BYTES_PER_S,
+        # Workers admit between steps; the registry counts a dispatch as pending this
+        # long (services/scheduler/registry.py, InstanceRegistry._pending_ttl).
+        pending_dispatch_ttl_s=min(0.5, live.lease_s / 4),
         **costs,
     )
 

@@ -287,6 +287,8 @@ class Simulator:
             self.config.load_model,
             created_s=self.loop.now,
             step_overhead_s=self.config.step_overhead_s,
+            clock=self._now,
+            pending_ttl_s=self.config.pending_dispatch_ttl_s,
         )
         self.instances[instance_id] = instance
         if ready_at <= self.loop.now:
@@ -295,6 +297,9 @@ class Simulator:
             self.num_pending += 1
             self.loop.at(ready_at, self._on_ready, instance)
         return instance
+
+    def _now(self) -> float:
+        return self.loop.now
 
     def _on_ready(self, instance: SimInstance) -> None:
         instance.ready_s = self.loop.now

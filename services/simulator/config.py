@@ -63,6 +63,11 @@ class SimConfig:
     # Seconds from a request's arrival until it reaches an instance (gateway, dispatch
     # and submit RPCs of the live mesh; 0 = ideal). Counts toward TTFT.
     dispatch_latency_s: float = 0.0
+    # None: a dispatched request joins its instance's engine at once. Set (the live mesh):
+    # it joins between two steps, as the worker admits it, and until then the policies
+    # see it as pending demand for this many seconds after its dispatch, as the live
+    # scheduler's registry does (services/scheduler/registry.py: 0.5 s), then not at all.
+    pending_dispatch_ttl_s: float | None = None
     # Seconds every engine step costs beyond the cost model (the live worker's serving
     # loop around the engine: output push, asyncio; 0 = ideal).
     step_overhead_s: float = 0.0
@@ -116,6 +121,10 @@ class SimConfig:
             raise ConfigError(f"dispatch_latency_s={self.dispatch_latency_s} must be >= 0")
         if self.host_cores is not None and not self.host_cores > 0:
             raise ConfigError(f"host_cores={self.host_cores} must be > 0 (or None)")
+        if self.pending_dispatch_ttl_s is not None and self.pending_dispatch_ttl_s < 0:
+            raise ConfigError(
+                f"pending_dispatch_ttl_s={self.pending_dispatch_ttl_s} must be >= 0 (or None)"
+            )
         if self.host_background_jobs < 0:
             raise ConfigError(f"host_background_jobs={self.host_background_jobs} must be >= 0")
         if self.stream_cpu_per_token_s < 0:

@@ -16,7 +16,14 @@ suspend_request, remove_request, import_request), the ones the live llumlet uses
 
 from __future__ import annotations
 
-from services.policies import InstanceLoad, LoadModelConfig, make_instance_load
+from collections.abc import Callable
+
+from services.policies import (
+    InstanceLoad,
+    LoadModelConfig,
+    add_pending_dispatches,
+    make_instance_load,
+)
 from services.worker.engine.config import EngineConfig
 from services.worker.engine.cost_model import CostModelProfile
 from services.worker.engine.engine import LLMEngine
@@ -39,8 +46,17 @@ class SimInstance:
         load_config: LoadModelConfig,
         created_s: float = 0.0,
         step_overhead_s: float = 0.0,
+        clock: Callable[[], float] | None = None,
+        pending_ttl_s: float | None = None,
     ) -> None:
         self.instance_id = instance_id
+        # Live admission (pending_ttl_s set): the worker adds a request to its engine
+        # between two steps, so one dispatched mid-step joins when the step ends; the
+        # scheduler counts it as pending demand (add_pending_dispatches) for pending_ttl_s
+        # after the dispatch, then no longer until the worker reports it.
+        self.clock = clock
+        self.pending_ttl_s = pending_ttl_s
+        self._deferred: list[tuple[float, tuple]] = []  # (dispatched at, add_request args)
         self.engine = LLMEngine.simulated(engine_config, profile)
         self.scheduler = self.engine.scheduler
         self.block_manager = self.engine.block_manager
@@ -69,7 +85,11 @@ class SimInstance:
 
     @property
     def is_empty(self) -> bool:
-        return not self.scheduler.requests and self.block_manager.num_used_blocks == 0
+        return (
+            not self.scheduler.requests
+            and not self._deferred
+            and self.block_manager.num_used_blocks == 0
+        )
 
     def touch(self) -> None:
         """Its load changed: the next `load()` recomputes the snapshot."""
@@ -79,7 +99,19 @@ class SimInstance:
         """The Llumnix load snapshot (cached until `touch`)."""
         if self._load is None:
             self._load = self._compute_load()
+        if self._deferred:
+            return self._with_pending(self._load)
         return self._load
+
+    def _with_pending(self, load: InstanceLoad) -> InstanceLoad:
+        assert self.clock is not None and self.pending_ttl_s is not None
+        now, bm = self.clock(), self.block_manager
+        pending = [
+            args for at, args in self._deferred if now - at < self.pending_ttl_s
+        ]  # still counted by the scheduler
+        return add_pending_dispatches(
+            load, len(pending), sum(bm.num_blocks_for(len(args[1])) for args in pending)
+        )
 
     def _compute_load(self) -> InstanceLoad:
         # The same inputs the llumlet reports (LLMEngine.stats), without the dataclass.
@@ -113,9 +145,19 @@ class SimInstance:
         priority: int,
         arrival_s: float,
     ) -> None:
+        if self.pending_ttl_s is not None and self.is_busy:
+            assert self.clock is not None
+            args = (request_id, prompt_token_ids, num_output_tokens, priority, arrival_s)
+            self._deferred.append((self.clock(), args))
+            return
         params = SamplingParams(max_tokens=num_output_tokens, ignore_eos=True, seed=0)
         self.engine.add_request(request_id, prompt_token_ids, params, priority, arrival_s)
         self.touch()
+
+    @property
+    def num_deferred(self) -> int:
+        """Requests dispatched here mid-step, not yet in the engine."""
+        return len(self._deferred)
 
     def remove(self, request_id: str) -> RequestState:
         """Hands a request over (migration commit, or a queued one re-dispatched)."""
@@ -160,6 +202,12 @@ class SimInstance:
         assert batch is not None
         self._batch = self._result = None
         self.touch()
-        if result is None:
-            return []
-        return self.scheduler.update_from_output(batch, result.sampled_token_ids)
+        outputs = (
+            []
+            if result is None
+            else self.scheduler.update_from_output(batch, result.sampled_token_ids)
+        )
+        deferred, self._deferred = self._deferred, []
+        for _, args in deferred:  # between two steps: the worker admits them now
+            self.add_request(*args)
+        return outputs
