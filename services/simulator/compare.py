@@ -91,7 +91,7 @@ class CompareConfig:
     # One run's per-seed P99 moves by up to ±25% under such a change alone (the few
     # requests of the worst burst are reshuffled); a seed's P99s are the mean of its
     # replicas' and `per_seed` shows how far one run strays from that mean.
-    priority_replicas: int = 1
+    priority_replicas: int = 3
     # Auto-scaling run: a repeating (duration_s, rate) schedule; fleet bounds.
     autoscale_schedule: tuple[tuple[float, float], ...] = ((120.0, 6.0), (120.0, 20.0))
     autoscale_min_instances: int = 4

@@ -27,6 +27,7 @@ TINY = CompareConfig(
     profile="tiny-cpu",
     rates=(200.0, 800.0, 2000.0),
     priority_rate=None,
+    priority_replicas=1,
     prompt="uniform:8:64",
     output="uniform:4:32",
     autoscale_schedule=((0.05, 200.0), (0.05, 2000.0)),
