@@ -116,9 +116,9 @@ def priority_tables(p: dict[str, Any]) -> list[str]:
     """The priority run: pooled P99s, then each seed's cost to normal requests."""
     replicas = p["replicas"]
     return [
-        f"Priorities (rate {p['rate']}, Llumnix, {p['headroom_blocks']} blocks of headroom "
-        f"per running high-priority request; P99 TTFT in seconds over the requests of "
-        f"workload seeds {p['seeds']}, {replicas} replica(s) each):",
+        f"Priorities (rate {p['rate']:g} req/s, Llumnix, {p['headroom_blocks']} blocks of "
+        "headroom per running high-priority request):",
+        f"P99 TTFT (s) over every request of workload seeds {p['seeds']}, {replicas} run(s) each",
         table(
             ("class", "with priority", "without priority"),
             [
@@ -127,8 +127,8 @@ def priority_tables(p: dict[str, Any]) -> list[str]:
             ],
         ),
         "",
-        f"Per seed (P99s: the mean of {replicas} replica(s); one run strays from it by "
-        "'1-run spread'):",
+        f"Per seed (P99s in s: the mean of its {replicas} run(s)' P99s; without priorities, "
+        "one run's normal P99 strays from that mean by up to '1-run spread'):",
         table(
             (
                 "seed",
