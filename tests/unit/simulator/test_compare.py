@@ -72,7 +72,24 @@ def test_report_has_every_key_of_the_contract(report):
         "high_p99_ttft_no_priority_s",
         "normal_p99_ttft_s",
         "normal_p99_ttft_no_priority_s",
+        "high_p99_tpot_s",
+        "high_p99_tpot_no_priority_s",
+        "max_normal_p99_ttft_cost_pct",
+        "replicas",
+        "headroom_blocks",
     } <= set(report["priority"])
+    assert set(report["priority"]["per_seed"][0]) == {
+        "seed",
+        *(
+            f"{cls}_p99_{metric}{side}_s"
+            for cls in ("high", "normal")
+            for metric in ("ttft", "tpot")
+            for side in ("", "_no_priority")
+        ),
+        "normal_p99_ttft_cost_pct",
+        "high_p99_ttft_speedup",
+        "normal_p99_ttft_one_run_spread_pct",
+    }
     assert {"instance_seconds", "instance_seconds_fixed", "p99_ttft_s", "p99_ttft_fixed_s"} <= set(
         report["autoscale"]
     )
