@@ -15,7 +15,7 @@ from services.policies.kunserve import (
 )
 from services.simulator.cluster import Simulator
 from services.simulator.config import SimConfig
-from services.simulator.groups import GroupPhase, bubble_fraction
+from services.simulator.groups import GroupPhase
 from services.simulator.link import Link
 from services.simulator.loop import EventLoop
 from services.simulator.workload import SimRequest, WorkloadConfig, generate, parse_length
@@ -220,21 +220,3 @@ def test_unknown_preset_and_group_policy_are_rejected():
 
 
 # ---- pieces ---------------------------------------------------------------------------
-
-
-def test_bubble_fraction_is_idle_over_total_stage_time():
-    assert bubble_fraction([3.0, 2.0], 4.0) == pytest.approx(3.0 / 8.0)
-    assert bubble_fraction([4.0, 4.0], 4.0) == 0.0
-    assert bubble_fraction([], 1.0) == 0.0
-
-
-def test_activations_pause_the_kv_exchange_on_a_link():
-    loop = EventLoop()
-    link = Link(loop, bandwidth_bytes_per_s=100.0)
-    done = []
-    link.send_kv(100.0, lambda: done.append(loop.now))
-    arrivals = []
-    loop.at(0.5, lambda _: arrivals.append(link.send_activation(20.0)))
-    loop.run(lambda: False)
-    assert arrivals == [pytest.approx(0.2)]  # the activation goes at once
-    assert done == [pytest.approx(1.2)]  # the exchange resumes after it
