@@ -220,3 +220,48 @@ def test_unknown_preset_and_group_policy_are_rejected():
 
 
 # ---- pieces ---------------------------------------------------------------------------
+
+
+def test_activations_pause_the_kv_exchange_on_a_link():
+    loop = EventLoop()
+    link = Link(loop, bandwidth_bytes_per_s=100.0)
+    done = []
+    link.send_kv(100.0, lambda: done.append(loop.now))
+    arrivals = []
+    loop.at(0.5, lambda _: arrivals.append(link.send_activation(20.0)))
+    loop.run(lambda: False)
+    assert arrivals == [pytest.approx(0.2)]  # the activation goes at once
+    assert done == [pytest.approx(1.2)]  # the exchange resumes after it
+
+
+# ---- micro-batch formation -------------------------------------------------------------
+
+
+def formation_run(name):
+    config = dataclasses.replace(TINY, micro_batching=name)
+    # Six decoding requests, then a long prompt that arrives while the group serves.
+    requests = [*long_requests(n=6, prompt=24, output=60), SimRequest("big", 0.03, 200, 8)]
+    return scripted_run(config, requests, ScriptedGroups(["i00", "i01"], drop_at=0.02))
+
+
+def test_groups_form_micro_batches_with_the_configured_formation():
+    runs = {name: formation_run(name) for name in ("simple", "lookahead")}
+    for name, (sim, result) in runs.items():
+        formation = sim.groups.groups["g01"].formation
+        assert (formation.name, formation.num_micro_batches) == (name, 2)  # one per stage
+        assert [r.num_generated for r in result.records] == [60] * 6 + [8]
+        stats = result.groups
+        assert stats.modelled_stage_time_s > stats.modelled_busy_s > 0
+        assert stats.modelled_bubble_fraction == pytest.approx(
+            1 - stats.modelled_busy_s / stats.modelled_stage_time_s
+        )
+    # Balanced micro-batches, the long prompt cut to the level: fewer modelled bubbles.
+    simple, lookahead = (runs[n][1].groups for n in ("simple", "lookahead"))
+    assert lookahead.modelled_bubble_fraction < simple.modelled_bubble_fraction
+
+
+def test_unknown_micro_batching_is_rejected():
+    with pytest.raises(ConfigError, match="micro_batching='fancy'"):
+        SimConfig(micro_batching="fancy")
+    with pytest.raises(ConfigError, match="min_chunk_tokens=0"):
+        SimConfig(min_chunk_tokens=0)
