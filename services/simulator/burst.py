@@ -10,7 +10,8 @@ runs every policy preset of services/policies/presets.py on the same requests:
     recompute   memory-aware dispatch; preempt and recompute (vLLM's default)
     llumnix     freest dispatch + live migration
     kunserve    memory-aware dispatch + parameter dropping (groups, pipelines)
-    llmesh      migration while an instance has room, dropping when none has
+    llmesh      migration while the instances with room can absorb the queue,
+                dropping when they cannot
 
 `swap` is not run: the engine has no swap space (a preempted request recomputes).
 
