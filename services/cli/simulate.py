@@ -53,6 +53,13 @@ def add_arguments(parser) -> None:
         help="--burst: GroupConfig.vote_window_s of the kunserve and llmesh policies (0.5)",
     )
     parser.add_argument(
+        "--micro-batching",
+        choices=("lookahead", "simple"),
+        default=None,
+        help="--burst: how groups form micro-batches (lookahead; the group presets also "
+        "run with the other formation at the heaviest intensity)",
+    )
+    parser.add_argument(
         "--burst-plot", default="out/simulate_burst.png", help="--burst: PNG path ('' for none)"
     )
     parser.add_argument(
@@ -277,6 +284,8 @@ def _run_burst(args) -> int:
     ):
         if getattr(args, flag) is not None:
             fields[name] = getattr(args, flag)
+    if args.micro_batching:
+        fields["micro_batching"] = args.micro_batching
     if args.presets:
         fields["policies"] = tuple(args.presets.split(","))
     cfg = BurstConfig(**fields)
