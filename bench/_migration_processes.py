@@ -179,7 +179,9 @@ def run_processes(
             "--max-model-len", str(max_len), "--max-num-batched-tokens", "1024",
             "--log-level", "WARNING",
         ),
-        scheduler_args=("--migration-policy", "none", "--log-level", "WARNING"),
+        scheduler_args=(
+            "--migration-policy", "none", "--group-policy", "none", "--log-level", "WARNING",
+        ),  # fmt: skip
         gateway_args=("--log-level", "WARNING"),
     )  # fmt: skip
     progress(f"starting 2 worker processes (logs in {mesh.log_dir})")

@@ -166,7 +166,7 @@ def _run_mesh(args, model_dir: Path, memory_nbytes: int, progress) -> dict:
             "--torch-threads", "1", "--memory-capacity-bytes", str(memory_nbytes),
             "--max-num-seqs", str(MAX_NUM_SEQS), "--log-level", "WARNING",
         ),
-        scheduler_args=("--migration-policy", "none"),
+        scheduler_args=("--migration-policy", "none", "--group-policy", "none"),
         gateway_args=("--log-level", "WARNING"),
     )  # fmt: skip
     progress(f"starting {NUM_WORKERS} worker processes (logs in {mesh.log_dir})")

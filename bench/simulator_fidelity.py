@@ -252,7 +252,14 @@ def _run_real(args, requests, prompt_len: int) -> tuple[list, Probes, CpuUsage]:
         num_workers=args.workers,
         worker_args=("--torch-threads", str(args.threads), "--log-level", "WARNING"),
         gateway_args=("--log-level", "WARNING"),
-        scheduler_args=("--migration-policy", "none", "--log-level", "WARNING"),
+        scheduler_args=(
+            "--migration-policy",
+            "none",
+            "--group-policy",
+            "none",
+            "--log-level",
+            "WARNING",
+        ),  # fmt: skip
     ).start()
     try:
         worker_pids = [w.pid for w in mesh.workers]

@@ -4,6 +4,7 @@ llmesh simulate --policy llumnix --rate 20 --requests 10000 --json
 llmesh simulate --trace requests.csv --policy load_balance
 llmesh simulate --compare --json            # the full comparison report
 llmesh simulate --burst --json              # KunServe's burst comparison of the presets
+llmesh simulate --compare --only priority   # one part of the comparison
 """
 
 from __future__ import annotations
@@ -52,6 +53,13 @@ def add_arguments(parser) -> None:
         help="--burst: GroupConfig.vote_window_s of the kunserve and llmesh policies (0.5)",
     )
     parser.add_argument(
+        "--micro-batching",
+        choices=("lookahead", "simple"),
+        default=None,
+        help="--burst: how groups form micro-batches (lookahead; the group presets also "
+        "run with the other formation at the heaviest intensity)",
+    )
+    parser.add_argument(
         "--burst-plot", default="out/simulate_burst.png", help="--burst: PNG path ('' for none)"
     )
     parser.add_argument(
@@ -71,6 +79,24 @@ def add_arguments(parser) -> None:
         type=int,
         default=4,
         help="--compare: workload seeds of the priority run (its P99s pool their requests)",
+    )
+    parser.add_argument(
+        "--priority-replicas",
+        type=int,
+        default=None,
+        help="--compare: runs per seed and side of the priority run (each seed's P99s are "
+        "their mean; default 3)",
+    )
+    parser.add_argument(
+        "--priority-headroom",
+        type=int,
+        default=None,
+        help="--compare: blocks of headroom per running high-priority request",
+    )
+    parser.add_argument(
+        "--only",
+        default=None,
+        help="--compare: comma-separated parts to run (compare, priority, autoscale, fidelity)",
     )
     parser.add_argument("--arrival", choices=("poisson", "gamma"), default="gamma")
     parser.add_argument(
@@ -195,6 +221,12 @@ def _run_compare(args) -> int:
     if args.priority_rate:
         fields["priority_rate"] = args.priority_rate
     fields["priority_seeds"] = args.priority_seeds
+    if args.priority_replicas is not None:
+        fields["priority_replicas"] = args.priority_replicas
+    if args.priority_headroom is not None:
+        fields["high_priority_headroom_blocks"] = args.priority_headroom
+    if args.only:
+        fields["parts"] = tuple(part.strip() for part in args.only.split(","))
     real = None
     if args.fidelity_real:
         measured = json.loads(Path(args.fidelity_real).read_text())
@@ -213,6 +245,8 @@ def _run_compare(args) -> int:
     print()
     if not args.plot:
         print("plot: skipped (--plot '')")
+    elif not {"compare", "autoscale", "fidelity"} <= set(cfg.parts):
+        print("plot: skipped (it needs the compare, autoscale and fidelity parts)")
     elif written := plot_compare(report, args.plot):
         print(f"plot: wrote {written}")
     else:
@@ -250,6 +284,8 @@ def _run_burst(args) -> int:
     ):
         if getattr(args, flag) is not None:
             fields[name] = getattr(args, flag)
+    if args.micro_batching:
+        fields["micro_batching"] = args.micro_batching
     if args.presets:
         fields["policies"] = tuple(args.presets.split(","))
     cfg = BurstConfig(**fields)

@@ -63,7 +63,7 @@ def add_arguments(parser) -> None:
         "--policy",
         default=None,
         choices=sorted(PRESETS),
-        help="the scheduler's policy preset (default llumnix; llmesh and kunserve drop "
+        help="the scheduler's policy preset (default llmesh; llmesh and kunserve drop "
         "KunServe groups under overload, docs/kunserve.md)",
     )
     parser.add_argument(

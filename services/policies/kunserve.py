@@ -27,11 +27,15 @@ freed blocks are (gain(g) - 1) x the members' total blocks.
 
 Registered names:
     kunserve    the rules above.
-    llmesh      the rules above, but an instance votes only while no migration can
-                help: no instance alone has freeness above the migration
-                destination threshold (`migration_dst_freeness_above`), so Llumnix's
-                migration balances what it can and dropping frees memory when the
-                whole cluster is full.
+    llmesh      the rules above, but a planned drop waits while migration can absorb
+                it: votes count as for kunserve, and this round's drops are skipped
+                while the voters' queued demand beyond their free blocks
+                (queued_excess_blocks, summed) fits in the room of the migration
+                destinations, i.e. the free blocks beyond their own queues of every
+                instance alone, not terminating and not voting, whose freeness is above
+                `migration_dst_freeness_above`. So Llumnix's migration moves what it
+                can, and the group forms as soon as the room left is too small (the
+                votes have held meanwhile: no new window).
     none        never forms a group (every KV-centric baseline).
 """
 
@@ -203,17 +207,16 @@ class KunServeGroups(GroupPolicy):
 
     # ---- the decision -------------------------------------------------------------------
 
-    def may_vote(self, loads: Sequence[InstanceLoad]) -> bool:
-        """Whether voting is allowed at all this round (`llmesh` narrows it)."""
+    def may_drop(self, voters: Sequence[InstanceLoad], alone: Sequence[InstanceLoad]) -> bool:
+        """Whether this round's voters may form groups (`llmesh` narrows it); the votes
+        keep counting either way."""
         return True
 
     def decide(self, loads, now):
         alone = [ld for ld in loads if not ld.is_in_group and not ld.is_terminating]
-        if self.may_vote(loads):
-            voters = self._voters(alone, now)
-        else:
+        voters = self._voters(alone, now)
+        if voters and not self.may_drop(voters, alone):
             voters = []
-            self._votes.clear()  # a vote must hold for a whole window of its own
         drops, reasons = self._plan(voters)
         restores, restore_reasons = self._restores(loads, now)
         for group in drops:
@@ -300,14 +303,25 @@ class KunServeGroups(GroupPolicy):
         return restores, reasons
 
 
+def migration_room_blocks(load: InstanceLoad) -> int:
+    """Free blocks beyond what the instance's own queue needs (0 if its queue fills them)."""
+    free = load.num_total_blocks - load.num_used_blocks
+    return max(0, free - load.num_waiting_blocks)
+
+
 @register_group("llmesh")
 class LlmeshGroups(KunServeGroups):
-    """KunServe's rules, voting only while no migration destination exists."""
+    """KunServe's rules; a drop waits while migration destinations can absorb the
+    voters' queued excess (module docstring)."""
 
     name = "llmesh"
 
-    def may_vote(self, loads: Sequence[InstanceLoad]) -> bool:
+    def may_drop(self, voters: Sequence[InstanceLoad], alone: Sequence[InstanceLoad]) -> bool:
         threshold = self.config.migration_dst_freeness_above
-        return not any(
-            ld.freeness > threshold for ld in loads if not ld.is_in_group and not ld.is_terminating
+        voter_ids = {ld.instance_id for ld in voters}
+        room = sum(
+            migration_room_blocks(ld)
+            for ld in alone
+            if ld.instance_id not in voter_ids and ld.freeness > threshold
         )
+        return sum(queued_excess_blocks(ld) for ld in voters) > room

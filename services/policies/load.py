@@ -83,8 +83,8 @@ class InstanceLoad:
     running: tuple[RunningRequest, ...] = field(default=())
     # Blocks all waiting requests need (the load-balance-only baseline counts them).
     num_waiting_blocks: int = 0
-    # The part of `virtual_usage` that is high-priority headroom (high-priority
-    # requests may use it, so priority-aware dispatch looks through it).
+    # The part of `virtual_usage` that is high-priority headroom (it steers migration;
+    # dispatch ranks physical demand and does not count it).
     num_headroom_blocks: int = 0
     # Cumulative preemptions since the instance started.
     num_preemptions: int = 0

@@ -5,8 +5,9 @@
                                                      dispatch, preempt and recompute
     llumnix     freest        freeness    none       Llumnix: live migration by freeness
     kunserve    load_balance  none        kunserve   KunServe: drop parameters, pipeline
-    llmesh      freest        freeness    llmesh     both: migrate while an instance has
-                                                     room, drop when none has (default)
+    llmesh      freest        freeness    llmesh     both: migrate while the instances with
+                                                     room can absorb the queue, drop when
+                                                     they cannot (default)
 
 `swap` (preempt to host memory over PCIe) is not a preset: the engine has no swap
 space; a preempted request recomputes in every preset.

@@ -48,9 +48,10 @@ class SchedulerConfig:
     bind: str = "127.0.0.1:50052"  # host:port to listen on (port 0 = chosen by the OS)
     lease_s: float = 3.0  # an instance without a load report for this long is dropped
     report_interval_s: float = 0.05  # how often workers report load (told at registration)
-    # Policy preset: recompute, llumnix, kunserve or llmesh. The default, llumnix
-    # (freest, freeness, no groups), never drops on its own; llmesh adds KunServe drops.
-    policy: str = "llumnix"
+    # Policy preset: recompute, llumnix, kunserve or llmesh. The default, llmesh, is
+    # Llumnix's (freest, freeness) plus KunServe drops when no migration can help;
+    # llumnix never drops on its own.
+    policy: str = "llmesh"
     dispatch_policy: str = ""  # registered dispatch policy name ("" = the preset's)
     log_level: str = "INFO"  # DEBUG, INFO, WARNING or ERROR
     otlp_endpoint: str = ""  # OTLP/gRPC trace collector (empty = traces not exported)

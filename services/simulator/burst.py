@@ -10,9 +10,14 @@ runs every policy preset of services/policies/presets.py on the same requests:
     recompute   memory-aware dispatch; preempt and recompute (vLLM's default)
     llumnix     freest dispatch + live migration
     kunserve    memory-aware dispatch + parameter dropping (groups, pipelines)
-    llmesh      migration while an instance has room, dropping when none has
+    llmesh      migration while the instances with room can absorb the queue,
+                dropping when they cannot
 
 `swap` is not run: the engine has no swap space (a preempted request recomputes).
+
+Groups form their micro-batches with `micro_batching` (lookahead by default, as the live
+worker); at `formation_intensities` (default: the heaviest) the group presets run once
+more with the other formation, and `lookahead{}` pools the bubble fractions of both.
 """
 
 from __future__ import annotations
@@ -35,13 +40,16 @@ from services.simulator.config import SimConfig
 from services.simulator.metrics import percentile
 from services.simulator.report import table
 from services.simulator.workload import WorkloadConfig, generate, parse_length
+from services.worker.engine.micro_batching import FORMATIONS
 
 BURST_POLICIES = ("recompute", "llumnix", "kunserve", "llmesh")
 KV_CENTRIC = ("recompute", "llumnix")
 SWAP_NOTE = "swap is not compared: the engine has no swap space (preemption recomputes)"
 LOOKAHEAD_NOTE = (
-    "lookahead micro-batching is not in the simulator yet (branch k18-mb); "
-    "simple_bubble_fraction is the simple formation's, pooled over the group runs"
+    "pooled over the group presets' runs at {at}: idle / total stage time while a "
+    "micro-batch was in flight, in simulated time (links and exchanges included); "
+    "modelled_*: the formation alone, its micro-batches timed back to back by the cost "
+    "model (the live leader's modelled_bubble_fraction)"
 )
 
 
@@ -72,6 +80,11 @@ class BurstConfig:
     # KV runs out; with 1 s kunserve's P99 TTFT at x9 was 2.72 s, llmesh's 3.21 s
     # (docs/simulator.md lists both runs).
     group_config: GroupConfig = GroupConfig(vote_window_s=0.5)
+    # How groups form micro-batches in the main runs ("lookahead" or "simple").
+    micro_batching: str = "lookahead"
+    # Intensities at which the group presets also run with the other formation (None:
+    # the heaviest; (): none).
+    formation_intensities: tuple[float, ...] | None = None
     seed: int = 0
     workers: int = 2
 
@@ -91,6 +104,10 @@ class BurstConfig:
             f"policies={self.policies} must be presets: {sorted(PRESETS)}",
         )
         require(self.workers >= 1, f"workers={self.workers} must be >= 1")
+        require(
+            self.micro_batching in FORMATIONS,
+            f"micro_batching={self.micro_batching!r} must be one of {list(FORMATIONS)}",
+        )
         parse_length(self.prompt), parse_length(self.output)
 
     def workload(self, intensity: float) -> WorkloadConfig:
@@ -109,14 +126,25 @@ class BurstConfig:
             seed=self.seed,
         )
 
-    def sim_config(self, policy: str) -> SimConfig:
+    def sim_config(self, policy: str, micro_batching: str | None = None) -> SimConfig:
         return SimConfig(
             num_instances=self.num_instances,
             profile=self.profile,
             policy=policy,
             use_priorities=False,
             group_config=self.group_config,
+            micro_batching=micro_batching or self.micro_batching,
         )
+
+    @property
+    def other_formation(self) -> str:
+        return next(f for f in FORMATIONS if f != self.micro_batching)
+
+    @property
+    def formation_at(self) -> tuple[float, ...]:
+        if self.formation_intensities is None:
+            return (max(self.intensities),)
+        return self.formation_intensities
 
 
 @dataclass(frozen=True)
@@ -128,14 +156,23 @@ class BurstJob:
 
 
 def jobs(cfg: BurstConfig) -> list[BurstJob]:
-    return [
+    """Every (intensity, policy) with cfg's formation, then the group presets with the
+    other formation at cfg.formation_at."""
+    main = [
         BurstJob(k, p, cfg.sim_config(p), cfg.workload(k))
         for k in cfg.intensities
         for p in cfg.policies
     ]
+    extra = [
+        BurstJob(k, p, cfg.sim_config(p, cfg.other_formation), cfg.workload(k))
+        for k in cfg.formation_at
+        for p in cfg.policies
+        if PRESETS[p].group_policy != "none"
+    ]
+    return main + extra
 
 
-def row(intensity: float, policy: str, result: SimResult) -> dict[str, Any]:
+def row(intensity: float, policy: str, result: SimResult, micro_batching: str) -> dict[str, Any]:
     """One line of the report's `burst` list (plus fields the tables show)."""
     ttft = np.array([r.ttft_s for r in result.records])
     s, g = result.summary, result.groups
@@ -151,6 +188,10 @@ def row(intensity: float, policy: str, result: SimResult) -> dict[str, Any]:
         "migrations": s.migrations,
         "bubble_fraction": _r(g.bubble_fraction) if g.num_drops else None,
         # Beyond the issue's keys: what the tables and the lookahead figure use.
+        "micro_batching": micro_batching,
+        "modelled_bubble_fraction": _r(g.modelled_bubble_fraction) if g.num_drops else None,
+        "modelled_busy_s": _r(g.modelled_busy_s),
+        "modelled_stage_time_s": _r(g.modelled_stage_time_s),
         "restores": g.num_restores,
         "max_exchange_wait_s": _r(g.max_exchange_wait_s),
         "stage_busy_s": _r(g.stage_busy_s),
@@ -162,7 +203,7 @@ def row(intensity: float, policy: str, result: SimResult) -> dict[str, Any]:
 
 def run_job(job: BurstJob) -> dict[str, Any]:
     result = Simulator(job.config, generate(job.workload)).run()
-    return row(job.intensity, job.policy, result)
+    return row(job.intensity, job.policy, result, job.config.micro_batching)
 
 
 def run_burst(cfg: BurstConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -174,7 +215,7 @@ def run_burst(cfg: BurstConfig, progress: Callable[[str], None] | None = None) -
         rows.append(r)
         if progress:
             progress(
-                f"  done x{r['intensity']:g} {r['policy']}: p99 TTFT {r['p99_ttft_s']}s, "
+                f"  done x{r['intensity']:g} {r['policy']} ({r['micro_batching']}): p99 TTFT {r['p99_ttft_s']}s, "
                 f"drops {r['drops']}, migrations {r['migrations']}, {r['wall_s']}s wall"
             )
 
@@ -185,22 +226,45 @@ def run_burst(cfg: BurstConfig, progress: Callable[[str], None] | None = None) -
         with ProcessPoolExecutor(max_workers=min(cfg.workers, len(todo))) as pool:
             for r in pool.map(run_job, todo):
                 done(r)
-    order = {(j.intensity, j.policy): i for i, j in enumerate(todo)}
-    rows.sort(key=lambda r: order[(r["intensity"], r["policy"])])
+    order = {(j.intensity, j.policy, j.config.micro_batching): i for i, j in enumerate(todo)}
+    rows.sort(key=lambda r: order[(r["intensity"], r["policy"], r["micro_batching"])])
     return build_report(cfg, rows)
 
 
+def pooled_bubbles(rows: Sequence[dict[str, Any]], formation: str) -> tuple[Any, Any]:
+    """(in simulated time, modelled) bubble fractions of `formation`'s rows, pooled."""
+    mine = [r for r in rows if r["micro_batching"] == formation and r["drops"]]
+    busy = sum(r["stage_busy_s"] or 0.0 for r in mine)
+    total = sum(r["stage_total_s"] or 0.0 for r in mine)
+    m_busy = sum(r["modelled_busy_s"] or 0.0 for r in mine)
+    m_total = sum(r["modelled_stage_time_s"] or 0.0 for r in mine)
+    return (
+        _r(1 - busy / total) if total > 0 else None,
+        _r(1 - m_busy / m_total) if m_total > 0 else None,
+    )
+
+
 def build_report(cfg: BurstConfig, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    busy = sum(r["stage_busy_s"] or 0.0 for r in rows if r["drops"])
-    total = sum(r["stage_total_s"] or 0.0 for r in rows if r["drops"])
+    main = [r for r in rows if r["micro_batching"] == cfg.micro_batching]
+    other = [r for r in rows if r["micro_batching"] != cfg.micro_batching]
+    at = set(cfg.formation_at)
+    compared = [
+        r for r in rows if r["intensity"] in at and PRESETS[r["policy"]].group_policy != "none"
+    ]
+    simple, simple_m = pooled_bubbles(compared, "simple")
+    look, look_m = pooled_bubbles(compared, "lookahead")
     return {
-        "burst": list(rows),
+        "burst": main,
+        "formations": other,
         "lookahead": {
-            "simple_bubble_fraction": _r(1 - busy / total) if total > 0 else None,
-            "lookahead_bubble_fraction": None,
-            "note": LOOKAHEAD_NOTE,
+            "simple_bubble_fraction": simple,
+            "lookahead_bubble_fraction": look,
+            "modelled_simple_bubble_fraction": simple_m,
+            "modelled_lookahead_bubble_fraction": look_m,
+            "intensities": sorted(at),
+            "note": LOOKAHEAD_NOTE.format(at=", ".join(f"x{k:g}" for k in sorted(at))),
         },
-        "targets": targets(rows),
+        "targets": targets(main),
         "workload": {
             "instances": cfg.num_instances,
             "requests": cfg.num_requests,
@@ -212,6 +276,7 @@ def build_report(cfg: BurstConfig, rows: Sequence[dict[str, Any]]) -> dict[str, 
             "prompt": cfg.prompt,
             "output": cfg.output,
             "seed": cfg.seed,
+            "micro_batching": cfg.micro_batching,
         },
         "notes": [SWAP_NOTE],
     }
@@ -248,7 +313,7 @@ def _r(value: float) -> float | None:
 
 
 def burst_tables(report: dict[str, Any]) -> str:
-    rows = report["burst"]
+    rows = report["burst"] + report["formations"]
     lines = [
         table(
             (
@@ -262,11 +327,14 @@ def burst_tables(report: dict[str, Any]) -> str:
                 "drops",
                 "migrations",
                 "bubble",
+                "modelled",
             ),
             [
                 (
                     f"x{r['intensity']:g}",
-                    r["policy"],
+                    r["policy"]
+                    if r["micro_batching"] == report["workload"]["micro_batching"]
+                    else f"{r['policy']} ({r['micro_batching']})",
                     r["p50_ttft_s"],
                     r["p99_ttft_s"],
                     r["p99_tpot_s"],
@@ -275,6 +343,7 @@ def burst_tables(report: dict[str, Any]) -> str:
                     r["drops"],
                     r["migrations"],
                     "-" if r["bubble_fraction"] is None else r["bubble_fraction"],
+                    "-" if r["modelled_bubble_fraction"] is None else r["modelled_bubble_fraction"],
                 )
                 for r in rows
             ],
@@ -282,8 +351,10 @@ def burst_tables(report: dict[str, Any]) -> str:
     ]
     look = report["lookahead"]
     lines.append(
-        f"bubble fraction (simple formation, pooled): {look['simple_bubble_fraction']}; "
-        f"lookahead: {look['lookahead_bubble_fraction']} ({look['note']})"
+        f"bubble fraction, simple: {look['simple_bubble_fraction']} "
+        f"(modelled {look['modelled_simple_bubble_fraction']}); lookahead: "
+        f"{look['lookahead_bubble_fraction']} (modelled "
+        f"{look['modelled_lookahead_bubble_fraction']}); {look['note']}"
     )
     lines.append("targets: " + ", ".join(f"{k}={v}" for k, v in report["targets"].items()))
     lines.extend(report["notes"])
@@ -299,7 +370,7 @@ def plot_burst(report: dict[str, Any], path: str | Path) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    rows = report["burst"]
+    rows = report["burst"]  # the main formation's
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name in dict.fromkeys(r["policy"] for r in rows):
         mine = [r for r in rows if r["policy"] == name]

@@ -51,6 +51,7 @@ from services.simulator.migration import (
 from services.simulator.profiles import SimProfile, get_profile
 from services.simulator.workload import SimRequest
 from services.worker.engine.config import DTYPE_NBYTES, EngineConfig
+from services.worker.engine.micro_batching import MicroBatchCost, MicroBatchFormation
 from services.worker.engine.outputs import RequestOutput
 from services.worker.engine.request import RequestState
 
@@ -200,7 +201,13 @@ class Simulator:
                 * DTYPE_NBYTES[profile.cost_profile.dtype],
                 hop_latency_s=config.activation_hop_latency_s,
             ),
-            max_num_batched_tokens=config.max_num_batched_tokens,
+            formation=MicroBatchFormation(
+                config.micro_batching,
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                cost=MicroBatchCost.from_profile(profile.cost_profile),
+                min_chunk_tokens=config.min_chunk_tokens,
+            ),
             micro_batches=config.micro_batches,
             on_outputs=self._record_outputs,
             on_preempted=self._note_preempted,

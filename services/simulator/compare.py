@@ -34,6 +34,11 @@ from services.simulator.metrics import percentile
 from services.simulator.workload import WorkloadConfig, generate, parse_length
 
 POLICY_NAMES = ("round_robin", "load_balance", "llumnix", "llumnix_no_defrag")
+# The report's experiments, in its order; `CompareConfig.parts` picks some of them.
+PARTS = ("compare", "priority", "autoscale", "fidelity")
+# Replica r of a priority run runs the migration loop every interval_s + r * this: the
+# same system, its decisions falling at other instants (see `priority_jobs`).
+REPLICA_INTERVAL_STEP_S = 1e-4
 # Lengths of the fidelity workload (the tiny model's context is 2,048 tokens).
 FIDELITY_PROMPT = "uniform:16:128"
 FIDELITY_OUTPUT = "uniform:16:64"
@@ -69,6 +74,8 @@ class CompareConfig:
     prompt: str = "zipf:1.5:16:4000"
     output: str = "zipf:1.5:16:4000"
     seed: int = 0
+    # Experiments to run (a subset of PARTS); the report has only their keys.
+    parts: tuple[str, ...] = PARTS
     # Priority run: rate (None = the highest of `rates`; priorities only matter when
     # requests queue, so the default runs just past the highest compare rate), share of
     # high-priority requests, headroom reserved per running high-priority request.
@@ -80,6 +87,11 @@ class CompareConfig:
     # bursts fall (measured: 5 s to 42 s at the default rate), which would drown the
     # 10% effect the run measures.
     priority_seeds: int = 4
+    # Runs of each seed and side, replica r with the migration loop every 50 + 0.1 r ms.
+    # One run's per-seed P99 moves by up to ±25% under such a change alone (the few
+    # requests of the worst burst are reshuffled); a seed's P99s are the mean of its
+    # replicas' and `per_seed` shows how far one run strays from that mean.
+    priority_replicas: int = 3
     # Auto-scaling run: a repeating (duration_s, rate) schedule; fleet bounds.
     autoscale_schedule: tuple[tuple[float, float], ...] = ((120.0, 6.0), (120.0, 20.0))
     autoscale_min_instances: int = 4
@@ -106,6 +118,14 @@ class CompareConfig:
         )
         require(self.workers >= 1, f"workers={self.workers} must be >= 1")
         require(self.priority_seeds >= 1, f"priority_seeds={self.priority_seeds} must be >= 1")
+        require(
+            self.priority_replicas >= 1,
+            f"priority_replicas={self.priority_replicas} must be >= 1",
+        )
+        require(
+            bool(self.parts) and set(self.parts) <= set(PARTS),
+            f"parts={self.parts} must be a non-empty subset of {PARTS}",
+        )
         require(
             1 <= self.autoscale_min_instances <= self.num_instances,
             f"autoscale_min_instances={self.autoscale_min_instances} must be in "
@@ -136,7 +156,7 @@ class Job:
     label: str
     config: SimConfig
     workload: WorkloadConfig
-    # Also return every request's TTFT by class (for percentiles pooled over jobs).
+    # Also return every request's TTFT and TPOT by class (for percentiles pooled over jobs).
     keep_ttfts: bool = False
 
 
@@ -145,9 +165,13 @@ def run_job(job: Job) -> dict[str, Any]:
     result = Simulator(job.config, generate(job.workload)).run()
     ttfts = {}
     if job.keep_ttfts:
+        classes = {"high": lambda r: r.priority > 0, "normal": lambda r: r.priority <= 0}
         ttfts["ttfts"] = {
-            "high": [r.ttft_s for r in result.records if r.priority > 0],
-            "normal": [r.ttft_s for r in result.records if r.priority <= 0],
+            cls: [r.ttft_s for r in result.records if is_cls(r)] for cls, is_cls in classes.items()
+        }
+        ttfts["tpots"] = {
+            cls: [r.tpot_s for r in result.records if is_cls(r) and r.num_generated > 1]
+            for cls, is_cls in classes.items()
         }
     return {
         "label": job.label,
@@ -210,7 +234,10 @@ def compare_jobs(cfg: CompareConfig) -> list[Job]:
 
 
 def priority_jobs(cfg: CompareConfig) -> list[Job]:
-    """Per workload seed i: `priority/with/i` and `priority/without/i` (same requests)."""
+    """Per workload seed i and replica r: `priority/with/i/r` and `priority/without/i/r`
+    (same requests). Replica r runs the migration loop every `interval_s + r * 0.1 ms`
+    on both sides: r = 0 is the plain run, the others are the same system whose
+    decisions fall at slightly other instants."""
     rate = cfg.priority_rate or max(cfg.rates)
     llumnix = policy_config("llumnix", cfg.base())
     with_priority = dataclasses.replace(
@@ -223,39 +250,85 @@ def priority_jobs(cfg: CompareConfig) -> list[Job]:
     jobs = []
     for i in range(cfg.priority_seeds):
         workload = dataclasses.replace(base, seed=cfg.seed + i)
-        jobs.append(Job(f"priority/with/{i}", with_priority, workload, keep_ttfts=True))
-        jobs.append(Job(f"priority/without/{i}", without, workload, keep_ttfts=True))
+        for r in range(cfg.priority_replicas):
+            for side, config in (("with", with_priority), ("without", without)):
+                interval_s = round(
+                    config.migration_config.interval_s + r * REPLICA_INTERVAL_STEP_S, 9
+                )
+                config = dataclasses.replace(
+                    config,
+                    migration_config=dataclasses.replace(
+                        config.migration_config, interval_s=interval_s
+                    ),
+                )
+                jobs.append(Job(f"priority/{side}/{i}/{r}", config, workload, keep_ttfts=True))
     return jobs
 
 
 def pooled_priority(cfg: CompareConfig, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """P99 TTFT per class over the requests of every seed, with and without priority
-    support; each seed's own P99s alongside."""
-    seeds = range(cfg.priority_seeds)
+    """P99 TTFT per class over the requests of every seed and replica, with and without
+    priority support. Per seed: each class's P99 TTFT and TPOT (the mean of its
+    replicas' P99s), the normal requests' cost and the high-priority requests' gain,
+    and how far one replica's normal P99 strays from that mean (what one run resolves)."""
+    seeds, replicas = range(cfg.priority_seeds), range(cfg.priority_replicas)
 
-    def p99(side: str, cls: str) -> float:
-        pooled = [t for i in seeds for t in results[f"priority/{side}/{i}"]["ttfts"][cls]]
+    def pooled_p99(side: str, cls: str, kind: str = "ttfts") -> float:
+        pooled = [
+            t
+            for i in seeds
+            for r in replicas
+            for t in results[f"priority/{side}/{i}/{r}"][kind][cls]
+        ]
         return round(percentile(np.array(pooled), 99), 6)
 
+    def runs(side: str, i: int, cls: str, key: str) -> list[float]:
+        return [results[f"priority/{side}/{i}/{r}"][cls][key] for r in replicas]
+
+    per_seed = []
+    for i in seeds:
+        row: dict[str, Any] = {"seed": cfg.seed + i}
+        for cls in ("high", "normal"):
+            for metric in ("ttft", "tpot"):
+                for side, suffix in (("with", ""), ("without", "_no_priority")):
+                    row[f"{cls}_p99_{metric}{suffix}_s"] = _mean(
+                        runs(side, i, cls, f"p99_{metric}_s")
+                    )
+        row["normal_p99_ttft_cost_pct"] = _change_pct(
+            row["normal_p99_ttft_s"], row["normal_p99_ttft_no_priority_s"]
+        )
+        high, high_without = row["high_p99_ttft_s"], row["high_p99_ttft_no_priority_s"]
+        row["high_p99_ttft_speedup"] = round(high_without / high, 2) if high else None
+        row["normal_p99_ttft_one_run_spread_pct"] = max(
+            abs(_change_pct(v, row["normal_p99_ttft_no_priority_s"]))
+            for v in runs("without", i, "normal", "p99_ttft_s")
+        )
+        per_seed.append(row)
     return {
-        "high_p99_ttft_s": p99("with", "high"),
-        "high_p99_ttft_no_priority_s": p99("without", "high"),
-        "normal_p99_ttft_s": p99("with", "normal"),
-        "normal_p99_ttft_no_priority_s": p99("without", "normal"),
+        "high_p99_ttft_s": pooled_p99("with", "high"),
+        "high_p99_ttft_no_priority_s": pooled_p99("without", "high"),
+        "normal_p99_ttft_s": pooled_p99("with", "normal"),
+        "normal_p99_ttft_no_priority_s": pooled_p99("without", "normal"),
+        "high_p99_tpot_s": pooled_p99("with", "high", "tpots"),
+        "high_p99_tpot_no_priority_s": pooled_p99("without", "high", "tpots"),
+        "max_normal_p99_ttft_cost_pct": max(row["normal_p99_ttft_cost_pct"] for row in per_seed),
         "rate": cfg.priority_rate or max(cfg.rates),
         "seeds": [cfg.seed + i for i in seeds],
-        "per_seed": [
-            {
-                "seed": cfg.seed + i,
-                **{
-                    f"{cls}_p99_ttft{suffix}_s": results[f"priority/{side}/{i}"][cls]["p99_ttft_s"]
-                    for cls in ("high", "normal")
-                    for side, suffix in (("with", ""), ("without", "_no_priority"))
-                },
-            }
-            for i in seeds
-        ],
+        "replicas": cfg.priority_replicas,
+        "headroom_blocks": cfg.high_priority_headroom_blocks,
+        "per_seed": per_seed,
     }
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    """None when a run had no such requests (e.g. no TPOT: every output one token)."""
+    if any(v is None for v in values):
+        return None
+    return round(sum(values) / len(values), 6)
+
+
+def _change_pct(value: float, reference: float) -> float:
+    """value vs reference in percent (+ = value is larger), one decimal."""
+    return round((value / reference - 1) * 100, 1)
 
 
 def autoscale_jobs(cfg: CompareConfig) -> list[Job]:
@@ -304,7 +377,13 @@ def run_compare(
     real_fidelity: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Runs every experiment; returns the report object (the JSON of the last line)."""
-    jobs = compare_jobs(cfg) + priority_jobs(cfg) + autoscale_jobs(cfg) + fidelity_jobs(cfg)
+    makers = {
+        "compare": compare_jobs,
+        "priority": priority_jobs,
+        "autoscale": autoscale_jobs,
+        "fidelity": fidelity_jobs,
+    }
+    jobs = [job for part in cfg.parts for job in makers[part](cfg)]
     # Longest first keeps the pool busy to the end.
     jobs.sort(key=lambda j: -j.workload.num_requests)
     results = run_jobs(jobs, cfg.workers, progress)
@@ -316,36 +395,25 @@ def build_report(
     results: dict[str, dict[str, Any]],
     real_fidelity: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    keys = (
-        "mean_ttft_s",
-        "p99_ttft_s",
-        "mean_tpot_s",
-        "p99_tpot_s",
-        "p99_e2e_s",
-        "preemptions",
-        "preemption_loss_s",
-        "migrations",
-    )
-    compare = [
-        {"rate": rate, "policy": name, **{k: results[f"compare/{rate:g}/{name}"][k] for k in keys}}
-        for rate in cfg.rates
-        for name in POLICY_NAMES
-    ]
-    scaled, fixed = results["autoscale/scaled"], results["autoscale/fixed"]
-    sim_fid = results["fidelity/sim"]
-    top = f"compare/{max(cfg.rates):g}/llumnix"
-    real = real_fidelity or {}
-    return {
-        "compare": compare,
-        "priority": pooled_priority(cfg, results),
-        "autoscale": {
+    """The report object of the experiments in `cfg.parts`, then `config`."""
+    report: dict[str, Any] = {}
+    if "compare" in cfg.parts:
+        report["compare"] = _compare_rows(cfg, results)
+    if "priority" in cfg.parts:
+        report["priority"] = pooled_priority(cfg, results)
+    if "autoscale" in cfg.parts:
+        scaled, fixed = results["autoscale/scaled"], results["autoscale/fixed"]
+        report["autoscale"] = {
             "instance_seconds": scaled["instance_seconds"],
             "instance_seconds_fixed": fixed["instance_seconds"],
             "p99_ttft_s": scaled["p99_ttft_s"],
             "p99_ttft_fixed_s": fixed["p99_ttft_s"],
             "timeline": scaled["timeline"],
-        },
-        "fidelity": {
+        }
+    if "fidelity" in cfg.parts:
+        sim_fid = results["fidelity/sim"]
+        real = real_fidelity or {}
+        report["fidelity"] = {
             "real_mean_ttft_s": real.get("mean_ttft_s"),
             "sim_mean_ttft_s": sim_fid["mean_ttft_s"],
             "real_mean_tpot_s": real.get("mean_tpot_s"),
@@ -361,20 +429,42 @@ def build_report(
                 "--out F.json` plays the same workload on a 4-worker mesh; pass "
                 "--fidelity-real F.json",
             ),
-        },
-        "wall_seconds_16x10k": results[top]["wall_s"],
-        "cpu_seconds_16x10k": results[top]["cpu_s"],
-        "config": {
-            "num_instances": cfg.num_instances,
-            "num_requests": cfg.num_requests,
-            "profile": cfg.profile,
-            "arrival": cfg.arrival,
-            "cv": cfg.cv,
-            "prompt": cfg.prompt,
-            "output": cfg.output,
-            "seed": cfg.seed,
-            "priority_seeds": cfg.priority_seeds,
-            "workers": cfg.workers,
-            "cpus": os.cpu_count(),
-        },
+        }
+    if "compare" in cfg.parts:
+        top = f"compare/{max(cfg.rates):g}/llumnix"
+        report["wall_seconds_16x10k"] = results[top]["wall_s"]
+        report["cpu_seconds_16x10k"] = results[top]["cpu_s"]
+    report["config"] = {
+        "num_instances": cfg.num_instances,
+        "num_requests": cfg.num_requests,
+        "profile": cfg.profile,
+        "arrival": cfg.arrival,
+        "cv": cfg.cv,
+        "prompt": cfg.prompt,
+        "output": cfg.output,
+        "seed": cfg.seed,
+        "parts": list(cfg.parts),
+        "priority_seeds": cfg.priority_seeds,
+        "priority_replicas": cfg.priority_replicas,
+        "workers": cfg.workers,
+        "cpus": os.cpu_count(),
     }
+    return report
+
+
+def _compare_rows(cfg: CompareConfig, results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    keys = (
+        "mean_ttft_s",
+        "p99_ttft_s",
+        "mean_tpot_s",
+        "p99_tpot_s",
+        "p99_e2e_s",
+        "preemptions",
+        "preemption_loss_s",
+        "migrations",
+    )
+    return [
+        {"rate": rate, "policy": name, **{k: results[f"compare/{rate:g}/{name}"][k] for k in keys}}
+        for rate in cfg.rates
+        for name in POLICY_NAMES
+    ]

@@ -16,6 +16,7 @@ from services.policies import (
 )
 from services.policies.kunserve import GroupConfig
 from services.policies.presets import preset
+from services.worker.engine.micro_batching import FORMATIONS
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,12 @@ class SimConfig:
     group_config: GroupConfig = GroupConfig()
     # Micro-batches a group keeps in flight (0 = one per stage).
     micro_batches: int = 0
+    # How a group's leader forms them (services/worker/engine/micro_batching.py, as the
+    # live worker's KunServeConfig.micro_batching): "lookahead" (balanced by the cost
+    # model, long prefills chunked) or "simple" (1/M of the step's limits each).
+    micro_batching: str = "lookahead"
+    # Lookahead: the smallest prefill chunk cut below a prompt's remainder.
+    min_chunk_tokens: int = 32
     # Fixed cost of one activation hand-off between pipeline stages, seconds.
     activation_hop_latency_s: float = 0.0
     # Knobs of the load model, the migration loop and the auto-scaler (None = fixed fleet).
@@ -139,6 +146,12 @@ class SimConfig:
             raise ConfigError(f"group={self.group!r} with auto-scaling is not supported")
         if self.micro_batches < 0:
             raise ConfigError(f"micro_batches={self.micro_batches} must be >= 0")
+        if self.micro_batching not in FORMATIONS:
+            raise ConfigError(
+                f"micro_batching={self.micro_batching!r} is not one of {list(FORMATIONS)}"
+            )
+        if self.min_chunk_tokens < 1:
+            raise ConfigError(f"min_chunk_tokens={self.min_chunk_tokens} must be >= 1")
         if self.activation_hop_latency_s < 0:
             raise ConfigError(
                 f"activation_hop_latency_s={self.activation_hop_latency_s} must be >= 0"

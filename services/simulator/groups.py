@@ -13,7 +13,8 @@ Every member is a simulated engine, and the group uses the engine's own machiner
               holds over r's link (blocks x bytes per block-layer x those layers);
               activations take the link first (the exchange pauses while one is
               sent); a request waits only for its own exchange (`exclude` below)
-    step      the leader forms micro-batches (engine.pipeline.schedule_micro_batch,
+    step      the leader forms micro-batches (engine.pipeline.form_micro_batch with
+              the configured formation, lookahead or simple, as the live leader does,
               leaving out requests in flight or still exchanging); a micro-batch runs
               stage 0 .. g-1, each stage taking its member's cost-model time (its share
               of the layers), with hidden_size x tokens x dtype bytes over the link
@@ -44,13 +45,15 @@ from dataclasses import dataclass, field
 from services.policies import InstanceLoad
 from services.policies.groups import split_layers
 from services.policies.kunserve import GroupPolicy
+from services.policies.microbatch import PipelineClock
 from services.simulator.host import SharedHost
 from services.simulator.instance import SimInstance
 from services.simulator.link import Link
 from services.simulator.loop import EventLoop
+from services.worker.engine.micro_batching import MicroBatchFormation
 from services.worker.engine.outputs import RequestOutput
 from services.worker.engine.pipeline import plan_group_pool
-from services.worker.engine.request import RequestState, RequestStatus
+from services.worker.engine.request import RequestState
 from services.worker.engine.scheduler import SchedulerOutput
 
 
@@ -72,16 +75,6 @@ _NEXT_PHASE = {
 }
 
 
-def bubble_fraction(stage_busy_s: Sequence[float], active_s: float) -> float:
-    """Idle stage time / total stage time while the pipeline had work (a micro-batch in
-    flight): sum(active - busy_r) / (g x active). The simple model of this module; the
-    lookahead former's own function can replace it."""
-    if active_s <= 0 or not stage_busy_s:
-        return 0.0
-    total = len(stage_busy_s) * active_s
-    return max(0.0, total - sum(min(b, active_s) for b in stage_busy_s)) / total
-
-
 @dataclass(frozen=True)
 class GroupCost:
     """What moving KV, activations and weights between members costs."""
@@ -100,14 +93,28 @@ class GroupStats:
     exchange_bytes: int = 0
     max_exchange_wait_s: float = 0.0  # longest a request waited for its own exchange
     num_restore_recomputes: int = 0  # running requests no member could take back
-    stage_busy_s: float = 0.0  # over every group and stage
+    # Bubbles as the run had them: idle stage time while a micro-batch was in flight
+    # (links, exchanges and late arrivals included), over every group and stage.
+    stage_busy_s: float = 0.0
     stage_total_s: float = 0.0  # g x active time, over every group
+    # Bubbles of the formation alone, as the live leader reports them: every group's
+    # micro-batches timed back to back by the cost model (policies.microbatch).
+    modelled_busy_s: float = 0.0
+    modelled_stage_time_s: float = 0.0  # g x each group's modelled makespan, summed
 
     @property
     def bubble_fraction(self) -> float:
+        """Idle / total stage time while the pipeline had work, in simulated time."""
         if self.stage_total_s <= 0:
             return 0.0
         return 1.0 - self.stage_busy_s / self.stage_total_s
+
+    @property
+    def modelled_bubble_fraction(self) -> float:
+        """Idle / total stage time of the micro-batches formed, back to back."""
+        if self.modelled_stage_time_s <= 0:
+            return 0.0
+        return 1.0 - self.modelled_busy_s / self.modelled_stage_time_s
 
 
 @dataclass
@@ -139,6 +146,8 @@ class SimGroup:
     num_in_flight: int = 0
     active_since: float | None = None
     active_s: float = 0.0
+    formation: MicroBatchFormation | None = None
+    clock: PipelineClock | None = None  # the formation's modelled timing
 
     @property
     def leader(self) -> SimInstance:
@@ -169,7 +178,7 @@ class GroupManager:
         policy: GroupPolicy,
         cost: GroupCost,
         *,
-        max_num_batched_tokens: int,
+        formation: MicroBatchFormation,  # with its cost model, either name
         micro_batches: int,
         on_outputs: Callable[[SimInstance, list[RequestOutput]], None],
         on_preempted: Callable[[list[str]], None],
@@ -185,7 +194,7 @@ class GroupManager:
         self.stage_overhead_s = stage_overhead_s
         self.policy = policy
         self.cost = cost
-        self.max_num_batched_tokens = max_num_batched_tokens
+        self.formation = formation  # num_micro_batches is set per group
         self.micro_batches = micro_batches  # 0: one per stage
         self.on_outputs = on_outputs
         self.on_preempted = on_preempted
@@ -280,6 +289,9 @@ class GroupManager:
             member.touch()
         group.num_group_blocks = pool.num_group_blocks
         group.stages = [_Stage() for _ in group.members]
+        depth = self._depth(group)
+        group.formation = dataclasses.replace(self.formation, num_micro_batches=depth)
+        group.clock = PipelineClock(group.num_stages, depth, is_recording=False)
         group.links = [Link(self.loop, cost.bandwidth_bytes_per_s) for _ in group.members]
         leader = group.leader.engine.migration
         num_layers = group.leader.engine.model_config.num_layers
@@ -323,24 +335,13 @@ class GroupManager:
         if group.phase not in (GroupPhase.SERVING, GroupPhase.RELOADING):
             return
         leader = group.leader.engine
-        pipeline, scheduler = leader.pipeline, leader.scheduler
+        pipeline = leader.pipeline
         first = group.stages[0]
         depth = self._depth(group)
+        assert group.formation is not None and group.formation.cost is not None
+        assert group.clock is not None
         while first.running is None and not first.queue and group.num_in_flight < depth:
-            in_flight = pipeline.in_flight_request_ids
-            exclude = group.exchanging
-            num_eligible = sum(
-                1
-                for r in scheduler.running
-                if r.status is RequestStatus.RUNNING
-                and r.request_id not in in_flight
-                and r.request_id not in exclude
-            ) + len(scheduler.waiting)
-            if num_eligible == 0:
-                break
-            # Simple formation: what can run now, split evenly over the free slots.
-            cap = max(1, math.ceil(num_eligible / (depth - group.num_in_flight)))
-            batch = pipeline.schedule_micro_batch(exclude, cap, self.max_num_batched_tokens)
+            batch = pipeline.form_micro_batch(group.formation, group.exchanging)
             if batch.preempted_request_ids:
                 self.on_preempted(list(batch.preempted_request_ids))
                 group.leader.touch()
@@ -349,6 +350,7 @@ class GroupManager:
                     continue  # it freed blocks: try again
                 break
             result = leader.executor.execute(batch)
+            group.clock.add(group.formation.cost.batch_s(batch) / group.num_stages)
             stage_s = [m.engine.executor.step_time(batch) for m in group.members]
             mb = _MicroBatch(batch, result.sampled_token_ids, stage_s, batch.num_batched_tokens)
             if group.num_in_flight == 0:
@@ -486,6 +488,9 @@ class GroupManager:
         self._close_active(group)
         self.stats.stage_busy_s += sum(min(st.busy_s, group.active_s) for st in group.stages)
         self.stats.stage_total_s += group.num_stages * group.active_s
+        if group.clock is not None:
+            self.stats.modelled_busy_s += group.clock.busy_s
+            self.stats.modelled_stage_time_s += group.num_stages * group.clock.makespan_s
 
     def finish(self) -> None:
         """End of the run: count the groups still formed."""

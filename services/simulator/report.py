@@ -25,47 +25,100 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def compare_tables(report: dict[str, Any]) -> str:
-    """The whole comparison report as text."""
+    """The comparison report as text (the parts it has)."""
     cfg = report["config"]
     parts = [
-        f"Policy comparison: {cfg['num_instances']} x {cfg['profile']}, "
+        f"{cfg['num_instances']} x {cfg['profile']}, "
         f"{cfg['num_requests']} requests per run, {cfg['arrival']} arrivals (CV {cfg['cv']}), "
         f"prompt {cfg['prompt']}, output {cfg['output']}, seed {cfg['seed']}",
-        table(
-            (
-                "rate",
-                "policy",
-                "mean TTFT",
-                "P99 TTFT",
-                "mean TPOT",
-                "P99 TPOT",
-                "P99 E2E",
-                "preempt",
-                "preempt loss/req",
-                "migrations",
-            ),
-            [
-                (
-                    f"{r['rate']:g}",
-                    r["policy"],
-                    r["mean_ttft_s"],
-                    r["p99_ttft_s"],
-                    r["mean_tpot_s"],
-                    r["p99_tpot_s"],
-                    r["p99_e2e_s"],
-                    r["preemptions"],
-                    r["preemption_loss_s"],
-                    r["migrations"],
-                )
-                for r in report["compare"]
-            ],
-        ),
     ]
-    p = report["priority"]
-    parts += [
-        "",
-        f"Priorities (rate {p['rate']}, Llumnix; P99 TTFT in seconds over the requests of "
-        f"workload seeds {p['seeds']}):",
+    if "compare" in report:
+        parts += [
+            "",
+            "Policy comparison:",
+            table(
+                (
+                    "rate",
+                    "policy",
+                    "mean TTFT",
+                    "P99 TTFT",
+                    "mean TPOT",
+                    "P99 TPOT",
+                    "P99 E2E",
+                    "preempt",
+                    "preempt loss/req",
+                    "migrations",
+                ),
+                [
+                    (
+                        f"{r['rate']:g}",
+                        r["policy"],
+                        r["mean_ttft_s"],
+                        r["p99_ttft_s"],
+                        r["mean_tpot_s"],
+                        r["p99_tpot_s"],
+                        r["p99_e2e_s"],
+                        r["preemptions"],
+                        r["preemption_loss_s"],
+                        r["migrations"],
+                    )
+                    for r in report["compare"]
+                ],
+            ),
+        ]
+    if "priority" in report:
+        parts += ["", *priority_tables(report["priority"])]
+    if "autoscale" in report:
+        a = report["autoscale"]
+        parts += [
+            "",
+            "Auto-scaling (Llumnix, rising and falling load):",
+            table(
+                ("fleet", "instance-seconds", "P99 TTFT"),
+                [
+                    ("auto-scaled", a["instance_seconds"], a["p99_ttft_s"]),
+                    ("fixed", a["instance_seconds_fixed"], a["p99_ttft_fixed_s"]),
+                ],
+            ),
+        ]
+    if "fidelity" in report:
+        f = report["fidelity"]
+        parts += [
+            "",
+            "Fidelity (4 tiny workers, calibrated profile):",
+            table(
+                ("side", "mean TTFT", "mean TPOT"),
+                [
+                    ("real mesh", f["real_mean_ttft_s"], f["real_mean_tpot_s"]),
+                    ("simulator", f["sim_mean_ttft_s"], f["sim_mean_tpot_s"]),
+                ],
+            ),
+        ]
+        if f.get("sim_host_cores"):
+            parts.append(
+                f"  simulated with the mesh's measured costs: "
+                f"{f['sim_dispatch_latency_s'] * 1e3:.2f} ms per request, "
+                f"{f['sim_step_overhead_s'] * 1e3:.2f} ms per step, {f['sim_host_cores']:g} "
+                f"shared cores, {f['sim_stream_cpu_per_token_s'] * 1e3:.2f} ms CPU per streamed token"
+            )
+        if f.get("note"):
+            parts.append(f"  note: {f['note']}")
+    if "wall_seconds_16x10k" in report:
+        parts += [
+            "",
+            f"One {cfg['num_instances']} x {cfg['num_requests']} simulation: "
+            f"{report['wall_seconds_16x10k']} s wall, {report['cpu_seconds_16x10k']} s CPU",
+        ]
+    return "\n".join(parts)
+
+
+def priority_tables(p: dict[str, Any]) -> list[str]:
+    """The priority run: pooled P99s, then each seed's cost to normal requests."""
+    replicas = p["replicas"]
+    return [
+        f"Priorities (rate {p['rate']:g} req/s, Llumnix, {p['headroom_blocks']} blocks of "
+        "headroom per running high-priority request):",
+        f"P99 TTFT (s) over every request of workload seeds {p['seeds']}, {replicas} run(s) each",
         table(
             ("class", "with priority", "without priority"),
             [
@@ -73,46 +126,38 @@ def compare_tables(report: dict[str, Any]) -> str:
                 ("normal", p["normal_p99_ttft_s"], p["normal_p99_ttft_no_priority_s"]),
             ],
         ),
-    ]
-    a = report["autoscale"]
-    parts += [
         "",
-        "Auto-scaling (Llumnix, rising and falling load):",
+        f"Per seed (P99s in s: the mean of its {replicas} run(s)' P99s; without priorities, "
+        "one run's normal P99 strays from that mean by up to '1-run spread'):",
         table(
-            ("fleet", "instance-seconds", "P99 TTFT"),
+            (
+                "seed",
+                "normal P99 TTFT",
+                "without",
+                "cost %",
+                "1-run spread %",
+                "high P99 TTFT",
+                "without",
+                "high P99 TPOT",
+                "without",
+            ),
             [
-                ("auto-scaled", a["instance_seconds"], a["p99_ttft_s"]),
-                ("fixed", a["instance_seconds_fixed"], a["p99_ttft_fixed_s"]),
+                (
+                    row["seed"],
+                    row["normal_p99_ttft_s"],
+                    row["normal_p99_ttft_no_priority_s"],
+                    f"{row['normal_p99_ttft_cost_pct']:+.1f}",
+                    f"±{row['normal_p99_ttft_one_run_spread_pct']:.1f}",
+                    row["high_p99_ttft_s"],
+                    row["high_p99_ttft_no_priority_s"],
+                    row["high_p99_tpot_s"],
+                    row["high_p99_tpot_no_priority_s"],
+                )
+                for row in p["per_seed"]
             ],
         ),
+        f"  cost to normal requests, worst seed: {p['max_normal_p99_ttft_cost_pct']:+.1f}%",
     ]
-    f = report["fidelity"]
-    parts += [
-        "",
-        "Fidelity (4 tiny workers, calibrated profile):",
-        table(
-            ("side", "mean TTFT", "mean TPOT"),
-            [
-                ("real mesh", f["real_mean_ttft_s"], f["real_mean_tpot_s"]),
-                ("simulator", f["sim_mean_ttft_s"], f["sim_mean_tpot_s"]),
-            ],
-        ),
-    ]
-    if f.get("sim_host_cores"):
-        parts.append(
-            f"  simulated with the mesh's measured costs: "
-            f"{f['sim_dispatch_latency_s'] * 1e3:.2f} ms per request, "
-            f"{f['sim_step_overhead_s'] * 1e3:.2f} ms per step, {f['sim_host_cores']:g} "
-            f"shared cores, {f['sim_stream_cpu_per_token_s'] * 1e3:.2f} ms CPU per streamed token"
-        )
-    if f.get("note"):
-        parts.append(f"  note: {f['note']}")
-    parts += [
-        "",
-        f"One {cfg['num_instances']} x {cfg['num_requests']} simulation: "
-        f"{report['wall_seconds_16x10k']} s wall, {report['cpu_seconds_16x10k']} s CPU",
-    ]
-    return "\n".join(parts)
 
 
 def plot_compare(report: dict[str, Any], path: str | Path) -> str | None:

@@ -35,6 +35,9 @@ def kmesh(tmp_path_factory):
         env={
             "LLMESH_WORKER_TORCH_THREADS": "1",
             "LLMESH_WORKER_ENGINE_MEMORY_CAPACITY_BYTES": str(32 << 20),
+            # Groups form and dissolve only when these tests say (test_kunserve_policy.py
+            # covers the scheduler's own decisions).
+            "LLMESH_SCHEDULER_GROUP_POLICY": "none",
         },
     )
     mesh.start()

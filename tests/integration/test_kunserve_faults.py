@@ -33,6 +33,7 @@ def _mesh(tmp_path, hooks: str) -> LocalMesh:
             "LLMESH_WORKER_TORCH_THREADS": "1",
             "LLMESH_WORKER_ENGINE_MEMORY_CAPACITY_BYTES": str(32 << 20),
             "LLMESH_TEST_HOOKS": f"tests.integration.hooks.{hooks}",
+            "LLMESH_SCHEDULER_GROUP_POLICY": "none",  # groups only when the test says
         },
     )
 

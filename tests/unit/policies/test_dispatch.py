@@ -83,17 +83,14 @@ def test_freest_honours_exclusions():
     assert make_dispatch_policy("freest").choose(loads, info) == "b"
 
 
-def test_freest_keeps_normal_requests_off_high_priority_headroom():
-    # a runs a high-priority request: headroom 40 -> (100-20-2-40)/3 = 12.7;
-    # b: (100-50-2)/3 = 16. Normal requests go to b.
+def test_freest_does_not_turn_normal_requests_away_from_high_priority_headroom():
+    # a runs a high-priority request with 40 blocks of headroom: its virtual usage is 60
+    # (freeness 20), but dispatch ranks physical demand: a = (100-20-2)/3 = 26,
+    # b = (100-50-2)/3 = 16. Both classes go to a.
     loads = [load("a", 20, 2, high=1, headroom=40), load("b", 50, 2, headroom=40)]
-    assert make_dispatch_policy("freest").choose(loads, NORMAL) == "b"
-
-
-def test_freest_lets_high_priority_requests_use_the_headroom():
-    # Seen through the headroom, a is (100-20-2)/3 = 26 free, more than b's 16.
-    loads = [load("a", 20, 2, high=1, headroom=40), load("b", 50, 2, headroom=40)]
-    assert make_dispatch_policy("freest").choose(loads, HIGH) == "a"
+    assert (loads[0].virtual_usage, loads[0].freeness) == (60.0, 20.0)
+    policy = make_dispatch_policy("freest")
+    assert policy.choose(loads, NORMAL) == policy.choose(loads, HIGH) == "a"
 
 
 def test_freest_without_headroom_ranks_high_priority_like_normal():

@@ -190,15 +190,36 @@ def test_restored_members_do_not_vote_again_within_hold_s():
     assert p.decide(loads, 6.0).drops == (("a", "b"),)
 
 
-def test_llmesh_votes_only_while_no_instance_can_take_a_migration():
+def test_llmesh_drops_once_migration_destinations_cannot_absorb_the_queue():
     p = policy("llmesh", migration_dst_freeness_above=4.0)
-    roomy = load("c", 20, 10)  # freeness (100 - 20) / 10 = 8 > 4: migration can help
+    # a and b queue 6 blocks each beyond their free ones: 12 in all.
+    assert queued_excess_blocks(full("a")) == queued_excess_blocks(full("b")) == 6
+    roomy = load("c", 20, 10)  # freeness 8 > 4, 80 free blocks: migration can take 12
     assert p.decide([full("a"), full("b"), roomy], 0.0).drops == ()
-    assert p.decide([full("a"), full("b"), roomy], 2.0).drops == ()
-    busy = load("c", 70, 10)  # freeness 3: nobody has room
-    assert p.decide([full("a"), full("b"), busy], 2.5).drops == ()
-    decision = p.decide([full("a"), full("b"), busy], 3.5)
-    assert decision.drops == (("a", "b"),)  # the window started when room ran out
+    assert p.decide([full("a"), full("b"), roomy], 2.0).drops == ()  # voted, held back
+    busy = load("c", 70, 10)  # freeness 3: not a destination, no room anywhere
+    decision = p.decide([full("a"), full("b"), busy], 2.5)
+    assert decision.drops == (("a", "b"),)  # the votes held all along: no new window
+
+
+def test_llmesh_drops_when_the_room_left_is_too_small():
+    p = policy("llmesh", migration_dst_freeness_above=4.0)
+    exact = load("c", 86, 2)  # freeness 7, 14 free blocks >= 12: held back
+    p.decide([full("a"), full("b"), exact], 0.0)
+    assert p.decide([full("a"), full("b"), exact], 1.0).drops == ()
+    # Same freeness, but its own queue needs 4 of its 14 free blocks: room 10 < 12.
+    small = load("c", 86, 2, waiting=1, waiting_blocks=4)
+    assert small.freeness == 7.0
+    assert p.decide([full("a"), full("b"), small], 1.25).drops == (("a", "b"),)
+
+
+def test_llmesh_room_adds_up_over_destinations():
+    p = policy("llmesh", migration_dst_freeness_above=4.0)
+    c, d = load("c", 94, 1), load("d", 94, 1)  # freeness 6, room 6 each: 12 >= 12
+    p.decide([full("a"), full("b"), c, d], 0.0)
+    assert p.decide([full("a"), full("b"), c, d], 1.0).drops == ()
+    d = load("d", 95, 1)  # room 5: 11 < 12
+    assert p.decide([full("a"), full("b"), c, d], 1.25).drops == (("a", "b"),)
 
 
 def test_kunserve_ignores_room_elsewhere():

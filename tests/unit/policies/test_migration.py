@@ -62,6 +62,17 @@ def test_without_defrag_the_same_instance_is_not_a_source():
     assert pair(loads) == []
 
 
+def test_high_priority_headroom_makes_a_source_while_another_instance_has_room():
+    # a: 2 high-priority requests of 10 running, 16 blocks of headroom:
+    # (100-50-16)/10 = 3.4 < 5, a source; without headroom (100-50)/10 = 5.0 is not.
+    # b: (100-20)/2 = 40 > 20 takes the normal request a sends (selection's job).
+    b = load("b", 20, 2)
+    assert pair([load("a", 50, 10, high=2, headroom=8), b]) == [MigrationPair("a", "b", 1)]
+    assert pair([load("a", 50, 10, high=2), b]) == []
+    # The whole cluster loaded: no destination, the headroom turns no work away.
+    assert pair([load("a", 50, 10, high=2, headroom=8), load("b", 80, 10)]) == []
+
+
 def test_terminating_instance_is_drained_with_the_drain_batch_size():
     config = MigrationConfig(
         src_freeness_below=5.0, dst_freeness_above=20.0, num_drain_requests_per_pair=3

@@ -14,10 +14,10 @@ def policies(config: SchedulerConfig) -> tuple[str, str, str]:
     return (config.dispatch_policy, config.migration_policy, config.group_policy)
 
 
-def test_the_default_preset_is_llumnix_and_never_drops():
+def test_the_default_preset_is_llmesh_migration_and_drops():
     config = SchedulerConfig()
-    assert config.policy == "llumnix"
-    assert policies(config) == ("freest", "freeness", "none")
+    assert config.policy == "llmesh"
+    assert policies(config) == ("freest", "freeness", "llmesh")
 
 
 @pytest.mark.parametrize(

@@ -287,8 +287,9 @@ def test_the_server_runs_a_group_loop_only_when_a_group_policy_is_chosen():
         servicer = SchedulerServicer(config, registry)
         return make_group_loop(config, registry, servicer), servicer
 
-    assert loop_of(SchedulerConfig())[0] is None
-    loop, servicer = loop_of(SchedulerConfig(policy="llmesh", group_interval_s=0.5))
+    assert loop_of(SchedulerConfig(policy="llumnix"))[0] is None
+    assert loop_of(SchedulerConfig(group_policy="none"))[0] is None
+    loop, servicer = loop_of(SchedulerConfig(group_interval_s=0.5))  # llmesh, the default
     assert (loop.interval_s, loop.control) == (0.5, servicer.group_control)
     policy = loop.make_policy()
     assert (policy.name, policy.config.interval_s) == ("llmesh", 0.5)

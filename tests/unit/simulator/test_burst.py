@@ -58,3 +58,23 @@ def test_targets_compare_p99_ttft():
 def test_burst_config_rejects_unknown_presets():
     with pytest.raises(ConfigError, match="presets"):
         BurstConfig(policies=("swap",))
+
+
+def test_the_group_presets_also_run_with_the_other_formation_at_the_heaviest_burst():
+    cfg = BurstConfig(
+        num_instances=2,
+        num_requests=40,
+        base_rate=4.0,
+        intensities=(2.0, 3.0),
+        policies=("llumnix", "kunserve"),
+        workers=1,
+    )
+    report = run_burst(cfg)
+    assert [(r["intensity"], r["policy"], r["micro_batching"]) for r in report["burst"]] == [
+        (k, p, "lookahead") for k in (2.0, 3.0) for p in ("llumnix", "kunserve")
+    ]
+    assert [(r["intensity"], r["policy"], r["micro_batching"]) for r in report["formations"]] == [
+        (3.0, "kunserve", "simple")
+    ]
+    assert report["lookahead"]["intensities"] == [3.0]
+    assert "kunserve (simple)" in burst_tables(report)

@@ -27,6 +27,7 @@ TINY = CompareConfig(
     profile="tiny-cpu",
     rates=(200.0, 800.0, 2000.0),
     priority_rate=None,
+    priority_replicas=1,
     prompt="uniform:8:64",
     output="uniform:4:32",
     autoscale_schedule=((0.05, 200.0), (0.05, 2000.0)),
@@ -71,7 +72,24 @@ def test_report_has_every_key_of_the_contract(report):
         "high_p99_ttft_no_priority_s",
         "normal_p99_ttft_s",
         "normal_p99_ttft_no_priority_s",
+        "high_p99_tpot_s",
+        "high_p99_tpot_no_priority_s",
+        "max_normal_p99_ttft_cost_pct",
+        "replicas",
+        "headroom_blocks",
     } <= set(report["priority"])
+    assert set(report["priority"]["per_seed"][0]) == {
+        "seed",
+        *(
+            f"{cls}_p99_{metric}{side}_s"
+            for cls in ("high", "normal")
+            for metric in ("ttft", "tpot")
+            for side in ("", "_no_priority")
+        ),
+        "normal_p99_ttft_cost_pct",
+        "high_p99_ttft_speedup",
+        "normal_p99_ttft_one_run_spread_pct",
+    }
     assert {"instance_seconds", "instance_seconds_fixed", "p99_ttft_s", "p99_ttft_fixed_s"} <= set(
         report["autoscale"]
     )
@@ -94,10 +112,10 @@ def test_priority_run_pools_the_requests_of_every_seed(report):
     priority = report["priority"]
     assert priority["seeds"] == [0, 1, 2, 3]
     assert [row["seed"] for row in priority["per_seed"]] == [0, 1, 2, 3]
-    # One seed: the pooled P99s are that seed's own.
-    one = dataclasses.replace(TINY, priority_seeds=1, seed=2)
+    # One seed, one replica: the pooled P99s are that seed's own.
+    one = dataclasses.replace(TINY, priority_seeds=1, priority_replicas=1, seed=2)
     jobs = priority_jobs(one)
-    assert [j.label for j in jobs] == ["priority/with/0", "priority/without/0"]
+    assert [j.label for j in jobs] == ["priority/with/0/0", "priority/without/0/0"]
     assert jobs[0].workload == jobs[1].workload and jobs[0].workload.seed == 2
     pooled = pooled_priority(one, run_jobs(jobs, workers=1))
     (own,) = pooled["per_seed"]
@@ -111,6 +129,101 @@ def test_priority_run_pools_the_requests_of_every_seed(report):
         assert pooled[key] == own[key], key
     # Seed 2 is the third seed of the four-seed report.
     assert priority["per_seed"][2] == own
+
+
+def test_priority_replicas_shift_the_migration_loop_on_both_sides():
+    cfg = dataclasses.replace(TINY, priority_seeds=2, priority_replicas=2, seed=7)
+    jobs = priority_jobs(cfg)
+    assert [j.label for j in jobs] == [
+        "priority/with/0/0",
+        "priority/without/0/0",
+        "priority/with/0/1",
+        "priority/without/0/1",
+        "priority/with/1/0",
+        "priority/without/1/0",
+        "priority/with/1/1",
+        "priority/without/1/1",
+    ]
+    assert [j.config.migration_config.interval_s for j in jobs] == [0.05, 0.05, 0.0501, 0.0501] * 2
+    assert [j.workload.seed for j in jobs] == [7, 7, 7, 7, 8, 8, 8, 8]
+    with_side, without = jobs[0].config, jobs[1].config
+    assert (with_side.scheduling_policy, with_side.use_priorities) == ("priority", True)
+    assert with_side.load_model.high_priority_headroom_blocks == TINY.high_priority_headroom_blocks
+    assert (without.scheduling_policy, without.use_priorities) == ("fcfs", False)
+    assert without.load_model.high_priority_headroom_blocks == 0
+
+
+def _run(normal_ttft: float, high_ttft: float) -> dict:
+    """What run_job keeps of one priority run (one request per class)."""
+    return {
+        "ttfts": {"normal": [normal_ttft], "high": [high_ttft]},
+        "tpots": {"normal": [0.05], "high": [0.04]},
+        "normal": {"p99_ttft_s": normal_ttft, "p99_tpot_s": 0.05},
+        "high": {"p99_ttft_s": high_ttft, "p99_tpot_s": 0.04},
+    }
+
+
+def test_per_seed_cost_is_over_the_mean_of_the_replicas():
+    cfg = dataclasses.replace(TINY, priority_seeds=2, priority_replicas=2, seed=5)
+    results = {
+        # seed 5: normal 11, 13 with (mean 12) vs 10, 10 without: +20%
+        "priority/with/0/0": _run(11.0, 1.0),
+        "priority/with/0/1": _run(13.0, 1.0),
+        "priority/without/0/0": _run(10.0, 4.0),
+        "priority/without/0/1": _run(10.0, 6.0),
+        # seed 6: 9, 9 vs 8, 12 (mean 10): -10%; one run strays 20% from the mean
+        "priority/with/1/0": _run(9.0, 2.0),
+        "priority/with/1/1": _run(9.0, 2.0),
+        "priority/without/1/0": _run(8.0, 3.0),
+        "priority/without/1/1": _run(12.0, 3.0),
+    }
+    priority = pooled_priority(cfg, results)
+    assert priority["per_seed"] == [
+        {
+            "seed": 5,
+            "high_p99_ttft_s": 1.0,
+            "high_p99_ttft_no_priority_s": 5.0,
+            "high_p99_tpot_s": 0.04,
+            "high_p99_tpot_no_priority_s": 0.04,
+            "normal_p99_ttft_s": 12.0,
+            "normal_p99_ttft_no_priority_s": 10.0,
+            "normal_p99_tpot_s": 0.05,
+            "normal_p99_tpot_no_priority_s": 0.05,
+            "normal_p99_ttft_cost_pct": 20.0,
+            "high_p99_ttft_speedup": 5.0,
+            "normal_p99_ttft_one_run_spread_pct": 0.0,
+        },
+        {
+            "seed": 6,
+            "high_p99_ttft_s": 2.0,
+            "high_p99_ttft_no_priority_s": 3.0,
+            "high_p99_tpot_s": 0.04,
+            "high_p99_tpot_no_priority_s": 0.04,
+            "normal_p99_ttft_s": 9.0,
+            "normal_p99_ttft_no_priority_s": 10.0,
+            "normal_p99_tpot_s": 0.05,
+            "normal_p99_tpot_no_priority_s": 0.05,
+            "normal_p99_ttft_cost_pct": -10.0,
+            "high_p99_ttft_speedup": 1.5,
+            "normal_p99_ttft_one_run_spread_pct": 20.0,
+        },
+    ]
+    assert priority["max_normal_p99_ttft_cost_pct"] == 20.0
+    assert (priority["seeds"], priority["replicas"]) == ([5, 6], 2)
+    # Pooled over every request of both seeds and replicas: [9, 9, 11, 13] with priority.
+    assert priority["normal_p99_ttft_s"] == 12.94
+    assert priority["high_p99_ttft_s"] == 2.0  # [1, 1, 2, 2]
+    assert priority["high_p99_tpot_s"] == 0.04
+
+
+def test_only_the_priority_part(report):
+    only = run_compare(dataclasses.replace(TINY, parts=("priority",)))
+    assert list(only) == ["priority", "config"]
+    assert only["priority"] == report["priority"]
+    assert only["config"]["parts"] == ["priority"]
+    text = compare_tables(only)
+    assert "Per seed" in text and "worst seed" in text
+    assert "Policy comparison" not in text and "Auto-scaling" not in text
 
 
 def test_tables_show_every_policy(report):
@@ -145,6 +258,10 @@ def test_compare_config_validation():
         CompareConfig(prompt="weird:1")
     with pytest.raises(ValueError, match="priority_seeds=0"):
         CompareConfig(priority_seeds=0)
+    with pytest.raises(ValueError, match="priority_replicas=0"):
+        CompareConfig(priority_replicas=0)
+    with pytest.raises(ValueError, match=r"parts=\('bogus',\)"):
+        CompareConfig(parts=("bogus",))
 
 
 def test_cli_single_run_ends_with_json(capsys):
@@ -295,3 +412,16 @@ def test_cli_compare_says_when_matplotlib_is_missing(tmp_path, capsys, monkeypat
     assert lines[-2] == "plot: skipped, matplotlib is not installed (it comes with the bench extra)"
     assert not plot.exists()
     assert json.loads(lines[-1])["fidelity"]["real_mean_ttft_s"] is None
+
+
+def test_cli_compare_only_priority(capsys):
+    args = [*COMPARE_ARGS, "--only", "priority", "--priority-seeds", "1"]
+    assert main([*args, "--priority-replicas", "2", "--priority-headroom", "4"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    report = json.loads(lines[-1])
+    assert list(report) == ["priority", "config"]
+    assert lines[-2] == "plot: skipped (it needs the compare, autoscale and fidelity parts)"
+    priority = report["priority"]
+    assert (priority["replicas"], priority["headroom_blocks"], priority["seeds"]) == (2, 4, [0])
+    (row,) = priority["per_seed"]
+    assert priority["max_normal_p99_ttft_cost_pct"] == row["normal_p99_ttft_cost_pct"]

@@ -15,7 +15,7 @@ from services.policies.kunserve import (
 )
 from services.simulator.cluster import Simulator
 from services.simulator.config import SimConfig
-from services.simulator.groups import GroupPhase, bubble_fraction
+from services.simulator.groups import GroupPhase
 from services.simulator.link import Link
 from services.simulator.loop import EventLoop
 from services.simulator.workload import SimRequest, WorkloadConfig, generate, parse_length
@@ -222,12 +222,6 @@ def test_unknown_preset_and_group_policy_are_rejected():
 # ---- pieces ---------------------------------------------------------------------------
 
 
-def test_bubble_fraction_is_idle_over_total_stage_time():
-    assert bubble_fraction([3.0, 2.0], 4.0) == pytest.approx(3.0 / 8.0)
-    assert bubble_fraction([4.0, 4.0], 4.0) == 0.0
-    assert bubble_fraction([], 1.0) == 0.0
-
-
 def test_activations_pause_the_kv_exchange_on_a_link():
     loop = EventLoop()
     link = Link(loop, bandwidth_bytes_per_s=100.0)
@@ -238,3 +232,36 @@ def test_activations_pause_the_kv_exchange_on_a_link():
     loop.run(lambda: False)
     assert arrivals == [pytest.approx(0.2)]  # the activation goes at once
     assert done == [pytest.approx(1.2)]  # the exchange resumes after it
+
+
+# ---- micro-batch formation -------------------------------------------------------------
+
+
+def formation_run(name):
+    config = dataclasses.replace(TINY, micro_batching=name)
+    # Six decoding requests, then a long prompt that arrives while the group serves.
+    requests = [*long_requests(n=6, prompt=24, output=60), SimRequest("big", 0.03, 200, 8)]
+    return scripted_run(config, requests, ScriptedGroups(["i00", "i01"], drop_at=0.02))
+
+
+def test_groups_form_micro_batches_with_the_configured_formation():
+    runs = {name: formation_run(name) for name in ("simple", "lookahead")}
+    for name, (sim, result) in runs.items():
+        formation = sim.groups.groups["g01"].formation
+        assert (formation.name, formation.num_micro_batches) == (name, 2)  # one per stage
+        assert [r.num_generated for r in result.records] == [60] * 6 + [8]
+        stats = result.groups
+        assert stats.modelled_stage_time_s > stats.modelled_busy_s > 0
+        assert stats.modelled_bubble_fraction == pytest.approx(
+            1 - stats.modelled_busy_s / stats.modelled_stage_time_s
+        )
+    # Balanced micro-batches, the long prompt cut to the level: fewer modelled bubbles.
+    simple, lookahead = (runs[n][1].groups for n in ("simple", "lookahead"))
+    assert lookahead.modelled_bubble_fraction < simple.modelled_bubble_fraction
+
+
+def test_unknown_micro_batching_is_rejected():
+    with pytest.raises(ConfigError, match="micro_batching='fancy'"):
+        SimConfig(micro_batching="fancy")
+    with pytest.raises(ConfigError, match="min_chunk_tokens=0"):
+        SimConfig(min_chunk_tokens=0)
