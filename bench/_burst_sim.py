@@ -130,17 +130,33 @@ def sim_requests(arrivals) -> list:
     ]
 
 
+def group_config(scheduler_flags: tuple[str, ...]):
+    """The GroupConfig the live scheduler builds from `--group-<field> value` flags (its
+    `group_<field>` settings; tests/unit/bench/test_burst.py checks both agree)."""
+    from services.policies import GroupConfig
+
+    fields = {f.name: f for f in dataclasses.fields(GroupConfig)}
+    values = {}
+    flags = list(scheduler_flags)
+    for flag, value in zip(flags[::2], flags[1::2], strict=True):
+        name = flag.removeprefix("--group-").replace("-", "_")
+        if not flag.startswith("--group-") or name not in fields:
+            raise ValueError(f"{flag} is not a group knob of the scheduler")
+        default = getattr(GroupConfig(), name)
+        if not isinstance(default, int | float):
+            raise ValueError(f"{flag}: only number knobs are read here")
+        values[name] = type(default)(value)
+    return GroupConfig(**values)
+
+
 def sim_config(policy: str, scheduler_flags: tuple[str, ...], costs: dict, **engine) -> object:
-    """The SimConfig of one policy's run: the live scheduler's config parsed from the same
-    flags the bench gives it, the workers' engine knobs, the measured mesh costs."""
-    from services.common.config import load_config
-    from services.scheduler.__main__ import parse_args
-    from services.scheduler.config import SchedulerConfig
+    """The SimConfig of one policy's run: the group knobs the bench gives the live
+    scheduler, its migration defaults (MigrationConfig's), the workers' engine knobs,
+    the measured mesh costs."""
+    from services.policies import MigrationConfig
     from services.simulator.config import SimConfig
 
-    live = load_config(
-        SchedulerConfig, "SCHEDULER", vars(parse_args(["--policy", policy, *scheduler_flags]))
-    )
+    lease_s = 3.0  # the scheduler's default lease
     return SimConfig(
         num_instances=engine["num_instances"],
         block_size=engine["block_size"],
@@ -148,12 +164,12 @@ def sim_config(policy: str, scheduler_flags: tuple[str, ...], costs: dict, **eng
         max_num_batched_tokens=engine["max_num_batched_tokens"],
         max_model_len=engine["max_model_len"],
         policy=policy,
-        group_config=live.group_config(),
-        migration_config=live.migration_config(),
+        group_config=group_config(scheduler_flags),
+        migration_config=MigrationConfig(),
         migration_bandwidth_bytes_per_s=LINK_BYTES_PER_S,
         # Workers admit between steps; the registry counts a dispatch as pending this
         # long (services/scheduler/registry.py, InstanceRegistry._pending_ttl).
-        pending_dispatch_ttl_s=min(0.5, live.lease_s / 4),
+        pending_dispatch_ttl_s=min(0.5, lease_s / 4),
         **costs,
     )
 

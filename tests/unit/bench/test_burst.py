@@ -189,3 +189,21 @@ def test_the_effective_background_gives_the_mesh_the_cpu_it_got():
     # 1 thread at a full core: nothing was in its way.
     assert effective_background(2, 1.0, 1.0) == 1.0  # c / (1 + 1) = 1: full speed
     assert effective_background(2, None, 1.0) is None
+
+
+def test_the_bench_reads_its_group_knobs_as_the_live_scheduler_does():
+    from services.common.config import load_config
+    from services.policies import MigrationConfig
+    from services.scheduler.__main__ import parse_args
+    from services.scheduler.config import SchedulerConfig
+
+    live = load_config(
+        SchedulerConfig,
+        "SCHEDULER",
+        vars(parse_args(["--policy", "llmesh", *GROUP_KNOBS])),
+        environ={},
+    )
+    assert _burst_sim.group_config(GROUP_KNOBS) == live.group_config()
+    assert MigrationConfig() == live.migration_config()
+    with pytest.raises(ValueError, match="--migration-interval-s is not a group knob"):
+        _burst_sim.group_config(("--migration-interval-s", "1"))
