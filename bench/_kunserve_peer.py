@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-import multiprocessing
-import os
-import signal
 import threading
 import time
 from typing import Any
 
-START_TIMEOUT_S = 120.0
+from bench._peer_process import PeerProcess
+
 RECV_TIMEOUT_S = 120.0
 PREFETCH = 2  # micro-batches posted ahead, as StageRunner's prefetch
 
@@ -126,55 +123,10 @@ class _Stage:
         return min(arrivals), max(arrivals), errors
 
 
-class StagePeer:
-    """Parent-side handle of the child stage; kill() by PID if anything goes wrong."""
+class StagePeer(PeerProcess):
+    """Parent-side handle of the child stage."""
+
+    name = "benchmark stage peer"
 
     def __init__(self, pool_shape: tuple[int, ...]) -> None:
-        context = multiprocessing.get_context("spawn")
-        self._conn, child_conn = context.Pipe()
-        self.process = context.Process(target=_serve, args=(child_conn, pool_shape))
-        self.process.start()
-        child_conn.close()
-        self._lock = threading.Lock()
-        self._replies: dict[int, Any] = {}
-        self._next_op_id = 1
-        try:
-            self.address: bytes = self._wait(0, START_TIMEOUT_S)
-        except BaseException:
-            self.kill()
-            raise
-
-    def request(self, op: str, *args: Any) -> int:
-        op_id = self._next_op_id
-        self._next_op_id += 1
-        self._conn.send((op_id, op, args))
-        return op_id
-
-    async def reply(self, op_id: int, timeout: float = 300.0) -> Any:
-        result = await asyncio.get_running_loop().run_in_executor(None, self._wait, op_id, timeout)
-        if isinstance(result, tuple) and result and result[0] == "error":
-            raise RuntimeError(f"benchmark stage peer failed: {result[1]}")
-        return result
-
-    def stop(self) -> None:
-        if self.process.is_alive():
-            with contextlib.suppress(OSError):
-                self._conn.send(None)
-            self.process.join(15)
-        self.kill()
-
-    def kill(self) -> None:
-        if self.process.is_alive():
-            os.kill(self.process.pid, signal.SIGKILL)
-        self.process.join(10)
-
-    def _wait(self, op_id: int, timeout: float) -> Any:
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            while op_id not in self._replies:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._conn.poll(remaining):
-                    raise TimeoutError(f"benchmark stage peer: no reply to op {op_id}")
-                reply_id, result = self._conn.recv()
-                self._replies[reply_id] = result
-            return self._replies.pop(op_id)
+        super().__init__(_serve, pool_shape)
