@@ -385,12 +385,9 @@ def plot_burst(report: dict[str, Any], path: str | Path) -> str | None:
         fontsize=9,
     )
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    from services.simulator.report import save_figure
+
+    return save_figure(fig, path)
 
 
 def with_group_knobs(cfg: BurstConfig, **knobs: Any) -> BurstConfig:

@@ -194,6 +194,13 @@ def plot_compare(report: dict[str, Any], path: str | Path) -> str | None:
         fontsize=10,
     )
     _plot_fidelity(axes[3], report["fidelity"])
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> str:
+    """Lay out `fig`, write it as a PNG at `path` (its folder made), close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
