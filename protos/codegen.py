@@ -10,7 +10,7 @@ common_pb2`, which makes the generated modules importable as `protos.*`.
 from __future__ import annotations
 
 import argparse
-import filecmp
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -20,6 +20,31 @@ from grpc_tools import protoc
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = REPO_ROOT / "protos"
 SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+
+# The generators stamp their own versions into the stubs: grpcio-tools' GRPC_GENERATED_VERSION,
+# protoc's "Protobuf Python Version" comment and its runtime-version check. A patch
+# release of the tools changes only those stamps, so staleness is judged with them masked:
+# what must match is what the .proto files define.
+_VERSION_STAMPS = (
+    (re.compile(r"^GRPC_GENERATED_VERSION = .*$", re.M), "GRPC_GENERATED_VERSION = <version>"),
+    (re.compile(r"^# Protobuf Python Version: .*$", re.M), "# Protobuf Python Version: <version>"),
+    (
+        re.compile(r"(ValidateProtobufRuntimeVersion\(\s*[\w.]+,)\s*\d+,\s*\d+,\s*\d+,\s*'[^']*',"),
+        r"\1 <version>,",
+    ),
+)
+
+
+def without_version_stamps(text: str) -> str:
+    for pattern, replacement in _VERSION_STAMPS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def _same_stub(fresh: Path, committed: Path) -> bool:
+    return without_version_stamps(fresh.read_text()) == without_version_stamps(
+        committed.read_text()
+    )
 
 
 def proto_files() -> list[Path]:
@@ -50,7 +75,7 @@ def stale_files() -> list[str]:
         stale = []
         for fresh in generate(Path(tmp)):
             committed = PROTO_DIR / fresh.name
-            if not committed.exists() or not filecmp.cmp(fresh, committed, shallow=False):
+            if not committed.exists() or not _same_stub(fresh, committed):
                 stale.append(fresh.name)
         generated = {f"{p.stem}{s}" for p in proto_files() for s in SUFFIXES}
         orphans = [p.name for p in PROTO_DIR.glob("*_pb2*.py*") if p.name not in generated]
