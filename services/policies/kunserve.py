@@ -6,10 +6,14 @@ The scheduler (or the simulator) calls `decide(loads, now)` every
 (member ids in stage order) and the groups to restore. The policies are stateful only
 through time: what held since when (votes, the restore condition, hysteresis).
 
-    vote        an instance alone, not terminating, whose KV usage (used / total
-                blocks) has stayed >= `vote_usage_at_least` for `vote_window_s` and
-                whose queued demand (blocks its waiting requests need) is at least its
-                free blocks: memory, not compute, holds its queue back.
+    vote        an instance alone, not terminating, whose KV demand ((used blocks +
+                blocks its waiting requests need) / total) has stayed >=
+                `vote_demand_at_least` for `vote_window_s` and whose queued demand is at
+                least its free blocks: memory, not compute, holds its queue back.
+                Demand, not usage: an instance that preempts to make room drops its
+                usage (to 0.76 in a live burst) while its demand stays above 1; a
+                usage rule reset the vote at every preemption and held a second group
+                back by 36 s.
     plan        voters (never members of a group, never terminating, never an
                 instance restored less than `hold_s` ago) sorted by queued demand,
                 most first, then by blocks in use, fewest first (less KV to
@@ -55,9 +59,11 @@ class GroupConfig:
 
     # Seconds between decisions.
     interval_s: float = 0.25
-    # An instance votes while used / total blocks stays at least this...
-    vote_usage_at_least: float = 0.95
-    # ...for this long (and its queued demand is at least its free blocks).
+    # An instance votes while its KV demand ((used + queued blocks) / total) stays at
+    # least this and its queued demand is at least its free blocks (which alone makes
+    # demand >= 1: a value above 1 asks for a queue that much beyond memory)...
+    vote_demand_at_least: float = 0.95
+    # ...for this long.
     vote_window_s: float = 1.0
     # Group sizes the model's layer count allows, smallest first.
     group_sizes: tuple[int, ...] = (2, 4)
@@ -76,13 +82,13 @@ class GroupConfig:
     def __post_init__(self) -> None:
         require(self.interval_s > 0, f"interval_s={self.interval_s} must be > 0")
         require(
-            0 < self.vote_usage_at_least <= 1,
-            f"vote_usage_at_least={self.vote_usage_at_least} must be in (0, 1]",
+            self.vote_demand_at_least > 0,
+            f"vote_demand_at_least={self.vote_demand_at_least} must be > 0",
         )
         require(
-            0 <= self.restore_usage_at_most < self.vote_usage_at_least,
+            0 <= self.restore_usage_at_most < self.vote_demand_at_least,
             f"restore_usage_at_most={self.restore_usage_at_most} must be in "
-            f"[0, vote_usage_at_least={self.vote_usage_at_least})",
+            f"[0, vote_demand_at_least={self.vote_demand_at_least})",
         )
         require(self.vote_window_s >= 0, f"vote_window_s={self.vote_window_s} must be >= 0")
         require(
@@ -107,6 +113,16 @@ def capacity_gain(num_stages: int, weight_share: float) -> float:
 def usage(load: InstanceLoad) -> float:
     """Used / total KV blocks (0 for an instance with no blocks)."""
     return load.num_used_blocks / load.num_total_blocks if load.num_total_blocks else 0.0
+
+
+def demand(load: InstanceLoad) -> float:
+    """KV demand over the instance's blocks: (used + what its waiting requests need) /
+    total. Unlike usage, a preemption does not lower it (the preempted request's blocks
+    come back as queued demand), so a vote does not reset each time the instance
+    preempts to make room (0 for an instance with no blocks)."""
+    if not load.num_total_blocks:
+        return 0.0
+    return (load.num_used_blocks + load.num_waiting_blocks) / load.num_total_blocks
 
 
 def queued_excess_blocks(load: InstanceLoad) -> int:
@@ -239,7 +255,7 @@ class KunServeGroups(GroupPolicy):
             free = ld.num_total_blocks - ld.num_used_blocks
             holds = (
                 ld.num_total_blocks > 0
-                and usage(ld) >= cfg.vote_usage_at_least
+                and demand(ld) >= cfg.vote_demand_at_least
                 and ld.num_waiting > 0
                 and ld.num_waiting_blocks >= free
             )

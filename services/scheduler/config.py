@@ -30,7 +30,7 @@ PROVISIONERS = ("local",)
 # SchedulerConfig field -> the GroupConfig field it sets.
 GROUP_FIELDS = {
     "group_interval_s": "interval_s",
-    "group_vote_usage_at_least": "vote_usage_at_least",
+    "group_vote_demand_at_least": "vote_demand_at_least",
     "group_vote_window_s": "vote_window_s",
     "group_sizes": "group_sizes",
     "group_weight_share": "weight_share",
@@ -77,7 +77,7 @@ class SchedulerConfig:
     group_interval_s: float = 0.25  # between group rounds
     # An instance votes to drop once its KV usage stayed at least this, with queued
     # demand at least its free blocks...
-    group_vote_usage_at_least: float = 0.95
+    group_vote_demand_at_least: float = 0.95
     group_vote_window_s: float = 1.0  # ...for this long
     group_sizes: tuple[int, ...] = (2, 4)  # group sizes to choose from, increasing
     group_weight_share: float = 0.55  # weights / memory of one instance (sizes the plan)

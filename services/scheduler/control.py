@@ -299,6 +299,7 @@ class GroupLoop:
             if policy is None:
                 policy = self.policies[key] = self.make_policy()
             decision = policy.decide(by_class[key], now)
+            log.debug("group_inputs", loads=[_group_inputs(ld) for ld in by_class[key]])
             reasons = iter(decision.reasons)  # one per drop, then one per restore
             for members in decision.drops:
                 reason = next(reasons, "")
@@ -385,4 +386,14 @@ def _can_join_a_group(spec: InstanceSpec) -> bool:
     """Every layer and a data plane: what GroupTable.plan checks of a member."""
     return (spec.layer_start, spec.layer_end) == (0, spec.num_layers) and bool(
         spec.transport_address
+    )
+
+
+def _group_inputs(load: InstanceLoad) -> str:
+    """What a group policy sees of one instance, in one token (the debug log compares
+    a live run's rounds with the simulator's): id:used/total:waiting/waiting_blocks:group."""
+    group = load.group_id if load.is_in_group else "-"
+    return (
+        f"{load.instance_id}:{load.num_used_blocks}/{load.num_total_blocks}"
+        f":{load.num_waiting}/{load.num_waiting_blocks}:{group}"
     )

@@ -25,7 +25,7 @@ from tests.integration.kunserve_helpers import run_streams
 POLICY_ARGS = (
     "--policy", "kunserve",
     "--group-interval-s", "0.1",
-    "--group-vote-usage-at-least", "0.9",
+    "--group-vote-demand-at-least", "0.9",
     "--group-vote-window-s", "0.3",
     "--group-sizes", "2",
     "--group-hold-s", "1",

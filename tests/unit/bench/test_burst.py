@@ -96,7 +96,7 @@ def test_the_sim_config_is_the_live_schedulers_with_the_bench_knobs():
         2.0,
         1.0,
     )
-    assert (group.vote_usage_at_least, group.restore_usage_at_most) == (0.95, 0.5)  # defaults
+    assert (group.vote_demand_at_least, group.restore_usage_at_most) == (0.95, 0.5)  # defaults
     assert config.migration_config.interval_s == 0.05
     assert (config.num_instances, config.max_num_batched_tokens, config.max_num_seqs) == (
         4,

@@ -52,7 +52,7 @@ def test_capacity_gain_matches_the_formula():
 @pytest.mark.parametrize(
     "changes, field",
     [
-        ({"vote_usage_at_least": 0}, "vote_usage_at_least"),
+        ({"vote_demand_at_least": 0}, "vote_demand_at_least"),
         ({"restore_usage_at_most": 0.96}, "restore_usage_at_most"),
         ({"group_sizes": (4, 2)}, "group_sizes"),
         ({"group_sizes": (1, 2)}, "group_sizes"),
@@ -91,7 +91,10 @@ def test_a_vote_that_lapses_starts_its_window_again():
     "instance, votes",
     [
         (full("x"), True),
-        (full("x", used=94), False),  # 94% < 95%
+        # Just preempted: usage 76%, the preempted request queued for 29 blocks (demand
+        # 1.05): it votes (a usage rule reset the vote at every preemption).
+        (full("x", used=76, waiting_blocks=29), True),
+        (full("x", used=76, waiting_blocks=23), False),  # the queue fits the 24 free
         (load("x", 96, 8, waiting=0, waiting_blocks=0), False),  # nothing queued
         (full("x", waiting_blocks=3), False),  # the queue fits the 4 free blocks
         (full("x", waiting_blocks=4), True),  # demand == free blocks counts
@@ -104,6 +107,17 @@ def test_who_votes(instance, votes):
     loads = [instance, full("other")]
     p.decide(loads, 0.0)
     assert p.decide(loads, 1.0).drops == ((("other", "x"),) if votes else ())
+
+
+def test_a_demand_threshold_above_one_asks_for_a_queue_beyond_memory():
+    p = policy(vote_demand_at_least=1.2)
+    # Both queue beyond their free blocks; x's demand is (96 + 10) / 100 = 1.06 < 1.2.
+    loads = [full("x"), full("other", waiting_blocks=30)]
+    p.decide(loads, 0.0)
+    assert p.decide(loads, 1.0).drops == ()
+    loads = [full("x", waiting_blocks=24), full("other", waiting_blocks=30)]
+    p.decide(loads, 1.5)
+    assert p.decide(loads, 2.5).drops == (("other", "x"),)
 
 
 def test_one_voter_is_not_a_group():

@@ -59,7 +59,7 @@ def test_the_group_knobs_make_the_group_config():
                 [
                     "--group-interval-s",
                     "0.1",
-                    "--group-vote-usage-at-least",
+                    "--group-vote-demand-at-least",
                     "0.9",
                     "--group-vote-window-s",
                     "0.3",
@@ -82,7 +82,7 @@ def test_the_group_knobs_make_the_group_config():
     )
     assert config.group_config() == GroupConfig(
         interval_s=0.1,
-        vote_usage_at_least=0.9,
+        vote_demand_at_least=0.9,
         vote_window_s=0.3,
         group_sizes=(2, 4, 8),
         weight_share=0.4,
@@ -102,10 +102,10 @@ def test_the_group_knobs_make_the_group_config():
         ({"group_policy": "nope"}, "group_policy='nope' is not one of ['kunserve', 'llmesh', 'none']"),
         ({"group_interval_s": 0.0}, "group_interval_s=0.0 must be > 0"),
         ({"group_vote_window_s": -1.0}, "group_vote_window_s=-1.0 must be >= 0"),
-        ({"group_vote_usage_at_least": 1.5}, "group_vote_usage_at_least=1.5 must be in (0, 1]"),
+        ({"group_vote_demand_at_least": 0.0}, "group_vote_demand_at_least=0.0 must be > 0"),
         (
             {"group_restore_usage_at_most": 0.96},
-            "group_restore_usage_at_most=0.96 must be in [0, group_vote_usage_at_least=0.95)",
+            "group_restore_usage_at_most=0.96 must be in [0, group_vote_demand_at_least=0.95)",
         ),
         ({"group_restore_window_s": -0.5}, "group_restore_window_s=-0.5 must be >= 0"),
         ({"group_hold_s": -1.0}, "group_hold_s=-1.0 must be >= 0"),
