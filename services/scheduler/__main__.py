@@ -62,7 +62,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="when to drop and restore groups: kunserve, llmesh or none (no group loop)",
     )
     groups.add_argument("--group-interval-s", dest="group_interval_s", type=float)
-    groups.add_argument("--group-vote-demand-at-least", dest="group_vote_demand_at_least", type=float)
+    groups.add_argument(
+        "--group-vote-demand-at-least", dest="group_vote_demand_at_least", type=float
+    )
     groups.add_argument("--group-vote-window-s", dest="group_vote_window_s", type=float)
     groups.add_argument(
         "--group-sizes",
