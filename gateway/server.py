@@ -12,7 +12,9 @@ from gateway.admission import AdmissionControl
 from gateway.cluster_view import ClusterView, refresh_forever
 from gateway.config import GatewayConfig
 from gateway.dispatcher import Dispatcher, LostInstances
-from gateway.servicer import GatewayServicer, OutputSinkServicer, SessionTable
+from gateway.generations import Generations, PlacementSettings
+from gateway.servicer import GatewayServicer, OutputSinkServicer
+from gateway.sessions import SessionTable
 from gateway.workers import WorkerPool
 from protos import gateway_pb2_grpc, scheduler_pb2_grpc
 from services.common.grpc_client import aio_channel
@@ -33,6 +35,7 @@ class _Gateway:
     view: ClusterView
     sessions: SessionTable
     pool: WorkerPool
+    generations: Generations
     servicer: GatewayServicer
     sink: OutputSinkServicer
 
@@ -62,20 +65,20 @@ def _build(config: GatewayConfig, tokenizer, owner_address: str) -> _Gateway:
         timeout_s=config.dispatch_timeout_s,
         view_stale_s=config.cluster_view_stale_s,
     )
-    servicer = GatewayServicer(
+    generations = Generations(
         sessions=sessions,
         view=view,
         dispatcher=dispatcher,
         pool=pool,
         admission=AdmissionControl(config.max_inflight_requests, config.max_waiting_per_instance),
         tokenizer=tokenizer,
-        owner_address=owner_address,
-        model_id=config.model,
-        max_placements=config.max_placements,
-        failover_wait_s=config.failover_wait_s,
+        placement=PlacementSettings(owner_address, config.max_placements, config.failover_wait_s),
     )
+    servicer = GatewayServicer(generations, model_id=config.model)
     sink = OutputSinkServicer(sessions, pool)
-    return _Gateway(scheduler_channel, scheduler_stub, view, sessions, pool, servicer, sink)
+    return _Gateway(
+        scheduler_channel, scheduler_stub, view, sessions, pool, generations, servicer, sink
+    )
 
 
 async def serve(config: GatewayConfig, server: GrpcServer | None = None) -> None:
