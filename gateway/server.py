@@ -13,6 +13,9 @@ from gateway.cluster_view import ClusterView, refresh_forever
 from gateway.config import GatewayConfig
 from gateway.dispatcher import Dispatcher, LostInstances
 from gateway.generations import Generations, PlacementSettings
+from gateway.http_api.app import build_app
+from gateway.http_api.chat_template import load_chat_template
+from gateway.http_api.server import HttpServer
 from gateway.servicer import GatewayServicer, OutputSinkServicer
 from gateway.sessions import SessionTable
 from gateway.workers import WorkerPool
@@ -98,12 +101,15 @@ async def serve(config: GatewayConfig, server: GrpcServer | None = None) -> None
             timeout_s=config.dispatch_timeout_s,
         )
     )
+    http = await _start_http(config, gateway, tokenizer)
     await server.set_serving()
     if config.ready_file:
-        write_ready_file(config.ready_file, server.address)
+        extra = {"http_address": http.address} if http is not None else {}
+        write_ready_file(config.ready_file, server.address, **extra)
     log.info(
         "gateway_ready",
         address=server.address,
+        http_address=http.address if http is not None else "",
         owner_address=owner_address,
         scheduler=config.scheduler_address,
     )
@@ -111,15 +117,39 @@ async def serve(config: GatewayConfig, server: GrpcServer | None = None) -> None
         server.install_signal_handlers()
         await server.wait_stop_requested()
     finally:
-        await _stop(server, gateway, refresher, config.grace_s)
+        await _stop(server, http, gateway, refresher, config.grace_s)
+
+
+async def _start_http(config: GatewayConfig, gateway: _Gateway, tokenizer) -> HttpServer | None:
+    """The OpenAI-compatible API on the same loop and request path (None when off)."""
+    if not config.http_bind:
+        return None
+    app = build_app(
+        gateway.generations,
+        load_chat_template(config.model, tokenizer),
+        model_id=config.model,
+        max_body_bytes=config.http_max_body_bytes,
+        metrics=None,  # the Prometheus exposition (observability issue) plugs in here
+    )
+    http = HttpServer(app, config.http_bind, grace_s=config.grace_s)
+    await http.start()
+    return http
 
 
 async def _stop(
-    server: GrpcServer, gateway: _Gateway, refresher: asyncio.Task, grace_s: float
+    server: GrpcServer,
+    http: HttpServer | None,
+    gateway: _Gateway,
+    refresher: asyncio.Task,
+    grace_s: float,
 ) -> None:
-    # In-flight streams get the grace period (their tokens still arrive over the
-    # output sinks); the sinks close once they are done.
-    await asyncio.gather(server.stop(), _close_sinks_when_drained(gateway, grace_s))
+    # In-flight streams (gRPC and HTTP) get the grace period (their tokens still arrive
+    # over the output sinks); the sinks close once they are done.
+    await asyncio.gather(
+        server.stop(),
+        http.stop() if http is not None else asyncio.sleep(0),
+        _close_sinks_when_drained(gateway, grace_s),
+    )
     refresher.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await refresher
