@@ -96,7 +96,7 @@ def _completion_prompts(fields: Fields) -> list[str | list[int]]:
         raise invalid("prompt", "prompt is required")
     if isinstance(value, str):
         return [value]
-    if isinstance(value, list) and value and all(is_int(v) for v in value):
+    if isinstance(value, list) and value and is_int(value[0]):  # one prompt of token ids
         return [int_list("prompt", value)]
     if not isinstance(value, list) or not value:
         raise invalid(
