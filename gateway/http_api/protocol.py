@@ -280,9 +280,14 @@ def _default_max_tokens(is_chat: bool, prompt: str | list[int], limits: ModelLim
 
 
 def http_error_for(exc: ValueError, plan: GenerationPlan) -> APIError:
-    """A shared-validation ValueError, renamed to the HTTP field names."""
+    """A shared-validation ValueError, renamed to the HTTP field names: the field it
+    starts with is the param; `sampling.*` names are renamed wherever they appear."""
     message = str(exc)
+    param = None
     for grpc_name, http_name in sorted(plan.field_names.items(), key=lambda kv: -len(kv[0])):
-        if message.startswith(grpc_name):
-            return invalid(http_name, http_name + message[len(grpc_name) :])
-    return invalid(None, message)
+        if param is None and message.startswith(grpc_name):
+            message = http_name + message[len(grpc_name) :]
+            param = http_name
+        if grpc_name.startswith("sampling."):
+            message = message.replace(grpc_name, http_name)
+    return invalid(param, message)
