@@ -16,7 +16,7 @@ INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
     text = repr(value) if not isinstance(value, str) else f'"{value}"'
     return text if len(text) <= 40 else text[:37] + "..."
 
@@ -30,7 +30,7 @@ class Fields:
 
     def __init__(self, body: Any) -> None:
         if not isinstance(body, dict):
-            raise invalid(None, f"the request body must be a JSON object, got {_shown(body)}")
+            raise invalid(None, f"the request body must be a JSON object, got {shown(body)}")
         self._body = body
         self._read: set[str] = set()
 
@@ -49,7 +49,7 @@ class Fields:
         if value is None:
             return default
         if not is_int(value):
-            raise invalid(name, f"{name} must be an integer, got {_shown(value)}")
+            raise invalid(name, f"{name} must be an integer, got {shown(value)}")
         if not minimum <= value <= maximum:
             raise invalid(name, f"{name}={value} must be in [{minimum}, {maximum}]")
         return value
@@ -59,7 +59,7 @@ class Fields:
         if value is None:
             return default
         if not isinstance(value, int | float) or isinstance(value, bool):
-            raise invalid(name, f"{name} must be a number, got {_shown(value)}")
+            raise invalid(name, f"{name} must be a number, got {shown(value)}")
         if not math.isfinite(value):
             raise invalid(name, f"{name} must be finite, got {value}")
         return float(value)
@@ -69,26 +69,26 @@ class Fields:
         if value is None:
             return default
         if not isinstance(value, bool):
-            raise invalid(name, f"{name} must be true or false, got {_shown(value)}")
+            raise invalid(name, f"{name} must be true or false, got {shown(value)}")
         return value
 
     def take_str(self, name: str) -> str | None:
         value = self.take(name)
         if value is not None and not isinstance(value, str):
-            raise invalid(name, f"{name} must be a string, got {_shown(value)}")
+            raise invalid(name, f"{name} must be a string, got {shown(value)}")
         return value
 
     def take_object(self, name: str) -> dict | None:
         value = self.take(name)
         if value is not None and not isinstance(value, dict):
-            raise invalid(name, f"{name} must be an object, got {_shown(value)}")
+            raise invalid(name, f"{name} must be an object, got {shown(value)}")
         return value
 
     def take_default_only(self, name: str, allowed: tuple[Any, ...], why: str) -> None:
         """A field llmesh accepts only at its no-op value (e.g. presence_penalty=0)."""
         value = self.take(name)
         if value is not None and value not in allowed:
-            raise invalid(name, f"{name}={_shown(value)} is not supported: {why}")
+            raise invalid(name, f"{name}={shown(value)} is not supported: {why}")
 
     def check_unknown(self) -> None:
         unknown = sorted(set(self._body) - self._read)
@@ -104,12 +104,10 @@ class Fields:
 def int_list(name: str, value: Any, max_value: int = INT32_MAX) -> list[int]:
     """A list of integers in [0, max_value] (token ids)."""
     if not isinstance(value, list):
-        raise invalid(name, f"{name} must be a list of integers, got {_shown(value)}")
+        raise invalid(name, f"{name} must be a list of integers, got {shown(value)}")
     for i, item in enumerate(value):
         if not is_int(item) or not 0 <= item <= max_value:
-            raise invalid(
-                name, f"{name}[{i}]={_shown(item)} must be an integer in [0, {max_value}]"
-            )
+            raise invalid(name, f"{name}[{i}]={shown(item)} must be an integer in [0, {max_value}]")
     return value
 
 
@@ -118,7 +116,7 @@ def string_list(name: str, value: Any, max_items: int) -> list[str]:
     if isinstance(value, str):
         return [value]
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise invalid(name, f"{name} must be a string or a list of strings, got {_shown(value)}")
+        raise invalid(name, f"{name} must be a string or a list of strings, got {shown(value)}")
     if len(value) > max_items:
         raise invalid(name, f"{name} has {len(value)} entries; at most {max_items} are supported")
     return value

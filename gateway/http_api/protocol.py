@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from gateway.http_api.chat_template import ChatTemplate, parse_messages
 from gateway.http_api.errors import APIError, invalid
-from gateway.http_api.fields import INT64_MAX, Fields, int_list, is_int, string_list
+from gateway.http_api.fields import INT64_MAX, Fields, int_list, is_int, shown, string_list
 from gateway.validation import MAX_PRIORITY, ModelLimits
 from protos import common_pb2, gateway_pb2
 
@@ -138,11 +138,11 @@ def _max_tokens(fields: Fields, is_chat: bool) -> tuple[int | None, str]:
         other = max_tokens
         max_tokens = fields.take("max_completion_tokens")
         if other is not None and other != max_tokens:
-            raise invalid(name, f"max_tokens={other!r} and max_completion_tokens={max_tokens!r} disagree; send one")  # fmt: skip
+            raise invalid(name, f"max_tokens={shown(other)} and max_completion_tokens={shown(max_tokens)} disagree; send one")  # fmt: skip
     if max_tokens is None:
         return None, name
     if not is_int(max_tokens) or not 1 <= max_tokens <= 2**31 - 1:
-        raise invalid(name, f"{name}={max_tokens!r} must be an integer >= 1")
+        raise invalid(name, f"{name}={shown(max_tokens)} must be an integer >= 1")
     return max_tokens, name
 
 

@@ -103,7 +103,7 @@ BASE = {"model": "tiny", "prompt": "hi"}
         ({**BASE, "prompt": [[1, -2]]}, "prompt[0]", "prompt[0][1]=-2 must be an integer"),
         ({**BASE, "prompt": 5}, "prompt", "prompt must be a string"),
         ({**BASE, "max_tokens": 0}, "max_tokens", "max_tokens=0 must be an integer >= 1"),
-        ({**BASE, "max_tokens": "5"}, "max_tokens", "max_tokens='5' must be an integer >= 1"),
+        ({**BASE, "max_tokens": "5"}, "max_tokens", 'max_tokens="5" must be an integer >= 1'),
         ({**BASE, "max_tokens": True}, "max_tokens", "max_tokens=True must be an integer >= 1"),
         ({**BASE, "temperature": "hot"}, "temperature", 'temperature must be a number, got "hot"'),
         ({**BASE, "top_p": 0}, "top_p", "top_p=0.0 must be in (0, 1]"),
