@@ -18,7 +18,10 @@ import uvicorn
 class HttpServer:
     def __init__(self, app, bind: str, grace_s: float) -> None:
         host, _, port = bind.rpartition(":")
-        self._socket = socket.create_server((host, int(port)), reuse_port=False)
+        try:
+            self._socket = socket.create_server((host, int(port)))
+        except (OSError, ValueError) as exc:
+            raise OSError(f"http_bind={bind!r}: cannot listen there: {exc}") from None
         self._socket.setblocking(False)
         self.address = f"{host}:{self._socket.getsockname()[1]}"
         config = uvicorn.Config(
