@@ -108,6 +108,7 @@ class Generations:
             tracer.start_as_current_span("gateway.generate") as span,
             bind_context(request_id=session.request_id),
         ):
+            session.bind_trace()  # opened before this span existed
             span.set_attribute("llmesh.request_id", session.request_id)
             span.set_attribute("llmesh.num_prompt_tokens", len(session.spec.prompt_token_ids))
             log.info(

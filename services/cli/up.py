@@ -168,11 +168,11 @@ def _print_banner(mesh: LocalMesh, args) -> None:
     print(
         f"\nllmesh is up: gateway {gateway}  scheduler {mesh.scheduler_address}  "
         f"workers {_worker_list(mesh)}\n"
-        f"  OpenAI API: http://{mesh.gateway_http_address}/v1\n"
         f'  try:  ./llmesh generate{flag} "Hello, llmesh" --max-tokens 16\n'
         f"        curl http://{mesh.gateway_http_address}/v1/completions -H 'Content-Type: application/json' "
         f'-d \'{{"model": "{args.model}", "prompt": "Hello", "max_tokens": 16}}\'\n'
         f"        ./llmesh status{'' if mesh.scheduler_address == '127.0.0.1:50052' else ' --scheduler ' + mesh.scheduler_address}\n"
+        f"  OpenAI API: http://{mesh.gateway_http_address}/v1 (docs/http_api.md)\n"
         f"  Ctrl-C stops everything.\n",
         flush=True,
     )
