@@ -1,7 +1,7 @@
 """The Starlette app of the OpenAI-compatible API: routes, body limits, error shapes.
 
     POST /v1/completions        POST /v1/chat/completions
-    GET  /v1/models             GET  /health             GET /metrics (when given)
+    GET  /v1/models[/NAME]      GET  /health             GET /metrics (when given)
 
 Every error, including a 404 route, a 405 method, a malformed or oversized body and
 an unexpected exception, is answered in OpenAI's error shape.
@@ -95,16 +95,27 @@ def build_app(
 
         return endpoint
 
-    async def models(request: Request) -> Response:
-        created = 0
-        data = [
-            {"id": name, "object": "model", "created": created, "owned_by": "llmesh"}
-            for name in served_models()[:1]
-        ]
+    def model_card() -> dict:
+        card = {"id": served_models()[0], "object": "model", "created": 0, "owned_by": "llmesh"}
         limits = generations.view.model_limits()
         if limits is not None:
-            data[0]["max_model_len"] = limits.max_model_len
-        return JSONResponse({"object": "list", "data": data})
+            card["max_model_len"] = limits.max_model_len
+        return card
+
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [model_card()]})
+
+    async def model(request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in served_models():
+            raise APIError(
+                404,
+                f"The model `{name}` does not exist",
+                param="model",
+                error_type="not_found_error",
+                code="model_not_found",
+            )
+        return JSONResponse(model_card())
 
     async def health(request: Request) -> Response:
         num_instances = len(generations.view.instances)
@@ -118,6 +129,7 @@ def build_app(
         Route("/v1/completions", generation_endpoint(is_chat=False), methods=["POST"]),
         Route("/v1/chat/completions", generation_endpoint(is_chat=True), methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{name:path}", model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
     ]
     if metrics is not None:

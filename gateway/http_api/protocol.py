@@ -162,7 +162,7 @@ def _stream_options(fields: Fields, stream: bool) -> bool:
         return False
     if not stream:
         raise invalid("stream_options", "stream_options is only allowed when stream is true")
-    unknown = sorted(set(options) - {"include_usage", "continuous_usage_stats"})
+    unknown = sorted(set(options) - {"include_usage"})
     if unknown:
         raise invalid("stream_options", f"stream_options.{unknown[0]} is not a known option")
     include_usage = options.get("include_usage", False)

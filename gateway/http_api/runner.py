@@ -119,6 +119,11 @@ class PlanRun:
             if text.is_stopped:
                 token_ids = tokens[chunk.first_token_index : text.num_tokens]
                 self._events.put_nowait(ChoiceEvent(choice, piece, token_ids, "stop"))
+                log.info(
+                    "request_stop_string",
+                    request_id=session.request_id,
+                    num_output_tokens=text.num_tokens,
+                )
                 session.abort()  # the stop string ended it: free its blocks now
                 return
             reason = chunk.finish_reason.value if is_final else None

@@ -233,6 +233,7 @@ def test_unknown_model_is_404_and_models_lists_the_served_one(api):
         api.completions.create(model="gpt-4o", prompt="x")
     assert (info.value.param, info.value.code) == ("model", "model_not_found")
     assert [m.id for m in api.models.list()] == ["tiny"]
+    assert api.models.retrieve("tiny").owned_by == "llmesh"
 
 
 def test_client_disconnect_mid_stream_aborts_on_the_worker(mesh):

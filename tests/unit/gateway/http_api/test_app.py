@@ -75,10 +75,11 @@ async def test_models_and_health_once_an_instance_registered(api):
     client, view, _ = api
     register(view)
     assert (await client.get("/health")).json() == {"status": "ok", "num_instances": 1}
-    assert (await client.get("/v1/models")).json() == {
-        "object": "list",
-        "data": [{"id": "tiny", "object": "model", "created": 0, "owned_by": "llmesh", "max_model_len": 2048}],
-    }  # fmt: skip
+    card = {"id": "tiny", "object": "model", "created": 0, "owned_by": "llmesh", "max_model_len": 2048}  # fmt: skip
+    assert (await client.get("/v1/models")).json() == {"object": "list", "data": [card]}
+    assert (await client.get("/v1/models/tiny")).json() == card
+    status, err = error(await client.get("/v1/models/gpt-4o"))
+    assert (status, err["code"], err["message"]) == (404, "model_not_found", "The model `gpt-4o` does not exist")  # fmt: skip
 
 
 async def test_admission_control_is_429_with_retry_after(api):

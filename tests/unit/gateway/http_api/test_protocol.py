@@ -116,6 +116,7 @@ BASE = {"model": "tiny", "prompt": "hi"}
         ({**BASE, "stream": "yes"}, "stream", 'stream must be true or false, got "yes"'),
         ({**BASE, "stream_options": {"include_usage": True}}, "stream_options", "stream_options is only allowed when stream is true"),
         ({**BASE, "stream": True, "stream_options": {"x": 1}}, "stream_options", "stream_options.x is not a known option"),
+        ({**BASE, "stream": True, "stream_options": {"continuous_usage_stats": True}}, "stream_options", "stream_options.continuous_usage_stats is not a known option"),
         ({**BASE, "stop": 3}, "stop", "stop must be a string or a list of strings"),
         ({**BASE, "stop": [""]}, "stop", "stop strings must not be empty"),
         ({**BASE, "stop": ["a"] * 17}, "stop", "stop has 17 entries"),
