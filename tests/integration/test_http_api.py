@@ -262,6 +262,28 @@ def test_client_disconnect_mid_stream_aborts_on_the_worker(mesh):
         assert (load.num_running, load.num_used_blocks) == (0, 0)
 
 
+def test_client_giving_up_on_a_whole_response_aborts_every_choice(mesh):
+    """No stream: the client times out waiting (n = 2 choices), both are aborted."""
+    url = f"http://{mesh.gateway_http_address}/v1/completions"
+    user = f"impatient-{time.monotonic_ns()}"
+    body = {"model": "tiny", "prompt": [7, 8, 9], "max_tokens": 1500, "n": 2, "user": user,
+            "temperature": 0, "ignore_eos": True}  # fmt: skip
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url, json=body, timeout=httpx.Timeout(TIMEOUT_S, read=1.0))
+    [received] = [e for e in log_events(mesh.gateway.log_path) if e.get("user") == user]
+    request_ids = [f"{received['response_id']}-{i}" for i in range(2)]
+
+    def cancelled():
+        events = [e for r in request_ids for e in log_events(mesh.gateway.log_path, r)]
+        found = [e for e in events if e.get("event") == "request_cancelled"]
+        return found if len(found) == 2 else None
+
+    assert all(e["num_output_tokens"] < 1500 for e in wait_until(cancelled, what="two aborts"))
+    for worker in mesh.live_workers():
+        load = wait_worker_idle(worker.address).load
+        assert (load.num_running, load.num_used_blocks) == (0, 0)
+
+
 @pytest.mark.parametrize(
     ("content", "status", "message"),
     [
