@@ -6,18 +6,21 @@ the way `vllm bench serve` does:
     TTFT  time to first token: send -> first chunk carrying a token
     TPOT  time per output token after the first: (latency - TTFT) / (tokens - 1)
 
-The HTTP client reads the SSE stream itself (httpx, one JSON parse per event, like
-vLLM's aiohttp client) and asks for `return_token_ids` so its tokens can be compared.
+The HTTP client (bench/_sse_client.py) reads the SSE stream straight off a keep-alive
+connection per stream, one JSON parse per event (cheap on the client, like vLLM's
+aiohttp client), and asks for `return_token_ids` so its tokens can be compared. Both
+connect before the clock starts: the gRPC client's one channel, the HTTP connections.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import statistics
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+
+from bench._sse_client import SSEConnection
 
 
 @dataclass(frozen=True)
@@ -112,39 +115,37 @@ async def grpc_clients(address: str, args, prompts: list[list[int]]) -> ClientRu
 
 
 async def http_clients(http_address: str, args, prompts: list[list[int]]) -> ClientRun:
-    import httpx
+    num_streams = min(args.concurrency, len(prompts))
+    # Connected before the clock starts, as the gRPC client's one channel is.
+    pool: asyncio.Queue[SSEConnection] = asyncio.Queue()
+    for _ in range(num_streams):
+        pool.put_nowait(await SSEConnection.open(http_address))
 
-    url = f"http://{http_address}/v1/completions"
-    limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)  # fmt: skip
-    async with httpx.AsyncClient(timeout=None, limits=limits) as client:
+    async def one(i: int) -> tuple[list[int], float]:
+        body = {
+            "model": args.model,
+            "prompt": prompts[i],
+            "max_tokens": args.max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "return_token_ids": True,
+        }
+        connection = await pool.get()
+        sent = time.perf_counter()
+        ttft_s = None
+        tokens: list[int] = []
+        async for event in connection.post_events("/v1/completions", body):
+            new = event["choices"][0]["token_ids"]
+            if ttft_s is None and new:
+                ttft_s = time.perf_counter() - sent
+            tokens.extend(new)
+        pool.put_nowait(connection)
+        return tokens, ttft_s or 0.0
 
-        async def one(i: int) -> tuple[list[int], float]:
-            body = {
-                "model": args.model,
-                "prompt": prompts[i],
-                "max_tokens": args.max_tokens,
-                "temperature": 0,
-                "ignore_eos": True,
-                "stream": True,
-                "return_token_ids": True,
-            }
-            sent = time.perf_counter()
-            ttft_s = None
-            tokens: list[int] = []
-            async with client.stream("POST", url, json=body) as response:
-                if response.status_code != 200:
-                    raise RuntimeError(f"HTTP {response.status_code}: {await response.aread()!r}")
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    payload = line[len("data: ") :]
-                    if payload == "[DONE]":
-                        break
-                    new = json.loads(payload)["choices"][0]["token_ids"]
-                    if ttft_s is None and new:
-                        ttft_s = time.perf_counter() - sent
-                    tokens.extend(new)
-            return tokens, ttft_s or 0.0
-
-        await one(0)  # warm-up (connection, first request)
+    try:
+        await one(0)  # warm-up: the first request
         return await _closed_loop(len(prompts), args.concurrency, one)
+    finally:
+        while not pool.empty():
+            await pool.get_nowait().close()
