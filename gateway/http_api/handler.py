@@ -48,14 +48,20 @@ async def _wait_disconnect(receive: Receive) -> None:
 class GenerationResponse:
     def __init__(self, run: PlanRun) -> None:
         self._run = run
+        self._is_sent = False  # the last byte went out (uvicorn then reports a disconnect)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        work = asyncio.ensure_future(self._respond(scope, receive, send))
+        async def send_tracked(message) -> None:
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                self._is_sent = True
+
+        work = asyncio.ensure_future(self._respond(scope, receive, send_tracked))
         watch = asyncio.ensure_future(_wait_disconnect(receive))
         try:
             await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            if not work.done():
+            if not work.done() and not self._is_sent:
                 log.info("http_client_disconnected", response_id=self._run.plan.response_id)
                 work.cancel()
             watch.cancel()
