@@ -1,21 +1,27 @@
-"""`llmesh bench serve`: one engine in-process vs the same engine served by the mesh.
+"""`llmesh bench serve`: one engine in-process vs the same engine served by the mesh,
+through its gRPC API and through its OpenAI-compatible HTTP API.
 
-Same workload both ways, in one run: N requests (P-token prompts, M new tokens each,
+Same workload every way, in one run: N requests (P-token prompts, M new tokens each,
 greedy, no EOS stop; defaults 128 x 128 -> 128, like `bench engine`), C of them in
 flight at any time (closed loop: a new request starts when one finishes).
 
     direct   an LLMEngine in this process, stepped in a loop (no RPC at all)
     mesh     scheduler + gateway + 1 worker as separate processes on loopback; C client
-             streams through the gateway (dispatch, Submit, output push, chunk stream)
+             streams through the gateway's gRPC API (dispatch, Submit, output push,
+             chunk stream)
+    http     the same mesh, C streaming POST /v1/completions (server-sent events)
 
 Throughput = output tokens / wall time from the first request to the last token. The
-ratio mesh/direct is the serving overhead (target >= 0.8 at 64 streams). Both runs
-use the same torch thread count (--threads) and must produce identical tokens.
+ratio mesh/direct is the serving overhead (target >= 0.8 at 64 streams); http/grpc
+is the HTTP face's cost over gRPC (target >= 0.8). All runs use the same torch thread
+count (--threads) and must produce identical tokens. TTFT/TPOT percentiles of the two
+mesh clients are reported as `vllm bench serve` does (bench/_serve_clients.py).
 
-The mesh is started once; then direct and mesh runs alternate for --rounds rounds and
-the best round of each counts, so load from other processes on the machine hits both
-alike. The last stdout line is JSON with `direct_tokens_per_s`, `mesh_tokens_per_s`
-and `ratio`.
+The mesh is started once; then the runs alternate for --rounds rounds and the best
+round of each counts, so load from other processes on the machine hits all alike. The
+last stdout line is JSON with `direct_tokens_per_s`, `mesh_tokens_per_s`, `ratio`,
+`grpc_tokens_per_s` (= mesh), `http_tokens_per_s`, `http_vs_grpc`,
+`http_p99_ttft_ms`, `http_p99_tpot_ms` and the other percentiles.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench._serve_clients import grpc_clients, http_clients, latency_summary
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -114,32 +122,6 @@ def run_direct(engine, args, prompts: list[list[int]]) -> tuple[float, list[list
     return elapsed, [tokens[f"{run_id}-{i}"] for i in range(len(prompts))]
 
 
-async def _mesh_clients(address: str, args, prompts) -> tuple[float, list[list[int]]]:
-    from gateway.client import AsyncClient
-
-    results: list[list[int]] = [[] for _ in prompts]
-    async with AsyncClient(address, timeout_s=600) as client:
-        await client.generate(
-            prompt_token_ids=prompts[0], max_tokens=args.max_tokens, ignore_eos=True
-        )
-        queue: asyncio.Queue[int] = asyncio.Queue()
-        for i in range(len(prompts)):
-            queue.put_nowait(i)
-
-        async def stream_worker() -> None:
-            while not queue.empty():
-                i = queue.get_nowait()
-                async for chunk in client.generate_stream(
-                    prompt_token_ids=prompts[i], max_tokens=args.max_tokens, ignore_eos=True
-                ):
-                    results[i].extend(chunk.token_ids)
-
-        start = time.perf_counter()
-        await asyncio.gather(*(stream_worker() for _ in range(min(args.concurrency, len(prompts)))))
-        elapsed = time.perf_counter() - start
-    return elapsed, results
-
-
 def start_mesh(args):
     from services.common.procs import LocalMesh
 
@@ -161,6 +143,10 @@ def start_mesh(args):
     return mesh.start()
 
 
+def _best(runs):
+    return min(runs, key=lambda run: run.elapsed_s)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     prompts = _workload(args)
@@ -173,34 +159,42 @@ def main(argv: list[str] | None = None) -> int:
     mesh = start_mesh(args)
     try:
         engine = make_engine(args)
-        direct_runs, mesh_runs = [], []
+        direct_runs, grpc_runs, http_runs = [], [], []
+        is_identical = True
         for round_index in range(args.rounds):
             direct_s, direct_tokens = run_direct(engine, args, prompts)
             direct_runs.append(direct_s)
-            mesh_s, mesh_tokens = asyncio.run(_mesh_clients(mesh.gateway_address, args, prompts))
-            mesh_runs.append(mesh_s)
+            grpc_runs.append(asyncio.run(grpc_clients(mesh.gateway_address, args, prompts)))
+            http_runs.append(asyncio.run(http_clients(mesh.gateway_http_address, args, prompts)))
             print(
                 f"round {round_index + 1}: direct {num_tokens / direct_s:8.1f} tokens/s   "
-                f"mesh {num_tokens / mesh_s:8.1f} tokens/s",
+                f"mesh (gRPC) {num_tokens / grpc_runs[-1].elapsed_s:8.1f} tokens/s   "
+                f"mesh (HTTP) {num_tokens / http_runs[-1].elapsed_s:8.1f} tokens/s",
                 flush=True,
             )
-            if direct_tokens != mesh_tokens:
-                print("MISMATCH: the mesh produced different tokens than the engine", flush=True)
-                is_identical = False
+            for name, run in (("gRPC", grpc_runs[-1]), ("HTTP", http_runs[-1])):
+                if run.tokens != direct_tokens:
+                    print(f"MISMATCH: the mesh ({name}) produced different tokens than the engine")
+                    is_identical = False
+            if not is_identical:
                 break
-        else:
-            is_identical = True
     finally:
         mesh.stop()
-    direct_tps, mesh_tps = num_tokens / min(direct_runs), num_tokens / min(mesh_runs)
-    print(f"best:    direct {direct_tps:8.1f} tokens/s   mesh {mesh_tps:8.1f} tokens/s", flush=True)
-    print(f"ratio   {mesh_tps / direct_tps:.3f}   identical tokens: {is_identical}", flush=True)
+    direct_tps = num_tokens / min(direct_runs)
+    grpc, http = _best(grpc_runs), _best(http_runs)
+    grpc_tps, http_tps = num_tokens / grpc.elapsed_s, num_tokens / http.elapsed_s
+    latencies = {**latency_summary("grpc", grpc.timings), **latency_summary("http", http.timings)}
+    _print_table(direct_tps, grpc_tps, http_tps, latencies, is_identical)
     print(
         json.dumps(
             {
                 "direct_tokens_per_s": round(direct_tps, 1),
-                "mesh_tokens_per_s": round(mesh_tps, 1),
-                "ratio": round(mesh_tps / direct_tps, 3),
+                "mesh_tokens_per_s": round(grpc_tps, 1),
+                "ratio": round(grpc_tps / direct_tps, 3),
+                "grpc_tokens_per_s": round(grpc_tps, 1),
+                "http_tokens_per_s": round(http_tps, 1),
+                "http_vs_grpc": round(http_tps / grpc_tps, 3),
+                **latencies,
                 "concurrency": args.concurrency,
                 "requests": args.requests,
                 "prompt_len": args.prompt_len,
@@ -213,6 +207,22 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     return 0 if is_identical else 1
+
+
+def _print_table(direct_tps, grpc_tps, http_tps, latencies, is_identical) -> None:
+    print(f"best:    direct {direct_tps:8.1f}   mesh (gRPC) {grpc_tps:8.1f}   mesh (HTTP) {http_tps:8.1f} tokens/s")  # fmt: skip
+    print(f"ratio mesh/direct {grpc_tps / direct_tps:.3f}   http/grpc {http_tps / grpc_tps:.3f}   identical tokens: {is_identical}")  # fmt: skip
+    print(f"{'':18}{'mean':>10}{'median':>10}{'p99':>10}")
+    for client in ("grpc", "http"):
+        for metric in ("ttft", "tpot"):
+            values = [
+                latencies[f"{client}_{stat}_{metric}_ms"] for stat in ("mean", "median", "p99")
+            ]
+            print(
+                f"{client.upper() + ' ' + metric.upper() + ' (ms)':18}"
+                + "".join(f"{v:10.2f}" for v in values)
+            )
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--bind", help="host:port of the client API (port 0 = any free port)")
     parser.add_argument(
+        "--http-bind",
+        dest="http_bind",
+        help="host:port of the OpenAI-compatible HTTP API (port 0 = any free port, '' = off)",
+    )
+    parser.add_argument("--http-max-body-bytes", dest="http_max_body_bytes", type=int)
+    parser.add_argument(
         "--advertise-address", dest="advertise_address", help="address workers push outputs to"
     )
     parser.add_argument("--scheduler", dest="scheduler_address", help="scheduler host:port")

@@ -12,6 +12,9 @@ class GatewayConfig:
     """Knobs of one gateway process."""
 
     bind: str = "127.0.0.1:50051"  # host:port of the client API (port 0 = chosen by the OS)
+    # host:port of the OpenAI-compatible HTTP API (port 0 = chosen by the OS; "" = off)
+    http_bind: str = "127.0.0.1:8000"
+    http_max_body_bytes: int = 32 * 2**20  # larger HTTP request bodies get 413
     advertise_address: str = ""  # where workers push outputs; empty = the bound address
     scheduler_address: str = "127.0.0.1:50052"  # global scheduler host:port
     model: str = "tiny"  # model whose tokenizer turns text prompts into ids ("tiny" or a path)
@@ -38,6 +41,14 @@ class GatewayConfig:
 
     def __post_init__(self) -> None:
         require(":" in self.bind, f"bind={self.bind!r} must be host:port")
+        require(
+            self.http_bind == "" or ":" in self.http_bind,
+            f"http_bind={self.http_bind!r} must be host:port or empty (no HTTP API)",
+        )
+        require(
+            isinstance(self.http_max_body_bytes, int) and self.http_max_body_bytes > 0,
+            f"http_max_body_bytes={self.http_max_body_bytes!r} must be an int > 0",
+        )
         require(
             self.advertise_address == "" or ":" in self.advertise_address,
             f"advertise_address={self.advertise_address!r} must be host:port or empty",

@@ -12,7 +12,12 @@ from gateway.admission import AdmissionControl
 from gateway.cluster_view import ClusterView, refresh_forever
 from gateway.config import GatewayConfig
 from gateway.dispatcher import Dispatcher, LostInstances
-from gateway.servicer import GatewayServicer, OutputSinkServicer, SessionTable
+from gateway.generations import Generations, PlacementSettings
+from gateway.http_api.app import build_app
+from gateway.http_api.chat_template import load_chat_template
+from gateway.http_api.server import HttpServer
+from gateway.servicer import GatewayServicer, OutputSinkServicer
+from gateway.sessions import SessionTable
 from gateway.workers import WorkerPool
 from protos import gateway_pb2_grpc, scheduler_pb2_grpc
 from services.common.grpc_client import aio_channel
@@ -33,6 +38,7 @@ class _Gateway:
     view: ClusterView
     sessions: SessionTable
     pool: WorkerPool
+    generations: Generations
     servicer: GatewayServicer
     sink: OutputSinkServicer
 
@@ -62,20 +68,20 @@ def _build(config: GatewayConfig, tokenizer, owner_address: str) -> _Gateway:
         timeout_s=config.dispatch_timeout_s,
         view_stale_s=config.cluster_view_stale_s,
     )
-    servicer = GatewayServicer(
+    generations = Generations(
         sessions=sessions,
         view=view,
         dispatcher=dispatcher,
         pool=pool,
         admission=AdmissionControl(config.max_inflight_requests, config.max_waiting_per_instance),
         tokenizer=tokenizer,
-        owner_address=owner_address,
-        model_id=config.model,
-        max_placements=config.max_placements,
-        failover_wait_s=config.failover_wait_s,
+        placement=PlacementSettings(owner_address, config.max_placements, config.failover_wait_s),
     )
+    servicer = GatewayServicer(generations, model_id=config.model)
     sink = OutputSinkServicer(sessions, pool)
-    return _Gateway(scheduler_channel, scheduler_stub, view, sessions, pool, servicer, sink)
+    return _Gateway(
+        scheduler_channel, scheduler_stub, view, sessions, pool, generations, servicer, sink
+    )
 
 
 async def serve(config: GatewayConfig, server: GrpcServer | None = None) -> None:
@@ -95,12 +101,15 @@ async def serve(config: GatewayConfig, server: GrpcServer | None = None) -> None
             timeout_s=config.dispatch_timeout_s,
         )
     )
+    http = await _start_http(config, gateway, tokenizer)
     await server.set_serving()
     if config.ready_file:
-        write_ready_file(config.ready_file, server.address)
+        extra = {"http_address": http.address} if http is not None else {}
+        write_ready_file(config.ready_file, server.address, **extra)
     log.info(
         "gateway_ready",
         address=server.address,
+        http_address=http.address if http is not None else "",
         owner_address=owner_address,
         scheduler=config.scheduler_address,
     )
@@ -108,15 +117,39 @@ async def serve(config: GatewayConfig, server: GrpcServer | None = None) -> None
         server.install_signal_handlers()
         await server.wait_stop_requested()
     finally:
-        await _stop(server, gateway, refresher, config.grace_s)
+        await _stop(server, http, gateway, refresher, config.grace_s)
+
+
+async def _start_http(config: GatewayConfig, gateway: _Gateway, tokenizer) -> HttpServer | None:
+    """The OpenAI-compatible API on the same loop and request path (None when off)."""
+    if not config.http_bind:
+        return None
+    app = build_app(
+        gateway.generations,
+        load_chat_template(config.model, tokenizer),
+        model_id=config.model,
+        max_body_bytes=config.http_max_body_bytes,
+        metrics=None,  # the Prometheus exposition (observability issue) plugs in here
+    )
+    http = HttpServer(app, config.http_bind, grace_s=config.grace_s)
+    await http.start()
+    return http
 
 
 async def _stop(
-    server: GrpcServer, gateway: _Gateway, refresher: asyncio.Task, grace_s: float
+    server: GrpcServer,
+    http: HttpServer | None,
+    gateway: _Gateway,
+    refresher: asyncio.Task,
+    grace_s: float,
 ) -> None:
-    # In-flight streams get the grace period (their tokens still arrive over the
-    # output sinks); the sinks close once they are done.
-    await asyncio.gather(server.stop(), _close_sinks_when_drained(gateway, grace_s))
+    # In-flight streams (gRPC and HTTP) get the grace period (their tokens still arrive
+    # over the output sinks); the sinks close once they are done.
+    await asyncio.gather(
+        server.stop(),
+        http.stop() if http is not None else asyncio.sleep(0),
+        _close_sinks_when_drained(gateway, grace_s),
+    )
     refresher.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await refresher

@@ -1,197 +1,78 @@
 """gRPC adapters of the gateway: the client API (Gateway) and the workers' OutputSink.
 
-Thin: validate and convert at the edge, then hand over to GenerationSession.
+Thin: convert at the edge, then hand over to Generations (generations.py), the path
+the OpenAI HTTP API shares.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import random
+import contextlib
 
-from opentelemetry import trace
-
-from gateway.admission import AdmissionControl
-from gateway.cluster_view import ClusterView
-from gateway.dispatcher import Dispatcher
-from gateway.session import GenerationSession
+from gateway.generations import Generations
+from gateway.sessions import SessionTable
 from gateway.tokenizer import IncrementalDetokenizer
-from gateway.tracker import RequestTracker
-from gateway.validation import validate_generate
 from gateway.workers import WorkerPool
 from protos import gateway_pb2, gateway_pb2_grpc
 from services.common.convert import finish_reason_to_proto, outputs_from_proto
-from services.common.errors import AlreadyExistsError, NotFoundError, UnavailableError
+from services.common.errors import NotFoundError
 from services.common.logging import bind_context, get_logger
 from services.common.messages import FinishReason
 
 log = get_logger(__name__)
-tracer = trace.get_tracer("llmesh.gateway")
-
-
-class SessionTable:
-    """In-flight sessions by request id; routes worker outputs and instance losses."""
-
-    def __init__(self) -> None:
-        self._sessions: dict[str, GenerationSession] = {}
-        # on_moved(instance_id, address): a request migrated there (watch that worker).
-        self.on_moved = None
-        self._empty = asyncio.Event()
-        self._empty.set()
-
-    def __len__(self) -> int:
-        return len(self._sessions)
-
-    def add(self, session: GenerationSession) -> None:
-        if session.request_id in self._sessions:
-            raise AlreadyExistsError(f"request_id {session.request_id!r} is already in flight")
-        self._sessions[session.request_id] = session
-        self._empty.clear()
-
-    def remove(self, session: GenerationSession) -> None:
-        if self._sessions.get(session.request_id) is session:
-            del self._sessions[session.request_id]
-        if not self._sessions:
-            self._empty.set()
-
-    async def wait_empty(self) -> None:
-        await self._empty.wait()
-
-    def get(self, request_id: str) -> GenerationSession | None:
-        return self._sessions.get(request_id)
-
-    def on_outputs(self, instance_id: str, deltas) -> list[str]:
-        """Route a batch; returns the ids of unfinished requests no session here owns."""
-        orphans = []
-        for delta in deltas:
-            session = self._sessions.get(delta.request_id)
-            if session is not None:
-                if delta.moved_to_instance_id and self.on_moved is not None:
-                    self.on_moved(delta.moved_to_instance_id, delta.moved_to_address)
-                session.tracker.on_output(delta, instance_id)
-            elif not delta.is_finished:
-                orphans.append(delta.request_id)
-        return orphans
-
-    def on_instance_lost(self, instance_id: str, reason: str) -> None:
-        num_affected = sum(
-            s.tracker.mark_lost(instance_id, reason) for s in self._sessions.values()
-        )
-        if num_affected:
-            log.warning(
-                "instance_lost_requests", instance_id=instance_id, num_requests=num_affected
-            )
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(
-        self,
-        *,
-        sessions: SessionTable,
-        view: ClusterView,
-        dispatcher: Dispatcher,
-        pool: WorkerPool,
-        admission: AdmissionControl,
-        tokenizer,
-        owner_address: str,
-        model_id: str,
-        max_placements: int,
-        failover_wait_s: float = 10.0,
-    ) -> None:
-        self._sessions = sessions
-        self._view = view
-        self._dispatcher = dispatcher
-        self._pool = pool
-        self._admission = admission
-        self._tokenizer = tokenizer
-        self._owner_address = owner_address
+    """The gRPC client API: GenerateRequest in, GenerateChunk messages out."""
+
+    def __init__(self, generations: Generations, model_id: str) -> None:
+        self._generations = generations
+        self._sessions = generations.sessions
+        self._view = generations.view
+        self._tokenizer = generations.tokenizer
         self._model_id = model_id
-        self._max_placements = max_placements
-        self._failover_wait_s = failover_wait_s
-        self._rng = random.Random()
 
-    def _new_session(self, request: gateway_pb2.GenerateRequest) -> GenerationSession:
-        limits = self._view.model_limits()
-        if limits is None:
-            raise UnavailableError("no instance has registered yet; retry shortly")
-        spec = validate_generate(request, limits, self._tokenizer.encode, self._rng)
-        self._admission.check(len(self._sessions), self._view)
-        session = GenerationSession(
-            spec,
-            RequestTracker(spec.request_id),
-            self._dispatcher,
-            self._pool,
-            self._owner_address,
-            self._max_placements,
-            self._failover_wait_s,
-        )
-        self._sessions.add(session)
-        return session
-
-    async def _stream(self, session: GenerationSession):
-        """Place and stream one validated request: yields GenerateChunk messages."""
-        span = trace.get_current_span()
-        span.set_attribute("llmesh.request_id", session.request_id)
-        span.set_attribute("llmesh.num_prompt_tokens", len(session.spec.prompt_token_ids))
-        with bind_context(request_id=session.request_id):
-            log.info(
-                "request_received",
-                num_prompt_tokens=len(session.spec.prompt_token_ids),
-                max_tokens=session.spec.sampling.max_tokens,
+    async def _messages(self, session):
+        """Place and stream one opened session: yields GenerateChunk messages."""
+        async with self._generations.run(session):
+            detokenizer = (
+                IncrementalDetokenizer(self._tokenizer) if session.spec.detokenize else None
             )
-            try:
-                with tracer.start_as_current_span("gateway.place"):
-                    await session.place()
-                async for message in self._messages(session):
-                    yield message
-                span.set_attribute("llmesh.num_output_tokens", len(session.tracker.tokens))
-                span.set_attribute("llmesh.finish_reason", session.tracker.finish_reason.value)
-                log.info(
-                    "request_finished",
-                    finish_reason=session.tracker.finish_reason.value,
-                    num_output_tokens=len(session.tracker.tokens),
-                    num_placements=session.num_placements,
+            is_first = True
+            async for chunk in session.chunks():
+                message = gateway_pb2.GenerateChunk(
+                    request_id=session.request_id,
+                    first_token_index=chunk.first_token_index,
+                    token_ids=chunk.token_ids,
+                    finish_reason=finish_reason_to_proto(chunk.finish_reason),
+                    instance_id=chunk.instance_id,
                 )
-            finally:
-                if session.abort():  # the client went away (or an error) before the end
-                    log.info("request_cancelled", num_output_tokens=len(session.tracker.tokens))
-                self._sessions.remove(session)
-
-    async def _messages(self, session: GenerationSession):
-        detokenizer = IncrementalDetokenizer(self._tokenizer) if session.spec.detokenize else None
-        is_first = True
-        async for chunk in session.chunks():
-            message = gateway_pb2.GenerateChunk(
-                request_id=session.request_id,
-                first_token_index=chunk.first_token_index,
-                token_ids=chunk.token_ids,
-                finish_reason=finish_reason_to_proto(chunk.finish_reason),
-                instance_id=chunk.instance_id,
-            )
-            if is_first:
-                message.seed = session.spec.sampling.seed
-                is_first = False
-            if detokenizer is not None:
-                num_tokens = chunk.first_token_index + len(chunk.token_ids)
-                message.text = detokenizer.push(
-                    session.tracker.tokens[:num_tokens],
-                    is_final=chunk.finish_reason is not FinishReason.NONE,
-                )
-            yield message
+                if is_first:
+                    message.seed = session.spec.sampling.seed
+                    is_first = False
+                if detokenizer is not None:
+                    num_tokens = chunk.first_token_index + len(chunk.token_ids)
+                    message.text = detokenizer.push(
+                        session.tracker.tokens[:num_tokens],
+                        is_final=chunk.finish_reason is not FinishReason.NONE,
+                    )
+                yield message
 
     async def Generate(self, request, context):
-        with tracer.start_as_current_span("gateway.generate"):
-            session = self._new_session(request)
-            async for message in self._stream(session):
+        # aclosing: a client that goes away closes the inner generator in this task too.
+        session = self._generations.open(request)
+        async with contextlib.aclosing(self._messages(session)) as messages:
+            async for message in messages:
                 yield message
 
     async def GenerateUnary(self, request, context):
         token_ids: list[int] = []
         text: list[str] = []
         response = gateway_pb2.GenerateResponse()
-        with tracer.start_as_current_span("gateway.generate"):
-            session = self._new_session(request)
-            async for message in self._stream(session):
+        session = self._generations.open(request)
+        async with contextlib.aclosing(self._messages(session)) as messages:
+            async for message in messages:
                 token_ids.extend(message.token_ids)
                 text.append(message.text)
                 response.finish_reason = message.finish_reason

@@ -74,6 +74,10 @@ class GenerationSession:
     def request_id(self) -> str:
         return self.spec.request_id
 
+    def bind_trace(self) -> None:
+        """Hand the current trace context (the request's span) to the workers it runs on."""
+        self._trace_context = context_to_dict()
+
     def _request_state(self):
         return request_to_proto(
             RequestSpec(

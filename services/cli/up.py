@@ -39,6 +39,12 @@ def add_arguments(parser) -> None:
         "--gateway-port", type=int, default=50051, help="client API port (0 = any free port)"
     )
     parser.add_argument(
+        "--http-port",
+        type=int,
+        default=8000,
+        help="OpenAI-compatible HTTP API port (0 = any free port)",
+    )
+    parser.add_argument(
         "--scheduler-port", type=int, default=50052, help="scheduler port (0 = any free port)"
     )
     parser.add_argument(
@@ -129,6 +135,7 @@ def run(args) -> int:
         host=args.host,
         scheduler_port=args.scheduler_port,
         gateway_port=args.gateway_port,
+        gateway_http_port=args.http_port,
         worker_args=worker_args,
         scheduler_args=scheduler_args,
     )
@@ -162,7 +169,10 @@ def _print_banner(mesh: LocalMesh, args) -> None:
         f"\nllmesh is up: gateway {gateway}  scheduler {mesh.scheduler_address}  "
         f"workers {_worker_list(mesh)}\n"
         f'  try:  ./llmesh generate{flag} "Hello, llmesh" --max-tokens 16\n'
+        f"        curl http://{mesh.gateway_http_address}/v1/completions -H 'Content-Type: application/json' "
+        f'-d \'{{"model": "{args.model}", "prompt": "Hello", "max_tokens": 16}}\'\n'
         f"        ./llmesh status{'' if mesh.scheduler_address == '127.0.0.1:50052' else ' --scheduler ' + mesh.scheduler_address}\n"
+        f"  OpenAI API: http://{mesh.gateway_http_address}/v1 (docs/http_api.md)\n"
         f"  Ctrl-C stops everything.\n",
         flush=True,
     )

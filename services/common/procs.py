@@ -42,11 +42,12 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 _PR_SET_PDEATHSIG = 1
 
 
-def write_ready_file(path: str, address: str) -> None:
-    """Called by a service once it is SERVING: tells the parent where it listens."""
+def write_ready_file(path: str, address: str, **extra: str) -> None:
+    """Called by a service once it is SERVING: tells the parent where it listens
+    (`extra`: other addresses, e.g. the gateway's `http_address`)."""
     target = Path(path)
     tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps({"address": address, "pid": os.getpid()}))
+    tmp.write_text(json.dumps({"address": address, "pid": os.getpid(), **extra}))
     os.replace(tmp, target)
 
 
@@ -87,6 +88,7 @@ class ServiceProcess:
         self.ready_file = ready_file
         self.log_path = log_path
         self.address: str | None = None
+        self.ready_info: dict = {}  # the whole ready file (extra addresses)
 
     @property
     def pid(self) -> int:
@@ -100,7 +102,8 @@ class ServiceProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.ready_file.exists():
-                self.address = json.loads(self.ready_file.read_text())["address"]
+                self.ready_info = json.loads(self.ready_file.read_text())
+                self.address = self.ready_info["address"]
                 return self.address
             if not self.is_alive():
                 raise ServiceStartError(
@@ -231,6 +234,7 @@ class LocalMesh:
     host: str = "127.0.0.1"
     scheduler_port: int = 0
     gateway_port: int = 0
+    gateway_http_port: int = 0  # the OpenAI-compatible HTTP API
     worker_args: tuple[str, ...] = ()  # extra flags for every worker
     gateway_args: tuple[str, ...] = ()
     scheduler_args: tuple[str, ...] = ()
@@ -254,6 +258,12 @@ class LocalMesh:
         assert self.gateway is not None and self.gateway.address
         return self.gateway.address
 
+    @property
+    def gateway_http_address(self) -> str:
+        """host:port of the gateway's OpenAI-compatible API (base URL http://ADDRESS/v1)."""
+        assert self.gateway is not None and self.gateway.ready_info.get("http_address")
+        return self.gateway.ready_info["http_address"]
+
     def processes(self) -> list[ServiceProcess]:
         return [p for p in (self.gateway, *self.workers, self.scheduler) if p is not None]
 
@@ -267,6 +277,7 @@ class LocalMesh:
                     "--bind", f"{self.host}:{self.gateway_port}",
                     "--scheduler", self.scheduler_address,
                     "--model", self.model,
+                    "--http-bind", f"{self.host}:{self.gateway_http_port}",
                     *self.gateway_args,
                 ],
                 log_dir=self.log_dir,

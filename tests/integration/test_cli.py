@@ -11,6 +11,8 @@ import subprocess
 import sys
 import threading
 
+import httpx
+
 from gateway.client import Client
 from services.cli.main import main
 from services.common.procs import REPO_ROOT
@@ -72,7 +74,7 @@ def _lines(stream) -> queue.Queue:
 def test_up_serves_and_sigterm_stops_every_process(tmp_path):
     up = subprocess.Popen(
         [sys.executable, "-m", "services.cli.main", "up", "--workers", "1", "--gateway-port", "0",
-         "--scheduler-port", "0", "--no-table", "--log-dir", str(tmp_path)],
+         "--http-port", "0", "--scheduler-port", "0", "--no-table", "--log-dir", str(tmp_path)],
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -90,6 +92,19 @@ def test_up_serves_and_sigterm_stops_every_process(tmp_path):
         assert "./llmesh generate --gateway" in "".join(output)
         with Client(gateway, timeout_s=60) as client:
             assert len(client.generate(prompt_token_ids=[1, 2], max_tokens=3).token_ids) == 3
+        while not any("OpenAI API:" in line for line in output):
+            output.append(lines.get(timeout=10))
+        base_url = re.search(r"OpenAI API: (\S+)", "".join(output)).group(1)
+        reply = httpx.post(
+            f"{base_url}/completions",
+            json={"model": "tiny", "prompt": [1, 2], "max_tokens": 3, "temperature": 0},
+            timeout=60,
+        )
+        assert reply.json()["usage"] == {
+            "prompt_tokens": 2,
+            "completion_tokens": 3,
+            "total_tokens": 5,
+        }
         children = [json.loads(p.read_text())["pid"] for p in tmp_path.glob("*.ready.json")]
         assert len(children) == 3  # scheduler, worker, gateway
 

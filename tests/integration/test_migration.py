@@ -8,10 +8,12 @@ afterwards that every live worker is idle with all blocks free and integrity int
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 
 from bench._checkpoint import llama_config, write_checkpoint
@@ -382,3 +384,54 @@ def test_data_plane_timeout_aborts_and_the_request_completes_once(timeout_mesh, 
     assert {c.instance_id for c in chunks if c.token_ids} == {src}
     # The destination gave its reservation back (abort or lease): nothing held anywhere.
     assert_clean(timeout_mesh)
+
+
+async def _sse_events(lines) -> list[dict | str]:
+    """The data of each SSE event until [DONE] (included as the string "[DONE]")."""
+    events: list[dict | str] = []
+    async for line in lines:
+        if line.startswith("data: "):
+            payload = line[len("data: ") :]
+            events.append("[DONE]" if payload == "[DONE]" else json.loads(payload))
+            if payload == "[DONE]":
+                break
+    return events
+
+
+def test_http_sse_stream_stays_whole_across_migrations(mesh2, reference):
+    """The OpenAI API's stream of a request moved twice: every token once, in order."""
+    p, s = prompt(5, 300), dict(max_tokens=1200, temperature=0.9, seed=21, ignore_eos=True)
+    expected = reference(p, **s)
+    body = {"model": mesh2.model, "prompt": p, "stream": True, "return_token_ids": True, **s}
+
+    async def scenario():
+        url = f"http://{mesh2.gateway_http_address}/v1/completions"
+        async with (
+            httpx.AsyncClient(timeout=TIMEOUT_S) as client,
+            client.stream("POST", url, json=body) as response,
+        ):
+            assert response.status_code == 200
+            lines = response.aiter_lines()
+            first = None
+            async for line in lines:
+                if line.startswith("data: "):
+                    first = json.loads(line[len("data: ") :])
+                    break
+            rest = asyncio.create_task(_sse_events(lines))
+            request_id = f"{first['id']}-0"  # choice 0's request on the mesh
+            infos = instances(mesh2)
+            results = []
+            for _hop in range(2):
+                here = await asyncio.to_thread(running_on, infos, request_id)
+                there = next(w for w in infos if w != here)
+                results += await asyncio.to_thread(migrate, infos[here], infos[there], request_id)
+            return [first, *await rest], results
+
+    events, results = asyncio.run(scenario())
+    assert [r.status for r in results] == [worker_pb2.MIGRATION_STATUS_COMMITTED] * 2
+    *chunks, done = events
+    assert done == "[DONE]"
+    assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == expected
+    assert all(c["choices"][0]["token_ids"] for c in chunks)
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-2:] == [None, "length"]
+    assert_clean(mesh2)

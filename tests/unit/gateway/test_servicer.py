@@ -10,7 +10,9 @@ import pytest
 from gateway.admission import AdmissionControl
 from gateway.client import build_request
 from gateway.cluster_view import ClusterView, InstanceView
-from gateway.servicer import GatewayServicer, SessionTable
+from gateway.generations import Generations, PlacementSettings
+from gateway.servicer import GatewayServicer
+from gateway.sessions import SessionTable
 from protos import gateway_pb2, gateway_pb2_grpc
 from services.common.grpc_server import GrpcServer
 from services.common.messages import InstanceSpec
@@ -22,17 +24,16 @@ from services.policies import InstanceLoad
 async def gateway():
     view = ClusterView()
     sessions = SessionTable()
-    servicer = GatewayServicer(
+    generations = Generations(
         sessions=sessions,
         view=view,
         dispatcher=None,
         pool=None,
         admission=AdmissionControl(max_inflight_requests=1, max_waiting_per_instance=8),
         tokenizer=ByteTokenizer(),
-        owner_address="gw:1",
-        model_id="tiny",
-        max_placements=2,
+        placement=PlacementSettings(owner_address="gw:1", max_placements=2),
     )
+    servicer = GatewayServicer(generations, model_id="tiny")
     server = GrpcServer("gateway", "127.0.0.1:0", grace_s=0)
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server.server)
     await server.start(["llmesh.v1.Gateway"])

@@ -1,0 +1,53 @@
+"""uvicorn serving the HTTP API inside the gateway's asyncio loop, next to gRPC.
+
+Not `uvicorn.Server.serve()`: that installs its own SIGINT/SIGTERM handlers, and the
+gateway's GrpcServer owns those. The socket is bound here (port 0 = chosen by the OS)
+so the address is known before the ready file is written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+
+import uvicorn
+
+
+class HttpServer:
+    def __init__(self, app, bind: str, grace_s: float) -> None:
+        host, _, port = bind.rpartition(":")
+        try:
+            self._socket = socket.create_server((host, int(port)))
+        except (OSError, ValueError) as exc:
+            raise OSError(f"http_bind={bind!r}: cannot listen there: {exc}") from None
+        self._socket.setblocking(False)
+        self.address = f"{host}:{self._socket.getsockname()[1]}"
+        config = uvicorn.Config(
+            app,
+            lifespan="off",
+            log_config=None,
+            log_level=logging.WARNING,
+            access_log=False,
+            timeout_graceful_shutdown=max(grace_s, 0.1),
+            timeout_keep_alive=30,
+        )
+        config.load()
+        self._server = uvicorn.Server(config)
+        self._server.lifespan = config.lifespan_class(config)
+        self._main_loop: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self._server.startup(sockets=[self._socket])
+        self._main_loop = asyncio.create_task(self._server.main_loop())
+
+    async def stop(self) -> None:
+        """Stop accepting, give open responses the grace period, then close them."""
+        self._server.should_exit = True
+        if self._main_loop is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._main_loop
+            await self._server.shutdown(sockets=[self._socket])
+        else:
+            self._socket.close()
