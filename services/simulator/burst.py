@@ -76,10 +76,11 @@ class BurstConfig:
     output: str = "zipf:1.5:16:4000"
     policies: tuple[str, ...] = BURST_POLICIES
     # The group policies' knobs (weight_share comes from the profile). A vote holds for
-    # 0.5 s (two group ticks) instead of the live default's 1 s: KunServe drops as soon as
-    # KV runs out; with 1 s kunserve's P99 TTFT at x9 was 2.72 s, llmesh's 3.21 s
-    # (docs/simulator.md lists both runs).
-    group_config: GroupConfig = GroupConfig(vote_window_s=0.5)
+    # 0.75 s (three group ticks) instead of the live default's 1 s: KunServe drops as
+    # soon as KV runs out. Seed 0, P99 TTFT at x8 / x9 (kunserve, llmesh): 0.5 s gave
+    # 2.03 / 2.83 s and 1.47 / 2.01 s, 0.75 s 1.81 / 2.24 s and 1.44 / 2.14 s, 1 s 1.57 /
+    # 2.39 s and 1.79 / 1.95 s (docs/simulator.md).
+    group_config: GroupConfig = GroupConfig(vote_window_s=0.75)
     # How groups form micro-batches in the main runs ("lookahead" or "simple").
     micro_batching: str = "lookahead"
     # Intensities at which the group presets also run with the other formation (None:
