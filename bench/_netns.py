@@ -78,7 +78,9 @@ class NetnsHosts:
         reason = unavailable_reason()
         if reason:
             raise NetnsUnavailable(reason)
-        self = cls(f"{os.getpid() % 10000}{random.randrange(1000):03d}", _free_subnet(), hosts, rate)
+        self = cls(
+            f"{os.getpid() % 10000}{random.randrange(1000):03d}", _free_subnet(), hosts, rate
+        )
         try:
             self._setup()
         except BaseException:

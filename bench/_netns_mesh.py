@@ -104,24 +104,32 @@ class NetnsMesh:
         self.hosts = NetnsHosts.create(["head", *WORKER_HOSTS], rate=self.rate)
         try:
             head = resolved_services(["head.yaml"], self.dotenv())
-            self.scheduler = self._start("head", "scheduler", head["scheduler"], self.scheduler_args)
+            self.scheduler = self._start(
+                "head", "scheduler", head["scheduler"], self.scheduler_args
+            )
             self.scheduler.wait_ready(self.ready_timeout_s)
             head_ip = self.hosts.address("head")
-            self.scheduler_address = f"{head_ip}:{port_of(head['scheduler']['environment']['LLMESH_SCHEDULER_BIND'])}"
+            self.scheduler_address = (
+                f"{head_ip}:{port_of(head['scheduler']['environment']['LLMESH_SCHEDULER_BIND'])}"
+            )
             for host in WORKER_HOSTS:
                 worker = resolved_services(["worker.yaml"], self.dotenv(host))["worker"]
                 self.workers.append(self._start(host, host, worker, self.worker_args))
             self.gateway = self._start("head", "gateway", head["gateway"], self.gateway_args)
             for proc in [*self.workers, self.gateway]:
                 proc.wait_ready(self.ready_timeout_s)
-            self.gateway_address = head["gateway"]["environment"]["LLMESH_GATEWAY_ADVERTISE_ADDRESS"]
+            self.gateway_address = head["gateway"]["environment"][
+                "LLMESH_GATEWAY_ADVERTISE_ADDRESS"
+            ]
             wait_for_instances(self.gateway_address, len(WORKER_HOSTS), self.ready_timeout_s)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _start(self, host: str, name: str, service: Mapping, extra: Sequence[str]) -> ServiceProcess:
+    def _start(
+        self, host: str, name: str, service: Mapping, extra: Sequence[str]
+    ) -> ServiceProcess:
         """The service's entrypoint + command inside host's namespace, with its env."""
         assert self.hosts is not None
         run_dir = self.log_dir / f"{name}.run"

@@ -21,7 +21,13 @@ import pytest
 
 from bench._netns_mesh import ENTRYPOINT
 from services.common.procs import REPO_ROOT
-from tests.unit.deploy.dockerfile import DOCKER_DIR, env_defaults, exec_form, healthcheck_command, stages  # fmt: skip
+from tests.unit.deploy.dockerfile import (
+    DOCKER_DIR,
+    env_defaults,
+    exec_form,
+    healthcheck_command,
+    stages,
+)
 
 pytestmark = pytest.mark.timeout(180)
 _, STAGES = stages(DOCKER_DIR / "Dockerfile")
@@ -80,7 +86,9 @@ def test_healthcheck_follows_the_service_from_start_to_drain(image_env):
             proc.wait()
 
 
-@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler")
+@pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler"
+)
 def test_build_kernels_fills_the_image_cache(image_env):
     [step] = [r for r in STAGES[0].all("RUN") if "build-kernels" in r]
     result = run(step.split(), image_env)

@@ -183,9 +183,7 @@ def test_live_migration_between_hosts_goes_over_the_link_with_exact_tokens(mesh,
             dst = "w2" if src == "w1" else "w1"
             before = {h: mesh.hosts.tx_bytes(h) for h in ("head", src)}
             head_rx = mesh.hosts.rx_bytes("head")
-            result = await asyncio.to_thread(
-                _migrate, registered[src], registered[dst], "moved"
-            )
+            result = await asyncio.to_thread(_migrate, registered[src], registered[dst], "moved")
             moved = {h: mesh.hosts.tx_bytes(h) - before[h] for h in before}
             await asyncio.gather(*tasks)
             head_rx = mesh.hosts.rx_bytes("head") - head_rx
