@@ -127,6 +127,14 @@ def test_worker_reserves_its_gpus_from_the_env():
     assert device == {"driver": "nvidia", "device_ids": ["2,3"], "capabilities": ["gpu"]}
 
 
+def test_an_empty_otlp_endpoint_turns_traces_off():
+    for name, service in services(["head.yaml"], OTLP_ENDPOINT="").items():
+        env = service_environment(service)
+        if service.get("command"):
+            assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "", name
+            assert env[f"LLMESH_{name.upper()}_OTLP_ENDPOINT"] == "", name
+
+
 def test_ucx_transports_are_chosen_in_the_env_file():
     env = service_environment(
         services(["worker.yaml"], UCX_TLS="tcp,self", UCX_NET_DEVICES="eth1")["worker"]
