@@ -72,6 +72,5 @@ def resolved_services(files: Sequence[str], env: Mapping[str, str]) -> dict[str,
 
 def service_environment(service: Mapping) -> dict[str, str]:
     """A resolved service's environment as strings (a key without value is empty)."""
-    return {
-        key: "" if value is None else str(value) for key, value in service["environment"].items()
-    }
+    environment = service.get("environment") or {}
+    return {key: "" if value is None else str(value) for key, value in environment.items()}
