@@ -31,8 +31,13 @@ from bench._netns_mesh import ENTRYPOINT, NetnsMesh
 from gateway.client import AsyncClient
 from protos import worker_pb2
 from services.common.config import load_config
-from services.worker.engine import EngineConfig, LLMEngine, SamplingParams
-from tests.integration.conftest import cluster_state, wait_until, wait_worker_idle
+from services.worker.engine import EngineConfig, LLMEngine
+from tests.integration.conftest import (
+    cluster_state,
+    reference_tokens,
+    wait_until,
+    wait_worker_idle,
+)
 from tests.integration.test_migration import migrate, running_on
 
 pytestmark = [
@@ -78,24 +83,16 @@ def mesh(tmp_path_factory, models_dir):
 
 
 @pytest.fixture(scope="module")
-def reference(models_dir):
-    engine = LLMEngine.from_config(
+def local_engine(models_dir) -> LLMEngine:
+    """The unmoved local engine the mesh must agree with (its kernels chosen as the
+    workers' are: the default, on the same machine)."""
+    return LLMEngine.from_config(
         load_config(
             EngineConfig,
             "ENGINE",
             {"model": str(models_dir / MODEL_NAME), "memory_capacity_bytes": 384 * 2**20},
         )
     )
-
-    def tokens(prompt: list[int], **sampling) -> list[int]:
-        engine.add_request(f"ref-{random.random()}", prompt, SamplingParams(**sampling))
-        out: list[int] = []
-        while engine.has_unfinished_requests():
-            for output in engine.step():
-                out += output.new_token_ids
-        return out
-
-    return tokens
 
 
 def prompt(seed: int, length: int) -> list[int]:
@@ -134,12 +131,13 @@ async def _stream(client: AsyncClient, request_id: str, prompt_ids, sampling, lo
         log.append((chunk.instance_id, list(chunk.token_ids)))
 
 
-def test_live_migration_between_hosts_goes_over_the_link_with_exact_tokens(mesh, reference):
+def test_live_migration_between_hosts_goes_over_the_link_with_exact_tokens(mesh, local_engine):
     workload = {
         "moved": (prompt(1, 2000), dict(max_tokens=1500, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True)),
         "stays": (prompt(2, 64), dict(max_tokens=300, ignore_eos=True)),
     }  # fmt: skip
-    expected = {rid: reference(p, **s) for rid, (p, s) in workload.items()}
+    tokens = reference_tokens(local_engine, list(workload.values()))
+    expected = dict(zip(workload, tokens, strict=True))
     registered = infos(mesh)
     logs: dict[str, list] = {rid: [] for rid in workload}
 
