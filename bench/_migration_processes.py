@@ -1,7 +1,8 @@
 """The cross-process variant of `llmesh bench migration` (its default).
 
 Two worker processes (plus scheduler and gateway) on loopback, the KV over UCX between
-them, every request streamed through the gateway by a client in this process. Downtime
+them (or, with `--hosts netns`, on two network-namespace hosts, UCX over TCP across a
+10 Gb/s-shaped veth link: bench/_netns_mesh.py), every request streamed through the gateway by a client in this process. Downtime
 is measured as in bench/migration.py: the source coordinator's suspend-to-adopted time
 for live and blocking copy, and for recompute (and as `live_stream_gap_ms`) what the
 client sees, token times being its chunk arrival times:
@@ -167,24 +168,57 @@ async def _measure(mesh: LocalMesh, lengths, progress, live_repeats: int) -> lis
     return rows
 
 
-def run_processes(
-    lengths: list[int], progress, live_repeats: int, model_dir: Path, max_len: int
-) -> list[dict]:
-    mesh = LocalMesh(
-        log_dir=Path(tempfile.mkdtemp(prefix="llmesh-bench-migration-")),
+NETNS_RATE = "10gbit"  # tc tbf on every namespace host's link: a 10 Gb/s-class network
+
+
+def _mesh(hosts: str, model_dir: Path, max_len: int):
+    """Two workers (plus scheduler and gateway): as processes on this host, or one per
+    network-namespace host started from the compose files (bench/_netns_mesh.py)."""
+    log_dir = Path(tempfile.mkdtemp(prefix=f"llmesh-bench-migration-{hosts}-"))
+    engine_args = (
+        "--torch-threads", "1", "--max-model-len", str(max_len),
+        "--max-num-batched-tokens", "1024", "--log-level", "WARNING",
+    )  # fmt: skip
+    scheduler_args = ("--migration-policy", "none", "--group-policy", "none", "--log-level", "WARNING")  # fmt: skip
+    gateway_args = ("--log-level", "WARNING")
+    if hosts == "netns":
+        from bench._netns_mesh import NetnsMesh
+
+        return NetnsMesh(
+            log_dir=log_dir,
+            # The checkpoint's directory is the hosts' model directory, mounted at /models.
+            env={
+                "MODEL_DIR": str(model_dir.parent),
+                "MODEL": f"/models/{model_dir.name}",
+                "MEMORY_CAPACITY": "2GiB",
+            },
+            worker_args=engine_args,
+            scheduler_args=scheduler_args,
+            gateway_args=gateway_args,
+            rate=NETNS_RATE,
+        )
+    return LocalMesh(
+        log_dir=log_dir,
         num_workers=2,
         model=str(model_dir),
-        worker_args=(
-            "--torch-threads", "1", "--memory-capacity-bytes", "2GiB",
-            "--max-model-len", str(max_len), "--max-num-batched-tokens", "1024",
-            "--log-level", "WARNING",
-        ),
-        scheduler_args=(
-            "--migration-policy", "none", "--group-policy", "none", "--log-level", "WARNING",
-        ),  # fmt: skip
-        gateway_args=("--log-level", "WARNING"),
-    )  # fmt: skip
-    progress(f"starting 2 worker processes (logs in {mesh.log_dir})")
+        worker_args=("--memory-capacity-bytes", "2GiB", *engine_args),
+        scheduler_args=scheduler_args,
+        gateway_args=gateway_args,
+    )
+
+
+def run_processes(
+    lengths: list[int],
+    progress,
+    live_repeats: int,
+    model_dir: Path,
+    max_len: int,
+    hosts: str = "local",
+) -> list[dict]:
+    """`hosts`: "local" (two worker processes on loopback, UCX through shared memory)
+    or "netns" (two namespace hosts, UCX over TCP across their veth links)."""
+    mesh = _mesh(hosts, model_dir, max_len)
+    progress(f"starting 2 worker processes, hosts={hosts} (logs in {mesh.log_dir})")
     mesh.start()
     try:
         return asyncio.run(_measure(mesh, lengths, progress, live_repeats))

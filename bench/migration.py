@@ -18,6 +18,11 @@ destination step's jitter (+-15% of a 200 ms step at 8192 tokens on the CI machi
 so it bounds rather than measures a 20 ms stall. Live migration is repeated
 --live-repeats times per length (there and back) and the median counts. Last line:
 one JSON object.
+
+`--hosts netns` runs the cross-process measurement twice: on one host (UCX through
+shared memory / CMA) and across two network-namespace hosts started from the compose
+files (UCX over TCP on a veth link shaped to 10 Gb/s; root only); the JSON is then
+{"same_host": ..., "netns": ...}, each the one-host summary's fields.
 """
 
 from __future__ import annotations
@@ -256,6 +261,13 @@ def main(argv: list[str]) -> int:
         help="both engines in this process (one GIL) instead of two worker processes",
     )
     parser.add_argument(
+        "--hosts",
+        choices=["local", "netns"],
+        default="local",
+        help="netns: also run the workers on two network-namespace hosts (root; UCX over "
+        "TCP across a 10 Gb/s veth link, started from deploy/compose) next to one host",
+    )
+    parser.add_argument(
         "--live-repeats",
         type=int,
         default=5,
@@ -270,14 +282,38 @@ def main(argv: list[str]) -> int:
         print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
 
     setup_logging("bench-migration", level="WARNING")
+    if args.in_process and args.hosts != "local":
+        parser.error("--in-process runs one process; --hosts netns needs worker processes")
     if args.in_process:
-        rows = asyncio.run(run(lengths, progress, args.live_repeats))
+        rows = {"local": asyncio.run(run(lengths, progress, args.live_repeats))}
     else:
         from bench._migration_processes import run_processes
 
         model_dir, max_len = bench_model(lengths)
-        rows = run_processes(lengths, progress, args.live_repeats, model_dir, max_len)
-    summary = summarize(rows)
+        placements = ["local", "netns"] if args.hosts == "netns" else ["local"]
+        rows = {
+            hosts: run_processes(lengths, progress, args.live_repeats, model_dir, max_len, hosts)
+            for hosts in placements
+        }
+    summaries = {hosts: summarize(host_rows) for hosts, host_rows in rows.items()}
+    for hosts, summary in summaries.items():
+        if len(summaries) > 1:
+            print(f"\n{HOST_TITLES[hosts]}")
+        print_table(summary, lengths)
+    if len(summaries) == 1:
+        print(json.dumps(summaries["local"]))
+    else:
+        print(json.dumps({"same_host": summaries["local"], "netns": summaries["netns"]}))
+    return 0
+
+
+HOST_TITLES = {
+    "local": "same host (UCX: shared memory / CMA)",
+    "netns": "two namespace hosts (UCX over TCP, veth + bridge, tc tbf 10gbit)",
+}
+
+
+def print_table(summary: dict, lengths: list[int]) -> None:
     print(
         f"{'context':>8} {'live ms':>9} {'blocking ms':>12} {'recompute ms':>13} {'step ms':>8} {'stages':>6}"
     )
@@ -289,5 +325,3 @@ def main(argv: list[str]) -> int:
     print(
         f"source slowdown during live migration at {lengths[-1]}: {summary['source_slowdown_pct']}%"
     )
-    print(json.dumps(summary))
-    return 0

@@ -20,6 +20,7 @@ from gateway.servicer import GatewayServicer, OutputSinkServicer
 from gateway.sessions import SessionTable
 from gateway.workers import WorkerPool
 from protos import gateway_pb2_grpc, scheduler_pb2_grpc
+from services.common.addresses import advertised_address
 from services.common.grpc_client import aio_channel
 from services.common.grpc_server import GrpcServer
 from services.common.logging import get_logger
@@ -88,7 +89,7 @@ async def serve(config: GatewayConfig, server: GrpcServer | None = None) -> None
     """Run the gateway until SIGTERM/SIGINT (or `server.request_stop()`)."""
     tokenizer = load_tokenizer(config.model)
     server = server or GrpcServer("gateway", config.bind, grace_s=config.grace_s)
-    owner_address = config.advertise_address or server.bind_port()
+    owner_address = advertised_address(server.bind_port(), config.advertise_address)
     gateway = _build(config, tokenizer, owner_address)
     gateway_pb2_grpc.add_GatewayServicer_to_server(gateway.servicer, server.server)
     gateway_pb2_grpc.add_OutputSinkServicer_to_server(gateway.sink, server.server)

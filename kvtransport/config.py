@@ -83,9 +83,12 @@ class TransportConfig:
     ucx_options: tuple[tuple[str, str], ...] = ()
     """Extra UCX context options without the UCX_ prefix, e.g. (("TLS", "tcp"),)."""
     tcp_host: str = "127.0.0.1"
-    """TCP backend: address to listen on and advertise."""
+    """TCP backend: address to listen on (0.0.0.0 = every interface)."""
     tcp_port: int = 0
     """TCP backend: port to listen on; 0 lets the OS choose."""
+    tcp_advertise_address: str = ""
+    """TCP backend: host:port peers connect to (behind NAT or a port mapping); empty =
+    the bound address, with a wildcard host replaced by this host's name."""
 
     def __post_init__(self) -> None:
         # Accept the plain strings a config file or CLI flag would carry.
@@ -124,6 +127,10 @@ class TransportConfig:
                 f"{name} must be a positive number of seconds, got {value!r}",
             )
         require(bool(self.tcp_host), f"tcp_host must be a non-empty address, got {self.tcp_host!r}")
+        require(
+            self.tcp_advertise_address == "" or ":" in self.tcp_advertise_address,
+            f"tcp_advertise_address must be host:port or empty, got {self.tcp_advertise_address!r}",
+        )
         for pair in self.ucx_options:
             require(
                 len(pair) == 2 and all(isinstance(part, str) for part in pair),

@@ -32,6 +32,7 @@ from kvtransport.errors import PeerUnreachable, TransferCancelled, TransportErro
 from kvtransport.fabric import ChunkOut, Fabric, FabricEvents, OutMessage, PeerLink
 from kvtransport.traffic import TrafficClass
 from kvtransport.wire import decode
+from services.common.addresses import advertised_address
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +167,9 @@ class TcpFabric(Fabric):
         self._listener.bind((self._config.tcp_host, self._config.tcp_port))
         self._listener.listen(128)
         self._listener.setblocking(False)
-        host, port = self._listener.getsockname()
-        self._address = ADDRESS_PREFIX + f"{host}:{port}".encode()
+        host, port = self._listener.getsockname()[:2]
+        advertised = advertised_address(f"{host}:{port}", self._config.tcp_advertise_address)
+        self._address = ADDRESS_PREFIX + advertised.encode()
         self._accept_task = self._loop.create_task(self._accept_loop())
 
     async def connect(self, peer_address: bytes) -> PeerLink:

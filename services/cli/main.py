@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, str] = {
     "drain": "drain",
     "drop": "drop",
     "restore": "restore",
+    "health": "health",
 }
 
 

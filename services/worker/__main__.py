@@ -38,6 +38,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--otlp-endpoint", dest="otlp_endpoint")
     parser.add_argument("--transport-backend", dest="transport_backend", choices=["ucx", "tcp"])
     parser.add_argument(
+        "--transport-bind", dest="transport_bind", help="TCP data plane host:port to listen on"
+    )
+    parser.add_argument(
+        "--transport-advertise-address",
+        dest="transport_advertise_address",
+        help="TCP data plane host:port peers connect to (empty = the bound one)",
+    )
+    parser.add_argument(
         "--ready-file", dest="ready_file", help="write the bound address here once serving"
     )
     engine = parser.add_argument_group("engine (WorkerConfig.engine)")

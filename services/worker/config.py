@@ -42,12 +42,27 @@ class WorkerConfig:
     ready_file: str = ""  # write {"address", "pid"} here once serving (process launchers)
     grace_s: float = 5.0  # graceful-stop grace period
     transport_backend: str = "ucx"  # data plane for KV: "ucx" (default) or "tcp" (fallback)
+    # The TCP data plane's listener (host:port; port 0 = chosen by the OS) and the
+    # host:port peers are told (empty = the bound one, a wildcard host replaced by this
+    # host's name). UCX has no listener: its address lists the IPs of the interfaces
+    # UCX_NET_DEVICES selects, so a UCX worker must not sit behind NAT (docs/deployment.md).
+    transport_bind: str = "127.0.0.1:0"
+    transport_advertise_address: str = ""
 
     def __post_init__(self) -> None:
         require(":" in self.bind, f"bind={self.bind!r} must be host:port")
         require(
             self.advertise_address == "" or ":" in self.advertise_address,
             f"advertise_address={self.advertise_address!r} must be host:port or empty",
+        )
+        require(
+            self.transport_bind.rpartition(":")[2].isdigit(),
+            f"transport_bind={self.transport_bind!r} must be host:port",
+        )
+        require(
+            self.transport_advertise_address == "" or ":" in self.transport_advertise_address,
+            f"transport_advertise_address={self.transport_advertise_address!r} must be "
+            "host:port or empty",
         )
         require(
             ":" in self.scheduler_address,

@@ -17,6 +17,7 @@ import torch
 
 from kvtransport import TransportConfig, make_transport
 from protos import worker_pb2_grpc
+from services.common.addresses import advertised_address, split_host_port
 from services.common.grpc_server import GrpcServer
 from services.common.logging import get_logger
 from services.common.messages import InstanceSpec
@@ -62,6 +63,18 @@ def instance_spec(
     )
 
 
+def transport_config(config: WorkerConfig) -> TransportConfig:
+    """The data plane's config: the backend, and where the TCP backend listens and what
+    it advertises (UCX picks its interfaces from UCX_NET_DEVICES, read by UCX itself)."""
+    host, port = split_host_port(config.transport_bind)
+    return TransportConfig(
+        backend=config.transport_backend,
+        tcp_host=host or "0.0.0.0",
+        tcp_port=int(port),
+        tcp_advertise_address=config.transport_advertise_address,
+    )
+
+
 async def serve(
     config: WorkerConfig,
     server: GrpcServer | None = None,
@@ -80,7 +93,7 @@ async def serve(
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server.server)
     await server.start(service_names=["llmesh.v1.Worker"])
     server.install_signal_handlers()
-    address = config.advertise_address or server.address
+    address = advertised_address(server.address, config.advertise_address)
     instance = await _start_instance(config, instance_id, address, faults, group_faults)
     servicer.instance = instance
     await server.set_serving()
@@ -112,7 +125,7 @@ async def _start_instance(
     and live migration; the llumlet is built but does not report yet."""
     log.info("engine_loading", model=config.engine.model, instance_id=instance_id)
     engine = await asyncio.to_thread(LLMEngine.from_config, config.engine)
-    transport = make_transport(TransportConfig(backend=config.transport_backend))
+    transport = make_transport(transport_config(config))
     await transport.start()
     llumlet = Llumlet(
         instance_spec(config, engine, instance_id, address, transport.address),

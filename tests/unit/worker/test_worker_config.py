@@ -245,3 +245,33 @@ def test_kunserve_micro_batching_from_env_and_flags():
         load_config(
             WorkerConfig, "WORKER", environ={"LLMESH_WORKER_KUNSERVE_MICRO_BATCHING": "greedy"}
         )
+
+
+def test_worker_data_plane_bind_and_advertise_reach_the_tcp_transport():
+    from services.worker.server import transport_config
+
+    config = load_config(
+        WorkerConfig,
+        "WORKER",
+        environ={
+            "LLMESH_WORKER_TRANSPORT_BACKEND": "tcp",
+            "LLMESH_WORKER_TRANSPORT_BIND": "0.0.0.0:50071",
+            "LLMESH_WORKER_TRANSPORT_ADVERTISE_ADDRESS": "10.0.0.2:6071",
+        },
+    )
+    transport = transport_config(config)
+    assert (transport.backend, transport.tcp_host, transport.tcp_port) == ("tcp", "0.0.0.0", 50071)
+    assert transport.tcp_advertise_address == "10.0.0.2:6071"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("TRANSPORT_BIND", "0.0.0.0", "transport_bind='0.0.0.0' must be host:port"),
+        ("TRANSPORT_BIND", "h:x", "transport_bind='h:x' must be host:port"),
+        ("TRANSPORT_ADVERTISE_ADDRESS", "10.0.0.2", "transport_advertise_address='10.0.0.2'"),
+    ],
+)
+def test_worker_data_plane_addresses_are_validated(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(WorkerConfig, "WORKER", environ={f"LLMESH_WORKER_{field}": value})
