@@ -37,7 +37,8 @@ from services.policies import (
     make_selection_policy,
 )
 from services.simulator.config import SimConfig
-from services.simulator.groups import GroupCost, GroupManager, GroupStats
+from services.simulator.group_state import GroupCost, GroupStats
+from services.simulator.groups import GroupManager
 from services.simulator.host import SharedHost
 from services.simulator.instance import TOKEN_ID, SimInstance
 from services.simulator.loop import EventLoop
