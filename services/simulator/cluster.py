@@ -11,12 +11,16 @@ What runs on the event loop:
                     `instance_startup_s`) or down (mark terminating, drain, remove)
     group tick      every GroupConfig.interval_s (group policy other than "none"): the
                     KunServe policy drops groups of instances into pipelines and
-                    restores them (groups.py steps a group's micro-batches)
+                    restores them (groups.py; group_pipeline.py steps a group's micro-batches)
 
 Instances advance independently: each has its own step timeline from the cost model.
 With `host_cores` set (the fidelity bench's one-machine mesh) steps, request paths and
 token streaming share that many cores instead (host.py).
 Load snapshots are exact at decision time (the live mesh sees ~50 ms old reports).
+
+This module is what runs on the event loop; what the config builds before the run is
+assembly.py's, each request's books are ledger.py's, and what a run returns is
+result.py's, so that each reads on its own.
 """
 
 from __future__ import annotations
