@@ -1,6 +1,6 @@
 """What a SimConfig and a profile make before a run starts: the requests checked
-against them, every instance's EngineConfig, and the costs, formation and GroupConfig
-of the KunServe group loop.
+against them, every instance's EngineConfig, the global scheduler's policies, the cost
+of a migration, and the costs, formation and GroupConfig of the KunServe group loop.
 
 Pure functions of the config, apart from cluster.py so that the simulator's class reads
 as what runs on the event loop, and a reader checking how a knob becomes an engine or a
@@ -12,9 +12,20 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+from services.policies import (
+    DispatchPolicy,
+    MigrationPolicy,
+    ScalingPolicy,
+    SelectionPolicy,
+    make_dispatch_policy,
+    make_migration_policy,
+    make_scaling_policy,
+    make_selection_policy,
+)
 from services.policies.kunserve import GroupConfig
 from services.simulator.config import SimConfig
 from services.simulator.group_state import GroupCost
+from services.simulator.migration import MigrationCost
 from services.simulator.profiles import SimProfile
 from services.simulator.workload import SimRequest
 from services.worker.engine.config import DTYPE_NBYTES, EngineConfig
@@ -56,6 +67,28 @@ def engine_config(config: SimConfig, profile: SimProfile, max_model_len: int) ->
         max_num_batched_tokens=config.max_num_batched_tokens,
         max_model_len=max_model_len,
         scheduling_policy=config.scheduling_policy,
+    )
+
+
+def scheduler_policies(
+    config: SimConfig,
+) -> tuple[DispatchPolicy, MigrationPolicy, SelectionPolicy, ScalingPolicy | None]:
+    """Dispatch, migration pairing, selection and scaling (None: a fixed cluster)."""
+    return (
+        make_dispatch_policy(config.dispatch),
+        make_migration_policy(config.migration, config=config.migration_config),
+        make_selection_policy(config.selection),
+        make_scaling_policy("freeness_band", config=config.scaling) if config.scaling else None,
+    )
+
+
+def migration_cost(config: SimConfig, profile: SimProfile) -> MigrationCost:
+    """A migration's copy: the profile's KV bytes per block over the config's link."""
+    return MigrationCost(
+        bytes_per_block=profile.kv_bytes_per_token * config.block_size,
+        bandwidth_bytes_per_s=config.migration_bandwidth_bytes_per_s,
+        stage_overhead_s=config.migration_stage_overhead_s,
+        last_stage_max_blocks=config.last_stage_max_blocks,
     )
 
 

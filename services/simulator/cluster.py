@@ -28,15 +28,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from services.policies import (
-    DispatchInfo,
-    ScaleAction,
-    make_dispatch_policy,
-    make_group_policy,
-    make_migration_policy,
-    make_scaling_policy,
-    make_selection_policy,
-)
+from services.policies import DispatchInfo, ScaleAction, make_group_policy
 from services.simulator import assembly
 from services.simulator.config import SimConfig
 from services.simulator.group_state import GroupStats
@@ -46,7 +38,7 @@ from services.simulator.instance import TOKEN_ID, SimInstance
 from services.simulator.ledger import RequestLedger
 from services.simulator.loop import EventLoop
 from services.simulator.metrics import summarize
-from services.simulator.migration import MigrationCost, MigrationManager, SimMigration
+from services.simulator.migration import MigrationManager, SimMigration
 from services.simulator.profiles import SimProfile, get_profile
 from services.simulator.result import SimResult, SimulationError
 from services.simulator.workload import SimRequest
@@ -74,15 +66,16 @@ class Simulator:
             else None
         )
         self._num_streams = 0  # keys of token-streaming jobs on the shared host
-        self._make_policies()
+        # The global scheduler's policies, the live ones, by the names the config gives.
+        (
+            self.dispatch_policy,
+            self.migration_policy,
+            self.selection_policy,
+            self.scaling_policy,
+        ) = assembly.scheduler_policies(config)
         self.migrations = MigrationManager(
             self.loop,
-            MigrationCost(
-                bytes_per_block=self.profile.kv_bytes_per_token * config.block_size,
-                bandwidth_bytes_per_s=config.migration_bandwidth_bytes_per_s,
-                stage_overhead_s=config.migration_stage_overhead_s,
-                last_stage_max_blocks=config.last_stage_max_blocks,
-            ),
+            assembly.migration_cost(config, self.profile),
             on_commit=self._on_commit,
             on_change=self._kick,
         )
@@ -95,18 +88,6 @@ class Simulator:
         self._next_instance = 0
         self._timeline: list[tuple[float, int]] = []
         self._prompts: dict[int, list[int]] = {}
-
-    def _make_policies(self) -> None:
-        """The global scheduler's policies, the live ones, by the names the config gives."""
-        config = self.config
-        self.dispatch_policy = make_dispatch_policy(config.dispatch)
-        self.migration_policy = make_migration_policy(
-            config.migration, config=config.migration_config
-        )
-        self.selection_policy = make_selection_policy(config.selection)
-        self.scaling_policy = (
-            make_scaling_policy("freeness_band", config=config.scaling) if config.scaling else None
-        )
 
     def _make_groups(self) -> GroupManager | None:
         """The KunServe group loop (None for the KV-centric policies)."""
