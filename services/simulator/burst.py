@@ -35,10 +35,11 @@ import numpy as np
 from services.common.config import require
 from services.policies.kunserve import GroupConfig
 from services.policies.presets import PRESETS
-from services.simulator.cluster import SimResult, Simulator
+from services.simulator.cluster import Simulator
 from services.simulator.config import SimConfig
 from services.simulator.metrics import percentile
 from services.simulator.report import table
+from services.simulator.result import SimResult
 from services.simulator.workload import WorkloadConfig, generate, parse_length
 from services.worker.engine.micro_batching import FORMATIONS
 

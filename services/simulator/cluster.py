@@ -11,73 +11,39 @@ What runs on the event loop:
                     `instance_startup_s`) or down (mark terminating, drain, remove)
     group tick      every GroupConfig.interval_s (group policy other than "none"): the
                     KunServe policy drops groups of instances into pipelines and
-                    restores them (groups.py steps a group's micro-batches)
+                    restores them (groups.py; group_pipeline.py steps a group's micro-batches)
 
 Instances advance independently: each has its own step timeline from the cost model.
 With `host_cores` set (the fidelity bench's one-machine mesh) steps, request paths and
 token streaming share that many cores instead (host.py).
 Load snapshots are exact at decision time (the live mesh sees ~50 ms old reports).
+
+This module is what runs on the event loop; what the config builds before the run is
+assembly.py's, each request's books are ledger.py's, and what a run returns is
+result.py's, so that each reads on its own.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
-from services.policies import (
-    DispatchInfo,
-    ScaleAction,
-    make_dispatch_policy,
-    make_group_policy,
-    make_migration_policy,
-    make_scaling_policy,
-    make_selection_policy,
-)
+from services.policies import DispatchInfo, ScaleAction, make_group_policy
+from services.simulator import assembly
 from services.simulator.config import SimConfig
-from services.simulator.groups import GroupCost, GroupManager, GroupStats
+from services.simulator.group_state import GroupStats
+from services.simulator.groups import GroupManager
 from services.simulator.host import SharedHost
 from services.simulator.instance import TOKEN_ID, SimInstance
+from services.simulator.ledger import RequestLedger
 from services.simulator.loop import EventLoop
-from services.simulator.metrics import LatencySummary, RequestRecord, summarize
-from services.simulator.migration import (
-    MigrationCost,
-    MigrationManager,
-    MigrationStats,
-    SimMigration,
-)
+from services.simulator.metrics import summarize
+from services.simulator.migration import MigrationManager, SimMigration
 from services.simulator.profiles import SimProfile, get_profile
+from services.simulator.result import SimResult, SimulationError
 from services.simulator.workload import SimRequest
-from services.worker.engine.config import DTYPE_NBYTES, EngineConfig
-from services.worker.engine.micro_batching import MicroBatchCost, MicroBatchFormation
 from services.worker.engine.outputs import RequestOutput
 from services.worker.engine.request import RequestState
-
-
-class SimulationError(RuntimeError):
-    """The simulation broke an invariant (conservation, block integrity, deadlock)."""
-
-
-@dataclass
-class SimResult:
-    records: list[RequestRecord]
-    summary: LatencySummary
-    migration: MigrationStats
-    makespan_s: float  # last finish time
-    instance_seconds: float  # sum of instance lifetimes up to the makespan (startup included)
-    num_events: int
-    num_steps: int
-    wall_s: float
-    cpu_s: float  # process CPU time (wall time is noisy on a shared machine)
-    # (time, number of instances alive) at every change, for plots.
-    instance_timeline: list[tuple[float, int]] = field(default_factory=list)
-    # KunServe groups: drops, restores, exchange, bubbles (all zero without groups).
-    groups: GroupStats = field(default_factory=GroupStats)
-
-    def summary_for(self, is_high_priority: bool) -> LatencySummary:
-        return summarize(r for r in self.records if (r.priority > 0) == is_high_priority)
 
 
 class Simulator:
@@ -91,8 +57,8 @@ class Simulator:
         self.profile = profile or get_profile(config.profile, block_size=config.block_size)
         self.requests = list(requests)
         self.max_model_len = config.max_model_len or self.profile.max_model_len
-        self._check_inputs()
-        self.engine_config = self._engine_config()
+        assembly.check_requests(config, self.profile, self.requests, self.max_model_len)
+        self.engine_config = assembly.engine_config(config, self.profile, self.max_model_len)
         self.loop = EventLoop()
         self.host = (
             SharedHost(self.loop, config.host_cores, config.host_background_jobs)
@@ -100,114 +66,40 @@ class Simulator:
             else None
         )
         self._num_streams = 0  # keys of token-streaming jobs on the shared host
-        self._make_policies()
+        # The global scheduler's policies, the live ones, by the names the config gives.
+        (
+            self.dispatch_policy,
+            self.migration_policy,
+            self.selection_policy,
+            self.scaling_policy,
+        ) = assembly.scheduler_policies(config)
         self.migrations = MigrationManager(
             self.loop,
-            MigrationCost(
-                bytes_per_block=self.profile.kv_bytes_per_token * config.block_size,
-                bandwidth_bytes_per_s=config.migration_bandwidth_bytes_per_s,
-                stage_overhead_s=config.migration_stage_overhead_s,
-                last_stage_max_blocks=config.last_stage_max_blocks,
-            ),
+            assembly.migration_cost(config, self.profile),
             on_commit=self._on_commit,
             on_change=self._kick,
         )
         self.groups = self._make_groups()
-        self.records = {
-            r.request_id: RequestRecord(
-                r.request_id, r.arrival_s, r.priority, r.num_prompt_tokens, r.num_output_tokens
-            )
-            for r in self.requests
-        }
+        self.ledger = RequestLedger(self.requests)
         self.instances: dict[str, SimInstance] = {}  # alive: starting, ready or draining
         self.removed: list[SimInstance] = []
         self.num_pending = 0  # instances starting up
         self.parked: list[SimRequest | RequestState] = []  # nowhere to dispatch them yet
-        self.num_finished = 0
         self._next_instance = 0
         self._timeline: list[tuple[float, int]] = []
         self._prompts: dict[int, list[int]] = {}
-
-    def _check_inputs(self) -> None:
-        """The profile matches the config; requests come in arrival order and fit."""
-        if self.profile.block_size != self.config.block_size:
-            raise ValueError(
-                f"profile block_size={self.profile.block_size} != block_size={self.config.block_size}"
-            )
-        for a, b in zip(self.requests, self.requests[1:], strict=False):
-            if b.arrival_s < a.arrival_s:
-                raise ValueError(f"requests must be sorted by arrival time ({b.request_id})")
-        for r in self.requests:
-            if r.num_prompt_tokens + r.num_output_tokens > self.max_model_len:
-                raise ValueError(
-                    f"request {r.request_id}: {r.num_prompt_tokens} + {r.num_output_tokens} "
-                    f"tokens exceed max_model_len={self.max_model_len}"
-                )
-
-    def _engine_config(self) -> EngineConfig:
-        """Every instance's engine: the profile's pool (or the config's), the config's knobs."""
-        config = self.config
-        num_kv_blocks = config.num_kv_blocks or self.profile.num_kv_blocks
-        if self.max_model_len > num_kv_blocks * config.block_size:
-            raise ValueError(
-                f"max_model_len={self.max_model_len} does not fit a pool of {num_kv_blocks} "
-                f"blocks of {config.block_size} tokens (a request could never finish)"
-            )
-        return EngineConfig(
-            block_size=config.block_size,
-            memory_capacity_bytes=self.profile.memory_capacity_bytes,
-            num_kv_blocks=num_kv_blocks,
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=self.max_model_len,
-            scheduling_policy=config.scheduling_policy,
-        )
-
-    def _make_policies(self) -> None:
-        """The global scheduler's policies, the live ones, by the names the config gives."""
-        config = self.config
-        self.dispatch_policy = make_dispatch_policy(config.dispatch)
-        self.migration_policy = make_migration_policy(
-            config.migration, config=config.migration_config
-        )
-        self.selection_policy = make_selection_policy(config.selection)
-        self.scaling_policy = (
-            make_scaling_policy("freeness_band", config=config.scaling) if config.scaling else None
-        )
 
     def _make_groups(self) -> GroupManager | None:
         """The KunServe group loop (None for the KV-centric policies)."""
         config, profile = self.config, self.profile
         if config.group == "none":
             return None
-        model = profile.cost_profile.model
-        # Weights / memory of one instance, as its engine holds them (weights + pool).
-        memory = profile.weight_nbytes + self.engine_config.num_kv_blocks * (
-            profile.kv_bytes_per_token * config.block_size
-        )
-        group_config = dataclasses.replace(
-            config.group_config, weight_share=profile.weight_nbytes / memory
-        )
-        self.group_config = group_config
+        self.group_config = assembly.group_config(config, profile, self.engine_config)
         return GroupManager(
             self.loop,
-            make_group_policy(config.group, config=group_config),
-            GroupCost(
-                bandwidth_bytes_per_s=config.migration_bandwidth_bytes_per_s,
-                kv_bytes_per_block_layer=profile.kv_bytes_per_token
-                * config.block_size
-                // model.num_layers,
-                activation_bytes_per_token=model.hidden_size
-                * DTYPE_NBYTES[profile.cost_profile.dtype],
-                hop_latency_s=config.activation_hop_latency_s,
-            ),
-            formation=MicroBatchFormation(
-                config.micro_batching,
-                max_num_seqs=config.max_num_seqs,
-                max_num_batched_tokens=config.max_num_batched_tokens,
-                cost=MicroBatchCost.from_profile(profile.cost_profile),
-                min_chunk_tokens=config.min_chunk_tokens,
-            ),
+            make_group_policy(config.group, config=self.group_config),
+            assembly.group_cost(config, profile),
+            formation=assembly.group_formation(config, profile),
             micro_batches=config.micro_batches,
             on_outputs=self._record_outputs,
             on_preempted=self._note_preempted,
@@ -238,18 +130,15 @@ class Simulator:
         if not self._is_done():
             raise SimulationError(
                 f"stalled at t={self.loop.now:.3f}: "
-                f"{self.num_finished}/{len(self.requests)} requests finished"
+                f"{self.ledger.num_finished}/{len(self.requests)} requests finished"
             )
         return self._result(time.perf_counter() - start, time.process_time() - start_cpu)
 
     def _is_done(self) -> bool:
-        return self.num_finished == len(self.requests)
+        return self.ledger.num_finished == len(self.requests)
 
     def _result(self, wall_s: float, cpu_s: float) -> SimResult:
-        records = list(self.records.values())
-        for record in records:
-            if record.num_finishes != 1 or record.num_generated != record.num_output_tokens:
-                raise SimulationError(f"request {record.request_id} broke conservation: {record}")
+        records = self.ledger.conserved()
         makespan = max((r.finish_s for r in records), default=0.0)
         if self.groups is not None:
             self.groups.finish()
@@ -337,11 +226,7 @@ class Simulator:
             self.host.run(instance.instance_id, duration_s, self._on_step_end, instance)
 
     def _note_preempted(self, request_ids: Sequence[str]) -> None:
-        for request_id in request_ids:
-            record = self.records[request_id]
-            record.num_preemptions += 1
-            if math.isnan(record.preempted_at_s):
-                record.preempted_at_s = self.loop.now
+        self.ledger.note_preempted(request_ids, self.loop.now)
 
     def _on_step_end(self, instance: SimInstance) -> None:
         outputs = instance.finish_step()
@@ -351,8 +236,6 @@ class Simulator:
 
     def _record_outputs(self, instance: SimInstance, outputs: Sequence[RequestOutput]) -> None:
         """A step's (or a group's micro-batch's) tokens reach the requests' records."""
-        now = self.loop.now
-        records = self.records
         if self.host is not None and self.config.stream_cpu_per_token_s > 0 and outputs:
             # The tokens go out through worker, gateway and client while the next step runs.
             num_tokens = sum(len(out.new_token_ids) for out in outputs)
@@ -362,19 +245,7 @@ class Simulator:
                 num_tokens * self.config.stream_cpu_per_token_s,
                 _ignore,
             )
-        for out in outputs:
-            record = records[out.request_id]
-            if record.num_generated == 0:
-                record.first_token_s = now
-            record.num_generated = out.first_token_index + len(out.new_token_ids)
-            if record.preempted_at_s == record.preempted_at_s:  # not NaN: recovering
-                record.preemption_loss_s += now - record.preempted_at_s
-                record.preempted_at_s = math.nan
-            if out.finished:
-                record.finish_s = now
-                record.num_finishes += 1
-                record.instance_id = instance.instance_id
-                self.num_finished += 1
+        self.ledger.note_outputs(instance.instance_id, outputs, self.loop.now)
 
     def _maybe_remove(self, instance: SimInstance) -> None:
         if instance.is_terminating and instance.is_empty and instance.num_migrating == 0:
@@ -466,7 +337,7 @@ class Simulator:
         self._maybe_remove(instance)
 
     def _on_commit(self, migration: SimMigration) -> None:
-        self.records[migration.request.request_id].num_migrations += 1
+        self.ledger.note_migrated(migration.request.request_id)
 
     # ---- KunServe groups -----------------------------------------------------------
 

@@ -28,9 +28,10 @@ import numpy as np
 
 from services.common.config import ConfigError, require
 from services.policies import LoadModelConfig, ScalingConfig
-from services.simulator.cluster import SimResult, Simulator
+from services.simulator.cluster import Simulator
 from services.simulator.config import SimConfig
 from services.simulator.metrics import percentile
+from services.simulator.result import SimResult
 from services.simulator.workload import WorkloadConfig, generate, parse_length
 
 POLICY_NAMES = ("round_robin", "load_balance", "llumnix", "llumnix_no_defrag")

@@ -1,13 +1,17 @@
 """`llmesh bench burst`'s pure parts: the workload, the summary's ratios, and the
-simulator run built from the bench's own config (bench/burst.py, bench/_burst_sim.py)."""
+simulator run built from the bench's own config (bench/burst.py, _burst_workload.py,
+_burst_sim.py, _burst_report.py)."""
 
 import math
 
 import pytest
 
 from bench import _burst_sim
+from bench._burst_report import add_ratios
+from bench._burst_run import GROUP_KNOBS
+from bench._burst_workload import workload
 from bench._checkpoint import llama_config
-from bench.burst import GROUP_KNOBS, MODEL_SHAPE, POLICIES, _add_ratios, _parse, workload
+from bench.burst import MODEL_SHAPE, POLICIES, _parse
 from services.worker.engine.cost_model import TINY_CPU, CostModelProfile
 
 SMALL = ["--residents", "4", "--burst", "6", "--tail", "2", "--resident-prompt", "120",
@@ -152,7 +156,7 @@ def test_fidelity_and_the_kunserve_target_come_from_the_p99s():
         },
         "sim_p99_ttft_s": {"recompute": 44.0, "kunserve": 7.0},
     }
-    _add_ratios(summary)
+    add_ratios(summary)
     assert summary["fidelity"] == {"recompute": 1.1, "kunserve": 0.7}
     assert summary["fidelity_within_25pct"] is False
     assert summary["kunserve_p99_ttft_speedup_vs_recompute"] == 4.0

@@ -15,7 +15,7 @@ from services.policies.kunserve import (
 )
 from services.simulator.cluster import Simulator
 from services.simulator.config import SimConfig
-from services.simulator.groups import GroupPhase
+from services.simulator.group_state import GroupPhase
 from services.simulator.link import Link
 from services.simulator.loop import EventLoop
 from services.simulator.workload import SimRequest, WorkloadConfig, generate, parse_length
