@@ -75,6 +75,10 @@ def print_table(summary: dict) -> None:
               f"{sim_p99:>8.3f} {ratio:>8.2f} {f['drops']:>5} {sim_drops!s:>4} "
               f"{f['migrations']:>5} {f['preemptions']:>7} {exact!s:>12} "
               f"{summary['sim_background_jobs'].get(policy, 0):>10.2f}")  # fmt: skip
+    for policy, f in summary["policies"].items():
+        sim = summary.get("sim_policies", {}).get(policy, {})
+        print(f"{policy:>10} slowest [request, TTFT s]: real {f.get('slowest_ttft', '-')}, "
+              f"sim {sim.get('slowest_ttft', '-')}")  # fmt: skip
     host = summary["host"]
     print(f"host: {host['cores']} cores, load average {host['load_avg_at_start']} at the start, "
           f"{host['load_avg_at_end']} at the end")  # fmt: skip

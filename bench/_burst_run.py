@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import _cpu
-from bench._burst_sim import percentile
+from bench._burst_sim import percentile, slowest
 from bench._burst_workload import Arrival
 
 NUM_WORKERS = 4
@@ -41,6 +41,7 @@ GROUP_KNOBS = (
 class PolicyRun:
     policy: str
     ttft_s: list[float] = field(default_factory=list)
+    ttft_by_request: dict[int, float] = field(default_factory=dict)  # arrival index -> s
     tokens: list[list[int]] = field(default_factory=list)
     drops: int = 0
     restores: int = 0
@@ -68,6 +69,7 @@ class PolicyRun:
             "migrations": self.migrations,
             "preemptions": self.preemptions,
             "elapsed_s": round(self.elapsed_s, 1),
+            "slowest_ttft": slowest(self.ttft_by_request),
             "cpu_cores": self.cpu_cores,
             "background_jobs": rounded(self.background_jobs),
             "own_threads": rounded(self.own_threads),
@@ -104,6 +106,7 @@ async def _play(gateway_address: str, arrivals: list[Arrival], tag: str) -> Poli
         await asyncio.gather(*(one(k, a) for k, a in enumerate(arrivals)))
         run.elapsed_s = time.perf_counter() - start
     run.ttft_s = [t for t in ttft if t is not None]
+    run.ttft_by_request = {k: t for k, t in enumerate(ttft) if t is not None}
     run.tokens = tokens
     return run
 

@@ -224,7 +224,17 @@ def simulate(policy: str, sim: dict, arrivals, background_jobs: float = 0.0) -> 
         "preemptions": sum(r.num_preemptions for r in result.records),
         "makespan_s": round(result.makespan_s, 1),
         "background_jobs": round(config.host_background_jobs, 2),
+        "slowest_ttft": slowest(
+            {int(r.request_id): t for r, t in zip(result.records, ttfts, strict=True)}
+        ),
     }
+
+
+def slowest(ttft_by_request: dict[int, float], count: int = 3) -> list[list]:
+    """The `count` largest TTFTs as [request index, seconds], slowest first: with 48
+    requests P99 is about the slowest one, so these name the requests fidelity is about."""
+    ranked = sorted(ttft_by_request.items(), key=lambda kv: (-kv[1], kv[0]))[:count]
+    return [[k, round(t, 3)] for k, t in ranked]
 
 
 def percentile(values: list[float], q: float) -> float:

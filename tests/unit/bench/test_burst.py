@@ -138,11 +138,14 @@ def test_every_policy_simulates_a_small_burst():
         figures = _burst_sim.simulate(policy, sim, arrivals)
         assert set(figures) == {
             "p50_ttft_s", "p99_ttft_s", "drops", "restores", "migrations", "preemptions",
-            "makespan_s", "background_jobs",
+            "makespan_s", "background_jobs", "slowest_ttft",
         }  # fmt: skip
         # 12 short requests fit 4 x 159 blocks: nobody preempts, nobody drops.
         assert (figures["drops"], figures["preemptions"]) == (0, 0)
         assert 0 < figures["p50_ttft_s"] <= figures["p99_ttft_s"]
+        [[first, slowest_s], *rest] = figures["slowest_ttft"]
+        assert len(rest) == 2 and 0 <= first < len(arrivals)
+        assert slowest_s >= max(t for _, t in rest)
 
 
 # ---- the summary ------------------------------------------------------------------------------
@@ -211,3 +214,12 @@ def test_the_bench_reads_its_group_knobs_as_the_live_scheduler_does():
     assert MigrationConfig() == live.migration_config()
     with pytest.raises(ValueError, match="--migration-interval-s is not a group knob"):
         _burst_sim.group_config(("--migration-interval-s", "1"))
+
+
+def test_slowest_names_the_requests_p99_is_about():
+    from bench._burst_sim import slowest
+
+    ttfts = {0: 1.0, 1: 7.25, 2: 3.5, 3: 7.25, 4: 0.2}
+    assert slowest(ttfts) == [[1, 7.25], [3, 7.25], [2, 3.5]]
+    assert slowest(ttfts, count=1) == [[1, 7.25]]
+    assert slowest({}) == []
