@@ -17,10 +17,11 @@ through time: what held since when (votes, the restore condition, hysteresis).
     plan        voters (never members of a group, never terminating, never an
                 instance restored less than `hold_s` ago) sorted by queued demand,
                 most first, then by blocks in use, fewest first (less KV to
-                exchange); the group size is the smallest of `group_sizes` whose
-                freed memory covers the members' queued demand beyond their free
-                blocks (the largest size otherwise) and for which there are enough
-                voters. Several groups may form in one round, over disjoint voters.
+                exchange), leaving out for this round any with a migration in
+                flight (its worker would refuse); the group size is the smallest of
+                `group_sizes` whose freed memory covers the members' queued demand
+                beyond their free blocks (the largest size otherwise) and for which
+                there are enough voters. Several groups may form in one round, over disjoint voters.
     restore     a group serving for at least `hold_s` whose stage 0 reports no
                 waiting requests and usage <= `restore_usage_at_most`, falling (lower
                 than `restore_window_s` ago) and low for that whole window.
@@ -233,7 +234,9 @@ class KunServeGroups(GroupPolicy):
         voters = self._voters(alone, now)
         if voters and not self.may_drop(voters, alone):
             voters = []
-        drops, reasons = self._plan(voters)
+        # A worker refuses to join a group while a migration of its runs (either end):
+        # such a voter keeps its vote and is planned once the migration is over.
+        drops, reasons = self._plan([ld for ld in voters if ld.num_migrating == 0])
         restores, restore_reasons = self._restores(loads, now)
         for group in drops:
             for instance_id in group:

@@ -120,6 +120,15 @@ def test_a_demand_threshold_above_one_asks_for_a_queue_beyond_memory():
     assert p.decide(loads, 2.5).drops == (("other", "x"),)
 
 
+def test_a_voter_with_a_migration_in_flight_waits_for_it_keeping_its_vote():
+    p = policy()
+    p.decide([full("a"), full("b", migrating=1)], 0.0)
+    # b has voted a whole window, but its worker would refuse to join mid-migration.
+    assert p.decide([full("a"), full("b", migrating=1)], 1.0).drops == ()
+    # The migration is over: the vote still holds, no new window.
+    assert p.decide([full("a"), full("b")], 1.1).drops == (("a", "b"),)
+
+
 def test_one_voter_is_not_a_group():
     p = policy()
     p.decide([full("a"), load("b", 10, 2)], 0.0)
