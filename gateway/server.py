@@ -13,11 +13,13 @@ from gateway.cluster_view import ClusterView, refresh_forever
 from gateway.config import GatewayConfig
 from gateway.dispatcher import Dispatcher, LostInstances
 from gateway.servicer import GatewayServicer, OutputSinkServicer, SessionTable
+from gateway.telemetry import GatewayMetrics
 from gateway.workers import WorkerPool
 from protos import gateway_pb2_grpc, scheduler_pb2_grpc
 from services.common.grpc_client import aio_channel
 from services.common.grpc_server import GrpcServer
 from services.common.logging import get_logger
+from services.common.metrics import start_metrics
 from services.common.procs import write_ready_file
 from services.common.tokenizer import load_tokenizer
 
@@ -37,7 +39,9 @@ class _Gateway:
     sink: OutputSinkServicer
 
 
-def _build(config: GatewayConfig, tokenizer, owner_address: str) -> _Gateway:
+def _build(
+    config: GatewayConfig, tokenizer, owner_address: str, metrics: GatewayMetrics | None
+) -> _Gateway:
     scheduler_channel = aio_channel(config.scheduler_address)
     scheduler_stub = scheduler_pb2_grpc.SchedulerStub(scheduler_channel)
     view = ClusterView(forget_after_s=config.cluster_view_forget_s)
@@ -73,6 +77,7 @@ def _build(config: GatewayConfig, tokenizer, owner_address: str) -> _Gateway:
         model_id=config.model,
         max_placements=config.max_placements,
         failover_wait_s=config.failover_wait_s,
+        metrics=metrics,
     )
     sink = OutputSinkServicer(sessions, pool)
     return _Gateway(scheduler_channel, scheduler_stub, view, sessions, pool, servicer, sink)
@@ -83,7 +88,8 @@ async def serve(config: GatewayConfig, server: GrpcServer | None = None) -> None
     tokenizer = load_tokenizer(config.model)
     server = server or GrpcServer("gateway", config.bind, grace_s=config.grace_s)
     owner_address = config.advertise_address or server.bind_port()
-    gateway = _build(config, tokenizer, owner_address)
+    metrics = GatewayMetrics(config.model) if config.telemetry.metrics_enabled else None
+    gateway = _build(config, tokenizer, owner_address, metrics)
     gateway_pb2_grpc.add_GatewayServicer_to_server(gateway.servicer, server.server)
     gateway_pb2_grpc.add_OutputSinkServicer_to_server(gateway.sink, server.server)
     await server.start(service_names=["llmesh.v1.Gateway", "llmesh.v1.OutputSink"])
@@ -95,9 +101,16 @@ async def serve(config: GatewayConfig, server: GrpcServer | None = None) -> None
             timeout_s=config.dispatch_timeout_s,
         )
     )
+    metrics_endpoint = start_metrics(
+        metrics.registry if metrics else None, config.telemetry.metrics_bind
+    )
     await server.set_serving()
     if config.ready_file:
-        write_ready_file(config.ready_file, server.address)
+        write_ready_file(
+            config.ready_file,
+            server.address,
+            metrics_endpoint.address if metrics_endpoint else "",
+        )
     log.info(
         "gateway_ready",
         address=server.address,
@@ -109,6 +122,8 @@ async def serve(config: GatewayConfig, server: GrpcServer | None = None) -> None
         await server.wait_stop_requested()
     finally:
         await _stop(server, gateway, refresher, config.grace_s)
+        if metrics_endpoint is not None:
+            metrics_endpoint.stop()
 
 
 async def _stop(

@@ -15,6 +15,7 @@ from gateway.admission import AdmissionControl
 from gateway.cluster_view import ClusterView
 from gateway.dispatcher import Dispatcher
 from gateway.session import GenerationSession
+from gateway.telemetry import GatewayMetrics, RequestTelemetry
 from gateway.tokenizer import IncrementalDetokenizer
 from gateway.tracker import RequestTracker
 from gateway.validation import validate_generate
@@ -97,7 +98,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         model_id: str,
         max_placements: int,
         failover_wait_s: float = 10.0,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
+        self._metrics = metrics  # None: request metrics are not recorded
         self._sessions = sessions
         self._view = view
         self._dispatcher = dispatcher
@@ -139,11 +142,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 num_prompt_tokens=len(session.spec.prompt_token_ids),
                 max_tokens=session.spec.sampling.max_tokens,
             )
+            telemetry = RequestTelemetry(self._metrics, session.spec, self._model_id)
+            finish_reason = ""
             try:
                 with tracer.start_as_current_span("gateway.place"):
                     await session.place()
                 async for message in self._messages(session):
+                    telemetry.on_tokens(len(message.token_ids))
                     yield message
+                finish_reason = session.tracker.finish_reason.value
                 span.set_attribute("llmesh.num_output_tokens", len(session.tracker.tokens))
                 span.set_attribute("llmesh.finish_reason", session.tracker.finish_reason.value)
                 log.info(
@@ -153,6 +160,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     num_placements=session.num_placements,
                 )
             finally:
+                telemetry.finish(finish_reason)
                 if session.abort():  # the client went away (or an error) before the end
                     log.info("request_cancelled", num_output_tokens=len(session.tracker.tokens))
                 self._sessions.remove(session)

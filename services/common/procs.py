@@ -4,8 +4,9 @@ Used by `./llmesh up`, `./llmesh bench serve` and the integration tests, so all 
 start processes the same way compose does: `python -m <service> --flags`.
 
 Ready protocol: every service takes `--ready-file PATH`. Once bound and SERVING it
-writes `{"address": "host:port", "pid": N}` there (atomically, by rename). The parent
-polls for the file, so ports can be chosen by the OS (`--bind 127.0.0.1:0`).
+writes `{"address": "host:port", "pid": N, "metrics_address": "host:port"}` there
+(atomically, by rename; metrics_address is "" when its /metrics endpoint is off). The
+parent polls for the file, so ports can be chosen by the OS (`--bind 127.0.0.1:0`).
 
 No orphans: children start in their own session (a Ctrl-C in the terminal reaches only
 the parent, which stops them in order) and, on Linux, get SIGTERM from the kernel if
@@ -42,11 +43,13 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 _PR_SET_PDEATHSIG = 1
 
 
-def write_ready_file(path: str, address: str) -> None:
+def write_ready_file(path: str, address: str, metrics_address: str = "") -> None:
     """Called by a service once it is SERVING: tells the parent where it listens."""
     target = Path(path)
     tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps({"address": address, "pid": os.getpid()}))
+    tmp.write_text(
+        json.dumps({"address": address, "pid": os.getpid(), "metrics_address": metrics_address})
+    )
     os.replace(tmp, target)
 
 
@@ -87,6 +90,7 @@ class ServiceProcess:
         self.ready_file = ready_file
         self.log_path = log_path
         self.address: str | None = None
+        self.metrics_address = ""  # its Prometheus /metrics host:port ("" = off)
 
     @property
     def pid(self) -> int:
@@ -100,7 +104,9 @@ class ServiceProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.ready_file.exists():
-                self.address = json.loads(self.ready_file.read_text())["address"]
+                ready = json.loads(self.ready_file.read_text())
+                self.address = ready["address"]
+                self.metrics_address = ready.get("metrics_address", "")
                 return self.address
             if not self.is_alive():
                 raise ServiceStartError(

@@ -197,6 +197,7 @@ class GroupLeader:
             cost=cost,
             on_failure=lambda exc: m.lost(f"pipeline transfer failed: {exc}"),
             exchange=m.kv_exchange,
+            on_round_trip=m.hooks.on_round_trip,
         )
 
         def adopt(engine: LLMEngine) -> None:
