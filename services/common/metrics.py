@@ -14,11 +14,14 @@ do not share counters) and serves it with prometheus-client's HTTP server on
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterable
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import prometheus_client
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from services.common.logging import get_logger
@@ -77,8 +80,18 @@ class GaugeCollector(Collector):
         return list(families.values())
 
 
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args) -> None:  # noqa: A002 - the base's signature
+        """Scrapes every few seconds would flood the service's log."""
+
+
 class MetricsEndpoint:
-    """prometheus-client's HTTP server for one registry (a daemon thread)."""
+    """/metrics of one registry over HTTP (prometheus-client's WSGI app, a daemon thread).
+
+    Always the Prometheus text format 0.0.4: prometheus-client's OpenMetrics encoder
+    (which a Prometheus server asks for first) rewrites the ':' of `llmesh:` names to
+    '_' ("escaping=underscores"), so the series would not have the names dashboards use.
+    """
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
@@ -88,9 +101,18 @@ class MetricsEndpoint:
     def start(self, bind: str) -> str:
         """Serve /metrics on bind (host:port, port 0 = any free port); returns host:port."""
         host, port = bind.rsplit(":", 1)
-        self._server, _ = prometheus_client.start_http_server(
-            int(port), addr=host, registry=self.registry
+        app = prometheus_client.make_wsgi_app(self.registry)
+
+        def text_format(environ, start_response):
+            environ.pop("HTTP_ACCEPT", None)  # no Accept: the text format
+            return app(environ, start_response)
+
+        self._server = make_server(
+            host, int(port), text_format, ThreadingWSGIServer, handler_class=_QuietHandler
         )
+        threading.Thread(
+            target=self._server.serve_forever, name="metrics-http", daemon=True
+        ).start()
         self.address = f"{host}:{self._server.server_port}"
         log.info("metrics_endpoint_started", address=self.address)
         return self.address

@@ -15,6 +15,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 @dataclass(frozen=True)
 class ReceivedSpan:
     service: str  # the resource's service.name
+    instance: str  # the resource's service.instance.id ("" if none)
     name: str
     trace_id: str  # hex
     span_id: str
@@ -45,6 +46,7 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
                     spans.append(
                         ReceivedSpan(
                             service=resource.get("service.name", ""),
+                            instance=resource.get("service.instance.id", ""),
                             name=span.name,
                             trace_id=span.trace_id.hex(),
                             span_id=span.span_id.hex(),

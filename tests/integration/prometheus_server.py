@@ -31,7 +31,7 @@ def scrape_config(targets: dict[str, list[str]], scrape_interval_s: float) -> di
     """The deployment's scrape config with `targets` (job name -> host:port list) in
     place of its compose service names, and a test's scrape interval."""
     config = yaml.safe_load(DEPLOY_CONFIG.read_text())
-    config["global"]["scrape_interval"] = f"{scrape_interval_s}s"
+    config["global"]["scrape_interval"] = f"{round(scrape_interval_s * 1000)}ms"
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert set(jobs) == set(targets), f"deploy jobs {sorted(jobs)} vs {sorted(targets)}"
     for name, job in jobs.items():
