@@ -14,8 +14,9 @@ use the same torch thread count (--threads) and must produce identical tokens.
 
 The mesh is started once; then direct and mesh runs alternate for --rounds rounds and
 the best round of each counts, so load from other processes on the machine hits both
-alike. The last stdout line is JSON with `direct_tokens_per_s`, `mesh_tokens_per_s`
-and `ratio`.
+alike. Then the mesh with tracing and metrics on vs off (bench/_observability.py). The
+last stdout line is JSON with `direct_tokens_per_s`, `mesh_tokens_per_s`, `ratio` and
+`observability_overhead_pct` (target < 5).
 """
 
 from __future__ import annotations
@@ -140,7 +141,10 @@ async def _mesh_clients(address: str, args, prompts) -> tuple[float, list[list[i
     return elapsed, results
 
 
-def start_mesh(args):
+def start_mesh(args, env: dict[str, str] | None = None):
+    """The mesh; without `env` (the observability comparison's "on" mesh sets its
+    OTLP endpoint) tracing is not exported and /metrics is off."""
+    from bench._observability import TELEMETRY_OFF
     from services.common.procs import LocalMesh
 
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="llmesh-bench-serve-"))
@@ -156,7 +160,7 @@ def start_mesh(args):
         ),
         gateway_args=("--log-level", "WARNING"),
         scheduler_args=("--log-level", "WARNING"),
-        env={"LLMESH_WORKER_LOG_LEVEL": "WARNING"},
+        env={"LLMESH_WORKER_LOG_LEVEL": "WARNING", **(env or TELEMETRY_OFF)},
     )
     return mesh.start()
 
@@ -190,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
         else:
             is_identical = True
+        observability = _observability(args, prompts, mesh, direct_tokens) if is_identical else {}
     finally:
         mesh.stop()
     direct_tps, mesh_tps = num_tokens / min(direct_runs), num_tokens / min(mesh_runs)
@@ -209,10 +214,25 @@ def main(argv: list[str] | None = None) -> int:
                 "threads": args.threads,
                 "rounds": len(direct_runs),
                 "identical_tokens": is_identical,
+                **observability,
             }
         )
     )
     return 0 if is_identical else 1
+
+
+def _observability(args, prompts, mesh, expected) -> dict:
+    """Tracing and metrics on vs off (bench/_observability.py)."""
+    from bench._observability import measure
+
+    return measure(
+        lambda env: start_mesh(args, env),
+        lambda address: asyncio.run(_mesh_clients(address, args, prompts)),
+        mesh.gateway_address,
+        args.rounds,
+        args.requests * args.max_tokens,
+        expected,
+    )
 
 
 if __name__ == "__main__":

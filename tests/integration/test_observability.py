@@ -24,12 +24,12 @@ from pathlib import Path
 import grpc
 import pytest
 
+from bench._otlp_receiver import OtlpReceiver, ReceivedSpan
 from gateway.client import AsyncClient
 from protos import scheduler_pb2, scheduler_pb2_grpc
 from services.common.procs import REPO_ROOT, LocalMesh
 from tests.integration.conftest import reference_tokens, wait_until, wait_worker_idle
 from tests.integration.kunserve_helpers import drop, restore, run_streams, workload
-from tests.integration.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tests.integration.prometheus_server import PrometheusServer
 
 pytestmark = pytest.mark.timeout(600)

@@ -1,6 +1,7 @@
-"""A real OTLP/gRPC trace receiver for tests: the collector's TraceService (from the
-`opentelemetry-proto` package) on a loopback port chosen by the OS, keeping every span
-it is sent, as it arrived over the wire."""
+"""A real OTLP/gRPC trace receiver: the collector's TraceService (from the
+`opentelemetry-proto` package) on a loopback port chosen by the OS. The observability
+tests keep every span as it arrived over the wire; `bench serve` only counts them (a
+collector's work is not what the benchmark measures)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,13 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
         self._receiver = receiver
 
     def Export(self, request, context):
+        if not self._receiver.keep_spans:
+            num_spans = sum(
+                len(scope.spans) for rs in request.resource_spans for scope in rs.scope_spans
+            )
+            with self._receiver.lock:
+                self._receiver.num_spans += num_spans
+            return trace_service_pb2.ExportTraceServiceResponse()
         spans = []
         for resource_spans in request.resource_spans:
             resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
@@ -59,13 +67,16 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
                     )
         with self._receiver.lock:
             self._receiver.spans.extend(spans)
+            self._receiver.num_spans += len(spans)
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
 class OtlpReceiver:
     """with OtlpReceiver() as receiver: ... receiver.endpoint, receiver.snapshot()"""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_spans: bool = True) -> None:
+        self.keep_spans = keep_spans
+        self.num_spans = 0
         self.spans: list[ReceivedSpan] = []
         self.lock = threading.Lock()
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
