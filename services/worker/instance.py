@@ -15,6 +15,7 @@ from opentelemetry import trace
 from services.common.errors import AlreadyExistsError, UnavailableError
 from services.common.logging import bind_context, get_logger
 from services.common.messages import FinishReason, LoadReport, OutputDelta, RequestSpec
+from services.common.migration import MigrationMode, MigrationStatus
 from services.worker.async_engine import AsyncEngine, EngineSnapshot, take_snapshot
 from services.worker.engine import (
     DuplicateRequestError,
@@ -29,6 +30,7 @@ from services.worker.metrics import WorkerMetrics
 from services.worker.migration import MigrationConfig, RequestHandoff
 from services.worker.migration.faults import NO_FAULTS, FaultHooks
 from services.worker.migration.service import MigrationHooks, WorkerMigration
+from services.worker.migration.types import MigrationResult
 from services.worker.output_router import OutputRouter
 from services.worker.request_spans import RequestSpans
 from services.worker.requests import engine_state
@@ -194,11 +196,11 @@ class WorkerInstance:
         self.router.unregister(request_id)
         self.spans.end(request_id, {"llmesh.migrated_out": True})
 
-    def _on_migrated(self, result, mode) -> None:
+    def _on_migrated(self, result: MigrationResult, mode: MigrationMode) -> None:
         if self.metrics is not None:
             self.metrics.on_migration(
-                str(mode),
-                result.status.value == "COMMITTED",
+                mode.value,
+                result.status is MigrationStatus.COMMITTED,
                 result.downtime_ms / 1000,
                 result.duration_ms / 1000,
                 result.num_bytes,
@@ -209,9 +211,13 @@ class WorkerInstance:
         snapshot, data-plane bytes sent by class, the KunServe stage (-1 alone)."""
         membership = self.kunserve
         migration = self.migration
+        try:
+            sent = migration.transport.stats().num_bytes_sent_by_class if migration else {}
+        except RuntimeError:  # not started, or closing: no data-plane series this scrape
+            sent = {}
         return (
             self.async_engine.snapshot,
-            migration.transport.stats().num_bytes_sent_by_class if migration else {},
+            sent,
             membership.stage if membership is not None and self._is_grouped() else -1,
         )
 

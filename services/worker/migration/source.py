@@ -285,7 +285,7 @@ class MigrationSource:
         )
         try:
             with tracer.start_as_current_span(
-                "migration.prepare", attributes={"llmesh.num_blocks": num_blocks}
+                "migration.prepare", attributes={"llmesh.num_blocks_reserved": num_blocks}
             ):
                 reply = await client.prepare(offer)
         except ConnectionError as exc:
