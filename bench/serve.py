@@ -18,10 +18,12 @@ count (--threads) and must produce identical tokens. TTFT/TPOT percentiles of th
 mesh clients are reported as `vllm bench serve` does (bench/_serve_clients.py).
 
 The mesh is started once; then the runs alternate for --rounds rounds and the best
-round of each counts, so load from other processes on the machine hits all alike. The
-last stdout line is JSON with `direct_tokens_per_s`, `mesh_tokens_per_s`, `ratio`,
+round of each counts, so load from other processes on the machine hits all alike. Then
+the mesh with tracing and metrics on vs off (bench/_observability.py). The last stdout
+line is JSON with `direct_tokens_per_s`, `mesh_tokens_per_s`, `ratio`,
 `grpc_tokens_per_s` (= mesh), `http_tokens_per_s`, `http_vs_grpc`,
-`http_p99_ttft_ms`, `http_p99_tpot_ms` and the other percentiles.
+`http_p99_ttft_ms`, `http_p99_tpot_ms`, the other percentiles and
+`observability_overhead_pct` (target < 5).
 """
 
 from __future__ import annotations
@@ -122,7 +124,10 @@ def run_direct(engine, args, prompts: list[list[int]]) -> tuple[float, list[list
     return elapsed, [tokens[f"{run_id}-{i}"] for i in range(len(prompts))]
 
 
-def start_mesh(args):
+def start_mesh(args, env: dict[str, str] | None = None):
+    """The mesh; without `env` (the observability comparison's "on" mesh sets its
+    OTLP endpoint) tracing is not exported and /metrics is off."""
+    from bench._observability import TELEMETRY_OFF
     from services.common.procs import LocalMesh
 
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="llmesh-bench-serve-"))
@@ -138,7 +143,7 @@ def start_mesh(args):
         ),
         gateway_args=("--log-level", "WARNING"),
         scheduler_args=("--log-level", "WARNING"),
-        env={"LLMESH_WORKER_LOG_LEVEL": "WARNING"},
+        env={"LLMESH_WORKER_LOG_LEVEL": "WARNING", **(env or TELEMETRY_OFF)},
     )
     return mesh.start()
 
@@ -178,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                     is_identical = False
             if not is_identical:
                 break
+        observability = _observability(args, prompts, mesh, direct_tokens) if is_identical else {}
     finally:
         mesh.stop()
     direct_tps = num_tokens / min(direct_runs)
@@ -203,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                 "threads": args.threads,
                 "rounds": len(direct_runs),
                 "identical_tokens": is_identical,
+                **observability,
             }
         )
     )
@@ -223,6 +230,25 @@ def _print_table(direct_tps, grpc_tps, http_tps, latencies, is_identical) -> Non
                 + "".join(f"{v:10.2f}" for v in values)
             )
     sys.stdout.flush()
+
+
+def _timed_tokens(run) -> tuple[float, list[list[int]]]:
+    """A gRPC client run as the observability comparison takes it: (seconds, tokens)."""
+    return run.elapsed_s, run.tokens
+
+
+def _observability(args, prompts, mesh, expected) -> dict:
+    """Tracing and metrics on vs off (bench/_observability.py)."""
+    from bench._observability import measure
+
+    return measure(
+        lambda env: start_mesh(args, env),
+        lambda address: _timed_tokens(asyncio.run(grpc_clients(address, args, prompts))),
+        mesh.gateway_address,
+        max(args.rounds, 3),  # a few-percent difference needs more than two rounds
+        args.requests * args.max_tokens,
+        expected,
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from gateway.config import GatewayConfig
 from services.common.config import ConfigError, load_config
 from services.common.logging import setup_logging
 from services.common.procs import die_with_parent
+from services.common.telemetry_config import add_telemetry_flags
 from services.common.tracing import setup_tracing, shutdown_tracing
 
 
@@ -33,7 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-inflight-requests", dest="max_inflight_requests", type=int)
     parser.add_argument("--max-waiting-per-instance", dest="max_waiting_per_instance", type=int)
     parser.add_argument("--log-level", dest="log_level")
-    parser.add_argument("--otlp-endpoint", dest="otlp_endpoint")
+    add_telemetry_flags(parser)
     parser.add_argument(
         "--ready-file", dest="ready_file", help="write the bound address here once serving"
     )
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llmesh-gateway: {exc}", file=sys.stderr)
         return 2
     setup_logging("gateway", config.log_level)
-    setup_tracing("llmesh-gateway", config.otlp_endpoint or None)
+    setup_tracing("llmesh-gateway", config.telemetry)
     from gateway.server import serve
 
     try:

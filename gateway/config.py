@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from services.common.config import require
+from services.common.telemetry_config import TelemetryConfig
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class GatewayConfig:
     lost_instance_ttl_s: float = 10.0  # avoid an instance this long after it was lost
     health_watch_rotate_s: float = 300.0  # deadline of each worker health Watch (then re-opened)
     log_level: str = "INFO"  # DEBUG, INFO, WARNING or ERROR
-    otlp_endpoint: str = ""  # OTLP/gRPC trace collector (empty = traces not exported)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)  # traces, /metrics
     ready_file: str = ""  # write {"address", "pid"} here once serving (process launchers)
     grace_s: float = 5.0  # graceful-stop grace period
 

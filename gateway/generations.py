@@ -24,6 +24,7 @@ from gateway.cluster_view import ClusterView
 from gateway.dispatcher import Dispatcher
 from gateway.session import GenerationSession
 from gateway.sessions import SessionTable
+from gateway.telemetry import GatewayMetrics, RequestTelemetry
 from gateway.tracker import RequestTracker
 from gateway.validation import ModelLimits, validate_generate
 from gateway.workers import WorkerPool
@@ -57,6 +58,8 @@ class Generations:
         admission: AdmissionControl,
         tokenizer,
         placement: PlacementSettings,
+        model_id: str = "",
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self.sessions = sessions
         self.view = view
@@ -65,6 +68,8 @@ class Generations:
         self._pool = pool
         self._admission = admission
         self._placement = placement
+        self._model_id = model_id
+        self._metrics = metrics  # None: request metrics are not recorded
         self._rng = random.Random()
 
     def model_limits(self) -> ModelLimits:
@@ -116,6 +121,9 @@ class Generations:
                 num_prompt_tokens=len(session.spec.prompt_token_ids),
                 max_tokens=session.spec.sampling.max_tokens,
             )
+            # Whole-request timings (TTFT, inter-token, end to end) and the GenAI span
+            # attributes, the same for both APIs: session.chunks() reports each chunk.
+            session.telemetry = RequestTelemetry(self._metrics, session.spec, self._model_id)
             try:
                 with tracer.start_as_current_span("gateway.place"):
                     await session.place()
@@ -130,6 +138,8 @@ class Generations:
                         num_placements=session.num_placements,
                     )
             finally:
+                finished = session.tracker.is_finished
+                session.telemetry.finish(session.tracker.finish_reason.value if finished else "")
                 if session.abort():  # the client went away (or an error) before the end
                     log.info("request_cancelled", num_output_tokens=len(session.tracker.tokens))
                 self.sessions.remove(session)

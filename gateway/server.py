@@ -7,6 +7,8 @@ import contextlib
 from dataclasses import dataclass
 
 import grpc
+import prometheus_client
+from starlette.responses import Response
 
 from gateway.admission import AdmissionControl
 from gateway.cluster_view import ClusterView, refresh_forever
@@ -18,12 +20,14 @@ from gateway.http_api.chat_template import load_chat_template
 from gateway.http_api.server import HttpServer
 from gateway.servicer import GatewayServicer, OutputSinkServicer
 from gateway.sessions import SessionTable
+from gateway.telemetry import GatewayMetrics
 from gateway.workers import WorkerPool
 from protos import gateway_pb2_grpc, scheduler_pb2_grpc
 from services.common.addresses import advertised_address
 from services.common.grpc_client import aio_channel
 from services.common.grpc_server import GrpcServer
 from services.common.logging import get_logger
+from services.common.metrics import start_metrics
 from services.common.procs import write_ready_file
 from services.common.tokenizer import load_tokenizer
 
@@ -44,7 +48,9 @@ class _Gateway:
     sink: OutputSinkServicer
 
 
-def _build(config: GatewayConfig, tokenizer, owner_address: str) -> _Gateway:
+def _build(
+    config: GatewayConfig, tokenizer, owner_address: str, metrics: GatewayMetrics | None
+) -> _Gateway:
     scheduler_channel = aio_channel(config.scheduler_address)
     scheduler_stub = scheduler_pb2_grpc.SchedulerStub(scheduler_channel)
     view = ClusterView(forget_after_s=config.cluster_view_forget_s)
@@ -77,6 +83,8 @@ def _build(config: GatewayConfig, tokenizer, owner_address: str) -> _Gateway:
         admission=AdmissionControl(config.max_inflight_requests, config.max_waiting_per_instance),
         tokenizer=tokenizer,
         placement=PlacementSettings(owner_address, config.max_placements, config.failover_wait_s),
+        model_id=config.model,
+        metrics=metrics,
     )
     servicer = GatewayServicer(generations, model_id=config.model)
     sink = OutputSinkServicer(sessions, pool)
@@ -90,7 +98,8 @@ async def serve(config: GatewayConfig, server: GrpcServer | None = None) -> None
     tokenizer = load_tokenizer(config.model)
     server = server or GrpcServer("gateway", config.bind, grace_s=config.grace_s)
     owner_address = advertised_address(server.bind_port(), config.advertise_address)
-    gateway = _build(config, tokenizer, owner_address)
+    metrics = GatewayMetrics(config.model) if config.telemetry.metrics_enabled else None
+    gateway = _build(config, tokenizer, owner_address, metrics)
     gateway_pb2_grpc.add_GatewayServicer_to_server(gateway.servicer, server.server)
     gateway_pb2_grpc.add_OutputSinkServicer_to_server(gateway.sink, server.server)
     await server.start(service_names=["llmesh.v1.Gateway", "llmesh.v1.OutputSink"])
@@ -102,10 +111,15 @@ async def serve(config: GatewayConfig, server: GrpcServer | None = None) -> None
             timeout_s=config.dispatch_timeout_s,
         )
     )
-    http = await _start_http(config, gateway, tokenizer)
+    metrics_endpoint = start_metrics(
+        metrics.registry if metrics else None, config.telemetry.metrics_bind
+    )
+    http = await _start_http(config, gateway, tokenizer, metrics)
     await server.set_serving()
     if config.ready_file:
         extra = {"http_address": http.address} if http is not None else {}
+        if metrics_endpoint is not None:
+            extra["metrics_address"] = metrics_endpoint.address
         write_ready_file(config.ready_file, server.address, **extra)
     log.info(
         "gateway_ready",
@@ -119,10 +133,15 @@ async def serve(config: GatewayConfig, server: GrpcServer | None = None) -> None
         await server.wait_stop_requested()
     finally:
         await _stop(server, http, gateway, refresher, config.grace_s)
+        if metrics_endpoint is not None:
+            metrics_endpoint.stop()
 
 
-async def _start_http(config: GatewayConfig, gateway: _Gateway, tokenizer) -> HttpServer | None:
-    """The OpenAI-compatible API on the same loop and request path (None when off)."""
+async def _start_http(
+    config: GatewayConfig, gateway: _Gateway, tokenizer, metrics: GatewayMetrics | None
+) -> HttpServer | None:
+    """The OpenAI-compatible API on the same loop and request path (None when off);
+    its GET /metrics serves the gateway's registry too, when metrics are on."""
     if not config.http_bind:
         return None
     app = build_app(
@@ -130,7 +149,7 @@ async def _start_http(config: GatewayConfig, gateway: _Gateway, tokenizer) -> Ht
         load_chat_template(config.model, tokenizer),
         model_id=config.model,
         max_body_bytes=config.http_max_body_bytes,
-        metrics=None,  # the Prometheus exposition (observability issue) plugs in here
+        metrics=(lambda: _metrics_page(metrics.registry)) if metrics else None,
     )
     http = HttpServer(app, config.http_bind, grace_s=config.grace_s)
     await http.start()
@@ -162,3 +181,11 @@ async def _close_sinks_when_drained(gateway: _Gateway, grace_s: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(gateway.sessions.wait_empty(), grace_s)
     gateway.sink.close()
+
+
+def _metrics_page(registry) -> Response:
+    """The registry in Prometheus's text format (0.0.4, the `llmesh:` names kept)."""
+    return Response(
+        prometheus_client.generate_latest(registry),
+        media_type=prometheus_client.CONTENT_TYPE_LATEST,
+    )

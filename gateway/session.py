@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import grpc
 
@@ -28,6 +28,9 @@ from services.common.errors import AlreadyExistsError, UnavailableError
 from services.common.logging import get_logger
 from services.common.messages import FinishReason, OutputDelta, RequestSpec
 from services.common.tracing import context_to_dict
+
+if TYPE_CHECKING:
+    from gateway.telemetry import RequestTelemetry
 
 log = get_logger(__name__)
 
@@ -69,6 +72,9 @@ class GenerationSession:
         self._arrival_time = time.time()
         self._trace_context = context_to_dict()
         self.num_placements = 0
+        # The request's timings at the gateway (Generations.run sets it): each chunk
+        # handed to the client is reported to it.
+        self.telemetry: RequestTelemetry | None = None
 
     @property
     def request_id(self) -> str:
@@ -199,6 +205,8 @@ class GenerationSession:
             num_tokens = len(tracker.tokens)
             is_finished = tracker.is_finished
             if num_tokens > num_sent or is_finished:
+                if self.telemetry is not None:
+                    self.telemetry.on_tokens(num_tokens - num_sent)
                 yield Chunk(
                     first_token_index=num_sent,
                     token_ids=tracker.tokens[num_sent:num_tokens],

@@ -43,6 +43,8 @@ class TransportStats:
     num_pool_allocations: int
     num_pool_reuses: int
     num_pool_bytes: int
+    # Bytes of finished sends per traffic class (value "activation" / "kv").
+    num_bytes_sent_by_class: Mapping[str, int] = field(default_factory=dict)
 
 
 class Transport(ABC):

@@ -114,6 +114,7 @@ class FabricTransport(Transport):
             num_pool_allocations=self._pool.num_allocated,
             num_pool_reuses=self._pool.num_reused,
             num_pool_bytes=self._pool.num_pooled_bytes,
+            num_bytes_sent_by_class={c.value: n for c, n in sender.num_bytes_sent_by_class.items()},
         )
 
     async def close(self) -> None:

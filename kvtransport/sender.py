@@ -36,6 +36,7 @@ class Sender:
         self._tasks: set[asyncio.Task] = set()
         self._is_closed = False
         self.num_bytes_sent = 0
+        self.num_bytes_sent_by_class = dict.fromkeys(TrafficClass, 0)  # for monitoring
 
     @property
     def num_active_sends(self) -> int:
@@ -166,6 +167,9 @@ class Sender:
     def _on_transfer_finished(self, outbound: Outbound) -> None:
         self._schedulers_by_key.pop(outbound.key, None)
         self.num_bytes_sent += outbound.handle.num_bytes_sent
+        self.num_bytes_sent_by_class[outbound.handle.traffic_class] += (
+            outbound.handle.num_bytes_sent
+        )
 
     def _on_failed(self, scheduler: PeerScheduler) -> None:
         if self._schedulers.get(scheduler.peer_address) is scheduler:

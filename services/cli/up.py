@@ -77,6 +77,12 @@ def add_arguments(parser) -> None:
         default=None,
         help="scheduler migration pairing: freeness (default) or none",
     )
+    parser.add_argument(
+        "--otlp-endpoint",
+        default=None,
+        help="send every service's traces to this OTLP/gRPC collector (e.g. "
+        "http://127.0.0.1:4317, Jaeger's); sets OTEL_EXPORTER_OTLP_ENDPOINT for them",
+    )
     parser.add_argument("--no-table", action="store_true", help="do not draw the live table")
 
 
@@ -138,6 +144,8 @@ def run(args) -> int:
         gateway_http_port=args.http_port,
         worker_args=worker_args,
         scheduler_args=scheduler_args,
+        # The standard variable: workers the auto-scaler starts inherit it too.
+        env={"OTEL_EXPORTER_OTLP_ENDPOINT": args.otlp_endpoint} if args.otlp_endpoint else {},
     )
     scaling = f", auto-scaling up to {args.max_workers}" if args.autoscale else ""
     print(
@@ -165,9 +173,19 @@ def _print_banner(mesh: LocalMesh, args) -> None:
     gateway = mesh.gateway_address
     default_gateway = gateway == "127.0.0.1:50051"
     flag = "" if default_gateway else f" --gateway {gateway}"
+    metrics = "  ".join(
+        f"{p.name}=http://{p.metrics_address}/metrics"
+        for p in mesh.processes()
+        if p.metrics_address
+    )
+    traces = (
+        f"OTLP to {args.otlp_endpoint}" if args.otlp_endpoint else "not exported (--otlp-endpoint)"
+    )
     print(
         f"\nllmesh is up: gateway {gateway}  scheduler {mesh.scheduler_address}  "
         f"workers {_worker_list(mesh)}\n"
+        f"  metrics: {metrics}\n"
+        f"  traces:  {traces}\n"
         f'  try:  ./llmesh generate{flag} "Hello, llmesh" --max-tokens 16\n'
         f"        curl http://{mesh.gateway_http_address}/v1/completions -H 'Content-Type: application/json' "
         f'-d \'{{"model": "{args.model}", "prompt": "Hello", "max_tokens": 16}}\'\n'

@@ -8,7 +8,8 @@ nests: field `scheduling_policy` of `WorkerConfig.engine` comes from
 `LLMESH_WORKER_ENGINE_SCHEDULING_POLICY`, and from the override `engine.scheduling_policy`
 (an argparse `dest`); a nested config is declared `field(default_factory=ItsClass)` and
 starts from its class's defaults. A field may also name a process-wide variable in its
-metadata, `field(metadata={ENV: "LLMESH_KERNELS"})`, read when its own name is not set.
+metadata, `field(metadata={ENV: "LLMESH_KERNELS"})`, read when its own name is not set
+(a tuple names several, the first set wins: the OpenTelemetry `OTEL_*` variables).
 
 Values are spelled the same in env vars and flags (`flag_type`): `none` unsets an
 optional field, a size (a `*_bytes` field) is bytes or carries a unit (`256MiB`),
@@ -172,7 +173,11 @@ def _load(cls: type[T], prefix: str, overrides: Mapping[str, Any], environ: Mapp
                     environ,
                 )
             continue
-        for name in (env_name(prefix, field.name), field.metadata.get(ENV)):
+        shared = field.metadata.get(ENV) or ()
+        for name in (
+            env_name(prefix, field.name),
+            *([shared] if isinstance(shared, str) else shared),
+        ):
             if name and name in environ:
                 values[field.name] = _parse(environ[name], annotation, name, field.name)
                 break

@@ -4,8 +4,9 @@ Used by `./llmesh up`, `./llmesh bench serve` and the integration tests, so all 
 start processes the same way compose does: `python -m <service> --flags`.
 
 Ready protocol: every service takes `--ready-file PATH`. Once bound and SERVING it
-writes `{"address": "host:port", "pid": N}` there (atomically, by rename). The parent
-polls for the file, so ports can be chosen by the OS (`--bind 127.0.0.1:0`).
+writes `{"address": "host:port", "pid": N, "metrics_address": "host:port"}` there
+(atomically, by rename; metrics_address is "" when its /metrics endpoint is off). The
+parent polls for the file, so ports can be chosen by the OS (`--bind 127.0.0.1:0`).
 
 No orphans: children start in their own session (a Ctrl-C in the terminal reaches only
 the parent, which stops them in order) and, on Linux, get SIGTERM from the kernel if
@@ -89,6 +90,7 @@ class ServiceProcess:
         self.log_path = log_path
         self.address: str | None = None
         self.ready_info: dict = {}  # the whole ready file (extra addresses)
+        self.metrics_address = ""  # its Prometheus /metrics host:port ("" = off)
 
     @property
     def pid(self) -> int:
@@ -104,6 +106,7 @@ class ServiceProcess:
             if self.ready_file.exists():
                 self.ready_info = json.loads(self.ready_file.read_text())
                 self.address = self.ready_info["address"]
+                self.metrics_address = self.ready_info.get("metrics_address", "")
                 return self.address
             if not self.is_alive():
                 raise ServiceStartError(

@@ -9,6 +9,7 @@ import sys
 from services.common.config import ConfigError, flag_type, load_config
 from services.common.logging import setup_logging
 from services.common.procs import die_with_parent
+from services.common.telemetry_config import add_telemetry_flags
 from services.common.tracing import setup_tracing, shutdown_tracing
 from services.scheduler.config import SchedulerConfig
 
@@ -100,7 +101,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     scaling.add_argument("--worker-log-dir", dest="worker_log_dir")
     parser.add_argument("--log-level", dest="log_level")
-    parser.add_argument("--otlp-endpoint", dest="otlp_endpoint")
+    add_telemetry_flags(parser)
     parser.add_argument(
         "--ready-file", dest="ready_file", help="write the bound address here once serving"
     )
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llmesh-scheduler: {exc}", file=sys.stderr)
         return 2
     setup_logging("scheduler", config.log_level)
-    setup_tracing("llmesh-scheduler", config.otlp_endpoint or None)
+    setup_tracing("llmesh-scheduler", config.telemetry)
     from services.scheduler.server import serve
 
     try:

@@ -10,11 +10,13 @@ new config instead).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
 from dataclasses import dataclass
 
 from services.common.config import ConfigError, require
+from services.common.telemetry_config import TelemetryConfig
 from services.policies import (
     DISPATCH_POLICIES,
     GROUP_POLICIES,
@@ -54,7 +56,9 @@ class SchedulerConfig:
     policy: str = "llmesh"
     dispatch_policy: str = ""  # registered dispatch policy name ("" = the preset's)
     log_level: str = "INFO"  # DEBUG, INFO, WARNING or ERROR
-    otlp_endpoint: str = ""  # OTLP/gRPC trace collector (empty = traces not exported)
+    telemetry: TelemetryConfig = dataclasses.field(
+        default_factory=TelemetryConfig
+    )  # traces, /metrics
     ready_file: str = ""  # write {"address", "pid"} here once serving (process launchers)
     grace_s: float = 5.0  # graceful-stop grace period
     # KunServe: deadline of the Worker.FormGroup / DissolveGroup call that drops or

@@ -59,6 +59,7 @@ from services.scheduler.registry import InstanceRegistry
 
 log = get_logger(__name__)
 tracer = trace.get_tracer("llmesh.scheduler")
+OnRound = Callable[[str, float], None]  # (loop name, seconds one round took)
 
 # order(src_instance_id, dst spec, num_requests) -> whether the command was queued.
 OrderMigration = Callable[..., bool]
@@ -71,10 +72,12 @@ def _loads(registry: InstanceRegistry, groups: GroupTable | None) -> list[Instan
     return groups.annotate(loads) if groups is not None else loads
 
 
-async def _repeat(name: str, interval_s: float, tick) -> None:
-    """Call `tick(now)` every interval_s; a failing round is logged, not fatal."""
+async def _repeat(name: str, interval_s: float, tick, on_round: OnRound | None = None) -> None:
+    """Call `tick(now)` every interval_s; a failing round is logged, not fatal.
+    on_round(name, seconds): each round's duration (the metrics)."""
     while True:
         await asyncio.sleep(interval_s)
+        started = time.perf_counter()
         try:
             result = tick(time.monotonic())
             if asyncio.iscoroutine(result):
@@ -83,6 +86,8 @@ async def _repeat(name: str, interval_s: float, tick) -> None:
             raise
         except Exception:
             log.exception("control_loop_round_failed", loop=name)
+        if on_round is not None:
+            on_round(name, time.perf_counter() - started)
 
 
 class MigrationLoop:
@@ -134,8 +139,8 @@ class MigrationLoop:
         record = self.registry.get(instance_id)
         return record.spec.kernels if record is not None else ""
 
-    async def run(self) -> None:
-        await _repeat("migration", self.policy.config.interval_s, self.tick)
+    async def run(self, on_round: OnRound | None = None) -> None:
+        await _repeat("migration", self.policy.config.interval_s, self.tick, on_round)
 
 
 def group_by_kernels(
@@ -231,8 +236,8 @@ class ScalingLoop:
                 task.add_done_callback(self._stopping.discard)
         return stopped
 
-    async def run(self) -> None:
-        await _repeat("scaling", self.policy.config.interval_s, self.tick)
+    async def run(self, on_round: OnRound | None = None) -> None:
+        await _repeat("scaling", self.policy.config.interval_s, self.tick, on_round)
 
     async def close(self) -> None:
         """Wait for stops in flight, then stop every worker the provisioner started."""
@@ -371,8 +376,8 @@ class GroupLoop:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
-    async def run(self) -> None:
-        await _repeat("groups", self.interval_s, self.tick)
+    async def run(self, on_round: OnRound | None = None) -> None:
+        await _repeat("groups", self.interval_s, self.tick, on_round)
 
     async def close(self) -> None:
         """Cancel the operations in flight (the workers finish or undo them on their

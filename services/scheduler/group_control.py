@@ -14,6 +14,7 @@ restoring) and only a SERVING group can begin a restore.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
@@ -50,6 +51,8 @@ class GroupControl:
         self.workers = workers
         # Instances the scaling loop drains (their reports may not say so yet).
         self.draining = draining
+        # (operation "drop" | "restore", outcome "ok" | "failed") -> count, for the metrics.
+        self.outcomes: collections.Counter[tuple[str, str]] = collections.Counter()
 
     async def drop_group(self, instance_ids: list[str]) -> DroppedGroup:
         """Plan the group (stage order as given), have stage 0 form it, keep it once it
@@ -67,9 +70,11 @@ class GroupControl:
             try:
                 formed = await self.workers.form_group(group)
             except Exception as exc:
+                self.outcomes["drop", "failed"] += 1
                 self.table.forget(group.group_id)
                 log.warning("group_drop_failed", group_id=group.group_id, error=str(exc))
                 raise
+            self.outcomes["drop", "ok"] += 1
             group = self.table.mark_serving(
                 group.group_id,
                 formed.num_group_blocks,
@@ -98,9 +103,11 @@ class GroupControl:
             try:
                 dissolved = await self.workers.dissolve_group(group)
             except Exception as exc:
+                self.outcomes["restore", "failed"] += 1
                 self.table.end_restore(group.group_id, is_dissolved=False)
                 log.warning("group_restore_failed", group_id=group.group_id, error=str(exc))
                 raise
+            self.outcomes["restore", "ok"] += 1
             self.table.end_restore(group.group_id, is_dissolved=True)
             log.info(
                 "group_restored",

@@ -16,11 +16,13 @@ import functools
 from protos import scheduler_pb2_grpc
 from services.common.grpc_server import GrpcServer
 from services.common.logging import get_logger
+from services.common.metrics import start_metrics
 from services.common.procs import write_ready_file
 from services.policies import make_group_policy, make_migration_policy, make_scaling_policy
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.control import GroupLoop, MigrationLoop, ScalingLoop
 from services.scheduler.groups import GroupTable
+from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.provisioner import make_provisioner
 from services.scheduler.registry import InstanceRegistry
 from services.scheduler.servicer import SchedulerServicer
@@ -95,22 +97,29 @@ async def serve(config: SchedulerConfig, server: GrpcServer | None = None) -> No
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, server.server)
     await server.start(service_names=["llmesh.v1.Scheduler"])
     tasks = [asyncio.create_task(expire_leases(registry, config.lease_s / 4, servicer.groups))]
+    metrics = SchedulerMetrics(servicer) if config.telemetry.metrics_enabled else None
+    on_round = metrics.on_round if metrics is not None else None
     migration = make_migration_loop(config, registry, servicer)
     if migration is not None:
         servicer.migration_policy_name = migration.policy.name
-        tasks.append(asyncio.create_task(migration.run()))
+        tasks.append(asyncio.create_task(migration.run(on_round)))
     groups = make_group_loop(config, registry, servicer)
     if groups is not None:
         servicer.group_policy_name = config.group_policy
         servicer.group_loop = groups
-        tasks.append(asyncio.create_task(groups.run()))
+        tasks.append(asyncio.create_task(groups.run(on_round)))
     scaling = make_scaling_loop(config, registry, servicer, server.address)
     if scaling is not None:
         servicer.scaling_loop = scaling
-        tasks.append(asyncio.create_task(scaling.run()))
+        tasks.append(asyncio.create_task(scaling.run(on_round)))
+    metrics_endpoint = start_metrics(
+        metrics.registry if metrics else None, config.telemetry.metrics_bind
+    )
     await server.set_serving()
     if config.ready_file:
-        write_ready_file(config.ready_file, server.address)
+        write_ready_file(
+            config.ready_file, server.address, metrics_endpoint.address if metrics_endpoint else ""
+        )
     log.info(
         "scheduler_ready",
         address=server.address,
@@ -134,3 +143,5 @@ async def serve(config: SchedulerConfig, server: GrpcServer | None = None) -> No
         if scaling is not None:
             await scaling.close()
         await server.stop()
+        if metrics_endpoint is not None:
+            metrics_endpoint.stop()

@@ -48,6 +48,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         # instance id -> commands waiting to go down its StreamLoad stream.
         self._commands: dict[str, asyncio.Queue[scheduler_pb2.SchedulerCommand]] = {}
         self.num_migrations_ordered = 0
+        self.dispatch_outcomes = {"dispatched": 0, "no_candidate": 0}  # for the metrics
         # Set by serve() when the scheduler runs its loops (shown in GetClusterState).
         self.migration_policy_name = "none"
         self.scaling_loop = None
@@ -132,12 +133,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             loads = self.groups.annotate(self.registry.loads())
             instance_id = self.dispatch_policy.choose(loads, info)
             if instance_id is None:
+                self.dispatch_outcomes["no_candidate"] += 1
                 raise ResourceExhaustedError(
                     f"no instance can take request {request.request_id!r}: "
                     f"{len(self.registry)} registered, excluded {list(request.exclude_instance_ids)}"
                 )
             record = self.registry.get(instance_id)
             assert record is not None
+            self.dispatch_outcomes["dispatched"] += 1
             block_size = max(record.spec.block_size, 1)
             self.registry.note_dispatch(
                 instance_id, request.request_id, math.ceil(request.num_prompt_tokens / block_size)

@@ -10,6 +10,7 @@ import sys
 from services.common.config import ConfigError, flag_type, load_config
 from services.common.logging import setup_logging
 from services.common.procs import die_with_parent
+from services.common.telemetry_config import add_telemetry_flags
 from services.common.tracing import setup_tracing, shutdown_tracing
 
 
@@ -35,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="GIL switch interval of the worker process (default 500; Python's is 5000)",
     )
     parser.add_argument("--log-level", dest="log_level")
-    parser.add_argument("--otlp-endpoint", dest="otlp_endpoint")
+    add_telemetry_flags(parser)
     parser.add_argument("--transport-backend", dest="transport_backend", choices=["ucx", "tcp"])
     parser.add_argument(
         "--transport-bind", dest="transport_bind", help="TCP data plane host:port to listen on"
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llmesh-worker: {exc}", file=sys.stderr)
         return 2
     setup_logging("worker", config.log_level)
-    setup_tracing("llmesh-worker", config.otlp_endpoint or None)
+    setup_tracing("llmesh-worker", config.telemetry, instance_id=config.instance_id)
     from services.worker.server import serve
 
     try:

@@ -78,9 +78,14 @@ class AsyncEngine:
         *,
         snapshot_interval_s: float = 0.05,
         idle_wait_s: float = 0.5,
+        on_started: Callable[[int, list[str]], None] | None = None,
     ) -> None:
+        """on_started(step_start_ns, request_ids): requests whose prefill a step began
+        (time.time_ns() at the step's start), on the event loop before that step's
+        on_step."""
         self.engine = engine
         self._on_step = on_step
+        self._on_started = on_started
         self._snapshot_interval_s = snapshot_interval_s
         self._idle_wait_s = idle_wait_s
         self._calls: collections.deque[tuple[Callable[[LLMEngine], Any], asyncio.Future]] = (
@@ -180,10 +185,14 @@ class AsyncEngine:
             ):
                 try:
                     step_start = time.perf_counter()
+                    step_start_ns = time.time_ns()
                     outputs = stepper.step(engine) if stepper else engine.step()
                     self.step_wall_s += time.perf_counter() - step_start
                     self.num_steps += 1
                     self.num_step_tokens += engine.last_step.num_batched_tokens
+                    started = engine.last_step.started_request_ids
+                    if started and self._on_started is not None and not stepper:
+                        self._call_soon(self._on_started, step_start_ns, started)
                 except Exception:  # an engine bug: fail what it runs, keep serving
                     log.exception("engine_step_failed")
                     outputs = self._fail_all(engine)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from services.common.config import require
+from services.common.telemetry_config import TelemetryConfig
 from services.worker.engine.config import EngineConfig
 from services.worker.kunserve.config import KunServeConfig
 from services.worker.migration.config import MigrationConfig
@@ -38,7 +39,7 @@ class WorkerConfig:
     report_interval_s: float = 0.05  # load report period (the scheduler's reply overrides it)
     owner_unreachable_s: float = 10.0  # abort a gateway's requests when it is unreachable this long
     log_level: str = "INFO"  # DEBUG, INFO, WARNING or ERROR
-    otlp_endpoint: str = ""  # OTLP/gRPC trace collector (empty = traces not exported)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)  # traces, /metrics
     ready_file: str = ""  # write {"address", "pid"} here once serving (process launchers)
     grace_s: float = 5.0  # graceful-stop grace period
     transport_backend: str = "ucx"  # data plane for KV: "ucx" (default) or "tcp" (fallback)

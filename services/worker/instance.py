@@ -15,7 +15,7 @@ from opentelemetry import trace
 from services.common.errors import AlreadyExistsError, UnavailableError
 from services.common.logging import bind_context, get_logger
 from services.common.messages import FinishReason, LoadReport, OutputDelta, RequestSpec
-from services.common.tracing import context_from_dict, context_to_dict
+from services.common.migration import MigrationMode, MigrationStatus
 from services.worker.async_engine import AsyncEngine, EngineSnapshot, take_snapshot
 from services.worker.engine import (
     DuplicateRequestError,
@@ -26,14 +26,16 @@ from services.worker.engine import (
 from services.worker.kunserve import GroupMembership, KunServeConfig, MemberHooks, Role
 from services.worker.kunserve.faults import NO_GROUP_FAULTS, GroupFaultHooks
 from services.worker.llumlet import GroupReport, Llumlet
+from services.worker.metrics import WorkerMetrics
 from services.worker.migration import MigrationConfig, RequestHandoff
 from services.worker.migration.faults import NO_FAULTS, FaultHooks
 from services.worker.migration.service import MigrationHooks, WorkerMigration
+from services.worker.migration.types import MigrationResult
 from services.worker.output_router import OutputRouter
+from services.worker.request_spans import RequestSpans
 from services.worker.requests import engine_state
 
 log = get_logger(__name__)
-tracer = trace.get_tracer("llmesh.worker")
 
 # A Submit that reaches a KunServe member while its group forms or dissolves waits this
 # long for that to end (it takes well under a second) instead of being refused.
@@ -61,12 +63,20 @@ def delta_from_output(output: RequestOutput, failure: str | None = None) -> Outp
 
 
 class WorkerInstance:
-    def __init__(self, engine: LLMEngine, llumlet: Llumlet, owner_unreachable_s: float) -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        llumlet: Llumlet,
+        owner_unreachable_s: float,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
+        """metrics: where this worker's Prometheus metrics go (None = not recorded)."""
         self.instance_id = llumlet.spec.instance_id
         self.llumlet = llumlet
         self.router = OutputRouter(self.instance_id, owner_unreachable_s, self._abort_orphans)
-        self.async_engine = AsyncEngine(engine, self.on_step)
-        self._spans: dict[str, trace.Span] = {}
+        self.spans = RequestSpans()
+        self.async_engine = AsyncEngine(engine, self.on_step, on_started=self.spans.on_started)
+        self.metrics = metrics
         self._failures: dict[str, str] = {}  # request id -> why this worker gives it up
         self._tasks: set[asyncio.Task] = set()
         self.migration: WorkerMigration | None = None
@@ -88,6 +98,7 @@ class WorkerInstance:
             # A group member takes no migrations either: its KV is split across members.
             is_draining=lambda: self.llumlet.is_terminating or self._is_grouped(),
             on_count_changed=self._migration_count_changed,
+            on_migrated=self._on_migrated,
         )
         self.migration = WorkerMigration(
             self.instance_id, self.async_engine, transport, config, hooks, faults
@@ -107,6 +118,7 @@ class WorkerInstance:
             set_epoch=self._set_epoch,
             is_busy=self._why_busy,
             on_changed=self._group_changed,
+            on_round_trip=self.metrics.on_round_trip if self.metrics else (lambda seconds: None),
         )
         self.kunserve = GroupMembership(
             self.instance_id, self.async_engine, transport, hooks, config, faults
@@ -161,31 +173,53 @@ class WorkerInstance:
     # ---- migration hooks ---------------------------------------------------------------
 
     def _trace_context_of(self, request_id: str) -> dict[str, str]:
-        span = self._spans.get(request_id)
-        return context_to_dict(trace.set_span_in_context(span)) if span is not None else {}
+        return self.spans.context_of(request_id)
 
     def _adopt(self, handoff: RequestHandoff) -> None:
         """A request migrated in: outputs go to its owner; its span continues its trace."""
         request_id = handoff.state.request_id
         self.router.register(request_id, handoff.owner_address)
-        self._spans[request_id] = tracer.start_span(
-            "worker.request",
-            context=context_from_dict(handoff.trace_context),
-            attributes={
+        self.spans.start(
+            request_id,
+            handoff.trace_context,
+            {
                 "llmesh.request_id": request_id,
                 "llmesh.instance_id": self.instance_id,
                 "llmesh.migrated_in": True,
                 "llmesh.num_computed_tokens": handoff.state.num_computed_tokens,
             },
+            decoding=handoff.state.num_computed_tokens > 0,
         )
 
     def _forget(self, request_id: str) -> None:
         """A request migrated away (or its adoption failed): nothing more goes out here."""
         self.router.unregister(request_id)
-        span = self._spans.pop(request_id, None)
-        if span is not None:
-            span.set_attribute("llmesh.migrated_out", True)
-            span.end()
+        self.spans.end(request_id, {"llmesh.migrated_out": True})
+
+    def _on_migrated(self, result: MigrationResult, mode: MigrationMode) -> None:
+        if self.metrics is not None:
+            self.metrics.on_migration(
+                mode.value,
+                result.status is MigrationStatus.COMMITTED,
+                result.downtime_ms / 1000,
+                result.duration_ms / 1000,
+                result.num_bytes,
+            )
+
+    def metrics_view(self) -> tuple:
+        """What the metrics read at scrape time (any thread): the engine's latest
+        snapshot, data-plane bytes sent by class, the KunServe stage (-1 alone)."""
+        membership = self.kunserve
+        migration = self.migration
+        try:
+            sent = migration.transport.stats().num_bytes_sent_by_class if migration else {}
+        except RuntimeError:  # not started, or closing: no data-plane series this scrape
+            sent = {}
+        return (
+            self.async_engine.snapshot,
+            sent,
+            membership.stage if membership is not None and self._is_grouped() else -1,
+        )
 
     def _migration_count_changed(self) -> None:
         if self.migration is not None:
@@ -213,27 +247,28 @@ class WorkerInstance:
                 f"state.num_computed_tokens={spec.num_computed_tokens} must be 0 (KV arrives only by migration)"
             )
         state = engine_state(spec)
-        span = tracer.start_span(
-            "worker.request",
-            context=context_from_dict(spec.trace_context),
-            attributes={
+        # Started before the engine sees it: the engine may begin its prefill at once.
+        span = self.spans.start(
+            spec.request_id,
+            spec.trace_context,
+            {
                 "llmesh.request_id": spec.request_id,
                 "llmesh.instance_id": self.instance_id,
                 "llmesh.num_prompt_tokens": len(spec.prompt_token_ids),
                 "llmesh.num_resumed_tokens": len(spec.output_token_ids),
             },
+            decoding=False,
         )
         self.router.register(spec.request_id, spec.owner_address)
         try:
             await self.async_engine.run(lambda engine: engine.migration.import_request(state, []))
         except DuplicateRequestError as exc:
-            span.end()
+            self.spans.end(spec.request_id, {"llmesh.refused": "duplicate"})
             raise AlreadyExistsError(str(exc)) from None
         except BaseException:
             self.router.unregister(spec.request_id)
-            span.end()
+            self.spans.end(spec.request_id, {"llmesh.refused": "error"})
             raise
-        self._spans[spec.request_id] = span
         with trace.use_span(span), bind_context(request_id=spec.request_id):
             log.info(
                 "request_admitted",
@@ -275,6 +310,7 @@ class WorkerInstance:
                 ]
             self.router.publish(deltas)
             for delta in deltas:
+                self.spans.on_tokens(delta.request_id, len(delta.token_ids))
                 if delta.is_finished:
                     self._finish(delta)
         if snapshot is not None:
@@ -284,17 +320,20 @@ class WorkerInstance:
         self.router.unregister(delta.request_id)
         if self.migration is not None:
             self.migration.epochs.pop(delta.request_id, None)
-        span = self._spans.pop(delta.request_id, None)
+        num_output_tokens = delta.first_token_index + len(delta.token_ids)
+        span = self.spans.end(
+            delta.request_id,
+            {
+                "llmesh.finish_reason": delta.finish_reason.value,
+                "llmesh.num_output_tokens": num_output_tokens,
+            },
+        )
         if span is not None:
-            span.set_attribute("llmesh.finish_reason", delta.finish_reason.value)
-            span.set_attribute(
-                "llmesh.num_output_tokens", delta.first_token_index + len(delta.token_ids)
-            )
-            with trace.use_span(span, end_on_exit=True), bind_context(request_id=delta.request_id):
+            with trace.use_span(span), bind_context(request_id=delta.request_id):
                 log.info(
                     "request_finished",
                     finish_reason=delta.finish_reason.value,
-                    num_output_tokens=delta.first_token_index + len(delta.token_ids),
+                    num_output_tokens=num_output_tokens,
                 )
 
     # ---- load -------------------------------------------------------------------------
@@ -341,6 +380,4 @@ class WorkerInstance:
             await self.migration.close()
         await self.async_engine.stop()
         await self.router.close()
-        for span in self._spans.values():
-            span.end()
-        self._spans.clear()
+        self.spans.end_all()

@@ -21,6 +21,7 @@ from services.common.addresses import advertised_address, split_host_port
 from services.common.grpc_server import GrpcServer
 from services.common.logging import get_logger
 from services.common.messages import InstanceSpec
+from services.common.metrics import start_metrics
 from services.common.procs import write_ready_file
 from services.policies import LoadModelConfig
 from services.worker.async_engine import take_snapshot
@@ -29,6 +30,7 @@ from services.worker.engine import LLMEngine
 from services.worker.instance import WorkerInstance
 from services.worker.kunserve.faults import NO_GROUP_FAULTS, GroupFaultHooks
 from services.worker.llumlet import Llumlet
+from services.worker.metrics import WorkerMetrics
 from services.worker.migration import MigrationTarget
 from services.worker.migration.faults import NO_FAULTS, FaultHooks
 from services.worker.servicer import WorkerServicer
@@ -98,8 +100,14 @@ async def serve(
     servicer.instance = instance
     await server.set_serving()
     reporter = asyncio.create_task(instance.llumlet.run())
+    metrics_endpoint = None
+    if instance.metrics is not None:
+        instance.metrics.watch(instance.metrics_view)
+        metrics_endpoint = start_metrics(instance.metrics.registry, config.telemetry.metrics_bind)
     if config.ready_file:
-        write_ready_file(config.ready_file, address)
+        write_ready_file(
+            config.ready_file, address, metrics_endpoint.address if metrics_endpoint else ""
+        )
     engine = instance.async_engine.engine
     log.info(
         "worker_ready",
@@ -112,6 +120,8 @@ async def serve(
         await server.wait_stop_requested()
     finally:
         await _stop(server, instance, reporter)
+        if metrics_endpoint is not None:
+            metrics_endpoint.stop()
 
 
 async def _start_instance(
@@ -137,7 +147,12 @@ async def _start_instance(
         take_snapshot(engine),
         report_interval_s=config.report_interval_s,
     )
-    instance = WorkerInstance(engine, llumlet, config.owner_unreachable_s)
+    metrics = (
+        WorkerMetrics(instance_id, config.engine.model)
+        if config.telemetry.metrics_enabled
+        else None
+    )
+    instance = WorkerInstance(engine, llumlet, config.owner_unreachable_s, metrics)
     instance.start()
     migration = instance.attach_migration(transport, config.migration, faults)
     instance.attach_kunserve(transport, config.kunserve, group_faults)

@@ -10,9 +10,11 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 
 import httpx
 
+from bench._otlp_receiver import OtlpReceiver
 from gateway.client import Client
 from services.cli.main import main
 from services.common.procs import REPO_ROOT
@@ -72,9 +74,13 @@ def _lines(stream) -> queue.Queue:
 
 
 def test_up_serves_and_sigterm_stops_every_process(tmp_path):
+    """Also: `--otlp-endpoint` sends every service's traces there, and the banner says
+    where each service's metrics are."""
+    receiver = OtlpReceiver().start()
     up = subprocess.Popen(
         [sys.executable, "-m", "services.cli.main", "up", "--workers", "1", "--gateway-port", "0",
-         "--http-port", "0", "--scheduler-port", "0", "--no-table", "--log-dir", str(tmp_path)],
+         "--http-port", "0", "--scheduler-port", "0", "--no-table", "--log-dir", str(tmp_path),
+         "--otlp-endpoint", receiver.endpoint],
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -87,11 +93,38 @@ def test_up_serves_and_sigterm_stops_every_process(tmp_path):
             line = lines.get(timeout=180)
             assert line is not None, "".join(output)
             output.append(line)
-        output.append(lines.get(timeout=10))  # the "try: ./llmesh generate" line
+        while "try:" not in output[-1]:
+            output.append(lines.get(timeout=10))
         gateway = re.search(r"llmesh is up: gateway (\S+)", "".join(output)).group(1)
         assert "./llmesh generate --gateway" in "".join(output)
+        assert f"traces:  OTLP to {receiver.endpoint}" in "".join(output)
+        metrics = dict(re.findall(r"(\S+)=(http://\S+/metrics)", "".join(output)))
+        assert sorted(metrics) == ["gateway", "scheduler", "worker-0"]
         with Client(gateway, timeout_s=60) as client:
-            assert len(client.generate(prompt_token_ids=[1, 2], max_tokens=3).token_ids) == 3
+            reply = client.generate(prompt_token_ids=[1, 2], max_tokens=3, request_id="up-traced")
+            assert len(reply.token_ids) == 3
+        with urllib.request.urlopen(metrics["gateway"], timeout=10) as page:
+            assert (
+                'llmesh:request_success_total{finished_reason="length",model_name="tiny"} 1.0'
+                in page.read().decode()
+            )
+        with urllib.request.urlopen(metrics["worker-0"], timeout=10) as page:
+            assert (
+                'llmesh:num_requests_running{instance_id="worker-0",model_name="tiny"}'
+                in page.read().decode()
+            )
+        wait_until(
+            lambda: (
+                {
+                    (s.service, s.name)
+                    for s in receiver.snapshot()
+                    if s.attributes.get("llmesh.request_id") == "up-traced"
+                }
+                >= {("llmesh-gateway", "gateway.generate"), ("llmesh-worker", "worker.request")}
+            ),
+            timeout_s=30,
+            what="the request's spans at the OTLP receiver",
+        )
         while not any("OpenAI API:" in line for line in output):
             output.append(lines.get(timeout=10))
         base_url = re.search(r"OpenAI API: (\S+)", "".join(output)).group(1)
@@ -105,6 +138,12 @@ def test_up_serves_and_sigterm_stops_every_process(tmp_path):
             "completion_tokens": 3,
             "total_tokens": 5,
         }
+        # The HTTP request went through the same request path: the gateway's metrics
+        # (also on the HTTP port's /metrics) count both.
+        page = httpx.get(base_url.removesuffix("/v1") + "/metrics", timeout=10).text
+        assert (
+            'llmesh:request_success_total{finished_reason="length",model_name="tiny"} 2.0' in page
+        )
         children = [json.loads(p.read_text())["pid"] for p in tmp_path.glob("*.ready.json")]
         assert len(children) == 3  # scheduler, worker, gateway
 
@@ -114,6 +153,7 @@ def test_up_serves_and_sigterm_stops_every_process(tmp_path):
         if up.poll() is None:
             up.kill()
             up.wait()
+        receiver.stop()
     for pid in children:
         try:
             os.kill(pid, 0)

@@ -263,6 +263,9 @@ class LLMEngine:
             num_decode_requests=len(batch.requests) - len(multi),
             preempted_request_ids=list(batch.preempted_request_ids),
             elapsed_s=result.elapsed_s,
+            started_request_ids=[
+                r.request_id for r in batch.requests if r.num_computed_tokens == 0
+            ],
         )
         return outputs
 

@@ -54,3 +54,6 @@ class StepInfo:
     num_decode_requests: int = 0
     preempted_request_ids: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
+    # Requests whose first computation (prefill from token 0) this step began: their
+    # queueing ended here (tracing's queue / prefill split).
+    started_request_ids: list[str] = field(default_factory=list)

@@ -35,6 +35,7 @@ from opentelemetry import trace
 
 from services.common.groups import ExchangePlan, GroupSpec, GroupStatus, KVTransferSpec
 from services.common.logging import get_logger
+from services.common.tracing import context_from_dict
 from services.worker.engine import (
     GroupCapacityError,
     LLMEngine,
@@ -164,10 +165,19 @@ class GroupLeader:
             for stage, reply in joined.items()
             for r in reply.requests
         }
+        trace_contexts = {
+            r.handoff.state.request_id: r.handoff.trace_context
+            for reply in joined.values()
+            for r in reply.requests
+        }
+        drop_span = trace.get_current_span().get_span_context()
         for request_id in needs_exchange:  # the origin already holds its own layers
             self.pending[request_id].discard(origin[request_id])
+            # In the request's trace (one request, one trace), linked to the drop.
             self._exchange_spans[request_id] = tracer.start_span(
                 "kunserve.exchange",
+                context=context_from_dict(trace_contexts.get(request_id)),
+                links=[trace.Link(drop_span)] if drop_span.is_valid else (),
                 attributes={"llmesh.request_id": request_id, "llmesh.group_id": group.group_id},
             )
         for stage, reply in joined.items():
@@ -197,6 +207,7 @@ class GroupLeader:
             cost=cost,
             on_failure=lambda exc: m.lost(f"pipeline transfer failed: {exc}"),
             exchange=m.kv_exchange,
+            on_round_trip=m.hooks.on_round_trip,
         )
 
         def adopt(engine: LLMEngine) -> None:

@@ -70,6 +70,8 @@ class MemberHooks:
     set_epoch: Callable[[str, int], None]  # placement epoch of a request running here
     is_busy: Callable[[], str]  # why it cannot join now ("" if it can)
     on_changed: Callable[[], None]  # role / layers changed: report load
+    # Stage 0: seconds from sending a micro-batch's activations to its tokens' return.
+    on_round_trip: Callable[[float], None] = lambda seconds: None
 
 
 class GroupMembership:

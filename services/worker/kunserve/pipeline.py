@@ -141,10 +141,14 @@ class PipelineDriver:
         cost: MicroBatchCost,
         on_failure: Callable[[BaseException], None],
         exchange: KVExchange | None = None,
+        on_round_trip: Callable[[float], None] = lambda seconds: None,
     ) -> None:
+        """on_round_trip(seconds): each micro-batch's activations out and tokens back
+        (the activation-latency metric; called on the engine thread)."""
         self.group_key = group_key
         self._transport = transport
         self._next = next_stage_address
+        self._on_round_trip = on_round_trip
         self._loop = loop
         self._wakeup = wakeup
         self.num_stages = num_stages
@@ -240,7 +244,9 @@ class PipelineDriver:
             item = self._in_flight.pop(seq, None)
             if item is None:
                 continue  # a result of a micro-batch this driver no longer waits for
-            self.stats.samples_ms.append((time.perf_counter() - item.sent_at) * 1000)
+            round_trip_s = time.perf_counter() - item.sent_at
+            self.stats.samples_ms.append(round_trip_s * 1000)
+            self._on_round_trip(round_trip_s)
             if not any(r.is_sampling for r in item.batch.requests):
                 token_ids = []  # the last stage's pad of an empty result
             self.stats.num_tokens_returned += len(token_ids)

@@ -55,6 +55,7 @@ class WorkerMigration:
             handoff_for=self._handoff_for,
             on_committed=self._on_committed,
             faults=faults,
+            trace_context_of=hooks.trace_context_of,
         )
         self.destination = MigrationDestination(
             async_engine,
@@ -112,11 +113,14 @@ class WorkerMigration:
             request_ids = self._selection.select(running, num_requests or 1)
         self._hooks.on_count_changed()
         try:
-            return list(
-                await asyncio.gather(*(self.source.migrate(r, target, mode) for r in request_ids))
+            results = await asyncio.gather(
+                *(self.source.migrate(r, target, mode) for r in request_ids)
             )
         finally:
             self._hooks.on_count_changed()
+        for result in results:
+            self._hooks.on_migrated(result, mode)
+        return list(results)
 
     def migrate_out_soon(self, target: MigrationTarget, request_id: str, num_requests: int) -> None:
         """A scheduler command: migrate in the background."""
@@ -179,7 +183,9 @@ class MigrationHooks:
         forget: Callable[[str], None],
         is_draining: Callable[[], bool],
         on_count_changed: Callable[[], None],
+        on_migrated: Callable[[MigrationResult, MigrationMode], None] = lambda result, mode: None,
     ) -> None:
+        """on_migrated(result, mode): each outgoing migration's end (the metrics)."""
         self.owner_of = owner_of
         self.trace_context_of = trace_context_of
         self.publish = publish
@@ -187,3 +193,4 @@ class MigrationHooks:
         self.forget = forget
         self.is_draining = is_draining
         self.on_count_changed = on_count_changed
+        self.on_migrated = on_migrated

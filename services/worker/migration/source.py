@@ -27,11 +27,12 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from kvtransport import Transport
 from services.common.logging import bind_context, get_logger
-from services.common.tracing import context_to_dict, get_tracer
+from services.common.tracing import context_from_dict, context_to_dict, get_tracer
 from services.worker.async_engine import AsyncEngine
 from services.worker.engine import LLMEngine, RequestState, RequestStatus
 from services.worker.migration.config import MigrationConfig
@@ -123,10 +124,13 @@ class MigrationSource:
         on_committed: Callable[[RequestHandoff, MigrationTarget], Awaitable[None] | None]
         | None = None,
         faults: FaultHooks = NO_FAULTS,
+        trace_context_of: Callable[[str], dict[str, str]] = lambda request_id: {},
     ) -> None:
         """handoff_for(request_id, state) wraps the engine state with what the worker
         keeps beside it (owner gateway, trace context, placement epoch); `faults` are
-        the tests' hooks into the protocol (none by default)."""
+        the tests' hooks into the protocol (none by default); trace_context_of(request_id)
+        is the request's span here, the parent of its migration's span."""
+        self._trace_context_of = trace_context_of
         self._instance_id = instance_id
         self._engine = async_engine
         self._transport = transport
@@ -176,15 +180,7 @@ class MigrationSource:
             async with self._slots:
                 with (
                     bind_context(request_id=request_id, migration_id=migration_id),
-                    tracer.start_as_current_span(
-                        "migration",
-                        attributes={
-                            "llmesh.request_id": request_id,
-                            "llmesh.migration_id": migration_id,
-                            "llmesh.src_instance_id": self._instance_id,
-                            "llmesh.dst_instance_id": target.instance_id,
-                        },
-                    ) as span,
+                    self._span(migration) as span,
                 ):
                     reason = ""
                     try:
@@ -192,11 +188,16 @@ class MigrationSource:
                     except MigrationAborted as exc:
                         reason = str(exc)
                         span.set_status(Status(StatusCode.ERROR, reason))
-                    span.set_attribute("llmesh.outcome", migration.status.value)
-                    span.set_attribute("llmesh.num_stages", migration.sent.num_stages)
-                    span.set_attribute("llmesh.num_blocks", migration.sent.num_blocks_sent)
-                    span.set_attribute("llmesh.num_bytes", migration.sent.num_bytes)
-                    span.set_attribute("llmesh.downtime_ms", migration.downtime_ms)
+                    span.set_attributes(
+                        {
+                            "llmesh.outcome": migration.status.value,
+                            "llmesh.reason": reason,
+                            "llmesh.num_stages": migration.sent.num_stages,
+                            "llmesh.num_blocks": migration.sent.num_blocks_sent,
+                            "llmesh.num_bytes": migration.sent.num_bytes,
+                            "llmesh.downtime_ms": migration.downtime_ms,
+                        }
+                    )
                     log.info(
                         "migration_finished",
                         status=migration.status.value,
@@ -223,6 +224,23 @@ class MigrationSource:
         self.results.append(result)
         del self.results[:-256]
         return result
+
+    def _span(self, m: _Migration):
+        """The migration's span: a child of the request's span here (one request, one
+        trace), linked to what ordered it (a scheduler decision, an operator's call)."""
+        ordered_by = trace.get_current_span().get_span_context()
+        return tracer.start_as_current_span(
+            "migration",
+            context=context_from_dict(self._trace_context_of(m.request_id)),
+            links=[trace.Link(ordered_by)] if ordered_by.is_valid else (),
+            attributes={
+                "llmesh.request_id": m.request_id,
+                "llmesh.migration_id": m.migration_id,
+                "llmesh.mode": m.mode.value,
+                "llmesh.src_instance_id": self._instance_id,
+                "llmesh.dst_instance_id": m.target.instance_id,
+            },
+        )
 
     # ---- protocol --------------------------------------------------------------------
 
@@ -266,7 +284,10 @@ class MigrationSource:
             trace_context=context_to_dict(),
         )
         try:
-            reply = await client.prepare(offer)
+            with tracer.start_as_current_span(
+                "migration.prepare", attributes={"llmesh.num_blocks_reserved": num_blocks}
+            ):
+                reply = await client.prepare(offer)
         except ConnectionError as exc:
             m.set_status(MigrationStatus.ABORTED)
             raise MigrationAborted(AbortReason.DESTINATION_UNREACHABLE, str(exc)) from exc
@@ -296,13 +317,11 @@ class MigrationSource:
                     or m.num_rounds >= self._config.max_stages - 1
                 ):
                     break
-                with tracer.start_as_current_span("migration.stage") as span:
-                    span.set_attribute("llmesh.stage_index", m.num_rounds)
-                    # Full blocks never change: read them beside the engine's steps.
-                    await self._stages.send_blocks(
-                        client, m.sent, len(sent_ids), snap.block_ids[len(sent_ids) : num_full],
-                        is_last=False, span=span,
-                    )  # fmt: skip
+                # Full blocks never change: read them beside the engine's steps.
+                await self._stages.send_blocks(
+                    client, m.sent, len(sent_ids), snap.block_ids[len(sent_ids) : num_full],
+                    is_last=False,
+                )  # fmt: skip
                 m.num_rounds += 1
                 sent_ids = snap.block_ids[:num_full]
         except MigrationAborted:
@@ -346,18 +365,17 @@ class MigrationSource:
         num_blocks = math.ceil(state.num_computed_tokens / self._engine.engine.config.block_size)
         try:
             if m.mode is not MigrationMode.RECOMPUTE:
-                with tracer.start_as_current_span("migration.last_stage") as span:
-                    span.set_attribute("llmesh.stage_index", m.num_rounds)
-                    await self._stages.send_blocks(
-                        client, m.sent, len(sent_ids), snap.block_ids[len(sent_ids) : num_blocks],
-                        is_last=True, span=span,
-                    )  # fmt: skip
+                await self._stages.send_blocks(
+                    client, m.sent, len(sent_ids), snap.block_ids[len(sent_ids) : num_blocks],
+                    is_last=True,
+                )  # fmt: skip
             m.set_status(MigrationStatus.COMMITTING)
             await self._faults.before_commit()
             handoff = self._handoff_for(m.request_id, state)
-            committed, detail = await self._commit(
-                client, CommitOffer(m.migration_id, handoff, num_blocks)
-            )
+            with tracer.start_as_current_span("migration.commit"):
+                committed, detail = await self._commit(
+                    client, CommitOffer(m.migration_id, handoff, num_blocks)
+                )
         except MigrationAborted as exc:
             await self._resume_here(m)
             await self._abort_remote(client, m, exc.reason)

@@ -23,13 +23,15 @@ import torch
 
 from kvtransport import TrafficClass, Transport
 from kvtransport.errors import TransportError
-from services.common.tracing import context_to_dict
+from services.common.tracing import context_to_dict, get_tracer
 from services.worker.engine import LLMEngine
 from services.worker.migration.buffers import StagingBuffers
 from services.worker.migration.config import MigrationConfig
 from services.worker.migration.faults import FaultHooks
 from services.worker.migration.status import AbortReason, MigrationAborted
 from services.worker.migration.types import DestinationClient, StageOffer
+
+tracer = get_tracer(__name__)
 
 
 @dataclass
@@ -62,7 +64,6 @@ class StageSender:
         first: int,
         block_ids: tuple[int, ...],
         is_last: bool,
-        span,
     ) -> None:
         """Send blocks [first, first + len(block_ids)) of the block table, chunked and
         read ahead. A last stage with nothing left still sends one empty offer: the
@@ -70,9 +71,6 @@ class StageSender:
         engine = self._engine
         per_chunk = max(1, self.buffers.chunk_bytes // engine.kv_block_nbytes)
         chunks = [list(block_ids[i : i + per_chunk]) for i in range(0, len(block_ids), per_chunk)]
-        span.set_attribute("llmesh.num_blocks", len(block_ids))
-        span.set_attribute("llmesh.num_transfers", len(chunks))
-        span.set_attribute("llmesh.num_bytes", len(block_ids) * engine.kv_block_nbytes)
         if not chunks:
             if is_last:
                 await self._send_stage(client, progress, first, None, is_last=True)
@@ -112,7 +110,29 @@ class StageSender:
         data: torch.Tensor | None,
         is_last: bool,
     ) -> None:
-        """One stage offer and its transfer: blocks [first, first + data's blocks)."""
+        """One stage offer and its transfer: blocks [first, first + data's blocks), in
+        one `migration.stage` span (a child of the migration's)."""
+        num_blocks = 0 if data is None else data.shape[2]
+        with tracer.start_as_current_span(
+            "migration.stage",
+            attributes={
+                "llmesh.stage_index": progress.num_stages,
+                "llmesh.first_block": first,
+                "llmesh.num_blocks": num_blocks,
+                "llmesh.num_bytes": 0 if data is None else data.numel() * data.element_size(),
+                "llmesh.is_last": is_last,
+            },
+        ):
+            await self._offer_and_send(client, progress, first, data, is_last)
+
+    async def _offer_and_send(
+        self,
+        client: DestinationClient,
+        progress: StageProgress,
+        first: int,
+        data: torch.Tensor | None,
+        is_last: bool,
+    ) -> None:
         stage_index = progress.num_stages
         await self._faults.before_stage(stage_index)
         num_blocks = 0 if data is None else data.shape[2]

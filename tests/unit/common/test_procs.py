@@ -12,8 +12,12 @@ from services.common.procs import ServiceStartError, start_service, write_ready_
 
 def test_ready_file_is_written_atomically(tmp_path):
     path = tmp_path / "svc.ready.json"
-    write_ready_file(str(path), "127.0.0.1:5")
-    assert json.loads(path.read_text()) == {"address": "127.0.0.1:5", "pid": os.getpid()}
+    write_ready_file(str(path), "127.0.0.1:5", metrics_address="127.0.0.1:6")
+    assert json.loads(path.read_text()) == {
+        "address": "127.0.0.1:5",
+        "pid": os.getpid(),
+        "metrics_address": "127.0.0.1:6",
+    }
     assert sorted(p.name for p in tmp_path.iterdir()) == ["svc.ready.json"]
 
 

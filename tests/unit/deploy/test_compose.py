@@ -10,8 +10,10 @@ from __future__ import annotations
 import logging
 
 import pytest
+import yaml
 
 from bench._compose import (
+    COMPOSE_DIR,
     ENV_EXAMPLE,
     ComposeError,
     compose_config,
@@ -32,13 +34,6 @@ FILE_SETS = {
     "worker with RDMA": ["worker.yaml", "worker.rdma.yaml"],
 }
 LLMESH_SERVICES = {"scheduler": SchedulerConfig, "gateway": GatewayConfig, "worker": WorkerConfig}
-# Variables the compose files set for features landing from other issues (metrics
-# endpoints); not fields of the configs on this branch yet.
-PENDING_FIELDS = {
-    "LLMESH_SCHEDULER_METRICS_PORT",
-    "LLMESH_GATEWAY_METRICS_PORT",
-    "LLMESH_WORKER_METRICS_PORT",
-}
 
 
 def services(files, **changes) -> dict[str, dict]:
@@ -61,6 +56,29 @@ def test_multi_host_files_refuse_to_start_without_the_addresses(files, missing):
         compose_config(files, env)
 
 
+def test_prometheus_scrapes_the_metrics_ports_the_demo_binds():
+    resolved = resolved_services(["compose.yaml"], {})
+    bound = {
+        name: int(env[f"LLMESH_{s['command'][0].upper()}_TELEMETRY_METRICS_BIND"].rsplit(":", 1)[1])
+        for name, s in resolved.items()
+        if s.get("command") and (env := service_environment(s))
+    }
+    config = yaml.safe_load((COMPOSE_DIR / "observability" / "prometheus.yml").read_text())
+    scraped = {
+        job["job_name"]: sorted(
+            int(target.rsplit(":", 1)[1])
+            for static in job["static_configs"]
+            for target in static["targets"]
+        )
+        for job in config["scrape_configs"]
+    }
+    assert scraped == {
+        "llmesh-scheduler": [bound["scheduler"]],
+        "llmesh-gateway": [bound["gateway"]],
+        "llmesh-worker": sorted([bound["worker-0"], bound["worker-1"]]),
+    }
+
+
 def test_one_host_demo_needs_no_env_file():
     resolved = resolved_services(["compose.yaml"], {})
     assert set(resolved) == {
@@ -71,7 +89,10 @@ def test_one_host_demo_needs_no_env_file():
         "worker-0": "127.0.0.1:50061",
         "worker-1": "127.0.0.1:50062",
     }
-    assert len({e["LLMESH_WORKER_METRICS_PORT"] for e in envs.values()}) == 2
+    assert {n: e["LLMESH_WORKER_TELEMETRY_METRICS_BIND"] for n, e in envs.items()} == {
+        "worker-0": "0.0.0.0:9103",
+        "worker-1": "0.0.0.0:9104",
+    }
     # Traces go to the demo's Jaeger.
     endpoints = {service_environment(s)["OTEL_EXPORTER_OTLP_ENDPOINT"] for s in resolved.values() if s.get("command")}  # fmt: skip
     assert endpoints == {"http://127.0.0.1:4317"}
@@ -126,12 +147,16 @@ def test_worker_reserves_its_gpus_from_the_env():
     assert device == {"driver": "nvidia", "device_ids": ["2,3"], "capabilities": ["gpu"]}
 
 
-def test_an_empty_otlp_endpoint_turns_traces_off():
-    for name, service in services(["head.yaml"], OTLP_ENDPOINT="").items():
-        env = service_environment(service)
-        if service.get("command"):
-            assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "", name
-            assert env[f"LLMESH_{name.upper()}_OTLP_ENDPOINT"] == "", name
+@pytest.mark.parametrize("endpoint", ["", "http://10.0.0.9:4317"])
+def test_the_otlp_endpoint_reaches_every_service_config_and_empty_turns_traces_off(endpoint):
+    for name, service in services(["head.yaml"], OTLP_ENDPOINT=endpoint).items():
+        if not service.get("command"):
+            continue
+        command = service["command"][0]
+        config = load_config(
+            LLMESH_SERVICES[command], command.upper(), environ=service_environment(service)
+        )
+        assert config.telemetry.otlp_endpoint == endpoint, name
 
 
 def test_ucx_transports_are_chosen_in_the_env_file():
@@ -158,7 +183,7 @@ def test_head_runs_observability_with_the_shared_config_paths(files):
     for name in ("scheduler", "gateway"):
         env = service_environment(resolved[name])
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == EXAMPLE["OTLP_ENDPOINT"]
-        assert f"LLMESH_{name.upper()}_METRICS_PORT" in env
+        assert f"LLMESH_{name.upper()}_TELEMETRY_METRICS_BIND" in env
     assert "LLMESH_GATEWAY_HTTP_BIND" in service_environment(resolved["gateway"])
 
 
@@ -170,7 +195,7 @@ def test_every_llmesh_variable_is_a_valid_field_of_its_service(files, caplog):
         command = service.get("command") or [""]
         if command[0] not in LLMESH_SERVICES:
             continue
-        env = {k: v for k, v in service_environment(service).items() if k not in PENDING_FIELDS}
+        env = service_environment(service)
         caplog.clear()
         with caplog.at_level(logging.WARNING):
             load_config(LLMESH_SERVICES[command[0]], command[0].upper(), environ=env)

@@ -237,11 +237,13 @@ def test_preemption_callback_and_last_step(make_engine):
     engine.add_request("a", [1] * 4, SamplingParams(max_tokens=8, ignore_eos=True))
     engine.add_request("b", [2] * 4, SamplingParams(max_tokens=8, ignore_eos=True))
     tokens = collect(engine.step(), {})  # a and b fill a block each
+    assert engine.last_step.started_request_ids == ["a", "b"]  # their prefill began
     collect(
         engine.step(), tokens
     )  # a takes the last free block; b needs one too and preempts itself
     assert preempted == ["b"]
     assert engine.last_step.preempted_request_ids == ["b"]
+    assert engine.last_step.started_request_ids == []  # a decodes; b waits again
     assert engine.request_status("b") is RequestStatus.WAITING
     outputs = run_to_completion(engine, tokens)
     assert outputs["a"] == reference(tuple([1] * 4))[:8]
