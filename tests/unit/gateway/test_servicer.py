@@ -7,32 +7,20 @@ import types
 import grpc
 import pytest
 
-from gateway.admission import AdmissionControl
 from gateway.client import build_request
 from gateway.cluster_view import ClusterView, InstanceView
-from gateway.generations import Generations, PlacementSettings
 from gateway.servicer import GatewayServicer
-from gateway.sessions import SessionTable
 from protos import gateway_pb2, gateway_pb2_grpc
 from services.common.grpc_server import GrpcServer
 from services.common.messages import InstanceSpec
-from services.common.tokenizer import ByteTokenizer
 from services.policies import InstanceLoad
+from tests.unit.gateway.fakes import idle_generations
 
 
 @pytest.fixture
 async def gateway():
-    view = ClusterView()
-    sessions = SessionTable()
-    generations = Generations(
-        sessions=sessions,
-        view=view,
-        dispatcher=None,
-        pool=None,
-        admission=AdmissionControl(max_inflight_requests=1, max_waiting_per_instance=8),
-        tokenizer=ByteTokenizer(),
-        placement=PlacementSettings(owner_address="gw:1", max_placements=2),
-    )
+    generations = idle_generations()
+    view, sessions = generations.view, generations.sessions
     servicer = GatewayServicer(generations, model_id="tiny")
     server = GrpcServer("gateway", "127.0.0.1:0", grace_s=0)
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server.server)

@@ -9,36 +9,24 @@ import types
 import httpx
 import pytest
 
-from gateway.admission import AdmissionControl
 from gateway.cluster_view import ClusterView, InstanceView
-from gateway.generations import Generations, PlacementSettings
 from gateway.http_api.app import build_app
 from gateway.http_api.chat_template import load_chat_template
 from gateway.http_api.server import HttpServer
-from gateway.sessions import SessionTable
 from services.common.messages import InstanceSpec
-from services.common.tokenizer import ByteTokenizer
 from services.policies import InstanceLoad
+from tests.unit.gateway.fakes import idle_generations
 
 MAX_BODY_BYTES = 4096
 
 
 @pytest.fixture
 async def api():
-    view = ClusterView()
-    sessions = SessionTable()
-    generations = Generations(
-        sessions=sessions,
-        view=view,
-        dispatcher=None,
-        pool=None,
-        admission=AdmissionControl(max_inflight_requests=1, max_waiting_per_instance=8),
-        tokenizer=ByteTokenizer(),
-        placement=PlacementSettings(owner_address="gw:1", max_placements=2),
-    )
+    generations = idle_generations()
+    view, sessions = generations.view, generations.sessions
     app = build_app(
         generations,
-        load_chat_template("tiny", ByteTokenizer()),
+        load_chat_template("tiny", generations.tokenizer),
         model_id="tiny",
         max_body_bytes=MAX_BODY_BYTES,
     )
