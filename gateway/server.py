@@ -118,9 +118,8 @@ async def serve(config: GatewayConfig, server: GrpcServer | None = None) -> None
     await server.set_serving()
     if config.ready_file:
         extra = {"http_address": http.address} if http is not None else {}
-        if metrics_endpoint is not None:
-            extra["metrics_address"] = metrics_endpoint.address
-        write_ready_file(config.ready_file, server.address, **extra)
+        metrics_address = metrics_endpoint.address if metrics_endpoint else ""
+        write_ready_file(config.ready_file, server.address, metrics_address, **extra)
     log.info(
         "gateway_ready",
         address=server.address,

@@ -43,12 +43,14 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 _PR_SET_PDEATHSIG = 1
 
 
-def write_ready_file(path: str, address: str, **extra: str) -> None:
-    """Called by a service once it is SERVING: tells the parent where it listens
-    (`extra`: other addresses, e.g. the gateway's `http_address`)."""
+def write_ready_file(path: str, address: str, metrics_address: str = "", **extra: str) -> None:
+    """Called by a service once it is SERVING: tells the parent where it listens, where
+    its Prometheus /metrics are ("" = off) and `extra` addresses (the gateway's
+    `http_address`)."""
     target = Path(path)
     tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps({"address": address, "pid": os.getpid(), **extra}))
+    ready = {"address": address, "pid": os.getpid(), "metrics_address": metrics_address}
+    tmp.write_text(json.dumps({**ready, **extra}))
     os.replace(tmp, target)
 
 
