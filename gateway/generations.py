@@ -4,7 +4,7 @@
     run(session)            place it, then hand out its chunks; on exit (finished,
                             client gone, error) abort it on its worker and unregister
 
-The gRPC servicer (servicer.py) and the OpenAI HTTP API (gateway/http/) both translate
+The gRPC servicer (servicer.py) and the OpenAI HTTP API (gateway/http_api/) both translate
 their requests into a GenerateRequest and go through here, so the same request and seed
 give the same tokens on either face, with the same validation, admission, failover,
 migration-proof streaming and cancellation.

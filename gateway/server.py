@@ -111,23 +111,24 @@ async def serve(config: GatewayConfig, server: GrpcServer | None = None) -> None
             timeout_s=config.dispatch_timeout_s,
         )
     )
-    metrics_endpoint = start_metrics(
-        metrics.registry if metrics else None, config.telemetry.metrics_bind
-    )
-    http = await _start_http(config, gateway, tokenizer, metrics)
-    await server.set_serving()
-    if config.ready_file:
-        extra = {"http_address": http.address} if http is not None else {}
-        metrics_address = metrics_endpoint.address if metrics_endpoint else ""
-        write_ready_file(config.ready_file, server.address, metrics_address, **extra)
-    log.info(
-        "gateway_ready",
-        address=server.address,
-        http_address=http.address if http is not None else "",
-        owner_address=owner_address,
-        scheduler=config.scheduler_address,
-    )
-    try:
+    http = metrics_endpoint = None
+    try:  # whatever fails to start, what did start is stopped
+        metrics_endpoint = start_metrics(
+            metrics.registry if metrics else None, config.telemetry.metrics_bind
+        )
+        http = await _start_http(config, gateway, tokenizer, metrics)
+        await server.set_serving()
+        if config.ready_file:
+            extra = {"http_address": http.address} if http is not None else {}
+            metrics_address = metrics_endpoint.address if metrics_endpoint else ""
+            write_ready_file(config.ready_file, server.address, metrics_address, **extra)
+        log.info(
+            "gateway_ready",
+            address=server.address,
+            http_address=http.address if http is not None else "",
+            owner_address=owner_address,
+            scheduler=config.scheduler_address,
+        )
         server.install_signal_handlers()
         await server.wait_stop_requested()
     finally:

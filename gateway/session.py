@@ -15,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import grpc
 
 from gateway.dispatcher import Dispatcher
+from gateway.telemetry import RequestTelemetry
 from gateway.tracker import PlacementStatus, RequestTracker
 from gateway.validation import GenerationSpec
 from gateway.workers import WorkerPool
@@ -28,9 +29,6 @@ from services.common.errors import AlreadyExistsError, UnavailableError
 from services.common.logging import get_logger
 from services.common.messages import FinishReason, OutputDelta, RequestSpec
 from services.common.tracing import context_to_dict
-
-if TYPE_CHECKING:
-    from gateway.telemetry import RequestTelemetry
 
 log = get_logger(__name__)
 
@@ -219,15 +217,18 @@ class GenerationSession:
                 continue
             await tracker.wait_changed()
 
-    def abort(self) -> bool:
-        """Finish the stream as ABORT and stop the request on its worker.
+    def abort(
+        self, reason: FinishReason = FinishReason.ABORT, num_tokens: int | None = None
+    ) -> bool:
+        """Finish the stream (as ABORT, or as STOP at num_tokens when the gateway found a
+        stop string) and stop the request on its worker.
 
         Also used when the client stream ends early. False if it had already finished.
         """
         if self.tracker.is_finished:
             return False
         is_on_worker = self.tracker.status is PlacementStatus.PLACED
-        self.tracker.finish_aborted()
+        self.tracker.finish_aborted(reason, num_tokens)
         if is_on_worker:
             self._abort_on_worker()
         # Otherwise a placement may be in flight: place() aborts once Submit returns.

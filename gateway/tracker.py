@@ -104,9 +104,12 @@ class RequestTracker:
             self._finish_at = finish_at
             self.finish_reason = reason
 
-    def finish_aborted(self) -> None:
-        """The client or an operator aborted it: complete at what was received so far."""
-        self._finish(FinishReason.ABORT, len(self.tokens))
+    def finish_aborted(
+        self, reason: FinishReason = FinishReason.ABORT, num_tokens: int | None = None
+    ) -> None:
+        """The client or an operator aborted it (or, with reason STOP, a stop string the
+        gateway found ended it at num_tokens): complete at what was received so far."""
+        self._finish(reason, len(self.tokens) if num_tokens is None else num_tokens)
         self.status = PlacementStatus.DONE
         self._pending.clear()
         self._changed.set()

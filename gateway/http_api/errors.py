@@ -11,6 +11,8 @@ from starlette.responses import Response
 
 from services.common.errors import (
     AlreadyExistsError,
+    DeadlineExceededError,
+    FailedPreconditionError,
     NotFoundError,
     ResourceExhaustedError,
     ServiceError,
@@ -83,4 +85,8 @@ def from_service_error(exc: ServiceError) -> APIError:
         return APIError(409, message, code="request_id_in_use")
     if isinstance(exc, NotFoundError):
         return APIError(404, message, error_type="not_found_error")
+    if isinstance(exc, DeadlineExceededError):
+        return APIError(504, message, error_type="timeout_error", code="timeout")
+    if isinstance(exc, FailedPreconditionError):
+        return APIError(409, message, code="failed_precondition")
     return APIError(500, message, error_type="internal_error")

@@ -22,7 +22,7 @@ from gateway.http_api.fields import INT64_MAX, Fields, int_list, is_int, shown, 
 from gateway.validation import MAX_PRIORITY, ModelLimits
 from protos import common_pb2, gateway_pb2
 
-MAX_N = 128  # choices per request (each is a request on the mesh)
+MAX_N = 128  # choices per request, over all its prompts (each is a request on the mesh)
 MAX_PROMPTS = 256  # prompts in one /v1/completions request
 MAX_STOP_STRINGS = 16
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -232,6 +232,14 @@ def parse_request(
     sampling = _sampling(fields, max_tokens or _default_max_tokens(is_chat, prompts[0], limits))
     fields.check_unknown()
 
+    if len(prompts) * n > MAX_N:
+        # Each choice is a request on the mesh: one HTTP request may not take the
+        # admission budget every other client shares.
+        raise invalid(
+            "n",
+            f"n={n} choices for each of {len(prompts)} prompts make {len(prompts) * n} "
+            f"requests; at most {MAX_N} in one request",
+        )
     prefix = "chatcmpl" if is_chat else "cmpl"
     response_id = f"{prefix}-{uuid.uuid4().hex}"
     choices = []

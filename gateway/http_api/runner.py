@@ -124,7 +124,8 @@ class PlanRun:
                     request_id=session.request_id,
                     num_output_tokens=text.num_tokens,
                 )
-                session.abort()  # the stop string ended it: free its blocks now
+                # The stop string ended it: free its blocks now; it finished as "stop".
+                session.abort(FinishReason.STOP, text.num_tokens)
                 return
             reason = chunk.finish_reason.value if is_final else None
             self._events.put_nowait(ChoiceEvent(choice, piece, list(chunk.token_ids), reason))

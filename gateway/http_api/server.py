@@ -14,16 +14,21 @@ import socket
 
 import uvicorn
 
+from services.common.addresses import advertised_address, split_host_port
+
 
 class HttpServer:
     def __init__(self, app, bind: str, grace_s: float) -> None:
-        host, _, port = bind.rpartition(":")
+        host, port = split_host_port(bind)
+        bare = host.strip("[]")  # an IPv6 host comes in brackets
+        family = socket.AF_INET6 if ":" in bare else socket.AF_INET
         try:
-            self._socket = socket.create_server((host, int(port)))
+            self._socket = socket.create_server((bare, int(port)), family=family)
         except (OSError, ValueError) as exc:
             raise OSError(f"http_bind={bind!r}: cannot listen there: {exc}") from None
         self._socket.setblocking(False)
-        self.address = f"{host}:{self._socket.getsockname()[1]}"
+        # What clients use: a wildcard bind is reported as this host's name.
+        self.address = advertised_address(f"{host}:{self._socket.getsockname()[1]}")
         config = uvicorn.Config(
             app,
             lifespan="off",
@@ -39,7 +44,11 @@ class HttpServer:
         self._main_loop: asyncio.Task | None = None
 
     async def start(self) -> None:
-        await self._server.startup(sockets=[self._socket])
+        try:
+            await self._server.startup(sockets=[self._socket])
+        except BaseException:
+            self._socket.close()
+            raise
         self._main_loop = asyncio.create_task(self._server.main_loop())
 
     async def stop(self) -> None:

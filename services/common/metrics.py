@@ -24,6 +24,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
+from services.common.addresses import advertised_address
 from services.common.logging import get_logger
 
 log = get_logger(__name__)
@@ -113,7 +114,8 @@ class MetricsEndpoint:
         threading.Thread(
             target=self._server.serve_forever, name="metrics-http", daemon=True
         ).start()
-        self.address = f"{host}:{self._server.server_port}"
+        # What scrapers use: a wildcard bind is reported as this host's name.
+        self.address = advertised_address(f"{host}:{self._server.server_port}")
         log.info("metrics_endpoint_started", address=self.address)
         return self.address
 

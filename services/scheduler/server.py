@@ -112,24 +112,27 @@ async def serve(config: SchedulerConfig, server: GrpcServer | None = None) -> No
     if scaling is not None:
         servicer.scaling_loop = scaling
         tasks.append(asyncio.create_task(scaling.run(on_round)))
-    metrics_endpoint = start_metrics(
-        metrics.registry if metrics else None, config.telemetry.metrics_bind
-    )
-    await server.set_serving()
-    if config.ready_file:
-        write_ready_file(
-            config.ready_file, server.address, metrics_endpoint.address if metrics_endpoint else ""
+    metrics_endpoint = None
+    try:  # whatever fails to start, the loops and the server are stopped
+        metrics_endpoint = start_metrics(
+            metrics.registry if metrics else None, config.telemetry.metrics_bind
         )
-    log.info(
-        "scheduler_ready",
-        address=server.address,
-        policy=config.policy,
-        dispatch_policy=config.dispatch_policy,
-        migration_policy=config.migration_policy,
-        group_policy=config.group_policy,
-        autoscale=config.autoscale,
-    )
-    try:
+        await server.set_serving()
+        if config.ready_file:
+            write_ready_file(
+                config.ready_file,
+                server.address,
+                metrics_endpoint.address if metrics_endpoint else "",
+            )
+        log.info(
+            "scheduler_ready",
+            address=server.address,
+            policy=config.policy,
+            dispatch_policy=config.dispatch_policy,
+            migration_policy=config.migration_policy,
+            group_policy=config.group_policy,
+            autoscale=config.autoscale,
+        )
         server.install_signal_handlers()
         await server.wait_stop_requested()
     finally:

@@ -179,6 +179,8 @@ class WorkerInstance:
         """A request migrated in: outputs go to its owner; its span continues its trace."""
         request_id = handoff.state.request_id
         self.router.register(request_id, handoff.owner_address)
+        # A span left from an earlier stay here ends before this one starts.
+        self.spans.end(request_id, {"llmesh.replaced": True})
         self.spans.start(
             request_id,
             handoff.trace_context,
@@ -246,6 +248,10 @@ class WorkerInstance:
             raise ValueError(
                 f"state.num_computed_tokens={spec.num_computed_tokens} must be 0 (KV arrives only by migration)"
             )
+        if self.spans.span_of(spec.request_id) is not None:
+            # Refused before anything is replaced: the running request keeps its span
+            # and its owner (the engine would refuse the import too).
+            raise AlreadyExistsError(f"request {spec.request_id} is already on this instance")
         state = engine_state(spec)
         # Started before the engine sees it: the engine may begin its prefill at once.
         span = self.spans.start(

@@ -44,7 +44,10 @@ class RequestSpans:
     def start(
         self, request_id: str, trace_context: dict[str, str], attributes: dict, decoding: bool
     ) -> trace.Span:
-        """`decoding`: it arrives mid-generation (migrated in), no queue or prefill here."""
+        """`decoding`: it arrives mid-generation (migrated in), no queue or prefill here.
+        A request already tracked is refused (ValueError): its span must not be lost."""
+        if request_id in self._timelines:
+            raise ValueError(f"request {request_id} already has a worker.request span")
         now = time.time_ns()
         span = tracer.start_span(
             "worker.request",

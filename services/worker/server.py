@@ -98,12 +98,18 @@ async def serve(
     address = advertised_address(server.address, config.advertise_address)
     instance = await _start_instance(config, instance_id, address, faults, group_faults)
     servicer.instance = instance
-    await server.set_serving()
-    reporter = asyncio.create_task(instance.llumlet.run())
     metrics_endpoint = None
     if instance.metrics is not None:
         instance.metrics.watch(instance.metrics_view)
-        metrics_endpoint = start_metrics(instance.metrics.registry, config.telemetry.metrics_bind)
+        try:  # before SERVING and the first report: a failure here leaves nothing behind
+            metrics_endpoint = start_metrics(
+                instance.metrics.registry, config.telemetry.metrics_bind
+            )
+        except BaseException:
+            await _stop(server, instance, None)
+            raise
+    await server.set_serving()
+    reporter = asyncio.create_task(instance.llumlet.run())
     if config.ready_file:
         write_ready_file(
             config.ready_file, address, metrics_endpoint.address if metrics_endpoint else ""
@@ -166,12 +172,16 @@ async def _start_instance(
     return instance
 
 
-async def _stop(server: GrpcServer, instance: WorkerInstance, reporter: asyncio.Task) -> None:
-    """NOT_SERVING (gateways move its requests), deregister, give requests up, stop."""
+async def _stop(
+    server: GrpcServer, instance: WorkerInstance, reporter: asyncio.Task | None
+) -> None:
+    """NOT_SERVING (gateways move its requests), deregister, give requests up, stop
+    (reporter None: it never started reporting)."""
     await server.set_serving(False)
-    reporter.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await reporter
+    if reporter is not None:
+        reporter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reporter
     await instance.llumlet.deregister()
     await instance.stop()
     await server.stop()

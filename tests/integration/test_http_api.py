@@ -8,6 +8,7 @@ seed; after each test every worker is idle with all blocks free (conftest).
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import httpx
@@ -145,6 +146,7 @@ def test_stop_string_cuts_the_output_and_frees_the_request(mesh, api, stream):
     sampling = {"max_tokens": 200, "temperature": 1.0, "seed": 11}
     tokens = grpc_tokens(mesh, PROMPT, ignore_eos=True, **sampling)
     stop, index = _stop_for(tokens)
+    finished_before = _finished_counts(mesh)
     response = api.completions.create(
         model="tiny", prompt=PROMPT, stop=[stop, "\x00\x00never"], stream=stream,
         extra_body=EXTRA, **({"stream_options": {"include_usage": True}} if stream else {}), **sampling,
@@ -160,6 +162,23 @@ def test_stop_string_cuts_the_output_and_frees_the_request(mesh, api, stream):
     assert (text, finish) == (TOKENIZER.decode(tokens[:index]), "stop")
     assert token_ids == tokens[: index + 1]  # up to the token that completed the stop
     assert usage.completion_tokens == index + 1
+    # The gateway's metrics count it as finished by "stop", not as an abort.
+    finished = _finished_counts(mesh)
+    assert finished.get("stop", 0) - finished_before.get("stop", 0) == 1
+    assert finished.get("abort", 0) == finished_before.get("abort", 0)
+
+
+def _finished_counts(mesh) -> dict[str, float]:
+    """llmesh:request_success_total by finished_reason, from the gateway's /metrics."""
+    page = httpx.get(f"http://{mesh.gateway.metrics_address}/metrics", timeout=10).text
+    return {
+        reason: float(value)
+        for reason, value in re.findall(
+            r'^llmesh:request_success_total\{finished_reason="(\w+)",model_name="tiny"\} (\S+)$',
+            page,
+            re.M,
+        )
+    }
 
 
 def test_stop_token_ids_end_like_eos(mesh, api):

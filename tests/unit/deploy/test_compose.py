@@ -79,6 +79,14 @@ def test_prometheus_scrapes_the_metrics_ports_the_demo_binds():
     }
 
 
+def test_the_one_host_demo_keeps_every_api_on_loopback():
+    # Only the read-only /metrics listen wider (Prometheus scrapes them from a bridge).
+    for name, service in resolved_services(["compose.yaml"], {}).items():
+        for key, value in service_environment(service).items():
+            if key.endswith("_BIND") and "TELEMETRY_METRICS" not in key:
+                assert value.startswith("127.0.0.1:"), (name, key, value)
+
+
 def test_one_host_demo_needs_no_env_file():
     resolved = resolved_services(["compose.yaml"], {})
     assert set(resolved) == {

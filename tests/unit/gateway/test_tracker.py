@@ -80,3 +80,14 @@ async def test_wait_changed_wakes_on_output():
     assert not waiter.done()
     tracker.on_output(delta(0, [1]), "a")
     await asyncio.wait_for(waiter, 1.0)
+
+
+def test_a_stop_string_finishes_as_stop_at_its_token():
+    # The HTTP API found a stop string completed by token 1 of the 3 received: the
+    # request finishes as "stop" there (what its metrics and spans report), not "abort".
+    tracker = RequestTracker("r")
+    tracker.mark_placed("a")
+    tracker.on_output(delta(0, [10, 11, 12]), "a")
+    tracker.finish_aborted(FinishReason.STOP, num_tokens=2)
+    assert (tracker.finish_reason, tracker.is_finished) == (FinishReason.STOP, True)
+    assert tracker.tokens[:2] == [10, 11]

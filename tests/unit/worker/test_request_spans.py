@@ -93,3 +93,14 @@ def test_end_all_ends_every_open_request(exporter):
         "shutdown",
     ]
     assert spans.end("a", {}) is None
+
+
+def test_a_second_start_of_a_tracked_request_is_refused_and_the_first_span_survives(exporter):
+    spans = RequestSpans()
+    first = spans.start("r", GATEWAY, {"llmesh.request_id": "r"}, decoding=False)
+    with pytest.raises(ValueError, match="already has a worker.request span"):
+        spans.start("r", GATEWAY, {"llmesh.request_id": "r"}, decoding=False)
+    assert spans.span_of("r") is first
+    spans.end("r", {"llmesh.finish_reason": "length"})
+    [request] = [s for s in exporter.get_finished_spans() if s.name == "worker.request"]
+    assert request.attributes["llmesh.finish_reason"] == "length"

@@ -187,3 +187,14 @@ def test_shared_validation_messages_get_http_field_names():
     )
     renamed = http_error_for(ValueError("sampling.temperature=-1.0 must be >= 0"), p)
     assert (renamed.param, renamed.message) == ("temperature", "temperature=-1.0 must be >= 0")
+
+
+def test_choices_over_all_prompts_are_capped_naming_n():
+    # 2 prompts x 64 = 128 requests on the mesh: the most one HTTP request may open.
+    assert len(plan({"model": "tiny", "prompt": ["a", "b"], "n": 64}).choices) == 128
+    status, param, message = error_of({"model": "tiny", "prompt": ["a", "b", "c"], "n": 64})
+    assert (status, param) == (400, "n")
+    assert (
+        message
+        == "n=64 choices for each of 3 prompts make 192 requests; at most 128 in one request"
+    )
