@@ -142,9 +142,11 @@ class GenerationSession:
                 )
                 continue
             self.num_placements += 1
-            if self.tracker.is_finished:  # aborted while Submit was in flight
-                self._abort_on_worker()
+            if self.tracker.finish_reason is FinishReason.ABORT:
+                self._abort_on_worker()  # aborted while Submit was in flight
                 return
+            # (A short request may also have finished already: its outputs can reach
+            # this gateway before Submit's reply does. It was placed all the same.)
             log.info(
                 "request_placed",
                 instance_id=placement.instance_id,

@@ -9,7 +9,7 @@ from gateway.session import GenerationSession
 from gateway.tracker import RequestTracker
 from gateway.validation import GenerationSpec
 from services.common.errors import UnavailableError
-from services.common.messages import SamplingSpec
+from services.common.messages import FinishReason, OutputDelta, SamplingSpec
 
 
 class FlakyDispatcher:
@@ -57,3 +57,34 @@ async def test_a_failover_gives_up_after_its_wait():
     with pytest.raises(UnavailableError, match="no instance can take it now"):
         await s._place_again("a")
     assert (pool.submitted, len(dispatcher.excluded_seen)) == ([], 1)
+
+
+class FinishingPool(Pool):
+    """Every output arrives (and finishes the request) before Submit's reply does;
+    records abort calls."""
+
+    def __init__(self, tracker: RequestTracker, reason: FinishReason) -> None:
+        super().__init__()
+        self.tracker, self.reason = tracker, reason
+        self.aborted: list[str] = []
+
+    async def submit(self, instance_id, address, state):
+        await super().submit(instance_id, address, state)
+        if self.reason is FinishReason.ABORT:
+            self.tracker.finish_aborted()
+        else:
+            self.tracker.on_output(OutputDelta("r", 0, (5, 6), self.reason), instance_id)
+
+    def abort_soon(self, instance_id, request_id):
+        self.aborted.append(instance_id)
+
+
+@pytest.mark.parametrize(
+    ("reason", "aborted"), [(FinishReason.LENGTH, []), (FinishReason.ABORT, ["b"])]
+)
+async def test_a_request_finished_before_submit_replied_is_placed_not_aborted(reason, aborted):
+    s = session(FlakyDispatcher(num_refusals=0), None, failover_wait_s=0.0)
+    pool = s._pool = FinishingPool(s.tracker, reason)
+    s._abort_on_worker = lambda: pool.abort_soon(s.tracker.instance_id, "r")
+    await s.place()
+    assert (s.num_placements, pool.aborted, s.tracker.finish_reason) == (1, aborted, reason)
