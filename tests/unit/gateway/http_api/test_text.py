@@ -3,8 +3,11 @@ never sent, the tokens counted up to the one that completed it."""
 
 from __future__ import annotations
 
+import pytest
+
 from gateway.http_api.text import ChoiceText
-from services.common.tokenizer import ByteTokenizer
+from services.common.tokenizer import ByteTokenizer, load_tokenizer
+from tests.unit.common.test_tokenizer import build_tokenizer_json
 
 
 def feed(text: ChoiceText, token_ids: list[int], batches: list[int]) -> list[str]:
@@ -54,3 +57,30 @@ def test_stop_inside_a_multibyte_character_stream():
     text = ChoiceText(ByteTokenizer(), stop=("é!",))
     assert feed(text, ids("aé!b"), [2, 1, 1, 1]) == ["", "a", "", ""]
     assert (text.num_tokens, text.is_stopped) == (4, True)
+
+
+def _metaspace_tokenizer(path):
+    """A sentencepiece-style (Metaspace: "▁" marks a word start) BPE tokenizer.json,
+    whose decode of a slice drops the slice's leading space: what the window handles."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>"])
+    tokenizer.train_from_iterator(["the answer is near, the end is here"] * 20, trainer)
+    tokenizer.save(str(path / "tokenizer.json"))
+
+
+@pytest.mark.parametrize("kind", ["bytes", "byte-level BPE", "metaspace BPE"])
+def test_each_tokens_text_is_the_whole_decode_from_a_short_window(kind, tmp_path):
+    if kind == "bytes":
+        tokenizer = ByteTokenizer()
+        token_ids = ids("héllo wörld, the end\n\nQ")
+    else:
+        (build_tokenizer_json if kind == "byte-level BPE" else _metaspace_tokenizer)(tmp_path)
+        tokenizer = load_tokenizer(str(tmp_path))
+        token_ids = tokenizer.encode("hello mesh the answer is here, the end")
+    text = ChoiceText(tokenizer, stop=("never",))
+    for k in range(len(token_ids)):
+        assert text._text_through(token_ids, k) == tokenizer.decode(token_ids[: k + 1]), k
