@@ -124,6 +124,7 @@ class Generations:
             # Whole-request timings (TTFT, inter-token, end to end) and the GenAI span
             # attributes, the same for both APIs: session.chunks() reports each chunk.
             session.telemetry = RequestTelemetry(self._metrics, session.spec, self._model_id)
+            failed = False  # placement or the stream failed (not: the client went away)
             try:
                 with tracer.start_as_current_span("gateway.place"):
                     await session.place()
@@ -137,9 +138,15 @@ class Generations:
                         num_output_tokens=len(session.tracker.tokens),
                         num_placements=session.num_placements,
                     )
+            except Exception:
+                failed = True
+                raise
             finally:
-                finished = session.tracker.is_finished
-                session.telemetry.finish(session.tracker.finish_reason.value if finished else "")
+                if session.tracker.is_finished:
+                    reason = session.tracker.finish_reason.value
+                else:
+                    reason = "error" if failed else ""  # "": counted as an abort
+                session.telemetry.finish(reason)
                 if session.abort():  # the client went away (or an error) before the end
                     log.info("request_cancelled", num_output_tokens=len(session.tracker.tokens))
                 self.sessions.remove(session)

@@ -116,7 +116,8 @@ class RequestTelemetry:
         self.num_tokens += num_tokens
 
     def finish(self, finish_reason: str) -> None:
-        """The stream ended (finish_reason "" when the client left before the end)."""
+        """The stream ended (finish_reason "" when the client left before the end,
+        "error" when placement or the stream failed)."""
         now = time.perf_counter()
         duration = now - self._arrival
         attributes: dict = {
@@ -137,7 +138,7 @@ class RequestTelemetry:
             return
         metrics.in_flight.dec()
         metrics.finished.labels(**metrics.labels, finished_reason=finish_reason or "abort").inc()
-        if finish_reason:
+        if finish_reason and finish_reason != "error":  # completed: its latency counts
             metrics.e2e.observe(duration)
             metrics.prompt_tokens.inc(len(self._spec.prompt_token_ids))
             metrics.prompt_lengths.observe(len(self._spec.prompt_token_ids))

@@ -58,7 +58,6 @@ class ChoiceText:
         self._num_chars_sent = max(self._num_chars_sent, end)
         return piece
 
-
     def _text_through(self, token_ids: list[int], k: int) -> str:
         """decode(token_ids[: k + 1]), from a window: the confirmed text plus what the
         tokens since the last boundary add (held unconfirmed while it ends in U+FFFD)."""

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from gateway.cluster_view import InstanceView
 from gateway.telemetry import GatewayMetrics, RequestTelemetry
 from gateway.validation import GenerationSpec
-from services.common.messages import SamplingSpec
+from protos import gateway_pb2
+from services.common.errors import UnavailableError
+from services.common.messages import InstanceSpec, SamplingSpec
+from services.policies import InstanceLoad
+from tests.unit.gateway.fakes import idle_generations
 
 SPEC = GenerationSpec("req-1", (1, 2, 3, 4), SamplingSpec(max_tokens=5, seed=9), 0, False)
 TINY = {"model_name": "tiny"}
@@ -85,3 +91,29 @@ def test_without_metrics_only_the_span_is_annotated():
     attributes = _traced(lambda: RequestTelemetry(None, SPEC, "tiny").finish("stop"))
     assert attributes["gen_ai.response.finish_reasons"] == ("stop",)
     assert trace.get_current_span() is trace.INVALID_SPAN
+
+
+async def test_a_request_whose_placement_fails_is_counted_as_an_error_not_an_abort():
+    class NoInstance:
+        async def choose(self, request_id, num_tokens, priority, exclude):
+            raise UnavailableError("no instance can take it")
+
+    metrics = GatewayMetrics("tiny")
+    generations = idle_generations()
+    generations._metrics, generations._dispatcher = metrics, NoInstance()
+    spec = InstanceSpec("w", "addr-w", "tiny", 16, 4, 0, 4, 2048, 258, 257)
+    generations.view.update([InstanceView(spec, InstanceLoad("w", 100, 0, 0, 0))])
+    request = gateway_pb2.GenerateRequest(request_id="r1", prompt_token_ids=[1, 2])
+    request.sampling.max_tokens = 3
+    session = generations.open(request)
+    with pytest.raises(UnavailableError):
+        async with generations.run(session):
+            pass
+    reasons = {
+        reason: metrics.registry.get_sample_value(
+            "llmesh:request_success_total", {**TINY, "finished_reason": reason}
+        )
+        for reason in ("error", "abort")
+    }
+    assert reasons == {"error": 1.0, "abort": None}
+    assert len(generations.sessions) == 0
