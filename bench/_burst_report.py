@@ -78,7 +78,8 @@ def print_table(summary: dict) -> None:
     for policy, f in summary["policies"].items():
         sim = summary.get("sim_policies", {}).get(policy, {})
         print(f"{policy:>10} slowest [request, TTFT s]: real {f.get('slowest_ttft', '-')}, "
-              f"sim {sim.get('slowest_ttft', '-')}")  # fmt: skip
+              f"sim {sim.get('slowest_ttft', '-')}; groups serving at (s): "
+              f"real {f.get('drop_times_s', '-')}, sim {sim.get('drop_times_s', '-')}")  # fmt: skip
     host = summary["host"]
     print(f"host: {host['cores']} cores, load average {host['load_avg_at_start']} at the start, "
           f"{host['load_avg_at_end']} at the end")  # fmt: skip

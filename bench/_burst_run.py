@@ -15,6 +15,7 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 from bench import _cpu
@@ -42,6 +43,8 @@ class PolicyRun:
     policy: str
     ttft_s: list[float] = field(default_factory=list)
     ttft_by_request: dict[int, float] = field(default_factory=dict)  # arrival index -> s
+    started_at: float = 0.0  # wall clock when the first arrival was due
+    drop_times_s: list[float] = field(default_factory=list)  # groups serving, after start
     tokens: list[list[int]] = field(default_factory=list)
     drops: int = 0
     restores: int = 0
@@ -69,6 +72,7 @@ class PolicyRun:
             "migrations": self.migrations,
             "preemptions": self.preemptions,
             "elapsed_s": round(self.elapsed_s, 1),
+            "drop_times_s": self.drop_times_s,
             "slowest_ttft": slowest(self.ttft_by_request),
             "cpu_cores": self.cpu_cores,
             "background_jobs": rounded(self.background_jobs),
@@ -86,6 +90,7 @@ async def _play(gateway_address: str, arrivals: list[Arrival], tag: str) -> Poli
 
     async with AsyncClient(gateway_address, timeout_s=STREAM_TIMEOUT_S) as client:
         start = time.perf_counter()
+        run.started_at = time.time()  # the scheduler log's clock, for the drop times
 
         async def one(k: int, arrival: Arrival) -> None:
             await asyncio.sleep(max(0.0, start + arrival.at_s - time.perf_counter()))
@@ -249,6 +254,11 @@ def run_policy(
     run.preemptions = sum(ld.num_preemptions for ld in loads)
     scheduler = _events(log_dir / "scheduler.log")
     run.drops = sum(e.get("event") == "group_serving" for e in scheduler)
+    run.drop_times_s = [
+        round(_log_time(e) - run.started_at, 2)
+        for e in scheduler
+        if e.get("event") == "group_serving"
+    ]
     run.restores = sum(e.get("event") == "group_restored" for e in scheduler)
     run.migrations = sum(
         e.get("event") == "migration_adopted"
@@ -257,3 +267,8 @@ def run_policy(
     )
     progress(f"{policy}: {run.figures()}")
     return run
+
+
+def _log_time(event: dict) -> float:
+    """A structlog event's ISO timestamp (UTC) as seconds since the epoch."""
+    return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()

@@ -224,6 +224,8 @@ def simulate(policy: str, sim: dict, arrivals, background_jobs: float = 0.0) -> 
         "preemptions": sum(r.num_preemptions for r in result.records),
         "makespan_s": round(result.makespan_s, 1),
         "background_jobs": round(config.host_background_jobs, 2),
+        # Seconds after the run's start (its first arrival is at 0) each group served.
+        "drop_times_s": [round(t, 2) for t in result.groups.drop_times_s],
         "slowest_ttft": slowest(
             {int(r.request_id): t for r, t in zip(result.records, ttfts, strict=True)}
         ),

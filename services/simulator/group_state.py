@@ -52,6 +52,7 @@ class GroupCost:
 @dataclass
 class GroupStats:
     num_drops: int = 0  # groups formed
+    drop_times_s: list[float] = field(default_factory=list)  # when each began serving
     num_restores: int = 0  # groups dissolved
     num_exchanged_requests: int = 0
     exchange_bytes: int = 0

@@ -212,6 +212,7 @@ class GroupManager:
         group.set_phase(GroupPhase.SERVING)
         group.formed_s = now
         self.stats.num_drops += 1
+        self.stats.drop_times_s.append(now)
         self.policy.note_formed(group.group_id, now)
         group.leader.touch()
         self.pipeline.schedule(group)

@@ -138,10 +138,10 @@ def test_every_policy_simulates_a_small_burst():
         figures = _burst_sim.simulate(policy, sim, arrivals)
         assert set(figures) == {
             "p50_ttft_s", "p99_ttft_s", "drops", "restores", "migrations", "preemptions",
-            "makespan_s", "background_jobs", "slowest_ttft",
+            "makespan_s", "background_jobs", "slowest_ttft", "drop_times_s",
         }  # fmt: skip
         # 12 short requests fit 4 x 159 blocks: nobody preempts, nobody drops.
-        assert (figures["drops"], figures["preemptions"]) == (0, 0)
+        assert (figures["drops"], figures["preemptions"], figures["drop_times_s"]) == (0, 0, [])
         assert 0 < figures["p50_ttft_s"] <= figures["p99_ttft_s"]
         [[first, slowest_s], *rest] = figures["slowest_ttft"]
         assert len(rest) == 2 and 0 <= first < len(arrivals)
@@ -223,3 +223,10 @@ def test_slowest_names_the_requests_p99_is_about():
     assert slowest(ttfts) == [[1, 7.25], [3, 7.25], [2, 3.5]]
     assert slowest(ttfts, count=1) == [[1, 7.25]]
     assert slowest({}) == []
+
+
+def test_live_drop_times_are_read_from_the_scheduler_log_clock():
+    from bench._burst_run import _log_time
+
+    event = {"event": "group_serving", "timestamp": "2026-12-06T03:12:51.230000Z"}
+    assert _log_time(event) == 1796526771.23

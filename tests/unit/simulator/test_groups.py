@@ -84,6 +84,7 @@ def test_a_drop_of_two_7b_instances_gives_the_group_3542_blocks():
     sim, result = scripted_run(config, [SimRequest("r0", 0.0, 100, 20)], policy)
     assert result.groups.num_drops == 1
     group = sim.groups.groups["g01"]
+    assert result.groups.drop_times_s == [group.formed_s]
     assert group.num_group_blocks == 3542
     assert [m.block_manager.num_total_blocks for m in group.members] == [3542, 3542]
     assert sim.instances["i00"].load().num_total_blocks == 3542
