@@ -1,5 +1,6 @@
-"""The parent-side handle of a benchmark's child process (bench/_transport_peer.py,
-bench/_kunserve_peer.py): commands go over a multiprocessing pipe as (op id, name, args),
+"""The parent-side handle of a child process driven over a pipe (the benchmarks'
+bench/_transport_peer.py and bench/_kunserve_peer.py, and the two-process kvtransport
+tests): commands go over a multiprocessing pipe as (op id, name, args),
 replies come back as (op id, result) in any order; kill() by PID if anything goes wrong.
 
 The child answers op 0 with its data-plane address once it serves.
@@ -33,10 +34,14 @@ class PeerProcess:
         self._replies: dict[int, Any] = {}
         self._next_op_id = 1
         try:
-            self.address: bytes = self._wait(0, START_TIMEOUT_S)
+            self.address: bytes = self._address_of(self._wait(0, START_TIMEOUT_S))
         except BaseException:
             self.kill()
             raise
+
+    def _address_of(self, ready: Any) -> bytes:
+        """The data-plane address in the child's op-0 reply (here: the reply itself)."""
+        return ready
 
     def request(self, op: str, *args: Any) -> int:
         op_id = self._next_op_id
@@ -46,6 +51,13 @@ class PeerProcess:
 
     async def reply(self, op_id: int, timeout: float = 300.0) -> Any:
         result = await asyncio.get_running_loop().run_in_executor(None, self._wait, op_id, timeout)
+        return self._checked(result)
+
+    async def call(self, op: str, *args: Any, timeout: float = 300.0) -> Any:
+        return await self.reply(self.request(op, *args), timeout)
+
+    def _checked(self, result: Any) -> Any:
+        """A command's result; an ("error", why) reply raises (a test peer returns it)."""
         if isinstance(result, tuple) and result and result[0] == "error":
             raise RuntimeError(f"{self.name} failed: {result[1]}")
         return result
@@ -56,6 +68,7 @@ class PeerProcess:
                 self._conn.send(None)
             self.process.join(15)
         self.kill()
+        self._conn.close()
 
     def kill(self) -> None:
         if self.process.is_alive():

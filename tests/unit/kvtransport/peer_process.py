@@ -8,20 +8,15 @@ the pipe. Every PeerProcess is killed by PID when the test ends (see conftest.py
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
-import multiprocessing
-import os
-import signal
 import threading
 import time
 from typing import Any
 
 import torch
 
+from bench import _peer_process as bench_peer
 from tests.unit.kvtransport.helpers import pattern
-
-START_TIMEOUT_S = 60.0
 
 
 def payload(seed: int, nbytes: int) -> torch.Tensor:
@@ -92,61 +87,24 @@ async def _serve_async(conn, config_kwargs: dict) -> None:
     await transport.close()
 
 
-class PeerProcess:
-    """Parent-side handle of a child transport."""
+class PeerProcess(bench_peer.PeerProcess):
+    """Parent-side handle of a child transport: results come back as the child sent
+    them, ("ok", value) or ("error", kind, message, seconds), for the test to check."""
+
+    name = "transport peer"
 
     def __init__(self, **config_kwargs: Any) -> None:
-        context = multiprocessing.get_context("spawn")
-        self._conn, child_conn = context.Pipe()
-        self.process = context.Process(target=_serve, args=(child_conn, config_kwargs))
-        self.process.start()
-        child_conn.close()
-        self._lock = threading.Lock()
-        self._replies: dict[int, Any] = {}
-        self._next_op_id = 1
-        try:
-            _, address = self._wait_reply(0, START_TIMEOUT_S)
-        except BaseException:
-            self.kill()
-            raise
-        self.address: bytes = address
+        super().__init__(_serve, config_kwargs)
 
-    def request(self, op: str, *args: Any) -> int:
-        """Start a command in the child; collect its result with `reply`."""
-        op_id = self._next_op_id
-        self._next_op_id += 1
-        self._conn.send((op_id, op, args))
-        return op_id
+    def _address_of(self, ready: Any) -> bytes:
+        _, address = ready  # ("address", address)
+        return address
+
+    def _checked(self, result: Any) -> Any:
+        return result
 
     async def reply(self, op_id: int, timeout: float = 60.0) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(
-            None, self._wait_reply, op_id, timeout
-        )
+        return await super().reply(op_id, timeout)
 
     async def call(self, op: str, *args: Any, timeout: float = 60.0) -> Any:
-        return await self.reply(self.request(op, *args), timeout)
-
-    def kill(self) -> None:
-        if self.process.is_alive():
-            os.kill(self.process.pid, signal.SIGKILL)
-        self.process.join(10)
-
-    def stop(self) -> None:
-        """Ask the child to close its transport and exit; kill it if it does not."""
-        if self.process.is_alive():
-            with contextlib.suppress(OSError):
-                self._conn.send(None)
-            self.process.join(10)
-        self.kill()
-        self._conn.close()
-
-    def _wait_reply(self, op_id: int, timeout: float) -> Any:
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            while op_id not in self._replies:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._conn.poll(remaining):
-                    raise TimeoutError(f"no reply to op {op_id} within {timeout}s")
-                reply_id, result = self._conn.recv()
-                self._replies[reply_id] = result
-            return self._replies.pop(op_id)
+        return await super().call(op, *args, timeout=timeout)
