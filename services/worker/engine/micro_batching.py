@@ -90,11 +90,13 @@ class MicroBatchCost:
 
 
 # A prompt the lookahead formation leaves out of this many rounds of micro-batches in a
-# row (M each) is starved: it goes first in the next one. Balancing alone can leave it
-# out for as long as decodes keep coming (each micro-batch filled to just under the
-# level, the prompt's share below the floor); four rounds keep the balance the
-# formation reaches without it in the bubble tests (test_micro_batching.py: one round
-# raised tiny-cpu's bubble fraction at g = 4 from 0.167 to 0.185).
+# row (M each) is starved: it gets at least the floor in the next one, over the level if
+# need be (a chunked prefill first; a waiting prompt in its FCFS place after the running
+# ones, where the scheduler admits it: first, it would block the whole micro-batch when
+# it cannot be allocated). Balancing alone can leave it out for as long as decodes keep
+# coming (each micro-batch filled to just under the level, the prompt's share below the
+# floor); four rounds keep the balance the formation reaches without it in the bubble
+# tests (test_micro_batching.py: one round raised tiny-cpu's g = 4 figure 0.167 -> 0.185).
 STARVED_AFTER_ROUNDS = 4
 
 
@@ -197,9 +199,11 @@ def plan_lookahead(
     filled = 0.0
     tokens_left = max_num_batched_tokens
     floor_taken = False  # a prompt chunk below the level's share was raised to the floor
-    # Starved prompts first: they get their share (or the floor) and the decodes fill
-    # the rest of the level, so the micro-batch stays balanced.
-    ordered = [c for c in available if c.is_starved] + [c for c in available if not c.is_starved]
+    # Starved running prompts (chunked prefills) first: they get their share or the
+    # floor, and the decodes fill the rest of the level. Waiting ones keep their place
+    # after every running one (FCFS; the scheduler admits them only there).
+    first = [c for c in available if c.is_starved and not c.is_waiting]
+    ordered = first + [c for c in available if not (c.is_starved and not c.is_waiting)]
     for c in ordered:
         if len(plan) == max_num_seqs or tokens_left == 0:
             break
@@ -212,7 +216,7 @@ def plan_lookahead(
             floor = min(min_chunk_tokens, limit)
             if num_tokens < floor:
                 # Short of the floor: the prompt waits for a later micro-batch, unless it
-                # is this one's first item, or it has been passed over for a whole round
+                # is this one's first item, or it has been passed over for rounds
                 # (`is_starved`: a steady stream of decodes can fill every micro-batch to
                 # just under the level for as long as they run). One such prompt per
                 # micro-batch, which then overshoots the level by at most a floor chunk.
