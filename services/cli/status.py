@@ -19,6 +19,7 @@ from services.common.config import load_config
 from services.common.convert import instance_spec_from_proto, load_from_proto
 from services.common.convert_groups import group_from_proto
 from services.common.groups import GroupSpec
+from services.common.grpc_client import cluster_channel
 from services.common.messages import InstanceSpec, LoadReport
 from services.policies import InstanceLoad
 
@@ -124,7 +125,7 @@ def fetch_cluster(
     scheduler_address: str, timeout_s: float = TIMEOUT_S
 ) -> tuple[list[InstanceRow], ClusterSummary]:
     """(instances, summary); raises grpc.RpcError if the scheduler does not answer."""
-    with grpc.insecure_channel(scheduler_address) as channel:
+    with cluster_channel(scheduler_address) as channel:
         state = scheduler_pb2_grpc.SchedulerStub(channel).GetClusterState(
             scheduler_pb2.GetClusterStateRequest(), timeout=timeout_s
         )

@@ -8,6 +8,10 @@
 
 Every server gets standard health checking (grpc.health.v1), reflection, keepalive,
 and the interceptors in services.common.interceptors (trace context, error mapping).
+Cluster authentication is always on and comes first: every method outside health,
+reflection and `public_services` needs a cluster member's signature
+(services.common.auth_interceptors), and with cluster mTLS configured the port is TLS
+requiring a certificate from the cluster CA (unless `credentials` says otherwise).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common import cluster_auth
+from services.common.auth_interceptors import cluster_auth_interceptor
 from services.common.interceptors import default_server_interceptors
 from services.common.logging import get_logger
 
@@ -41,16 +47,27 @@ SERVER_OPTIONS = [
 class GrpcServer:
     """One aio server with health, reflection and graceful shutdown."""
 
-    def __init__(self, service: str, bind: str, interceptors=None, grace_s: float = 5.0):
+    def __init__(
+        self,
+        service: str,
+        bind: str,
+        interceptors=None,
+        grace_s: float = 5.0,
+        *,
+        public_services: tuple[str, ...] = (),
+        credentials: grpc.ServerCredentials | None = None,
+    ):
+        """`public_services` need no cluster credentials (guard them yourself, first in
+        `interceptors`); `credentials` replace the port's cluster mTLS (the gateway's
+        client-facing TLS)."""
         self.service = service
         self.bind = bind
         self.grace_s = grace_s
-        self.server = grpc.aio.server(
-            interceptors=list(interceptors)
-            if interceptors is not None
-            else default_server_interceptors(),
-            options=SERVER_OPTIONS,
-        )
+        tls = cluster_auth.current().tls
+        self._credentials = credentials or (tls.server_credentials() if tls else None)
+        chain = [cluster_auth_interceptor(public_services)]
+        chain += list(interceptors) if interceptors is not None else default_server_interceptors()
+        self.server = grpc.aio.server(interceptors=chain, options=SERVER_OPTIONS)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port: int = 0
@@ -70,7 +87,11 @@ class GrpcServer:
         on a server that has not started), so bind first when they need the address.
         """
         if self.port == 0:
-            self.port = self.server.add_insecure_port(self.bind)
+            self.port = (
+                self.server.add_secure_port(self.bind, self._credentials)
+                if self._credentials is not None
+                else self.server.add_insecure_port(self.bind)
+            )
             if self.port == 0:
                 raise OSError(f"{self.service}: could not bind {self.bind}")
         return self.address

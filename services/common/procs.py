@@ -199,6 +199,16 @@ def stop_all(processes: list[ServiceProcess], grace_s: float = 10.0) -> None:
             proc.kill()
 
 
+def ensure_cluster_secret(env: dict[str, str]) -> None:
+    """Make sure the children (and this process's clients) find a cluster secret: the
+    environment's or `env`'s, else the per-user default file, written now if missing."""
+    from services.common.cluster_auth import ensure_secret_file
+
+    names = ("LLMESH_CLUSTER_SECRET", "LLMESH_CLUSTER_SECRET_FILE")
+    if not any(name in env or name in os.environ for name in names):
+        ensure_secret_file()
+
+
 def gateway_num_instances(gateway_address: str, timeout_s: float = 1.0) -> int | None:
     """Instances the gateway currently knows, or None if it does not answer."""
     with grpc.insecure_channel(gateway_address) as channel:
@@ -273,6 +283,7 @@ class LocalMesh:
         return [p for p in (self.gateway, *self.workers, self.scheduler) if p is not None]
 
     def start(self) -> LocalMesh:
+        ensure_cluster_secret(self.env)
         try:
             self.start_scheduler(self.scheduler_port)
             new_workers = [self._spawn_worker() for _ in range(self.num_workers)]
