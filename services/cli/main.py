@@ -27,6 +27,7 @@ SUBCOMMANDS: dict[str, str] = {
     "drop": "drop",
     "restore": "restore",
     "health": "health",
+    "certs": "certs",
 }
 
 

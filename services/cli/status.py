@@ -29,10 +29,13 @@ TIMEOUT_S = 3.0
 
 @dataclass(frozen=True)
 class ClientAddresses:
-    """Where the CLI finds the mesh: LLMESH_GATEWAY_ADDRESS / LLMESH_SCHEDULER_ADDRESS."""
+    """Where the CLI finds the mesh: LLMESH_GATEWAY_ADDRESS / LLMESH_SCHEDULER_ADDRESS,
+    and how it talks to the gateway: LLMESH_API_KEY, LLMESH_GATEWAY_CA."""
 
     gateway_address: str = "127.0.0.1:50051"  # the gateway's client API
     scheduler_address: str = "127.0.0.1:50052"  # the global scheduler
+    api_key: str = ""  # LLMESH_API_KEY: the gateway's client API key (when it wants one)
+    gateway_ca: str = ""  # LLMESH_GATEWAY_CA: PEM CA of a TLS gateway ("" = plaintext)
 
 
 def default_addresses() -> ClientAddresses:
