@@ -47,6 +47,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tls-cert", dest="tls_cert", help="TLS certificate of the client ports")
     parser.add_argument("--tls-key", dest="tls_key", help="its private key (PEM)")
     parser.add_argument(
+        "--internal-bind",
+        dest="internal_bind",
+        help="with TLS: host:port where workers push outputs (default: any free port)",
+    )
+    parser.add_argument(
         "--ready-file", dest="ready_file", help="write the bound address here once serving"
     )
     return parser.parse_args(argv)

@@ -41,6 +41,10 @@ class GatewayConfig:
     api_keys: tuple[str, ...] = ()
     tls_cert: str = ""  # PEM certificate of the client-facing gRPC and HTTP ports (TLS on)
     tls_key: str = ""  # its private key
+    # host:port of the cluster port (workers push outputs there) when the client port
+    # has TLS or cluster mTLS is on; empty = the bind's host, any port. Without TLS the
+    # client port serves both.
+    internal_bind: str = ""
     log_level: str = "INFO"  # DEBUG, INFO, WARNING or ERROR
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)  # traces, /metrics
     ready_file: str = ""  # write {"address", "pid"} here once serving (process launchers)
@@ -85,6 +89,10 @@ class GatewayConfig:
             f"health_watch_rotate_s={self.health_watch_rotate_s} must be > 0",
         )
         require(self.grace_s >= 0, f"grace_s={self.grace_s} must be >= 0")
+        require(
+            self.internal_bind == "" or ":" in self.internal_bind,
+            f"internal_bind={self.internal_bind!r} must be host:port or empty",
+        )
         require(
             bool(self.tls_cert) == bool(self.tls_key),
             f"tls_cert={self.tls_cert!r} and tls_key={self.tls_key!r}: give both or neither",

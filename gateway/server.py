@@ -28,7 +28,7 @@ from services.common import cluster_auth
 from services.common.addresses import advertised_address
 from services.common.cluster_tls import server_tls_from_paths
 from services.common.grpc_client import aio_channel
-from services.common.grpc_server import GrpcServer
+from services.common.grpc_server import CLUSTER, GrpcServer
 from services.common.interceptors import default_server_interceptors
 from services.common.logging import get_logger
 from services.common.metrics import start_metrics
@@ -101,15 +101,25 @@ async def serve(config: GatewayConfig, server: GrpcServer | None = None) -> None
     """Run the gateway until SIGTERM/SIGINT (or `server.request_stop()`)."""
     tokenizer = load_tokenizer(config.model)
     api_keys = load_api_keys(config.api_keys, config.api_keys_file)
+    # The client port has the gateway's own TLS (or none); with TLS on either side,
+    # workers push outputs to a second port with the cluster's credentials.
+    client_tls = server_tls_from_paths(config.tls_cert, config.tls_key)
+    separate = client_tls is not None or cluster_auth.current().tls is not None
     server = server or GrpcServer(
         "gateway",
         config.bind,
         [*([api_key_interceptor(api_keys)] if api_keys else []), *default_server_interceptors()],
         grace_s=config.grace_s,
         public_services=PUBLIC_SERVICES,
-        credentials=client_port_credentials(config),
+        credentials=client_tls if separate else CLUSTER,
     )
-    owner_address = advertised_address(server.bind_port(), config.advertise_address)
+    client_address = server.bind_port()
+    if separate:
+        host = config.bind.rsplit(":", 1)[0]
+        internal = server.add_cluster_port(config.internal_bind or f"{host}:0")
+    owner_address = advertised_address(
+        internal if separate else client_address, config.advertise_address
+    )
     metrics = GatewayMetrics(config.model) if config.telemetry.metrics_enabled else None
     gateway = _build(config, tokenizer, owner_address, metrics)
     gateway_pb2_grpc.add_GatewayServicer_to_server(gateway.servicer, server.server)
@@ -201,16 +211,6 @@ async def _close_sinks_when_drained(gateway: _Gateway, grace_s: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(gateway.sessions.wait_empty(), grace_s)
     gateway.sink.close()
-
-
-def client_port_credentials(config: GatewayConfig) -> grpc.ServerCredentials | None:
-    """TLS of the gRPC port: the gateway's --tls-cert; else, with cluster mTLS, its
-    cluster certificate without asking clients for one (they present API keys, and the
-    workers pushing outputs are checked by the cluster signature); else plaintext."""
-    if config.tls_cert:
-        return server_tls_from_paths(config.tls_cert, config.tls_key)
-    tls = cluster_auth.current().tls
-    return grpc.ssl_server_credentials([(tls.key, tls.cert)]) if tls else None
 
 
 def _metrics_page(registry) -> Response:

@@ -44,6 +44,15 @@ SERVER_OPTIONS = [
 ]
 
 
+CLUSTER = "cluster"  # GrpcServer(credentials=CLUSTER): the cluster's mTLS, when configured
+
+
+def cluster_credentials() -> grpc.ServerCredentials | None:
+    """Server credentials of an internal port: cluster mTLS, or None (plaintext)."""
+    tls = cluster_auth.current().tls
+    return tls.server_credentials() if tls is not None else None
+
+
 class GrpcServer:
     """One aio server with health, reflection and graceful shutdown."""
 
@@ -55,16 +64,15 @@ class GrpcServer:
         grace_s: float = 5.0,
         *,
         public_services: tuple[str, ...] = (),
-        credentials: grpc.ServerCredentials | None = None,
+        credentials: grpc.ServerCredentials | None | str = CLUSTER,
     ):
         """`public_services` need no cluster credentials (guard them yourself, first in
-        `interceptors`); `credentials` replace the port's cluster mTLS (the gateway's
-        client-facing TLS)."""
+        `interceptors`); `credentials` of the port: CLUSTER (cluster mTLS when configured,
+        else plaintext), None (plaintext) or the port's own (the gateway's client TLS)."""
         self.service = service
         self.bind = bind
         self.grace_s = grace_s
-        tls = cluster_auth.current().tls
-        self._credentials = credentials or (tls.server_credentials() if tls else None)
+        self._credentials = cluster_credentials() if credentials == CLUSTER else credentials
         chain = [cluster_auth_interceptor(public_services)]
         chain += list(interceptors) if interceptors is not None else default_server_interceptors()
         self.server = grpc.aio.server(interceptors=chain, options=SERVER_OPTIONS)
@@ -95,6 +103,20 @@ class GrpcServer:
             if self.port == 0:
                 raise OSError(f"{self.service}: could not bind {self.bind}")
         return self.address
+
+    def add_cluster_port(self, bind: str) -> str:
+        """A second port for cluster members (cluster mTLS or plaintext), serving the same
+        services: where the gateway's workers push outputs when its client port has its
+        own TLS. Before `start()`; returns host:port."""
+        credentials = cluster_credentials()
+        port = (
+            self.server.add_secure_port(bind, credentials)
+            if credentials is not None
+            else self.server.add_insecure_port(bind)
+        )
+        if port == 0:
+            raise OSError(f"{self.service}: could not bind {bind}")
+        return f"{bind.rsplit(':', 1)[0]}:{port}"
 
     async def start(self, service_names: list[str]) -> None:
         """Bind, enable reflection for service_names, start with health NOT_SERVING."""
