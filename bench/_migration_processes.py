@@ -130,7 +130,9 @@ async def _measure(mesh: LocalMesh, lengths, progress, live_repeats: int) -> lis
     a, b = sorted(infos)
     rng = random.Random(0)
     rows = []
-    async with AsyncClient(mesh.gateway_address, timeout_s=3600) as client:
+    async with AsyncClient(
+        mesh.gateway_address, timeout_s=3600, api_key=mesh.gateway_api_key or None
+    ) as client:
         for length in lengths:
             streams = Streams(client)
             await _set_draining(mesh.scheduler_address, b, True)  # everything lands on a

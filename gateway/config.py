@@ -41,9 +41,9 @@ class GatewayConfig:
     api_keys: tuple[str, ...] = ()
     tls_cert: str = ""  # PEM certificate of the client-facing gRPC and HTTP ports (TLS on)
     tls_key: str = ""  # its private key
-    # host:port of the cluster port (workers push outputs there) when the client port
-    # has TLS or cluster mTLS is on; empty = the bind's host, any port. Without TLS the
-    # client port serves both.
+    # host:port of a separate cluster port (workers push outputs there; advertise_address
+    # names it). Empty: with TLS (client or cluster) the bind's host and any port, else
+    # none: the client port serves workers too.
     internal_bind: str = ""
     log_level: str = "INFO"  # DEBUG, INFO, WARNING or ERROR
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)  # traces, /metrics

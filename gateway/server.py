@@ -101,10 +101,15 @@ async def serve(config: GatewayConfig, server: GrpcServer | None = None) -> None
     """Run the gateway until SIGTERM/SIGINT (or `server.request_stop()`)."""
     tokenizer = load_tokenizer(config.model)
     api_keys = load_api_keys(config.api_keys, config.api_keys_file)
-    # The client port has the gateway's own TLS (or none); with TLS on either side,
-    # workers push outputs to a second port with the cluster's credentials.
+    # The client port has the gateway's own TLS (or none); with TLS on either side, or
+    # an internal_bind, workers push outputs to a second port with the cluster's
+    # credentials (cluster mTLS or plaintext; always the cluster signature).
     client_tls = server_tls_from_paths(config.tls_cert, config.tls_key)
-    separate = client_tls is not None or cluster_auth.current().tls is not None
+    separate = (
+        bool(config.internal_bind)
+        or client_tls is not None
+        or cluster_auth.current().tls is not None
+    )
     server = server or GrpcServer(
         "gateway",
         config.bind,
