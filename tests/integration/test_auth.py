@@ -11,6 +11,7 @@ exactly the shared mesh's tokens, and a plaintext client cannot talk to its TLS 
 
 from __future__ import annotations
 
+import json
 import ssl
 import time
 import uuid
@@ -350,3 +351,41 @@ def test_http_api_refuses_a_wrong_key_and_serves_a_right_one(mesh, secured_gatew
             extra_body={"return_token_ids": True, "ignore_eos": True},
         )  # fmt: skip
     assert response.choices[0].token_ids == expected
+
+
+def test_a_whole_mesh_under_cluster_mtls_serves_exact_tokens_and_operator_commands(
+    tmp_path, reference_engine, monkeypatch, capsys
+):
+    """Scheduler, gateway and two workers with --cluster-tls-dir (the environment
+    variable, as compose sets it): registration, load streams, dispatch, submit and the
+    outputs' push to the gateway's internal port all go over mTLS; `./llmesh status`
+    with the same variables is a member."""
+    from services.cli.main import main
+    from services.common.procs import LocalMesh
+    from tests.integration.conftest import reference_tokens
+
+    certs = tmp_path / "certs"
+    make_certs(certs, ["127.0.0.1"])
+    env = {"LLMESH_CLUSTER_TLS_DIR": str(certs), "LLMESH_WORKER_TORCH_THREADS": "1"}
+    with LocalMesh(log_dir=tmp_path / "mesh", num_workers=2, env=env) as mesh:
+        with Client(mesh.gateway_address, timeout_s=TIMEOUT_S) as client:
+            got = [client.generate(prompt_token_ids=[4, 2, 4 + i], max_tokens=6, seed=i) for i in range(4)]  # fmt: skip
+        expected = reference_tokens(
+            reference_engine, [([4, 2, 4 + i], {"max_tokens": 6, "seed": i}) for i in range(4)]
+        )
+        assert [list(g.token_ids) for g in got] == expected
+        assert {g.instance_id for g in got} <= {w.name for w in mesh.workers}
+        # A plaintext member (right secret, no certificate) is turned away at the handshake.
+        from services.common.grpc_client import cluster_channel
+
+        with cluster_channel(mesh.scheduler_address) as plaintext:
+            assert _cluster_state(plaintext) == grpc.StatusCode.UNAVAILABLE
+        monkeypatch.setenv("LLMESH_CLUSTER_TLS_DIR", str(certs))
+        cluster_auth.install(None)  # found again from the environment, now with mTLS
+        try:
+            assert main(["status", "--scheduler", mesh.scheduler_address, "--json"]) == 0
+        finally:
+            monkeypatch.delenv("LLMESH_CLUSTER_TLS_DIR")
+            cluster_auth.install(None)
+        status = json.loads(capsys.readouterr().out)
+        assert sorted(i["instance_id"] for i in status["instances"]) == ["worker-0", "worker-1"]
