@@ -374,7 +374,6 @@ def test_a_whole_mesh_under_cluster_mtls_serves_exact_tokens_and_operator_comman
             reference_engine, [([4, 2, 4 + i], {"max_tokens": 6, "seed": i}) for i in range(4)]
         )
         assert [list(g.token_ids) for g in got] == expected
-        assert {g.instance_id for g in got} <= {w.name for w in mesh.workers}
         # A plaintext member (right secret, no certificate) is turned away at the handshake.
         from services.common.grpc_client import cluster_channel
 
