@@ -20,8 +20,8 @@ from typing import NamedTuple
 
 import grpc
 
+from gateway.client_channel import aio_gateway_channel, gateway_channel
 from protos import common_pb2, gateway_pb2, gateway_pb2_grpc
-from services.common.grpc_client import CHANNEL_OPTIONS
 
 DEFAULT_TIMEOUT_S = 120.0  # whole-generation deadline unless a call says otherwise
 CONTROL_TIMEOUT_S = 5.0  # abort, model info
@@ -152,10 +152,17 @@ def _error(exc: grpc.RpcError) -> GatewayError:
 class AsyncClient:
     """asyncio client; one channel, reused by every call."""
 
-    def __init__(self, address: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        api_key: str | None = None,
+        root_certificates: bytes | None = None,
+    ) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = aio_gateway_channel(address, api_key, root_certificates)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
     async def generate_stream(
@@ -215,10 +222,17 @@ class AsyncClient:
 class Client:
     """Blocking client with the same calls as AsyncClient."""
 
-    def __init__(self, address: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        api_key: str | None = None,
+        root_certificates: bytes | None = None,
+    ) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = gateway_channel(address, api_key, root_certificates)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
     def generate_stream(
