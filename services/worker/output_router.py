@@ -54,7 +54,12 @@ class OwnerLink:
         try:
             while True:
                 try:
-                    await stub.PushOutputs(self._batches())
+                    call = stub.PushOutputs(self._batches())
+                    await call.wait_for_connection()
+                    # Up (not merely taking messages: a call to a dead gateway takes
+                    # one before it fails, which kept its window from ever ending).
+                    self.failing_since = None
+                    await call
                     if self.is_closing:
                         return
                     problem = "closed by the gateway"  # it is shutting down
@@ -78,7 +83,6 @@ class OwnerLink:
             deltas = await self.queue.get()
             if deltas is _CLOSE:
                 return
-            self.failing_since = None  # the stream is up and taking messages
             while not self.queue.empty():  # merge steps that queued up meanwhile
                 more = self.queue.get_nowait()
                 if more is _CLOSE:

@@ -102,3 +102,19 @@ async def test_a_rehomed_request_sends_here_from_then_on_and_outlives_its_dead_g
         ("moved", [3])
     ]
     assert (router.owner_of("moved"), router.owner_of("unknown")) == (addr_b, None)
+
+
+async def test_a_dead_gateway_is_given_up_even_while_its_request_keeps_producing():
+    # Each retry of the stream takes a queued step before it fails; that once counted
+    # as "the stream is up" and the window never ended for a request that kept decoding.
+    gone: list[list[str]] = []
+    router = OutputRouter("worker-7", owner_unreachable_s=0.3, on_owner_gone=gone.append)
+    router.register("busy", "127.0.0.1:1")  # nothing listens there
+    index = 0
+    async with asyncio.timeout(10):
+        while not gone:
+            router.publish([OutputDelta("busy", index, (index % 250,))])
+            index += 1
+            await asyncio.sleep(0.01)
+    assert gone == [["busy"]]
+    await router.close()
