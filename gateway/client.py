@@ -217,7 +217,7 @@ class AsyncClient:
             except grpc.aio.AioRpcError as exc:
                 wait_s = state.retry_wait_s(exc)
                 if wait_s is None or time.monotonic() + wait_s >= deadline:
-                    raise _error(exc) from None
+                    raise _error(state.error_for(exc)) from None
             finally:
                 call.cancel()
             await asyncio.sleep(wait_s)
@@ -309,7 +309,7 @@ class Client:
             except grpc.RpcError as exc:
                 wait_s = state.retry_wait_s(exc)
                 if wait_s is None or time.monotonic() + wait_s >= deadline:
-                    raise _error(exc) from None
+                    raise _error(state.error_for(exc)) from None
             finally:
                 call.cancel()
             time.sleep(wait_s)

@@ -41,6 +41,7 @@ class FailoverState:
         self.gateway = 0
         self.failures = 0  # failovers since the last chunk
         self.has_yielded = False
+        self.failure: grpc.RpcError | None = None  # the UNAVAILABLE that began failing over
 
     def on_chunk(self, chunk):
         """Book a chunk (client.Chunk) about to be yielded; returns it as the caller sees it."""
@@ -61,10 +62,19 @@ class FailoverState:
             or self.failures >= FAILOVER_ROUNDS * len(self.stubs)
         ):
             return None
+        self.failure = self.failure or exc
         wait_s = 0.0 if self.failures == 0 else FAILOVER_RETRY_S * 2 ** min(self.failures - 1, 3)
         self.failures += 1
         self.gateway = (self.gateway + 1) % len(self.stubs)
         return wait_s
+
+    def error_for(self, exc: grpc.RpcError) -> grpc.RpcError:
+        """What the caller gets when the stream ends in `exc`: a failover that finds the
+        request nowhere (NOT_FOUND: it never started, or was given up) reports the
+        UNAVAILABLE that began it, as a stream without failover would."""
+        if exc.code() == grpc.StatusCode.NOT_FOUND and self.failure is not None:
+            return self.failure
+        return exc
 
     def next_call(self, timeout: float):
         """Gateway.Resume on the current gateway."""

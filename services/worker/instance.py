@@ -291,10 +291,10 @@ class WorkerInstance:
         """Gateway failover: the request's outputs go to `owner_address` from now on.
 
         Returns the request with every token produced so far and how it finished, if it
-        did (None if it is neither here
-        nor finished here within the retention window); raises ValueError when the client
-        claims more tokens than that. Synchronous, so no step's outputs slip between the
-        tokens returned and the first ones sent to the new owner."""
+        did (None if it is neither here nor finished here within the retention window);
+        raises ValueError when the client claims more tokens than that. Synchronous, so
+        no step's outputs slip between the tokens returned and the first ones sent to
+        the new owner."""
         entry = self.router.ledger.get(request_id)
         if entry is None:
             return None

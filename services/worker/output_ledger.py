@@ -55,7 +55,11 @@ class OutputLedger:
         return len(self._entries)
 
     def open(self, state: RequestState) -> None:
-        """A request starts here (new, resumed, or migrated in with its tokens so far)."""
+        """A request starts here (new, resumed, or migrated in with its tokens so far).
+        One running here already keeps its entry (the engine refuses the duplicate)."""
+        existing = self._entries.get(state.request_id)
+        if existing is not None and not existing.is_finished:
+            return
         self._finished.pop(state.request_id, None)
         self._entries[state.request_id] = LedgerEntry(state, list(state.output_token_ids))
 

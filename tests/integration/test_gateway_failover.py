@@ -18,8 +18,10 @@ import grpc
 import pytest
 
 from gateway.client import AsyncClient, Client, GatewayError
+from protos import worker_pb2, worker_pb2_grpc
 from services.common.procs import LocalMesh, start_service, stop_all, wait_for_instances
 from tests.integration.conftest import (
+    cluster_state,
     log_events,
     reference_tokens,
     wait_until,
@@ -36,9 +38,14 @@ def failover_mesh(tmp_path_factory):
     mesh = LocalMesh(
         log_dir=tmp_path_factory.mktemp("failover"),
         num_workers=2,
+        # Migrations only when a test orders one; each pauses before its commit.
+        scheduler_args=("--migration-policy", "none"),
         env={
             "LLMESH_WORKER_TORCH_THREADS": "1",
             "LLMESH_WORKER_OWNER_UNREACHABLE_S": str(OWNER_WINDOW_S),
+            "LLMESH_TEST_HOOKS": "tests.integration.hooks.pause_before_commit",
+            # The destination's reservation outlives that pause.
+            "LLMESH_WORKER_MIGRATION_LEASE_S": "30",
         },
     )
     mesh.start()
@@ -228,3 +235,60 @@ def test_an_unresumed_request_is_aborted_after_the_window_and_nothing_leaks(
                 list(client.resume_stream(request_id, 0))
             assert missing.value.code == grpc.StatusCode.NOT_FOUND
             assert repr(request_id) in missing.value.details
+
+
+def test_a_request_resumed_while_it_migrates_follows_it_to_its_destination(
+    gateways, failover_mesh, reference_engine
+):
+    a, b = gateways
+    [(prompt, sampling)] = workload(1, max_tokens=1900)
+    [expected] = reference_tokens(reference_engine, [(prompt, sampling)])
+    infos = {
+        i.info.instance_id: i.info for i in cluster_state(failover_mesh.scheduler_address).instances
+    }
+    procs = {w.name: w for w in failover_mesh.live_workers()}
+
+    def migrate(src, dst) -> list:
+        with grpc.insecure_channel(src.address) as channel:
+            reply = worker_pb2_grpc.WorkerStub(channel).MigrateOut(
+                worker_pb2.MigrateOutRequest(
+                    dst_instance_id=dst.instance_id,
+                    dst_address=dst.address,
+                    dst_transport_address=dst.transport_address,
+                    request_id="mover",
+                    wait=True,
+                    # Stopped at once: the pause before the commit finds it unfinished.
+                    mode=worker_pb2.MIGRATION_MODE_BLOCKING_COPY,
+                ),
+                timeout=TIMEOUT_S,
+            )
+        return [(r.request_id, r.status) for r in reply.results]
+
+    def paused(proc) -> bool:
+        return any(e["event"] == "migration_fault_paused" for e in log_events(proc.log_path))
+
+    async def scenario():
+        async with AsyncClient(
+            a.address, timeout_s=TIMEOUT_S, failover_addresses=[b.address]
+        ) as client:
+            stream = client.generate_stream(prompt_token_ids=prompt, request_id="mover", **sampling)
+            chunks = [await anext(stream)]
+            src = chunks[0].instance_id
+            [dst] = set(infos) - {src}
+            migration = asyncio.create_task(asyncio.to_thread(migrate, infos[src], infos[dst]))
+            await asyncio.to_thread(
+                wait_until, lambda: paused(procs[src]), what="the paused commit"
+            )
+            a.kill()  # the client resumes on b while the request is between its workers
+            async for chunk in stream:
+                chunks.append(chunk)
+            return src, dst, chunks, await migration
+
+    src, dst, chunks, results = asyncio.run(scenario())
+    assert results == [("mover", worker_pb2.MIGRATION_STATUS_COMMITTED)]
+    assert flatten(chunks) == expected
+    # Resumed at b from the source; the destination's tokens reached b (the migration
+    # carried the new owner), and the stream ends there.
+    resumed = [e for e in log_events(b.log_path, "mover") if e["event"] == "request_resumed"]
+    assert [e["instance_id"] for e in resumed] == [src]
+    assert (chunks[-1].instance_id, chunks[-1].finish_reason) == (dst, "length")

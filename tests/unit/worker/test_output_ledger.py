@@ -79,3 +79,11 @@ def test_a_request_that_comes_back_starts_a_fresh_entry():
     clock.now = 20.0  # the old finish must not expire the new entry
     entry = ledger.get("r")
     assert (entry.tokens, entry.is_finished) == ([1], False)
+
+
+def test_a_duplicate_of_a_running_request_keeps_its_entry():
+    ledger = OutputLedger(retention_s=10.0, clock=FakeClock())
+    ledger.open(state("r"))
+    ledger.record([OutputDelta("r", 0, (1, 2))])
+    ledger.open(state("r"))  # a second Submit of the same id (the engine refuses it)
+    assert ledger.get("r").tokens == [1, 2]
