@@ -64,6 +64,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         instance = self._ready()
         request_id = _required(request.request_id, "request_id")
         owner_address = _required(request.owner_address, "owner_address")
+        if ":" not in owner_address:
+            raise ValueError(f"owner_address={owner_address[:80]!r} must be host:port")
         if request.next_index < 0:
             raise ValueError(f"next_index={request.next_index} must be >= 0")
         with bind_context(request_id=request_id):

@@ -292,3 +292,29 @@ def test_a_request_resumed_while_it_migrates_follows_it_to_its_destination(
     resumed = [e for e in log_events(b.log_path, "mover") if e["event"] == "request_resumed"]
     assert [e["instance_id"] for e in resumed] == [src]
     assert (chunks[-1].instance_id, chunks[-1].finish_reason) == (dst, "length")
+
+
+def test_worker_rehome_names_bad_fields_and_answers_not_here(failover_mesh):
+    worker = failover_mesh.live_workers()[0]
+    with grpc.insecure_channel(worker.address) as channel:
+        stub = worker_pb2_grpc.WorkerStub(channel)
+        for request, field in [
+            (worker_pb2.RehomeRequest(owner_address="127.0.0.1:1"), "request_id"),
+            (worker_pb2.RehomeRequest(request_id="r"), "owner_address"),
+            (worker_pb2.RehomeRequest(request_id="r", owner_address="nowhere"), "owner_address"),
+            (
+                worker_pb2.RehomeRequest(
+                    request_id="r", owner_address="127.0.0.1:1", next_index=-1
+                ),
+                "next_index",
+            ),
+        ]:
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Rehome(request, timeout=TIMEOUT_S)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert refused.value.details().startswith(field)
+        reply = stub.Rehome(
+            worker_pb2.RehomeRequest(request_id="not-here", owner_address="127.0.0.1:1"),
+            timeout=TIMEOUT_S,
+        )
+    assert (reply.found, reply.instance_id) == (False, worker.name)
