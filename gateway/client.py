@@ -10,10 +10,18 @@
 
 Values are sent as given (the gateway validates them); errors raise GatewayError with
 the gRPC status code and the gateway's message. Every call has a deadline.
+
+Gateway failover: with `failover_addresses`, a stream whose gateway dies (UNAVAILABLE)
+goes on on the next gateway (Gateway.Resume with the request id and the number of tokens
+already yielded), so the caller sees one stream without a gap or a repeated token. The
+client then chooses the request id (a uuid) unless the caller gave one.
+`resume_stream(request_id, next_index)` resumes a stream explicitly.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -21,6 +29,7 @@ from typing import NamedTuple
 import grpc
 
 from gateway.client_channel import aio_gateway_channel, gateway_channel
+from gateway.client_failover import FailoverState, with_request_id
 from protos import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 DEFAULT_TIMEOUT_S = 120.0  # whole-generation deadline unless a call says otherwise
@@ -150,7 +159,8 @@ def _error(exc: grpc.RpcError) -> GatewayError:
 
 
 class AsyncClient:
-    """asyncio client; one channel, reused by every call."""
+    """asyncio client; one channel per gateway, reused by every call (the first
+    gateway's for everything but a failover)."""
 
     def __init__(
         self,
@@ -159,26 +169,60 @@ class AsyncClient:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         api_key: str | None = None,
         root_certificates: bytes | None = None,
+        failover_addresses: Sequence[str] = (),
     ) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = aio_gateway_channel(address, api_key, root_certificates)
-        self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+        self._channels = [
+            aio_gateway_channel(a, api_key, root_certificates)
+            for a in (address, *failover_addresses)
+        ]
+        self._stubs = [gateway_pb2_grpc.GatewayStub(c) for c in self._channels]
+        self._channel, self._stub = self._channels[0], self._stubs[0]
 
     async def generate_stream(
         self, prompt: str | None = None, *, timeout_s: float | None = None, **kwargs
     ) -> AsyncIterator[Chunk]:
-        """Chunks as they are produced; leaving the loop early cancels (aborts) the request."""
-        call = self._stub.Generate(
-            build_request(prompt, **kwargs), timeout=timeout_s or self.timeout_s
-        )
-        try:
-            async for message in call:
-                yield _chunk(message)
-        except grpc.aio.AioRpcError as exc:
-            raise _error(exc) from None
-        finally:
-            call.cancel()
+        """Chunks as they are produced; leaving the loop early cancels (aborts) the
+        request. A dead gateway's stream goes on on a failover gateway."""
+        request = build_request(prompt, **with_request_id(kwargs, len(self._stubs) > 1))
+        state = FailoverState(self._stubs, request.request_id, 0, request.detokenize)
+        timeout = timeout_s or self.timeout_s
+        async for chunk in self._follow(
+            state, self._stub.Generate(request, timeout=timeout), timeout
+        ):
+            yield chunk
+
+    async def resume_stream(
+        self,
+        request_id: str,
+        next_index: int,
+        *,
+        detokenize: bool = False,
+        timeout_s: float | None = None,
+    ) -> AsyncIterator[Chunk]:
+        """The stream of a request started through another gateway, from token index
+        next_index (the tokens the caller already has)."""
+        state = FailoverState(self._stubs, request_id, next_index, detokenize)
+        timeout = timeout_s or self.timeout_s
+        async for chunk in self._follow(state, state.next_call(timeout), timeout):
+            yield chunk
+
+    async def _follow(self, state: FailoverState, call, timeout: float) -> AsyncIterator[Chunk]:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                async for message in call:
+                    yield state.on_chunk(_chunk(message))
+                return
+            except grpc.aio.AioRpcError as exc:
+                wait_s = state.retry_wait_s(exc)
+                if wait_s is None or time.monotonic() + wait_s >= deadline:
+                    raise _error(state.error_for(exc)) from None
+            finally:
+                call.cancel()
+            await asyncio.sleep(wait_s)
+            call = state.next_call(deadline - time.monotonic())
 
     async def generate(
         self, prompt: str | None = None, *, timeout_s: float | None = None, **kwargs
@@ -210,7 +254,8 @@ class AsyncClient:
         return _model_info(reply)
 
     async def close(self) -> None:
-        await self._channel.close()
+        for channel in self._channels:
+            await channel.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -229,25 +274,51 @@ class Client:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         api_key: str | None = None,
         root_certificates: bytes | None = None,
+        failover_addresses: Sequence[str] = (),
     ) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = gateway_channel(address, api_key, root_certificates)
-        self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+        self._channels = [
+            gateway_channel(a, api_key, root_certificates) for a in (address, *failover_addresses)
+        ]
+        self._stubs = [gateway_pb2_grpc.GatewayStub(c) for c in self._channels]
+        self._channel, self._stub = self._channels[0], self._stubs[0]
 
     def generate_stream(
         self, prompt: str | None = None, *, timeout_s: float | None = None, **kwargs
     ) -> Iterator[Chunk]:
-        call = self._stub.Generate(
-            build_request(prompt, **kwargs), timeout=timeout_s or self.timeout_s
-        )
-        try:
-            for message in call:
-                yield _chunk(message)
-        except grpc.RpcError as exc:
-            raise _error(exc) from None
-        finally:
-            call.cancel()
+        request = build_request(prompt, **with_request_id(kwargs, len(self._stubs) > 1))
+        state = FailoverState(self._stubs, request.request_id, 0, request.detokenize)
+        timeout = timeout_s or self.timeout_s
+        yield from self._follow(state, self._stub.Generate(request, timeout=timeout), timeout)
+
+    def resume_stream(
+        self,
+        request_id: str,
+        next_index: int,
+        *,
+        detokenize: bool = False,
+        timeout_s: float | None = None,
+    ) -> Iterator[Chunk]:
+        state = FailoverState(self._stubs, request_id, next_index, detokenize)
+        timeout = timeout_s or self.timeout_s
+        yield from self._follow(state, state.next_call(timeout), timeout)
+
+    def _follow(self, state: FailoverState, call, timeout: float) -> Iterator[Chunk]:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                for message in call:
+                    yield state.on_chunk(_chunk(message))
+                return
+            except grpc.RpcError as exc:
+                wait_s = state.retry_wait_s(exc)
+                if wait_s is None or time.monotonic() + wait_s >= deadline:
+                    raise _error(state.error_for(exc)) from None
+            finally:
+                call.cancel()
+            time.sleep(wait_s)
+            call = state.next_call(deadline - time.monotonic())
 
     def generate(
         self, prompt: str | None = None, *, timeout_s: float | None = None, **kwargs
@@ -277,7 +348,8 @@ class Client:
         return _model_info(reply)
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels:
+            channel.close()
 
     def __enter__(self) -> Client:
         return self

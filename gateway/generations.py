@@ -102,8 +102,11 @@ class Generations:
         return session
 
     @contextlib.asynccontextmanager
-    async def run(self, session: GenerationSession) -> AsyncIterator[GenerationSession]:
-        """Place the session; the body iterates `session.chunks()`.
+    async def run(
+        self, session: GenerationSession, *, place: bool = True
+    ) -> AsyncIterator[GenerationSession]:
+        """Place the session (unless `place` is False: a resumed one runs already); the
+        body iterates `session.chunks()`.
 
         However the body ends (last chunk, client gone, error) the request is aborted on
         its worker if it had not finished, and unregistered. Enter and exit it in one
@@ -126,8 +129,9 @@ class Generations:
             session.telemetry = RequestTelemetry(self._metrics, session.spec, self._model_id)
             failed = False  # placement or the stream failed (not: the client went away)
             try:
-                with tracer.start_as_current_span("gateway.place"):
-                    await session.place()
+                if place:
+                    with tracer.start_as_current_span("gateway.place"):
+                        await session.place()
                 yield session
                 if session.tracker.is_finished:
                     span.set_attribute("llmesh.num_output_tokens", len(session.tracker.tokens))

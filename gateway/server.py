@@ -19,6 +19,7 @@ from gateway.generations import Generations, PlacementSettings
 from gateway.http_api.app import build_app
 from gateway.http_api.chat_template import load_chat_template
 from gateway.http_api.server import HttpServer
+from gateway.resume import Resumer
 from gateway.servicer import GatewayServicer, OutputSinkServicer
 from gateway.sessions import SessionTable
 from gateway.telemetry import GatewayMetrics
@@ -90,7 +91,14 @@ def _build(
         model_id=config.model,
         metrics=metrics,
     )
-    servicer = GatewayServicer(generations, model_id=config.model)
+    resumer = Resumer(
+        sessions=sessions,
+        view=view,
+        dispatcher=dispatcher,
+        pool=pool,
+        placement=PlacementSettings(owner_address, config.max_placements, config.failover_wait_s),
+    )
+    servicer = GatewayServicer(generations, model_id=config.model, resumer=resumer)
     sink = OutputSinkServicer(sessions, pool)
     return _Gateway(
         scheduler_channel, scheduler_stub, view, sessions, pool, generations, servicer, sink

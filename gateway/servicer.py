@@ -11,12 +11,13 @@ import collections
 import contextlib
 
 from gateway.generations import Generations
+from gateway.resume import Resumer
 from gateway.sessions import SessionTable
 from gateway.tokenizer import IncrementalDetokenizer
 from gateway.workers import WorkerPool
 from protos import gateway_pb2, gateway_pb2_grpc
 from services.common.convert import finish_reason_to_proto, outputs_from_proto
-from services.common.errors import NotFoundError
+from services.common.errors import NotFoundError, UnavailableError
 from services.common.logging import bind_context, get_logger
 from services.common.messages import FinishReason
 
@@ -26,21 +27,28 @@ log = get_logger(__name__)
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     """The gRPC client API: GenerateRequest in, GenerateChunk messages out."""
 
-    def __init__(self, generations: Generations, model_id: str) -> None:
+    def __init__(
+        self, generations: Generations, model_id: str, resumer: Resumer | None = None
+    ) -> None:
+        """resumer: takes over requests of a dead gateway (None: Resume is UNAVAILABLE)."""
         self._generations = generations
+        self._resumer = resumer
         self._sessions = generations.sessions
         self._view = generations.view
         self._tokenizer = generations.tokenizer
         self._model_id = model_id
 
-    async def _messages(self, session):
-        """Place and stream one opened session: yields GenerateChunk messages."""
-        async with self._generations.run(session):
+    async def _messages(self, session, resume_at: int | None = None):
+        """Place and stream one opened session (or stream a resumed one from token index
+        resume_at): yields GenerateChunk messages."""
+        async with self._generations.run(session, place=resume_at is None):
             detokenizer = (
                 IncrementalDetokenizer(self._tokenizer) if session.spec.detokenize else None
             )
+            if detokenizer is not None and resume_at:
+                detokenizer.push(session.tracker.tokens[:resume_at])  # text the client has
             is_first = True
-            async for chunk in session.chunks():
+            async for chunk in session.chunks(resume_at or 0):
                 message = gateway_pb2.GenerateChunk(
                     request_id=session.request_id,
                     first_token_index=chunk.first_token_index,
@@ -63,6 +71,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         # aclosing: a client that goes away closes the inner generator in this task too.
         session = self._generations.open(request)
         async with contextlib.aclosing(self._messages(session)) as messages:
+            async for message in messages:
+                yield message
+
+    async def Resume(self, request, context):
+        if self._resumer is None:
+            raise UnavailableError("this gateway does not take requests over")
+        with bind_context(request_id=request.request_id):
+            session = await self._resumer.take_over(request)
+        async with contextlib.aclosing(self._messages(session, request.next_index)) as messages:
             async for message in messages:
                 yield message
 

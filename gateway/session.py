@@ -73,6 +73,9 @@ class GenerationSession:
         # The request's timings at the gateway (Generations.run sets it): each chunk
         # handed to the client is reported to it.
         self.telemetry: RequestTelemetry | None = None
+        # on_moved(instance_id, address): a move notice for this request (a request
+        # resumed from another gateway follows it, gateway/resume.py).
+        self.on_moved = None
 
     @property
     def request_id(self) -> str:
@@ -177,10 +180,11 @@ class GenerationSession:
             delay_s = min(delay_s * 2, FAILOVER_RETRY_S[1])
             self._excluded = {lost_instance} if lost_instance else set()
 
-    async def chunks(self) -> AsyncIterator[Chunk]:
-        """The output as contiguous chunks; the last one carries the finish reason."""
+    async def chunks(self, start: int = 0) -> AsyncIterator[Chunk]:
+        """The output from token index `start` (a resumed stream: what the client
+        has not seen yet) as contiguous chunks; the last one carries the finish reason."""
         tracker = self.tracker
-        num_sent = 0
+        num_sent = start
         while True:
             if tracker.needs_placement:
                 lost_instance = tracker.instance_id

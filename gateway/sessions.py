@@ -51,6 +51,8 @@ class SessionTable:
             if session is not None:
                 if delta.moved_to_instance_id and self.on_moved is not None:
                     self.on_moved(delta.moved_to_instance_id, delta.moved_to_address)
+                if delta.moved_to_instance_id and session.on_moved is not None:
+                    session.on_moved(delta.moved_to_instance_id, delta.moved_to_address)
                 session.tracker.on_output(delta, instance_id)
             elif not delta.is_finished:
                 orphans.append(delta.request_id)

@@ -74,6 +74,18 @@ class WorkerPool:
             worker_pb2.SubmitRequest(state=state), timeout=self._submit_timeout_s
         )
 
+    async def rehome(
+        self, instance_id: str, address: str, request_id: str, owner_address: str, next_index: int
+    ) -> worker_pb2.RehomeResponse:
+        """Worker.Rehome: the request's outputs come to owner_address from now on."""
+        link = self.link(instance_id, address)
+        return await link.stub.Rehome(
+            worker_pb2.RehomeRequest(
+                request_id=request_id, owner_address=owner_address, next_index=next_index
+            ),
+            timeout=self._submit_timeout_s,
+        )
+
     def abort_soon(self, instance_id: str, request_id: str) -> None:
         """Best-effort Worker.Abort in the background (safe to call from a cancelled task)."""
         task = asyncio.create_task(self._abort(instance_id, request_id))

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos import common_pb2 as protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/gateway.proto\x12\tllmesh.v1\x1a\x13protos/common.proto\"\xa2\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.llmesh.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x12\n\ndetokenize\x18\x06 \x01(\x08\"\xc0\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11\x66irst_token_index\x18\x02 \x01(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.llmesh.v1.FinishReason\x12\x13\n\x0binstance_id\x18\x06 \x01(\t\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xa0\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.llmesh.v1.FinishReason\x12\x19\n\x11num_prompt_tokens\x18\x05 \x01(\x05\x12\x0c\n\x04seed\x18\x06 \x01(\x03\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"u\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\x12\x14\n\x0c\x65os_token_id\x18\x04 \x01(\x05\x12\x15\n\rnum_instances\x18\x05 \x01(\x05\"M\n\x0bOutputBatch\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12)\n\x07outputs\x18\x02 \x03(\x0b\x32\x18.llmesh.v1.RequestOutput\"\xe1\x01\n\rRequestOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11\x66irst_token_index\x18\x02 \x01(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.llmesh.v1.FinishReason\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x1c\n\x14moved_to_instance_id\x18\x06 \x01(\t\x12\x18\n\x10moved_to_address\x18\x07 \x01(\t\x12\x17\n\x0fplacement_epoch\x18\x08 \x01(\x05\"%\n\x0ePushOutputsAck\x12\x13\n\x0bnum_batches\x18\x01 \x01(\x04\x32\x99\x02\n\x07Gateway\x12\x42\n\x08Generate\x12\x1a.llmesh.v1.GenerateRequest\x1a\x18.llmesh.v1.GenerateChunk0\x01\x12H\n\rGenerateUnary\x12\x1a.llmesh.v1.GenerateRequest\x1a\x1b.llmesh.v1.GenerateResponse\x12:\n\x05\x41\x62ort\x12\x17.llmesh.v1.AbortRequest\x1a\x18.llmesh.v1.AbortResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.llmesh.v1.GetModelInfoRequest\x1a\x14.llmesh.v1.ModelInfo2P\n\nOutputSink\x12\x42\n\x0bPushOutputs\x12\x16.llmesh.v1.OutputBatch\x1a\x19.llmesh.v1.PushOutputsAck(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/gateway.proto\x12\tllmesh.v1\x1a\x13protos/common.proto\"\xa2\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.llmesh.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x12\n\ndetokenize\x18\x06 \x01(\x08\"\xc0\x01\n\rGenerateChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11\x66irst_token_index\x18\x02 \x01(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.llmesh.v1.FinishReason\x12\x13\n\x0binstance_id\x18\x06 \x01(\t\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xa0\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.llmesh.v1.FinishReason\x12\x19\n\x11num_prompt_tokens\x18\x05 \x01(\x05\x12\x0c\n\x04seed\x18\x06 \x01(\x03\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\" \n\rAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"K\n\rResumeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnext_index\x18\x02 \x01(\x05\x12\x12\n\ndetokenize\x18\x03 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"u\n\tModelInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x15\n\rmax_model_len\x18\x03 \x01(\x05\x12\x14\n\x0c\x65os_token_id\x18\x04 \x01(\x05\x12\x15\n\rnum_instances\x18\x05 \x01(\x05\"M\n\x0bOutputBatch\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12)\n\x07outputs\x18\x02 \x03(\x0b\x32\x18.llmesh.v1.RequestOutput\"\xe1\x01\n\rRequestOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11\x66irst_token_index\x18\x02 \x01(\x05\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.llmesh.v1.FinishReason\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x1c\n\x14moved_to_instance_id\x18\x06 \x01(\t\x12\x18\n\x10moved_to_address\x18\x07 \x01(\t\x12\x17\n\x0fplacement_epoch\x18\x08 \x01(\x05\"%\n\x0ePushOutputsAck\x12\x13\n\x0bnum_batches\x18\x01 \x01(\x04\x32\xd9\x02\n\x07Gateway\x12\x42\n\x08Generate\x12\x1a.llmesh.v1.GenerateRequest\x1a\x18.llmesh.v1.GenerateChunk0\x01\x12H\n\rGenerateUnary\x12\x1a.llmesh.v1.GenerateRequest\x1a\x1b.llmesh.v1.GenerateResponse\x12:\n\x05\x41\x62ort\x12\x17.llmesh.v1.AbortRequest\x1a\x18.llmesh.v1.AbortResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.llmesh.v1.GetModelInfoRequest\x1a\x14.llmesh.v1.ModelInfo\x12>\n\x06Resume\x12\x18.llmesh.v1.ResumeRequest\x1a\x18.llmesh.v1.GenerateChunk0\x01\x32P\n\nOutputSink\x12\x42\n\x0bPushOutputs\x12\x16.llmesh.v1.OutputBatch\x1a\x19.llmesh.v1.PushOutputsAck(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,18 +42,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ABORTREQUEST']._serialized_end=613
   _globals['_ABORTRESPONSE']._serialized_start=615
   _globals['_ABORTRESPONSE']._serialized_end=647
-  _globals['_GETMODELINFOREQUEST']._serialized_start=649
-  _globals['_GETMODELINFOREQUEST']._serialized_end=670
-  _globals['_MODELINFO']._serialized_start=672
-  _globals['_MODELINFO']._serialized_end=789
-  _globals['_OUTPUTBATCH']._serialized_start=791
-  _globals['_OUTPUTBATCH']._serialized_end=868
-  _globals['_REQUESTOUTPUT']._serialized_start=871
-  _globals['_REQUESTOUTPUT']._serialized_end=1096
-  _globals['_PUSHOUTPUTSACK']._serialized_start=1098
-  _globals['_PUSHOUTPUTSACK']._serialized_end=1135
-  _globals['_GATEWAY']._serialized_start=1138
-  _globals['_GATEWAY']._serialized_end=1419
-  _globals['_OUTPUTSINK']._serialized_start=1421
-  _globals['_OUTPUTSINK']._serialized_end=1501
+  _globals['_RESUMEREQUEST']._serialized_start=649
+  _globals['_RESUMEREQUEST']._serialized_end=724
+  _globals['_GETMODELINFOREQUEST']._serialized_start=726
+  _globals['_GETMODELINFOREQUEST']._serialized_end=747
+  _globals['_MODELINFO']._serialized_start=749
+  _globals['_MODELINFO']._serialized_end=866
+  _globals['_OUTPUTBATCH']._serialized_start=868
+  _globals['_OUTPUTBATCH']._serialized_end=945
+  _globals['_REQUESTOUTPUT']._serialized_start=948
+  _globals['_REQUESTOUTPUT']._serialized_end=1173
+  _globals['_PUSHOUTPUTSACK']._serialized_start=1175
+  _globals['_PUSHOUTPUTSACK']._serialized_end=1212
+  _globals['_GATEWAY']._serialized_start=1215
+  _globals['_GATEWAY']._serialized_end=1560
+  _globals['_OUTPUTSINK']._serialized_start=1562
+  _globals['_OUTPUTSINK']._serialized_end=1642
 # @@protoc_insertion_point(module_scope)

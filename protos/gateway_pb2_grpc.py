@@ -55,6 +55,11 @@ class GatewayStub:
                 request_serializer=protos_dot_gateway__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=protos_dot_gateway__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.Resume = channel.unary_stream(
+                '/llmesh.v1.Gateway/Resume',
+                request_serializer=protos_dot_gateway__pb2.ResumeRequest.SerializeToString,
+                response_deserializer=protos_dot_gateway__pb2.GenerateChunk.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -91,6 +96,16 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Resume(self, request, context):
+        """/ Failover: continue the stream of a request whose gateway died. This gateway takes
+        / the request over (its worker sends the outputs here from now on) and streams it
+        / from token index next_index: no token repeated or skipped. NOT_FOUND when no
+        / instance runs or still keeps the request (see docs/mesh.md, "Gateway failover").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +128,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=protos_dot_gateway__pb2.GetModelInfoRequest.FromString,
                     response_serializer=protos_dot_gateway__pb2.ModelInfo.SerializeToString,
+            ),
+            'Resume': grpc.unary_stream_rpc_method_handler(
+                    servicer.Resume,
+                    request_deserializer=protos_dot_gateway__pb2.ResumeRequest.FromString,
+                    response_serializer=protos_dot_gateway__pb2.GenerateChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -224,6 +244,33 @@ class Gateway:
             '/llmesh.v1.Gateway/GetModelInfo',
             protos_dot_gateway__pb2.GetModelInfoRequest.SerializeToString,
             protos_dot_gateway__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/llmesh.v1.Gateway/Resume',
+            protos_dot_gateway__pb2.ResumeRequest.SerializeToString,
+            protos_dot_gateway__pb2.GenerateChunk.FromString,
             options,
             channel_credentials,
             insecure,

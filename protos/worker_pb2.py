@@ -26,7 +26,7 @@ from protos import common_pb2 as protos_dot_common__pb2
 from protos import group_pb2 as protos_dot_group__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/worker.proto\x12\tllmesh.v1\x1a\x13protos/common.proto\x1a\x12protos/group.proto\"7\n\rSubmitRequest\x12&\n\x05state\x18\x01 \x01(\x0b\x32\x17.llmesh.v1.RequestState\"%\n\x0eSubmitResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"(\n\x12WorkerAbortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"&\n\x13WorkerAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\")\n\x0eGetLoadRequest\x12\x17\n\x0f\x63heck_integrity\x18\x01 \x01(\x08\"\xc6\x01\n\x11MigrateOutRequest\x12\x17\n\x0f\x64st_instance_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64st_address\x18\x02 \x01(\t\x12\x1d\n\x15\x64st_transport_address\x18\x03 \x01(\x0c\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x14\n\x0cnum_requests\x18\x05 \x01(\x05\x12\x0c\n\x04wait\x18\x06 \x01(\x08\x12&\n\x04mode\x18\x08 \x01(\x0e\x32\x18.llmesh.v1.MigrationModeJ\x04\x08\x07\x10\x08\"A\n\x12MigrateOutResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.llmesh.v1.MigrationResult\"\xe2\x01\n\x0fMigrationResult\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12*\n\x06status\x18\n \x01(\x0e\x32\x1a.llmesh.v1.MigrationStatus\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x12\n\nnum_stages\x18\x05 \x01(\x05\x12\x12\n\nnum_blocks\x18\x06 \x01(\x05\x12\x13\n\x0b\x64owntime_ms\x18\x07 \x01(\x01\x12\x11\n\tnum_bytes\x18\x08 \x01(\x03\x12\x13\n\x0b\x64uration_ms\x18\t \x01(\x01J\x04\x08\x03\x10\x04\"\xe2\x02\n\x17PrepareMigrationRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x17\n\x0fsrc_instance_id\x18\x03 \x01(\t\x12\x1d\n\x15src_transport_address\x18\x04 \x01(\x0c\x12\x12\n\nnum_blocks\x18\x05 \x01(\x05\x12\x10\n\x08lease_ms\x18\x06 \x01(\x05\x12\x12\n\nnum_tokens\x18\x07 \x01(\x05\x12K\n\rtrace_context\x18\x08 \x03(\x0b\x32\x34.llmesh.v1.PrepareMigrationRequest.TraceContextEntry\x12)\n\x07kernels\x18\t \x01(\x0e\x32\x18.llmesh.v1.KernelBackend\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"U\n\x18PrepareMigrationResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x17\n\x0fkv_block_nbytes\x18\x03 \x01(\x03\"\x97\x01\n\x15MigrationStageRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x13\n\x0bstage_index\x18\x02 \x01(\x05\x12\x19\n\x11\x66irst_block_index\x18\x03 \x01(\x05\x12\x12\n\nnum_blocks\x18\x04 \x01(\x05\x12\x13\n\x0btransfer_id\x18\x05 \x01(\t\x12\x0f\n\x07is_last\x18\x06 \x01(\x08\"7\n\x16MigrationStageResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"j\n\x16\x43ommitMigrationRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0b\x32\x17.llmesh.v1.RequestState\x12\x12\n\nnum_blocks\x18\x03 \x01(\x05\"<\n\x17\x43ommitMigrationResponse\x12\x11\n\tcommitted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"=\n\x15\x41\x62ortMigrationRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\'\n\x16\x41\x62ortMigrationResponse\x12\r\n\x05\x66reed\x18\x01 \x01(\x08*\x88\x01\n\rMigrationMode\x12\x1e\n\x1aMIGRATION_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13MIGRATION_MODE_LIVE\x10\x01\x12 \n\x1cMIGRATION_MODE_BLOCKING_COPY\x10\x02\x12\x1c\n\x18MIGRATION_MODE_RECOMPUTE\x10\x03*\xee\x01\n\x0fMigrationStatus\x12 \n\x1cMIGRATION_STATUS_UNSPECIFIED\x10\x00\x12\x1e\n\x1aMIGRATION_STATUS_PREPARING\x10\x01\x12\x1c\n\x18MIGRATION_STATUS_COPYING\x10\x02\x12\x1c\n\x18MIGRATION_STATUS_STOPPED\x10\x03\x12\x1f\n\x1bMIGRATION_STATUS_COMMITTING\x10\x04\x12\x1e\n\x1aMIGRATION_STATUS_COMMITTED\x10\x05\x12\x1c\n\x18MIGRATION_STATUS_ABORTED\x10\x06\x32\xda\t\n\x06Worker\x12=\n\x06Submit\x12\x18.llmesh.v1.SubmitRequest\x1a\x19.llmesh.v1.SubmitResponse\x12\x46\n\x05\x41\x62ort\x12\x1d.llmesh.v1.WorkerAbortRequest\x1a\x1e.llmesh.v1.WorkerAbortResponse\x12;\n\x07GetLoad\x12\x19.llmesh.v1.GetLoadRequest\x1a\x15.llmesh.v1.LoadReport\x12I\n\nMigrateOut\x12\x1c.llmesh.v1.MigrateOutRequest\x1a\x1d.llmesh.v1.MigrateOutResponse\x12[\n\x10PrepareMigration\x12\".llmesh.v1.PrepareMigrationRequest\x1a#.llmesh.v1.PrepareMigrationResponse\x12U\n\x0eMigrationStage\x12 .llmesh.v1.MigrationStageRequest\x1a!.llmesh.v1.MigrationStageResponse\x12X\n\x0f\x43ommitMigration\x12!.llmesh.v1.CommitMigrationRequest\x1a\".llmesh.v1.CommitMigrationResponse\x12U\n\x0e\x41\x62ortMigration\x12 .llmesh.v1.AbortMigrationRequest\x1a!.llmesh.v1.AbortMigrationResponse\x12\x46\n\tFormGroup\x12\x1b.llmesh.v1.FormGroupRequest\x1a\x1c.llmesh.v1.FormGroupResponse\x12R\n\rDissolveGroup\x12\x1f.llmesh.v1.DissolveGroupRequest\x1a .llmesh.v1.DissolveGroupResponse\x12L\n\x0bPrepareJoin\x12\x1d.llmesh.v1.PrepareJoinRequest\x1a\x1e.llmesh.v1.PrepareJoinResponse\x12\x46\n\tJoinGroup\x12\x1b.llmesh.v1.JoinGroupRequest\x1a\x1c.llmesh.v1.JoinGroupResponse\x12\x43\n\x08\x45xchange\x12\x1a.llmesh.v1.ExchangeRequest\x1a\x1b.llmesh.v1.ExchangeResponse\x12O\n\x0c\x45xchangeDone\x12\x1e.llmesh.v1.ExchangeDoneRequest\x1a\x1f.llmesh.v1.ExchangeDoneResponse\x12I\n\nLeaveGroup\x12\x1c.llmesh.v1.LeaveGroupRequest\x1a\x1d.llmesh.v1.LeaveGroupResponse\x12I\n\nAbortGroup\x12\x1c.llmesh.v1.AbortGroupRequest\x1a\x1d.llmesh.v1.AbortGroupResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/worker.proto\x12\tllmesh.v1\x1a\x13protos/common.proto\x1a\x12protos/group.proto\"7\n\rSubmitRequest\x12&\n\x05state\x18\x01 \x01(\x0b\x32\x17.llmesh.v1.RequestState\"%\n\x0eSubmitResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"(\n\x12WorkerAbortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"&\n\x13WorkerAbortResponse\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"N\n\rRehomeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rowner_address\x18\x02 \x01(\t\x12\x12\n\nnext_index\x18\x03 \x01(\x05\"\x8c\x01\n\x0eRehomeResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12&\n\x05state\x18\x02 \x01(\x0b\x32\x17.llmesh.v1.RequestState\x12.\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x17.llmesh.v1.FinishReason\x12\x13\n\x0binstance_id\x18\x04 \x01(\t\")\n\x0eGetLoadRequest\x12\x17\n\x0f\x63heck_integrity\x18\x01 \x01(\x08\"\xc6\x01\n\x11MigrateOutRequest\x12\x17\n\x0f\x64st_instance_id\x18\x01 \x01(\t\x12\x13\n\x0b\x64st_address\x18\x02 \x01(\t\x12\x1d\n\x15\x64st_transport_address\x18\x03 \x01(\x0c\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x14\n\x0cnum_requests\x18\x05 \x01(\x05\x12\x0c\n\x04wait\x18\x06 \x01(\x08\x12&\n\x04mode\x18\x08 \x01(\x0e\x32\x18.llmesh.v1.MigrationModeJ\x04\x08\x07\x10\x08\"A\n\x12MigrateOutResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.llmesh.v1.MigrationResult\"\xe2\x01\n\x0fMigrationResult\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12*\n\x06status\x18\n \x01(\x0e\x32\x1a.llmesh.v1.MigrationStatus\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x12\n\nnum_stages\x18\x05 \x01(\x05\x12\x12\n\nnum_blocks\x18\x06 \x01(\x05\x12\x13\n\x0b\x64owntime_ms\x18\x07 \x01(\x01\x12\x11\n\tnum_bytes\x18\x08 \x01(\x03\x12\x13\n\x0b\x64uration_ms\x18\t \x01(\x01J\x04\x08\x03\x10\x04\"\xe2\x02\n\x17PrepareMigrationRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x17\n\x0fsrc_instance_id\x18\x03 \x01(\t\x12\x1d\n\x15src_transport_address\x18\x04 \x01(\x0c\x12\x12\n\nnum_blocks\x18\x05 \x01(\x05\x12\x10\n\x08lease_ms\x18\x06 \x01(\x05\x12\x12\n\nnum_tokens\x18\x07 \x01(\x05\x12K\n\rtrace_context\x18\x08 \x03(\x0b\x32\x34.llmesh.v1.PrepareMigrationRequest.TraceContextEntry\x12)\n\x07kernels\x18\t \x01(\x0e\x32\x18.llmesh.v1.KernelBackend\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"U\n\x18PrepareMigrationResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x17\n\x0fkv_block_nbytes\x18\x03 \x01(\x03\"\x97\x01\n\x15MigrationStageRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x13\n\x0bstage_index\x18\x02 \x01(\x05\x12\x19\n\x11\x66irst_block_index\x18\x03 \x01(\x05\x12\x12\n\nnum_blocks\x18\x04 \x01(\x05\x12\x13\n\x0btransfer_id\x18\x05 \x01(\t\x12\x0f\n\x07is_last\x18\x06 \x01(\x08\"7\n\x16MigrationStageResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"j\n\x16\x43ommitMigrationRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0b\x32\x17.llmesh.v1.RequestState\x12\x12\n\nnum_blocks\x18\x03 \x01(\x05\"<\n\x17\x43ommitMigrationResponse\x12\x11\n\tcommitted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"=\n\x15\x41\x62ortMigrationRequest\x12\x14\n\x0cmigration_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\'\n\x16\x41\x62ortMigrationResponse\x12\r\n\x05\x66reed\x18\x01 \x01(\x08*\x88\x01\n\rMigrationMode\x12\x1e\n\x1aMIGRATION_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13MIGRATION_MODE_LIVE\x10\x01\x12 \n\x1cMIGRATION_MODE_BLOCKING_COPY\x10\x02\x12\x1c\n\x18MIGRATION_MODE_RECOMPUTE\x10\x03*\xee\x01\n\x0fMigrationStatus\x12 \n\x1cMIGRATION_STATUS_UNSPECIFIED\x10\x00\x12\x1e\n\x1aMIGRATION_STATUS_PREPARING\x10\x01\x12\x1c\n\x18MIGRATION_STATUS_COPYING\x10\x02\x12\x1c\n\x18MIGRATION_STATUS_STOPPED\x10\x03\x12\x1f\n\x1bMIGRATION_STATUS_COMMITTING\x10\x04\x12\x1e\n\x1aMIGRATION_STATUS_COMMITTED\x10\x05\x12\x1c\n\x18MIGRATION_STATUS_ABORTED\x10\x06\x32\x99\n\n\x06Worker\x12=\n\x06Submit\x12\x18.llmesh.v1.SubmitRequest\x1a\x19.llmesh.v1.SubmitResponse\x12\x46\n\x05\x41\x62ort\x12\x1d.llmesh.v1.WorkerAbortRequest\x1a\x1e.llmesh.v1.WorkerAbortResponse\x12;\n\x07GetLoad\x12\x19.llmesh.v1.GetLoadRequest\x1a\x15.llmesh.v1.LoadReport\x12=\n\x06Rehome\x12\x18.llmesh.v1.RehomeRequest\x1a\x19.llmesh.v1.RehomeResponse\x12I\n\nMigrateOut\x12\x1c.llmesh.v1.MigrateOutRequest\x1a\x1d.llmesh.v1.MigrateOutResponse\x12[\n\x10PrepareMigration\x12\".llmesh.v1.PrepareMigrationRequest\x1a#.llmesh.v1.PrepareMigrationResponse\x12U\n\x0eMigrationStage\x12 .llmesh.v1.MigrationStageRequest\x1a!.llmesh.v1.MigrationStageResponse\x12X\n\x0f\x43ommitMigration\x12!.llmesh.v1.CommitMigrationRequest\x1a\".llmesh.v1.CommitMigrationResponse\x12U\n\x0e\x41\x62ortMigration\x12 .llmesh.v1.AbortMigrationRequest\x1a!.llmesh.v1.AbortMigrationResponse\x12\x46\n\tFormGroup\x12\x1b.llmesh.v1.FormGroupRequest\x1a\x1c.llmesh.v1.FormGroupResponse\x12R\n\rDissolveGroup\x12\x1f.llmesh.v1.DissolveGroupRequest\x1a .llmesh.v1.DissolveGroupResponse\x12L\n\x0bPrepareJoin\x12\x1d.llmesh.v1.PrepareJoinRequest\x1a\x1e.llmesh.v1.PrepareJoinResponse\x12\x46\n\tJoinGroup\x12\x1b.llmesh.v1.JoinGroupRequest\x1a\x1c.llmesh.v1.JoinGroupResponse\x12\x43\n\x08\x45xchange\x12\x1a.llmesh.v1.ExchangeRequest\x1a\x1b.llmesh.v1.ExchangeResponse\x12O\n\x0c\x45xchangeDone\x12\x1e.llmesh.v1.ExchangeDoneRequest\x1a\x1f.llmesh.v1.ExchangeDoneResponse\x12I\n\nLeaveGroup\x12\x1c.llmesh.v1.LeaveGroupRequest\x1a\x1d.llmesh.v1.LeaveGroupResponse\x12I\n\nAbortGroup\x12\x1c.llmesh.v1.AbortGroupRequest\x1a\x1d.llmesh.v1.AbortGroupResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREPAREMIGRATIONREQUEST_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_PREPAREMIGRATIONREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_MIGRATIONMODE']._serialized_start=1723
-  _globals['_MIGRATIONMODE']._serialized_end=1859
-  _globals['_MIGRATIONSTATUS']._serialized_start=1862
-  _globals['_MIGRATIONSTATUS']._serialized_end=2100
+  _globals['_MIGRATIONMODE']._serialized_start=1946
+  _globals['_MIGRATIONMODE']._serialized_end=2082
+  _globals['_MIGRATIONSTATUS']._serialized_start=2085
+  _globals['_MIGRATIONSTATUS']._serialized_end=2323
   _globals['_SUBMITREQUEST']._serialized_start=75
   _globals['_SUBMITREQUEST']._serialized_end=130
   _globals['_SUBMITRESPONSE']._serialized_start=132
@@ -47,32 +47,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERABORTREQUEST']._serialized_end=211
   _globals['_WORKERABORTRESPONSE']._serialized_start=213
   _globals['_WORKERABORTRESPONSE']._serialized_end=251
-  _globals['_GETLOADREQUEST']._serialized_start=253
-  _globals['_GETLOADREQUEST']._serialized_end=294
-  _globals['_MIGRATEOUTREQUEST']._serialized_start=297
-  _globals['_MIGRATEOUTREQUEST']._serialized_end=495
-  _globals['_MIGRATEOUTRESPONSE']._serialized_start=497
-  _globals['_MIGRATEOUTRESPONSE']._serialized_end=562
-  _globals['_MIGRATIONRESULT']._serialized_start=565
-  _globals['_MIGRATIONRESULT']._serialized_end=791
-  _globals['_PREPAREMIGRATIONREQUEST']._serialized_start=794
-  _globals['_PREPAREMIGRATIONREQUEST']._serialized_end=1148
-  _globals['_PREPAREMIGRATIONREQUEST_TRACECONTEXTENTRY']._serialized_start=1097
-  _globals['_PREPAREMIGRATIONREQUEST_TRACECONTEXTENTRY']._serialized_end=1148
-  _globals['_PREPAREMIGRATIONRESPONSE']._serialized_start=1150
-  _globals['_PREPAREMIGRATIONRESPONSE']._serialized_end=1235
-  _globals['_MIGRATIONSTAGEREQUEST']._serialized_start=1238
-  _globals['_MIGRATIONSTAGEREQUEST']._serialized_end=1389
-  _globals['_MIGRATIONSTAGERESPONSE']._serialized_start=1391
-  _globals['_MIGRATIONSTAGERESPONSE']._serialized_end=1446
-  _globals['_COMMITMIGRATIONREQUEST']._serialized_start=1448
-  _globals['_COMMITMIGRATIONREQUEST']._serialized_end=1554
-  _globals['_COMMITMIGRATIONRESPONSE']._serialized_start=1556
-  _globals['_COMMITMIGRATIONRESPONSE']._serialized_end=1616
-  _globals['_ABORTMIGRATIONREQUEST']._serialized_start=1618
-  _globals['_ABORTMIGRATIONREQUEST']._serialized_end=1679
-  _globals['_ABORTMIGRATIONRESPONSE']._serialized_start=1681
-  _globals['_ABORTMIGRATIONRESPONSE']._serialized_end=1720
-  _globals['_WORKER']._serialized_start=2103
-  _globals['_WORKER']._serialized_end=3345
+  _globals['_REHOMEREQUEST']._serialized_start=253
+  _globals['_REHOMEREQUEST']._serialized_end=331
+  _globals['_REHOMERESPONSE']._serialized_start=334
+  _globals['_REHOMERESPONSE']._serialized_end=474
+  _globals['_GETLOADREQUEST']._serialized_start=476
+  _globals['_GETLOADREQUEST']._serialized_end=517
+  _globals['_MIGRATEOUTREQUEST']._serialized_start=520
+  _globals['_MIGRATEOUTREQUEST']._serialized_end=718
+  _globals['_MIGRATEOUTRESPONSE']._serialized_start=720
+  _globals['_MIGRATEOUTRESPONSE']._serialized_end=785
+  _globals['_MIGRATIONRESULT']._serialized_start=788
+  _globals['_MIGRATIONRESULT']._serialized_end=1014
+  _globals['_PREPAREMIGRATIONREQUEST']._serialized_start=1017
+  _globals['_PREPAREMIGRATIONREQUEST']._serialized_end=1371
+  _globals['_PREPAREMIGRATIONREQUEST_TRACECONTEXTENTRY']._serialized_start=1320
+  _globals['_PREPAREMIGRATIONREQUEST_TRACECONTEXTENTRY']._serialized_end=1371
+  _globals['_PREPAREMIGRATIONRESPONSE']._serialized_start=1373
+  _globals['_PREPAREMIGRATIONRESPONSE']._serialized_end=1458
+  _globals['_MIGRATIONSTAGEREQUEST']._serialized_start=1461
+  _globals['_MIGRATIONSTAGEREQUEST']._serialized_end=1612
+  _globals['_MIGRATIONSTAGERESPONSE']._serialized_start=1614
+  _globals['_MIGRATIONSTAGERESPONSE']._serialized_end=1669
+  _globals['_COMMITMIGRATIONREQUEST']._serialized_start=1671
+  _globals['_COMMITMIGRATIONREQUEST']._serialized_end=1777
+  _globals['_COMMITMIGRATIONRESPONSE']._serialized_start=1779
+  _globals['_COMMITMIGRATIONRESPONSE']._serialized_end=1839
+  _globals['_ABORTMIGRATIONREQUEST']._serialized_start=1841
+  _globals['_ABORTMIGRATIONREQUEST']._serialized_end=1902
+  _globals['_ABORTMIGRATIONRESPONSE']._serialized_start=1904
+  _globals['_ABORTMIGRATIONRESPONSE']._serialized_end=1943
+  _globals['_WORKER']._serialized_start=2326
+  _globals['_WORKER']._serialized_end=3631
 # @@protoc_insertion_point(module_scope)

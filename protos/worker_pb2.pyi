@@ -61,6 +61,28 @@ class WorkerAbortResponse(_message.Message):
     aborted: bool
     def __init__(self, aborted: _Optional[bool] = ...) -> None: ...
 
+class RehomeRequest(_message.Message):
+    __slots__ = ("request_id", "owner_address", "next_index")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    owner_address: str
+    next_index: int
+    def __init__(self, request_id: _Optional[str] = ..., owner_address: _Optional[str] = ..., next_index: _Optional[int] = ...) -> None: ...
+
+class RehomeResponse(_message.Message):
+    __slots__ = ("found", "state", "finish_reason", "instance_id")
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    state: _common_pb2.RequestState
+    finish_reason: _common_pb2.FinishReason
+    instance_id: str
+    def __init__(self, found: _Optional[bool] = ..., state: _Optional[_Union[_common_pb2.RequestState, _Mapping]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., instance_id: _Optional[str] = ...) -> None: ...
+
 class GetLoadRequest(_message.Message):
     __slots__ = ("check_integrity",)
     CHECK_INTEGRITY_FIELD_NUMBER: _ClassVar[int]

@@ -52,6 +52,11 @@ class WorkerStub:
                 request_serializer=protos_dot_worker__pb2.GetLoadRequest.SerializeToString,
                 response_deserializer=protos_dot_common__pb2.LoadReport.FromString,
                 _registered_method=True)
+        self.Rehome = channel.unary_unary(
+                '/llmesh.v1.Worker/Rehome',
+                request_serializer=protos_dot_worker__pb2.RehomeRequest.SerializeToString,
+                response_deserializer=protos_dot_worker__pb2.RehomeResponse.FromString,
+                _registered_method=True)
         self.MigrateOut = channel.unary_unary(
                 '/llmesh.v1.Worker/MigrateOut',
                 request_serializer=protos_dot_worker__pb2.MigrateOutRequest.SerializeToString,
@@ -140,6 +145,14 @@ class WorkerServicer:
 
     def GetLoad(self, request, context):
         """/ The instance's current load report (also streamed to the scheduler).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rehome(self, request, context):
+        """/ Gateway failover: send a request's outputs to another gateway from now on (its
+        / gateway died and the client resumed there). found=false when it is not here.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -257,6 +270,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.GetLoad,
                     request_deserializer=protos_dot_worker__pb2.GetLoadRequest.FromString,
                     response_serializer=protos_dot_common__pb2.LoadReport.SerializeToString,
+            ),
+            'Rehome': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rehome,
+                    request_deserializer=protos_dot_worker__pb2.RehomeRequest.FromString,
+                    response_serializer=protos_dot_worker__pb2.RehomeResponse.SerializeToString,
             ),
             'MigrateOut': grpc.unary_unary_rpc_method_handler(
                     servicer.MigrateOut,
@@ -406,6 +424,33 @@ class Worker:
             '/llmesh.v1.Worker/GetLoad',
             protos_dot_worker__pb2.GetLoadRequest.SerializeToString,
             protos_dot_common__pb2.LoadReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rehome(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmesh.v1.Worker/Rehome',
+            protos_dot_worker__pb2.RehomeRequest.SerializeToString,
+            protos_dot_worker__pb2.RehomeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -31,6 +31,10 @@ def finish_reason_to_proto(reason: FinishReason) -> int:
     return _FINISH_TO_PROTO[reason]
 
 
+def finish_reason_from_proto(value: int) -> FinishReason:
+    return _from_proto(_FINISH_FROM_PROTO, value, "finish_reason")
+
+
 def _from_proto(table: dict, value: int, name: str):
     try:
         return table[value]

@@ -179,6 +179,7 @@ class WorkerInstance:
         """A request migrated in: outputs go to its owner; its span continues its trace."""
         request_id = handoff.state.request_id
         self.router.register(request_id, handoff.owner_address)
+        self.router.ledger.open(handoff.state)
         # A span left from an earlier stay here ends before this one starts.
         self.spans.end(request_id, {"llmesh.replaced": True})
         self.spans.start(
@@ -266,6 +267,7 @@ class WorkerInstance:
             decoding=False,
         )
         self.router.register(spec.request_id, spec.owner_address)
+        self.router.ledger.open(state)
         try:
             await self.async_engine.run(lambda engine: engine.migration.import_request(state, []))
         except DuplicateRequestError as exc:
@@ -282,6 +284,42 @@ class WorkerInstance:
                 num_prompt_tokens=len(spec.prompt_token_ids),
                 num_resumed_tokens=len(spec.output_token_ids),
             )
+
+    def rehome(
+        self, request_id: str, owner_address: str, next_index: int
+    ) -> tuple[RequestHandoff, FinishReason] | None:
+        """Gateway failover: the request's outputs go to `owner_address` from now on.
+
+        Returns the request with every token produced so far and how it finished, if it
+        did (None if it is neither here nor finished here within the retention window);
+        raises ValueError when the client claims more tokens than that. Synchronous, so
+        no step's outputs slip between the tokens returned and the first ones sent to
+        the new owner."""
+        entry = self.router.ledger.get(request_id)
+        if entry is None:
+            return None
+        if next_index > len(entry.tokens):
+            raise ValueError(
+                f"next_index={next_index} is beyond the {len(entry.tokens)} tokens request "
+                f"{request_id!r} has produced"
+            )
+        if not entry.is_finished:
+            self.router.rehome(request_id, owner_address)
+        epochs = self.migration.epochs if self.migration is not None else {}
+        with bind_context(request_id=request_id):
+            log.info(
+                "request_rehomed",
+                owner=owner_address,
+                num_tokens=len(entry.tokens),
+                is_finished=entry.is_finished,
+            )
+        handoff = RequestHandoff(
+            state=replace(entry.state, output_token_ids=tuple(entry.tokens), num_computed_tokens=0),
+            owner_address=owner_address,
+            trace_context=self._trace_context_of(request_id),
+            placement_epoch=epochs.get(request_id, 0),
+        )
+        return handoff, entry.finish_reason
 
     async def abort(self, request_id: str) -> bool:
         """True if the request was here; its ABORT output follows with the next step."""

@@ -6,6 +6,9 @@ into one message (fewer, larger messages under load, never more than one per ste
 
 If a gateway cannot be reached for `owner_unreachable_s`, nobody can receive its
 requests' tokens any more: `on_owner_gone(request_ids)` lets the worker abort them.
+Until then a client may resume them on another gateway: `rehome` points a request's
+outputs there, and `ledger` (services.worker.output_ledger) holds what it needs to
+take the request over, including requests that finished up to that long ago.
 Long-lived streams carry no deadline; channel keepalive detects a dead peer instead.
 """
 
@@ -24,6 +27,7 @@ from services.common.convert import outputs_to_proto
 from services.common.grpc_client import aio_channel
 from services.common.logging import get_logger
 from services.common.messages import OutputDelta
+from services.worker.output_ledger import OutputLedger
 
 log = get_logger(__name__)
 
@@ -50,7 +54,12 @@ class OwnerLink:
         try:
             while True:
                 try:
-                    await stub.PushOutputs(self._batches())
+                    call = stub.PushOutputs(self._batches())
+                    await call.wait_for_connection()
+                    # Up (not merely taking messages: a call to a dead gateway takes
+                    # one before it fails, which kept its window from ever ending).
+                    self.failing_since = None
+                    await call
                     if self.is_closing:
                         return
                     problem = "closed by the gateway"  # it is shutting down
@@ -74,7 +83,6 @@ class OwnerLink:
             deltas = await self.queue.get()
             if deltas is _CLOSE:
                 return
-            self.failing_since = None  # the stream is up and taking messages
             while not self.queue.empty():  # merge steps that queued up meanwhile
                 more = self.queue.get_nowait()
                 if more is _CLOSE:
@@ -97,6 +105,8 @@ class OutputRouter:
         self._on_owner_gone = on_owner_gone
         self._owner_of: dict[str, str] = {}  # request id -> gateway address
         self._links: dict[str, OwnerLink] = {}
+        # Finished requests stay resumable as long as an unreachable owner's requests do.
+        self.ledger = OutputLedger(owner_unreachable_s)
         self.root_context = contextvars.copy_context()
 
     def register(self, request_id: str, owner_address: str) -> None:
@@ -106,12 +116,19 @@ class OutputRouter:
 
     def unregister(self, request_id: str) -> None:
         self._owner_of.pop(request_id, None)
+        self.ledger.discard(request_id)
+
+    def rehome(self, request_id: str, owner_address: str) -> None:
+        """Every output published from now on goes to `owner_address` (a failover)."""
+        if request_id in self._owner_of:
+            self.register(request_id, owner_address)
 
     def owner_of(self, request_id: str) -> str | None:
         return self._owner_of.get(request_id)
 
     def publish(self, deltas: list[OutputDelta]) -> None:
         """Queue one step's outputs: one list per gateway."""
+        self.ledger.record(deltas)
         by_owner: dict[str, list[OutputDelta]] = {}
         for delta in deltas:
             owner = self._owner_of.get(delta.request_id)

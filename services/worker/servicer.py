@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from protos import group_pb2, worker_pb2, worker_pb2_grpc
 from services.common.convert import (
+    finish_reason_to_proto,
     kernels_from_proto,
     load_to_proto,
     migration_mode_from_proto,
@@ -29,7 +30,7 @@ from services.worker.migration import (
     PrepareOffer,
     StageOffer,
 )
-from services.worker.migration.grpc_client import handoff_from_proto
+from services.worker.migration.grpc_client import handoff_from_proto, handoff_to_proto
 from services.worker.migration.service import WorkerMigration
 
 
@@ -58,6 +59,26 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             raise ValueError("request_id must not be empty")
         aborted = await instance.abort(request.request_id)
         return worker_pb2.WorkerAbortResponse(aborted=aborted)
+
+    async def Rehome(self, request, context):
+        instance = self._ready()
+        request_id = _required(request.request_id, "request_id")
+        owner_address = _required(request.owner_address, "owner_address")
+        if ":" not in owner_address:
+            raise ValueError(f"owner_address={owner_address[:80]!r} must be host:port")
+        if request.next_index < 0:
+            raise ValueError(f"next_index={request.next_index} must be >= 0")
+        with bind_context(request_id=request_id):
+            found = instance.rehome(request_id, owner_address, request.next_index)
+        if found is None:
+            return worker_pb2.RehomeResponse(found=False, instance_id=instance.instance_id)
+        handoff, finish_reason = found
+        return worker_pb2.RehomeResponse(
+            found=True,
+            state=handoff_to_proto(handoff),
+            finish_reason=finish_reason_to_proto(finish_reason),
+            instance_id=instance.instance_id,
+        )
 
     async def GetLoad(self, request, context):
         instance = self._ready()

@@ -83,3 +83,38 @@ async def test_an_unreachable_gateway_gets_its_requests_given_up():
     await wait_for(lambda: gone)
     assert sorted(gone[0]) == ["r1", "r2"]
     await router.close()
+
+
+async def test_a_rehomed_request_sends_here_from_then_on_and_outlives_its_dead_gateway(sinks):
+    (addr_b, sink_b), _ = sinks
+    gone: list[list[str]] = []
+    router = OutputRouter("worker-7", owner_unreachable_s=0.3, on_owner_gone=gone.append)
+    router.register("moved", "127.0.0.1:1")  # its gateway died
+    router.register("stays", "127.0.0.1:1")
+    router.publish([OutputDelta("moved", 0, (1,)), OutputDelta("stays", 0, (2,))])
+    router.rehome("moved", addr_b)
+    router.rehome("unknown", addr_b)  # not here: nothing registered
+    router.publish([OutputDelta("moved", 1, (3,)), OutputDelta("stays", 1, (4,))])
+    await wait_for(lambda: gone and sink_b.batches)
+    await router.close()
+    assert gone == [["stays"]]  # only the request nobody took over is given up
+    assert [(o.request_id, list(o.token_ids)) for b in sink_b.batches for o in b.outputs] == [
+        ("moved", [3])
+    ]
+    assert (router.owner_of("moved"), router.owner_of("unknown")) == (addr_b, None)
+
+
+async def test_a_dead_gateway_is_given_up_even_while_its_request_keeps_producing():
+    # Each retry of the stream takes a queued step before it fails; that once counted
+    # as "the stream is up" and the window never ended for a request that kept decoding.
+    gone: list[list[str]] = []
+    router = OutputRouter("worker-7", owner_unreachable_s=0.3, on_owner_gone=gone.append)
+    router.register("busy", "127.0.0.1:1")  # nothing listens there
+    index = 0
+    async with asyncio.timeout(10):
+        while not gone:
+            router.publish([OutputDelta("busy", index, (index % 250,))])
+            index += 1
+            await asyncio.sleep(0.01)
+    assert gone == [["busy"]]
+    await router.close()
