@@ -10,6 +10,13 @@
 
 Values are sent as given (the gateway validates them); errors raise GatewayError with
 the gRPC status code and the gateway's message. Every call has a deadline.
+
+Retries (gateway/retry.py): `retry=` takes a RetryPolicy; by default generate() and
+generate_stream() retry UNAVAILABLE and RESOURCE_EXHAUSTED (admission control, honouring
+its `retry-after-ms` hint) with jittered backoff, up to 5 attempts within 20 s; a
+stream that already delivered a chunk is never retried (its error is raised).
+`retry=None` turns retries off: the first refusal is raised (load generators that count
+refusals, tests). abort() and model_info() are never retried.
 """
 
 from __future__ import annotations
@@ -20,11 +27,14 @@ from typing import NamedTuple
 
 import grpc
 
+from gateway.retry import RetryAttempts, RetryPolicy
 from protos import common_pb2, gateway_pb2, gateway_pb2_grpc
+from services.common.errors import retry_after_s_from_metadata
 from services.common.grpc_client import CHANNEL_OPTIONS
 
 DEFAULT_TIMEOUT_S = 120.0  # whole-generation deadline unless a call says otherwise
 CONTROL_TIMEOUT_S = 5.0  # abort, model info
+DEFAULT_RETRY = RetryPolicy()  # what `retry=` is unless given
 
 _FINISH_NAMES = {
     common_pb2.FINISH_REASON_UNSPECIFIED: None,
@@ -36,12 +46,16 @@ _FINISH_NAMES = {
 
 
 class GatewayError(Exception):
-    """A call failed: `code` is the grpc.StatusCode, `details` the gateway's message."""
+    """A call failed: `code` is the grpc.StatusCode, `details` the gateway's message,
+    `retry_after_s` the gateway's retry hint (RESOURCE_EXHAUSTED), else None."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(
+        self, code: grpc.StatusCode, details: str, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        self.retry_after_s = retry_after_s
 
 
 class Chunk(NamedTuple):
@@ -146,43 +160,74 @@ def _model_info(reply: gateway_pb2.ModelInfo) -> ModelInfo:
 
 
 def _error(exc: grpc.RpcError) -> GatewayError:
-    return GatewayError(exc.code(), exc.details() or "")
+    return GatewayError(
+        exc.code(), exc.details() or "", retry_after_s_from_metadata(exc.trailing_metadata())
+    )
+
+
+def _retry_delay_s(attempts: RetryAttempts | None, error: GatewayError) -> float | None:
+    """Seconds to wait before the next attempt; None: raise `error`."""
+    if attempts is None:
+        return None
+    return attempts.next_delay_s(error.code, error.retry_after_s)
 
 
 class AsyncClient:
     """asyncio client; one channel, reused by every call."""
 
-    def __init__(self, address: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        retry: RetryPolicy | None = DEFAULT_RETRY,
+    ) -> None:
         self.address = address
         self.timeout_s = timeout_s
+        self.retry = retry
         self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
     async def generate_stream(
         self, prompt: str | None = None, *, timeout_s: float | None = None, **kwargs
     ) -> AsyncIterator[Chunk]:
-        """Chunks as they are produced; leaving the loop early cancels (aborts) the request."""
-        call = self._stub.Generate(
-            build_request(prompt, **kwargs), timeout=timeout_s or self.timeout_s
-        )
-        try:
-            async for message in call:
-                yield _chunk(message)
-        except grpc.aio.AioRpcError as exc:
-            raise _error(exc) from None
-        finally:
-            call.cancel()
+        """Chunks as they are produced; leaving the loop early cancels (aborts) the request.
+
+        Retried (self.retry) only until the first chunk arrived."""
+        request = build_request(prompt, **kwargs)
+        attempts = self.retry.begin() if self.retry is not None else None
+        while True:
+            call = self._stub.Generate(request, timeout=timeout_s or self.timeout_s)
+            is_committed = False
+            try:
+                async for message in call:
+                    is_committed = True
+                    yield _chunk(message)
+                return
+            except grpc.aio.AioRpcError as exc:
+                error = _error(exc)
+                delay_s = None if is_committed else _retry_delay_s(attempts, error)
+                if delay_s is None:
+                    raise error from None
+            finally:
+                call.cancel()
+            await self.retry.async_sleep(delay_s)
 
     async def generate(
         self, prompt: str | None = None, *, timeout_s: float | None = None, **kwargs
     ) -> Generation:
-        try:
-            reply = await self._stub.GenerateUnary(
-                build_request(prompt, **kwargs), timeout=timeout_s or self.timeout_s
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise _error(exc) from None
-        return _generation(reply)
+        request = build_request(prompt, **kwargs)
+        attempts = self.retry.begin() if self.retry is not None else None
+        while True:
+            try:
+                reply = await self._stub.GenerateUnary(request, timeout=timeout_s or self.timeout_s)
+                return _generation(reply)
+            except grpc.aio.AioRpcError as exc:
+                error = _error(exc)
+                delay_s = _retry_delay_s(attempts, error)
+                if delay_s is None:
+                    raise error from None
+            await self.retry.async_sleep(delay_s)
 
     async def abort(self, request_id: str, *, timeout_s: float = CONTROL_TIMEOUT_S) -> bool:
         try:
@@ -215,36 +260,56 @@ class AsyncClient:
 class Client:
     """Blocking client with the same calls as AsyncClient."""
 
-    def __init__(self, address: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        retry: RetryPolicy | None = DEFAULT_RETRY,
+    ) -> None:
         self.address = address
         self.timeout_s = timeout_s
+        self.retry = retry
         self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
     def generate_stream(
         self, prompt: str | None = None, *, timeout_s: float | None = None, **kwargs
     ) -> Iterator[Chunk]:
-        call = self._stub.Generate(
-            build_request(prompt, **kwargs), timeout=timeout_s or self.timeout_s
-        )
-        try:
-            for message in call:
-                yield _chunk(message)
-        except grpc.RpcError as exc:
-            raise _error(exc) from None
-        finally:
-            call.cancel()
+        request = build_request(prompt, **kwargs)
+        attempts = self.retry.begin() if self.retry is not None else None
+        while True:
+            call = self._stub.Generate(request, timeout=timeout_s or self.timeout_s)
+            is_committed = False
+            try:
+                for message in call:
+                    is_committed = True
+                    yield _chunk(message)
+                return
+            except grpc.RpcError as exc:
+                error = _error(exc)
+                delay_s = None if is_committed else _retry_delay_s(attempts, error)
+                if delay_s is None:
+                    raise error from None
+            finally:
+                call.cancel()
+            self.retry.sleep(delay_s)
 
     def generate(
         self, prompt: str | None = None, *, timeout_s: float | None = None, **kwargs
     ) -> Generation:
-        try:
-            reply = self._stub.GenerateUnary(
-                build_request(prompt, **kwargs), timeout=timeout_s or self.timeout_s
-            )
-        except grpc.RpcError as exc:
-            raise _error(exc) from None
-        return _generation(reply)
+        request = build_request(prompt, **kwargs)
+        attempts = self.retry.begin() if self.retry is not None else None
+        while True:
+            try:
+                reply = self._stub.GenerateUnary(request, timeout=timeout_s or self.timeout_s)
+                return _generation(reply)
+            except grpc.RpcError as exc:
+                error = _error(exc)
+                delay_s = _retry_delay_s(attempts, error)
+                if delay_s is None:
+                    raise error from None
+            self.retry.sleep(delay_s)
 
     def abort(self, request_id: str, *, timeout_s: float = CONTROL_TIMEOUT_S) -> bool:
         try:
