@@ -132,7 +132,7 @@ async def _one_request(client, template, expected, tally: SoakTally) -> None:
         if not tokens and exc.code.name in SHED_CODES:
             tally.shed_codes[exc.code.name] += 1
         else:
-            tally.lost[f"{exc.code.name} after {len(tokens)} tokens"] += 1
+            tally.lost[f"{exc.code.name} after {len(tokens)} tokens: {exc.details[:80]}"] += 1
         return
     tally.num_completed += 1
     tally.ttfts_s.append(ttft_s)

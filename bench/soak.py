@@ -51,8 +51,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--max-num-seqs", type=int, default=8, help="running batch per worker")
     parser.add_argument("--max-waiting", type=int, default=8, help="waiting queue per worker")
-    parser.add_argument("--prompt-len", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=1, help="arrival process seed")
     return parser.parse_args(argv)
 
