@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
+import signal
 import time
 
 import grpc
@@ -150,18 +153,31 @@ def test_http_answers_429_with_retry_after_in_openai_shape(bounded):
             assert response.json()["usage"]["completion_tokens"] == LONG["max_tokens"]
 
 
+@contextlib.contextmanager
+def workers_stopped(mesh: LocalMesh):
+    """SIGSTOP this module's workers (by PID) for the body: what runs there stays put."""
+    pids = [w.pid for w in mesh.workers]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
 def test_per_key_concurrency_and_rate_limits(bounded):
-    _, limited, limited_http = bounded
+    mesh, limited, limited_http = bounded
     key = "sk-test-one"
     bearer = (("authorization", f"Bearer {key}"),)
     with grpc.insecure_channel(limited) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
-        long_request = build_request(prompt_token_ids=[5, 6, 7], **LONG)
-        # One stream in flight for the key: a second is refused (no token spent).
+        long_request = build_request(prompt_token_ids=[5, 6, 7], **{**LONG, "max_tokens": 2000})
+        # One stream in flight for the key (held there: its workers are stopped once it
+        # started): a second is refused at once, spending no token.
         stream = stub.Generate(long_request, metadata=bearer, timeout=TIMEOUT_S)
-        first = next(stream)
-        assert first.token_ids
-        with pytest.raises(grpc.RpcError) as info:
+        assert next(stream).token_ids
+        with workers_stopped(mesh), pytest.raises(grpc.RpcError) as info:
             stub.GenerateUnary(long_request, metadata=bearer, timeout=TIMEOUT_S)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "key_max_concurrent=1" in info.value.details()
