@@ -142,6 +142,7 @@ class GenerationSession:
                 if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     hint_s = retry_after_s_from_metadata(exc.trailing_metadata()) or 1.0
                     full_retry_after_s = min(full_retry_after_s or hint_s, hint_s)
+                    self._dispatcher.note_full(placement.instance_id, hint_s)
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                     # It may have been admitted after all: make sure it does not run twice.
                     self._pool.abort_soon(placement.instance_id, self.request_id)

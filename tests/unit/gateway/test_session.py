@@ -111,6 +111,12 @@ class FullPool(Pool):
 class TwoInstances:
     """a, then b, then nothing left (every instance excluded)."""
 
+    def __init__(self) -> None:
+        self.full: dict[str, float] = {}
+
+    def note_full(self, instance_id, retry_after_s):
+        self.full[instance_id] = retry_after_s
+
     async def choose(self, request_id, num_tokens, priority, exclude):
         for name in ("a", "b"):
             if name not in exclude:
@@ -120,10 +126,11 @@ class TwoInstances:
 
 async def test_every_instance_full_sheds_with_the_shortest_retry_hint():
     pool = FullPool({"a": "300", "b": "200"})
+    dispatcher = TwoInstances()
     s = GenerationSession(
         GenerationSpec("r", (1, 2, 3), SamplingSpec(max_tokens=8, seed=1), 0, False),
         RequestTracker("r"),
-        TwoInstances(),
+        dispatcher,
         pool,
         "owner",
         4,
@@ -132,5 +139,6 @@ async def test_every_instance_full_sheds_with_the_shortest_retry_hint():
         await s.place()
     assert pool.submitted == ["a", "b"]
     assert info.value.retry_after_s == 0.2
+    assert dispatcher.full == {"a": 0.3, "b": 0.2}  # later placements skip them meanwhile
     assert "their waiting queues are full" in str(info.value)
     assert s.tracker.status is PlacementStatus.UNPLACED
