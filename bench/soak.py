@@ -54,11 +54,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=1, help="arrival process seed")
+    parser.add_argument("--log-level", default="WARNING", help="of every mesh process")
     return parser.parse_args(argv)
 
 
 def start_mesh(args, log_dir: Path, max_waiting: str) -> LocalMesh:
-    quiet = ("--log-level", "WARNING")
+    quiet = ("--log-level", args.log_level)
     return LocalMesh(
         log_dir=log_dir,
         num_workers=2,
@@ -69,8 +70,10 @@ def start_mesh(args, log_dir: Path, max_waiting: str) -> LocalMesh:
             *quiet,
         ),
         gateway_args=(
-            # The gateway's own bounds sit above the workers' (they shed first).
-            "--max-waiting-per-instance", "100000" if max_waiting == "none" else max_waiting,
+            # The gateway's per-instance bound mirrors the workers' (cheap early shedding);
+            # the unbounded baseline lifts every gateway bound too.
+            "--max-waiting-per-instance", "1000000" if max_waiting == "none" else max_waiting,
+            *(("--max-inflight-requests", "1000000") if max_waiting == "none" else ()),
             *quiet,
         ),
         scheduler_args=quiet,
