@@ -21,6 +21,7 @@ from pathlib import Path
 from bench import _cpu
 from bench._burst_sim import percentile, slowest
 from bench._burst_workload import Arrival
+from services.common.grpc_client import aio_channel
 
 NUM_WORKERS = 4
 MAX_NUM_SEQS = 64  # memory, not the batch size cap, is what a burst runs into
@@ -129,13 +130,12 @@ def _events(log_path: Path) -> list[dict]:
 
 
 async def _worker_loads(mesh) -> list:
-    import grpc
 
     from protos import worker_pb2, worker_pb2_grpc
 
     loads = []
     for worker in mesh.workers:
-        async with grpc.aio.insecure_channel(worker.address) as channel:
+        async with aio_channel(worker.address) as channel:
             loads.append(
                 await worker_pb2_grpc.WorkerStub(channel).GetLoad(
                     worker_pb2.GetLoadRequest(check_integrity=True), timeout=RPC_TIMEOUT_S

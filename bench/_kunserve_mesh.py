@@ -27,13 +27,12 @@ import statistics
 import time
 from dataclasses import dataclass
 
-import grpc
-
 from bench._cpu import available_cores, machine_busy_s, processes_cpu_s
 from bench._kunserve_figures import Capacity, median_gap_ms, stall_ms, tokens_per_s
 from bench._kunserve_workload import Request
 from gateway.client import AsyncClient, Chunk
 from protos import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
+from services.common.grpc_client import aio_channel
 from services.common.procs import LocalMesh
 
 RPC_TIMEOUT_S = 10.0
@@ -179,7 +178,7 @@ class MeshBench:
 
     async def run(self, stages: list[int], num_rounds: int) -> dict[int, list[Round]]:
         """num_rounds rounds of each g in stages."""
-        async with grpc.aio.insecure_channel(self.mesh.scheduler_address) as channel:
+        async with aio_channel(self.mesh.scheduler_address) as channel:
             self._scheduler = scheduler_pb2_grpc.SchedulerStub(channel)
             return await self._run(stages, num_rounds)
 
@@ -288,7 +287,7 @@ class MeshBench:
         return BatchRun(streams.tokens(), wall_s, cpu)
 
     async def _load(self, instance_id: str, check_integrity: bool = False):
-        async with grpc.aio.insecure_channel(self.addresses[instance_id]) as channel:
+        async with aio_channel(self.addresses[instance_id]) as channel:
             return await worker_pb2_grpc.WorkerStub(channel).GetLoad(
                 worker_pb2.GetLoadRequest(check_integrity=check_integrity), timeout=RPC_TIMEOUT_S
             )

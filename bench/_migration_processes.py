@@ -23,12 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
-
 from bench._migration_figures import median_sample, move_figures, resident_since
 from gateway.client import AsyncClient
 from protos import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.convert import migration_mode_to_proto, migration_status_from_proto
+from services.common.grpc_client import aio_channel
 from services.common.migration import MigrationMode, MigrationStatus
 from services.common.procs import LocalMesh
 
@@ -72,7 +71,7 @@ class Streams:
 
 
 async def _migrate_out(src_info, dst_info, request_id: str, mode: str):
-    async with grpc.aio.insecure_channel(src_info.address) as channel:
+    async with aio_channel(src_info.address) as channel:
         reply = await worker_pb2_grpc.WorkerStub(channel).MigrateOut(
             worker_pb2.MigrateOutRequest(
                 dst_instance_id=dst_info.instance_id,
@@ -92,7 +91,7 @@ async def _migrate_out(src_info, dst_info, request_id: str, mode: str):
 
 
 async def _set_draining(scheduler: str, instance_id: str, draining: bool) -> None:
-    async with grpc.aio.insecure_channel(scheduler) as channel:
+    async with aio_channel(scheduler) as channel:
         stub = scheduler_pb2_grpc.SchedulerStub(channel)
         await stub.Drain(
             scheduler_pb2.SchedulerDrainRequest(instance_id=instance_id, is_terminating=draining),
@@ -123,7 +122,7 @@ async def _move(streams: Streams, infos, a: str, b: str, rid: str, mode: str) ->
 
 
 async def _measure(mesh: LocalMesh, lengths, progress, live_repeats: int) -> list[dict]:
-    async with grpc.aio.insecure_channel(mesh.scheduler_address) as channel:
+    async with aio_channel(mesh.scheduler_address) as channel:
         state = await scheduler_pb2_grpc.SchedulerStub(channel).GetClusterState(
             scheduler_pb2.GetClusterStateRequest(), timeout=5
         )
@@ -131,7 +130,9 @@ async def _measure(mesh: LocalMesh, lengths, progress, live_repeats: int) -> lis
     a, b = sorted(infos)
     rng = random.Random(0)
     rows = []
-    async with AsyncClient(mesh.gateway_address, timeout_s=3600) as client:
+    async with AsyncClient(
+        mesh.gateway_address, timeout_s=3600, api_key=mesh.gateway_api_key or None
+    ) as client:
         for length in lengths:
             streams = Streams(client)
             await _set_draining(mesh.scheduler_address, b, True)  # everything lands on a

@@ -20,6 +20,7 @@ namespaces go.
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -29,10 +30,13 @@ from pathlib import Path
 
 from bench._compose import ENV_EXAMPLE, read_env_file, resolved_services, service_environment
 from bench._netns import DEVICE, NetnsHosts
+from services.common import cluster_auth
+from services.common.cluster_tls import write_private_file
 from services.common.procs import (
     PARENT_PID_ENV,
     REPO_ROOT,
     ServiceProcess,
+    ensure_cluster_secret,
     stop_all,
     wait_for_instances,
 )
@@ -88,19 +92,32 @@ class NetnsMesh:
     workers: list[ServiceProcess] = field(default_factory=list)
     scheduler_address: str = ""
     gateway_address: str = ""
+    gateway_api_key: str = ""  # compose turns client authentication on: the key clients use
 
     def dotenv(self, worker_host: str | None = None) -> dict[str, str]:
         """The .env of one machine: .env.example, this run's settings, its addresses."""
         assert self.hosts is not None
         env = {**read_env_file(ENV_EXAMPLE), **NETNS_ENV, **self.env}
+        env["SECRETS_DIR"] = str(self.log_dir / "secrets")
         env["HEAD_ADDRESS"] = self.hosts.address("head")
         if worker_host is not None:
             env["WORKER_ADDRESS"] = self.hosts.address(worker_host)
             env["WORKER_ID"] = worker_host
         return env
 
+    def _write_secrets(self) -> None:
+        """What compose mounts at /llmesh-secrets: this process's cluster secret (so its
+        operator calls are a member's) and one client API key."""
+        ensure_cluster_secret({})
+        secrets_dir = self.log_dir / "secrets"
+        secrets_dir.mkdir(exist_ok=True)
+        write_private_file(secrets_dir / "cluster-secret", cluster_auth.current().secret.decode())
+        self.gateway_api_key = "sk-netns-" + secrets.token_hex(16)
+        write_private_file(secrets_dir / "api-keys", f"netns:{self.gateway_api_key}")
+
     def start(self) -> NetnsMesh:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._write_secrets()
         self.hosts = NetnsHosts.create(["head", *WORKER_HOSTS], rate=self.rate)
         try:
             head = resolved_services(["head.yaml"], self.dotenv())
@@ -121,7 +138,12 @@ class NetnsMesh:
             self.gateway_address = head["gateway"]["environment"][
                 "LLMESH_GATEWAY_ADVERTISE_ADDRESS"
             ]
-            wait_for_instances(self.gateway_address, len(WORKER_HOSTS), self.ready_timeout_s)
+            wait_for_instances(
+                self.gateway_address,
+                len(WORKER_HOSTS),
+                self.ready_timeout_s,
+                api_key=self.gateway_api_key,
+            )
         except BaseException:
             self.stop()
             raise

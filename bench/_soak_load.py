@@ -23,6 +23,7 @@ import grpc
 from bench._serve_clients import percentile
 from gateway.client import AsyncClient, GatewayError
 from protos import worker_pb2, worker_pb2_grpc
+from services.common.grpc_client import aio_channel
 
 NUM_TEMPLATES = 8
 SHED_CODES = frozenset({"RESOURCE_EXHAUSTED"})  # the documented refusal of admission control
@@ -142,7 +143,7 @@ async def _one_request(client, template, expected, tally: SoakTally) -> None:
 
 async def _watch_queues(addresses: dict[str, str], tally: SoakTally, stop: asyncio.Event):
     """The longest waiting queue each worker reported (GetLoad every 0.25 s)."""
-    channels = {name: grpc.aio.insecure_channel(a) for name, a in addresses.items()}
+    channels = {name: aio_channel(a) for name, a in addresses.items()}
     try:
         while not stop.is_set():
             for name, channel in channels.items():

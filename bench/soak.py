@@ -31,11 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
-
 from bench._soak_load import measure_capacity, open_loop, reference_tokens, templates
 from bench._soak_rss import RssSampler
 from protos import worker_pb2, worker_pb2_grpc
+from services.common.grpc_client import cluster_channel
 from services.common.procs import LocalMesh
 
 
@@ -90,7 +89,7 @@ def drained_blocks(mesh: LocalMesh, timeout_s: float = 60.0) -> tuple[int, list[
     deadline = time.monotonic() + timeout_s
     used, errors = 0, []
     for worker in mesh.live_workers():
-        with grpc.insecure_channel(worker.address) as channel:
+        with cluster_channel(worker.address) as channel:
             stub = worker_pb2_grpc.WorkerStub(channel)
             while True:
                 load = stub.GetLoad(worker_pb2.GetLoadRequest(check_integrity=True), timeout=5)

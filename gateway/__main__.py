@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import sys
 
+from gateway.api_keys import load_api_keys
 from gateway.config import GatewayConfig
+from services.common.cluster_auth import add_cluster_auth_flags, configure
 from services.common.config import ConfigError, flag_type, load_config
 from services.common.logging import setup_logging
 from services.common.procs import die_with_parent
@@ -43,6 +45,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.add_argument(flag, dest=name, type=flag_type(annotation, name, flag))
     parser.add_argument("--log-level", dest="log_level")
     add_telemetry_flags(parser)
+    add_cluster_auth_flags(parser)
+    parser.add_argument(
+        "--api-keys-file",
+        dest="api_keys_file",
+        help="client API keys, one per line (name:key allowed); also "
+        "$LLMESH_GATEWAY_API_KEYS (comma-separated); none = no client authentication",
+    )
+    parser.add_argument("--tls-cert", dest="tls_cert", help="TLS certificate of the client ports")
+    parser.add_argument("--tls-key", dest="tls_key", help="its private key (PEM)")
+    parser.add_argument(
+        "--internal-bind",
+        dest="internal_bind",
+        help="with TLS: host:port where workers push outputs (default: any free port)",
+    )
     parser.add_argument(
         "--ready-file", dest="ready_file", help="write the bound address here once serving"
     )
@@ -54,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = load_config(GatewayConfig, "GATEWAY", vars(args))
+        configure(vars(args), role="gateway")  # no cluster secret: refuse to start
+        load_api_keys(config.api_keys, config.api_keys_file)  # a bad key file: refuse too
     except ConfigError as exc:
         print(f"llmesh-gateway: {exc}", file=sys.stderr)
         return 2

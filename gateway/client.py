@@ -27,10 +27,10 @@ from typing import NamedTuple
 
 import grpc
 
+from gateway.client_channel import aio_gateway_channel, gateway_channel
 from gateway.retry import RetryAttempts, RetryPolicy
 from protos import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.common.errors import retry_after_s_from_metadata
-from services.common.grpc_client import CHANNEL_OPTIONS
 
 DEFAULT_TIMEOUT_S = 120.0  # whole-generation deadline unless a call says otherwise
 CONTROL_TIMEOUT_S = 5.0  # abort, model info
@@ -180,12 +180,14 @@ class AsyncClient:
         address: str,
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        api_key: str | None = None,
+        root_certificates: bytes | None = None,
         retry: RetryPolicy | None = DEFAULT_RETRY,
     ) -> None:
         self.address = address
         self.timeout_s = timeout_s
         self.retry = retry
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = aio_gateway_channel(address, api_key, root_certificates)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
     async def generate_stream(
@@ -265,12 +267,14 @@ class Client:
         address: str,
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        api_key: str | None = None,
+        root_certificates: bytes | None = None,
         retry: RetryPolicy | None = DEFAULT_RETRY,
     ) -> None:
         self.address = address
         self.timeout_s = timeout_s
         self.retry = retry
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = gateway_channel(address, api_key, root_certificates)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
     def generate_stream(

@@ -40,6 +40,16 @@ class GatewayConfig:
     cluster_view_forget_s: float = 10.0  # keep an instance this long after the scheduler drops it
     lost_instance_ttl_s: float = 10.0  # avoid an instance this long after it was lost
     health_watch_rotate_s: float = 300.0  # deadline of each worker health Watch (then re-opened)
+    # Client API keys (gateway/api_keys.py): a file (one per line, `# comments`, optionally
+    # name:key) and/or comma-separated keys; none = client authentication off.
+    api_keys_file: str = ""
+    api_keys: tuple[str, ...] = ()
+    tls_cert: str = ""  # PEM certificate of the client-facing gRPC and HTTP ports (TLS on)
+    tls_key: str = ""  # its private key
+    # host:port of a separate cluster port (workers push outputs there; advertise_address
+    # names it). Empty: with TLS (client or cluster) the bind's host and any port, else
+    # none: the client port serves workers too.
+    internal_bind: str = ""
     log_level: str = "INFO"  # DEBUG, INFO, WARNING or ERROR
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)  # traces, /metrics
     ready_file: str = ""  # write {"address", "pid"} here once serving (process launchers)
@@ -101,3 +111,11 @@ class GatewayConfig:
             f"health_watch_rotate_s={self.health_watch_rotate_s} must be > 0",
         )
         require(self.grace_s >= 0, f"grace_s={self.grace_s} must be >= 0")
+        require(
+            self.internal_bind == "" or ":" in self.internal_bind,
+            f"internal_bind={self.internal_bind!r} must be host:port or empty",
+        )
+        require(
+            bool(self.tls_cert) == bool(self.tls_key),
+            f"tls_cert={self.tls_cert!r} and tls_key={self.tls_key!r}: give both or neither",
+        )

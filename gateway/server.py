@@ -11,6 +11,7 @@ import prometheus_client
 from starlette.responses import Response
 
 from gateway.admission import AdmissionControl
+from gateway.api_keys import PUBLIC_SERVICES, ApiKeys, api_key_interceptor, load_api_keys
 from gateway.cluster_view import ClusterView, refresh_forever
 from gateway.config import GatewayConfig
 from gateway.dispatcher import Dispatcher, LostInstances
@@ -24,9 +25,12 @@ from gateway.sessions import SessionTable
 from gateway.telemetry import GatewayMetrics
 from gateway.workers import WorkerPool
 from protos import gateway_pb2_grpc, scheduler_pb2_grpc
+from services.common import cluster_auth
 from services.common.addresses import advertised_address
+from services.common.cluster_tls import server_tls_from_paths
 from services.common.grpc_client import aio_channel
-from services.common.grpc_server import GrpcServer
+from services.common.grpc_server import CLUSTER, GrpcServer
+from services.common.interceptors import default_server_interceptors
 from services.common.logging import get_logger
 from services.common.metrics import start_metrics
 from services.common.procs import write_ready_file
@@ -107,8 +111,31 @@ def _build(
 async def serve(config: GatewayConfig, server: GrpcServer | None = None) -> None:
     """Run the gateway until SIGTERM/SIGINT (or `server.request_stop()`)."""
     tokenizer = load_tokenizer(config.model)
-    server = server or GrpcServer("gateway", config.bind, grace_s=config.grace_s)
-    owner_address = advertised_address(server.bind_port(), config.advertise_address)
+    api_keys = load_api_keys(config.api_keys, config.api_keys_file)
+    # The client port has the gateway's own TLS (or none); with TLS on either side, or
+    # an internal_bind, workers push outputs to a second port with the cluster's
+    # credentials (cluster mTLS or plaintext; always the cluster signature).
+    client_tls = server_tls_from_paths(config.tls_cert, config.tls_key)
+    separate = (
+        bool(config.internal_bind)
+        or client_tls is not None
+        or cluster_auth.current().tls is not None
+    )
+    server = server or GrpcServer(
+        "gateway",
+        config.bind,
+        [*([api_key_interceptor(api_keys)] if api_keys else []), *default_server_interceptors()],
+        grace_s=config.grace_s,
+        public_services=PUBLIC_SERVICES,
+        credentials=client_tls if separate else CLUSTER,
+    )
+    client_address = server.bind_port()
+    if separate:
+        host = config.bind.rsplit(":", 1)[0]
+        internal = server.add_cluster_port(config.internal_bind or f"{host}:0")
+    owner_address = advertised_address(
+        internal if separate else client_address, config.advertise_address
+    )
     metrics = GatewayMetrics(config.model) if config.telemetry.metrics_enabled else None
     gateway = _build(config, tokenizer, owner_address, metrics)
     gateway_pb2_grpc.add_GatewayServicer_to_server(gateway.servicer, server.server)
@@ -127,7 +154,7 @@ async def serve(config: GatewayConfig, server: GrpcServer | None = None) -> None
         metrics_endpoint = start_metrics(
             metrics.registry if metrics else None, config.telemetry.metrics_bind
         )
-        http = await _start_http(config, gateway, tokenizer, metrics)
+        http = await _start_http(config, gateway, tokenizer, metrics, api_keys)
         await server.set_serving()
         if config.ready_file:
             extra = {"http_address": http.address} if http is not None else {}
@@ -139,6 +166,8 @@ async def serve(config: GatewayConfig, server: GrpcServer | None = None) -> None
             http_address=http.address if http is not None else "",
             owner_address=owner_address,
             scheduler=config.scheduler_address,
+            client_auth="on" if api_keys else "off",
+            tls="on" if config.tls_cert else "off",
         )
         server.install_signal_handlers()
         await server.wait_stop_requested()
@@ -149,7 +178,11 @@ async def serve(config: GatewayConfig, server: GrpcServer | None = None) -> None
 
 
 async def _start_http(
-    config: GatewayConfig, gateway: _Gateway, tokenizer, metrics: GatewayMetrics | None
+    config: GatewayConfig,
+    gateway: _Gateway,
+    tokenizer,
+    metrics: GatewayMetrics | None,
+    api_keys: ApiKeys | None,
 ) -> HttpServer | None:
     """The OpenAI-compatible API on the same loop and request path (None when off);
     its GET /metrics serves the gateway's registry too, when metrics are on."""
@@ -161,8 +194,10 @@ async def _start_http(
         model_id=config.model,
         max_body_bytes=config.http_max_body_bytes,
         metrics=(lambda: _metrics_page(metrics.registry)) if metrics else None,
+        api_keys=api_keys,
     )
-    http = HttpServer(app, config.http_bind, grace_s=config.grace_s)
+    tls = (config.tls_cert, config.tls_key) if config.tls_cert else None
+    http = HttpServer(app, config.http_bind, grace_s=config.grace_s, tls=tls)
     await http.start()
     return http
 

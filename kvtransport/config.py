@@ -11,9 +11,10 @@ does; that module is torch-free and imports nothing from the services.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
+from kvtransport.frame_auth import mac_bytes
 from services.common.config import ConfigError, require
 
 KIB = 1024
@@ -89,6 +90,10 @@ class TransportConfig:
     tcp_advertise_address: str = ""
     """TCP backend: host:port peers connect to (behind NAT or a port mapping); empty =
     the bound address, with a wildcard host replaced by this host's name."""
+    cluster_secret: bytes = field(default=b"", repr=False)
+    """The cluster secret: control frames are sealed with its HMAC and frames that fail
+    are dropped (kvtransport/frame_auth.py); empty = unsealed (transports built outside
+    a worker). Every transport of a cluster must use the same."""
 
     def __post_init__(self) -> None:
         # Accept the plain strings a config file or CLI flag would carry.
@@ -144,7 +149,7 @@ class TransportConfig:
     @property
     def mailbox_slot_bytes(self) -> int:
         """Size of one posted header receive: the largest header plus an inline payload."""
-        return self.max_header_bytes + self.inline_max_bytes
+        return self.max_header_bytes + self.inline_max_bytes + mac_bytes(self.cluster_secret)
 
 
 def _enum(enum_type, value, name: str):

@@ -30,6 +30,14 @@ from kvtransport.config import TransportConfig
 from kvtransport.core import FabricTransport
 from kvtransport.errors import PeerUnreachable, TransferCancelled, TransportError
 from kvtransport.fabric import ChunkOut, Fabric, FabricEvents, OutMessage, PeerLink
+from kvtransport.frame_auth import (
+    UnauthenticatedFrame,
+    check,
+    mac_bytes,
+    open_hello,
+    seal,
+    seal_hello,
+)
 from kvtransport.traffic import TrafficClass
 from kvtransport.wire import decode
 from services.common.addresses import advertised_address
@@ -66,9 +74,10 @@ async def _recv_exactly(loop, sock: socket.socket, view: memoryview) -> None:
 
 
 class TcpLink(PeerLink):
-    def __init__(self, loop, sock: socket.socket, own_address: bytes) -> None:
+    def __init__(self, loop, sock: socket.socket, own_address: bytes, secret: bytes = b"") -> None:
         self._loop = loop
         self._sock = sock
+        self._secret = secret
         # Lane 0: activations and control; lane 1: KV. Items: (prefix, body, future).
         self._lanes: tuple[collections.deque, collections.deque] = (
             collections.deque(),
@@ -77,8 +86,9 @@ class TcpLink(PeerLink):
         self._current: asyncio.Future | None = None
         self._wakeup = asyncio.Event()
         self._is_aborted = False
-        hello = FRAME.pack(KIND_HELLO, 0, 0, len(own_address))
-        self._lanes[0].append((hello, own_address, loop.create_future()))
+        body = seal_hello(secret, own_address)
+        hello = FRAME.pack(KIND_HELLO, 0, 0, len(body))
+        self._lanes[0].append((hello, body, loop.create_future()))
         self._writer = loop.create_task(self._write_loop())
 
     @property
@@ -92,8 +102,8 @@ class TcpLink(PeerLink):
             prefix = FRAME.pack(KIND_CHUNK, message.seq, message.key, message.view.nbytes)
             body: bytes | memoryview = memoryview(message.view)
         else:
-            prefix = FRAME.pack(KIND_CONTROL, 0, 0, len(message.frame))
-            body = message.frame
+            body = seal(self._secret, message.frame)
+            prefix = FRAME.pack(KIND_CONTROL, 0, 0, len(body))
         future = self._loop.create_future()
         lane = 1 if message.traffic_class is TrafficClass.KV else 0
         self._lanes[lane].append((prefix, body, future))
@@ -182,7 +192,7 @@ class TcpFabric(Fabric):
         except (OSError, TimeoutError) as exc:
             sock.close()
             raise PeerUnreachable(f"cannot connect to {host}:{port}: {exc!r}") from exc
-        link = TcpLink(self._loop, sock, self.address)
+        link = TcpLink(self._loop, sock, self.address, self._config.cluster_secret)
         self._links.add(link)
         return link
 
@@ -271,11 +281,14 @@ class TcpFabric(Fabric):
 
     async def _read_loop(self, conn: socket.socket) -> None:
         peer: bytes | None = None
+        secret = self._config.cluster_secret
         prefix = bytearray(FRAME.size)
         try:
             while True:
                 await _recv_exactly(self._loop, conn, memoryview(prefix))
                 kind, seq, key, num_bytes = FRAME.unpack(prefix)
+                if peer is None and kind != KIND_HELLO and secret:
+                    raise UnauthenticatedFrame("a frame before the HELLO")
                 if kind == KIND_CHUNK:
                     await self._read_chunk(conn, key, seq, num_bytes)
                     continue
@@ -285,13 +298,15 @@ class TcpFabric(Fabric):
                 body = bytearray(num_bytes)
                 await _recv_exactly(self._loop, conn, memoryview(body))
                 if kind == KIND_HELLO:
-                    peer = bytes(body)
+                    peer = open_hello(secret, bytes(body))  # a non-member's: closed
                     continue
                 try:
-                    message, payload = decode(memoryview(body))
+                    message, payload = decode(check(secret, body, len(body) - mac_bytes(secret)))
                     self._events.on_control(message, payload)
                 except Exception:  # one bad message must not kill the connection
                     log.exception("dropping a control message")
+        except UnauthenticatedFrame as exc:
+            log.warning("closing a data-plane connection from a non-member: %s", exc)
         except (OSError, _ProtocolError) as exc:
             if peer is not None and not self._is_closing:
                 self._events.on_peer_lost(peer, PeerUnreachable(f"connection lost: {exc}"))

@@ -35,6 +35,7 @@ from kvtransport.config import TransportConfig
 from kvtransport.core import FabricTransport
 from kvtransport.errors import PeerUnreachable, TransportError
 from kvtransport.fabric import ChunkOut, Fabric, FabricEvents, OutMessage, PeerLink
+from kvtransport.frame_auth import UnauthenticatedFrame, seal, unseal
 from kvtransport.traffic import ActivationFlow
 from kvtransport.ucx_worker import Array, UcxWorker, is_rndv_thresh_from_user
 from kvtransport.wire import decode
@@ -72,9 +73,10 @@ def _ucx_options(config: TransportConfig) -> dict[str, str]:
 
 
 class UcxLink(PeerLink):
-    def __init__(self, worker: UcxWorker, endpoint) -> None:
+    def __init__(self, worker: UcxWorker, endpoint, secret: bytes = b"") -> None:
         self._worker = worker
         self._endpoint = endpoint
+        self._secret = secret
         self._is_aborted = False
 
     def start_send(self, message: OutMessage) -> asyncio.Future[None]:
@@ -84,7 +86,7 @@ class UcxLink(PeerLink):
             return self._worker.tag_send(
                 self._endpoint, message.view, chunk_tag(message.key, message.seq)
             )
-        frame = np.frombuffer(message.frame, dtype=np.uint8)
+        frame = np.frombuffer(seal(self._secret, message.frame), dtype=np.uint8)
         return self._worker.tag_send(self._endpoint, frame, MAILBOX_TAG)
 
     async def abort(self) -> None:
@@ -126,7 +128,7 @@ class UcxFabric(Fabric):
 
     async def connect(self, peer_address: bytes) -> PeerLink:
         endpoint = self._worker.create_endpoint(_raw_address(peer_address))
-        return UcxLink(self._worker, endpoint)
+        return UcxLink(self._worker, endpoint, self._config.cluster_secret)
 
     def post_chunks(
         self, key: int, targets: Sequence[tuple[int, np.ndarray]]
@@ -213,7 +215,12 @@ class UcxFabric(Fabric):
 
     def _deliver(self, buffer: memoryview) -> None:
         try:
-            message, payload = decode(buffer)
+            frame = unseal(self._config.cluster_secret, buffer)
+        except UnauthenticatedFrame as exc:
+            log.warning("dropping a control frame from a non-member: %s", exc)
+            return
+        try:
+            message, payload = decode(frame)
             self._events.on_control(message, payload)
         except Exception:  # the mailbox must survive any one bad message
             log.exception("dropping a control message")

@@ -14,10 +14,12 @@ from collections.abc import Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.api_keys import ApiKeyMiddleware, ApiKeys
 from gateway.generations import Generations
 from gateway.http_api.chat_template import ChatTemplate
 from gateway.http_api.errors import APIError, from_service_error, invalid
@@ -65,9 +67,11 @@ def build_app(
     model_id: str,
     max_body_bytes: int,
     metrics: Callable[[], Response] | None = None,
+    api_keys: ApiKeys | None = None,
 ) -> Starlette:
     """The HTTP face of `generations`. `metrics`, when given, answers GET /metrics (the
-    gateway's Prometheus exposition plugs in here)."""
+    gateway's Prometheus exposition plugs in here); with `api_keys`, /v1/* answers 401
+    without one of them (gateway.api_keys)."""
 
     def served_models() -> tuple[str, ...]:
         limits = generations.view.model_limits()
@@ -154,6 +158,7 @@ def build_app(
 
     return Starlette(
         routes=routes,
+        middleware=[Middleware(ApiKeyMiddleware, keys=api_keys)] if api_keys else [],
         exception_handlers={
             APIError: api_error,
             ServiceError: service_error,

@@ -18,7 +18,8 @@ from services.common.addresses import advertised_address, split_host_port
 
 
 class HttpServer:
-    def __init__(self, app, bind: str, grace_s: float) -> None:
+    def __init__(self, app, bind: str, grace_s: float, tls: tuple[str, str] | None = None) -> None:
+        """`tls`: (certificate, key) PEM paths to serve HTTPS instead of HTTP."""
         host, port = split_host_port(bind)
         bare = host.strip("[]")  # an IPv6 host comes in brackets
         family = socket.AF_INET6 if ":" in bare else socket.AF_INET
@@ -37,6 +38,8 @@ class HttpServer:
             access_log=False,
             timeout_graceful_shutdown=max(grace_s, 0.1),
             timeout_keep_alive=30,
+            ssl_certfile=tls[0] if tls else None,
+            ssl_keyfile=tls[1] if tls else None,
         )
         config.load()
         self._server = uvicorn.Server(config)

@@ -15,6 +15,7 @@ import grpc
 
 from protos import scheduler_pb2, scheduler_pb2_grpc
 from services.cli.status import default_addresses, fetch_cluster
+from services.common.grpc_client import cluster_channel
 
 HELP = "drain an instance (no new work, running requests migrate away), or --undo it"
 
@@ -33,7 +34,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     scheduler = args.scheduler or default_addresses().scheduler_address
-    with grpc.insecure_channel(scheduler) as channel:
+    with cluster_channel(scheduler) as channel:
         try:
             reply = scheduler_pb2_grpc.SchedulerStub(channel).Drain(
                 scheduler_pb2.SchedulerDrainRequest(

@@ -17,6 +17,7 @@ from protos import scheduler_pb2, scheduler_pb2_grpc
 from services.cli.group_view import describe_group, group_to_json
 from services.cli.status import default_addresses
 from services.common.convert_groups import group_from_proto
+from services.common.grpc_client import cluster_channel
 
 HELP = "KunServe: instances drop the layers they share and serve as one pipeline"
 
@@ -56,7 +57,7 @@ def run(args) -> int:
         print(f"llmesh drop: {exc}", file=sys.stderr)
         return 2
     scheduler = args.scheduler or default_addresses().scheduler_address
-    with grpc.insecure_channel(scheduler) as channel:
+    with cluster_channel(scheduler) as channel:
         try:
             reply = scheduler_pb2_grpc.SchedulerStub(channel).DropGroup(
                 scheduler_pb2.DropGroupRequest(instance_ids=instance_ids), timeout=args.timeout

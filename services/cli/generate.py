@@ -20,6 +20,7 @@ import json
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from services.common.config import flag_type
@@ -61,6 +62,14 @@ def add_arguments(parser) -> None:
         "--gateway",
         default=None,
         help="gateway host:port (default $LLMESH_GATEWAY_ADDRESS or 127.0.0.1:50051)",
+    )
+    parser.add_argument(
+        "--api-key", default=None, help="the gateway's API key (default $LLMESH_API_KEY)"
+    )
+    parser.add_argument(
+        "--ca",
+        default=None,
+        help="PEM CA of a TLS gateway (default $LLMESH_GATEWAY_CA; none = plaintext)",
     )
     parser.add_argument("--temperature", type=float, default=None, help="0 = greedy (default)")
     parser.add_argument("--top-p", dest="top_p", type=float, default=None)
@@ -230,18 +239,27 @@ def run_gateway(args) -> int:
     from gateway.client import Client, GatewayError
     from services.cli.status import default_addresses
 
-    address = args.gateway or default_addresses().gateway_address
+    defaults = default_addresses()
+    address = args.gateway or defaults.gateway_address
     try:
         requests = requests_from_args(args)
+        ca_path = args.ca or defaults.gateway_ca
+        root_certificates = Path(ca_path).read_bytes() if ca_path else None
     except (OSError, ValueError) as exc:
         print(f"llmesh generate: {exc}", file=sys.stderr)
         return 2
     is_streaming_text = not args.json and len(requests) == 1
     num_failed = 0
-    with Client(address, timeout_s=args.timeout) as client:
+    api_key = args.api_key or defaults.api_key or None
+    with Client(
+        address, timeout_s=args.timeout, api_key=api_key, root_certificates=root_certificates
+    ) as client:
         try:
             client.model_info(timeout_s=3.0)
         except GatewayError as exc:
+            if exc.code.name == "UNAUTHENTICATED":
+                print(f"llmesh generate: {exc.details}; pass --api-key", file=sys.stderr)
+                return 2
             print(
                 f"llmesh generate: cannot reach the gateway at {address} ({exc.code.name}); "
                 "start the mesh with ./llmesh up, or pass --gateway / --local",

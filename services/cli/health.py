@@ -17,6 +17,10 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.cluster_auth import ENV_PREFIX, ClusterAuthConfig
+from services.common.cluster_tls import resolve_tls
+from services.common.config import load_config
+
 HELP = "exit 0 if a service (ADDRESS, or the one that wrote --ready-file) is SERVING"
 
 
@@ -45,9 +49,18 @@ def probe_address(args: argparse.Namespace) -> str:
         raise ValueError(f"--ready-file {args.ready_file}: unreadable ({exc})") from None
 
 
+def _channel(address: str) -> grpc.Channel:
+    """Plaintext, or TLS with this process's cluster certificate when cluster mTLS is
+    configured (LLMESH_CLUSTER_TLS_*): health needs no cluster secret."""
+    tls = resolve_tls(load_config(ClusterAuthConfig, ENV_PREFIX), "operator")
+    if tls is None:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(address, tls.channel_credentials())
+
+
 def check(address: str, service: str, timeout_s: float) -> str:
     """The service's status name (SERVING, NOT_SERVING, ...) or why it did not answer."""
-    with grpc.insecure_channel(address) as channel:
+    with _channel(address) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s

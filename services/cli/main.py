@@ -13,6 +13,8 @@ import argparse
 import importlib
 import sys
 
+from services.common.config import ConfigError
+
 # subcommand name -> module under services.cli
 SUBCOMMANDS: dict[str, str] = {
     "up": "up",
@@ -27,6 +29,7 @@ SUBCOMMANDS: dict[str, str] = {
     "drop": "drop",
     "restore": "restore",
     "health": "health",
+    "certs": "certs",
 }
 
 
@@ -60,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(f"services.cli.{argv[0]}")
         return module.run_passthrough(argv[1:])
     args = build_parser().parse_args(argv)
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except ConfigError as exc:  # e.g. no cluster secret for an operator command
+        print(f"llmesh {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import grpc
 from protos import worker_pb2, worker_pb2_grpc
 from services.cli.status import default_addresses, fetch_cluster
 from services.common.convert import migration_mode_to_proto, migration_status_from_proto
+from services.common.grpc_client import cluster_channel
 from services.common.migration import MigrationMode
 
 HELP = "live-migrate running requests from one instance to another"
@@ -54,7 +55,7 @@ def run(args) -> int:
             print(f"llmesh migrate: no instance {name!r}; known: {sorted(by_id)}", file=sys.stderr)
             return 2
     src, dst = by_id[args.src], by_id[args.dst]
-    with grpc.insecure_channel(src.address) as channel:
+    with cluster_channel(src.address) as channel:
         try:
             reply = worker_pb2_grpc.WorkerStub(channel).MigrateOut(
                 worker_pb2.MigrateOutRequest(

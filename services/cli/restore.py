@@ -14,6 +14,7 @@ import grpc
 
 from protos import scheduler_pb2, scheduler_pb2_grpc
 from services.cli.status import default_addresses
+from services.common.grpc_client import cluster_channel
 
 HELP = "KunServe: restore a group's layers and dissolve it (see `llmesh status` for ids)"
 
@@ -37,7 +38,7 @@ def run(args) -> int:
         )
         return 2
     scheduler = args.scheduler or default_addresses().scheduler_address
-    with grpc.insecure_channel(scheduler) as channel:
+    with cluster_channel(scheduler) as channel:
         try:
             reply = scheduler_pb2_grpc.SchedulerStub(channel).RestoreGroup(
                 scheduler_pb2.RestoreGroupRequest(group_id=group_id), timeout=args.timeout

@@ -19,6 +19,7 @@ from services.common.config import load_config
 from services.common.convert import instance_spec_from_proto, load_from_proto
 from services.common.convert_groups import group_from_proto
 from services.common.groups import GroupSpec
+from services.common.grpc_client import cluster_channel
 from services.common.messages import InstanceSpec, LoadReport
 from services.policies import InstanceLoad
 
@@ -28,10 +29,13 @@ TIMEOUT_S = 3.0
 
 @dataclass(frozen=True)
 class ClientAddresses:
-    """Where the CLI finds the mesh: LLMESH_GATEWAY_ADDRESS / LLMESH_SCHEDULER_ADDRESS."""
+    """Where the CLI finds the mesh: LLMESH_GATEWAY_ADDRESS / LLMESH_SCHEDULER_ADDRESS,
+    and how it talks to the gateway: LLMESH_API_KEY, LLMESH_GATEWAY_CA."""
 
     gateway_address: str = "127.0.0.1:50051"  # the gateway's client API
     scheduler_address: str = "127.0.0.1:50052"  # the global scheduler
+    api_key: str = ""  # LLMESH_API_KEY: the gateway's client API key (when it wants one)
+    gateway_ca: str = ""  # LLMESH_GATEWAY_CA: PEM CA of a TLS gateway ("" = plaintext)
 
 
 def default_addresses() -> ClientAddresses:
@@ -124,7 +128,7 @@ def fetch_cluster(
     scheduler_address: str, timeout_s: float = TIMEOUT_S
 ) -> tuple[list[InstanceRow], ClusterSummary]:
     """(instances, summary); raises grpc.RpcError if the scheduler does not answer."""
-    with grpc.insecure_channel(scheduler_address) as channel:
+    with cluster_channel(scheduler_address) as channel:
         state = scheduler_pb2_grpc.SchedulerStub(channel).GetClusterState(
             scheduler_pb2.GetClusterStateRequest(), timeout=timeout_s
         )

@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 
 from services.cli.status import fetch_cluster, render_table
+from services.common.cluster_auth import ensure_secret_file
 from services.common.procs import LocalMesh, ServiceStartError
 from services.policies.presets import PRESETS
 
@@ -83,6 +84,12 @@ def add_arguments(parser) -> None:
         help="send every service's traces to this OTLP/gRPC collector (e.g. "
         "http://127.0.0.1:4317, Jaeger's); sets OTEL_EXPORTER_OTLP_ENDPOINT for them",
     )
+    parser.add_argument(
+        "--api-keys-file",
+        default=None,
+        help="turn client authentication on: the gateway accepts these API keys "
+        "(one per line; default off for the local demo, docs/security.md)",
+    )
     parser.add_argument("--no-table", action="store_true", help="do not draw the live table")
 
 
@@ -133,7 +140,19 @@ def run(args) -> int:
             "--worker-args", " ".join(worker_args),
             "--worker-log-dir", str(log_dir / "workers"),
         )  # fmt: skip
+    gateway_args: tuple[str, ...] = ()
+    api_key = ""
+    if args.api_keys_file:
+        try:
+            api_key = first_api_key(args.api_keys_file)
+        except (OSError, ValueError) as exc:
+            print(f"llmesh up: --api-keys-file: {exc}", file=sys.stderr)
+            return 2
+        gateway_args += ("--api-keys-file", args.api_keys_file)
+    secret = cluster_secret_origin()
     mesh = LocalMesh(
+        gateway_args=gateway_args,
+        gateway_api_key=api_key,
         log_dir=log_dir,
         num_workers=0 if args.autoscale else args.workers,
         wait_instances=args.workers,
@@ -150,7 +169,8 @@ def run(args) -> int:
     scaling = f", auto-scaling up to {args.max_workers}" if args.autoscale else ""
     print(
         f"llmesh: starting scheduler, {args.workers} worker(s){scaling} and gateway "
-        f"(model {args.model}); logs in {log_dir}"
+        f"(model {args.model}); logs in {log_dir}\n"
+        f"llmesh: internal authentication on (cluster secret: {secret})"
     )
     try:
         mesh.start()
@@ -178,6 +198,11 @@ def _print_banner(mesh: LocalMesh, args) -> None:
         for p in mesh.processes()
         if p.metrics_address
     )
+    client_auth = (
+        f"on (API keys from {args.api_keys_file}; send Authorization: Bearer <key>)"
+        if args.api_keys_file
+        else "off (any client may call the gateway; --api-keys-file turns it on)"
+    )
     traces = (
         f"OTLP to {args.otlp_endpoint}" if args.otlp_endpoint else "not exported (--otlp-endpoint)"
     )
@@ -186,6 +211,7 @@ def _print_banner(mesh: LocalMesh, args) -> None:
         f"workers {_worker_list(mesh)}\n"
         f"  metrics: {metrics}\n"
         f"  traces:  {traces}\n"
+        f"  client authentication: {client_auth}\n"
         f'  try:  ./llmesh generate{flag} "Hello, llmesh" --max-tokens 16\n'
         f"        curl http://{mesh.gateway_http_address}/v1/completions -H 'Content-Type: application/json' "
         f'-d \'{{"model": "{args.model}", "prompt": "Hello", "max_tokens": 16}}\'\n'
@@ -194,6 +220,26 @@ def _print_banner(mesh: LocalMesh, args) -> None:
         f"  Ctrl-C stops everything.\n",
         flush=True,
     )
+
+
+def first_api_key(path: str) -> str:
+    """A key of the file (`up` waits for the gateway through its client API with it)."""
+    from gateway.api_keys import parse_keys
+
+    keys = parse_keys(Path(path).read_text().splitlines(), path)
+    if not keys:
+        raise ValueError(f"{path} holds no key")
+    return keys[0][1]
+
+
+def cluster_secret_origin() -> str:
+    """Where this mesh's processes find the cluster secret; writes the per-user default
+    file (0600) when neither it nor LLMESH_CLUSTER_SECRET(_FILE) is there."""
+    if os.environ.get("LLMESH_CLUSTER_SECRET"):
+        return "$LLMESH_CLUSTER_SECRET"
+    if os.environ.get("LLMESH_CLUSTER_SECRET_FILE"):
+        return os.environ["LLMESH_CLUSTER_SECRET_FILE"]
+    return str(ensure_secret_file())
 
 
 def _worker_list(mesh: LocalMesh) -> str:

@@ -43,6 +43,7 @@ NON_CONFIG_VARIABLES = frozenset(
     {
         "LLMESH_GATEWAY_ADDRESS",  # services/cli/status.py ClientAddresses
         "LLMESH_SCHEDULER_ADDRESS",  # services/cli/status.py ClientAddresses
+        "LLMESH_GATEWAY_CA",  # services/cli/status.py ClientAddresses
         "LLMESH_KERNELS",  # EngineConfig.kernels (field metadata)
         "LLMESH_KERNEL_CACHE",  # KernelBuildConfig.cache
         "LLMESH_TEST_HOOKS",  # services/worker/config.py TestHooksConfig (tests only)

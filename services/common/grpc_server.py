@@ -8,6 +8,10 @@
 
 Every server gets standard health checking (grpc.health.v1), reflection, keepalive,
 and the interceptors in services.common.interceptors (trace context, error mapping).
+Cluster authentication is always on and comes first: every method outside health,
+reflection and `public_services` needs a cluster member's signature
+(services.common.auth_interceptors), and with cluster mTLS configured the port is TLS
+requiring a certificate from the cluster CA (unless `credentials` says otherwise).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common import cluster_auth
+from services.common.auth_interceptors import cluster_auth_interceptor
 from services.common.interceptors import default_server_interceptors
 from services.common.logging import get_logger
 
@@ -38,19 +44,38 @@ SERVER_OPTIONS = [
 ]
 
 
+CLUSTER = "cluster"  # GrpcServer(credentials=CLUSTER): the cluster's mTLS, when configured
+
+
+def cluster_credentials() -> grpc.ServerCredentials | None:
+    """Server credentials of an internal port: cluster mTLS, or None (plaintext)."""
+    tls = cluster_auth.current().tls
+    return tls.server_credentials() if tls is not None else None
+
+
 class GrpcServer:
     """One aio server with health, reflection and graceful shutdown."""
 
-    def __init__(self, service: str, bind: str, interceptors=None, grace_s: float = 5.0):
+    def __init__(
+        self,
+        service: str,
+        bind: str,
+        interceptors=None,
+        grace_s: float = 5.0,
+        *,
+        public_services: tuple[str, ...] = (),
+        credentials: grpc.ServerCredentials | None | str = CLUSTER,
+    ):
+        """`public_services` need no cluster credentials (guard them yourself, first in
+        `interceptors`); `credentials` of the port: CLUSTER (cluster mTLS when configured,
+        else plaintext), None (plaintext) or the port's own (the gateway's client TLS)."""
         self.service = service
         self.bind = bind
         self.grace_s = grace_s
-        self.server = grpc.aio.server(
-            interceptors=list(interceptors)
-            if interceptors is not None
-            else default_server_interceptors(),
-            options=SERVER_OPTIONS,
-        )
+        self._credentials = cluster_credentials() if credentials == CLUSTER else credentials
+        chain = [cluster_auth_interceptor(public_services)]
+        chain += list(interceptors) if interceptors is not None else default_server_interceptors()
+        self.server = grpc.aio.server(interceptors=chain, options=SERVER_OPTIONS)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port: int = 0
@@ -70,10 +95,28 @@ class GrpcServer:
         on a server that has not started), so bind first when they need the address.
         """
         if self.port == 0:
-            self.port = self.server.add_insecure_port(self.bind)
+            self.port = (
+                self.server.add_secure_port(self.bind, self._credentials)
+                if self._credentials is not None
+                else self.server.add_insecure_port(self.bind)
+            )
             if self.port == 0:
                 raise OSError(f"{self.service}: could not bind {self.bind}")
         return self.address
+
+    def add_cluster_port(self, bind: str) -> str:
+        """A second port for cluster members (cluster mTLS or plaintext), serving the same
+        services: where the gateway's workers push outputs when its client port has its
+        own TLS. Before `start()`; returns host:port."""
+        credentials = cluster_credentials()
+        port = (
+            self.server.add_secure_port(bind, credentials)
+            if credentials is not None
+            else self.server.add_insecure_port(bind)
+        )
+        if port == 0:
+            raise OSError(f"{self.service}: could not bind {bind}")
+        return f"{bind.rsplit(':', 1)[0]}:{port}"
 
     async def start(self, service_names: list[str]) -> None:
         """Bind, enable reflection for service_names, start with health NOT_SERVING."""

@@ -199,24 +199,39 @@ def stop_all(processes: list[ServiceProcess], grace_s: float = 10.0) -> None:
             proc.kill()
 
 
-def gateway_num_instances(gateway_address: str, timeout_s: float = 1.0) -> int | None:
+def ensure_cluster_secret(env: dict[str, str]) -> None:
+    """Make sure the children (and this process's clients) find a cluster secret: the
+    environment's or `env`'s, else the per-user default file, written now if missing."""
+    from services.common.cluster_auth import ensure_secret_file
+
+    names = ("LLMESH_CLUSTER_SECRET", "LLMESH_CLUSTER_SECRET_FILE")
+    if not any(name in env or name in os.environ for name in names):
+        ensure_secret_file()
+
+
+def gateway_num_instances(
+    gateway_address: str, timeout_s: float = 1.0, api_key: str = ""
+) -> int | None:
     """Instances the gateway currently knows, or None if it does not answer."""
+    metadata = [("authorization", f"Bearer {api_key}")] if api_key else None
     with grpc.insecure_channel(gateway_address) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         try:
             return stub.GetModelInfo(
-                gateway_pb2.GetModelInfoRequest(), timeout=timeout_s
+                gateway_pb2.GetModelInfoRequest(), timeout=timeout_s, metadata=metadata
             ).num_instances
         except grpc.RpcError:
             return None
 
 
-def wait_for_instances(gateway_address: str, num_instances: int, timeout_s: float = 60.0) -> None:
+def wait_for_instances(
+    gateway_address: str, num_instances: int, timeout_s: float = 60.0, api_key: str = ""
+) -> None:
     """Block until the gateway's cluster view lists num_instances instances."""
     deadline = time.monotonic() + timeout_s
     seen = None
     while time.monotonic() < deadline:
-        seen = gateway_num_instances(gateway_address)
+        seen = gateway_num_instances(gateway_address, api_key=api_key)
         if seen == num_instances:
             return
         time.sleep(0.1)
@@ -242,6 +257,7 @@ class LocalMesh:
     gateway_http_port: int = 0  # the OpenAI-compatible HTTP API
     worker_args: tuple[str, ...] = ()  # extra flags for every worker
     gateway_args: tuple[str, ...] = ()
+    gateway_api_key: str = ""  # a key the gateway accepts, when its gateway_args turn keys on
     scheduler_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     # Instances to wait for at start (default num_workers); with the scheduler's
@@ -273,6 +289,7 @@ class LocalMesh:
         return [p for p in (self.gateway, *self.workers, self.scheduler) if p is not None]
 
     def start(self) -> LocalMesh:
+        ensure_cluster_secret(self.env)
         try:
             self.start_scheduler(self.scheduler_port)
             new_workers = [self._spawn_worker() for _ in range(self.num_workers)]
@@ -294,6 +311,7 @@ class LocalMesh:
                 self.gateway_address,
                 self.num_workers if self.wait_instances is None else self.wait_instances,
                 self.ready_timeout_s,
+                api_key=self.gateway_api_key,
             )
         except BaseException:
             self.stop()

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import sys
 
+from services.common.cluster_auth import add_cluster_auth_flags, configure
 from services.common.config import ConfigError, flag_type, load_config
 from services.common.logging import setup_logging
 from services.common.procs import die_with_parent
@@ -102,6 +103,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     scaling.add_argument("--worker-log-dir", dest="worker_log_dir")
     parser.add_argument("--log-level", dest="log_level")
     add_telemetry_flags(parser)
+    add_cluster_auth_flags(parser)
     parser.add_argument(
         "--ready-file", dest="ready_file", help="write the bound address here once serving"
     )
@@ -113,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = load_config(SchedulerConfig, "SCHEDULER", vars(args))
+        configure(vars(args), role="scheduler")  # no cluster secret: refuse to start
     except ConfigError as exc:
         print(f"llmesh-scheduler: {exc}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ import asyncio
 import importlib
 import sys
 
+from services.common.cluster_auth import add_cluster_auth_flags, configure
 from services.common.config import ConfigError, flag_type, load_config
 from services.common.logging import setup_logging
 from services.common.procs import die_with_parent
@@ -43,6 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--log-level", dest="log_level")
     add_telemetry_flags(parser)
+    add_cluster_auth_flags(parser)
     parser.add_argument("--transport-backend", dest="transport_backend", choices=["ucx", "tcp"])
     parser.add_argument(
         "--transport-bind", dest="transport_bind", help="TCP data plane host:port to listen on"
@@ -146,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = load_config(WorkerConfig, "WORKER", vars(args))
+        configure(vars(args), role="worker")  # no cluster secret: refuse to start
     except ConfigError as exc:
         print(f"llmesh-worker: {exc}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ import torch
 
 from kvtransport import TransportConfig, make_transport
 from protos import worker_pb2_grpc
+from services.common import cluster_auth
 from services.common.addresses import advertised_address, split_host_port
 from services.common.grpc_server import GrpcServer
 from services.common.logging import get_logger
@@ -74,6 +75,7 @@ def transport_config(config: WorkerConfig) -> TransportConfig:
         tcp_host=host or "0.0.0.0",
         tcp_port=int(port),
         tcp_advertise_address=config.transport_advertise_address,
+        cluster_secret=cluster_auth.current().secret,  # control frames sealed, HELLO checked
     )
 
 

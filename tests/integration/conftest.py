@@ -12,12 +12,12 @@ import json
 import time
 from pathlib import Path
 
-import grpc
 import pytest
 
 from protos import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.config import load_config
 from services.common.convert import load_from_proto
+from services.common.grpc_client import cluster_channel
 from services.common.messages import LoadReport
 from services.common.procs import LocalMesh
 from services.worker.engine import EngineConfig, LLMEngine, SamplingParams
@@ -58,7 +58,7 @@ def _mesh_left_clean(request):
 
 
 def worker_load(address: str, check_integrity: bool = False) -> LoadReport:
-    with grpc.insecure_channel(address) as channel:
+    with cluster_channel(address) as channel:
         reply = worker_pb2_grpc.WorkerStub(channel).GetLoad(
             worker_pb2.GetLoadRequest(check_integrity=check_integrity), timeout=RPC_TIMEOUT_S
         )
@@ -79,7 +79,7 @@ def wait_worker_idle(address: str, timeout_s: float = 20.0) -> LoadReport:
 
 
 def cluster_state(scheduler_address: str) -> scheduler_pb2.ClusterState:
-    with grpc.insecure_channel(scheduler_address) as channel:
+    with cluster_channel(scheduler_address) as channel:
         return scheduler_pb2_grpc.SchedulerStub(channel).GetClusterState(
             scheduler_pb2.GetClusterStateRequest(), timeout=RPC_TIMEOUT_S
         )

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import asyncio
 
-import grpc
-
 from gateway.client import AsyncClient
 from protos import scheduler_pb2, scheduler_pb2_grpc
+from services.common.grpc_client import cluster_channel
 
 TIMEOUT_S = 180.0
 GROUP_RPC_TIMEOUT_S = 120.0
 
 
 def _scheduler(mesh) -> scheduler_pb2_grpc.SchedulerStub:
-    return scheduler_pb2_grpc.SchedulerStub(grpc.insecure_channel(mesh.scheduler_address))
+    return scheduler_pb2_grpc.SchedulerStub(cluster_channel(mesh.scheduler_address))
 
 
 def drop(mesh, instance_ids: list[str]) -> scheduler_pb2.DropGroupResponse:

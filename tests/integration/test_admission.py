@@ -62,6 +62,7 @@ def bounded(tmp_path_factory):
             ],
             log_dir=log_dir,
             name="gateway-limited",
+            env=mesh.env,  # the mesh's cluster secret, if it has its own
         )  # fmt: skip
         limited.wait_ready(120)
         wait_for_instances(limited.address, 2, 60)

@@ -98,6 +98,8 @@ def test_up_serves_and_sigterm_stops_every_process(tmp_path):
         gateway = re.search(r"llmesh is up: gateway (\S+)", "".join(output)).group(1)
         assert "./llmesh generate --gateway" in "".join(output)
         assert f"traces:  OTLP to {receiver.endpoint}" in "".join(output)
+        assert "internal authentication on (cluster secret: $LLMESH_CLUSTER_SECRET)" in "".join(output)  # fmt: skip
+        assert "client authentication: off (any client may call the gateway" in "".join(output)
         metrics = dict(re.findall(r"(\S+)=(http://\S+/metrics)", "".join(output)))
         assert sorted(metrics) == ["gateway", "scheduler", "worker-0"]
         with Client(gateway, timeout_s=60) as client:

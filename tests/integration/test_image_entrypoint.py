@@ -61,8 +61,16 @@ def run(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
 def test_healthcheck_follows_the_service_from_start_to_drain(image_env):
     healthcheck = healthcheck_command(RUNTIME)
     entrypoint = exec_form(RUNTIME.last("ENTRYPOINT"))
-    env = {**image_env, "LLMESH_SCHEDULER_BIND": "127.0.0.1:0", "LLMESH_SCHEDULER_GRACE_S": "1"}
-    starting = run(healthcheck, env)
+    env = {
+        **image_env,
+        "LLMESH_SCHEDULER_BIND": "127.0.0.1:0",
+        "LLMESH_SCHEDULER_GRACE_S": "1",
+        # What a deployment gives every container (compose: a secret file); the
+        # healthcheck itself needs none.
+        "LLMESH_CLUSTER_SECRET": os.environ["LLMESH_CLUSTER_SECRET"],
+    }
+    health_env = {k: v for k, v in env.items() if k != "LLMESH_CLUSTER_SECRET"}  # health is open
+    starting = run(healthcheck, health_env)
     assert starting.returncode == 1 and "not written yet" in starting.stderr
     proc = subprocess.Popen(
         [*image_command(entrypoint), "scheduler"], env=env, cwd=REPO_ROOT,
@@ -70,7 +78,7 @@ def test_healthcheck_follows_the_service_from_start_to_drain(image_env):
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 90
-        while (serving := run(healthcheck, env)).returncode != 0:
+        while (serving := run(healthcheck, health_env)).returncode != 0:
             assert proc.poll() is None, proc.stdout.read().decode()
             assert time.monotonic() < deadline, serving.stderr + serving.stdout
             time.sleep(0.2)
@@ -78,7 +86,7 @@ def test_healthcheck_follows_the_service_from_start_to_drain(image_env):
         # The entrypoint exec'd the service: SIGTERM to its PID is the service's drain.
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
-        stopped = run(healthcheck, env)
+        stopped = run(healthcheck, health_env)
         assert stopped.returncode == 1 and "no answer (UNAVAILABLE)" in stopped.stdout
     finally:
         if proc.poll() is None:

@@ -20,6 +20,7 @@ from bench._checkpoint import llama_config, write_checkpoint
 from gateway.client import AsyncClient
 from protos import scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.common.config import load_config
+from services.common.grpc_client import cluster_channel
 from services.common.procs import LocalMesh
 from services.worker.engine import EngineConfig, LLMEngine, SamplingParams
 from tests.integration.conftest import (
@@ -155,7 +156,7 @@ def instances(mesh: LocalMesh, num_instances: int = 2) -> dict[str, object]:
 def migrate(
     src, dst, request_id: str = "", mode: int = worker_pb2.MIGRATION_MODE_LIVE
 ) -> list[worker_pb2.MigrationResult]:
-    with grpc.insecure_channel(src.address) as channel:
+    with cluster_channel(src.address) as channel:
         reply = worker_pb2_grpc.WorkerStub(channel).MigrateOut(
             worker_pb2.MigrateOutRequest(
                 dst_instance_id=dst.instance_id,
@@ -246,7 +247,7 @@ def test_scheduler_ordered_migration_and_cli(mesh2, reference):
             task = asyncio.create_task(collect(stream))
             src = first.instance_id
             dst = next(w for w in instances(mesh2) if w != src)
-            with grpc.insecure_channel(mesh2.scheduler_address) as channel:
+            with cluster_channel(mesh2.scheduler_address) as channel:
                 reply = scheduler_pb2_grpc.SchedulerStub(channel).Migrate(
                     scheduler_pb2.SchedulerMigrateRequest(
                         src_instance_id=src, dst_instance_id=dst, request_id="ordered"
@@ -334,7 +335,7 @@ def _stream_and_migrate(mesh: LocalMesh, rid: str, p, s, pick_dst=None):
 
 
 def _set_draining(mesh: LocalMesh, instance_id: str, is_terminating: bool) -> None:
-    with grpc.insecure_channel(mesh.scheduler_address) as channel:
+    with cluster_channel(mesh.scheduler_address) as channel:
         reply = scheduler_pb2_grpc.SchedulerStub(channel).Drain(
             scheduler_pb2.SchedulerDrainRequest(
                 instance_id=instance_id, is_terminating=is_terminating

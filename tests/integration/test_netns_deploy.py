@@ -142,7 +142,9 @@ def test_live_migration_between_hosts_goes_over_the_link_with_exact_tokens(mesh,
     logs: dict[str, list] = {rid: [] for rid in workload}
 
     async def run():
-        async with AsyncClient(mesh.gateway_address, timeout_s=300) as client:
+        async with AsyncClient(
+            mesh.gateway_address, timeout_s=300, api_key=mesh.gateway_api_key
+        ) as client:
             tasks = [
                 asyncio.create_task(_stream(client, rid, p, s, logs[rid]))
                 for rid, (p, s) in workload.items()

@@ -21,12 +21,12 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
-import grpc
 import pytest
 
 from bench._otlp_receiver import OtlpReceiver, ReceivedSpan
 from gateway.client import AsyncClient
 from protos import scheduler_pb2, scheduler_pb2_grpc
+from services.common.grpc_client import cluster_channel
 from services.common.procs import REPO_ROOT, LocalMesh
 from tests.integration.conftest import reference_tokens, wait_until, wait_worker_idle
 from tests.integration.kunserve_helpers import drop, restore, run_streams, workload
@@ -104,7 +104,7 @@ def _migrate_during_stream(mesh: LocalMesh) -> tuple[str, str, list]:
             rest = asyncio.ensure_future(_collect(stream))
             src = first.instance_id
             dst = next(w.name for w in mesh.workers if w.name != src)
-            with grpc.insecure_channel(mesh.scheduler_address) as channel:
+            with cluster_channel(mesh.scheduler_address) as channel:
                 reply = scheduler_pb2_grpc.SchedulerStub(channel).Migrate(
                     scheduler_pb2.SchedulerMigrateRequest(
                         src_instance_id=src, dst_instance_id=dst, request_id=MIGRATED

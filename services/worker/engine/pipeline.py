@@ -43,6 +43,7 @@ from services.worker.engine.errors import (
 )
 from services.worker.engine.executor import Executor, ExecutorOutput
 from services.worker.engine.micro_batching import (
+    STARVED_AFTER_ROUNDS,
     Candidate,
     MicroBatchFormation,
     plan_lookahead,
@@ -116,6 +117,9 @@ class Pipeline:
         # the apply that brought each back (absent: never in flight, first of all).
         self._num_applied = 0
         self._back_since: dict[str, int] = {}
+        # Prompts the lookahead formation left out of consecutive micro-batches (by how
+        # many); after a whole round of them a prompt is starved (Candidate.is_starved).
+        self._passed_over: dict[str, int] = {}
 
     @property
     def num_in_flight(self) -> int:
@@ -203,8 +207,15 @@ class Pipeline:
                 self._back_since.get(r.request_id, -1),
             )
         )
+        starved_after = formation.num_micro_batches * STARVED_AFTER_ROUNDS
+        passed_over = self._passed_over
         available = [
-            Candidate(r.request_id, r.num_computed_tokens, r.num_tokens - r.num_computed_tokens)
+            Candidate(
+                r.request_id,
+                r.num_computed_tokens,
+                r.num_tokens - r.num_computed_tokens,
+                is_starved=passed_over.get(r.request_id, 0) >= starved_after,
+            )
             for r in running
         ]
         num_seqs_left = formation.max_num_seqs - num_seqs_out
@@ -220,6 +231,7 @@ class Pipeline:
                     r.num_computed_tokens,
                     r.num_tokens - r.num_computed_tokens,
                     is_waiting=True,
+                    is_starved=passed_over.get(r.request_id, 0) >= starved_after,
                 )
             )
             room -= 1
@@ -235,6 +247,14 @@ class Pipeline:
         )
         batch = scheduler.schedule_planned(plan, excluded)
         self._track(batch)
+        # Only the prompts offered and left out carry their count on (a decode is never
+        # cut; a request gone or in flight drops out).
+        planned = {request_id for request_id, _ in plan}
+        self._passed_over = {
+            c.request_id: passed_over.get(c.request_id, 0) + 1
+            for c in available
+            if c.num_remaining_tokens > 1 and c.request_id not in planned
+        }
         return batch
 
     def _track(self, batch: SchedulerOutput) -> None:

@@ -7,6 +7,7 @@ import types
 import grpc
 import pytest
 
+from gateway.api_keys import PUBLIC_SERVICES
 from gateway.client import build_request
 from gateway.cluster_view import ClusterView, InstanceView
 from gateway.servicer import GatewayServicer
@@ -22,7 +23,7 @@ async def gateway():
     generations = idle_generations()
     view, sessions = generations.view, generations.sessions
     servicer = GatewayServicer(generations, model_id="tiny")
-    server = GrpcServer("gateway", "127.0.0.1:0", grace_s=0)
+    server = GrpcServer("gateway", "127.0.0.1:0", grace_s=0, public_services=PUBLIC_SERVICES)
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server.server)
     await server.start(["llmesh.v1.Gateway"])
     channel = grpc.aio.insecure_channel(server.address)

@@ -12,6 +12,7 @@ import grpc
 
 from protos import group_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2_grpc
 from services.common.convert import instance_spec_to_proto
+from services.common.grpc_client import aio_channel
 from services.common.grpc_server import GrpcServer
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.registry import InstanceRegistry
@@ -91,7 +92,7 @@ async def scheduler_and_worker(group_timeout_s: float = TIMEOUT_S):
     server = GrpcServer("scheduler", config.bind, grace_s=0)
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, server.server)
     await server.start(["llmesh.v1.Scheduler"])
-    channel = grpc.aio.insecure_channel(server.address)
+    channel = aio_channel(server.address)
     try:
         yield Mesh(
             scheduler_pb2_grpc.SchedulerStub(channel),

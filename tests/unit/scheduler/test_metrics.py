@@ -7,6 +7,7 @@ import grpc
 import pytest
 
 from protos import scheduler_pb2, scheduler_pb2_grpc
+from services.common.grpc_client import aio_channel
 from services.common.grpc_server import GrpcServer
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.metrics import SchedulerMetrics
@@ -23,7 +24,7 @@ async def scheduler():
     server = GrpcServer("scheduler", config.bind, grace_s=0)
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, server.server)
     await server.start(["llmesh.v1.Scheduler"])
-    channel = grpc.aio.insecure_channel(server.address)
+    channel = aio_channel(server.address)
     yield scheduler_pb2_grpc.SchedulerStub(channel), servicer
     await channel.close()
     await server.stop()

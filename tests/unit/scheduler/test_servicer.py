@@ -10,6 +10,7 @@ import pytest
 from protos import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from services.common.config import ConfigError
 from services.common.convert import instance_spec_to_proto
+from services.common.grpc_client import aio_channel
 from services.common.grpc_server import GrpcServer
 from services.common.messages import InstanceSpec
 from services.scheduler.config import SchedulerConfig
@@ -28,7 +29,7 @@ async def scheduler():
         SchedulerServicer(config, registry), server.server
     )
     await server.start(["llmesh.v1.Scheduler"])
-    channel = grpc.aio.insecure_channel(server.address)
+    channel = aio_channel(server.address)
     yield scheduler_pb2_grpc.SchedulerStub(channel), registry
     await channel.close()
     await server.stop()

@@ -4,6 +4,7 @@ boundaries of a long prompt, and lookahead against simple on a mixed workload.""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -17,6 +18,7 @@ from services.worker.engine import (
     SchedulerOutput,
     get_profile,
 )
+from services.worker.engine import pipeline as pipeline_module
 from services.worker.engine.cost_model import TINY_CPU, CostModel
 from services.worker.engine.micro_batching import (
     Candidate,
@@ -144,10 +146,59 @@ def test_plan_takes_decodes_to_the_level_and_cuts_a_prompt_to_fill_it():
         [*decodes[:5], prompt, late], [], TOKENS, 2, 512, 8, 512, min_chunk_tokens=32
     )
     assert plan == [("a", 1), ("b", 1), ("c", 1), ("d", 1), ("e", 1)]
+
     # Limits: this micro-batch's seqs and tokens.
     assert plan_lookahead(decodes, [], TOKENS, 1, 512, 2, 512) == [("a", 1), ("b", 1)]
     assert plan_lookahead([prompt], [], TOKENS, 1, 512, 8, 40) == [("p", 40)]
     assert plan_lookahead([prompt], [], TOKENS, 1, 64, 8, 512) == [("p", 64)]  # round tokens
+
+
+def test_a_starved_prompt_gets_at_least_the_floor():
+    """Eleven decodes and 12 in flight: the level is 23 (the prompt cut to it), the
+    decodes fill 11 and the prompt's share (12 tokens) is short of the floor: it waits.
+    Starved, a waiting prompt gets the floor in its place (after the running ones, where
+    the scheduler admits it), over the level; a starved chunked prefill goes first."""
+    returning = [Candidate(f"r{i}", 100, 1) for i in range(12)]
+    available = [Candidate(f"a{i}", 100, 1) for i in range(11)]
+    decodes = [(c.request_id, 1) for c in available]
+    prompt = Candidate("p", 0, 67, is_waiting=True)
+    assert plan_lookahead([*available, prompt], returning, TOKENS, 2, 512, 52, 500, 32) == decodes
+    starved = dataclasses.replace(prompt, is_starved=True)
+    plan = plan_lookahead([*available, starved], returning, TOKENS, 2, 512, 52, 500, 32)
+    assert plan == [*decodes, ("p", 32)]
+    chunked = Candidate("c", 32, 67)  # running, 32 of its prompt's tokens computed
+    assert plan_lookahead([*available, chunked], returning, TOKENS, 2, 512, 52, 500, 32) == decodes
+    starved = dataclasses.replace(chunked, is_starved=True)
+    plan = plan_lookahead([*available, starved], returning, TOKENS, 2, 512, 52, 500, 32)
+    assert plan == [("c", 32)]
+
+
+@pytest.mark.parametrize("g", [2, 4])
+def test_steady_decodes_do_not_starve_a_prompt(g, monkeypatch):
+    """Regression (found tracing a simulated burst, where a tail request waited 9 s in a
+    group with 130 free blocks): decodes filled every micro-batch to just under the
+    level and a prompt arriving among them was left out until they finished. The leader
+    counts the micro-batches a prompt is left out of and, after STARVED_AFTER_ROUNDS
+    rounds, gives it the floor."""
+    arrivals = [Arrival(f"d{i}", 0.0, 8, 200) for i in range(24)]
+    arrivals.append(Arrival("p", 0.02, 67, 4))
+    formation = MicroBatchFormation(
+        "lookahead", g, max_num_seqs=64, max_num_batched_tokens=512,
+        cost=MicroBatchCost.from_profile(TINY_CPU), min_chunk_tokens=32,
+    )  # fmt: skip
+
+    def first_batch_of_p() -> tuple[int, int]:
+        run = run_pipeline(formation, g, arrivals, cost=formation.cost)
+        with_p = [
+            i for i, b in enumerate(run.batches) if any(r.request_id == "p" for r in b.requests)
+        ]
+        return with_p[0], len(run.batches)
+
+    # (micro-batch that first holds p, micro-batches in all): deterministic cost model.
+    assert first_batch_of_p() == {2: (32, 411), 4: (84, 823)}[g]
+    monkeypatch.setattr(pipeline_module, "STARVED_AFTER_ROUNDS", 10**6)
+    # Never starved: p waits until the decodes are nearly done (and they take longer).
+    assert first_batch_of_p() == {2: (405, 420), 4: (809, 982)}[g]
 
 
 def test_formation_config_is_checked():
@@ -267,9 +318,9 @@ BUBBLES = {
     ("tiny-cpu", 40, 0.0, 2): (0.15, 0.0568),
     ("tiny-cpu", 40, 0.0, 4): (0.3606, 0.1669),
     ("tiny-cpu", 64, 0.002, 2): (0.2257, 0.057),
-    ("tiny-cpu", 64, 0.002, 4): (0.3872, 0.1484),
-    ("llama-7b-a10", 64, 0.002, 2): (0.0977, 0.034),
-    ("llama-7b-a10", 64, 0.002, 4): (0.1076, 0.045),
+    ("tiny-cpu", 64, 0.002, 4): (0.3872, 0.1405),
+    ("llama-7b-a10", 64, 0.002, 2): (0.0977, 0.0361),
+    ("llama-7b-a10", 64, 0.002, 4): (0.1076, 0.0479),
     ("llama-7b-a10", 40, 0.0, 2): (0.0464, 0.0246),
     ("llama-7b-a10", 40, 0.0, 4): (0.0833, 0.0494),
 }
@@ -278,7 +329,7 @@ BUBBLES = {
 @pytest.mark.parametrize(("profile", "num_requests", "gap_s", "g"), list(BUBBLES))
 def test_lookahead_cuts_the_bubble_fraction(profile, num_requests, gap_s, g):
     """The issue's target is lookahead <= simple / 2. It holds for the tiny-cpu profile
-    (2.2-4.0x) and for the 7B/A10 one under arrivals over time (2.4-2.9x), not for the
+    (2.2-4.0x) and for the 7B/A10 one under arrivals over time (2.2-3.0x), not for the
     7B/A10 one on a single burst (1.7-1.9x): there a micro-batch's fixed part (22.5 ms of
     weight reads on the whole model) outweighs its tokens (a decode adds 0.2 ms, a
     256-token chunk 46 ms), and while the burst's prompts last every simple micro-batch
