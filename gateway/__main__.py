@@ -9,7 +9,7 @@ import sys
 from gateway.api_keys import load_api_keys
 from gateway.config import GatewayConfig
 from services.common.cluster_auth import add_cluster_auth_flags, configure
-from services.common.config import ConfigError, load_config
+from services.common.config import ConfigError, flag_type, load_config
 from services.common.logging import setup_logging
 from services.common.procs import die_with_parent
 from services.common.telemetry_config import add_telemetry_flags
@@ -35,6 +35,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", help="'tiny' or a checkpoint directory (for its tokenizer)")
     parser.add_argument("--max-inflight-requests", dest="max_inflight_requests", type=int)
     parser.add_argument("--max-waiting-per-instance", dest="max_waiting_per_instance", type=int)
+    for name, annotation in (
+        ("admission_retry_after_s", float),
+        ("key_max_concurrent", int | None),
+        ("key_rate_per_s", float | None),
+        ("key_burst", int),
+    ):
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, dest=name, type=flag_type(annotation, name, flag))
     parser.add_argument("--log-level", dest="log_level")
     add_telemetry_flags(parser)
     add_cluster_auth_flags(parser)

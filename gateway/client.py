@@ -16,6 +16,13 @@ goes on on the next gateway (Gateway.Resume with the request id and the number o
 already yielded), so the caller sees one stream without a gap or a repeated token. The
 client then chooses the request id (a uuid) unless the caller gave one.
 `resume_stream(request_id, next_index)` resumes a stream explicitly.
+
+Retries (gateway/retry.py): `retry=` takes a RetryPolicy; by default generate() and
+generate_stream() retry UNAVAILABLE and RESOURCE_EXHAUSTED (admission control, honouring
+its `retry-after-ms` hint) with jittered backoff, up to 5 attempts within 20 s; a
+stream that already delivered a chunk is never retried (its error is raised).
+`retry=None` turns retries off: the first refusal is raised (load generators that count
+refusals, tests). abort() and model_info() are never retried.
 """
 
 from __future__ import annotations
@@ -30,10 +37,13 @@ import grpc
 
 from gateway.client_channel import aio_gateway_channel, gateway_channel
 from gateway.client_failover import FailoverState, with_request_id
+from gateway.retry import RetryAttempts, RetryPolicy
 from protos import common_pb2, gateway_pb2, gateway_pb2_grpc
+from services.common.errors import retry_after_s_from_metadata
 
 DEFAULT_TIMEOUT_S = 120.0  # whole-generation deadline unless a call says otherwise
 CONTROL_TIMEOUT_S = 5.0  # abort, model info
+DEFAULT_RETRY = RetryPolicy()  # what `retry=` is unless given
 
 _FINISH_NAMES = {
     common_pb2.FINISH_REASON_UNSPECIFIED: None,
@@ -45,12 +55,16 @@ _FINISH_NAMES = {
 
 
 class GatewayError(Exception):
-    """A call failed: `code` is the grpc.StatusCode, `details` the gateway's message."""
+    """A call failed: `code` is the grpc.StatusCode, `details` the gateway's message,
+    `retry_after_s` the gateway's retry hint (RESOURCE_EXHAUSTED), else None."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(
+        self, code: grpc.StatusCode, details: str, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        self.retry_after_s = retry_after_s
 
 
 class Chunk(NamedTuple):
@@ -155,7 +169,16 @@ def _model_info(reply: gateway_pb2.ModelInfo) -> ModelInfo:
 
 
 def _error(exc: grpc.RpcError) -> GatewayError:
-    return GatewayError(exc.code(), exc.details() or "")
+    return GatewayError(
+        exc.code(), exc.details() or "", retry_after_s_from_metadata(exc.trailing_metadata())
+    )
+
+
+def _retry_delay_s(attempts: RetryAttempts | None, error: GatewayError) -> float | None:
+    """Seconds to wait before the next attempt; None: raise `error`."""
+    if attempts is None:
+        return None
+    return attempts.next_delay_s(error.code, error.retry_after_s)
 
 
 class AsyncClient:
@@ -170,9 +193,11 @@ class AsyncClient:
         api_key: str | None = None,
         root_certificates: bytes | None = None,
         failover_addresses: Sequence[str] = (),
+        retry: RetryPolicy | None = DEFAULT_RETRY,
     ) -> None:
         self.address = address
         self.timeout_s = timeout_s
+        self.retry = retry
         self._channels = [
             aio_gateway_channel(a, api_key, root_certificates)
             for a in (address, *failover_addresses)
@@ -184,14 +209,26 @@ class AsyncClient:
         self, prompt: str | None = None, *, timeout_s: float | None = None, **kwargs
     ) -> AsyncIterator[Chunk]:
         """Chunks as they are produced; leaving the loop early cancels (aborts) the
-        request. A dead gateway's stream goes on on a failover gateway."""
+        request. Retried (self.retry) until the first chunk arrived; after it, a dead
+        gateway's stream goes on on a failover gateway."""
         request = build_request(prompt, **with_request_id(kwargs, len(self._stubs) > 1))
-        state = FailoverState(self._stubs, request.request_id, 0, request.detokenize)
         timeout = timeout_s or self.timeout_s
-        async for chunk in self._follow(
-            state, self._stub.Generate(request, timeout=timeout), timeout
-        ):
-            yield chunk
+        attempts = self.retry.begin() if self.retry is not None else None
+        gateway = 0
+        while True:  # retried (self.retry) until the first chunk, failed over after it
+            state = FailoverState(self._stubs, request.request_id, 0, request.detokenize)
+            state.gateway = gateway
+            call = self._stubs[gateway].Generate(request, timeout=timeout)
+            try:
+                async for chunk in self._follow(state, call, timeout):
+                    yield chunk
+                return
+            except GatewayError as error:
+                delay_s = None if state.has_yielded else _retry_delay_s(attempts, error)
+                if delay_s is None:
+                    raise
+            gateway = state.gateway  # a failover that found nothing moved on
+            await self.retry.async_sleep(delay_s)
 
     async def resume_stream(
         self,
@@ -227,13 +264,18 @@ class AsyncClient:
     async def generate(
         self, prompt: str | None = None, *, timeout_s: float | None = None, **kwargs
     ) -> Generation:
-        try:
-            reply = await self._stub.GenerateUnary(
-                build_request(prompt, **kwargs), timeout=timeout_s or self.timeout_s
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise _error(exc) from None
-        return _generation(reply)
+        request = build_request(prompt, **kwargs)
+        attempts = self.retry.begin() if self.retry is not None else None
+        while True:
+            try:
+                reply = await self._stub.GenerateUnary(request, timeout=timeout_s or self.timeout_s)
+                return _generation(reply)
+            except grpc.aio.AioRpcError as exc:
+                error = _error(exc)
+                delay_s = _retry_delay_s(attempts, error)
+                if delay_s is None:
+                    raise error from None
+            await self.retry.async_sleep(delay_s)
 
     async def abort(self, request_id: str, *, timeout_s: float = CONTROL_TIMEOUT_S) -> bool:
         try:
@@ -275,9 +317,11 @@ class Client:
         api_key: str | None = None,
         root_certificates: bytes | None = None,
         failover_addresses: Sequence[str] = (),
+        retry: RetryPolicy | None = DEFAULT_RETRY,
     ) -> None:
         self.address = address
         self.timeout_s = timeout_s
+        self.retry = retry
         self._channels = [
             gateway_channel(a, api_key, root_certificates) for a in (address, *failover_addresses)
         ]
@@ -288,9 +332,22 @@ class Client:
         self, prompt: str | None = None, *, timeout_s: float | None = None, **kwargs
     ) -> Iterator[Chunk]:
         request = build_request(prompt, **with_request_id(kwargs, len(self._stubs) > 1))
-        state = FailoverState(self._stubs, request.request_id, 0, request.detokenize)
         timeout = timeout_s or self.timeout_s
-        yield from self._follow(state, self._stub.Generate(request, timeout=timeout), timeout)
+        attempts = self.retry.begin() if self.retry is not None else None
+        gateway = 0
+        while True:  # retried (self.retry) until the first chunk, failed over after it
+            state = FailoverState(self._stubs, request.request_id, 0, request.detokenize)
+            state.gateway = gateway
+            call = self._stubs[gateway].Generate(request, timeout=timeout)
+            try:
+                yield from self._follow(state, call, timeout)
+                return
+            except GatewayError as error:
+                delay_s = None if state.has_yielded else _retry_delay_s(attempts, error)
+                if delay_s is None:
+                    raise
+            gateway = state.gateway  # a failover that found nothing moved on
+            self.retry.sleep(delay_s)
 
     def resume_stream(
         self,
@@ -323,13 +380,18 @@ class Client:
     def generate(
         self, prompt: str | None = None, *, timeout_s: float | None = None, **kwargs
     ) -> Generation:
-        try:
-            reply = self._stub.GenerateUnary(
-                build_request(prompt, **kwargs), timeout=timeout_s or self.timeout_s
-            )
-        except grpc.RpcError as exc:
-            raise _error(exc) from None
-        return _generation(reply)
+        request = build_request(prompt, **kwargs)
+        attempts = self.retry.begin() if self.retry is not None else None
+        while True:
+            try:
+                reply = self._stub.GenerateUnary(request, timeout=timeout_s or self.timeout_s)
+                return _generation(reply)
+            except grpc.RpcError as exc:
+                error = _error(exc)
+                delay_s = _retry_delay_s(attempts, error)
+                if delay_s is None:
+                    raise error from None
+            self.retry.sleep(delay_s)
 
     def abort(self, request_id: str, *, timeout_s: float = CONTROL_TIMEOUT_S) -> bool:
         try:

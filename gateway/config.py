@@ -23,6 +23,11 @@ class GatewayConfig:
     max_waiting_per_instance: int = (
         1024  # admission: refuse when every instance has this many queued
     )
+    admission_retry_after_s: float = 1.0  # retry hint sent with an admission refusal
+    # Per client key (sha256 of its bearer token, "anonymous" without one; none = off):
+    key_max_concurrent: int | None = None  # requests in flight per key
+    key_rate_per_s: float | None = None  # requests per second per key (token bucket)
+    key_burst: int = 1  # the bucket's size: requests a key may send at once
     max_placements: int = 4  # instances tried per placement before the client gets UNAVAILABLE
     # A request whose worker was lost mid-stream keeps trying to be placed this long when
     # no instance takes it at first (e.g. a KunServe group dissolving after a member died).
@@ -83,6 +88,23 @@ class GatewayConfig:
         ):
             value = getattr(self, name)
             require(value > 0, f"{name}={value!r} must be > 0")
+        require(
+            self.key_max_concurrent is None
+            or (isinstance(self.key_max_concurrent, int) and self.key_max_concurrent > 0),
+            f"key_max_concurrent={self.key_max_concurrent!r} must be none or an int > 0",
+        )
+        require(
+            self.key_rate_per_s is None or self.key_rate_per_s > 0,
+            f"key_rate_per_s={self.key_rate_per_s!r} must be none or > 0",
+        )
+        require(
+            isinstance(self.key_burst, int) and self.key_burst >= 1,
+            f"key_burst={self.key_burst!r} must be an int >= 1",
+        )
+        require(
+            self.admission_retry_after_s > 0,
+            f"admission_retry_after_s={self.admission_retry_after_s!r} must be > 0",
+        )
         require(self.failover_wait_s >= 0, f"failover_wait_s={self.failover_wait_s!r} must be >= 0")
         require(
             self.health_watch_rotate_s > 0,

@@ -7,7 +7,9 @@
 Both local paths skip the instances the view shows draining (terminating); the view
 keeps an instance missing from a refresh for its forget_after_s, then drops it.
 Instances the gateway saw die recently are excluded on every path, as are the ones the
-caller excludes (e.g. those that already failed this request).
+caller excludes (e.g. those that already failed this request) and those that just
+refused as full (gateway/full_instances.py: when that is every instance, the request
+is shed with RESOURCE_EXHAUSTED before any RPC).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 import grpc
 
 from gateway.cluster_view import ClusterView
+from gateway.full_instances import FullInstances
 from protos import scheduler_pb2
 from services.common.errors import UnavailableError
 from services.common.logging import get_logger
@@ -69,8 +72,10 @@ class Dispatcher:
         *,
         timeout_s: float,
         view_stale_s: float,
+        full: FullInstances | None = None,
     ) -> None:
         self._stub = scheduler_stub
+        self._full = full or FullInstances()
         self._view = view
         self._lost = lost
         self._timeout_s = timeout_s
@@ -87,6 +92,8 @@ class Dispatcher:
         self, request_id: str, num_prompt_tokens: int, priority: int, exclude: set[str]
     ) -> Placement:
         excluded = set(exclude) | self._lost.recent()
+        # Skip instances whose queue was just full; shed at once when that is all of them.
+        excluded |= self._full.check(set(self._view.instances) - excluded)
         if not self._view.is_scheduler_reachable and self._view.updated_at is not None:
             # The background refresh already found the scheduler down: do not pay a
             # Dispatch deadline per request until it is back.
@@ -119,6 +126,10 @@ class Dispatcher:
                 f"gateway knows no other live instance (excluded {sorted(excluded)})"
             )
         return placement
+
+    def note_full(self, instance_id: str, retry_after_s: float) -> None:
+        """The instance refused a Submit as full: skip it for its retry hint."""
+        self._full.add(instance_id, retry_after_s)
 
     def choose_locally(
         self, request_id: str, num_prompt_tokens: int, priority: int, excluded: set[str]

@@ -22,6 +22,7 @@ from opentelemetry import trace
 from gateway.admission import AdmissionControl
 from gateway.cluster_view import ClusterView
 from gateway.dispatcher import Dispatcher
+from gateway.key_limits import ANONYMOUS, KeyLimits
 from gateway.session import GenerationSession
 from gateway.sessions import SessionTable
 from gateway.telemetry import GatewayMetrics, RequestTelemetry
@@ -29,7 +30,7 @@ from gateway.tracker import RequestTracker
 from gateway.validation import ModelLimits, validate_generate
 from gateway.workers import WorkerPool
 from protos import gateway_pb2
-from services.common.errors import UnavailableError
+from services.common.errors import AlreadyExistsError, UnavailableError
 from services.common.logging import bind_context, get_logger
 
 log = get_logger(__name__)
@@ -60,6 +61,7 @@ class Generations:
         placement: PlacementSettings,
         model_id: str = "",
         metrics: GatewayMetrics | None = None,
+        key_limits: KeyLimits | None = None,
     ) -> None:
         self.sessions = sessions
         self.view = view
@@ -71,6 +73,8 @@ class Generations:
         self._model_id = model_id
         self._metrics = metrics  # None: request metrics are not recorded
         self._rng = random.Random()
+        self._key_limits = key_limits or KeyLimits()  # default: no per-key limit
+        self._client_keys: dict[str, str] = {}  # request id -> client key (limits)
 
     def model_limits(self) -> ModelLimits:
         """The served model's limits; UnavailableError until an instance registered."""
@@ -79,16 +83,22 @@ class Generations:
             raise UnavailableError("no instance has registered yet; retry shortly")
         return limits
 
-    def open(self, request: gateway_pb2.GenerateRequest) -> GenerationSession:
+    def open(
+        self, request: gateway_pb2.GenerateRequest, client_key: str = ANONYMOUS
+    ) -> GenerationSession:
         """Validate and admit one request and register its session (not placed yet).
 
         Raises ValueError naming the bad field, ResourceExhaustedError under admission
-        control, UnavailableError when no instance registered, AlreadyExistsError for a
-        request id in flight. The caller must run() the session (run cleans it up).
+        control (the gateway's bounds, then the per-key limits of `client_key`, see
+        key_limits.py), UnavailableError when no instance registered, AlreadyExistsError
+        for a request id in flight. The caller must run() the session (run cleans it up).
         """
         limits = self.model_limits()
         spec = validate_generate(request, limits, self.tokenizer.encode, self._rng)
         self._admission.check(len(self.sessions), self.view)
+        if spec.request_id in self._client_keys:
+            raise AlreadyExistsError(f"request_id {spec.request_id!r} is already in flight")
+        self._key_limits.acquire(client_key)
         session = GenerationSession(
             spec,
             RequestTracker(spec.request_id),
@@ -98,7 +108,12 @@ class Generations:
             self._placement.max_placements,
             self._placement.failover_wait_s,
         )
-        self.sessions.add(session)
+        try:
+            self.sessions.add(session)
+        except BaseException:
+            self._key_limits.release(client_key)
+            raise
+        self._client_keys[spec.request_id] = client_key
         return session
 
     @contextlib.asynccontextmanager
@@ -154,3 +169,4 @@ class Generations:
                 if session.abort():  # the client went away (or an error) before the end
                     log.info("request_cancelled", num_output_tokens=len(session.tracker.tokens))
                 self.sessions.remove(session)
+                self._key_limits.release(self._client_keys.pop(session.request_id, ANONYMOUS))

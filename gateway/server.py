@@ -19,6 +19,7 @@ from gateway.generations import Generations, PlacementSettings
 from gateway.http_api.app import build_app
 from gateway.http_api.chat_template import load_chat_template
 from gateway.http_api.server import HttpServer
+from gateway.key_limits import KeyLimits
 from gateway.resume import Resumer
 from gateway.servicer import GatewayServicer, OutputSinkServicer
 from gateway.sessions import SessionTable
@@ -85,7 +86,17 @@ def _build(
         view=view,
         dispatcher=dispatcher,
         pool=pool,
-        admission=AdmissionControl(config.max_inflight_requests, config.max_waiting_per_instance),
+        admission=AdmissionControl(
+            config.max_inflight_requests,
+            config.max_waiting_per_instance,
+            config.admission_retry_after_s,
+        ),
+        key_limits=KeyLimits(
+            max_concurrent=config.key_max_concurrent,
+            rate_per_s=config.key_rate_per_s,
+            burst=config.key_burst,
+            retry_after_s=config.admission_retry_after_s,
+        ),
         tokenizer=tokenizer,
         placement=PlacementSettings(owner_address, config.max_placements, config.failover_wait_s),
         model_id=config.model,

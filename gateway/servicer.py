@@ -11,6 +11,7 @@ import collections
 import contextlib
 
 from gateway.generations import Generations
+from gateway.key_limits import key_from_metadata
 from gateway.resume import Resumer
 from gateway.sessions import SessionTable
 from gateway.tokenizer import IncrementalDetokenizer
@@ -69,7 +70,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def Generate(self, request, context):
         # aclosing: a client that goes away closes the inner generator in this task too.
-        session = self._generations.open(request)
+        session = self._generations.open(request, key_from_metadata(context.invocation_metadata()))
         async with contextlib.aclosing(self._messages(session)) as messages:
             async for message in messages:
                 yield message
@@ -87,7 +88,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         token_ids: list[int] = []
         text: list[str] = []
         response = gateway_pb2.GenerateResponse()
-        session = self._generations.open(request)
+        session = self._generations.open(request, key_from_metadata(context.invocation_metadata()))
         async with contextlib.aclosing(self._messages(session)) as messages:
             async for message in messages:
                 token_ids.extend(message.token_ids)

@@ -25,7 +25,12 @@ from gateway.tracker import PlacementStatus, RequestTracker
 from gateway.validation import GenerationSpec
 from gateway.workers import WorkerPool
 from services.common.convert import request_to_proto
-from services.common.errors import AlreadyExistsError, UnavailableError
+from services.common.errors import (
+    AlreadyExistsError,
+    ResourceExhaustedError,
+    UnavailableError,
+    retry_after_s_from_metadata,
+)
 from services.common.logging import get_logger
 from services.common.messages import FinishReason, OutputDelta, RequestSpec
 from services.common.tracing import context_to_dict
@@ -107,13 +112,19 @@ class GenerationSession:
         found the request itself invalid.
         """
         last_error = ""
+        full_retry_after_s: float | None = None  # an instance refused: its queue is full
         for _ in range(self._max_placements):
-            placement = await self._dispatcher.choose(
-                self.request_id,
-                len(self.spec.prompt_token_ids) + len(self.tracker.tokens),
-                self.spec.priority,
-                self._excluded,
-            )
+            try:
+                placement = await self._dispatcher.choose(
+                    self.request_id,
+                    len(self.spec.prompt_token_ids) + len(self.tracker.tokens),
+                    self.spec.priority,
+                    self._excluded,
+                )
+            except UnavailableError:
+                if full_retry_after_s is None:
+                    raise
+                break  # every instance left refused or is excluded: shed below
             # Before Submit: a loss noticed while Submit is in flight must reach us.
             self.tracker.mark_placed(placement.instance_id)
             try:
@@ -131,13 +142,17 @@ class GenerationSession:
                     and self.num_placements == 0
                 ):
                     raise AlreadyExistsError(exc.details()) from None
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    hint_s = retry_after_s_from_metadata(exc.trailing_metadata()) or 1.0
+                    full_retry_after_s = min(full_retry_after_s or hint_s, hint_s)
+                    self._dispatcher.note_full(placement.instance_id, hint_s)
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                     # It may have been admitted after all: make sure it does not run twice.
                     self._pool.abort_soon(placement.instance_id, self.request_id)
                 self.tracker.mark_unplaced()
                 self._excluded.add(placement.instance_id)
                 last_error = f"{placement.instance_id}: {code.name}: {exc.details()}"
-                log.warning(
+                (log.info if code == grpc.StatusCode.RESOURCE_EXHAUSTED else log.warning)(
                     "submit_failed",
                     instance_id=placement.instance_id,
                     code=code.name,
@@ -157,6 +172,13 @@ class GenerationSession:
                 num_resumed_tokens=len(self.tracker.tokens),
             )
             return
+        if full_retry_after_s is not None:
+            # Backpressure: the instances' bounded queues are full; the client retries.
+            raise ResourceExhaustedError(
+                f"no instance has room for request {self.request_id!r}: their waiting "
+                f"queues are full (last: {last_error}); retry later",
+                full_retry_after_s,
+            )
         raise UnavailableError(
             f"no worker could take request {self.request_id!r} after {self._max_placements} tries "
             f"(last: {last_error})"
@@ -172,7 +194,7 @@ class GenerationSession:
             try:
                 await self.place()
                 return
-            except UnavailableError as exc:
+            except (UnavailableError, ResourceExhaustedError) as exc:
                 if time.monotonic() + delay_s > deadline:
                     raise
                 log.info("failover_waiting", delay_s=delay_s, error=str(exc))

@@ -26,6 +26,7 @@ from gateway.http_api.errors import APIError, from_service_error, invalid
 from gateway.http_api.handler import GenerationResponse
 from gateway.http_api.protocol import parse_request
 from gateway.http_api.runner import PlanRun
+from gateway.key_limits import client_key
 from services.common.errors import ServiceError
 from services.common.logging import get_logger
 
@@ -95,7 +96,8 @@ def build_app(
                 stream=plan.stream,
                 user=plan.user,
             )
-            return GenerationResponse(PlanRun(generations, plan))
+            key = client_key(request.headers.get("authorization"))
+            return GenerationResponse(PlanRun(generations, plan, key))
 
         return endpoint
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 from starlette.responses import Response
 
@@ -17,10 +18,8 @@ from services.common.errors import (
     ResourceExhaustedError,
     ServiceError,
     UnavailableError,
+    retry_after_ms,
 )
-
-# Seconds a client refused by admission control is told to wait (Retry-After).
-RETRY_AFTER_S = 1
 
 
 class APIError(Exception):
@@ -77,7 +76,8 @@ def from_service_error(exc: ServiceError) -> APIError:
             message,
             error_type="rate_limit_error",
             code="rate_limit_exceeded",
-            headers={"Retry-After": str(RETRY_AFTER_S)},
+            # The gRPC hint (retry-after-ms) in whole seconds, rounded up.
+            headers={"Retry-After": str(math.ceil(retry_after_ms(exc.retry_after_s) / 1000))},
         )
     if isinstance(exc, UnavailableError):
         return APIError(503, message, error_type="service_unavailable", code="no_worker")

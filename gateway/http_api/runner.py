@@ -20,11 +20,14 @@ from gateway.generations import Generations
 from gateway.http_api.errors import APIError, from_service_error
 from gateway.http_api.protocol import Choice, GenerationPlan, http_error_for
 from gateway.http_api.text import ChoiceText
+from gateway.key_limits import ANONYMOUS
 from services.common.errors import ServiceError
 from services.common.logging import get_logger
 from services.common.messages import FinishReason
 
 log = get_logger(__name__)
+
+EVENTS_PER_CHOICE = 8  # chunks a choice may have queued for the HTTP response
 
 
 @dataclass
@@ -39,10 +42,17 @@ class ChoiceEvent:
 
 
 class PlanRun:
-    def __init__(self, generations: Generations, plan: GenerationPlan) -> None:
+    def __init__(
+        self, generations: Generations, plan: GenerationPlan, client_key: str = ANONYMOUS
+    ) -> None:
         self._generations = generations
         self.plan = plan
-        self._events: asyncio.Queue[ChoiceEvent] = asyncio.Queue()
+        self._client_key = client_key  # per-key limits (gateway/key_limits.py)
+        # Bounded: a slow client makes its choices wait here, and their tokens
+        # coalesce in the session's tracker (one list per request, <= max_tokens).
+        self._events: asyncio.Queue[ChoiceEvent] = asyncio.Queue(
+            EVENTS_PER_CHOICE * len(plan.choices)
+        )
         self._tasks: list[asyncio.Task] = []
         self.prompt_token_ids: dict[int, list[int]] = {}  # by prompt index
         self.num_completion_tokens: dict[int, int] = {}  # by choice index
@@ -93,7 +103,7 @@ class PlanRun:
 
     async def _run_choice(self, choice: Choice, placed: asyncio.Future) -> None:
         try:
-            session = self._generations.open(choice.request)
+            session = self._generations.open(choice.request, self._client_key)
             self.prompt_token_ids[choice.prompt_index] = list(session.spec.prompt_token_ids)
             async with self._generations.run(session):
                 placed.set_result(None)
@@ -106,7 +116,7 @@ class PlanRun:
                 log.warning(
                     "http_choice_failed", request_id=choice.request.request_id, error=str(exc)
                 )
-                self._events.put_nowait(ChoiceEvent(choice, "", [], error=error))
+                await self._events.put(ChoiceEvent(choice, "", [], error=error))
 
     async def _stream_choice(self, choice: Choice, session) -> None:
         text = ChoiceText(self._generations.tokenizer, self.plan.stop)
@@ -118,7 +128,7 @@ class PlanRun:
             self.num_completion_tokens[choice.index] = text.num_tokens
             if text.is_stopped:
                 token_ids = tokens[chunk.first_token_index : text.num_tokens]
-                self._events.put_nowait(ChoiceEvent(choice, piece, token_ids, "stop"))
+                await self._events.put(ChoiceEvent(choice, piece, token_ids, "stop"))
                 log.info(
                     "request_stop_string",
                     request_id=session.request_id,
@@ -128,4 +138,4 @@ class PlanRun:
                 session.abort(FinishReason.STOP, text.num_tokens)
                 return
             reason = chunk.finish_reason.value if is_final else None
-            self._events.put_nowait(ChoiceEvent(choice, piece, list(chunk.token_ids), reason))
+            await self._events.put(ChoiceEvent(choice, piece, list(chunk.token_ids), reason))

@@ -7,6 +7,8 @@ details. The message must name the offending field or id.
 
 from __future__ import annotations
 
+import math
+
 import grpc
 
 
@@ -14,6 +16,10 @@ class ServiceError(Exception):
     """Base class: `code` is the gRPC status the caller receives."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        """Sent with the status (e.g. a retry hint); none by default."""
+        return ()
 
 
 class NotFoundError(ServiceError):
@@ -28,10 +34,41 @@ class AlreadyExistsError(ServiceError):
     code = grpc.StatusCode.ALREADY_EXISTS
 
 
+# Trailing metadata of a RESOURCE_EXHAUSTED answer: milliseconds the caller should wait
+# before trying again (the HTTP API sends the same hint, in whole seconds, as Retry-After).
+RETRY_AFTER_MS_KEY = "retry-after-ms"
+
+
 class ResourceExhaustedError(ServiceError):
-    """Admission control refused the call (mesh or instance full)."""
+    """Admission control refused the call (mesh or instance full, per-key limit):
+    `retry_after_s` is how long the caller should wait, sent as `retry-after-ms`."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((RETRY_AFTER_MS_KEY, str(retry_after_ms(self.retry_after_s))),)
+
+
+def retry_after_s_from_metadata(metadata) -> float | None:
+    """The `retry-after-ms` hint of a call's trailing metadata, in seconds (None: none
+    or not a number)."""
+    for key, value in metadata or ():
+        if key == RETRY_AFTER_MS_KEY:
+            try:
+                milliseconds = int(value)
+            except (TypeError, ValueError):
+                return None
+            return milliseconds / 1000 if milliseconds >= 0 else None
+    return None
+
+
+def retry_after_ms(retry_after_s: float) -> int:
+    """A wait as whole milliseconds, rounded up (never 0: "retry at once" is not a hint)."""
+    return max(1, math.ceil(round(retry_after_s * 1000, 6)))
 
 
 class UnavailableError(ServiceError):

@@ -79,7 +79,7 @@ def _with_context(behavior, parent):
 
 async def _abort_for(exc: Exception, context, method: str):
     if isinstance(exc, ServiceError):
-        await context.abort(exc.code, str(exc))
+        await context.abort(exc.code, str(exc), exc.trailing_metadata())
     if isinstance(exc, ValueError):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     log.exception("rpc_failed", method=method)

@@ -36,6 +36,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         help="GIL switch interval of the worker process (default 500; Python's is 5000)",
     )
+    parser.add_argument(
+        "--max-waiting-requests",
+        dest="max_waiting_requests",
+        type=flag_type(int | None, "max_waiting_requests", "--max-waiting-requests"),
+        help="Submit refuses (RESOURCE_EXHAUSTED) while this many wait (default 256; none)",
+    )
     parser.add_argument("--log-level", dest="log_level")
     add_telemetry_flags(parser)
     add_cluster_auth_flags(parser)

@@ -36,6 +36,9 @@ class WorkerConfig:
     gil_switch_interval_us: int = 500
     enable_defrag: bool = True  # count the head-of-line request's demand in virtual usage
     high_priority_headroom_blocks: int = 0  # headroom reserved per running high-priority request
+    # Submit answers RESOURCE_EXHAUSTED while this many requests wait in the engine's
+    # queue (none = unbounded); the gateway then tries another instance or sheds.
+    max_waiting_requests: int | None = 256
     report_interval_s: float = 0.05  # load report period (the scheduler's reply overrides it)
     owner_unreachable_s: float = 10.0  # abort a gateway's requests when it is unreachable this long
     log_level: str = "INFO"  # DEBUG, INFO, WARNING or ERROR
@@ -77,6 +80,11 @@ class WorkerConfig:
         require(
             self.high_priority_headroom_blocks >= 0,
             f"high_priority_headroom_blocks={self.high_priority_headroom_blocks} must be >= 0",
+        )
+        require(
+            self.max_waiting_requests is None
+            or (isinstance(self.max_waiting_requests, int) and self.max_waiting_requests > 0),
+            f"max_waiting_requests={self.max_waiting_requests!r} must be none or an int > 0",
         )
         require(
             self.report_interval_s > 0, f"report_interval_s={self.report_interval_s} must be > 0"

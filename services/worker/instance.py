@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from opentelemetry import trace
 
-from services.common.errors import AlreadyExistsError, UnavailableError
+from services.common.errors import AlreadyExistsError, ResourceExhaustedError, UnavailableError
 from services.common.logging import bind_context, get_logger
 from services.common.messages import FinishReason, LoadReport, OutputDelta, RequestSpec
 from services.common.migration import MigrationMode, MigrationStatus
@@ -40,6 +40,8 @@ log = get_logger(__name__)
 # A Submit that reaches a KunServe member while its group forms or dissolves waits this
 # long for that to end (it takes well under a second) instead of being refused.
 SUBMIT_WAIT_GROUP_S = 10.0
+# The retry hint of a Submit refused for a full waiting queue (a few decode steps).
+SUBMIT_RETRY_AFTER_S = 0.2
 
 
 def delta_from_output(output: RequestOutput, failure: str | None = None) -> OutputDelta:
@@ -69,8 +71,11 @@ class WorkerInstance:
         llumlet: Llumlet,
         owner_unreachable_s: float,
         metrics: WorkerMetrics | None = None,
+        max_waiting_requests: int | None = None,
     ) -> None:
-        """metrics: where this worker's Prometheus metrics go (None = not recorded)."""
+        """metrics: where this worker's Prometheus metrics go (None = not recorded);
+        max_waiting_requests: Submit's bound on the engine's waiting queue (None = none)."""
+        self.max_waiting_requests = max_waiting_requests
         self.instance_id = llumlet.spec.instance_id
         self.llumlet = llumlet
         self.router = OutputRouter(self.instance_id, owner_unreachable_s, self._abort_orphans)
@@ -269,7 +274,7 @@ class WorkerInstance:
         self.router.register(spec.request_id, spec.owner_address)
         self.router.ledger.open(state)
         try:
-            await self.async_engine.run(lambda engine: engine.migration.import_request(state, []))
+            await self.async_engine.run(lambda engine: self._admit(engine, state))
         except DuplicateRequestError as exc:
             self.spans.end(spec.request_id, {"llmesh.refused": "duplicate"})
             raise AlreadyExistsError(str(exc)) from None
@@ -320,6 +325,17 @@ class WorkerInstance:
             placement_epoch=epochs.get(request_id, 0),
         )
         return handoff, entry.finish_reason
+
+    def _admit(self, engine: LLMEngine, state) -> None:
+        """On the engine thread: queue the request unless the waiting queue is full."""
+        limit = self.max_waiting_requests
+        if limit is not None and len(engine.scheduler.waiting) >= limit:
+            raise ResourceExhaustedError(
+                f"instance {self.instance_id} has {len(engine.scheduler.waiting)} requests "
+                f"waiting (max_waiting_requests={limit}); retry later",
+                SUBMIT_RETRY_AFTER_S,
+            )
+        engine.migration.import_request(state, [])
 
     async def abort(self, request_id: str) -> bool:
         """True if the request was here; its ABORT output follows with the next step."""

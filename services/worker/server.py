@@ -160,7 +160,9 @@ async def _start_instance(
         if config.telemetry.metrics_enabled
         else None
     )
-    instance = WorkerInstance(engine, llumlet, config.owner_unreachable_s, metrics)
+    instance = WorkerInstance(
+        engine, llumlet, config.owner_unreachable_s, metrics, config.max_waiting_requests
+    )
     instance.start()
     migration = instance.attach_migration(transport, config.migration, faults)
     instance.attach_kunserve(transport, config.kunserve, group_faults)

@@ -10,6 +10,7 @@ import pytest
 from gateway.admission import AdmissionControl
 from gateway.cluster_view import ClusterView, InstanceView, view_from_proto
 from gateway.dispatcher import Dispatcher, LostInstances, PlacementSource
+from gateway.full_instances import FullInstances
 from protos import scheduler_pb2
 from services.common.convert import instance_spec_to_proto, load_to_proto
 from services.common.errors import ResourceExhaustedError, UnavailableError
@@ -186,3 +187,31 @@ async def test_a_failed_dispatch_marks_the_scheduler_down_until_a_refresh_reache
         "r2", 16, 0, set()
     )
     assert view.is_scheduler_reachable is True
+
+
+async def test_instances_that_refused_as_full_are_skipped_for_their_hint_then_all_full_sheds():
+    clock = FakeClock(100.0)
+    view = view_of(clock, ("a", 0, 0, 0), ("b", 0, 0, 0))
+    scheduler = FakeScheduler(scheduler_pb2.DispatchResponse(instance_id="b", address="addr-b"))
+    dispatcher = Dispatcher(
+        scheduler,
+        view,
+        LostInstances(5.0, clock),
+        timeout_s=1.0,
+        view_stale_s=3.0,
+        full=FullInstances(clock),
+    )
+    dispatcher.note_full("a", 0.5)
+    await dispatcher.choose("r1", 10, 0, set())
+    assert list(scheduler.requests[-1].exclude_instance_ids) == ["a"]
+    dispatcher.note_full("b", 0.2)
+    with pytest.raises(ResourceExhaustedError) as info:
+        await dispatcher.choose("r2", 10, 0, set())
+    assert info.value.retry_after_s == pytest.approx(0.2)
+    assert len(scheduler.requests) == 1  # shed without a Dispatch
+    clock.now += 0.2  # b's hint ran out: b is a candidate again, a still full
+    await dispatcher.choose("r3", 10, 0, set())
+    assert list(scheduler.requests[-1].exclude_instance_ids) == ["a"]
+    clock.now += 0.3
+    await dispatcher.choose("r4", 10, 0, set())
+    assert list(scheduler.requests[-1].exclude_instance_ids) == []

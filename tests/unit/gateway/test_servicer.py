@@ -61,6 +61,9 @@ async def test_admission_control_answers_resource_exhausted(gateway):
     code, details = await status_of(stub.GenerateUnary(build_request("hi"), timeout=5))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "max_inflight_requests=1" in details
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.GenerateUnary(build_request("hi"), timeout=5)
+    assert tuple(info.value.trailing_metadata()) == (("retry-after-ms", "1000"),)
 
     sessions._sessions.clear()
     register(view, num_waiting=8)

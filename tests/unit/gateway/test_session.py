@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import grpc
 import pytest
 
 from gateway.dispatcher import Placement, PlacementSource
 from gateway.session import GenerationSession
-from gateway.tracker import RequestTracker
+from gateway.tracker import PlacementStatus, RequestTracker
 from gateway.validation import GenerationSpec
-from services.common.errors import UnavailableError
+from services.common.errors import ResourceExhaustedError, UnavailableError
 from services.common.messages import FinishReason, OutputDelta, SamplingSpec
 
 
@@ -88,3 +89,56 @@ async def test_a_request_finished_before_submit_replied_is_placed_not_aborted(re
     s._abort_on_worker = lambda: pool.abort_soon(s.tracker.instance_id, "r")
     await s.place()
     assert (s.num_placements, pool.aborted, s.tracker.finish_reason) == (1, aborted, reason)
+
+
+class FullPool(Pool):
+    """Every instance refuses Submit as full, with its retry hint."""
+
+    def __init__(self, hints_ms: dict[str, str]) -> None:
+        super().__init__()
+        self.hints_ms = hints_ms
+
+    async def submit(self, instance_id, address, state):
+        self.submitted.append(instance_id)
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            grpc.aio.Metadata(),
+            grpc.aio.Metadata(("retry-after-ms", self.hints_ms[instance_id])),
+            details=f"instance {instance_id} has 4 requests waiting",
+        )
+
+
+class TwoInstances:
+    """a, then b, then nothing left (every instance excluded)."""
+
+    def __init__(self) -> None:
+        self.full: dict[str, float] = {}
+
+    def note_full(self, instance_id, retry_after_s):
+        self.full[instance_id] = retry_after_s
+
+    async def choose(self, request_id, num_tokens, priority, exclude):
+        for name in ("a", "b"):
+            if name not in exclude:
+                return Placement(name, f"addr-{name}", PlacementSource.SCHEDULER)
+        raise UnavailableError("no instance left")
+
+
+async def test_every_instance_full_sheds_with_the_shortest_retry_hint():
+    pool = FullPool({"a": "300", "b": "200"})
+    dispatcher = TwoInstances()
+    s = GenerationSession(
+        GenerationSpec("r", (1, 2, 3), SamplingSpec(max_tokens=8, seed=1), 0, False),
+        RequestTracker("r"),
+        dispatcher,
+        pool,
+        "owner",
+        4,
+    )
+    with pytest.raises(ResourceExhaustedError) as info:
+        await s.place()
+    assert pool.submitted == ["a", "b"]
+    assert info.value.retry_after_s == 0.2
+    assert dispatcher.full == {"a": 0.3, "b": 0.2}  # later placements skip them meanwhile
+    assert "their waiting queues are full" in str(info.value)
+    assert s.tracker.status is PlacementStatus.UNPLACED

@@ -275,3 +275,30 @@ def test_worker_data_plane_bind_and_advertise_reach_the_tcp_transport():
 def test_worker_data_plane_addresses_are_validated(field, value, message):
     with pytest.raises(ConfigError, match=message):
         load_config(WorkerConfig, "WORKER", environ={f"LLMESH_WORKER_{field}": value})
+
+
+def test_admission_bounds_come_from_flags_and_env_vars_and_none_unbounds():
+    worker = load_config(
+        WorkerConfig, "WORKER", overrides=vars(parse_args(["--max-waiting-requests", "none"]))
+    )
+    assert worker.max_waiting_requests is None
+    assert WorkerConfig().max_waiting_requests == 256
+    worker = load_config(
+        WorkerConfig, "WORKER", environ={"LLMESH_WORKER_MAX_WAITING_REQUESTS": "8"}
+    )
+    assert worker.max_waiting_requests == 8
+    gateway = load_config(
+        GatewayConfig,
+        "GATEWAY",
+        environ={
+            "LLMESH_GATEWAY_KEY_MAX_CONCURRENT": "4",
+            "LLMESH_GATEWAY_KEY_RATE_PER_S": "2.5",
+            "LLMESH_GATEWAY_KEY_BURST": "10",
+        },
+    )
+    assert (gateway.key_max_concurrent, gateway.key_rate_per_s, gateway.key_burst) == (4, 2.5, 10)
+    assert (GatewayConfig().key_max_concurrent, GatewayConfig().key_rate_per_s) == (None, None)
+    with pytest.raises(ConfigError, match="max_waiting_requests=0 must be none or an int > 0"):
+        load_config(WorkerConfig, "WORKER", environ={"LLMESH_WORKER_MAX_WAITING_REQUESTS": "0"})
+    with pytest.raises(ConfigError, match="key_rate_per_s=0.0 must be none or > 0"):
+        load_config(GatewayConfig, "GATEWAY", environ={"LLMESH_GATEWAY_KEY_RATE_PER_S": "0"})

@@ -32,3 +32,10 @@ from services.common.errors import (
 def test_each_service_error_has_its_status(error, status):
     api_error = from_service_error(error)
     assert (api_error.status, api_error.message) == (status, str(error))
+
+
+@pytest.mark.parametrize(("retry_after_s", "header"), [(1.0, "1"), (0.2, "1"), (2.5, "3")])
+def test_429_carries_the_grpc_hint_in_whole_seconds_rounded_up(retry_after_s, header):
+    api_error = from_service_error(ResourceExhaustedError("full", retry_after_s))
+    assert (api_error.status, api_error.headers) == (429, {"Retry-After": header})
+    assert api_error.body()["error"]["code"] == "rate_limit_exceeded"
