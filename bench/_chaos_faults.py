@@ -12,9 +12,9 @@ injected (SIGKILL at the moment it names) into the live mesh.
     scheduler           the scheduler is killed and restarted at its address
     gateway             a gateway is killed and restarted at its address
 
-A round runs a process fault (scheduler or gateway, never the scheduler with a
-KunServe fault: a drop needs it) and worker faults on disjoint workers, all at once;
-then every killed worker is replaced by a fresh one. The plan (kinds, choices, delays)
+A round runs worker faults on disjoint workers, a gateway fault and a scheduler fault
+(not with a KunServe fault: a drop needs the scheduler), all at once; each killed
+worker is replaced by a fresh one as soon as its fault is done. The plan (kinds, choices, delays)
 depends only on the seed; a fault whose point is never reached (its request finished
 first) is `missed`, not counted, and the rounds go on until enough were injected.
 """
@@ -43,7 +43,7 @@ PROCESS_KINDS = ("scheduler", "gateway")
 ALL_KINDS = (*WORKER_KINDS, *PROCESS_KINDS)
 WORKERS_NEEDED = {**dict.fromkeys(MIGRATION_KINDS + KUNSERVE_KINDS, 2), "worker_decoding": 1}
 POINT_TIMEOUT_S = 8.0  # a fault whose point is not reached by then is missed
-MIN_TOKENS_LEFT = 60  # a migrated request has this many tokens to go (it must outlive it)
+MIN_TOKENS_LEFT = 200  # a migrated request has this many tokens to go (it must outlive it)
 
 
 @dataclass
@@ -57,23 +57,24 @@ class Fault:
     at: float = 0.0  # monotonic kill time
     request_ids: set[str] = field(default_factory=set)  # requests it hit on purpose
     note: str = ""
+    took_s: float = 0.0  # from the injection to the replacement's registration
 
 
-def plan_round(rng: random.Random, deck: list[str], round_index: int, num_workers: int):
-    """One round: a process fault (alternating kinds) and worker faults drawn from a
-    shuffled deck of every worker kind, on at most num_workers - 1 workers."""
+def plan_round(rng: random.Random, deck: list[str], num_workers: int):
+    """One round: worker faults drawn from a shuffled deck of every worker kind, on at
+    most num_workers workers, and the process faults."""
     faults = []
-    budget = num_workers - 1
+    budget = num_workers
     has_kunserve = False
     while deck and WORKERS_NEEDED[deck[-1]] <= budget:
         kind = deck.pop()
         budget -= WORKERS_NEEDED[kind]
         has_kunserve |= kind in KUNSERVE_KINDS
         faults.append(Fault(kind, rng.random(), rng.uniform(0.0, 0.5)))
-    process = PROCESS_KINDS[round_index % 2]
-    if process == "scheduler" and has_kunserve:
-        process = "gateway"
-    faults.append(Fault(process, rng.random(), rng.uniform(0.2, 1.5), rng.uniform(0.3, 2.0)))
+    for process in PROCESS_KINDS:
+        if process == "scheduler" and has_kunserve:
+            continue
+        faults.append(Fault(process, rng.random(), rng.uniform(0.2, 1.5), rng.uniform(0.3, 2.0)))
     return faults
 
 
@@ -84,28 +85,33 @@ def refill(rng: random.Random, deck: list[str]) -> None:
 
 
 class Injector:
-    """Injects one round's faults at once; `killed_workers` counts those to replace."""
+    """Injects one round's faults at once; a killed worker's replacement starts as soon
+    as its fault is done, the round ends once every replacement registered."""
 
     def __init__(self, mesh: ChaosMesh, load: Load) -> None:
         self.mesh = mesh
         self.load = load
-        self.killed_workers = 0
         self._claimed: set[str] = set()
         self._infos: dict = {}
+        self._pending: list[asyncio.Future] = []
 
     async def run_round(self, faults: list[Fault]) -> None:
         self._claimed = set()
-        self.killed_workers = 0
         # Before any process fault: a migration finds its destination here even while
         # the scheduler is dead.
         state = await self.mesh.cluster_state()
         self._infos = {i.info.instance_id: i.info for i in state.instances}
         await asyncio.gather(*(self._inject(f) for f in faults))
-        if self.killed_workers:
-            await self.mesh.restart_workers(self.killed_workers)
 
     async def _inject(self, fault: Fault) -> None:
         await asyncio.sleep(fault.delay_s)
+        start = time.monotonic()
+        await self._inject_now(fault)
+        if fault.kind in WORKER_KINDS and fault.injected:
+            await self.mesh.restart_workers(1)
+        fault.took_s = time.monotonic() - start
+
+    async def _inject_now(self, fault: Fault) -> None:
         try:
             if fault.kind in MIGRATION_KINDS:
                 await self._migration(fault)
@@ -121,12 +127,21 @@ class Injector:
             if not fault.injected:
                 fault.note = f"missed: {type(exc).__name__}: {exc}"[:200]
 
+    def _settle_later(self, call: asyncio.Future) -> None:
+        """An admin call whose answer no longer matters (its peer was killed): awaited
+        by `settle()`, not by the fault, which goes on to the replacement."""
+        self._pending.append(call)
+
+    async def settle(self) -> None:
+        """Wait for the admin calls left running (each has its deadline)."""
+        await asyncio.gather(*self._pending, return_exceptions=True)
+        self._pending = []
+
     def _kill_worker(self, fault: Fault, instance_id: str) -> None:
         proc = self.mesh.worker(instance_id)
         fault.victim, fault.at = instance_id, time.monotonic()
         proc.kill()
         fault.injected = True
-        self.killed_workers += 1
         fault.request_ids |= {
             r.request_id
             for r in self.load.records
@@ -192,14 +207,13 @@ class Injector:
         self.mesh.disarm(src)
         if hit is None:
             fault.note = "missed: the point was not reached"
-            with contextlib.suppress(Exception):
-                await migration
+            with contextlib.suppress(grpc.RpcError):
+                for result in await migration:  # usually ABORTED: the request finished
+                    fault.note += f"; {result.reason}"[:120]
             return
         fault.request_ids.add(request_id)
         self._kill_worker(fault, src_name if role == "src" else dst_name)
-        with contextlib.suppress(grpc.RpcError, asyncio.CancelledError):
-            results = await migration
-            fault.note = ", ".join(f"{r.status} {r.reason}"[:80] for r in results)
+        self._settle_later(migration)  # it ends on its own (aborted or failed)
 
     async def _kunserve(self, fault: Fault) -> None:
         (a, _), (b, _) = await self._claim(fault, 1, 2)
@@ -224,8 +238,7 @@ class Injector:
         sender = hit.name
         peer = b if sender == a else a
         self._kill_worker(fault, sender if fault.kind.endswith("sender") else peer)
-        with contextlib.suppress(grpc.RpcError):
-            await drop
+        self._settle_later(drop)
 
     async def _worker_decoding(self, fault: Fault) -> None:
         ((name, _),) = await self._claim(fault, 2, 1)

@@ -26,7 +26,7 @@ from services.common.logging import get_logger
 from services.worker.kunserve.faults import GroupFaultHooks
 from services.worker.migration.faults import FaultHooks
 
-PAUSE_S = 5.0
+PAUSE_S = 2.0
 MIGRATION_POINTS = ("stage0", "stage1", "commit")
 KUNSERVE_POINTS = ("exchange",)
 

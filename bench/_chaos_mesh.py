@@ -12,9 +12,12 @@ own: every migration and every group is the driver's, so a seed gives one plan.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 from pathlib import Path
+
+import grpc
 
 from bench._chaos_hooks import point_dir
 from protos import (
@@ -38,8 +41,8 @@ WORKER_ENV = {
     "LLMESH_SCHEDULER_GROUP_POLICY": "none",
 }
 WORKER_ARGS = (
-    # Several stages even for a short request, so "a later stage" exists.
-    "--migration-stage-chunk-bytes", "16KiB",
+    # 8 blocks (32 KiB each) a stage: a request of a few hundred tokens takes several.
+    "--migration-stage-chunk-bytes", "256KiB",
     # A dead source's reservation on its destination is freed this fast.
     "--migration-lease-s", "1.5",
 )  # fmt: skip
@@ -100,13 +103,23 @@ class ChaosMesh:
     async def restart_workers(self, count: int) -> list[ServiceProcess]:
         """`count` fresh workers (new instance ids, new ports), once the scheduler
         lists them. Spawned from this (the main) thread: see procs' docstring."""
+        await self._scheduler_started()
         procs = [self.mesh.add_worker(wait=False) for _ in range(count)]
         for proc in procs:
             await asyncio.to_thread(proc.wait_ready, self.mesh.ready_timeout_s)
         names = {p.name for p in procs}
-        while not names <= {i.info.instance_id for i in (await self.cluster_state()).instances}:
+        while True:  # the scheduler may be dead a moment (a fault of the same round)
+            with contextlib.suppress(grpc.RpcError):
+                state = await self.cluster_state()
+                if names <= {i.info.instance_id for i in state.instances}:
+                    return procs
             await asyncio.sleep(0.05)
-        return procs
+
+    async def _scheduler_started(self) -> None:
+        """Until the scheduler runs (a fault of the same round may be restarting it):
+        a process started now is given its address."""
+        while not (self.mesh.scheduler.is_alive() and self.mesh.scheduler.address):
+            await asyncio.sleep(0.05)
 
     def kill_scheduler(self) -> None:
         self.mesh.scheduler.kill()
@@ -122,6 +135,7 @@ class ChaosMesh:
     async def restart_gateway(self, index: int) -> None:
         """The same address, a new process; up again once it knows an instance."""
         name = "gateway" if index == 0 else f"gateway-{index}"
+        await self._scheduler_started()
         proc = self.mesh.spawn_gateway(self.gateway_ports[index], name=name)
         await asyncio.to_thread(proc.wait_ready, self.mesh.ready_timeout_s)
         self.gateways[index] = proc

@@ -48,7 +48,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1, help="the fault plan and the workload")
     parser.add_argument("--faults", type=int, default=60, help="faults to inject (at least)")
     parser.add_argument("--workers", type=int, default=4, help="worker processes (>= 3)")
-    parser.add_argument("--clients", type=int, default=10, help="concurrent streaming clients")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent streaming clients")
     parser.add_argument("--log-dir", default=None, help="process logs (default: a temp dir)")
     args = parser.parse_args(argv)
     if args.workers < 3:
@@ -70,15 +70,21 @@ async def _chaos(mesh: ChaosMesh, args, specs, expected) -> dict:
         if sum(f.injected for f in faults) >= args.faults:
             break
         refill(rng, deck)
-        round_faults = plan_round(rng, deck, round_index, args.workers)
+        round_faults = plan_round(rng, deck, args.workers)
+        round_start = time.monotonic()
         await injector.run_round(round_faults)
         faults += round_faults
         print(
-            f"round {round_index + 1:3d} at {time.monotonic() - started:6.1f}s: "
-            + ", ".join(f"{f.kind}{'' if f.injected else ' (missed)'}" for f in round_faults),
+            f"round {round_index + 1:3d} at {round_start - started:6.1f}s "
+            f"({time.monotonic() - round_start:4.1f}s): "
+            + ", ".join(
+                f"{f.kind} {f.took_s:.1f}s{'' if f.injected else f' ({f.note})'}"
+                for f in round_faults
+            ),
             flush=True,
         )
     await load.stop()
+    await injector.settle()
     survivors = await check_survivors(mesh)
     fresh = await fresh_requests(mesh, specs[0], expected[0])
     return {"faults": faults, "records": load.records, "survivors": survivors, "fresh": fresh}
