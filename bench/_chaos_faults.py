@@ -12,9 +12,10 @@ injected (SIGKILL at the moment it names) into the live mesh.
     scheduler           the scheduler is killed and restarted at its address
     gateway             a gateway is killed and restarted at its address
 
-A round runs worker faults on disjoint workers, a gateway fault and a scheduler fault
-(not with a KunServe fault: a drop needs the scheduler), all at once; each killed
-worker is replaced by a fresh one as soon as its fault is done. The plan (kinds, choices, delays)
+A round runs worker faults on disjoint workers, and meanwhile kills the scheduler and a
+gateway PROCESS_FAULTS_PER_ROUND times each (one after the other, each once the
+previous one is back; no scheduler fault with a KunServe fault: a drop needs the
+scheduler); each killed worker is replaced by a fresh one as soon as its fault is done. The plan (kinds, choices, delays)
 depends only on the seed; a fault whose point is never reached (its request finished
 first) is `missed`, not counted, and the rounds go on until enough were injected.
 """
@@ -42,8 +43,11 @@ WORKER_KINDS = (*MIGRATION_KINDS, *KUNSERVE_KINDS, "worker_decoding")
 PROCESS_KINDS = ("scheduler", "gateway")
 ALL_KINDS = (*WORKER_KINDS, *PROCESS_KINDS)
 WORKERS_NEEDED = {**dict.fromkeys(MIGRATION_KINDS + KUNSERVE_KINDS, 2), "worker_decoding": 1}
+# A process fault takes a few seconds (kill, down, restart), a worker fault longer (its
+# replacement loads the model): the scheduler and each gateway die this often a round.
+PROCESS_FAULTS_PER_ROUND = 2
 POINT_TIMEOUT_S = 8.0  # a fault whose point is not reached by then is missed
-MIN_TOKENS_LEFT = 200  # a migrated request has this many tokens to go (it must outlive it)
+MIN_TOKENS_LEFT = 150  # a migrated request has this many tokens to go (it must outlive it)
 
 
 @dataclass
@@ -72,9 +76,12 @@ def plan_round(rng: random.Random, deck: list[str], num_workers: int):
         has_kunserve |= kind in KUNSERVE_KINDS
         faults.append(Fault(kind, rng.random(), rng.uniform(0.0, 0.5)))
     for process in PROCESS_KINDS:
-        if process == "scheduler" and has_kunserve:
-            continue
-        faults.append(Fault(process, rng.random(), rng.uniform(0.2, 1.5), rng.uniform(0.3, 2.0)))
+        for _ in range(PROCESS_FAULTS_PER_ROUND):
+            if process == "scheduler" and has_kunserve:
+                continue
+            faults.append(
+                Fault(process, rng.random(), rng.uniform(0.2, 1.5), rng.uniform(0.3, 2.0))
+            )
     return faults
 
 
@@ -101,7 +108,16 @@ class Injector:
         # the scheduler is dead.
         state = await self.mesh.cluster_state()
         self._infos = {i.info.instance_id: i.info for i in state.instances}
-        await asyncio.gather(*(self._inject(f) for f in faults))
+        chains = [[f for f in faults if f.kind == kind] for kind in PROCESS_KINDS]
+        await asyncio.gather(
+            *(self._inject(f) for f in faults if f.kind in WORKER_KINDS),
+            *(self._inject_in_turn(chain) for chain in chains),
+        )
+
+    async def _inject_in_turn(self, faults: list[Fault]) -> None:
+        """Faults of one process kind, each once the previous one's process is back."""
+        for fault in faults:
+            await self._inject(fault)
 
     async def _inject(self, fault: Fault) -> None:
         await asyncio.sleep(fault.delay_s)

@@ -95,7 +95,8 @@ class ChaosMesh:
         return f"{self.mesh.host}:{self.gateway_ports[index]}"
 
     def live_workers(self) -> list[ServiceProcess]:
-        return self.mesh.live_workers()
+        """Running workers that are ready (a replacement may still be loading)."""
+        return [w for w in self.mesh.live_workers() if w.address]
 
     def worker(self, instance_id: str) -> ServiceProcess | None:
         return next((w for w in self.mesh.workers if w.name == instance_id), None)

@@ -31,6 +31,9 @@ async def check_survivors(mesh: ChaosMesh) -> dict:
     leaked, workers = 0, mesh.live_workers()
     for worker in workers:
         report = await _settled(mesh, worker.address)
+        if report is None:
+            problems.append(f"{worker.name} does not answer GetLoad ({worker.log_path})")
+            continue
         leaked += report.num_used_blocks
         if report.integrity_error:
             problems.append(f"{worker.name}: integrity: {report.integrity_error}")
@@ -59,12 +62,20 @@ async def _restore_groups(mesh: ChaosMesh) -> list[str]:
 
 
 async def _settled(mesh: ChaosMesh, address: str):
-    """The worker's checked load once it is idle (or when SETTLE_TIMEOUT_S ran out)."""
+    """The worker's checked load once it is idle (or when SETTLE_TIMEOUT_S ran out);
+    None if it never answered."""
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    report = None
     while True:
-        report = await mesh.load(address, check_integrity=True)
-        is_idle = (report.num_running, report.num_waiting, report.num_used_blocks) == (0, 0, 0)
-        if (is_idle and not report.group_id) or time.monotonic() > deadline:
+        try:
+            report = await mesh.load(address, check_integrity=True)
+        except grpc.RpcError:
+            pass
+        else:
+            busy = (report.num_running, report.num_waiting, report.num_used_blocks)
+            if busy == (0, 0, 0) and not report.group_id:
+                return report
+        if time.monotonic() > deadline:
             return report
         await asyncio.sleep(0.1)
 

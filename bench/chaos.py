@@ -78,7 +78,8 @@ async def _chaos(mesh: ChaosMesh, args, specs, expected) -> dict:
             f"round {round_index + 1:3d} at {round_start - started:6.1f}s "
             f"({time.monotonic() - round_start:4.1f}s): "
             + ", ".join(
-                f"{f.kind} {f.took_s:.1f}s{'' if f.injected else f' ({f.note})'}"
+                f"{f.kind}{f' -> {f.victim}' if f.injected else ''} {f.took_s:.1f}s"
+                + ("" if f.injected else f" ({f.note})")
                 for f in round_faults
             ),
             flush=True,
