@@ -39,6 +39,8 @@ WORKER_ENV = {
     "LLMESH_WORKER_ENGINE_MEMORY_CAPACITY_BYTES": str(32 << 20),  # KunServe's small pool
     "LLMESH_TEST_HOOKS": "bench._chaos_hooks",
     "LLMESH_SCHEDULER_GROUP_POLICY": "none",
+    # A process that stops answering gets SIGABRT: its threads' stacks go to its log.
+    "PYTHONFAULTHANDLER": "1",
 }
 WORKER_ARGS = (
     # 8 blocks (32 KiB each) a stage: a request of a few hundred tokens takes several.

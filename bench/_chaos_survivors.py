@@ -9,6 +9,7 @@ through each gateway gets exactly the undisturbed tokens.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 
@@ -32,7 +33,10 @@ async def check_survivors(mesh: ChaosMesh) -> dict:
     for worker in workers:
         report = await _settled(mesh, worker.address)
         if report is None:
-            problems.append(f"{worker.name} does not answer GetLoad ({worker.log_path})")
+            os.kill(worker.pid, signal.SIGABRT)  # faulthandler: its stacks, in its log
+            problems.append(
+                f"{worker.name} does not answer GetLoad (its stacks: {worker.log_path})"
+            )
             continue
         leaked += report.num_used_blocks
         if report.integrity_error:
