@@ -185,7 +185,9 @@ class Injector:
                 for running in report.running:
                     left = self._tokens_left(running)
                     if left >= MIN_TOKENS_LEFT and report.num_running >= want_running:
-                        candidates.append((name, running.request_id))
+                        candidates.append((-left, name, running.request_id))
+            # One of the 3 with the most tokens to go: the likeliest to reach the point.
+            candidates = [c[1:] for c in sorted(candidates)[:3]]
             if candidates and len(loads) >= count:
                 name, request_id = candidates[int(fault.pick * len(candidates))]
                 others = sorted(set(loads) - {name})

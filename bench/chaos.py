@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench._chaos_faults import Injector, plan_round, refill
+from bench._chaos_faults import WORKER_KINDS, Injector, plan_round, refill
 from bench._chaos_load import Load, RequestRecord, make_specs, reference_tokens
 from bench._chaos_mesh import NUM_GATEWAYS, ChaosMesh
 from bench._chaos_report import table, violations
@@ -74,6 +74,8 @@ async def _chaos(mesh: ChaosMesh, args, specs, expected) -> dict:
         round_start = time.monotonic()
         await injector.run_round(round_faults)
         faults += round_faults
+        # A missed worker fault is drawn again next round (each kind must happen).
+        deck += [f.kind for f in round_faults if f.kind in WORKER_KINDS and not f.injected]
         print(
             f"round {round_index + 1:3d} at {round_start - started:6.1f}s "
             f"({time.monotonic() - round_start:4.1f}s): "
