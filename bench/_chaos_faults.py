@@ -17,7 +17,8 @@ gateway PROCESS_FAULTS_PER_ROUND times each (one after the other, each once the
 previous one is back; no scheduler fault with a KunServe fault: a drop needs the
 scheduler); each killed worker is replaced by a fresh one as soon as its fault is done. The plan (kinds, choices, delays)
 depends only on the seed; a fault whose point is never reached (its request finished
-first) is `missed`, not counted, and the rounds go on until enough were injected.
+first) is `missed`, not counted, drawn again the next round, and the rounds go on
+until enough were injected.
 """
 
 from __future__ import annotations
