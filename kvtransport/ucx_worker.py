@@ -137,7 +137,12 @@ class UcxWorker:
         """Close now; its pending requests settle as cancelled on the next progress."""
         if endpoint in self._endpoints:
             self._endpoints.discard(endpoint)
-            endpoint.close_blocking(period=CLOSE_PERIOD_NS, max_attempts=1)
+            # Not close_blocking(): without a progress thread it progresses until the
+            # close completes, and a flush to a peer that died mid-transfer (SIGKILL,
+            # no UCX error handling) never does: the whole process froze in it (found
+            # by `llmesh bench chaos`). close() submits the same close and returns;
+            # the requests are settled here whatever UCX does with them later.
+            endpoint.close()
             # progress() (unlike progress_once) also completes the cancellation of the
             # endpoint's requests; closing is rare, so a full progress here is fine.
             self._worker.progress()

@@ -293,18 +293,7 @@ class LocalMesh:
         try:
             self.start_scheduler(self.scheduler_port)
             new_workers = [self._spawn_worker() for _ in range(self.num_workers)]
-            self.gateway = start_service(
-                "gateway",
-                [
-                    "--bind", f"{self.host}:{self.gateway_port}",
-                    "--scheduler", self.scheduler_address,
-                    "--model", self.model,
-                    "--http-bind", f"{self.host}:{self.gateway_http_port}",
-                    *self.gateway_args,
-                ],
-                log_dir=self.log_dir,
-                env=self.env,
-            )  # fmt: skip
+            self.gateway = self.spawn_gateway(self.gateway_port, self.gateway_http_port)
             for proc in [*new_workers, self.gateway]:
                 proc.wait_ready(self.ready_timeout_s)
             wait_for_instances(
@@ -328,6 +317,23 @@ class LocalMesh:
         )
         self.scheduler.wait_ready(self.ready_timeout_s)
         return self.scheduler
+
+    def spawn_gateway(self, port: int = 0, http_port: int = 0, name: str = "gateway"):
+        """Start a gateway of this mesh (not waiting for it): the mesh's own at start,
+        more or restarted ones (its old port: back at the same address) by callers."""
+        return start_service(
+            "gateway",
+            [
+                "--bind", f"{self.host}:{port}",
+                "--scheduler", self.scheduler_address,
+                "--model", self.model,
+                "--http-bind", f"{self.host}:{http_port}",
+                *self.gateway_args,
+            ],
+            log_dir=self.log_dir,
+            name=name,
+            env=self.env,
+        )  # fmt: skip
 
     def _spawn_worker(self) -> ServiceProcess:
         index = self._next_worker_index

@@ -54,13 +54,7 @@ class OwnerLink:
         try:
             while True:
                 try:
-                    call = stub.PushOutputs(self._batches())
-                    await call.wait_for_connection()
-                    # Up (not merely taking messages: a call to a dead gateway takes
-                    # one before it fails, which kept its window from ever ending).
-                    self.failing_since = None
-                    await call
-                    if self.is_closing:
+                    if await self._stream(stub):
                         return
                     problem = "closed by the gateway"  # it is shutting down
                 except grpc.aio.AioRpcError as exc:
@@ -78,19 +72,68 @@ class OwnerLink:
         finally:
             await channel.close()
 
-    async def _batches(self):
-        while True:
-            deltas = await self.queue.get()
-            if deltas is _CLOSE:
-                return
-            while not self.queue.empty():  # merge steps that queued up meanwhile
-                more = self.queue.get_nowait()
-                if more is _CLOSE:
-                    self.queue.put_nowait(_CLOSE)
-                    break
-                deltas = deltas + more
-            self.num_batches_sent += 1
-            yield outputs_to_proto(self.router.instance_id, deltas)
+    async def _stream(self, stub) -> bool:
+        """One PushOutputs stream until it ends; True once the link closed cleanly.
+
+        A batch leaves the queue only into a connected stream, and goes back to the
+        front of the queue if its write fails: a stream that broke (the gateway died,
+        or restarted at the same address while this channel was still reconnecting)
+        never swallows the tokens of the requests the next stream carries. A batch
+        written just before its gateway died may reach the next incarnation too: the
+        gateway drops tokens it has (duplicates) and aborts requests it does not know.
+        """
+        call = stub.PushOutputs()
+        ended = asyncio.ensure_future(_response(call))
+        try:
+            await call.wait_for_connection()
+            self.failing_since = None  # the stream is up and taking messages
+            while True:
+                getting = asyncio.ensure_future(self.queue.get())
+                await asyncio.wait({getting, ended}, return_when=asyncio.FIRST_COMPLETED)
+                if not getting.done():  # the gateway ended the stream first
+                    getting.cancel()
+                    await ended  # raises if it broke
+                    return False
+                deltas = self._merge_queued(getting.result())
+                if deltas is _CLOSE:
+                    await call.done_writing()
+                    await call
+                    return True
+                try:
+                    await call.write(outputs_to_proto(self.router.instance_id, deltas))
+                except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    self._requeue(deltas)
+                    await ended  # raises the stream's error
+                    return False
+                self.num_batches_sent += 1
+        finally:
+            call.cancel()
+            ended.cancel()
+
+    def _merge_queued(self, deltas):
+        """`deltas` and every step queued behind it, as one batch (up to a close)."""
+        if deltas is _CLOSE:
+            return _CLOSE
+        while not self.queue.empty():
+            more = self.queue.get_nowait()
+            if more is _CLOSE:
+                self._requeue(_CLOSE)
+                break
+            deltas = deltas + more
+        return deltas
+
+    def _requeue(self, deltas) -> None:
+        """Put deltas back at the front of the queue (asyncio.Queue has no push-front)."""
+        rest = []
+        while not self.queue.empty():
+            rest.append(self.queue.get_nowait())
+        for item in (deltas, *rest):
+            self.queue.put_nowait(item)
+
+
+async def _response(call) -> None:
+    """The stream's end: returns when the gateway answered, raises if it broke."""
+    await call
 
 
 class OutputRouter:

@@ -118,3 +118,48 @@ async def test_a_dead_gateway_is_given_up_even_while_its_request_keeps_producing
             await asyncio.sleep(0.01)
     assert gone == [["busy"]]
     await router.close()
+
+
+async def test_a_gateway_restarted_at_the_same_address_gets_every_token():
+    """Regression (found by `llmesh bench chaos`): while the channel to a killed gateway
+    was still reconnecting, each retry took the queued steps off the queue and lost
+    them with the failed stream, so the new gateway at the same address received a
+    request's later tokens but never its first ones, and the stream hung on the gap."""
+    server = GrpcServer("gw-old", "127.0.0.1:0", grace_s=0)
+    old = FakeSink()
+    gateway_pb2_grpc.add_OutputSinkServicer_to_server(old, server.server)
+    await server.start(["llmesh.v1.OutputSink"])
+    address = server.address
+    gone: list[list[str]] = []
+    router = OutputRouter("worker-7", owner_unreachable_s=30.0, on_owner_gone=gone.append)
+    router.register("old-request", address)
+    router.publish([OutputDelta("old-request", 0, (1,))])
+    await wait_for(lambda: old.batches)
+    await server.stop()  # the gateway dies...
+    router.publish([OutputDelta("old-request", 1, (2,))])
+    link = router._links[address]
+    await wait_for(lambda: link.failing_since is not None)
+    await asyncio.sleep(1.5)  # the channel's reconnect backoff grows meanwhile
+
+    new_server = GrpcServer("gw-new", address, grace_s=0)  # ...and comes back there
+    new = FakeSink()
+    gateway_pb2_grpc.add_OutputSinkServicer_to_server(new, new_server.server)
+    await new_server.start(["llmesh.v1.OutputSink"])
+    router.register("new-request", address)
+    for index in range(20):  # steps while the worker's channel is still reconnecting
+        router.publish([OutputDelta("new-request", index, (100 + index,))])
+        await asyncio.sleep(0.02)
+
+    def received() -> list[int]:
+        return [
+            t for b in new.batches for o in b.outputs if o.request_id == "new-request"
+            for t in o.token_ids
+        ]  # fmt: skip
+
+    try:
+        await wait_for(lambda: len(received()) >= 20, timeout_s=10.0)
+        assert received() == [100 + i for i in range(20)]
+        assert gone == []
+    finally:
+        await router.close()
+        await new_server.stop()
