@@ -38,6 +38,19 @@ SERVER_OPTIONS = [
 ]
 
 
+class HealthServicer(health.aio.HealthServicer):
+    """grpc's aio health servicer plus `List` (in grpc.health.v1 since 1.63, not
+    implemented by grpcio-health-checking: it would answer INTERNAL)."""
+
+    async def List(self, request, context) -> health_pb2.HealthListResponse:
+        return health_pb2.HealthListResponse(
+            statuses={
+                name: health_pb2.HealthCheckResponse(status=status)
+                for name, status in self._server_status.items()
+            }
+        )
+
+
 class GrpcServer:
     """One aio server with health, reflection and graceful shutdown."""
 
@@ -51,7 +64,7 @@ class GrpcServer:
             else default_server_interceptors(),
             options=SERVER_OPTIONS,
         )
-        self.health = health.aio.HealthServicer()
+        self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port: int = 0
         self._service_names: list[str] = []
