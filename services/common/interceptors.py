@@ -4,9 +4,9 @@ Server side:
 - TraceContextServerInterceptor: continues the caller's W3C trace context.
 - ErrorMappingServerInterceptor: request bytes that do not parse as the request type
   are INVALID_ARGUMENT naming the type (gRPC itself answers UNKNOWN); a `ServiceError`
-  (services.common.errors) escaping a
-  handler becomes its status code, a ValueError becomes INVALID_ARGUMENT, both with
-  the message as details (never an opaque UNKNOWN); a NotImplementedError (a generated
+  (services.common.errors) escaping a handler becomes its status code, a ValueError
+  becomes INVALID_ARGUMENT, both with the message as details, cut to
+  MAX_DETAILS_CHARS (never an opaque UNKNOWN); a NotImplementedError (a generated
   servicer's default body) becomes UNIMPLEMENTED; other exceptions are logged with the
   method name and become INTERNAL.
 Client side:
@@ -114,16 +114,29 @@ def _with_context(behavior, parent):
     return call
 
 
+# Status details travel in the trailers, which a client refuses past its metadata limit
+# (8 KiB by default): it would see RESOURCE_EXHAUSTED instead of the real status. A
+# message echoing a huge id is cut to this many characters.
+MAX_DETAILS_CHARS = 1024
+
+
+def _capped(details: str) -> str:
+    if len(details) <= MAX_DETAILS_CHARS:
+        return details
+    return f"{details[: MAX_DETAILS_CHARS - 40]}... ({len(details)} characters in all)"
+
+
 async def _abort_for(exc: Exception, context, method: str):
     if isinstance(exc, ServiceError):
-        await context.abort(exc.code, str(exc))
+        await context.abort(exc.code, _capped(str(exc)))
     if isinstance(exc, ValueError):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _capped(str(exc)))
     if isinstance(exc, NotImplementedError):  # a generated servicer's unimplemented RPC
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented")
     log.exception("rpc_failed", method=method)
     await context.abort(
-        grpc.StatusCode.INTERNAL, f"{method}: internal error: {type(exc).__name__}: {exc}"
+        grpc.StatusCode.INTERNAL,
+        _capped(f"{method}: internal error: {type(exc).__name__}: {exc}"),
     )
 
 

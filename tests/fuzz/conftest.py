@@ -98,3 +98,6 @@ def pytest_terminal_summary(terminalreporter):
     if harness.CASE_COUNT["total"]:
         counts = ", ".join(f"{k} {v}" for k, v in sorted(harness.CASE_COUNT.items()))
         terminalreporter.write_line(f"fuzz cases ({PROFILE} profile): {counts}")
+    if os.environ.get("LLMESH_FUZZ_ANSWERS"):  # what each method answered, for the docs
+        for (what, status), count in sorted(harness.ANSWERS.items()):
+            terminalreporter.write_line(f"  {what:70s} {status:20s} {count}")

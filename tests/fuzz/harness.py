@@ -147,6 +147,14 @@ def dead_processes(mesh) -> list[str]:
 CASE_COUNT: collections.Counter = collections.Counter()
 
 
+# (method or endpoint, status) -> cases: what the fuzzers actually reached.
+ANSWERS: collections.Counter = collections.Counter()
+
+
 def count_case(kind: str) -> None:
     CASE_COUNT[kind] += 1
     CASE_COUNT["total"] += 1
+
+
+def count_answer(what: str, status: str) -> None:
+    ANSWERS[(what, status)] += 1

@@ -32,68 +32,61 @@ SERVED_BY = {
     "grpc.reflection.v1alpha.ServerReflection": ("gateway", "scheduler", "worker"),
 }
 
-# Any RPC may answer these: bad input, a missing id, a state that forbids the call,
-# admission control, and (once internal authentication is on) a caller without the
-# cluster's credentials. DEADLINE_EXCEEDED / CANCELLED are the fuzzer's own deadline
-# or cancellation of a call that legitimately waits (a stream, a generation).
+# Any RPC may answer these: bad input, a missing id, a state that forbids the call, and
+# (once internal authentication is on) a caller without the cluster's credentials.
 COMMON = frozenset(
-    {
-        C.OK,
-        C.INVALID_ARGUMENT,
-        C.NOT_FOUND,
-        C.FAILED_PRECONDITION,
-        C.RESOURCE_EXHAUSTED,
-        C.UNAUTHENTICATED,
-    }
+    {C.OK, C.INVALID_ARGUMENT, C.NOT_FOUND, C.FAILED_PRECONDITION, C.UNAUTHENTICATED}
 )
+# The fuzzer's own deadline or cancellation of a call that legitimately waits (a
+# stream, a generation, an operation that waits for other services).
 WAITS = frozenset({C.DEADLINE_EXCEEDED, C.CANCELLED})
-# The call reaches another service on the caller's behalf, which may be unreachable
-# (a fuzzed address) or slow.
-FORWARDS = frozenset({C.UNAVAILABLE, C.DEADLINE_EXCEEDED})
+# A worker answers UNAVAILABLE while its engine loads, and for the RPCs of a feature it
+# runs without (live migration, KunServe).
+WORKER = frozenset({C.UNAVAILABLE})
+# The call reaches another service on the caller's behalf, which may be unreachable (a
+# fuzzed address), slow, or full.
+FORWARDS = WAITS | {C.UNAVAILABLE, C.RESOURCE_EXHAUSTED}
+# Admission control (bounded queues): the caller should retry later.
+ADMISSION = frozenset({C.RESOURCE_EXHAUSTED})
 
-# The documented answers per method beyond COMMON. UNKNOWN and INTERNAL are never
-# documented: they mean a handler crashed.
+# The documented answers per method beyond COMMON (docs/mesh.md, "Status codes").
+# UNKNOWN and INTERNAL are never documented: they mean a handler crashed.
 EXTRA_CODES: dict[str, frozenset] = {
-    "llmesh.v1.Gateway/Generate": WAITS | {C.UNAVAILABLE, C.ALREADY_EXISTS},
-    "llmesh.v1.Gateway/GenerateUnary": WAITS | {C.UNAVAILABLE, C.ALREADY_EXISTS},
+    "llmesh.v1.Gateway/Generate": WAITS | ADMISSION | {C.UNAVAILABLE, C.ALREADY_EXISTS},
+    "llmesh.v1.Gateway/GenerateUnary": WAITS | ADMISSION | {C.UNAVAILABLE, C.ALREADY_EXISTS},
     "llmesh.v1.Gateway/Abort": frozenset(),
     "llmesh.v1.Gateway/GetModelInfo": frozenset(),
     "llmesh.v1.OutputSink/PushOutputs": WAITS,
     "llmesh.v1.Scheduler/RegisterInstance": frozenset(),
     "llmesh.v1.Scheduler/StreamLoad": WAITS,
     "llmesh.v1.Scheduler/DeregisterInstance": frozenset(),
-    "llmesh.v1.Scheduler/Dispatch": frozenset(),
+    "llmesh.v1.Scheduler/Dispatch": ADMISSION,
     "llmesh.v1.Scheduler/GetClusterState": frozenset(),
     "llmesh.v1.Scheduler/Migrate": frozenset(),
     "llmesh.v1.Scheduler/Drain": frozenset(),
-    "llmesh.v1.Scheduler/DropGroup": FORWARDS | WAITS,
-    "llmesh.v1.Scheduler/RestoreGroup": FORWARDS | WAITS,
-    "llmesh.v1.Worker/Submit": frozenset({C.ALREADY_EXISTS, C.UNAVAILABLE}),
-    "llmesh.v1.Worker/Abort": frozenset(),
-    "llmesh.v1.Worker/GetLoad": frozenset(),
-    "llmesh.v1.Worker/MigrateOut": FORWARDS | WAITS,
-    "llmesh.v1.Worker/PrepareMigration": frozenset({C.ALREADY_EXISTS, C.UNAVAILABLE}),
-    "llmesh.v1.Worker/MigrationStage": FORWARDS | WAITS,
-    "llmesh.v1.Worker/CommitMigration": frozenset(),
-    "llmesh.v1.Worker/AbortMigration": frozenset(),
-    "llmesh.v1.Worker/FormGroup": FORWARDS | WAITS,
-    "llmesh.v1.Worker/DissolveGroup": FORWARDS | WAITS,
-    "llmesh.v1.Worker/PrepareJoin": frozenset(),
-    "llmesh.v1.Worker/JoinGroup": FORWARDS | WAITS,
-    "llmesh.v1.Worker/Exchange": FORWARDS | WAITS,
-    "llmesh.v1.Worker/ExchangeDone": frozenset(),
-    "llmesh.v1.Worker/LeaveGroup": FORWARDS | WAITS,
-    "llmesh.v1.Worker/AbortGroup": frozenset(),
+    "llmesh.v1.Scheduler/DropGroup": FORWARDS,
+    "llmesh.v1.Scheduler/RestoreGroup": FORWARDS,
+    "llmesh.v1.Worker/Submit": WORKER | ADMISSION | {C.ALREADY_EXISTS},
+    "llmesh.v1.Worker/Abort": WORKER,
+    "llmesh.v1.Worker/GetLoad": WORKER,
+    "llmesh.v1.Worker/MigrateOut": WORKER | FORWARDS,
+    "llmesh.v1.Worker/PrepareMigration": WORKER | {C.ALREADY_EXISTS},
+    "llmesh.v1.Worker/MigrationStage": WORKER | FORWARDS,
+    "llmesh.v1.Worker/CommitMigration": WORKER,
+    "llmesh.v1.Worker/AbortMigration": WORKER,
+    "llmesh.v1.Worker/FormGroup": WORKER | FORWARDS,
+    "llmesh.v1.Worker/DissolveGroup": WORKER | FORWARDS,
+    "llmesh.v1.Worker/PrepareJoin": WORKER,
+    "llmesh.v1.Worker/JoinGroup": WORKER | FORWARDS,
+    "llmesh.v1.Worker/Exchange": WORKER | FORWARDS,
+    "llmesh.v1.Worker/ExchangeDone": WORKER,
+    "llmesh.v1.Worker/LeaveGroup": WORKER | FORWARDS,
+    "llmesh.v1.Worker/AbortGroup": WORKER,
     "grpc.health.v1.Health/Check": frozenset(),
     "grpc.health.v1.Health/List": frozenset(),
     "grpc.health.v1.Health/Watch": WAITS,
     "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": WAITS,
 }
-
-# Every RPC, whatever its table row: a message over the server's receive limit.
-OVERSIZED = frozenset({C.RESOURCE_EXHAUSTED})
-# Every RPC, whatever its table row: bytes that do not parse as the request type.
-MALFORMED = frozenset({C.INTERNAL})  # grpc's own "Failed to deserialize" (see docs)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ def test_malformed_bytes_answer_invalid_argument(rpc, fuzz_mesh, facts):
     def case(batch, target):
         harness.count_case("malformed")
         code = harness.call_raw(harness.channel_to(target), rpc, batch)
+        harness.count_answer(f"{rpc.name} (malformed)", code.name)
         assert code in rpc.documented_codes | {grpc.StatusCode.INVALID_ARGUMENT}, (
             f"{rpc.name} at {target} answered {code.name} to malformed bytes {batch!r:.500}"
         )

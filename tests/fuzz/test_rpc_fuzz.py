@@ -42,6 +42,7 @@ def test_rpc_answers_only_documented_codes(rpc, fuzz_mesh, facts):
         harness.count_case("rpc")
         channel = harness.channel_to(target)
         code = harness.call_raw(channel, rpc, [m.SerializeToString() for m in batch])
+        harness.count_answer(rpc.name, code.name)
         assert code in rpc.documented_codes, (
             f"{rpc.name} at {target} answered {code.name}, not documented; request(s):\n"
             + "\n---\n".join(_describe(m) for m in batch)

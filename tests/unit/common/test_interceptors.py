@@ -9,6 +9,7 @@ from protos import gateway_pb2, gateway_pb2_grpc
 from services.common.errors import NotFoundError, ResourceExhaustedError
 from services.common.grpc_client import aio_channel, check_health
 from services.common.grpc_server import GrpcServer
+from services.common.interceptors import MAX_DETAILS_CHARS
 
 
 class Failing(gateway_pb2_grpc.GatewayServicer):
@@ -19,6 +20,8 @@ class Failing(gateway_pb2_grpc.GatewayServicer):
             raise ResourceExhaustedError("mesh full")
         if request.request_id == "bad":
             raise ValueError("request_id='bad' is bad")
+        if len(request.request_id) > 1000:
+            raise ValueError(f"request_id={request.request_id!r} is too long")
         raise RuntimeError("bug")
 
     async def Generate(self, request, context):
@@ -109,3 +112,18 @@ async def test_undecodable_message_in_a_client_stream_is_invalid_argument(stub):
         await push(iter([good, b"\x0a\x09w"]), timeout=5)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "'llmesh.v1.OutputBatch': Wire format was corrupt" in info.value.details()
+
+
+async def test_details_echoing_a_huge_id_are_capped(stub):
+    # A 20,000-character id in the details overflowed the client's trailer limit: the
+    # caller saw RESOURCE_EXHAUSTED instead of NOT_FOUND.
+    request_id = "é" * 20_000
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await _raw(stub, "/llmesh.v1.Gateway/Abort")(
+            gateway_pb2.AbortRequest(request_id=request_id).SerializeToString(), timeout=5
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = info.value.details()
+    assert len(details) <= MAX_DETAILS_CHARS
+    assert details.startswith("request_id='éé")
+    assert details.endswith("éé... (20025 characters in all)")
