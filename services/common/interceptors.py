@@ -6,7 +6,7 @@ Server side:
   are INVALID_ARGUMENT naming the type (gRPC itself answers UNKNOWN); a `ServiceError`
   (services.common.errors) escaping a handler becomes its status code, a ValueError
   becomes INVALID_ARGUMENT, both with the message as details, cut to
-  MAX_DETAILS_CHARS (never an opaque UNKNOWN); a NotImplementedError (a generated
+  MAX_DETAILS_BYTES (never an opaque UNKNOWN); a NotImplementedError (a generated
   servicer's default body) becomes UNIMPLEMENTED; other exceptions are logged with the
   method name and become INTERNAL.
 Client side:
@@ -114,16 +114,19 @@ def _with_context(behavior, parent):
     return call
 
 
-# Status details travel in the trailers, which a client refuses past its metadata limit
-# (8 KiB by default): it would see RESOURCE_EXHAUSTED instead of the real status. A
-# message echoing a huge id is cut to this many characters.
-MAX_DETAILS_CHARS = 1024
+# Status details travel in the trailers, percent-encoded (a non-ASCII byte takes 3),
+# which a client refuses past its metadata limit (8 KiB by default): it would see
+# RESOURCE_EXHAUSTED instead of the real status. Details echoing a huge id are cut to
+# this many bytes of UTF-8.
+MAX_DETAILS_BYTES = 1024
 
 
 def _capped(details: str) -> str:
-    if len(details) <= MAX_DETAILS_CHARS:
+    encoded = details.encode("utf-8", errors="replace")
+    if len(encoded) <= MAX_DETAILS_BYTES:
         return details
-    return f"{details[: MAX_DETAILS_CHARS - 40]}... ({len(details)} characters in all)"
+    head = encoded[: MAX_DETAILS_BYTES - 48].decode("utf-8", errors="ignore")
+    return f"{head}... ({len(details)} characters in all)"
 
 
 async def _abort_for(exc: Exception, context, method: str):

@@ -141,9 +141,13 @@ def seeds_for(name: str, facts: MeshFacts) -> list[Message]:  # noqa: C901 - one
         "llmesh.v1.Worker/AbortMigration": [
             worker_pb2.AbortMigrationRequest(migration_id="fuzz-mig", reason="fuzz")
         ],
-        "llmesh.v1.Worker/FormGroup": [group_pb2.FormGroupRequest(group=_group(facts))],
+        "llmesh.v1.Worker/FormGroup": [
+            group_pb2.FormGroupRequest(group=_group(facts, formable=True))
+        ],
         "llmesh.v1.Worker/DissolveGroup": [group_pb2.DissolveGroupRequest(group_id="group-fuzz")],
-        "llmesh.v1.Worker/PrepareJoin": [group_pb2.PrepareJoinRequest(group=_group(facts))],
+        "llmesh.v1.Worker/PrepareJoin": [
+            group_pb2.PrepareJoinRequest(group=_group(facts, formable=True))
+        ],
         "llmesh.v1.Worker/JoinGroup": [
             group_pb2.JoinGroupRequest(group=_group(facts), block_offset=0, epoch="e1")
         ],

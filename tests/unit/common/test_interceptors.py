@@ -9,7 +9,7 @@ from protos import gateway_pb2, gateway_pb2_grpc
 from services.common.errors import NotFoundError, ResourceExhaustedError
 from services.common.grpc_client import aio_channel, check_health
 from services.common.grpc_server import GrpcServer
-from services.common.interceptors import MAX_DETAILS_CHARS
+from services.common.interceptors import MAX_DETAILS_BYTES
 
 
 class Failing(gateway_pb2_grpc.GatewayServicer):
@@ -115,15 +115,15 @@ async def test_undecodable_message_in_a_client_stream_is_invalid_argument(stub):
 
 
 async def test_details_echoing_a_huge_id_are_capped(stub):
-    # A 20,000-character id in the details overflowed the client's trailer limit: the
-    # caller saw RESOURCE_EXHAUSTED instead of NOT_FOUND.
-    request_id = "é" * 20_000
+    # Found by tests/fuzz: 3,000 snowmen in the details overflowed the client's trailer
+    # limit (percent-encoded, 9 bytes each): the caller saw RESOURCE_EXHAUSTED instead.
+    request_id = "☃" * 3_000
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await _raw(stub, "/llmesh.v1.Gateway/Abort")(
             gateway_pb2.AbortRequest(request_id=request_id).SerializeToString(), timeout=5
         )
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     details = info.value.details()
-    assert len(details) <= MAX_DETAILS_CHARS
-    assert details.startswith("request_id='éé")
-    assert details.endswith("éé... (20025 characters in all)")
+    assert len(details.encode()) <= MAX_DETAILS_BYTES
+    assert details.startswith("request_id='☃☃")
+    assert details.endswith("☃☃... (3025 characters in all)")
