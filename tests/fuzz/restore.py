@@ -1,7 +1,8 @@
 """Undo what fuzzed internal RPCs legitimately did to the mesh's state.
 
 A fuzzed `Drain` may mark a real worker terminating, `DropGroup` / `FormGroup` may form
-a KunServe group, `RegisterInstance` may add instances that do not exist (or re-register
+a KunServe group (a `Worker.FormGroup` may even reuse the id of a group this scheduler
+restored before, which it then never learns: that one is dissolved at its stage 0), `RegisterInstance` may add instances that do not exist (or re-register
 a real id at a fuzzed address). None of that is a bug; it is what those RPCs are for.
 Between batches the scheduler is told the truth again (operator RPCs only: restore
 groups, un-drain, deregister impostors so the real workers re-register), so the next
@@ -14,7 +15,7 @@ import time
 
 import grpc
 
-from protos import group_pb2, scheduler_pb2, scheduler_pb2_grpc
+from protos import group_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2_grpc
 from services.common.procs import LocalMesh
 from tests.fuzz.harness import UNARY_TIMEOUT_S, channel_to, cluster_state
 
@@ -49,8 +50,17 @@ def restore_mesh(mesh: LocalMesh) -> None:
                     stub.RestoreGroup(
                         scheduler_pb2.RestoreGroupRequest(group_id=group.group_id), timeout=60.0
                     )
+            known_groups = {group.group_id for group in state.groups}
             for instance in state.instances:
                 info = instance.info
+                load = instance.load
+                if load.group_id and load.group_id not in known_groups and load.group_stage == 0:
+                    # Formed by a fuzzed Worker.FormGroup under an id this scheduler
+                    # already restored once: it never re-learns such an id, so dissolve
+                    # the group at its stage 0 directly.
+                    worker_pb2_grpc.WorkerStub(channel_to(info.address)).DissolveGroup(
+                        group_pb2.DissolveGroupRequest(group_id=load.group_id), timeout=60.0
+                    )
                 if real.get(info.instance_id) != info.address:
                     stub.DeregisterInstance(
                         scheduler_pb2.DeregisterInstanceRequest(instance_id=info.instance_id),

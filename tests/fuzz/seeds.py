@@ -31,14 +31,28 @@ def _state(request_id: str, owner: str) -> common_pb2.RequestState:
     )
 
 
-def _group(facts: MeshFacts) -> group_pb2.GroupState:
+def _group(facts: MeshFacts, formable: bool = False) -> group_pb2.GroupState:
+    """The two workers as a group; `formable` = a plan stage 0 really carries out (the
+    tiny model's 4 layers split in two), else one every member refuses (no layers):
+    a member told to join by anyone but its leader would be left in a group no
+    scheduler knows of, which these tests could not undo."""
     members = [
-        group_pb2.GroupMember(instance_id=i, address=a, transport_address=t, stage=n)
+        group_pb2.GroupMember(
+            instance_id=i,
+            address=a,
+            transport_address=t,
+            stage=n,
+            layer_start=2 * n if formable else 0,
+            layer_end=2 * n + 2 if formable else 0,
+        )
         for n, (i, a, t) in enumerate(
             zip(facts.worker_ids, facts.worker_addresses, facts.transport_addresses, strict=True)
         )
     ]
-    return group_pb2.GroupState(group_id="group-fuzz", members=members, block_size=16)
+    status = group_pb2.GROUP_STATUS_DROPPING if formable else group_pb2.GROUP_STATUS_UNSPECIFIED
+    return group_pb2.GroupState(
+        group_id="group-fuzz", members=members, block_size=16, status=status
+    )
 
 
 def seeds_for(name: str, facts: MeshFacts) -> list[Message]:  # noqa: C901 - one table
@@ -97,10 +111,11 @@ def seeds_for(name: str, facts: MeshFacts) -> list[Message]:  # noqa: C901 - one
             scheduler_pb2.SchedulerDrainRequest(instance_id=ids[0], is_terminating=False)
         ],
         "llmesh.v1.Scheduler/DropGroup": [
-            scheduler_pb2.DropGroupRequest(instance_ids=[ids[0], "fuzz-missing"])
+            scheduler_pb2.DropGroupRequest(instance_ids=[ids[0], "fuzz-missing"]),
+            scheduler_pb2.DropGroupRequest(instance_ids=list(ids)),
         ],
         "llmesh.v1.Scheduler/RestoreGroup": [
-            scheduler_pb2.RestoreGroupRequest(group_id="group-fuzz")
+            scheduler_pb2.RestoreGroupRequest(group_id=f"group-{n}") for n in range(1, 4)
         ],
         "llmesh.v1.Worker/Submit": [
             worker_pb2.SubmitRequest(state=_state("fuzz-submit", facts.gateway_address))
