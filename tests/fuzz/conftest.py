@@ -7,7 +7,7 @@ Before the first case it records a normal Generate's tokens; after every test ev
 process must be alive and every worker idle with its block manager's integrity check
 clean, and after the package the same Generate must return the same tokens.
 
-Profiles (`LLMESH_FUZZ_PROFILE`): `ci` (default; derandomized, about 12,000 cases)
+Profiles (`LLMESH_FUZZ_PROFILE`): `ci` (default; derandomized, about 11,000 cases)
 and `long` (10x the cases, a random seed each run; set HYPOTHESIS_SEED to replay).
 """
 

@@ -36,3 +36,20 @@ def test_docs_table_equals_the_fuzzers_table():
     assert _documented_rows() == {
         name: {code.name for code in codes} for name, codes in EXTRA_CODES.items()
     }
+
+
+def test_the_ci_budget_is_at_least_ten_thousand_cases():
+    """The per-test max_examples of the ci profile add up to >= 10,000 (hypothesis stops
+    early only where a request type has few distinct values, e.g. GetModelInfoRequest
+    has no fields; the run's real count is printed at the end: "fuzz cases ...")."""
+    from tests.fuzz import test_http_fuzz, test_malformed, test_rpc_fuzz
+    from tests.fuzz.conftest import SCALE
+
+    assert SCALE >= 1
+    num_rpcs = len(all_methods())
+    budget = (
+        num_rpcs * (test_rpc_fuzz.CASES_PER_RPC + test_rpc_fuzz.CASES_PER_RPC_ANONYMOUS)
+        + num_rpcs * test_malformed.CASES_PER_RPC
+        + 3 * test_http_fuzz.CASES_PER_ENDPOINT
+    )
+    assert budget >= 10_000, budget
