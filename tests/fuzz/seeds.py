@@ -33,9 +33,11 @@ def _state(request_id: str, owner: str) -> common_pb2.RequestState:
 
 def _group(facts: MeshFacts, formable: bool = False) -> group_pb2.GroupState:
     """The two workers as a group; `formable` = a plan stage 0 really carries out (the
-    tiny model's 4 layers split in two), else one every member refuses (no layers):
-    a member told to join by anyone but its leader would be left in a group no
-    scheduler knows of, which these tests could not undo."""
+    tiny model's 4 layers split in two), else one every member refuses (no layers).
+    Only FormGroup gets a formable one: a member that accepted a PrepareJoin refuses new
+    requests until its JoinGroup comes or the join expires (2 x rpc_timeout_s, 120 s),
+    and JoinGroup from anyone but a leader would leave it in a group no scheduler
+    knows of."""
     members = [
         group_pb2.GroupMember(
             instance_id=i,
@@ -160,9 +162,7 @@ def seeds_for(name: str, facts: MeshFacts) -> list[Message]:  # noqa: C901 - one
             group_pb2.FormGroupRequest(group=_group(facts, formable=True))
         ],
         "llmesh.v1.Worker/DissolveGroup": [group_pb2.DissolveGroupRequest(group_id="group-fuzz")],
-        "llmesh.v1.Worker/PrepareJoin": [
-            group_pb2.PrepareJoinRequest(group=_group(facts, formable=True))
-        ],
+        "llmesh.v1.Worker/PrepareJoin": [group_pb2.PrepareJoinRequest(group=_group(facts))],
         "llmesh.v1.Worker/JoinGroup": [
             group_pb2.JoinGroupRequest(group=_group(facts), block_offset=0, epoch="e1")
         ],
