@@ -18,7 +18,7 @@ from tests.fuzz.proto_strategies import requests
 from tests.fuzz.rpc_catalog import all_methods
 from tests.fuzz.seeds import cap_cost, seeds_for
 
-CASES_PER_RPC = 220 * SCALE
+CASES_PER_RPC = 240 * SCALE
 # Also as an outsider (no cluster credentials): fewer cases, the same table (once
 # internal authentication is on, mostly UNAUTHENTICATED; health stays open).
 CASES_PER_RPC_ANONYMOUS = 20 * SCALE
