@@ -23,6 +23,7 @@ from gateway.api_keys import ApiKeyMiddleware, ApiKeys
 from gateway.generations import Generations
 from gateway.http_api.chat_template import ChatTemplate
 from gateway.http_api.errors import APIError, from_service_error, invalid
+from gateway.http_api.fields import check_text_is_unicode
 from gateway.http_api.handler import GenerationResponse
 from gateway.http_api.protocol import parse_request
 from gateway.http_api.runner import PlanRun
@@ -55,9 +56,11 @@ async def read_json(request: Request, max_body_bytes: int) -> object:
     if not body:
         raise invalid(None, "the request body is empty; send a JSON object")
     try:
-        return json.loads(body, parse_constant=_reject_constant)
+        parsed = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise invalid(None, f"the request body is not valid JSON: {exc}") from None
+    check_text_is_unicode(parsed)
+    return parsed
 
 
 def build_app(

@@ -120,3 +120,27 @@ def string_list(name: str, value: Any, max_items: int) -> list[str]:
     if len(value) > max_items:
         raise invalid(name, f"{name} has {len(value)} entries; at most {max_items} are supported")
     return value
+
+
+def check_text_is_unicode(value: Any, path: str = "") -> None:
+    """400 naming the field when a string (or key) holds an unpaired surrogate.
+
+    JSON's `\\ud800` escape decodes to one, which is not Unicode text: it cannot be
+    tokenized or put in a protobuf string (it used to end in a 500).
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            where = path or "the request body"
+            raise invalid(
+                path or None,
+                f"{where} holds an unpaired UTF-16 surrogate (\\ud800-\\udfff), which is not text",
+            ) from None
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            check_text_is_unicode(item, f"{path}[{index}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_text_is_unicode(key, path)
+            check_text_is_unicode(item, f"{path}.{key}" if path else str(key))

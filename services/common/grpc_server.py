@@ -53,6 +53,19 @@ def cluster_credentials() -> grpc.ServerCredentials | None:
     return tls.server_credentials() if tls is not None else None
 
 
+class HealthServicer(health.aio.HealthServicer):
+    """grpc's aio health servicer plus `List` (in grpc.health.v1 since 1.63, not
+    implemented by grpcio-health-checking: it would answer INTERNAL)."""
+
+    async def List(self, request, context) -> health_pb2.HealthListResponse:
+        return health_pb2.HealthListResponse(
+            statuses={
+                name: health_pb2.HealthCheckResponse(status=status)
+                for name, status in self._server_status.items()
+            }
+        )
+
+
 class GrpcServer:
     """One aio server with health, reflection and graceful shutdown."""
 
@@ -76,7 +89,7 @@ class GrpcServer:
         chain = [cluster_auth_interceptor(public_services)]
         chain += list(interceptors) if interceptors is not None else default_server_interceptors()
         self.server = grpc.aio.server(interceptors=chain, options=SERVER_OPTIONS)
-        self.health = health.aio.HealthServicer()
+        self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port: int = 0
         self._service_names: list[str] = []

@@ -2,10 +2,13 @@
 
 Server side:
 - TraceContextServerInterceptor: continues the caller's W3C trace context.
-- ErrorMappingServerInterceptor: a `ServiceError` (services.common.errors) escaping a
-  handler becomes its status code, a ValueError becomes INVALID_ARGUMENT, both with
-  the message as details (never an opaque UNKNOWN); other exceptions are logged with
-  the method name and become INTERNAL.
+- ErrorMappingServerInterceptor: request bytes that do not parse as the request type
+  are INVALID_ARGUMENT naming the type (gRPC itself answers UNKNOWN); a `ServiceError`
+  (services.common.errors) escaping a handler becomes its status code, a ValueError
+  becomes INVALID_ARGUMENT, both with the message as details, cut to
+  MAX_DETAILS_BYTES (never an opaque UNKNOWN); a NotImplementedError (a generated
+  servicer's default body) becomes UNIMPLEMENTED; other exceptions are logged with the
+  method name and become INTERNAL.
 Client side:
 - TraceContextClientInterceptor: puts the current trace context into metadata.
 """
@@ -39,7 +42,41 @@ class ErrorMappingServerInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
+        handler = _decode_leniently(handler)
         return _wrap_handler(handler, lambda behavior: _map_errors(behavior, method))
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes did not parse; the handler wrapper turns it
+    into INVALID_ARGUMENT (a deserializer that raises makes gRPC answer UNKNOWN)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _decode_leniently(handler):
+    deserialize = handler.request_deserializer
+    if deserialize is None:
+        return handler
+
+    def decode(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception as exc:  # noqa: BLE001 - reported to the caller as bad input
+            return _Undecodable(exc)
+
+    return handler._replace(request_deserializer=decode)
+
+
+def _checked(request):
+    if isinstance(request, _Undecodable):
+        raise ValueError(f"the request is not a valid message: {request.error}")
+    return request
+
+
+async def _checked_stream(request_iterator):
+    async for request in request_iterator:
+        yield _checked(request)
 
 
 def _wrap_handler(handler, wrap):
@@ -77,15 +114,40 @@ def _with_context(behavior, parent):
     return call
 
 
+# Status details travel in the trailers, percent-encoded (a non-ASCII byte takes 3),
+# which a client refuses past its metadata limit (8 KiB by default): it would see
+# RESOURCE_EXHAUSTED instead of the real status. Details echoing a huge id are cut to
+# this many bytes of UTF-8.
+MAX_DETAILS_BYTES = 1024
+
+
+def _capped(details: str) -> str:
+    encoded = details.encode("utf-8", errors="replace")
+    if len(encoded) <= MAX_DETAILS_BYTES:
+        return details
+    head = encoded[: MAX_DETAILS_BYTES - 48].decode("utf-8", errors="ignore")
+    return f"{head}... ({len(details)} characters in all)"
+
+
 async def _abort_for(exc: Exception, context, method: str):
     if isinstance(exc, ServiceError):
-        await context.abort(exc.code, str(exc), exc.trailing_metadata())
+        await context.abort(exc.code, _capped(str(exc)), exc.trailing_metadata())
     if isinstance(exc, ValueError):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _capped(str(exc)))
+    if isinstance(exc, NotImplementedError):  # a generated servicer's unimplemented RPC
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented")
     log.exception("rpc_failed", method=method)
     await context.abort(
-        grpc.StatusCode.INTERNAL, f"{method}: internal error: {type(exc).__name__}: {exc}"
+        grpc.StatusCode.INTERNAL,
+        _capped(f"{method}: internal error: {type(exc).__name__}: {exc}"),
     )
+
+
+def _checked_request(request):
+    """The request (or a stream of them) with undecodable ones raising ValueError."""
+    if hasattr(request, "__aiter__") and not isinstance(request, _Undecodable):
+        return _checked_stream(request)
+    return _checked(request)
 
 
 def _map_errors(behavior, method):
@@ -93,7 +155,7 @@ def _map_errors(behavior, method):
 
         async def gen(request, context):
             try:
-                async for item in behavior(request, context):
+                async for item in behavior(_checked_request(request), context):
                     yield item
             except (grpc.aio.AbortError, grpc.aio.AioRpcError):
                 raise
@@ -104,7 +166,7 @@ def _map_errors(behavior, method):
 
     async def call(request, context):
         try:
-            return await behavior(request, context)
+            return await behavior(_checked_request(request), context)
         except (grpc.aio.AbortError, grpc.aio.AioRpcError):
             raise
         except Exception as exc:  # noqa: BLE001 - mapped to a status below

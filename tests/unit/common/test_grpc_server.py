@@ -93,3 +93,29 @@ async def test_trace_context_crosses_the_call(server):
             trace_id = format(span.get_span_context().trace_id, "032x")
     (traceparent,) = server.servicer.seen_traceparents
     assert traceparent.split("-")[1] == trace_id
+
+
+async def test_health_list_answers_every_service_status(server):
+    # grpcio-health-checking does not implement List: it used to answer INTERNAL.
+    await server.set_serving()
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).List(
+            health_pb2.HealthListRequest(), timeout=2
+        )
+    statuses = {name: r.status for name, r in reply.statuses.items()}
+    assert statuses == {
+        "": health_pb2.HealthCheckResponse.SERVING,
+        SERVICE: health_pb2.HealthCheckResponse.SERVING,
+    }
+
+
+async def test_unimplemented_method_answers_unimplemented(server):
+    # _Gateway leaves Generate to the generated base class, which raises
+    # NotImplementedError: UNIMPLEMENTED, not INTERNAL.
+    async with aio_channel(server.address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in stub.Generate(gateway_pb2.GenerateRequest(prompt="x"), timeout=2):
+                pass
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert err.value.details() == "/llmesh.v1.Gateway/Generate is not implemented"

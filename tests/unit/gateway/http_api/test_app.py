@@ -138,6 +138,30 @@ async def test_bad_bodies_are_4xx_in_openai_shape(api, body, status, message):
     assert err["message"].startswith(message), err["message"]
 
 
+@pytest.mark.parametrize(
+    ("body", "param", "message"),
+    [
+        (b'{"model": "tiny", "prompt": "\\ud800"}', "prompt", "prompt holds an unpaired"),
+        (
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "a\\udfffb"}]}',
+            "messages[0].content",
+            "messages[0].content holds an unpaired",
+        ),
+        (b'"\\ud83d"', None, "the request body holds an unpaired"),
+    ],
+)
+async def test_unpaired_surrogate_is_400_naming_the_field(api, body, param, message):
+    # Found by tests/fuzz: JSON's "\ud800" escape decoded to a lone surrogate, whose
+    # tokenization raised UnicodeEncodeError: a 500.
+    client, view, _ = api
+    register(view)
+    path = "/v1/chat/completions" if b"messages" in body else "/v1/completions"
+    response = await client.post(path, content=body, headers={"content-type": "application/json"})
+    status, err = error(response)
+    assert (status, err["param"]) == (400, param)
+    assert err["message"].startswith(message), err["message"]
+
+
 async def test_huge_body_without_content_length_is_413(api):
     client, view, _ = api
     register(view)
