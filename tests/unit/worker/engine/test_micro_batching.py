@@ -195,7 +195,7 @@ def test_steady_decodes_do_not_starve_a_prompt(g, monkeypatch):
         return with_p[0], len(run.batches)
 
     # (micro-batch that first holds p, micro-batches in all): deterministic cost model.
-    assert first_batch_of_p() == {2: (32, 411), 4: (84, 823)}[g]
+    assert first_batch_of_p() == {2: (56, 418), 4: (131, 858)}[g]
     monkeypatch.setattr(pipeline_module, "STARVED_AFTER_ROUNDS", 10**6)
     # Never starved: p waits until the decodes are nearly done (and they take longer).
     assert first_batch_of_p() == {2: (405, 420), 4: (809, 982)}[g]
@@ -318,9 +318,9 @@ BUBBLES = {
     ("tiny-cpu", 40, 0.0, 2): (0.15, 0.0568),
     ("tiny-cpu", 40, 0.0, 4): (0.3606, 0.1669),
     ("tiny-cpu", 64, 0.002, 2): (0.2257, 0.057),
-    ("tiny-cpu", 64, 0.002, 4): (0.3872, 0.1405),
-    ("llama-7b-a10", 64, 0.002, 2): (0.0977, 0.0361),
-    ("llama-7b-a10", 64, 0.002, 4): (0.1076, 0.0479),
+    ("tiny-cpu", 64, 0.002, 4): (0.3872, 0.1484),
+    ("llama-7b-a10", 64, 0.002, 2): (0.0977, 0.034),
+    ("llama-7b-a10", 64, 0.002, 4): (0.1076, 0.045),
     ("llama-7b-a10", 40, 0.0, 2): (0.0464, 0.0246),
     ("llama-7b-a10", 40, 0.0, 4): (0.0833, 0.0494),
 }
@@ -329,7 +329,7 @@ BUBBLES = {
 @pytest.mark.parametrize(("profile", "num_requests", "gap_s", "g"), list(BUBBLES))
 def test_lookahead_cuts_the_bubble_fraction(profile, num_requests, gap_s, g):
     """The issue's target is lookahead <= simple / 2. It holds for the tiny-cpu profile
-    (2.2-4.0x) and for the 7B/A10 one under arrivals over time (2.2-3.0x), not for the
+    (2.2-4.0x) and for the 7B/A10 one under arrivals over time (2.4-2.9x), not for the
     7B/A10 one on a single burst (1.7-1.9x): there a micro-batch's fixed part (22.5 ms of
     weight reads on the whole model) outweighs its tokens (a decode adds 0.2 ms, a
     256-token chunk 46 ms), and while the burst's prompts last every simple micro-batch
