@@ -67,6 +67,7 @@ def seeds_for(name: str, facts: MeshFacts) -> list[Message]:  # noqa: C901 - one
             gen(prompt_token_ids=PROMPT, sampling=_sampling(), priority=1, detokenize=True),
         ],
         "llmesh.v1.Gateway/Abort": [gateway_pb2.AbortRequest(request_id="fuzz-req")],
+        "llmesh.v1.Gateway/Resume": [gateway_pb2.ResumeRequest(request_id="fuzz-gone")],
         "llmesh.v1.Gateway/GetModelInfo": [gateway_pb2.GetModelInfoRequest()],
         "llmesh.v1.OutputSink/PushOutputs": [
             gateway_pb2.OutputBatch(
@@ -123,6 +124,9 @@ def seeds_for(name: str, facts: MeshFacts) -> list[Message]:  # noqa: C901 - one
             worker_pb2.SubmitRequest(state=_state("fuzz-submit", facts.gateway_address))
         ],
         "llmesh.v1.Worker/Abort": [worker_pb2.WorkerAbortRequest(request_id="fuzz-submit")],
+        "llmesh.v1.Worker/Rehome": [
+            worker_pb2.RehomeRequest(request_id="fuzz-gone", owner_address="127.0.0.1:1")
+        ],
         "llmesh.v1.Worker/GetLoad": [worker_pb2.GetLoadRequest(check_integrity=True)],
         "llmesh.v1.Worker/MigrateOut": [
             worker_pb2.MigrateOutRequest(
