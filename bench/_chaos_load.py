@@ -21,10 +21,13 @@ import random
 import time
 from dataclasses import dataclass, field
 
+import grpc
+
 from bench._chaos_mesh import NUM_GATEWAYS, ChaosMesh
 from gateway.client import AsyncClient, GatewayError
 
 REQUEST_DEADLINE_S = 120.0  # a stream still open after this is a hang
+MAX_RESUMES = 4  # resumes of one request (its new gateway may die too)
 NUM_SPECS = 12
 
 
@@ -120,6 +123,7 @@ class Load:
         (an old one may sit in reconnect backoff)."""
         key = (gateway, self.mesh.gateway_epoch[gateway])
         if key not in self._clients:
+            # The SDK's default retries (UNAVAILABLE before the first chunk), as users run it.
             self._clients[key] = AsyncClient(
                 self.mesh.gateway_address(gateway), timeout_s=REQUEST_DEADLINE_S
             )
@@ -167,29 +171,49 @@ class Load:
                 return
             if not await self._resume(record, g):
                 record.outcome = f"failed:{exc.code.name}"
-                record.detail = "its gateway died; not resumed"
+                record.detail += "its gateway died; not resumed"
+                return
+            if record.outcome.startswith("failed"):
                 return
         self._judge(record)
 
     async def _resume(self, record: RequestRecord, dead: int) -> bool:
-        """Resume on another gateway when the SDK can (gateway failover); False if not."""
-        other = next(
-            (g for g in range(NUM_GATEWAYS) if g != dead and self.mesh.gateway_up[g]), None
-        )
-        if other is None:
-            return False
-        client = self._client_for(other)
-        if not hasattr(client, "resume_stream"):
-            return False
-        record.detail = f"resumed on gateway {other} at token {len(record.tokens)}"
-        try:
-            await self._consume(record, client.resume_stream(record.request_id, len(record.tokens)))
-        except (GatewayError, _StreamGap) as exc:
-            record.outcome = "violation"
-            record.detail += f"; the resumed stream failed: {exc}"
+        """Resume on another gateway when the SDK can (gateway failover), again if that
+        one dies too; False if not resumed. A resume that finds the request nowhere
+        (NOT_FOUND: it was never placed, or its worker died with its gateway, so no
+        gateway holds its prompt) fails the request with that status."""
+        for _attempt in range(MAX_RESUMES):
+            other = next(
+                (g for g in range(NUM_GATEWAYS) if g != dead and self.mesh.gateway_up[g]), None
+            )
+            if other is None:
+                return False
+            client = self._client_for(other)
+            if not hasattr(client, "resume_stream"):
+                return False
+            epoch = self.mesh.gateway_epoch[other]
+            record.detail += f"resumed on gateway {other} at token {len(record.tokens)}; "
+            try:
+                stream = client.resume_stream(record.request_id, len(record.tokens))
+                await self._consume(record, stream)
+            except _StreamGap as exc:
+                record.outcome = "violation"
+                record.detail += f"the resumed stream failed: {exc}"
+                return True
+            except GatewayError as exc:
+                if exc.code == grpc.StatusCode.NOT_FOUND:
+                    record.outcome = f"failed:{exc.code.name}"
+                    record.detail += "not found (never placed, or its worker died too)"
+                    return True
+                if self.mesh.gateway_epoch[other] == epoch:
+                    record.outcome = "violation"
+                    record.detail += f"the resumed stream failed while its gateway lived: {exc}"
+                    return True
+                dead = other  # that gateway died too: resume on the next
+                continue
+            record.outcome = "resumed"
             return True
-        record.outcome = "resumed"
-        return True
+        return False
 
     async def _consume(self, record: RequestRecord, stream) -> None:
         async for chunk in stream:

@@ -19,7 +19,7 @@ client then chooses the request id (a uuid) unless the caller gave one.
 
 Retries (gateway/retry.py): `retry=` takes a RetryPolicy; by default generate() and
 generate_stream() retry UNAVAILABLE and RESOURCE_EXHAUSTED (admission control, honouring
-its `retry-after-ms` hint) with jittered backoff, up to 5 attempts within 20 s; a
+its `retry-after-ms` hint) with jittered backoff, up to 10 attempts within 20 s; a
 stream that already delivered a chunk is never retried (its error is raised).
 `retry=None` turns retries off: the first refusal is raised (load generators that count
 refusals, tests). abort() and model_info() are never retried.
@@ -239,11 +239,21 @@ class AsyncClient:
         timeout_s: float | None = None,
     ) -> AsyncIterator[Chunk]:
         """The stream of a request started through another gateway, from token index
-        next_index (the tokens the caller already has)."""
-        state = FailoverState(self._stubs, request_id, next_index, detokenize)
+        next_index (the tokens the caller already has); retried (self.retry) until its
+        first chunk, like generate_stream."""
         timeout = timeout_s or self.timeout_s
-        async for chunk in self._follow(state, state.next_call(timeout), timeout):
-            yield chunk
+        attempts = self.retry.begin() if self.retry is not None else None
+        while True:
+            state = FailoverState(self._stubs, request_id, next_index, detokenize)
+            try:
+                async for chunk in self._follow(state, state.next_call(timeout), timeout):
+                    yield chunk
+                return
+            except GatewayError as error:
+                delay_s = None if state.has_yielded else _retry_delay_s(attempts, error)
+                if delay_s is None:
+                    raise
+            await self.retry.async_sleep(delay_s)
 
     async def _follow(self, state: FailoverState, call, timeout: float) -> AsyncIterator[Chunk]:
         deadline = time.monotonic() + timeout
@@ -357,9 +367,18 @@ class Client:
         detokenize: bool = False,
         timeout_s: float | None = None,
     ) -> Iterator[Chunk]:
-        state = FailoverState(self._stubs, request_id, next_index, detokenize)
         timeout = timeout_s or self.timeout_s
-        yield from self._follow(state, state.next_call(timeout), timeout)
+        attempts = self.retry.begin() if self.retry is not None else None
+        while True:
+            state = FailoverState(self._stubs, request_id, next_index, detokenize)
+            try:
+                yield from self._follow(state, state.next_call(timeout), timeout)
+                return
+            except GatewayError as error:
+                delay_s = None if state.has_yielded else _retry_delay_s(attempts, error)
+                if delay_s is None:
+                    raise
+            self.retry.sleep(delay_s)
 
     def _follow(self, state: FailoverState, call, timeout: float) -> Iterator[Chunk]:
         deadline = time.monotonic() + timeout

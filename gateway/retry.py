@@ -1,6 +1,6 @@
 """When the client SDK tries a call again: UNAVAILABLE / RESOURCE_EXHAUSTED, with backoff.
 
-    policy = RetryPolicy(max_attempts=5, initial_backoff_s=0.05, max_backoff_s=2.0)
+    policy = RetryPolicy(max_attempts=10, initial_backoff_s=0.05, max_backoff_s=2.0)
     attempts = policy.begin()            # one per call
     delay_s = attempts.next_delay_s(code, retry_after_s)   # None: give up, raise
 
@@ -8,9 +8,13 @@ The wait before attempt n+1 is "full jitter" (uniform in [0, min(max_backoff_s,
 initial_backoff_s * multiplier**(n-1))]), so refused clients spread out instead of
 coming back together; a server's hint (`retry-after-ms`, sent with RESOURCE_EXHAUSTED)
 is a floor on it. Attempts and the total time (max_total_s, waits included) are
-bounded. The SDK never retries a stream that already delivered a chunk (a committed
-stream): that error goes to the caller. `rng`, `clock` and the sleeps are injectable so
-tests count attempts and waits exactly.
+bounded. Ten attempts span the channel's reconnect backoff (up to 2 s,
+services/common/grpc_client.CHANNEL_OPTIONS): gRPC shares one connection per address
+among a process's channels, so after a gateway restarted at its address even a new
+client fails fast ("failed to connect") until that backoff ends; five attempts (at most
+0.75 s of waits) ran out before it in `bench chaos`. The SDK never retries a stream
+that already delivered a chunk (a committed stream): that error goes to the caller.
+`rng`, `clock` and the sleeps are injectable so tests count attempts and waits exactly.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ class RetryPolicy:
     def __init__(
         self,
         *,
-        max_attempts: int = 5,
+        max_attempts: int = 10,
         initial_backoff_s: float = 0.05,
         max_backoff_s: float = 2.0,
         multiplier: float = 2.0,

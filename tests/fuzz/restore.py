@@ -51,6 +51,11 @@ def restore_mesh(mesh: LocalMesh) -> None:
                         scheduler_pb2.RestoreGroupRequest(group_id=group.group_id), timeout=60.0
                     )
             known_groups = {group.group_id for group in state.groups}
+            stage0_groups = {
+                i.load.group_id
+                for i in state.instances
+                if i.load.group_id and i.load.group_stage == 0
+            }
             for instance in state.instances:
                 info = instance.info
                 load = instance.load
@@ -60,6 +65,13 @@ def restore_mesh(mesh: LocalMesh) -> None:
                     # the group at its stage 0 directly.
                     worker_pb2_grpc.WorkerStub(channel_to(info.address)).DissolveGroup(
                         group_pb2.DissolveGroupRequest(group_id=load.group_id), timeout=60.0
+                    )
+                elif load.group_id and load.group_id not in known_groups | stage0_groups:
+                    # A member left behind by such a group with no stage 0 (a fuzzed
+                    # JoinGroup, or its stage 0 dissolved first): it leaves on its own.
+                    worker_pb2_grpc.WorkerStub(channel_to(info.address)).AbortGroup(
+                        group_pb2.AbortGroupRequest(group_id=load.group_id, reason="fuzz"),
+                        timeout=60.0,
                     )
                 if real.get(info.instance_id) != info.address:
                     stub.DeregisterInstance(
