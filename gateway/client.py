@@ -181,6 +181,16 @@ def _retry_delay_s(attempts: RetryAttempts | None, error: GatewayError) -> float
     return attempts.next_delay_s(error.code, error.retry_after_s)
 
 
+def _resume_opener(stubs: list, request_id: str, next_index: int, detokenize: bool, timeout):
+    """open_call for resume_stream: Gateway.Resume, each attempt from the first gateway."""
+
+    def open_resume(_gateway: int):
+        state = FailoverState(stubs, request_id, next_index, detokenize)
+        return state, state.next_call(timeout)
+
+    return open_resume
+
+
 class AsyncClient:
     """asyncio client; one channel per gateway, reused by every call (the first
     gateway's for everything but a failover)."""
@@ -213,22 +223,14 @@ class AsyncClient:
         gateway's stream goes on on a failover gateway."""
         request = build_request(prompt, **with_request_id(kwargs, len(self._stubs) > 1))
         timeout = timeout_s or self.timeout_s
-        attempts = self.retry.begin() if self.retry is not None else None
-        gateway = 0
-        while True:  # retried (self.retry) until the first chunk, failed over after it
+
+        def open_generate(gateway: int):
             state = FailoverState(self._stubs, request.request_id, 0, request.detokenize)
             state.gateway = gateway
-            call = self._stubs[gateway].Generate(request, timeout=timeout)
-            try:
-                async for chunk in self._follow(state, call, timeout):
-                    yield chunk
-                return
-            except GatewayError as error:
-                delay_s = None if state.has_yielded else _retry_delay_s(attempts, error)
-                if delay_s is None:
-                    raise
-            gateway = state.gateway  # a failover that found nothing moved on
-            await self.retry.async_sleep(delay_s)
+            return state, self._stubs[gateway].Generate(request, timeout=timeout)
+
+        async for chunk in self._retried(open_generate, timeout):
+            yield chunk
 
     async def resume_stream(
         self,
@@ -242,17 +244,26 @@ class AsyncClient:
         next_index (the tokens the caller already has); retried (self.retry) until its
         first chunk, like generate_stream."""
         timeout = timeout_s or self.timeout_s
+        opener = _resume_opener(self._stubs, request_id, next_index, detokenize, timeout)
+        async for chunk in self._retried(opener, timeout):
+            yield chunk
+
+    async def _retried(self, open_call, timeout: float) -> AsyncIterator[Chunk]:
+        """A stream opened by open_call(gateway) -> (FailoverState, call): retried
+        (self.retry) until its first chunk, failed over (_follow) after it."""
         attempts = self.retry.begin() if self.retry is not None else None
+        gateway = 0
         while True:
-            state = FailoverState(self._stubs, request_id, next_index, detokenize)
+            state, call = open_call(gateway)
             try:
-                async for chunk in self._follow(state, state.next_call(timeout), timeout):
+                async for chunk in self._follow(state, call, timeout):
                     yield chunk
                 return
             except GatewayError as error:
                 delay_s = None if state.has_yielded else _retry_delay_s(attempts, error)
                 if delay_s is None:
                     raise
+            gateway = state.gateway  # a failover that found nothing moved on
             await self.retry.async_sleep(delay_s)
 
     async def _follow(self, state: FailoverState, call, timeout: float) -> AsyncIterator[Chunk]:
@@ -343,21 +354,13 @@ class Client:
     ) -> Iterator[Chunk]:
         request = build_request(prompt, **with_request_id(kwargs, len(self._stubs) > 1))
         timeout = timeout_s or self.timeout_s
-        attempts = self.retry.begin() if self.retry is not None else None
-        gateway = 0
-        while True:  # retried (self.retry) until the first chunk, failed over after it
+
+        def open_generate(gateway: int):
             state = FailoverState(self._stubs, request.request_id, 0, request.detokenize)
             state.gateway = gateway
-            call = self._stubs[gateway].Generate(request, timeout=timeout)
-            try:
-                yield from self._follow(state, call, timeout)
-                return
-            except GatewayError as error:
-                delay_s = None if state.has_yielded else _retry_delay_s(attempts, error)
-                if delay_s is None:
-                    raise
-            gateway = state.gateway  # a failover that found nothing moved on
-            self.retry.sleep(delay_s)
+            return state, self._stubs[gateway].Generate(request, timeout=timeout)
+
+        yield from self._retried(open_generate, timeout)
 
     def resume_stream(
         self,
@@ -368,16 +371,23 @@ class Client:
         timeout_s: float | None = None,
     ) -> Iterator[Chunk]:
         timeout = timeout_s or self.timeout_s
+        opener = _resume_opener(self._stubs, request_id, next_index, detokenize, timeout)
+        yield from self._retried(opener, timeout)
+
+    def _retried(self, open_call, timeout: float) -> Iterator[Chunk]:
+        """AsyncClient._retried, blocking."""
         attempts = self.retry.begin() if self.retry is not None else None
+        gateway = 0
         while True:
-            state = FailoverState(self._stubs, request_id, next_index, detokenize)
+            state, call = open_call(gateway)
             try:
-                yield from self._follow(state, state.next_call(timeout), timeout)
+                yield from self._follow(state, call, timeout)
                 return
             except GatewayError as error:
                 delay_s = None if state.has_yielded else _retry_delay_s(attempts, error)
                 if delay_s is None:
                     raise
+            gateway = state.gateway  # a failover that found nothing moved on
             self.retry.sleep(delay_s)
 
     def _follow(self, state: FailoverState, call, timeout: float) -> Iterator[Chunk]:
