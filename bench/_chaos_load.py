@@ -27,6 +27,7 @@ from bench._chaos_mesh import NUM_GATEWAYS, ChaosMesh
 from gateway.client import AsyncClient, GatewayError
 
 REQUEST_DEADLINE_S = 120.0  # a stream still open after this is a hang
+KNOWN_STALL = "KNOWN BUG: the resumed stream of a migrated request stalled"
 MAX_RESUMES = 4  # resumes of one request (its new gateway may die too)
 NUM_SPECS = 12
 
@@ -204,6 +205,13 @@ class Load:
                 if exc.code == grpc.StatusCode.NOT_FOUND:
                     record.outcome = f"failed:{exc.code.name}"
                     record.detail += "not found (never placed, or its worker died too)"
+                    return True
+                if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED and len(record.instances) > 1:
+                    # Known bug, reported on its own line (docs/reliability.md): a
+                    # migrated request's resumed stream can stall when the move notice
+                    # went to the dead gateway's address.
+                    record.outcome = f"failed:{exc.code.name}"
+                    record.detail += f"{KNOWN_STALL}: {exc}"
                     return True
                 if self.mesh.gateway_epoch[other] == epoch:
                     record.outcome = "violation"

@@ -67,6 +67,9 @@ class ChaosMesh:
         self.gateway_epoch = [0] * NUM_GATEWAYS
         self.gateway_up = [False] * NUM_GATEWAYS
         self.scheduler_port = 0
+        # Fixed: a restarted scheduler comes back here. (The mesh's own property asserts
+        # a started process, which it is not while a restart is under way.)
+        self.scheduler_address = ""
         self.points = point_dir(os.getpid())
 
     # -- lifecycle -------------------------------------------------------------------
@@ -76,7 +79,8 @@ class ChaosMesh:
         self.points.mkdir(parents=True)
         self.mesh.start()
         try:
-            self.scheduler_port = _port(self.mesh.scheduler_address)
+            self.scheduler_address = self.mesh.scheduler_address
+            self.scheduler_port = _port(self.scheduler_address)
             second = self.mesh.spawn_gateway(name="gateway-1")
             second.wait_ready(self.mesh.ready_timeout_s)
             self.gateways = [self.mesh.gateway, second]
@@ -177,7 +181,7 @@ class ChaosMesh:
             )
 
     async def cluster_state(self) -> scheduler_pb2.ClusterState:
-        async with aio_channel(self.mesh.scheduler_address) as channel:
+        async with aio_channel(self.scheduler_address) as channel:
             return await scheduler_pb2_grpc.SchedulerStub(channel).GetClusterState(
                 scheduler_pb2.GetClusterStateRequest(), timeout=RPC_TIMEOUT_S
             )
@@ -202,14 +206,14 @@ class ChaosMesh:
         return list(reply.results)
 
     async def drop_group(self, instance_ids: list[str]) -> scheduler_pb2.DropGroupResponse:
-        async with aio_channel(self.mesh.scheduler_address) as channel:
+        async with aio_channel(self.scheduler_address) as channel:
             return await scheduler_pb2_grpc.SchedulerStub(channel).DropGroup(
                 scheduler_pb2.DropGroupRequest(instance_ids=instance_ids),
                 timeout=GROUP_TIMEOUT_S,
             )
 
     async def restore_group(self, group_id: str) -> None:
-        async with aio_channel(self.mesh.scheduler_address) as channel:
+        async with aio_channel(self.scheduler_address) as channel:
             await scheduler_pb2_grpc.SchedulerStub(channel).RestoreGroup(
                 scheduler_pb2.RestoreGroupRequest(group_id=group_id), timeout=GROUP_TIMEOUT_S
             )

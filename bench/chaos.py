@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 from bench._chaos_faults import WORKER_KINDS, Injector, plan_round, refill
-from bench._chaos_load import Load, RequestRecord, make_specs, reference_tokens
+from bench._chaos_load import KNOWN_STALL, Load, RequestRecord, make_specs, reference_tokens
 from bench._chaos_mesh import NUM_GATEWAYS, ChaosMesh
 from bench._chaos_report import table, violations
 from bench._chaos_survivors import check_survivors, fresh_requests
@@ -98,6 +98,9 @@ def _summary(args, outcome: dict) -> tuple[dict, list[str]]:
     text, by_kind = table(faults, records)
     print(text)
     problems = violations(records)
+    known = [f"{r.request_id}: {r.detail}" for r in records if KNOWN_STALL in r.detail]
+    for line in known:
+        print(line)
     problems += outcome["survivors"]["problems"] + outcome["fresh"]
     summary = {
         "faults": sum(f.injected for f in faults),
@@ -108,6 +111,7 @@ def _summary(args, outcome: dict) -> tuple[dict, list[str]]:
         "resumed": _count(records, "resumed"),
         "failed": sum(r.outcome.startswith("failed:") for r in records),
         "violations": len(problems),
+        "known_stalls": len(known),
         "leaked_blocks": outcome["survivors"]["leaked_blocks"],
         "survivors": outcome["survivors"]["workers"],
         "seed": args.seed,
