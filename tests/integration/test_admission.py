@@ -238,3 +238,5 @@ def test_a_short_soak_at_twice_capacity_loses_nothing(bounded):
     assert set(result["shed_codes"]) <= {"RESOURCE_EXHAUSTED"}
     assert result["num_completed"] + result["num_shed"] == result["num_offered"]
     assert max(result["max_waiting_seen"].values()) <= MAX_WAITING
+    # The gateway counted a first token for this phase's admitted requests (its histogram).
+    assert result["gateway_p99_ttft_le_s"] is not None
