@@ -8,9 +8,11 @@ Each test runs a 2-worker mesh of its own whose workers pause at the phase under
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
+import grpc
 import pytest
 
 from services.common.procs import LocalMesh
@@ -143,3 +145,27 @@ def test_requests_going_home_at_a_restore_stream_their_first_tokens_there(
         assert all(_paused(w, "after_restore_import") for w in mesh.workers)
         for worker in mesh.workers:
             _survivor_alone_and_clean(mesh, worker)
+
+
+def test_a_member_dying_before_its_exchange_fails_the_drop_by_name(tmp_path, reference_engine):
+    """Stage 1 joins, then dies when told to start its exchange: the drop answers
+    FAILED_PRECONDITION naming the stage (it used to answer UNKNOWN), the group breaks
+    up, and every request finishes exactly on the survivor."""
+    requests = workload(6, 53, 900)
+    expected = reference_tokens(reference_engine, requests)
+    with _mesh(tmp_path, "kill_at_exchange_start") as mesh:
+        members = [w.name for w in mesh.workers]
+        outcome = {}
+
+        def during():
+            with pytest.raises(grpc.RpcError) as failed:
+                drop(mesh, members)
+            outcome["error"] = failed.value
+
+        tokens = run_streams(mesh, requests, "exchange-start-kill", during)
+        assert tokens == expected
+        error = outcome["error"]
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error
+        assert "KV exchange failed to start: stage 1: UNAVAILABLE" in error.details()
+        assert mesh.workers[1].popen.poll() == -signal.SIGKILL
+        _survivor_alone_and_clean(mesh, mesh.workers[0])

@@ -31,6 +31,7 @@ import time
 import uuid
 from dataclasses import replace
 
+import grpc
 from opentelemetry import trace
 
 from services.common.groups import ExchangePlan, GroupSpec, GroupStatus, KVTransferSpec
@@ -117,7 +118,22 @@ class GroupLeader:
             self.group = m.group = group
             await self._adopt(joined)
             plans = self._exchange_plans(joined)
-            await asyncio.gather(*(members[s].exchange(plans[s]) for s in members))
+            started_exchanges = await asyncio.gather(
+                *(members[s].exchange(plans[s]) for s in members), return_exceptions=True
+            )
+            failed = [
+                f"stage {s}: {_reason(e)}"
+                for s, e in zip(members, started_exchanges, strict=True)
+                if isinstance(e, BaseException)
+            ]
+            if failed:
+                # A member died between joining and its exchange: the group breaks up as
+                # on any member loss (every request requeued, nothing lost).
+                self.m.lost("exchange failed to start: " + "; ".join(failed))
+                raise GroupError(
+                    f"group {group.group_id} formed but its KV exchange failed to start: "
+                    + "; ".join(failed)
+                )
             drop_ms = (time.perf_counter() - started) * 1000
             span.set_attribute("llmesh.freed_weight_bytes", freed)
             span.set_attribute("llmesh.num_group_blocks", num_group_blocks)
@@ -434,3 +450,10 @@ class GroupLeader:
             driver.drop_in_flight(engine)
 
         await self.m.async_engine.run(detach)
+
+
+def _reason(error: BaseException) -> str:
+    """One line for a member's failure: a gRPC status and its details, or the error."""
+    if isinstance(error, grpc.aio.AioRpcError):
+        return f"{error.code().name}: {error.details()}"
+    return str(error) or type(error).__name__

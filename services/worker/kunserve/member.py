@@ -338,6 +338,7 @@ class GroupMembership:
     async def exchange(self, plan: ExchangePlan) -> None:
         """Send the staged slices, post the receives of this member's layers."""
         group = self._require_group(plan.group_id)
+        await self.faults.before_exchange(plan.group_id, self.stage)
         exchange = self.kv_exchange
         assert exchange is not None
         self._handed = ()  # stage 0 adopted them: they are its to save from here on
