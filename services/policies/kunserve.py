@@ -40,7 +40,12 @@ Registered names:
                 instance alone, not terminating and not voting, whose freeness is above
                 `migration_dst_freeness_above`. So Llumnix's migration moves what it
                 can, and the group forms as soon as the room left is too small (the
-                votes have held meanwhile: no new window).
+                votes have held meanwhile: no new window). Once there is no room, a
+                voter the plan leaves over (too few voters to group) leads a group of
+                the smallest size with the instances alone whose vote condition holds
+                now, their window still running (plan order): migration keeps the
+                instances alone level, so they are in the same overload, and waiting
+                for their windows only lets the queue grow.
     none        never forms a group (every KV-centric baseline).
 """
 
