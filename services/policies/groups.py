@@ -6,6 +6,9 @@
 The first L mod g stages keep one layer more. Stage 0 also keeps the embedding and the
 last stage the final norm and the LM head, so with an even split those two hold a
 little more than the rest; a group's pool is as large as its fullest member allows.
+
+With weight share w (weights / memory of one member) the pool holds
+`capacity_gain(g, w)` = (g - w) / (g (1 - w)) times what the g members hold alone.
 """
 
 from __future__ import annotations
@@ -26,3 +29,9 @@ def split_layers(num_layers: int, num_stages: int) -> list[tuple[int, int]]:
         ranges.append((start, end))
         start = end
     return ranges
+
+
+def capacity_gain(num_stages: int, weight_share: float) -> float:
+    """KV capacity of a group over that of its members alone: (g - w) / (g (1 - w))."""
+    g, w = num_stages, weight_share
+    return (g - w) / (g * (1 - w))

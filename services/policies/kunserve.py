@@ -40,7 +40,12 @@ Registered names:
                 instance alone, not terminating and not voting, whose freeness is above
                 `migration_dst_freeness_above`. So Llumnix's migration moves what it
                 can, and the group forms as soon as the room left is too small (the
-                votes have held meanwhile: no new window).
+                votes have held meanwhile: no new window). Once there is no room, a
+                voter the plan leaves over (too few voters to group) leads a group of
+                the smallest size with the instances alone whose vote condition holds
+                now, their window still running (plan order): migration keeps the
+                instances alone level, so they are in the same overload, and waiting
+                for their windows only lets the queue grow.
     none        never forms a group (every KV-centric baseline).
 """
 
@@ -50,6 +55,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from services.common.config import require
+from services.policies.groups import capacity_gain
 from services.policies.load import InstanceLoad
 from services.policies.registry import register_group
 
@@ -103,12 +109,6 @@ class GroupConfig:
             f"group_sizes={self.group_sizes} must be increasing ints >= 2",
         )
         require(0 <= self.weight_share < 1, f"weight_share={self.weight_share} must be in [0, 1)")
-
-
-def capacity_gain(num_stages: int, weight_share: float) -> float:
-    """KV capacity of a group over that of its members alone: (g - w) / (g (1 - w))."""
-    g, w = num_stages, weight_share
-    return (g - w) / (g * (1 - w))
 
 
 def usage(load: InstanceLoad) -> float:
@@ -229,6 +229,15 @@ class KunServeGroups(GroupPolicy):
         keep counting either way."""
         return True
 
+    def partners(
+        self, left: Sequence[InstanceLoad], voting: Sequence[InstanceLoad]
+    ) -> tuple[list[tuple[str, ...]], list[str]]:
+        """Groups for the voters the plan left over (too few to group), once the drop
+        is allowed; `voting`: the other instances alone, free to join, whose vote
+        condition holds now but whose window has not run out (`llmesh` groups them
+        with the voters; kunserve waits for their votes)."""
+        return [], []
+
     def decide(self, loads, now):
         alone = [ld for ld in loads if not ld.is_in_group and not ld.is_terminating]
         voters = self._voters(alone, now)
@@ -236,7 +245,20 @@ class KunServeGroups(GroupPolicy):
             voters = []
         # A worker refuses to join a group while a migration of its runs (either end):
         # such a voter keeps its vote and is planned once the migration is over.
-        drops, reasons = self._plan([ld for ld in voters if ld.num_migrating == 0])
+        ready = [ld for ld in voters if ld.num_migrating == 0]
+        drops, reasons = self._plan(ready)
+        planned = {i for group in drops for i in group}
+        left = [ld for ld in ready if ld.instance_id not in planned]
+        voter_ids = {ld.instance_id for ld in voters}
+        voting = [
+            ld
+            for ld in alone
+            if ld.instance_id not in voter_ids
+            and ld.num_migrating == 0
+            and self.is_voting(ld.instance_id)
+        ]
+        more, more_reasons = self.partners(left, voting) if left else ([], [])
+        drops, reasons = drops + more, reasons + more_reasons
         restores, restore_reasons = self._restores(loads, now)
         for group in drops:
             for instance_id in group:
@@ -267,12 +289,14 @@ class KunServeGroups(GroupPolicy):
                 voters.append(ld)
         return voters
 
+    def is_voting(self, instance_id: str) -> bool:
+        """Whether the instance's vote condition holds now (its window may be running)."""
+        watch = self._votes.get(instance_id)
+        return watch is not None and watch.since is not None
+
     def _plan(self, voters: list[InstanceLoad]) -> tuple[list[tuple[str, ...]], list[str]]:
         cfg = self.config
-        ranked = sorted(
-            voters,
-            key=lambda ld: (-queued_excess_blocks(ld), ld.num_used_blocks, ld.instance_id),
-        )
+        ranked = sorted(voters, key=plan_rank)
         drops, reasons = [], []
         while len(ranked) >= cfg.group_sizes[0]:
             size = self._size(ranked)
@@ -322,6 +346,12 @@ class KunServeGroups(GroupPolicy):
         return restores, reasons
 
 
+def plan_rank(load: InstanceLoad) -> tuple[int, int, str]:
+    """Plan order: most queued demand beyond free blocks, then fewest blocks in use
+    (less KV to exchange), then id."""
+    return (-queued_excess_blocks(load), load.num_used_blocks, load.instance_id)
+
+
 def migration_room_blocks(load: InstanceLoad) -> int:
     """Free blocks beyond what the instance's own queue needs (0 if its queue fills them)."""
     free = load.num_total_blocks - load.num_used_blocks
@@ -344,3 +374,25 @@ class LlmeshGroups(KunServeGroups):
             if ld.instance_id not in voter_ids and ld.freeness > threshold
         )
         return sum(queued_excess_blocks(ld) for ld in voters) > room
+
+    def partners(self, left, voting):
+        """Each voter left over leads a group of the smallest size, filled with the
+        instances alone whose vote holds now but whose window has not run out yet
+        (most queued demand first). This runs only once `may_drop` found no room for
+        the voters' excess: migration keeps the instances alone level, so a voter with
+        no room left anywhere speaks for the others already voting, and waiting for
+        their windows only lets the queue grow (docs/simulator.md, "Burst results")."""
+        waiting = sorted(voting, key=plan_rank)
+        size = self.config.group_sizes[0]
+        drops, reasons = [], []
+        for voter in sorted(left, key=plan_rank):
+            if len(waiting) < size - 1:
+                break
+            members, waiting = [voter, *waiting[: size - 1]], waiting[size - 1 :]
+            drops.append(tuple(ld.instance_id for ld in members))
+            reasons.append(
+                f"drop g={size}: {', '.join(ld.instance_id for ld in members)} "
+                f"(no migration room; {voter.instance_id} voted, the others are voting; "
+                f"queued beyond free: {sum(queued_excess_blocks(ld) for ld in members)} blocks)"
+            )
+        return drops, reasons

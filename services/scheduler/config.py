@@ -84,7 +84,7 @@ class SchedulerConfig:
     group_vote_demand_at_least: float = 0.95
     group_vote_window_s: float = 1.0  # ...for this long
     group_sizes: tuple[int, ...] = (2, 4)  # group sizes to choose from, increasing
-    group_weight_share: float = 0.55  # weights / memory of one instance (sizes the plan)
+    group_weight_share: float = 0.55  # weights / memory of one instance (plan; freest dispatch)
     # A group restores once its usage stayed at most this, falling, nothing waiting...
     group_restore_usage_at_most: float = 0.5
     group_restore_window_s: float = 2.0  # ...for this long

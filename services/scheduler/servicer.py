@@ -44,7 +44,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.workers = WorkerClient(config.group_timeout_s)
         # DropGroup / RestoreGroup and the group loop go through this one object.
         self.group_control = GroupControl(self.groups, self.workers, self._draining)
-        self.dispatch_policy = make_dispatch_policy(config.dispatch_policy)
+        # `freest` counts a KunServe group at its members' own capacity (weight share).
+        self.dispatch_policy = make_dispatch_policy(
+            config.dispatch_policy,
+            **(
+                {"group_weight_share": config.group_weight_share}
+                if config.dispatch_policy == "freest"
+                else {}
+            ),
+        )
         # instance id -> commands waiting to go down its StreamLoad stream.
         self._commands: dict[str, asyncio.Queue[scheduler_pb2.SchedulerCommand]] = {}
         self.num_migrations_ordered = 0

@@ -71,11 +71,18 @@ def engine_config(config: SimConfig, profile: SimProfile, max_model_len: int) ->
 
 
 def scheduler_policies(
-    config: SimConfig,
+    config: SimConfig, profile: SimProfile, engine: EngineConfig
 ) -> tuple[DispatchPolicy, MigrationPolicy, SelectionPolicy, ScalingPolicy | None]:
-    """Dispatch, migration pairing, selection and scaling (None: a fixed cluster)."""
+    """Dispatch, migration pairing, selection and scaling (None: a fixed cluster).
+    `freest` counts a KunServe group at its members' own capacity, which takes the
+    weight share an instance's engine has."""
+    dispatch_kwargs = (
+        {"group_weight_share": weight_share(config, profile, engine)}
+        if config.dispatch == "freest"
+        else {}
+    )
     return (
-        make_dispatch_policy(config.dispatch),
+        make_dispatch_policy(config.dispatch, **dispatch_kwargs),
         make_migration_policy(config.migration, config=config.migration_config),
         make_selection_policy(config.selection),
         make_scaling_policy("freeness_band", config=config.scaling) if config.scaling else None,
@@ -92,13 +99,19 @@ def migration_cost(config: SimConfig, profile: SimProfile) -> MigrationCost:
     )
 
 
-def group_config(config: SimConfig, profile: SimProfile, engine: EngineConfig) -> GroupConfig:
-    """The config's GroupConfig with the weight share an instance's engine has."""
-    # Weights / memory of one instance, as its engine holds them (weights + pool).
+def weight_share(config: SimConfig, profile: SimProfile, engine: EngineConfig) -> float:
+    """Weights / memory of one instance, as its engine holds them (weights + pool)."""
     memory = profile.weight_nbytes + engine.num_kv_blocks * (
         profile.kv_bytes_per_token * config.block_size
     )
-    return dataclasses.replace(config.group_config, weight_share=profile.weight_nbytes / memory)
+    return profile.weight_nbytes / memory
+
+
+def group_config(config: SimConfig, profile: SimProfile, engine: EngineConfig) -> GroupConfig:
+    """The config's GroupConfig with the weight share an instance's engine has."""
+    return dataclasses.replace(
+        config.group_config, weight_share=weight_share(config, profile, engine)
+    )
 
 
 def group_cost(config: SimConfig, profile: SimProfile) -> GroupCost:

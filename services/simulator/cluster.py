@@ -72,7 +72,7 @@ class Simulator:
             self.migration_policy,
             self.selection_policy,
             self.scaling_policy,
-        ) = assembly.scheduler_policies(config)
+        ) = assembly.scheduler_policies(config, self.profile, self.engine_config)
         self.migrations = MigrationManager(
             self.loop,
             assembly.migration_cost(config, self.profile),

@@ -183,8 +183,9 @@ def test_every_policy_skips_group_followers_but_takes_stage_0(name):
 
 
 def test_freest_weighs_a_group_stage_0_against_instances_alone():
-    # Stage 0 of g0: (400-100-2)/4 = 74.5; d alone: (100-50-2)/2 = 24; e (follower of
-    # g0, idle) would be the freest but takes nothing.
+    # Stage 0 of g0 (2 members, weight share 0.55: its 400-block pool is what
+    # int(400 / 1.6111) = 248 blocks held alone): (248-100-2)/5 = 29.2; d alone:
+    # (100-50-2)/3 = 16; e (follower of g0, idle) would be the freest but takes nothing.
     loads = [
         load("a", 100, 4, total=400, group_id="g0", group_stage=0),
         load("d", 50, 2),
@@ -194,3 +195,41 @@ def test_freest_weighs_a_group_stage_0_against_instances_alone():
     assert policy.choose(loads, NORMAL) == "a"
     assert policy.choose(loads, DispatchInfo("r", 32, exclude_instance_ids=("a",))) == "d"
     assert policy.choose(loads, DispatchInfo("r", 32, exclude_instance_ids=("a", "d"))) is None
+
+
+def test_freest_counts_a_group_at_its_members_own_capacity():
+    # g0's pool: 400 blocks, 200 used. By its pool it is the freest, (400-200-2)/5 = 39.6,
+    # but its two members held int(400 / 1.6111) = 248 blocks alone: (248-200-2)/5 = 9.2,
+    # below d's (100-50-2)/3 = 16. The drop's memory is for the group's own overload.
+    group = [
+        load("a", 200, 4, total=400, group_id="g0", group_stage=0),
+        load("e", 0, 0, total=400, group_id="g0", group_stage=1),
+    ]
+    policy = make_dispatch_policy("freest", group_weight_share=0.55)
+    assert policy.own_blocks(group[0], {"g0": 2}) == 248
+    assert policy.choose([*group, load("d", 50, 2)], NORMAL) == "d"
+    # Once d is fuller than that ((100-90-2)/3 = 2.7), the group takes the request.
+    assert policy.choose([*group, load("d", 90, 2)], NORMAL) == "a"
+    # With nothing to drop (weight share 0) a group holds no more than its members did.
+    flat = make_dispatch_policy("freest", group_weight_share=0.0)
+    assert flat.own_blocks(group[0], {"g0": 2}) == 400
+    assert flat.choose([*group, load("d", 50, 2)], NORMAL) == "a"
+
+
+def test_freest_group_size_comes_from_the_followers_in_the_snapshot():
+    policy = make_dispatch_policy("freest", group_weight_share=0.55)
+    stage0 = load("a", 200, 4, total=800, group_id="g0", group_stage=0)
+    followers = [load(f"f{i}", 0, 0, total=800, group_id="g0", group_stage=i) for i in (1, 2, 3)]
+    # Four members: gain (4 - 0.55) / (4 x 0.45) = 1.9167, int(800 / 1.9167) = 417.
+    assert policy.own_blocks(stage0, {"g0": 4}) == 417
+    # (417-200-2)/5 = 43 < d's (500-50-2)/3 = 149.3 ...
+    assert policy.choose([stage0, *followers, load("d", 50, 2, total=500)], NORMAL) == "d"
+    # ... but without its followers in the snapshot (a view that lacks them) the group
+    # counts at its pool: (800-200-2)/5 = 119.6 < 149.3, and beats d at 60 free blocks.
+    assert policy.own_blocks(stage0, {"g0": 1}) == 800
+    assert policy.choose([stage0, load("d", 440, 2, total=500)], NORMAL) == "a"
+
+
+def test_freest_rejects_a_weight_share_outside_0_1():
+    with pytest.raises(ConfigError, match=r"group_weight_share=1.0 must be in \[0, 1\)"):
+        make_dispatch_policy("freest", group_weight_share=1.0)

@@ -256,3 +256,49 @@ def test_none_never_decides_anything():
     p = make_group_policy("none")
     loads = [full("a"), full("b"), leader("g-1", 0)]
     assert p.decide(loads, 0.0) == p.decide(loads, 100.0) == GroupDecision()
+
+
+def test_llmesh_groups_a_lone_voter_with_one_still_voting_once_no_room_is_left():
+    p = policy("llmesh", migration_dst_freeness_above=4.0)
+    quiet = load("d", 70, 10)  # freeness 3: no destination, and no vote (nothing queued)
+    p.decide([full("a"), load("b", 50, 8), quiet], 0.0)  # a's window starts
+    # b's vote starts half a window later (more queued: 16 beyond its free blocks).
+    p.decide([full("a"), full("b", waiting_blocks=20), quiet], 0.5)
+    # a has voted a whole window, b not yet: llmesh groups them, a (the voter) leading.
+    decision = p.decide([full("a"), full("b", waiting_blocks=20), quiet], 1.0)
+    assert decision.drops == (("a", "b"),)
+    assert decision.reasons[0] == (
+        "drop g=2: a, b (no migration room; a voted, the others are voting; "
+        "queued beyond free: 22 blocks)"
+    )
+    # kunserve waits for b's window (its plan ranks b first: more queued).
+    k = policy("kunserve")
+    k.decide([full("a"), load("b", 50, 8), quiet], 0.0)
+    k.decide([full("a"), full("b", waiting_blocks=20), quiet], 0.5)
+    assert k.decide([full("a"), full("b", waiting_blocks=20), quiet], 1.0).drops == ()
+    assert k.decide([full("a"), full("b", waiting_blocks=20), quiet], 1.5).drops == (("b", "a"),)
+
+
+def test_llmesh_partners_are_ranked_like_the_plan_and_need_no_migration_in_flight():
+    p = policy("llmesh", migration_dst_freeness_above=4.0)
+    p.decide([full("a")], 0.0)
+    loads = [
+        full("a"),
+        full("b", waiting_blocks=30, migrating=1),  # voting, but mid-migration
+        full("c", waiting_blocks=12),  # 8 beyond free
+        full("d", used=97, waiting_blocks=12),  # 9 beyond free: first
+    ]
+    p.decide(loads, 0.75)  # b, c, d start voting
+    assert p.decide(loads, 1.0).drops == (("a", "d"),)
+
+
+def test_llmesh_leaves_a_lone_voter_alone_while_migration_has_room_or_nobody_else_votes():
+    roomy = load("r", 20, 10)  # freeness 8: room for everyone's excess
+    p = policy("llmesh", migration_dst_freeness_above=4.0)
+    p.decide([full("a"), full("b"), roomy], 0.0)
+    p.decide([full("a"), full("b"), roomy], 0.5)
+    assert p.decide([full("a"), full("b"), roomy], 1.0).drops == ()  # migrate instead
+    q = policy("llmesh", migration_dst_freeness_above=4.0)
+    quiet = load("b", 70, 10)  # nearly full but nothing queued: not voting
+    q.decide([full("a"), quiet], 0.0)
+    assert q.decide([full("a"), quiet], 1.0).drops == ()  # one voter is not a group
