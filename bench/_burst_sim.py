@@ -170,6 +170,8 @@ def sim_config(policy: str, scheduler_flags: tuple[str, ...], costs: dict, **eng
         # Workers admit between steps; the registry counts a dispatch as pending this
         # long (services/scheduler/registry.py, InstanceRegistry._pending_ttl).
         pending_dispatch_ttl_s=min(0.5, lease_s / 4),
+        # Workers report the load their last step left (services/worker/async_engine.py).
+        load_at_step_end=True,
         **costs,
     )
 
@@ -226,6 +228,7 @@ def simulate(policy: str, sim: dict, arrivals, background_jobs: float = 0.0) -> 
         "background_jobs": round(config.host_background_jobs, 2),
         # Seconds after the run's start (its first arrival is at 0) each group served.
         "drop_times_s": [round(t, 2) for t in result.groups.drop_times_s],
+        "decided_times_s": [round(t, 2) for t in result.groups.decided_times_s],
         "slowest_ttft": slowest(
             {int(r.request_id): t for r, t in zip(result.records, ttfts, strict=True)}
         ),

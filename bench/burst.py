@@ -50,6 +50,7 @@ from pathlib import Path
 from bench import _burst_sim, _cpu
 from bench._burst_report import add_ratios, print_table, resimulate, sim_figures
 from bench._burst_run import GROUP_KNOBS, MAX_NUM_SEQS, NUM_WORKERS, rounded, run_policy
+from bench._burst_steps import read_steps, step_windows, summarise
 from bench._burst_workload import WORKLOAD_ARGS, reference_tokens, workload
 from bench._checkpoint import llama_config, write_checkpoint
 from bench.kunserve_mechanism import BLOCK_SIZE, MODEL_SHAPE
@@ -125,6 +126,11 @@ def main(argv: list[str]) -> int:
         p: run_policy(p, args, model_dir, memory_nbytes, arrivals, progress, probe=k == 0)
         for k, p in enumerate(args.policies)
     }
+    windows = step_windows(args)
+    for run in runs.values():
+        run.steps = summarise(
+            read_steps(run.worker_logs, run.started_at), profile.coefficients(), windows
+        )
     engine = _burst_sim.engine_knobs(profile, NUM_WORKERS, BLOCK_SIZE, MAX_NUM_SEQS)
     real_blocks = sorted({n for r in runs.values() for n in r.num_blocks})
     if real_blocks != [engine["num_kv_blocks"]]:

@@ -185,6 +185,7 @@ class Simulator:
             step_overhead_s=self.config.step_overhead_s,
             clock=self._now,
             pending_ttl_s=self.config.pending_dispatch_ttl_s,
+            load_at_step_end=self.config.load_at_step_end,
         )
         self.instances[instance_id] = instance
         if ready_at <= self.loop.now:

@@ -75,6 +75,12 @@ class SimConfig:
     # see it as pending demand for this many seconds after its dispatch, as the live
     # scheduler's registry does (services/scheduler/registry.py: 0.5 s), then not at all.
     pending_dispatch_ttl_s: float | None = None
+    # False: the policies see each instance's load as it is at that instant. True (the
+    # live mesh): as its worker reports it, a snapshot taken after each engine step,
+    # before the requests that arrived meanwhile are admitted and the next step is
+    # scheduled (services/worker/async_engine.py), plus the dispatches of the last
+    # pending_dispatch_ttl_s; a group member's is current (snapshots every micro-batch).
+    load_at_step_end: bool = False
     # Seconds every engine step costs beyond the cost model (the live worker's serving
     # loop around the engine: output push, asyncio; 0 = ideal).
     step_overhead_s: float = 0.0

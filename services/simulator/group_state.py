@@ -53,6 +53,7 @@ class GroupCost:
 class GroupStats:
     num_drops: int = 0  # groups formed
     drop_times_s: list[float] = field(default_factory=list)  # when each began serving
+    decided_times_s: list[float] = field(default_factory=list)  # when the policy chose each
     num_restores: int = 0  # groups dissolved
     num_exchanged_requests: int = 0
     exchange_bytes: int = 0

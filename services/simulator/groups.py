@@ -136,6 +136,7 @@ class GroupManager:
         """Marks the members; the group forms once every one of them is between steps
         and in no migration (now, if they already are)."""
         self._next_id += 1
+        self.stats.decided_times_s.append(self.loop.now)
         num_layers = members[0].engine.model_config.num_layers
         group = SimGroup(
             f"g{self._next_id:02d}",
