@@ -115,7 +115,7 @@ def main(argv: list[str]) -> int:
         f"{len(arrivals)} requests ({args.burst} in a {args.burst_s} s burst), "
         f"{kv_tokens} tokens of KV in all; calibrating the cost model on this host"
     )
-    profile, fit_error = _burst_sim.calibrate(model_dir, memory_nbytes)
+    profile, fit_error = _burst_sim.calibrate(model_dir, memory_nbytes, num_processes=NUM_WORKERS)
     progress(
         f"profile: fixed {profile.fixed_s * 1e3:.2f} ms, {profile.per_token_s * 1e6:.1f} us/token, "
         f"{profile.per_seq_s * 1e6:.1f} us/request, {profile.per_context_token_s * 1e9:.1f} "
