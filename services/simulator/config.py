@@ -63,6 +63,11 @@ class SimConfig:
     min_chunk_tokens: int = 32
     # Fixed cost of one activation hand-off between pipeline stages, seconds.
     activation_hop_latency_s: float = 0.0
+    # Seconds of work each member's join takes once it is between steps (the live
+    # JoinGroup: export its requests, copy the KV slices it gives up to host memory, drop
+    # layers, re-lay the pool, hand over to stage 0; a job on the shared host when
+    # host_cores is set). The group serves when every member has joined. 0 = at once.
+    group_join_s: float = 0.0
     # Knobs of the load model, the migration loop and the auto-scaler (None = fixed fleet).
     load_model: LoadModelConfig = LoadModelConfig()
     migration_config: MigrationConfig = MigrationConfig()
@@ -158,6 +163,8 @@ class SimConfig:
             )
         if self.min_chunk_tokens < 1:
             raise ConfigError(f"min_chunk_tokens={self.min_chunk_tokens} must be >= 1")
+        if self.group_join_s < 0:
+            raise ConfigError(f"group_join_s={self.group_join_s} must be >= 0")
         if self.activation_hop_latency_s < 0:
             raise ConfigError(
                 f"activation_hop_latency_s={self.activation_hop_latency_s} must be >= 0"

@@ -47,6 +47,7 @@ class GroupCost:
     kv_bytes_per_block_layer: int  # K and V of one block in one layer
     activation_bytes_per_token: int  # hidden_size x dtype bytes
     hop_latency_s: float = 0.0  # fixed cost of one activation hand-off
+    join_s: float = 0.0  # each member's join, from its step boundary (SimConfig.group_join_s)
 
 
 @dataclass
@@ -114,6 +115,8 @@ class SimGroup:
     stages: list[PipelineStage] = field(default_factory=list)
     links: list[Link] = field(default_factory=list)
     exchanging: dict[str, float] = field(default_factory=dict)  # request id -> since
+    joining: set[str] = field(default_factory=set)  # members whose join has started
+    num_joined: int = 0  # members whose join is done (GroupCost.join_s)
     num_in_flight: int = 0
     active_since: float | None = None
     active_s: float = 0.0

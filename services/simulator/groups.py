@@ -98,6 +98,7 @@ class GroupManager:
             stage_overhead_s=stage_overhead_s,
         )
         self.on_preempted = on_preempted
+        self.host = host
         self.dispatch = dispatch
         self.kick_instance = kick
         self.groups: dict[str, SimGroup] = {}  # not dissolved
@@ -160,9 +161,31 @@ class GroupManager:
             self.pipeline.schedule(group)
 
     def _try_form(self, group: SimGroup) -> None:
-        if any(m.is_busy or m.num_migrating for m in group.members):
+        if self.cost.join_s > 0:
+            # Each member joins at its own step boundary (its engine call between two
+            # steps); the group forms when the last join is done.
+            for member in group.members:
+                if member.instance_id not in group.joining and not (
+                    member.is_busy or member.num_migrating
+                ):
+                    group.joining.add(member.instance_id)
+                    self._run_join(group, member)
+            if group.num_joined < group.num_stages:
+                return
+        elif any(m.is_busy or m.num_migrating for m in group.members):
             return
         self._form(group)
+
+    def _run_join(self, group: SimGroup, member: SimInstance) -> None:
+        if self.host is None:
+            self.loop.at(self.loop.now + self.cost.join_s, self._joined, group)
+        else:
+            self.host.run(("join", member.instance_id), self.cost.join_s, self._joined, group)
+
+    def _joined(self, group: SimGroup) -> None:
+        group.num_joined += 1
+        if group.num_joined == group.num_stages:
+            self._form(group)
 
     def _form(self, group: SimGroup) -> None:
         now, cost = self.loop.now, self.cost
