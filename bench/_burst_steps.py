@@ -118,3 +118,22 @@ def summarise(steps: list[Step], coefficients: tuple[float, ...], windows) -> di
             "busy_workers": round(sum(b * s.wall_s for s, b in chosen) / wall, 2) if wall else None,
         }
     return out
+
+
+def join_cpu_s(log_paths: list[Path]) -> list[float]:
+    """Engine-thread CPU seconds of every member's join (`group_joined`'s join_cpu_ms):
+    what a drop costs a member once it is between steps (SimConfig.group_join_s)."""
+    out = []
+    for path in log_paths:
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines():
+            if '"group_joined"' not in line:
+                continue
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "join_cpu_ms" in event:
+                out.append(event["join_cpu_ms"] / 1e3)
+    return out

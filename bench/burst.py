@@ -50,7 +50,7 @@ from pathlib import Path
 from bench import _burst_sim, _cpu
 from bench._burst_report import add_ratios, print_table, resimulate, sim_figures
 from bench._burst_run import GROUP_KNOBS, MAX_NUM_SEQS, NUM_WORKERS, rounded, run_policy
-from bench._burst_steps import read_steps, step_windows, summarise
+from bench._burst_steps import join_cpu_s, read_steps, step_windows, summarise
 from bench._burst_workload import WORKLOAD_ARGS, reference_tokens, workload
 from bench._checkpoint import llama_config, write_checkpoint
 from bench.kunserve_mechanism import BLOCK_SIZE, MODEL_SHAPE
@@ -142,6 +142,9 @@ def main(argv: list[str]) -> int:
     costs = _burst_sim.mesh_costs(
         profile, first.probes, _cpu.available_cores(), first.probe_speed or 1.0
     )
+    # The drop's own cost, as the workers measured it (every join of every run).
+    joins = [s for r in runs.values() for s in join_cpu_s(r.worker_logs)]
+    costs["group_join_s"] = round(statistics.fmean(joins), 6) if joins else 0.0
     sim = _burst_sim.sim_block(profile, fit_error, costs, engine, GROUP_KNOBS)
     identical = {p: r.tokens == expected for p, r in runs.items()}
     summary = {

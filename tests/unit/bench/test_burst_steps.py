@@ -3,7 +3,7 @@ model, on hand-written logs."""
 
 import json
 
-from bench._burst_steps import busy_workers, read_steps, step_windows, summarise
+from bench._burst_steps import busy_workers, join_cpu_s, read_steps, step_windows, summarise
 from bench.burst import _parse
 
 
@@ -75,3 +75,14 @@ def test_summary_per_window(tmp_path):
 def test_the_windows_follow_the_workload():
     windows = step_windows(_parse([]))
     assert windows == [("residents", 0.0, 3.0), ("burst", 3.0, 5.0), ("after", 5.0, float("inf"))]
+
+
+def test_join_cpu_comes_from_the_group_joined_lines(tmp_path):
+    log = tmp_path / "worker-0.log"
+    log.write_text(
+        '{"event": "group_joined", "join_cpu_ms": 42.5}\n'
+        '{"event": "group_joined"}\n'  # a worker from before the field: not counted
+        + _line(0.0, 1.0, 1.0, [1, 1, 1, 1, 1])
+        + '\n{"event": "group_joined", "join_cpu_ms": 7.5}\n'
+    )
+    assert join_cpu_s([log, tmp_path / "missing.log"]) == [0.0425, 0.0075]
