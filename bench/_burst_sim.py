@@ -186,6 +186,8 @@ def sim_config(policy: str, scheduler_flags: tuple[str, ...], costs: dict, **eng
         pending_dispatch_ttl_s=min(0.5, lease_s / 4),
         # Workers report the load their last step left (services/worker/async_engine.py).
         load_at_step_end=True,
+        # The live drop: PrepareJoin, then JoinGroup, each at a member's step boundary.
+        group_two_phase_join=True,
         **costs,
     )
 

@@ -210,7 +210,7 @@ class Simulator:
 
     def _kick(self, instance: SimInstance) -> None:
         """Starts the instance's next step if it is idle and has work."""
-        if instance.group_id and self.groups is not None:
+        if instance.group_id and self.groups is not None and not self.groups.steps_alone(instance):
             self.groups.kick(instance)  # forming, or a pipeline stage
             return
         if instance.is_busy or instance.ready_s is None or instance.removed_s is not None:

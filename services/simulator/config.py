@@ -68,6 +68,11 @@ class SimConfig:
     # layers, re-lay the pool, hand over to stage 0; a job on the shared host when
     # host_cores is set). The group serves when every member has joined. 0 = at once.
     group_join_s: float = 0.0
+    # False: a member joins at its first step boundary after the drop decision. True (the
+    # live protocol, services/worker/kunserve/leader.py): PrepareJoin runs at each
+    # member's next boundary and the member steps on; once every member has prepared,
+    # JoinGroup runs at each one's next boundary (group_join_s of work there).
+    group_two_phase_join: bool = False
     # Knobs of the load model, the migration loop and the auto-scaler (None = fixed fleet).
     load_model: LoadModelConfig = LoadModelConfig()
     migration_config: MigrationConfig = MigrationConfig()

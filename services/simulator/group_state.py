@@ -48,6 +48,7 @@ class GroupCost:
     activation_bytes_per_token: int  # hidden_size x dtype bytes
     hop_latency_s: float = 0.0  # fixed cost of one activation hand-off
     join_s: float = 0.0  # each member's join, from its step boundary (SimConfig.group_join_s)
+    two_phase_join: bool = False  # SimConfig.group_two_phase_join
 
 
 @dataclass
@@ -116,6 +117,8 @@ class SimGroup:
     links: list[Link] = field(default_factory=list)
     exchanging: dict[str, float] = field(default_factory=dict)  # request id -> since
     joining: set[str] = field(default_factory=set)  # members whose join has started
+    prepared: set[str] = field(default_factory=set)  # two-phase: PrepareJoin done
+    all_prepared: bool = False  # two-phase: JoinGroup sent to every member
     num_joined: int = 0  # members whose join is done (GroupCost.join_s)
     num_in_flight: int = 0
     active_since: float | None = None

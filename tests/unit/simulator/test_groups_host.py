@@ -62,3 +62,24 @@ def test_negative_join_time_is_rejected():
 
     with pytest.raises(ConfigError, match="group_join_s"):
         dataclasses.replace(TINY, group_join_s=-1.0)
+
+
+def _two_member_drop(**changes):
+    config = dataclasses.replace(TINY, migration_bandwidth_bytes_per_s=1e18, **changes)
+    policy = ScriptedGroups(["i00", "i01"], drop_at=0.02)  # mid-decode of both
+    requests = [SimRequest(f"r{i}", 0.0, 40, 60) for i in range(2)]
+    sim, result = scripted_run(config, requests, policy)
+    assert result.groups.decided_times_s == [pytest.approx(0.02)]
+    return policy.formed[0][1], [inst.num_steps for inst in sim.instances.values()]
+
+
+def test_the_two_phase_join_costs_each_member_one_more_step():
+    # One phase: each member joins at its first boundary after the decision. Two (the
+    # live PrepareJoin then JoinGroup): it prepares there, steps once more, then joins.
+    one_formed_s, one_steps = _two_member_drop()
+    two_formed_s, two_steps = _two_member_drop(group_two_phase_join=True)
+    assert two_steps == [n + 1 for n in one_steps] and one_steps[0] == one_steps[1]
+    assert two_formed_s > one_formed_s
+    # The join's work starts at that second boundary.
+    joined_s, _ = _two_member_drop(group_two_phase_join=True, group_join_s=0.05)
+    assert joined_s == pytest.approx(two_formed_s + 0.05)
