@@ -81,6 +81,8 @@ class PolicyRun:
             "started_at": round(self.started_at, 3),
             "steps": self.steps,
             "slowest_ttft": slowest(self.ttft_by_request),
+            # Every request's TTFT by arrival index (where the two sides part).
+            "ttfts_s": [round(self.ttft_by_request[k], 3) for k in sorted(self.ttft_by_request)],
             "cpu_cores": self.cpu_cores,
             "background_jobs": rounded(self.background_jobs),
             "own_threads": rounded(self.own_threads),

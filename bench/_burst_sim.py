@@ -245,6 +245,12 @@ def simulate(policy: str, sim: dict, arrivals, background_jobs: float = 0.0) -> 
         # Seconds after the run's start (its first arrival is at 0) each group served.
         "drop_times_s": [round(t, 2) for t in result.groups.drop_times_s],
         "decided_times_s": [round(t, 2) for t in result.groups.decided_times_s],
+        "ttfts_s": [
+            round(t, 3)
+            for _, t in sorted(
+                (int(r.request_id), t) for r, t in zip(result.records, ttfts, strict=True)
+            )
+        ],
         "slowest_ttft": slowest(
             {int(r.request_id): t for r, t in zip(result.records, ttfts, strict=True)}
         ),
