@@ -65,6 +65,7 @@ class SimInstance:
         # last pending_ttl_s (the registry's pending demand, services/scheduler/registry.py).
         self.load_at_step_end = load_at_step_end
         self._reported: tuple | None = None  # engine figures of the last snapshot
+        self._reported_group = ""  # the group it was in then
         self._dispatched: list[tuple[float, int]] = []  # (at, blocks) within the TTL
         self.engine = LLMEngine.simulated(engine_config, profile)
         self.scheduler = self.engine.scheduler
@@ -117,8 +118,9 @@ class SimInstance:
     def _reported_load(self) -> InstanceLoad:
         """What the live scheduler sees: the last step-end snapshot (a group member's is
         taken every micro-batch: the current state) plus the recent dispatches."""
-        if self.group_id or self._reported is None:
-            self._reported = self._engine_figures()
+        if self.group_id or self._reported is None or self._reported_group != self.group_id:
+            self._reported = self._engine_figures()  # joined or left a group: a new pool
+            self._reported_group = self.group_id
         load = self._compute_load(self._reported)
         if self.pending_ttl_s is None or not self._dispatched:
             return load
@@ -262,6 +264,7 @@ class SimInstance:
         )
         if self.load_at_step_end:
             self._reported = self._engine_figures()  # before it admits the deferred ones
+            self._reported_group = self.group_id
         deferred, self._deferred = self._deferred, []
         for _, args in deferred:  # between two steps: the worker admits them now
             self._admit(*args)

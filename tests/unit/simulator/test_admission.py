@@ -120,3 +120,15 @@ def test_every_request_still_finishes_with_step_end_loads():
     reported = Simulator(dataclasses.replace(config, load_at_step_end=True), requests).run()
     assert reported.summary.num_requests == exact.summary.num_requests == 12
     assert sorted(r.num_output_tokens for r in reported.records) == [30] * 12
+
+
+def test_leaving_a_group_takes_a_new_snapshot():
+    now = [0.0]
+    instance = _reporting_instance(now)
+    instance.add_request("a", [TOKEN_ID] * 40, 4, 0, 0.0)
+    assert instance.start_step() is not None
+    assert instance.load().num_used_blocks == 0  # the idle snapshot
+    instance.group_id = "g01"  # a member's load is current
+    assert instance.load().num_used_blocks == 3
+    instance.group_id = ""  # left: the worker reports its own pool again, now
+    assert instance.load().num_used_blocks == 3
