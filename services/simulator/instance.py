@@ -86,6 +86,8 @@ class SimInstance:
         self._load: InstanceLoad | None = None
         self.num_steps = 0
         self.busy_s = 0.0
+        if load_at_step_end:
+            self._reported = self._engine_figures()  # the idle worker's first report
 
     # ---- state --------------------------------------------------------------------
 
