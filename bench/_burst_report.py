@@ -79,7 +79,13 @@ def print_table(summary: dict) -> None:
         sim = summary.get("sim_policies", {}).get(policy, {})
         print(f"{policy:>10} slowest [request, TTFT s]: real {f.get('slowest_ttft', '-')}, "
               f"sim {sim.get('slowest_ttft', '-')}; groups serving at (s): "
-              f"real {f.get('drop_times_s', '-')}, sim {sim.get('drop_times_s', '-')}")  # fmt: skip
+              f"real {f.get('drop_times_s', '-')}, sim {sim.get('drop_times_s', '-')}; "
+              f"decided at (s): real {f.get('decided_times_s', '-')}, "
+              f"sim {sim.get('decided_times_s', '-')}")  # fmt: skip
+        for phase, st in f.get("steps", {}).items():
+            print(f"{'':>10} {phase:>9} steps: {st['num_steps']:>4}, CPU / model "
+                  f"{st['cpu_per_model']}, wall / CPU {st['wall_per_cpu']}, "
+                  f"workers stepping {st['busy_workers']}")  # fmt: skip
     host = summary["host"]
     print(f"host: {host['cores']} cores, load average {host['load_avg_at_start']} at the start, "
           f"{host['load_avg_at_end']} at the end")  # fmt: skip

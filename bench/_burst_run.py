@@ -46,6 +46,9 @@ class PolicyRun:
     ttft_by_request: dict[int, float] = field(default_factory=dict)  # arrival index -> s
     started_at: float = 0.0  # wall clock when the first arrival was due
     drop_times_s: list[float] = field(default_factory=list)  # groups serving, after start
+    decided_times_s: list[float] = field(default_factory=list)  # drops decided, after start
+    worker_logs: list[Path] = field(default_factory=list)  # engine_step lines: _burst_steps
+    steps: dict = field(default_factory=dict)  # _burst_steps.summarise, set by the caller
     tokens: list[list[int]] = field(default_factory=list)
     drops: int = 0
     restores: int = 0
@@ -74,7 +77,12 @@ class PolicyRun:
             "preemptions": self.preemptions,
             "elapsed_s": round(self.elapsed_s, 1),
             "drop_times_s": self.drop_times_s,
+            "decided_times_s": self.decided_times_s,
+            "started_at": round(self.started_at, 3),
+            "steps": self.steps,
             "slowest_ttft": slowest(self.ttft_by_request),
+            # Every request's TTFT by arrival index (where the two sides part).
+            "ttfts_s": [round(self.ttft_by_request[k], 3) for k in sorted(self.ttft_by_request)],
             "cpu_cores": self.cpu_cores,
             "background_jobs": rounded(self.background_jobs),
             "own_threads": rounded(self.own_threads),
@@ -220,6 +228,7 @@ def run_policy(
         ),
         scheduler_args=("--policy", policy, *GROUP_KNOBS),
         gateway_args=("--log-level", "WARNING"),
+        env={"LLMESH_WORKER_STEP_LOG": "true"},  # engine_step lines: bench/_burst_steps.py
     )  # fmt: skip
     progress(f"{policy}: starting a mesh of {NUM_WORKERS} workers (logs in {log_dir})")
     with mesh:
@@ -259,6 +268,12 @@ def run_policy(
         for e in scheduler
         if e.get("event") == "group_serving"
     ]
+    run.decided_times_s = [
+        round(_log_time(e) - run.started_at, 2)
+        for e in scheduler
+        if e.get("event") == "group_drop_decided"
+    ]
+    run.worker_logs = [Path(w.log_path) for w in mesh.workers]
     run.restores = sum(e.get("event") == "group_restored" for e in scheduler)
     run.migrations = sum(
         e.get("event") == "migration_adopted"

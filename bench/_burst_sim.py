@@ -42,11 +42,13 @@ CALIBRATION_ROUNDS = 3
 LINK_BYTES_PER_S = 1.6e9
 
 
-def calibrate(model_dir: Path, memory_nbytes: int, torch_threads: int = 1):
+def calibrate(model_dir: Path, memory_nbytes: int, torch_threads: int = 1, num_processes: int = 1):
     """A cost-model profile of the bench model on this host (a CostModelProfile whose
-    memory is the workers')."""
+    memory is the workers'), measured by `num_processes` engines at once
+    (bench/_burst_calibrate.py: as many as the mesh has workers)."""
     import torch
 
+    from bench._burst_calibrate import measure_concurrently
     from services.common.config import load_config
     from services.worker.engine.calibration import measure
     from services.worker.engine.config import EngineConfig
@@ -65,14 +67,25 @@ def calibrate(model_dir: Path, memory_nbytes: int, torch_threads: int = 1):
             "ENGINE",
             {"model": str(model_dir), "memory_capacity_bytes": memory_nbytes + 2 * kv_nbytes},
         )
-        samples = measure(
-            config,
-            CALIBRATION_ROUNDS,
-            lambda _line: None,
-            DECODE_PROBES,
-            PREFILL_PROBES,
-            clock=time.process_time,
-        )
+        if num_processes > 1:
+            per_process = measure_concurrently(
+                config,
+                num_processes,
+                CALIBRATION_ROUNDS,
+                DECODE_PROBES,
+                PREFILL_PROBES,
+                torch_threads,
+            )
+            samples = [s for process in per_process for s in process]
+        else:
+            samples = measure(
+                config,
+                CALIBRATION_ROUNDS,
+                lambda _line: None,
+                DECODE_PROBES,
+                PREFILL_PROBES,
+                clock=time.process_time,
+            )
     finally:
         torch.set_num_threads(threads)
     profile = fit_profile(
@@ -80,8 +93,9 @@ def calibrate(model_dir: Path, memory_nbytes: int, torch_threads: int = 1):
         model=model,
         dtype=config.dtype,
         samples=[(s.features, s.seconds) for s in samples],
-        source=f"bench burst: {len(samples)} probes x {CALIBRATION_ROUNDS} rounds (fastest "
-        f"kept), {torch_threads} torch thread(s)",
+        source=f"bench burst: {len(samples) // num_processes} probes x {CALIBRATION_ROUNDS} "
+        f"rounds (fastest kept) in each of {num_processes} process(es) at once, "
+        f"{torch_threads} torch thread(s) each",
         memory_capacity_bytes=memory_nbytes,
     )
     errors = [
@@ -170,6 +184,10 @@ def sim_config(policy: str, scheduler_flags: tuple[str, ...], costs: dict, **eng
         # Workers admit between steps; the registry counts a dispatch as pending this
         # long (services/scheduler/registry.py, InstanceRegistry._pending_ttl).
         pending_dispatch_ttl_s=min(0.5, lease_s / 4),
+        # Workers report the load their last step left (services/worker/async_engine.py).
+        load_at_step_end=True,
+        # The live drop: PrepareJoin, then JoinGroup, each at a member's step boundary.
+        group_two_phase_join=True,
         **costs,
     )
 
@@ -226,6 +244,13 @@ def simulate(policy: str, sim: dict, arrivals, background_jobs: float = 0.0) -> 
         "background_jobs": round(config.host_background_jobs, 2),
         # Seconds after the run's start (its first arrival is at 0) each group served.
         "drop_times_s": [round(t, 2) for t in result.groups.drop_times_s],
+        "decided_times_s": [round(t, 2) for t in result.groups.decided_times_s],
+        "ttfts_s": [
+            round(t, 3)
+            for _, t in sorted(
+                (int(r.request_id), t) for r, t in zip(result.records, ttfts, strict=True)
+            )
+        ],
         "slowest_ttft": slowest(
             {int(r.request_id): t for r, t in zip(result.records, ttfts, strict=True)}
         ),

@@ -50,6 +50,7 @@ from pathlib import Path
 from bench import _burst_sim, _cpu
 from bench._burst_report import add_ratios, print_table, resimulate, sim_figures
 from bench._burst_run import GROUP_KNOBS, MAX_NUM_SEQS, NUM_WORKERS, rounded, run_policy
+from bench._burst_steps import join_cpu_s, read_steps, step_windows, summarise
 from bench._burst_workload import WORKLOAD_ARGS, reference_tokens, workload
 from bench._checkpoint import llama_config, write_checkpoint
 from bench.kunserve_mechanism import BLOCK_SIZE, MODEL_SHAPE
@@ -114,7 +115,7 @@ def main(argv: list[str]) -> int:
         f"{len(arrivals)} requests ({args.burst} in a {args.burst_s} s burst), "
         f"{kv_tokens} tokens of KV in all; calibrating the cost model on this host"
     )
-    profile, fit_error = _burst_sim.calibrate(model_dir, memory_nbytes)
+    profile, fit_error = _burst_sim.calibrate(model_dir, memory_nbytes, num_processes=NUM_WORKERS)
     progress(
         f"profile: fixed {profile.fixed_s * 1e3:.2f} ms, {profile.per_token_s * 1e6:.1f} us/token, "
         f"{profile.per_seq_s * 1e6:.1f} us/request, {profile.per_context_token_s * 1e9:.1f} "
@@ -125,6 +126,11 @@ def main(argv: list[str]) -> int:
         p: run_policy(p, args, model_dir, memory_nbytes, arrivals, progress, probe=k == 0)
         for k, p in enumerate(args.policies)
     }
+    windows = step_windows(args)
+    for run in runs.values():
+        run.steps = summarise(
+            read_steps(run.worker_logs, run.started_at), profile.coefficients(), windows
+        )
     engine = _burst_sim.engine_knobs(profile, NUM_WORKERS, BLOCK_SIZE, MAX_NUM_SEQS)
     real_blocks = sorted({n for r in runs.values() for n in r.num_blocks})
     if real_blocks != [engine["num_kv_blocks"]]:
@@ -136,6 +142,9 @@ def main(argv: list[str]) -> int:
     costs = _burst_sim.mesh_costs(
         profile, first.probes, _cpu.available_cores(), first.probe_speed or 1.0
     )
+    # The drop's own cost, as the workers measured it (every join of every run).
+    joins = [s for r in runs.values() for s in join_cpu_s(r.worker_logs)]
+    costs["group_join_s"] = round(statistics.fmean(joins), 6) if joins else 0.0
     sim = _burst_sim.sim_block(profile, fit_error, costs, engine, GROUP_KNOBS)
     identical = {p: r.tokens == expected for p, r in runs.items()}
     summary = {

@@ -122,6 +122,8 @@ def group_cost(config: SimConfig, profile: SimProfile) -> GroupCost:
         kv_bytes_per_block_layer=profile.kv_bytes_per_token * config.block_size // model.num_layers,
         activation_bytes_per_token=model.hidden_size * DTYPE_NBYTES[profile.cost_profile.dtype],
         hop_latency_s=config.activation_hop_latency_s,
+        join_s=config.group_join_s,
+        two_phase_join=config.group_two_phase_join,
     )
 
 

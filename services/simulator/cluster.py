@@ -185,6 +185,7 @@ class Simulator:
             step_overhead_s=self.config.step_overhead_s,
             clock=self._now,
             pending_ttl_s=self.config.pending_dispatch_ttl_s,
+            load_at_step_end=self.config.load_at_step_end,
         )
         self.instances[instance_id] = instance
         if ready_at <= self.loop.now:
@@ -209,7 +210,7 @@ class Simulator:
 
     def _kick(self, instance: SimInstance) -> None:
         """Starts the instance's next step if it is idle and has work."""
-        if instance.group_id and self.groups is not None:
+        if instance.group_id and self.groups is not None and not self.groups.steps_alone(instance):
             self.groups.kick(instance)  # forming, or a pipeline stage
             return
         if instance.is_busy or instance.ready_s is None or instance.removed_s is not None:

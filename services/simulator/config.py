@@ -63,6 +63,16 @@ class SimConfig:
     min_chunk_tokens: int = 32
     # Fixed cost of one activation hand-off between pipeline stages, seconds.
     activation_hop_latency_s: float = 0.0
+    # Seconds of work each member's join takes once it is between steps (the live
+    # JoinGroup: export its requests, copy the KV slices it gives up to host memory, drop
+    # layers, re-lay the pool, hand over to stage 0; a job on the shared host when
+    # host_cores is set). The group serves when every member has joined. 0 = at once.
+    group_join_s: float = 0.0
+    # False: a member joins at its first step boundary after the drop decision. True (the
+    # live protocol, services/worker/kunserve/leader.py): PrepareJoin runs at each
+    # member's next boundary and the member steps on; once every member has prepared,
+    # JoinGroup runs at each one's next boundary (group_join_s of work there).
+    group_two_phase_join: bool = False
     # Knobs of the load model, the migration loop and the auto-scaler (None = fixed fleet).
     load_model: LoadModelConfig = LoadModelConfig()
     migration_config: MigrationConfig = MigrationConfig()
@@ -75,6 +85,12 @@ class SimConfig:
     # see it as pending demand for this many seconds after its dispatch, as the live
     # scheduler's registry does (services/scheduler/registry.py: 0.5 s), then not at all.
     pending_dispatch_ttl_s: float | None = None
+    # False: the policies see each instance's load as it is at that instant. True (the
+    # live mesh): as its worker reports it, a snapshot taken after each engine step,
+    # before the requests that arrived meanwhile are admitted and the next step is
+    # scheduled (services/worker/async_engine.py), plus the dispatches of the last
+    # pending_dispatch_ttl_s; a group member's is current (snapshots every micro-batch).
+    load_at_step_end: bool = False
     # Seconds every engine step costs beyond the cost model (the live worker's serving
     # loop around the engine: output push, asyncio; 0 = ideal).
     step_overhead_s: float = 0.0
@@ -152,6 +168,8 @@ class SimConfig:
             )
         if self.min_chunk_tokens < 1:
             raise ConfigError(f"min_chunk_tokens={self.min_chunk_tokens} must be >= 1")
+        if self.group_join_s < 0:
+            raise ConfigError(f"group_join_s={self.group_join_s} must be >= 0")
         if self.activation_hop_latency_s < 0:
             raise ConfigError(
                 f"activation_hop_latency_s={self.activation_hop_latency_s} must be >= 0"

@@ -47,12 +47,15 @@ class GroupCost:
     kv_bytes_per_block_layer: int  # K and V of one block in one layer
     activation_bytes_per_token: int  # hidden_size x dtype bytes
     hop_latency_s: float = 0.0  # fixed cost of one activation hand-off
+    join_s: float = 0.0  # each member's join, from its step boundary (SimConfig.group_join_s)
+    two_phase_join: bool = False  # SimConfig.group_two_phase_join
 
 
 @dataclass
 class GroupStats:
     num_drops: int = 0  # groups formed
     drop_times_s: list[float] = field(default_factory=list)  # when each began serving
+    decided_times_s: list[float] = field(default_factory=list)  # when the policy chose each
     num_restores: int = 0  # groups dissolved
     num_exchanged_requests: int = 0
     exchange_bytes: int = 0
@@ -113,6 +116,10 @@ class SimGroup:
     stages: list[PipelineStage] = field(default_factory=list)
     links: list[Link] = field(default_factory=list)
     exchanging: dict[str, float] = field(default_factory=dict)  # request id -> since
+    joining: set[str] = field(default_factory=set)  # members whose join has started
+    prepared: set[str] = field(default_factory=set)  # two-phase: PrepareJoin done
+    all_prepared: bool = False  # two-phase: JoinGroup sent to every member
+    num_joined: int = 0  # members whose join is done (GroupCost.join_s)
     num_in_flight: int = 0
     active_since: float | None = None
     active_s: float = 0.0

@@ -98,6 +98,7 @@ class GroupManager:
             stage_overhead_s=stage_overhead_s,
         )
         self.on_preempted = on_preempted
+        self.host = host
         self.dispatch = dispatch
         self.kick_instance = kick
         self.groups: dict[str, SimGroup] = {}  # not dissolved
@@ -136,6 +137,7 @@ class GroupManager:
         """Marks the members; the group forms once every one of them is between steps
         and in no migration (now, if they already are)."""
         self._next_id += 1
+        self.stats.decided_times_s.append(self.loop.now)
         num_layers = members[0].engine.model_config.num_layers
         group = SimGroup(
             f"g{self._next_id:02d}",
@@ -158,10 +160,69 @@ class GroupManager:
         elif instance is group.leader:
             self.pipeline.schedule(group)
 
+    def steps_alone(self, instance: SimInstance) -> bool:
+        """Whether a forming group's member still steps alone (two-phase join: it
+        prepares at a boundary, steps on, joins at its next boundary after all prepared)."""
+        group = self.by_member[instance.instance_id]
+        if not self.cost.two_phase_join or group.phase is not GroupPhase.FORMING:
+            return False
+        member_id = instance.instance_id
+        if member_id in group.joining:
+            return False
+        if instance.is_busy or instance.num_migrating:
+            return True  # not between steps (or refused while migrating): no call runs
+        if member_id not in group.prepared:
+            group.prepared.add(member_id)
+            if len(group.prepared) == group.num_stages:
+                group.all_prepared = True
+                # Members with nothing to step join at once (after this boundary's step
+                # started, if it has one).
+                self.loop.at(self.loop.now, self._join_idle, group)
+            return True
+        if not group.all_prepared:
+            return True
+        group.joining.add(member_id)
+        self._run_join(group, instance)
+        return False
+
+    def _join_idle(self, group: SimGroup) -> None:
+        for member in group.members:
+            if member.instance_id not in group.joining and not member.is_busy:
+                group.joining.add(member.instance_id)
+                self._run_join(group, member)
+
     def _try_form(self, group: SimGroup) -> None:
-        if any(m.is_busy or m.num_migrating for m in group.members):
+        if self.cost.two_phase_join:
+            if not group.prepared:  # just decided: members between steps prepare now
+                for member in group.members:
+                    if not member.is_busy:
+                        self.kick_instance(member)
+            return  # the members' boundaries drive it (steps_alone); _joined forms it
+        if self.cost.join_s > 0:
+            # Each member joins at its own step boundary (its engine call between two
+            # steps); the group forms when the last join is done.
+            for member in group.members:
+                if member.instance_id not in group.joining and not (
+                    member.is_busy or member.num_migrating
+                ):
+                    group.joining.add(member.instance_id)
+                    self._run_join(group, member)
+            if group.num_joined < group.num_stages:
+                return
+        elif any(m.is_busy or m.num_migrating for m in group.members):
             return
         self._form(group)
+
+    def _run_join(self, group: SimGroup, member: SimInstance) -> None:
+        if self.host is None:
+            self.loop.at(self.loop.now + self.cost.join_s, self._joined, group)
+        else:
+            self.host.run(("join", member.instance_id), self.cost.join_s, self._joined, group)
+
+    def _joined(self, group: SimGroup) -> None:
+        group.num_joined += 1
+        if group.num_joined == group.num_stages:
+            self._form(group)
 
     def _form(self, group: SimGroup) -> None:
         now, cost = self.loop.now, self.cost

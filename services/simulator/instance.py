@@ -48,6 +48,7 @@ class SimInstance:
         step_overhead_s: float = 0.0,
         clock: Callable[[], float] | None = None,
         pending_ttl_s: float | None = None,
+        load_at_step_end: bool = False,
     ) -> None:
         self.instance_id = instance_id
         # Live admission (pending_ttl_s set): the worker adds a request to its engine
@@ -57,6 +58,15 @@ class SimInstance:
         self.clock = clock
         self.pending_ttl_s = pending_ttl_s
         self._deferred: list[tuple[float, tuple]] = []  # (dispatched at, add_request args)
+        # Live load reports (load_at_step_end): the worker's engine thread snapshots its
+        # load after each step, before it admits what arrived meanwhile and schedules the
+        # next one, so the policies see the pool as the last step left it (not the next
+        # step's blocks, not the requests it just admitted) plus every dispatch of the
+        # last pending_ttl_s (the registry's pending demand, services/scheduler/registry.py).
+        self.load_at_step_end = load_at_step_end
+        self._reported: tuple | None = None  # engine figures of the last snapshot
+        self._reported_group = ""  # the group it was in then
+        self._dispatched: list[tuple[float, int]] = []  # (at, blocks) within the TTL
         self.engine = LLMEngine.simulated(engine_config, profile)
         self.scheduler = self.engine.scheduler
         self.block_manager = self.engine.block_manager
@@ -76,6 +86,8 @@ class SimInstance:
         self._load: InstanceLoad | None = None
         self.num_steps = 0
         self.busy_s = 0.0
+        if load_at_step_end:
+            self._reported = self._engine_figures()  # the idle worker's first report
 
     # ---- state --------------------------------------------------------------------
 
@@ -97,11 +109,29 @@ class SimInstance:
 
     def load(self) -> InstanceLoad:
         """The Llumnix load snapshot (cached until `touch`)."""
+        if self.load_at_step_end:
+            return self._reported_load()
         if self._load is None:
             self._load = self._compute_load()
         if self._deferred:
             return self._with_pending(self._load)
         return self._load
+
+    def _reported_load(self) -> InstanceLoad:
+        """What the live scheduler sees: the last step-end snapshot (a group member's is
+        taken every micro-batch: the current state) plus the recent dispatches."""
+        if self.group_id or self._reported is None or self._reported_group != self.group_id:
+            self._reported = self._engine_figures()  # joined or left a group: a new pool
+            self._reported_group = self.group_id
+        load = self._compute_load(self._reported)
+        if self.pending_ttl_s is None or not self._dispatched:
+            return load
+        assert self.clock is not None
+        now = self.clock()
+        self._dispatched = [(at, n) for at, n in self._dispatched if now - at < self.pending_ttl_s]
+        return add_pending_dispatches(
+            load, len(self._dispatched), sum(n for _, n in self._dispatched)
+        )
 
     def _with_pending(self, load: InstanceLoad) -> InstanceLoad:
         assert self.clock is not None and self.pending_ttl_s is not None
@@ -113,19 +143,32 @@ class SimInstance:
             load, len(pending), sum(bm.num_blocks_for(len(args[1])) for args in pending)
         )
 
-    def _compute_load(self) -> InstanceLoad:
+    def _engine_figures(self) -> tuple[int, ...]:
         # The same inputs the llumlet reports (LLMEngine.stats), without the dataclass.
         scheduler, bm = self.scheduler, self.block_manager
         waiting = scheduler.waiting
+        return (
+            bm.num_total_blocks,
+            bm.num_used_blocks,
+            len(scheduler.running),
+            len(waiting),
+            bm.num_blocks_for(waiting[0].num_tokens) if waiting else 0,
+            sum(bm.num_blocks_for(r.num_tokens) for r in waiting),
+            sum(1 for r in scheduler.running if r.priority > 0),
+        )
+
+    def _compute_load(self, figures: tuple[int, ...] | None = None) -> InstanceLoad:
+        total, used, running, waiting, hol, waiting_blocks, high = figures or self._engine_figures()
+        scheduler, bm = self.scheduler, self.block_manager
         return make_instance_load(
             self.instance_id,
-            num_total_blocks=bm.num_total_blocks,
-            num_used_blocks=bm.num_used_blocks,
-            num_running=len(scheduler.running),
-            num_waiting=len(waiting),
-            num_hol_blocks=bm.num_blocks_for(waiting[0].num_tokens) if waiting else 0,
-            num_waiting_blocks=sum(bm.num_blocks_for(r.num_tokens) for r in waiting),
-            num_running_high_priority=sum(1 for r in scheduler.running if r.priority > 0),
+            num_total_blocks=total,
+            num_used_blocks=used,
+            num_running=running,
+            num_waiting=waiting,
+            num_hol_blocks=hol,
+            num_waiting_blocks=waiting_blocks,
+            num_running_high_priority=high,
             is_terminating=self.is_terminating,
             num_migrating=self.num_migrating,
             num_preemptions=scheduler.num_preemptions,
@@ -145,11 +188,25 @@ class SimInstance:
         priority: int,
         arrival_s: float,
     ) -> None:
+        if self.load_at_step_end and self.clock is not None:
+            self._dispatched.append(
+                (self.clock(), self.block_manager.num_blocks_for(len(prompt_token_ids)))
+            )
         if self.pending_ttl_s is not None and self.is_busy:
             assert self.clock is not None
             args = (request_id, prompt_token_ids, num_output_tokens, priority, arrival_s)
             self._deferred.append((self.clock(), args))
             return
+        self._admit(request_id, prompt_token_ids, num_output_tokens, priority, arrival_s)
+
+    def _admit(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        num_output_tokens: int,
+        priority: int,
+        arrival_s: float,
+    ) -> None:
         params = SamplingParams(max_tokens=num_output_tokens, ignore_eos=True, seed=0)
         self.engine.add_request(request_id, prompt_token_ids, params, priority, arrival_s)
         self.touch()
@@ -207,7 +264,10 @@ class SimInstance:
             if result is None
             else self.scheduler.update_from_output(batch, result.sampled_token_ids)
         )
+        if self.load_at_step_end:
+            self._reported = self._engine_figures()  # before it admits the deferred ones
+            self._reported_group = self.group_id
         deferred, self._deferred = self._deferred, []
         for _, args in deferred:  # between two steps: the worker admits them now
-            self.add_request(*args)
+            self._admit(*args)
         return outputs

@@ -79,10 +79,12 @@ class AsyncEngine:
         snapshot_interval_s: float = 0.05,
         idle_wait_s: float = 0.5,
         on_started: Callable[[int, list[str]], None] | None = None,
+        step_log: bool = False,
     ) -> None:
         """on_started(step_start_ns, request_ids): requests whose prefill a step began
         (time.time_ns() at the step's start), on the event loop before that step's
-        on_step."""
+        on_step. step_log: log every step (`engine_step`: its start, wall and engine-thread
+        CPU time, batch features) for benchmarks that compare them with a cost model."""
         self.engine = engine
         self._on_step = on_step
         self._on_started = on_started
@@ -105,6 +107,7 @@ class AsyncEngine:
         self.num_steps = 0
         self.num_step_tokens = 0  # tokens computed over all steps (prefill + decode)
         self.step_wall_s = 0.0  # wall time inside engine.step()
+        self.step_log = step_log
         self._started_at = 0.0
 
     def start(self) -> None:
@@ -186,8 +189,12 @@ class AsyncEngine:
                 try:
                     step_start = time.perf_counter()
                     step_start_ns = time.time_ns()
+                    cpu_start = time.thread_time() if self.step_log else 0.0
                     outputs = stepper.step(engine) if stepper else engine.step()
-                    self.step_wall_s += time.perf_counter() - step_start
+                    wall_s = time.perf_counter() - step_start
+                    self.step_wall_s += wall_s
+                    if self.step_log and not stepper:
+                        _log_step(step_start_ns, wall_s, time.thread_time() - cpu_start, engine)
                     self.num_steps += 1
                     self.num_step_tokens += engine.last_step.num_batched_tokens
                     started = engine.last_step.started_request_ids
@@ -255,6 +262,19 @@ class AsyncEngine:
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):  # the loop is closed: the process is exiting
             self._loop.call_soon_threadsafe(fn, *args, context=self._context)
+
+
+def _log_step(start_ns: int, wall_s: float, cpu_s: float, engine: LLMEngine) -> None:
+    step = engine.last_step
+    if not step.features:
+        return  # nothing scheduled
+    log.info(
+        "engine_step",
+        start_ns=start_ns,
+        wall_ms=round(wall_s * 1e3, 3),
+        cpu_ms=round(cpu_s * 1e3, 3),
+        features=[round(f) for f in step.features],
+    )
 
 
 def _set_result(future: asyncio.Future, result: Any) -> None:

@@ -42,6 +42,9 @@ class WorkerConfig:
     report_interval_s: float = 0.05  # load report period (the scheduler's reply overrides it)
     owner_unreachable_s: float = 10.0  # abort a gateway's requests when it is unreachable this long
     log_level: str = "INFO"  # DEBUG, INFO, WARNING or ERROR
+    # Log every engine step's wall and CPU time and batch shape (`engine_step`; `bench
+    # burst` compares them with the simulator's cost model). Off: a line per step.
+    step_log: bool = False
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)  # traces, /metrics
     ready_file: str = ""  # write {"address", "pid"} here once serving (process launchers)
     grace_s: float = 5.0  # graceful-stop grace period

@@ -72,6 +72,7 @@ class WorkerInstance:
         owner_unreachable_s: float,
         metrics: WorkerMetrics | None = None,
         max_waiting_requests: int | None = None,
+        step_log: bool = False,
     ) -> None:
         """metrics: where this worker's Prometheus metrics go (None = not recorded);
         max_waiting_requests: Submit's bound on the engine's waiting queue (None = none)."""
@@ -80,7 +81,9 @@ class WorkerInstance:
         self.llumlet = llumlet
         self.router = OutputRouter(self.instance_id, owner_unreachable_s, self._abort_orphans)
         self.spans = RequestSpans()
-        self.async_engine = AsyncEngine(engine, self.on_step, on_started=self.spans.on_started)
+        self.async_engine = AsyncEngine(
+            engine, self.on_step, on_started=self.spans.on_started, step_log=step_log
+        )
         self.metrics = metrics
         self._failures: dict[str, str] = {}  # request id -> why this worker gives it up
         self._tasks: set[asyncio.Task] = set()

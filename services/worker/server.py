@@ -161,7 +161,12 @@ async def _start_instance(
         else None
     )
     instance = WorkerInstance(
-        engine, llumlet, config.owner_unreachable_s, metrics, config.max_waiting_requests
+        engine,
+        llumlet,
+        config.owner_unreachable_s,
+        metrics,
+        config.max_waiting_requests,
+        step_log=config.step_log,
     )
     instance.start()
     migration = instance.attach_migration(transport, config.migration, faults)

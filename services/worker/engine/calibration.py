@@ -55,10 +55,13 @@ def measure(
     decode_probes: list[tuple[int, int]] = DECODE_PROBES,
     prefill_probes: list[tuple[int, int]] = PREFILL_PROBES,
     clock: Callable[[], float] | None = None,
+    before_round: Callable[[], None] | None = None,
 ) -> list[Sample]:
     """Each probe's fastest time over `repeats` rounds: the executor's wall-clock step
     time, or the difference of `clock()` around it (time.process_time: CPU seconds, which
-    other processes on a shared machine do not inflate; one torch thread)."""
+    other processes on a shared machine do not inflate; one torch thread).
+    `before_round()` runs before each round (processes that measure together wait for
+    each other there)."""
     engine = LLMEngine.from_config(config)
     probes: list[tuple[str, SchedulerOutput]] = []
     try:
@@ -76,6 +79,8 @@ def measure(
     for batch in (b for _, b in probes):
         engine.executor.execute(batch)  # warm-up
     for round_no in range(1, repeats + 1):
+        if before_round is not None:
+            before_round()
         for i, (_, batch) in enumerate(probes):
             if clock is None:
                 seconds = engine.executor.execute(batch).elapsed_s

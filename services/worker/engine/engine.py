@@ -36,7 +36,12 @@ from services.common.tokenizer import ByteTokenizer, Tokenizer
 from services.worker.engine import native
 from services.worker.engine.block_manager import BlockManager
 from services.worker.engine.config import EngineConfig, ModelConfig
-from services.worker.engine.cost_model import CostModelExecutor, CostModelProfile, get_profile
+from services.worker.engine.cost_model import (
+    CostModelExecutor,
+    CostModelProfile,
+    batch_features,
+    get_profile,
+)
 from services.worker.engine.errors import BlockIntegrityError, EngineStateError
 from services.worker.engine.executor import Executor, TorchExecutor
 from services.worker.engine.held_layers import HeldLayers, SimulatedLayers, TorchLayers
@@ -266,6 +271,7 @@ class LLMEngine:
             started_request_ids=[
                 r.request_id for r in batch.requests if r.num_computed_tokens == 0
             ],
+            features=batch_features(batch),
         )
         return outputs
 

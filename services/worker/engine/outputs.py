@@ -57,3 +57,6 @@ class StepInfo:
     # Requests whose first computation (prefill from token 0) this step began: their
     # queueing ended here (tracing's queue / prefill split).
     started_request_ids: list[str] = field(default_factory=list)
+    # The batch's cost-model features (cost_model.batch_features: 1, tokens, requests,
+    # context tokens, attention pairs): what a step log compares its time against.
+    features: tuple[float, ...] = ()

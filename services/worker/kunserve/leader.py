@@ -311,9 +311,11 @@ class GroupLeader:
             await self._finish_exchange()
             await self._drain()
             bubble = None  # what the formation did over the group's life
+            pipeline: dict = {}  # stage 0's own figures (bench burst's simulator side)
             if self.driver is not None:
                 stats = self.driver.stats
                 bubble = round(stats.modelled_bubble_fraction, 4)
+                pipeline = stats.summary()
                 span.set_attribute("llmesh.micro_batching", self.driver.formation.name)
                 span.set_attribute("llmesh.num_micro_batches", stats.num_micro_batches)
                 span.set_attribute("llmesh.modelled_bubble_fraction", bubble)
@@ -360,6 +362,7 @@ class GroupLeader:
             num_moved=moved,
             num_preempted=preempted,
             restore_ms=round(restore_ms, 1),
+            **pipeline,
         )
         return moved, preempted, restore_ms
 

@@ -239,6 +239,7 @@ class GroupMembership:
         others = [m for m in group.members if m.stage != me.stage]
 
         def drop(engine: LLMEngine):
+            cpu_start = time.thread_time()  # the join's own cost (bench burst's simulator)
             exported: list[tuple[RequestState, tuple[int, ...]]] = []
             staged: dict[tuple[str, int], torch.Tensor] = {}
             for request in list(engine.scheduler.running):
@@ -261,13 +262,13 @@ class GroupMembership:
             change = engine.layer_ranges.join_group(
                 me.layer_start, me.layer_end, group.num_group_blocks, block_offset
             )
-            return exported, staged, change
+            return exported, staged, change, time.thread_time() - cpu_start
 
         with tracer.start_as_current_span(
             "kunserve.drop",
             attributes={"llmesh.group_id": group.group_id, "llmesh.stage": me.stage},
         ) as span:
-            exported, staged, change = await self.async_engine.run(drop)
+            exported, staged, change, join_cpu_s = await self.async_engine.run(drop)
             span.set_attribute("llmesh.freed_weight_bytes", change.freed_weight_nbytes)
             span.set_attribute("llmesh.num_requests", len(exported))
         self._staged = staged
@@ -297,6 +298,7 @@ class GroupMembership:
             num_requests=len(handed),
             freed_weight_bytes=change.freed_weight_nbytes,
             num_group_blocks=group.num_group_blocks,
+            join_cpu_ms=round(join_cpu_s * 1e3, 3),
         )
         return JoinReply(handed, change.freed_weight_nbytes)
 

@@ -118,6 +118,17 @@ class PipelineStats:
     modelled_busy_s: float = 0.0  # every stage's modelled time, summed
     modelled_stage_time_s: float = 0.0  # g x the modelled makespan
 
+    def summary(self) -> dict:
+        """Micro-batches, stage 0's busy wall time, the cost model's busy time (all
+        stages) and the mean round trip: what a group's log line says of its pipeline."""
+        trips = list(self.samples_ms)
+        return {
+            "num_micro_batches": self.num_micro_batches,
+            "stage0_busy_s": round(self.busy_s, 3),
+            "modelled_busy_s": round(self.modelled_busy_s, 3),
+            "mean_round_trip_ms": round(sum(trips) / len(trips), 2) if trips else None,
+        }
+
     @property
     def modelled_bubble_fraction(self) -> float:
         """Idle stage time / total stage time of the modelled run."""

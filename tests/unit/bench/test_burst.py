@@ -138,12 +138,16 @@ def test_every_policy_simulates_a_small_burst():
         figures = _burst_sim.simulate(policy, sim, arrivals)
         assert set(figures) == {
             "p50_ttft_s", "p99_ttft_s", "drops", "restores", "migrations", "preemptions",
-            "makespan_s", "background_jobs", "slowest_ttft", "drop_times_s",
+            "makespan_s", "background_jobs", "slowest_ttft", "drop_times_s", "decided_times_s",
+            "ttfts_s",
         }  # fmt: skip
         # 12 short requests fit 4 x 159 blocks: nobody preempts, nobody drops.
         assert (figures["drops"], figures["preemptions"], figures["drop_times_s"]) == (0, 0, [])
+        assert figures["decided_times_s"] == []
         assert 0 < figures["p50_ttft_s"] <= figures["p99_ttft_s"]
         [[first, slowest_s], *rest] = figures["slowest_ttft"]
+        assert len(figures["ttfts_s"]) == len(arrivals)
+        assert figures["ttfts_s"][first] == slowest_s == max(figures["ttfts_s"])
         assert len(rest) == 2 and 0 <= first < len(arrivals)
         assert slowest_s >= max(t for _, t in rest)
 

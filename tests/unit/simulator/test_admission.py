@@ -58,3 +58,77 @@ def test_every_request_still_finishes_with_live_admission():
     # Requests that arrive mid-step wait for its end either way: TTFTs are equal or later.
     by_id = {r.request_id: r for r in ideal.records}
     assert all(r.first_token_s >= by_id[r.request_id].first_token_s - 1e-9 for r in live.records)
+
+
+# ---- load reports at step end (SimConfig.load_at_step_end) ----------------------------------
+
+
+def _reporting_instance(now):
+    config = EngineConfig(block_size=16, num_kv_blocks=40, max_model_len=256)
+    return SimInstance(
+        "i00", config, TINY_CPU, LoadModelConfig(), clock=lambda: now[0], pending_ttl_s=0.5,
+        load_at_step_end=True,
+    )  # fmt: skip
+
+
+def test_the_policies_see_the_load_the_last_step_left():
+    now = [0.0]
+    instance = _reporting_instance(now)
+    before = instance.load()  # the empty pool, as the idle worker reported it
+    assert (before.num_used_blocks, before.num_waiting, before.num_running) == (0, 0, 0)
+    instance.add_request("a", [TOKEN_ID] * 40, 4, 0, 0.0)
+    assert instance.start_step() is not None  # a's prefill allocates 3 blocks
+    # Mid-step: the worker has not reported since; a shows only as a pending dispatch.
+    now[0] = 0.4
+    load = instance.load()
+    assert (load.num_used_blocks, load.num_running, load.num_waiting) == (0, 0, 1)
+    assert load.num_waiting_blocks == 3
+    now[0] = 0.6  # past the TTL: not at all
+    load = instance.load()
+    assert (load.num_used_blocks, load.num_running, load.num_waiting_blocks) == (0, 0, 0)
+    instance.add_request("b", [TOKEN_ID] * 20, 4, 0, 0.6)  # dispatched mid-step
+    instance.finish_step()  # snapshot: a's 3 blocks (+1 for its first token), b not yet in
+    load = instance.load()
+    assert (load.num_used_blocks, load.num_running, load.num_waiting) == (3, 1, 1)
+    assert load.num_waiting_blocks == 2  # b, still pending (dispatched 0 s ago)
+    assert list(instance.scheduler.requests) == ["a", "b"]  # admitted after the snapshot
+    now[0] = 1.2
+    assert instance.start_step() is not None  # a decodes, b's prefill: 2 more blocks
+    load = instance.load()
+    assert (load.num_used_blocks, load.num_running, load.num_waiting) == (3, 1, 0)
+    instance.finish_step()
+    load = instance.load()
+    assert (load.num_used_blocks, load.num_running, load.num_waiting) == (5, 2, 0)
+
+
+def test_exact_loads_are_the_default():
+    now = [0.0]
+    instance = _instance(now)
+    instance.add_request("a", [TOKEN_ID] * 40, 4, 0, 0.0)
+    assert instance.start_step() is not None
+    load = instance.load()
+    assert (load.num_used_blocks, load.num_running) == (3, 1)
+
+
+def test_every_request_still_finishes_with_step_end_loads():
+    config = SimConfig(
+        num_instances=2, profile="tiny-cpu", num_kv_blocks=40, max_model_len=256,
+        max_num_batched_tokens=256, policy="llmesh", pending_dispatch_ttl_s=0.5,
+    )  # fmt: skip
+    requests = [SimRequest(f"r{i}", 0.002 * i, 40, 30) for i in range(12)]
+    exact = Simulator(config, requests).run()
+    reported = Simulator(dataclasses.replace(config, load_at_step_end=True), requests).run()
+    assert reported.summary.num_requests == exact.summary.num_requests == 12
+    assert sorted(r.num_output_tokens for r in reported.records) == [30] * 12
+
+
+def test_leaving_a_group_takes_a_new_snapshot():
+    now = [0.0]
+    instance = _reporting_instance(now)
+    instance.add_request("a", [TOKEN_ID] * 40, 4, 0, 0.0)
+    assert instance.start_step() is not None
+    assert instance.load().num_used_blocks == 0  # the idle snapshot
+    instance.group_id = "g01"  # a member's load is current
+    assert instance.load().num_used_blocks == 3
+    instance.group_id = ""  # left: the worker reports its own pool again, now
+    assert instance.load().num_used_blocks == 3

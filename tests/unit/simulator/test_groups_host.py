@@ -37,3 +37,49 @@ def test_two_stages_on_one_core_slow_each_other():
 def test_every_stage_pays_the_step_overhead():
     # 30 micro-batches (the prefill, 29 decodes) through 2 stages, 1 ms each.
     assert _group_run(1, step_overhead_s=0.001) == pytest.approx(_group_run(1) + 30 * 2 * 0.001)
+
+
+def _join_run(**changes):
+    config = dataclasses.replace(TINY, migration_bandwidth_bytes_per_s=1e18, **changes)
+    policy = ScriptedGroups(["i00", "i01"], drop_at=0.0)
+    _, result = scripted_run(config, [SimRequest("r0", ARRIVAL_S, 40, 30)], policy)
+    return policy, result
+
+
+def test_a_group_serves_once_every_member_has_joined():
+    # Decided at the first tick (10 ms; both members idle): they join at once, 50 ms each.
+    policy, result = _join_run(group_join_s=0.05)
+    [(_, formed_s)] = policy.formed
+    assert result.groups.decided_times_s == [pytest.approx(0.01)]
+    assert formed_s == result.groups.drop_times_s[0] == pytest.approx(0.06)
+    # On one shared core the two joins run side by side at half speed each.
+    policy, _ = _join_run(group_join_s=0.05, host_cores=1.0)
+    assert policy.formed[0][1] == pytest.approx(0.11)
+
+
+def test_negative_join_time_is_rejected():
+    from services.common.config import ConfigError
+
+    with pytest.raises(ConfigError, match="group_join_s"):
+        dataclasses.replace(TINY, group_join_s=-1.0)
+
+
+def _two_member_drop(**changes):
+    config = dataclasses.replace(TINY, migration_bandwidth_bytes_per_s=1e18, **changes)
+    policy = ScriptedGroups(["i00", "i01"], drop_at=0.02)  # mid-decode of both
+    requests = [SimRequest(f"r{i}", 0.0, 40, 60) for i in range(2)]
+    sim, result = scripted_run(config, requests, policy)
+    assert result.groups.decided_times_s == [pytest.approx(0.02)]
+    return policy.formed[0][1], [inst.num_steps for inst in sim.instances.values()]
+
+
+def test_the_two_phase_join_costs_each_member_one_more_step():
+    # One phase: each member joins at its first boundary after the decision. Two (the
+    # live PrepareJoin then JoinGroup): it prepares there, steps once more, then joins.
+    one_formed_s, one_steps = _two_member_drop()
+    two_formed_s, two_steps = _two_member_drop(group_two_phase_join=True)
+    assert two_steps == [n + 1 for n in one_steps] and one_steps[0] == one_steps[1]
+    assert two_formed_s > one_formed_s
+    # The join's work starts at that second boundary.
+    joined_s, _ = _two_member_drop(group_two_phase_join=True, group_join_s=0.05)
+    assert joined_s == pytest.approx(two_formed_s + 0.05)

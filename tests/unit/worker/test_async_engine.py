@@ -124,3 +124,25 @@ def test_engine_outputs_become_deltas_and_failures_become_errors():
         delta_from_output(RequestOutput("r", [], 4, True, "abort")).finish_reason
         is FinishReason.ABORT
     )
+
+
+async def test_step_log_gives_each_steps_times_and_batch_features(engine):
+    import structlog
+
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    collector = Collector()
+    async_engine = AsyncEngine(engine, collector, step_log=True)
+    async_engine.start()
+    try:
+        with structlog.testing.capture_logs() as logs:
+            collector.expected = {"s"}
+            await async_engine.run(lambda e: e.add_request("s", [1, 2, 3, 4, 5], params))
+            await asyncio.wait_for(collector.done.wait(), 30)
+    finally:
+        await async_engine.stop()
+    steps = [e for e in logs if e["event"] == "engine_step"]
+    # The 5-token prefill, then two decodes (features: 1, tokens, requests, context
+    # tokens, query-key pairs).
+    assert [e["features"] for e in steps] == [[1, 5, 1, 5, 15], [1, 1, 1, 6, 6], [1, 1, 1, 7, 7]]
+    assert all(e["wall_ms"] >= 0 and e["cpu_ms"] >= 0 for e in steps)
+    assert engine.last_step.features == (1.0, 1.0, 1.0, 7.0, 7.0)
