@@ -51,6 +51,7 @@ from services.worker.engine.pipeline import Pipeline
 from services.worker.engine.request import Request, RequestStatus
 from services.worker.engine.sampling_params import SamplingParams
 from services.worker.engine.scheduler import Scheduler
+from services.worker.engine.staging import StepUploader, is_cuda
 from services.worker.engine.weights import build_stage_weights, hf_names
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,9 @@ class LLMEngine:
             config,
             model_config,
             source.tokenizer,
-            TorchExecutor(model, kv_cache),
+            TorchExecutor(
+                model, kv_cache, StepUploader(config.device) if is_cuda(config.device) else None
+            ),
             TorchLayers(model, kv_cache, source.weights, config.dtype, config.device),
             num_blocks=num_blocks,
             max_model_len=max_model_len,
