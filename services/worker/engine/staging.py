@@ -31,6 +31,15 @@ def is_cuda(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda"
 
 
+def device_kind(device: torch.device | str) -> str:
+    """What a migration's peers compare: "cpu", or "cuda:" and the GPU's name (its
+    kernels round like another GPU's of the same model only)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device.type
+    return f"cuda:{torch.cuda.get_device_name(device)}"
+
+
 def _host_empty(numel: int, dtype: torch.dtype, pinned: bool) -> torch.Tensor:
     return torch.empty(numel, dtype=dtype, pin_memory=pinned)
 

@@ -156,6 +156,29 @@ async def test_destination_on_other_kernels_refuses_and_request_continues(cluste
     assert set(streams["r"].sources) == {"a"}
 
 
+async def test_destination_on_another_device_refuses_and_request_continues(cluster):
+    a, b, streams = await cluster()
+    # b stands for a GPU worker (no GPU here: its engine's device kind is all that differs).
+    b.engine.device_kind = "cuda:NVIDIA H100 80GB HBM3"
+    params = SamplingParams(max_tokens=60, ignore_eos=True)
+    p = prompt(5, 40)
+    expected = reference_tokens(ENGINE_CONFIG, p, params)
+    await a.add("r", p, params)
+    await wait_tokens(streams, "r", 5)
+    result = await a.source.migrate("r", b.target())
+    assert (result.status, result.reason, result.num_stages, result.num_bytes) == (
+        MigrationStatus.ABORTED,
+        "destination_refused: incompatible_device: the source runs on 'cpu', "
+        "this instance on 'cuda:NVIDIA H100 80GB HBM3'",
+        0,
+        0,
+    )
+    assert b.destination.num_active == 0
+    await asyncio.wait_for(streams["r"].finished.wait(), 60)
+    assert streams["r"].tokens == expected
+    assert set(streams["r"].sources) == {"a"}
+
+
 class RecordingFaults(FaultHooks):
     """Records where the source called its hooks (and changes nothing)."""
 
