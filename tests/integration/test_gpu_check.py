@@ -7,6 +7,7 @@ docs/gpu.md tells people to paste. On a machine with a GPU the same runs on it."
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -75,3 +76,42 @@ def test_a_missing_gpu_is_said_plainly():
     rc, lines, _ = _run("--device", "cuda")
     assert rc == 2
     assert lines[-1].endswith("sees no CUDA device") and "llmesh bench gpu_check" in lines[-1]
+
+
+def _script(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("LLMESH_", "PYTHON"))}
+    return subprocess.run(
+        ["bash", str(REPO_ROOT / "bench" / "gpu_check.sh"), *args],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_the_script_runs_the_check_with_a_given_python_and_its_packages():
+    """bench/gpu_check.sh with this Python standing for the machine's (its packages
+    import already, so the wheelhouse is not needed): the check runs, its JSON last."""
+    env = {"PYTHON": sys.executable, "LLMESH_GPU_CHECK_VENV": sys.prefix}
+    proc = _script(env, "--device", "cpu", "--skip-migration", *SMALL)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"torch {torch.__version__}" in proc.stdout.splitlines()[0]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["tokens_exact"] is True and "migration_tokens_exact" not in result
+
+
+def test_the_script_refuses_a_python_without_torch_and_a_missing_wheelhouse(tmp_path):
+    without_torch = tmp_path / "python-without-torch"
+    without_torch.write_text('#!/bin/sh\nexec /usr/bin/env python3 -S -I "$@"\n')
+    without_torch.chmod(0o755)
+    proc = _script({"PYTHON": str(without_torch)}, "--device", "cpu")
+    assert proc.returncode == 2
+    assert "needs Python >= 3.11 and torch 2.x" in proc.stderr
+    empty_venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(empty_venv)], check=True)
+    proc = _script(
+        {"PYTHON": sys.executable, "LLMESH_GPU_CHECK_VENV": str(empty_venv)},
+        "--wheelhouse", str(tmp_path / "none"), "--device", "cpu",
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert f"no wheelhouse at {tmp_path / 'none'}" in proc.stderr
