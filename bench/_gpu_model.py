@@ -200,6 +200,42 @@ def decode_throughput(
     )
 
 
+def device_busy_ms(engine: LLMEngine, batch: int, prompt_len: int, steps: int = 4) -> float | None:
+    """GPU kernel time per decode step at `batch` (torch.profiler's self device times,
+    summed), to set beside the step's wall time: far less means the host's launches,
+    not the GPU, set the pace (docs/gpu.md). None off CUDA or where the profiler's
+    fields differ."""
+    if engine.model.device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    params = SamplingParams(max_tokens=steps + 4, ignore_eos=True)
+    ids = [f"prof{i}" for i in range(batch)]
+    for rid in ids:
+        engine.add_request(rid, [1] * prompt_len, params)
+    started: set[str] = set()
+    while len(started) < batch:
+        started.update(out.request_id for out in engine.step())
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                engine.step()
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        total_us = sum(
+            getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+            for e in events
+        )
+        return total_us / 1000 / steps
+    except Exception:  # the profiler's API moves between torch versions: a figure, not a check
+        return None
+    finally:
+        for rid in ids:
+            engine.abort_request(rid)
+        while engine.has_unfinished_requests():
+            engine.step()
+
+
 def decode_bytes_per_step(engine: LLMEngine, batch: int, mean_context: float) -> tuple[int, int]:
     """(weight bytes a decode step reads, KV bytes it reads): every layer matrix, the
     norms and the lm_head (the embedding: `batch` rows), and every request's K and V."""

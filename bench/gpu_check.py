@@ -130,6 +130,9 @@ def _hf_checks(args, progress) -> dict:
             "copy_roofline_fraction": _figure(t.tokens_per_s / measured_roofline),
         })  # fmt: skip
     out["decode"] = rows
+    middle = args.batches[len(args.batches) // 2]
+    busy = gm.device_busy_ms(engine, middle, args.prompt_len)
+    out["device_busy"] = {"batch": middle, "kernel_ms_per_step": busy and round(busy, 3)}
     engine.check_integrity()
     return out
 
@@ -165,6 +168,12 @@ def _table(result: dict) -> str:
         lines.append(
             f"{r['batch']:5d} {r['tokens_per_s']:10.1f} {r['step_ms']:9.3f} "
             f"{r['roofline_tokens_per_s']:15.1f} {r['roofline_fraction']:9.4g} {r['copy_roofline_fraction']:8.4g}"
+        )
+    busy = result["device_busy"]
+    if busy["kernel_ms_per_step"] is not None:
+        lines.append(
+            f"GPU kernel time per step at batch {busy['batch']}: {busy['kernel_ms_per_step']} ms "
+            "(the rest of step ms: the host)"
         )
     return "\n".join(lines)
 

@@ -55,14 +55,18 @@ def _check_result(rc: int, lines: list[str], result: dict, device: str) -> None:
     assert any(line.startswith("HF-exact, tiny") for line in lines)  # the table
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # a loaded 2-core machine took 4 minutes
 def test_the_device_check_runs_on_a_cpu_and_its_tokens_are_exact():
     rc, lines, result = _run("--device", "cpu", "--data-plane", "tcp", *SMALL)
     _check_result(rc, lines, result, "cpu")
     assert result["migration_data_plane"] == "tcp"
     assert result["layer_loop_syncs"] is None  # CUDA's sync debug mode: on a GPU only
+    assert result["device_busy"] == {"batch": 4, "kernel_ms_per_step": None}  # the same
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+@pytest.mark.timeout(900)
 def test_the_device_check_runs_on_the_gpu_with_no_host_sync_in_the_layers():
     rc, lines, result = _run("--device", "cuda", *SMALL)
     _check_result(rc, lines, result, "cuda")
@@ -89,6 +93,7 @@ def _script(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.timeout(900)
 def test_the_script_runs_the_check_with_a_given_python_and_its_packages():
     """bench/gpu_check.sh with this Python standing for the machine's (its packages
     import already, so the wheelhouse is not needed): the check runs, its JSON last."""
