@@ -103,8 +103,10 @@ def engine_greedy(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) 
 
 def compare_with_hf(engine: LLMEngine, hf_model, prompts, max_tokens: int) -> dict:
     """Exact greedy tokens, engine (batched) vs transformers (alone), per prompt; where
-    they differ, the first differing position."""
+    they differ, the first differing position. And the engine's own batched tokens vs
+    each prompt alone in it (batch invariance, in tokens)."""
     ours = engine_greedy(engine, prompts, max_tokens)
+    alone = [engine_greedy(engine, [p], max_tokens)[0] for p in prompts]
     theirs = [hf_greedy(hf_model, p, max_tokens) for p in prompts]
     first_diff = [
         next((i for i, (a, b) in enumerate(zip(x, y, strict=True)) if a != b), None)
@@ -115,6 +117,7 @@ def compare_with_hf(engine: LLMEngine, hf_model, prompts, max_tokens: int) -> di
         "sequences": len(prompts),
         "tokens": sum(len(t) for t in ours),
         "first_diff": [d for d in first_diff if d is not None],
+        "batched_equals_alone": ours == alone,
     }
 
 

@@ -150,6 +150,8 @@ def _table(result: dict) -> str:
         f"{'HF-exact, tiny':34} {result['hf_tiny']['exact']} ({result['hf_tiny']['tokens']} tokens)",
         f"{'HF-exact, random ' + result['shape']:34} {result['hf_model']['exact']}"
         f" ({result['hf_model']['tokens']} tokens, {result['params_b']} B params)",
+        f"{'engine batched = each alone':34} "
+        f"{result['hf_tiny']['batched_equals_alone'] and result['hf_model']['batched_equals_alone']}",
         f"{'host syncs inside the layers':34} {result['layer_loop_syncs']}",
     ]
     if "migration_tokens_exact" in result:
@@ -208,7 +210,9 @@ def main(argv: list[str]) -> int:
         prompt_len=args.prompt_len, decode_steps=args.decode_steps, hbm_gbps=args.hbm_gbps,
         elapsed_s=round(time.perf_counter() - started, 1),
     )  # fmt: skip
-    exact = result["hf_tiny"]["exact"] and result["hf_model"]["exact"]
+    exact = all(
+        result[k]["exact"] and result[k]["batched_equals_alone"] for k in ("hf_tiny", "hf_model")
+    )
     if not args.skip_migration:
         exact = exact and result["migration_tokens_exact"] and result["migration_moved"]
     result["tokens_exact"] = exact
