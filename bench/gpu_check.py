@@ -203,9 +203,17 @@ def main(argv: list[str]) -> int:
     if not args.skip_migration:
         from bench._gpu_migration import run_migration_check
 
-        result.update(
-            run_migration_check(args.device, progress, args.migration_tokens, args.data_plane)
-        )
+        try:
+            result.update(
+                run_migration_check(args.device, progress, args.migration_tokens, args.data_plane)
+            )
+        except Exception as exc:  # reported, not raised: the table and JSON still come out
+            progress(f"migration check failed: {exc!r}")
+            result.update(
+                migration_tokens_exact=False, migration_moved=False, migration_tokens=0,
+                migration_downtime_ms=None, migration_bytes=0, migration_stages=0,
+                migration_data_plane=args.data_plane, migration_error=repr(exc),
+            )  # fmt: skip
     result.update(
         prompt_len=args.prompt_len, decode_steps=args.decode_steps, hbm_gbps=args.hbm_gbps,
         elapsed_s=round(time.perf_counter() - started, 1),
