@@ -150,3 +150,22 @@ def test_a_migration_through_staging_continues_exactly(make_engine, staged_side)
     source.migration.remove_request("r")
     run_to_completion(destination, tokens)
     assert tokens["r"] == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+@pytest.mark.parametrize("chunk_bytes", [1000, 1 << 20])
+def test_on_a_gpu_kv_staging_round_trips_through_device_memory(chunk_bytes):
+    staging = KVStaging("cuda", chunk_bytes=chunk_bytes)
+    for seed, shape in enumerate([(3, 5, 7), (2, 2, 3, 4, 2, 8), (4096, 33)]):
+        for dtype in DTYPES:
+            src = _random(shape, dtype, seed)
+            on_device = staging.copy_to_device(src)
+            assert on_device.is_cuda and _same_bytes(on_device.cpu(), src)
+            assert _same_bytes(staging.copy_to_host(on_device), src)
+            pinned = torch.empty(shape, dtype=dtype).pin_memory()  # the one-copy path
+            assert _same_bytes(staging.to_host(on_device, pinned), src)
+            assert _same_bytes(staging.from_host(pinned, torch.empty_like(on_device)).cpu(), src)
+    uploader = StepUploader("cuda")
+    host = [torch.arange(5), torch.arange(12).view(3, 4)]
+    out = uploader.upload(host)
+    assert all(t.is_cuda and torch.equal(t.cpu(), h) for t, h in zip(out, host, strict=True))
