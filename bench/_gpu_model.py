@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -49,13 +50,20 @@ def random_checkpoint(shape: str, device: str, seed: int = 0):
     torch.manual_seed(seed)
     with torch.device(device):
         model = transformers.LlamaForCausalLM(config).float().eval()
-    shm = Path("/dev/shm")
-    path = Path(
-        tempfile.mkdtemp(prefix=f"llmesh-gpu-check-{shape}-", dir=shm if shm.is_dir() else None)
-    )
+    path = Path(tempfile.mkdtemp(prefix=f"llmesh-gpu-check-{shape}-", dir=_scratch_dir(model)))
     model.save_pretrained(path, safe_serialization=True)
     _write_byte_tokenizer(path / "tokenizer.json")
     return path, model
+
+
+def _scratch_dir(model) -> str | None:
+    """/dev/shm when it holds the checkpoint twice over (a container's is often 64 MB),
+    else the default temporary directory (disk)."""
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    shm = Path("/dev/shm")
+    if shm.is_dir() and shutil.disk_usage(shm).free > 2 * nbytes:
+        return str(shm)
+    return None
 
 
 def tiny_in_transformers(engine: LLMEngine, device: str):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sys
 import time
 
@@ -97,6 +98,7 @@ def _hf_checks(args, progress) -> dict:
     engine = gm.make_engine(
         str(path), args.device, max(max_batch, 8), args.prompt_len + args.decode_steps + 16
     )
+    shutil.rmtree(path, ignore_errors=True)  # loaded: 4.4 GB less in /dev/shm
     out["load_s"] = round(time.perf_counter() - started, 1)
     out["hf_model"] = gm.compare_with_hf(
         engine, hf_model, _prompts(engine.model_config.vocab_size, 3), args.hf_tokens
