@@ -136,7 +136,7 @@ class MigrationResult(_message.Message):
     def __init__(self, migration_id: _Optional[str] = ..., request_id: _Optional[str] = ..., status: _Optional[_Union[MigrationStatus, str]] = ..., reason: _Optional[str] = ..., num_stages: _Optional[int] = ..., num_blocks: _Optional[int] = ..., downtime_ms: _Optional[float] = ..., num_bytes: _Optional[int] = ..., duration_ms: _Optional[float] = ...) -> None: ...
 
 class PrepareMigrationRequest(_message.Message):
-    __slots__ = ("migration_id", "request_id", "src_instance_id", "src_transport_address", "num_blocks", "lease_ms", "num_tokens", "trace_context", "kernels")
+    __slots__ = ("migration_id", "request_id", "src_instance_id", "src_transport_address", "num_blocks", "lease_ms", "num_tokens", "trace_context", "kernels", "device")
     class TraceContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +153,7 @@ class PrepareMigrationRequest(_message.Message):
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     KERNELS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     request_id: str
     src_instance_id: str
@@ -162,7 +163,8 @@ class PrepareMigrationRequest(_message.Message):
     num_tokens: int
     trace_context: _containers.ScalarMap[str, str]
     kernels: _common_pb2.KernelBackend
-    def __init__(self, migration_id: _Optional[str] = ..., request_id: _Optional[str] = ..., src_instance_id: _Optional[str] = ..., src_transport_address: _Optional[bytes] = ..., num_blocks: _Optional[int] = ..., lease_ms: _Optional[int] = ..., num_tokens: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., kernels: _Optional[_Union[_common_pb2.KernelBackend, str]] = ...) -> None: ...
+    device: str
+    def __init__(self, migration_id: _Optional[str] = ..., request_id: _Optional[str] = ..., src_instance_id: _Optional[str] = ..., src_transport_address: _Optional[bytes] = ..., num_blocks: _Optional[int] = ..., lease_ms: _Optional[int] = ..., num_tokens: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., kernels: _Optional[_Union[_common_pb2.KernelBackend, str]] = ..., device: _Optional[str] = ...) -> None: ...
 
 class PrepareMigrationResponse(_message.Message):
     __slots__ = ("accepted", "reason", "kv_block_nbytes")

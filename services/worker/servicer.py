@@ -143,6 +143,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 num_tokens=request.num_tokens,
                 kernels=kernels_from_proto(request.kernels),
                 trace_context=dict(request.trace_context),
+                device=request.device or "cpu",
             )
         )
         return worker_pb2.PrepareMigrationResponse(

@@ -43,6 +43,7 @@ from services.worker.engine import native
 from services.worker.engine.config import ModelConfig
 from services.worker.engine.kv_cache import KVCache
 from services.worker.engine.native import NativeRows
+from services.worker.engine.staging import StepUploader
 
 KEY_CHUNK = 64  # keys per partial: the contraction length of the weights @ values gemms
 # Query heads x rows per gemm below which MKL takes other code paths (other summation
@@ -62,7 +63,9 @@ class AttentionGroup:
     num_rows: int  # t
     num_keys: int  # L: the longest context, padded to KEY_CHUNK and block_size multiples
     block_index: torch.Tensor  # (B * L / block_size,) int64 blocks holding the keys
-    bias: torch.Tensor  # (B, L, t, cols) float32 causal_bias
+    bias: torch.Tensor | None  # (B, L, t, cols) float32 causal_bias (None: not built yet)
+    query_positions: torch.Tensor  # (B, t) int64: what the bias is built from
+    columns: int  # cols: query_columns(num_queries_per_kv, t)
 
 
 @dataclass
@@ -110,6 +113,7 @@ def _build_group(
     block_size: int,
     num_queries_per_kv: int,
     device: torch.device | str,
+    with_bias: bool,
 ) -> AttentionGroup:
     num_seqs, num_rows = query_positions.shape
     unit = math.lcm(KEY_CHUNK, block_size)
@@ -124,7 +128,9 @@ def _build_group(
         num_rows=num_rows,
         num_keys=num_keys,
         block_index=torch.tensor(table, dtype=torch.long, device=device).view(-1),
-        bias=causal_bias(query_positions, num_keys, columns).to(device),
+        bias=causal_bias(query_positions, num_keys, columns).to(device) if with_bias else None,
+        query_positions=query_positions,
+        columns=columns,
     )
 
 
@@ -135,10 +141,12 @@ def build_attention_metadata(
     num_queries_per_kv: int,
     device: torch.device | str,
     kernels: str = "torch",
+    with_bias: bool = True,
 ) -> AttentionMetadata:
     """decodes: (position, block_ids) per single-token row; prefills: (num_computed,
     num_tokens, block_ids) per chunk, rows following the decodes in this order.
-    kernels: "torch" (groups) or "native" (NativeRows)."""
+    kernels: "torch" (groups) or "native" (NativeRows). with_bias=False leaves the
+    groups' masks to upload_metadata (built on the device, from the positions)."""
     slots: list[int] = []
     for position, block_ids in decodes:
         slots.append(block_ids[position // block_size] * block_size + position % block_size)
@@ -156,7 +164,9 @@ def build_attention_metadata(
         positions = torch.tensor([[position] for position, _ in decodes], dtype=torch.long)
         block_tables = [block_ids for _, block_ids in decodes]
         groups.append(
-            _build_group(0, positions, block_tables, block_size, num_queries_per_kv, device)
+            _build_group(
+                0, positions, block_tables, block_size, num_queries_per_kv, device, with_bias
+            )
         )
     row = len(decodes)
     for num_computed, num_tokens, block_ids in prefills:
@@ -165,11 +175,48 @@ def build_attention_metadata(
             positions = torch.arange(num_computed + tile_start, num_computed + tile_end)[None]
             groups.append(
                 _build_group(
-                    row + tile_start, positions, [block_ids], block_size, num_queries_per_kv, device
+                    row + tile_start,
+                    positions,
+                    [block_ids],
+                    block_size,
+                    num_queries_per_kv,
+                    device,
+                    with_bias,
                 )
             )
         row += num_tokens
     return AttentionMetadata(slot_mapping, groups)
+
+
+def upload_metadata(
+    metadata: AttentionMetadata, uploader: StepUploader, extra: list[torch.Tensor]
+) -> tuple[AttentionMetadata, list[torch.Tensor]]:
+    """Host-built torch-kernel metadata (and `extra` host int64 tensors: the step's
+    token ids, positions, ...) on the uploader's device, in one copy. Each group's mask
+    is built there from its uploaded positions: no float tensor crosses the bus."""
+    if metadata.native is not None:
+        raise ValueError("the native kernels' metadata stays on the host (they run on the CPU)")
+    host = [metadata.slot_mapping, *extra]
+    for g in metadata.groups:
+        host += [g.block_index, g.query_positions]
+    on_device = uploader.upload(host)
+    tables = on_device[1 + len(extra) :]
+    groups = []
+    for i, g in enumerate(metadata.groups):
+        positions = tables[2 * i + 1]
+        groups.append(
+            AttentionGroup(
+                start=g.start,
+                num_seqs=g.num_seqs,
+                num_rows=g.num_rows,
+                num_keys=g.num_keys,
+                block_index=tables[2 * i],
+                bias=causal_bias(positions, g.num_keys, g.columns),
+                query_positions=positions,
+                columns=g.columns,
+            )
+        )
+    return AttentionMetadata(on_device[0], groups), on_device[1 : 1 + len(extra)]
 
 
 def _native_rows(

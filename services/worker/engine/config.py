@@ -278,6 +278,14 @@ class KernelBuildConfig:
     compiler: str = dataclasses.field(default="", metadata={ENV: "CC"})
 
 
+def _is_device_name(device: str) -> bool:
+    """'cpu', 'cuda' or 'cuda:N' (what the engine places weights and the KV pool on)."""
+    if device in ("cpu", "cuda"):
+        return True
+    prefix, _, index = device.partition(":")
+    return prefix == "cuda" and index.isdigit()
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Knobs of one worker engine."""
@@ -306,8 +314,8 @@ class EngineConfig:
             self.dtype in DTYPE_NBYTES, f"dtype {self.dtype!r} is not one of {tuple(DTYPE_NBYTES)}"
         )
         require(
-            self.device == "cpu" or self.device.startswith("cuda"),
-            f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}",
+            isinstance(self.device, str) and _is_device_name(self.device),
+            f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}",
         )
         require(
             isinstance(self.block_size, int) and self.block_size > 0,
@@ -342,6 +350,11 @@ class EngineConfig:
         require(
             self.kernels in KERNELS,
             f"kernels {self.kernels!r} is not one of {KERNELS}",
+        )
+        require(
+            not (self.kernels == "native" and self.device != "cpu"),
+            f"kernels 'native' run on the CPU only, not device {self.device!r}: "
+            "use kernels 'torch' (or 'auto') on a GPU",
         )
 
     def replace(self, **changes: Any) -> EngineConfig:

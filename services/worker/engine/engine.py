@@ -56,6 +56,7 @@ from services.worker.engine.pipeline import Pipeline
 from services.worker.engine.request import Request, RequestStatus
 from services.worker.engine.sampling_params import SamplingParams
 from services.worker.engine.scheduler import Scheduler
+from services.worker.engine.staging import StepUploader, device_kind, is_cuda
 from services.worker.engine.weights import build_stage_weights, hf_names
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.dtype = dtype
         self.kernels = kernels  # "native" or "torch"; "none" when simulated (nothing runs)
+        # "cpu" or "cuda:<GPU name>": migrations move requests between equal ones only.
+        self.device_kind = device_kind(config.device) if model is not None else "none"
         self.model = model  # None when simulated
         self.kv_cache = kv_cache  # None when simulated
         self.executor = executor
@@ -138,7 +141,9 @@ class LLMEngine:
             config,
             model_config,
             source.tokenizer,
-            TorchExecutor(model, kv_cache),
+            TorchExecutor(
+                model, kv_cache, StepUploader(config.device) if is_cuda(config.device) else None
+            ),
             TorchLayers(model, kv_cache, source.weights, config.dtype, config.device),
             num_blocks=num_blocks,
             max_model_len=max_model_len,

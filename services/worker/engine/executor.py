@@ -21,11 +21,17 @@ from typing import Protocol
 import torch
 
 from services.worker.engine import native
-from services.worker.engine.attention import PagedAttention, build_attention_metadata, int_tensor
+from services.worker.engine.attention import (
+    PagedAttention,
+    build_attention_metadata,
+    int_tensor,
+    upload_metadata,
+)
 from services.worker.engine.kv_cache import KVCache
 from services.worker.engine.model import LlamaModel
 from services.worker.engine.sampler import sample
 from services.worker.engine.scheduler import ScheduledRequest, SchedulerOutput
+from services.worker.engine.staging import StepUploader
 
 
 @dataclass
@@ -50,12 +56,20 @@ def batch_row_order(batch: SchedulerOutput) -> list[int]:
 
 class TorchExecutor:
     """Runs `model` over `kv_cache`. Both are the engine's own objects, changed in place
-    when it drops or restores layers (layer_ranges.py)."""
+    when it drops or restores layers (layer_ranges.py).
 
-    def __init__(self, model: LlamaModel, kv_cache: KVCache) -> None:
+    With an `uploader` (a CUDA engine) a step's inputs are built on the host and reach
+    the device in one non-blocking copy from pinned memory (staging.StepUploader), and
+    nothing in the layers waits for the host: the step's one synchronisation is the
+    sampler's. Without one (the CPU) they are built where the model runs."""
+
+    def __init__(
+        self, model: LlamaModel, kv_cache: KVCache, uploader: StepUploader | None = None
+    ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
+        self.uploader = uploader
 
     @property
     def kernels(self) -> str:
@@ -68,6 +82,8 @@ class TorchExecutor:
     ) -> ExecutorOutput:
         start = time.perf_counter()
         model, device = self.model, self.model.device
+        staged = self.uploader is not None
+        built_on = "cpu" if staged else device
         order = batch_row_order(batch)
         requests = [batch.requests[i] for i in order]
         num_decode = sum(1 for r in requests if len(r.token_ids) == 1)
@@ -85,11 +101,21 @@ class TorchExecutor:
             ],
             block_size=self.block_size,
             num_queries_per_kv=model.config.num_queries_per_kv,
-            device=device,
+            device=built_on,
             kernels=model.kernels,
+            with_bias=not staged,
         )
+        sampling = self._sampling(batch, order) if model.is_last_stage else []
+        inputs = [
+            int_tensor(token_ids, torch.int64, built_on),
+            int_tensor(positions, torch.int64, built_on),
+            int_tensor([row for row, _ in sampling], torch.int64, built_on),
+        ]
+        if staged:
+            metadata, inputs = upload_metadata(metadata, self.uploader, inputs)
+        token_tensor, position_tensor, sample_rows = inputs
         if model.is_first_stage:
-            hidden = model.embed(int_tensor(token_ids, torch.int64, device))
+            hidden = model.embed(token_tensor)
         else:
             if hidden_states is None:
                 raise ValueError(
@@ -101,30 +127,27 @@ class TorchExecutor:
             paged_kv = native.PagedKV(self.kv_cache.layers, metadata.slot_mapping, metadata.native)
         hidden = model.forward_layers(
             hidden,
-            int_tensor(positions, torch.int64, device),
+            position_tensor,
             PagedAttention(model.config, self.kv_cache, metadata),
             paged_kv=paged_kv,
         )
         if not model.is_last_stage:
             return ExecutorOutput([], hidden, time.perf_counter() - start)
-
-        sampled_token_ids = self._sample(batch, order, hidden)
+        if not sampling:
+            return ExecutorOutput([], None, time.perf_counter() - start)
+        logits = model.compute_logits(hidden.index_select(0, sample_rows))  # (R, V)
+        sampled_token_ids = sample(
+            logits, [r.params for _, r in sampling], [r.num_context_tokens for _, r in sampling]
+        )
         return ExecutorOutput(sampled_token_ids, None, time.perf_counter() - start)
 
-    def _sample(self, batch: SchedulerOutput, order: list[int], hidden: torch.Tensor) -> list[int]:
-        # Last row of each sampling request, found in the flat (reordered) batch.
+    @staticmethod
+    def _sampling(batch: SchedulerOutput, order: list[int]) -> list[tuple[int, ScheduledRequest]]:
+        """(row of its last token in the flat, reordered batch, request) of every request
+        that samples this step, in batch order."""
         last_row: dict[int, int] = {}
         row = 0
         for i in order:
             row += len(batch.requests[i].token_ids)
             last_row[i] = row - 1
-        sampling: list[tuple[int, ScheduledRequest]] = [
-            (i, r) for i, r in enumerate(batch.requests) if r.is_sampling
-        ]
-        if not sampling:
-            return []
-        rows = int_tensor([last_row[i] for i, _ in sampling], torch.int64, hidden.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))  # (R, V)
-        return sample(
-            logits, [r.params for _, r in sampling], [r.num_context_tokens for _, r in sampling]
-        )
+        return [(last_row[i], r) for i, r in enumerate(batch.requests) if r.is_sampling]

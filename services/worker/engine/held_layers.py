@@ -124,7 +124,13 @@ class TorchLayers:
                 old.lm_head if not is_last else None,
             )
             host = to_hf_tensors(config, dropped)
-            self.host_weights.update({k: t.to("cpu", copy=True) for k, t in host.items()})
+            staging = self.kv_cache.staging
+            self.host_weights.update(
+                {
+                    k: t.clone() if staging is None else staging.copy_to_host(t)
+                    for k, t in host.items()
+                }
+            )
         self.model.set_weights(weights)
         del old
         self.kv_cache.drop_layers(keep_start, keep_end)

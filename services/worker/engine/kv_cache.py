@@ -7,7 +7,9 @@ for those layers alone, and turn the bytes of dropped layers into more blocks. H
 come before blocks so that gathering a block table gives each KV head's keys as one
 contiguous (tokens, head_dim) matrix, ready for attention's batched gemms. Blocks
 leave and enter the pool (read_blocks / write_blocks: migration) as
-(2, blocks, block_size, num_kv_heads, head_dim) per layer, token-major.
+(2, blocks, block_size, num_kv_heads, head_dim) per layer, token-major. On a GPU they
+leave and enter device memory through `staging` (pinned buffers, overlapped chunk
+copies: staging.py); on the CPU `staging` is None and they are plain copies.
 The pool is zero-filled: padded attention reads of never-written slots must see finite
 values (they are masked out, and 0 * NaN would not be 0).
 """
@@ -20,6 +22,7 @@ import torch
 
 from services.worker.engine.config import DTYPE_NBYTES, ModelConfig
 from services.worker.engine.dtypes import TORCH_DTYPES
+from services.worker.engine.staging import KVStaging, device_staging, is_cuda
 
 
 def kv_block_nbytes(config: ModelConfig, num_layers: int, block_size: int, dtype: str) -> int:
@@ -44,6 +47,9 @@ class KVCache:
         self.dtype = dtype
         self.device = device
         self._workspace = torch.empty(0, dtype=TORCH_DTYPES[dtype], device=device)
+        # Host <-> device copies of blocks (None on the CPU; a test may set one there to
+        # run the staged path).
+        self.staging: KVStaging | None = device_staging(device) if is_cuda(device) else None
         self.layers: dict[int, torch.Tensor] = {
             i: self._empty(num_blocks) for i in range(layer_start, layer_end)
         }
@@ -92,14 +98,18 @@ class KVCache:
     ) -> torch.Tensor:
         """A contiguous copy (layers, 2, len(block_ids), block_size, nkv, hd) of the given
         blocks for layers [layer_start, layer_end) (default: all held), in that order;
-        into `out` (that shape, contiguous) when given, so a caller can reuse buffers."""
-        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        into `out` (that shape, contiguous) when given, so a caller can reuse buffers.
+        A host `out` of a pool with `staging` is filled through it (a device copy first)."""
         layer_ids = self._layer_range(layer_start, layer_end)
         shape = self.block_shape(len(block_ids), len(layer_ids))
+        if out is not None and (tuple(out.shape) != shape or not out.is_contiguous()):
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected contiguous {shape}")
+        if self.staging is not None and out is not None and out.device.type == "cpu":
+            on_device = self.read_blocks(block_ids, layer_start, layer_end)
+            return self.staging.to_host(on_device, out)
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         if out is None:
             out = torch.empty(shape, dtype=TORCH_DTYPES[self.dtype], device=self.device)
-        elif tuple(out.shape) != shape or not out.is_contiguous():
-            raise ValueError(f"out has shape {tuple(out.shape)}, expected contiguous {shape}")
         # Gather head-major into a contiguous scratch, then transpose in one strided copy:
         # index_select straight into a permuted view is several times slower.
         by_head = torch.empty(
@@ -121,6 +131,8 @@ class KVCache:
         expected = self.block_shape(len(block_ids), len(layer_ids))
         if tuple(data.shape) != expected:
             raise ValueError(f"KV data has shape {tuple(data.shape)}, expected {expected}")
+        if self.staging is not None and data.device.type == "cpu":
+            data = self.staging.copy_to_device(data.contiguous())
         index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
         for layer_data, i in zip(data, layer_ids, strict=True):
             by_head = layer_data.permute(0, 3, 1, 2, 4)  # (2, nkv, n, bs, hd)

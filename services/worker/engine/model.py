@@ -112,11 +112,12 @@ class LlamaModel:
         self.config = config
         self.kernels = kernels
         self.set_weights(weights)
-        self.inv_freq = rope_inv_freq(config)
         self.scale = config.head_dim**-0.5
         any_tensor = weights.tensors()[0]
         self.dtype: torch.dtype = any_tensor.dtype
         self.device: torch.device = any_tensor.device
+        # Computed on the CPU as transformers does, then kept where the steps run.
+        self.inv_freq = rope_inv_freq(config).to(self.device)
 
     def set_weights(self, weights: StageWeights) -> None:
         """Holds `weights` from now on (a layer range dropped or restored). Under the
@@ -166,9 +167,7 @@ class LlamaModel:
 
     def rope_cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(T,) int64 positions -> cos, sin (T, 1, hd/2) in the model dtype."""
-        freqs = (
-            positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
-        )  # (T, hd/2)
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (T, hd/2)
         return freqs.cos().to(self.dtype)[:, None, :], freqs.sin().to(self.dtype)[:, None, :]
 
     def forward_layers(

@@ -18,6 +18,7 @@ from services.worker.engine import native
 from services.worker.engine.config import ModelConfig
 from services.worker.engine.dtypes import TORCH_DTYPES
 from services.worker.engine.stage_weights import LayerWeights, StageWeights
+from services.worker.engine.staging import device_staging, is_cuda
 from services.worker.engine.tiny import TINY_MODEL_CONFIG, tiny_hf_tensors
 
 EMBED_NAME = "model.embed_tokens.weight"
@@ -77,8 +78,16 @@ def _fused(
     missing = [n for n in names if n not in tensors]
     if missing:
         raise ValueError(f"checkpoint lacks tensors {missing}")
-    parts = [tensors[n].to(device=device, dtype=TORCH_DTYPES[dtype]) for n in names]
+    parts = [_placed(tensors[n].to(dtype=TORCH_DTYPES[dtype]), device) for n in names]
     return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+def _placed(tensor: torch.Tensor, device: str) -> torch.Tensor:
+    """tensor on `device`; host tensors reach a GPU through the staging buffers (a load,
+    a restore of dropped layers: staging.py)."""
+    if is_cuda(device) and tensor.device.type == "cpu":
+        return device_staging(device).copy_to_device(tensor.contiguous())
+    return tensor.to(device)
 
 
 def build_layer_weights(

@@ -367,7 +367,7 @@ class GroupMembership:
             await asyncio.to_thread(
                 engine.migration.write_kv_blocks,
                 piece.block_ids,
-                piece.data.to(engine.config.device),
+                piece.data,  # host memory: write_kv_blocks stages it onto a GPU
                 piece.layer,
             )
 
@@ -427,7 +427,7 @@ class GroupMembership:
                 for spec in plan.receives:
                     e.migration.write_kv_blocks(
                         list(spec.dst_block_ids),
-                        inbound[spec.transfer_id].to(e.config.device),
+                        inbound[spec.transfer_id],  # staged onto a GPU by write_kv_blocks
                         spec.layer_start,
                     )
                 for r in requests:

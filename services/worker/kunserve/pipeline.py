@@ -44,6 +44,7 @@ from services.worker.engine import (
     RequestOutput,
     SchedulerOutput,
 )
+from services.worker.engine.staging import device_staging, is_cuda
 from services.worker.kunserve.exchange import KVExchange
 from services.worker.kunserve.wire import decode_micro_batch, encode_micro_batch
 
@@ -90,14 +91,20 @@ def _yielding(exchange: KVExchange | None, peer: bytes):
 
 
 def to_host(tensor: torch.Tensor) -> torch.Tensor:
-    """A CPU tensor the data plane can send and nobody else writes: a copy (through
-    pinned memory for a CUDA tensor), since the engine reuses its buffers."""
+    """A CPU tensor the data plane can send and nobody else writes: a copy (through the
+    device's pinned staging buffers for a GPU tensor: engine/staging.py), since the
+    engine reuses its buffers. Activations, KV of the exchange, exported weights."""
     if tensor.device.type == "cpu":
         return tensor.clone()
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    host.copy_(tensor, non_blocking=True)
-    torch.cuda.current_stream(tensor.device).synchronize()
-    return host
+    return device_staging(tensor.device).copy_to_host(tensor)
+
+
+def to_device(tensor: torch.Tensor, device: str) -> torch.Tensor:
+    """A received host tensor on the engine's device: itself on the CPU, else a copy
+    through the device's pinned staging buffers."""
+    if not is_cuda(device):
+        return tensor.to(device)
+    return device_staging(device).copy_to_device(tensor.contiguous())
 
 
 @dataclass
@@ -366,7 +373,7 @@ class StageRunner:
     async def _handle(self, seq: int, received: list[torch.Tensor]) -> None:
         meta_in, hidden_in = received
         _, batch = decode_micro_batch(meta_in)
-        hidden = hidden_in.to(self._device)
+        hidden = to_device(hidden_in, self._device)
         started = time.perf_counter()
         result = await self._run(lambda engine: engine.pipeline.execute_stage(batch, hidden))
         busy_s = time.perf_counter() - started

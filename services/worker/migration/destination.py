@@ -26,7 +26,7 @@ from services.worker.async_engine import AsyncEngine
 from services.worker.engine import LLMEngine
 from services.worker.engine.errors import NoFreeBlocksError
 from services.worker.migration.buffers import StagingBuffers
-from services.worker.migration.compatibility import kernels_mismatch
+from services.worker.migration.compatibility import device_mismatch, kernels_mismatch
 from services.worker.migration.config import MigrationConfig
 from services.worker.migration.status import (
     RESERVATION_TRANSITIONS,
@@ -118,7 +118,10 @@ class MigrationDestination:
         if existing is not None:  # a retried handshake
             existing.last_touch = self._clock()
             return PrepareReply(True, "", engine_nbytes)
-        mismatch = kernels_mismatch(offer.kernels, self._engine.engine.kernels)
+        engine = self._engine.engine
+        mismatch = kernels_mismatch(offer.kernels, engine.kernels) or device_mismatch(
+            offer.device, engine.device_kind
+        )
         if mismatch is not None:
             log.warning(
                 "migration_refused",

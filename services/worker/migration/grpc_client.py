@@ -100,6 +100,7 @@ class GrpcDestinationClient:
                 num_tokens=offer.num_tokens,
                 kernels=kernels_to_proto(offer.kernels),
                 trace_context=offer.trace_context,
+                device=offer.device,
             ),
         )
         return PrepareReply(reply.accepted, reply.reason, reply.kv_block_nbytes)

@@ -282,6 +282,7 @@ class MigrationSource:
             num_tokens=snap.num_tokens,
             kernels=engine.kernels,
             trace_context=context_to_dict(),
+            device=engine.device_kind,
         )
         try:
             with tracer.start_as_current_span(

@@ -39,6 +39,7 @@ class PrepareOffer:
     num_tokens: int
     kernels: str  # the source engine's kernel backend ("native" or "torch")
     trace_context: dict[str, str] = field(default_factory=dict)
+    device: str = "cpu"  # the source engine's device_kind ("cpu", "cuda:<GPU name>")
 
 
 @dataclass(frozen=True)

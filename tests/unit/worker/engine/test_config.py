@@ -28,13 +28,27 @@ HF_BASE = {
         ("max_num_batched_tokens", 1.5, "max_num_batched_tokens must be an int > 0, got 1.5"),
         ("max_model_len", -4, "max_model_len must be None or an int > 0, got -4"),
         ("scheduling_policy", "lifo", "scheduling_policy 'lifo' is not one of"),
-        ("device", "tpu", "device must be 'cpu' or 'cuda"),
+        ("device", "tpu", "device must be 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
+        ("device", "cuda:x", "device must be 'cpu', 'cuda' or 'cuda:N', got 'cuda:x'"),
+        ("device", "cudax", "device must be 'cpu', 'cuda' or 'cuda:N', got 'cudax'"),
         ("model", "", "model must be 'tiny' or a path"),
     ],
 )
 def test_engine_config_names_the_bad_value(field, value, message):
     with pytest.raises(ValueError, match=message):
         EngineConfig(**{field: value})
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_native_kernels_on_a_gpu_are_refused_naming_both(device):
+    from services.common.config import ConfigError
+
+    with pytest.raises(
+        ConfigError, match=f"kernels 'native' run on the CPU only, not device '{device}'"
+    ):
+        EngineConfig(kernels="native", device=device)
+    assert EngineConfig(kernels="auto", device=device).device == device  # auto picks torch
+    assert EngineConfig(kernels="torch", device=device).kernels == "torch"
 
 
 def test_memory_that_cannot_hold_the_weights_is_refused():

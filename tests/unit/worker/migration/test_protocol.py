@@ -130,13 +130,8 @@ async def test_destination_without_room_refuses_and_request_continues(cluster):
     assert set(streams["r"].sources) == {"a"}
 
 
-async def test_destination_on_other_kernels_refuses_and_request_continues(cluster):
-    native = dataclasses.replace(ENGINE_CONFIG, kernels="native")
-    try:
-        LLMEngine.from_config(native)
-    except ValueError as exc:
-        pytest.skip(f"needs the native kernels: {exc}")
-    a, b, streams = await cluster(b_engine_config=native)
+async def _refused_and_continues(a, b, streams, reason: str) -> None:
+    """A move from a to b is refused with `reason`; the request finishes on a, exactly."""
     params = SamplingParams(max_tokens=80, ignore_eos=True)
     p = prompt(4, 60)
     expected = reference_tokens(ENGINE_CONFIG, p, params)
@@ -145,8 +140,7 @@ async def test_destination_on_other_kernels_refuses_and_request_continues(cluste
     result = await a.source.migrate("r", b.target())
     assert (result.status, result.reason, result.num_stages, result.num_bytes) == (
         MigrationStatus.ABORTED,
-        "destination_refused: incompatible_kernels: the source runs 'torch' kernels, "
-        "this instance 'native'",
+        f"destination_refused: {reason}",
         0,
         0,
     )
@@ -154,6 +148,30 @@ async def test_destination_on_other_kernels_refuses_and_request_continues(cluste
     await asyncio.wait_for(streams["r"].finished.wait(), 60)
     assert streams["r"].tokens == expected
     assert set(streams["r"].sources) == {"a"}
+
+
+async def test_destination_on_other_kernels_refuses_and_request_continues(cluster):
+    native = dataclasses.replace(ENGINE_CONFIG, kernels="native")
+    try:
+        LLMEngine.from_config(native)
+    except ValueError as exc:
+        pytest.skip(f"needs the native kernels: {exc}")
+    a, b, streams = await cluster(b_engine_config=native)
+    await _refused_and_continues(
+        a, b, streams,
+        "incompatible_kernels: the source runs 'torch' kernels, this instance 'native'",
+    )  # fmt: skip
+
+
+async def test_destination_on_another_device_refuses_and_request_continues(cluster):
+    a, b, streams = await cluster()
+    # b stands for a GPU worker (no GPU here: its engine's device kind is all that differs).
+    b.engine.device_kind = "cuda:NVIDIA H100 80GB HBM3"
+    await _refused_and_continues(
+        a, b, streams,
+        "incompatible_device: the source runs on 'cpu', "
+        "this instance on 'cuda:NVIDIA H100 80GB HBM3'",
+    )  # fmt: skip
 
 
 class RecordingFaults(FaultHooks):
