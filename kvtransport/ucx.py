@@ -37,7 +37,7 @@ from kvtransport.errors import PeerUnreachable, TransportError
 from kvtransport.fabric import ChunkOut, Fabric, FabricEvents, OutMessage, PeerLink
 from kvtransport.frame_auth import UnauthenticatedFrame, seal, unseal
 from kvtransport.traffic import ActivationFlow
-from kvtransport.ucx_worker import Array, UcxWorker, is_rndv_thresh_from_user
+from kvtransport.ucx_worker import Array, UcxWorker, is_rndv_thresh_from_user, is_tls_from_user
 from kvtransport.wire import decode
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,17 @@ def _raw_address(address: bytes) -> bytes:
     return bytes(address[len(ADDRESS_PREFIX) :])
 
 
+# Every transport but CMA. Without peer error handling (docs/kvtransport.md) a CMA read
+# (process_vm_readv) from a peer that just died is a fatal error: UCX aborts or crashes
+# the surviving process (seen in the chaos test: a worker killed mid KV exchange took its
+# peer down with it; /tmp reproductions: 1 receiver in 10 crashed with CMA, 0 in 16
+# without). Rendezvous data then goes through shared memory, as fast on this host.
+NO_CMA = "^cma"
+
+
 def _ucx_options(config: TransportConfig) -> dict[str, str]:
-    """UCX context options: the config's, plus a rendezvous threshold of one mailbox slot.
+    """UCX context options: the config's, plus a rendezvous threshold of one mailbox slot
+    and every transport but CMA (NO_CMA) unless the config or UCX_TLS choose them.
 
     Everything that fits a mailbox slot (headers, inline activations) then travels
     eagerly through shared memory: no rendezvous handshake, and no waiting in UCX's
@@ -69,6 +78,8 @@ def _ucx_options(config: TransportConfig) -> dict[str, str]:
     options = dict(config.ucx_options)
     if "RNDV_THRESH" not in options and not is_rndv_thresh_from_user():
         options["RNDV_THRESH"] = str(config.mailbox_slot_bytes)
+    if "TLS" not in options and not is_tls_from_user():
+        options["TLS"] = NO_CMA
     return options
 
 

@@ -62,6 +62,11 @@ def is_rndv_thresh_from_user() -> bool:
     return threshold != _UCXX_DEFAULT_RNDV_THRESH
 
 
+def is_tls_from_user() -> bool:
+    """Whether the user chose UCX's transports (UCX_TLS, read when a context is made)."""
+    return "UCX_TLS" in os.environ
+
+
 _PEER_ERRORS = (
     ucxx.exceptions.UCXIOError,
     ucxx.exceptions.UCXConnectionResetError,

@@ -47,3 +47,16 @@ def test_config_is_frozen():
     config = TransportConfig()
     with pytest.raises(AttributeError):
         config.kv_window = 3  # type: ignore[misc]
+
+
+def test_ucx_leaves_cma_out_unless_the_user_chooses_transports(monkeypatch):
+    """A CMA read from a peer that just died is fatal without peer error handling (it
+    crashed a surviving worker in the chaos test): UCX runs without it by default."""
+    from kvtransport.ucx import NO_CMA, _ucx_options
+
+    monkeypatch.delenv("UCX_TLS", raising=False)
+    assert _ucx_options(TransportConfig())["TLS"] == NO_CMA == "^cma"
+    chosen = TransportConfig(ucx_options=(("TLS", "tcp"),))
+    assert _ucx_options(chosen)["TLS"] == "tcp"
+    monkeypatch.setenv("UCX_TLS", "sm,cma")
+    assert "TLS" not in _ucx_options(TransportConfig())
