@@ -7,7 +7,12 @@ import grpc
 import pytest
 
 from gateway.client import Chunk, build_request
-from gateway.client_failover import FAILOVER_RETRY_S, FailoverState, with_request_id
+from gateway.client_failover import (
+    FAILOVER_RETRY_S,
+    FailoverState,
+    generate_opener,
+    with_request_id,
+)
 from gateway.client_resubmit import PrefixMismatch, Resubmission
 from tests.unit.gateway.test_dispatcher import FakeRpcError
 
@@ -132,3 +137,14 @@ def test_without_a_seed_or_a_resubmission_a_request_found_nowhere_ends_the_strea
     # A seed the caller set is enough, before any chunk arrived.
     seeded = Resubmission(build_request(request_id="r", seed=5, temperature=0.8))
     assert FailoverState([Stub("a")], "r", 0, False, seeded).retry_wait_s(NOT_FOUND) == 0.0
+
+
+def test_generate_streams_re_submit_by_default_with_failover_and_not_when_turned_off():
+    request = build_request(prompt_token_ids=[1], request_id="r", seed=4)
+    a, b = GenerateStub("a"), GenerateStub("b")
+    state, call = generate_opener([a, b], request, 5.0, resubmit=True)(1)
+    assert (call, state.gateway, state.resubmission.request.sampling.seed) == ("b:generate", 1, 4)
+    off, _ = generate_opener([a, b], request, 5.0, resubmit=False)(0)
+    alone, _ = generate_opener([a], request, 5.0, resubmit=True)(0)
+    assert off.resubmission is None and alone.resubmission is None  # no failover: none
+    assert off.retry_wait_s(NOT_FOUND) is None
