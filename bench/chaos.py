@@ -99,6 +99,9 @@ def _summary(args, outcome: dict) -> tuple[dict, list[str]]:
     text, by_kind = table(faults, records)
     print(text)
     problems = violations(records)
+    for record in records:  # allowed (its gateway died, none was up to resume on): said why
+        if record.outcome.startswith("failed:"):
+            print(f"FAILED: {record.request_id} ({record.outcome}): {record.detail}")
     problems += outcome["survivors"]["problems"] + outcome["fresh"]
     summary = {
         "faults": sum(f.injected for f in faults),

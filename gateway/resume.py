@@ -104,7 +104,7 @@ class Resumer:
             found = await self._sweep(request_id, request.next_index)
             session = self._session(request, found, tracker)
         finally:
-            self._sessions.remove(placeholder)
+            self._sessions.remove(placeholder, served=False)
         session.on_moved = placeholder.on_moved
         self._sessions.add(session)  # no await since the placeholder left: nothing missed
         log.info(

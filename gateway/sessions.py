@@ -44,13 +44,16 @@ class SessionTable:
         self._sessions[session.request_id] = session
         self._empty.clear()
 
-    def remove(self, session: GenerationSession) -> None:
+    def remove(self, session: GenerationSession, served: bool = True) -> None:
+        """served=False: it never ran here (a resume's placeholder): its request's
+        later outputs are not this gateway's orphans."""
         if self._sessions.get(session.request_id) is session:
             del self._sessions[session.request_id]
-            self._ended[session.request_id] = None
-            self._ended.move_to_end(session.request_id)
-            if len(self._ended) > MAX_ENDED_IDS:
-                self._ended.popitem(last=False)
+            if served:
+                self._ended[session.request_id] = None
+                self._ended.move_to_end(session.request_id)
+                if len(self._ended) > MAX_ENDED_IDS:
+                    self._ended.popitem(last=False)
         if not self._sessions:
             self._empty.set()
 

@@ -212,3 +212,12 @@ async def test_only_requests_a_session_here_served_are_aborted_as_orphans():
     assert session.tracker.tokens == [1, 2]
     sessions.remove(session)  # its client left: what still comes is an orphan of ours
     assert sessions.on_outputs("a", step) == ["r"]
+
+
+async def test_a_failed_take_over_leaves_no_orphan_to_abort():
+    # a re-homed it here, then the resume failed (next_index beyond its tokens): what a
+    # sends here now is not this gateway's to abort (the client may resume again).
+    resumer, sessions = make(FakePool({"a": answer("a", [1, 2])}), "a")
+    with pytest.raises(ValueError, match="next_index=5 is beyond the 2 tokens"):
+        await resumer.take_over(gateway_pb2.ResumeRequest(request_id="r", next_index=5))
+    assert sessions.on_outputs("a", [OutputDelta("r", 2, (3,))]) == []
