@@ -180,7 +180,13 @@ class Injector:
         MIN_TOKENS_LEFT tokens to go (its id second), polling up to POINT_TIMEOUT_S."""
         deadline = time.monotonic() + POINT_TIMEOUT_S
         while time.monotonic() < deadline:
-            loads = {k: v for k, v in (await self._loads()).items() if k not in self._claimed}
+            # Workers the round started with (a replacement started meanwhile by another
+            # fault of the round has no entry in _infos: no migration target yet).
+            loads = {
+                k: v
+                for k, v in (await self._loads()).items()
+                if k not in self._claimed and k in self._infos
+            }
             candidates = []
             for name, report in sorted(loads.items()):
                 for running in report.running:

@@ -7,7 +7,10 @@ tokens alone, preempted, migrated, pipelined or recomputed after a failover). Ou
 
     exact       it finished ("length") with exactly the undisturbed tokens
     resumed     its gateway died, the client resumed the stream on the other gateway
-                (the SDK's `resume_stream`, where it exists) and the tokens are exact
+                (the SDK's `resume_stream`) and the tokens are exact
+    resubmitted its gateway died and the resume found it on no worker (never placed,
+                or its worker died too): the SDK sent it again with its seed and
+                skipped the tokens the client had (gateway/client_resubmit.py), exact
     failed:S    it failed with status S, and its gateway had died (not resumed)
     violation   anything else: wrong or missing tokens, a gap or repeat in the stream,
                 a failure while its gateway lived, a stream past its deadline
@@ -21,13 +24,10 @@ import random
 import time
 from dataclasses import dataclass, field
 
-import grpc
-
 from bench._chaos_mesh import NUM_GATEWAYS, ChaosMesh
-from gateway.client import AsyncClient, GatewayError
+from gateway.client import AsyncClient, GatewayError, Resubmission, build_request
 
 REQUEST_DEADLINE_S = 120.0  # a stream still open after this is a hang
-KNOWN_STALL = "KNOWN BUG: the resumed stream of a migrated request stalled"
 MAX_RESUMES = 4  # resumes of one request (its new gateway may die too)
 NUM_SPECS = 12
 
@@ -50,6 +50,7 @@ class RequestRecord:
     finish_reason: str | None = None
     outcome: str = "running"
     detail: str = ""
+    was_resubmitted: bool = False  # a resume found it nowhere: the SDK sent it again
 
     def was_running_at(self, t: float) -> bool:
         return self.started <= t and (self.ended is None or t <= self.ended)
@@ -179,10 +180,12 @@ class Load:
         self._judge(record)
 
     async def _resume(self, record: RequestRecord, dead: int) -> bool:
-        """Resume on another gateway when the SDK can (gateway failover), again if that
-        one dies too; False if not resumed. A resume that finds the request nowhere
-        (NOT_FOUND: it was never placed, or its worker died with its gateway, so no
-        gateway holds its prompt) fails the request with that status."""
+        """Resume on another gateway (gateway failover), again if that one dies too;
+        False if not resumed (no gateway up). A resume that finds the request nowhere
+        (it was never placed, or its worker died with its gateway) re-submits it: the
+        SDK's re-submission, given the request as first sent and the tokens the client
+        has, which it skips and checks."""
+        spec = self.specs[record.spec_index]
         for _attempt in range(MAX_RESUMES):
             other = next(
                 (g for g in range(NUM_GATEWAYS) if g != dead and self.mesh.gateway_up[g]), None
@@ -190,36 +193,33 @@ class Load:
             if other is None:
                 return False
             client = self._client_for(other)
-            if not hasattr(client, "resume_stream"):
-                return False
             epoch = self.mesh.gateway_epoch[other]
             record.detail += f"resumed on gateway {other} at token {len(record.tokens)}; "
+            original = build_request(
+                prompt_token_ids=list(spec.prompt), request_id=record.request_id, **spec.sampling
+            )
+            resubmission = Resubmission(original, record.tokens)
             try:
-                stream = client.resume_stream(record.request_id, len(record.tokens))
+                stream = client.resume_stream(
+                    record.request_id, len(record.tokens), resubmission=resubmission
+                )
                 await self._consume(record, stream)
             except _StreamGap as exc:
                 record.outcome = "violation"
                 record.detail += f"the resumed stream failed: {exc}"
                 return True
             except GatewayError as exc:
-                if exc.code == grpc.StatusCode.NOT_FOUND:
-                    record.outcome = f"failed:{exc.code.name}"
-                    record.detail += "not found (never placed, or its worker died too)"
-                    return True
-                if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED and len(record.instances) > 1:
-                    # Known bug, reported on its own line (docs/reliability.md): a
-                    # migrated request's resumed stream can stall when the move notice
-                    # went to the dead gateway's address.
-                    record.outcome = f"failed:{exc.code.name}"
-                    record.detail += f"{KNOWN_STALL}: {exc}"
-                    return True
                 if self.mesh.gateway_epoch[other] == epoch:
                     record.outcome = "violation"
                     record.detail += f"the resumed stream failed while its gateway lived: {exc}"
                     return True
                 dead = other  # that gateway died too: resume on the next
+                record.was_resubmitted |= resubmission.count > 0
                 continue
-            record.outcome = "resumed"
+            record.was_resubmitted |= resubmission.count > 0
+            record.outcome = "resubmitted" if record.was_resubmitted else "resumed"
+            if record.was_resubmitted:
+                record.detail += "found nowhere: re-submitted; "
             return True
         return False
 
@@ -245,7 +245,7 @@ class Load:
                 f"(expected {len(expected)}), first difference at "
                 f"{_first_difference(record.tokens, expected)}"
             )
-        elif record.outcome != "resumed":
+        elif record.outcome not in ("resumed", "resubmitted"):
             record.outcome = "exact"
 
 

@@ -14,7 +14,7 @@ from collections import Counter
 from bench._chaos_faults import ALL_KINDS, Fault
 from bench._chaos_load import RequestRecord
 
-OUTCOMES = ("exact", "resumed", "failed", "violation")
+OUTCOMES = ("exact", "resumed", "resubmitted", "failed", "violation")
 
 
 def outcome_class(record: RequestRecord) -> str:

@@ -15,7 +15,12 @@ Gateway failover: with `failover_addresses`, a stream whose gateway dies (UNAVAI
 goes on on the next gateway (Gateway.Resume with the request id and the number of tokens
 already yielded), so the caller sees one stream without a gap or a repeated token. The
 client then chooses the request id (a uuid) unless the caller gave one.
-`resume_stream(request_id, next_index)` resumes a stream explicitly.
+`resume_stream(request_id, next_index)` resumes a stream explicitly. A resume that
+finds the request nowhere (its worker died with its gateway, or it was never placed)
+re-submits it (gateway/client_resubmit.py: the same request and seed, the tokens the
+caller has skipped and checked, DATA_LOSS if they differ); on by default with
+failover (`resubmit=False` turns it off), and for `resume_stream` when given the
+original request (`resubmission=Resubmission(build_request(...), delivered_tokens)`).
 
 Retries (gateway/retry.py): `retry=` takes a RetryPolicy; by default generate() and
 generate_stream() retry UNAVAILABLE and RESOURCE_EXHAUSTED (admission control, honouring
@@ -36,7 +41,13 @@ from typing import NamedTuple
 import grpc
 
 from gateway.client_channel import aio_gateway_channel, gateway_channel
-from gateway.client_failover import FailoverState, with_request_id
+from gateway.client_failover import (
+    FailoverState,
+    generate_opener,
+    resume_opener,
+    with_request_id,
+)
+from gateway.client_resubmit import PrefixMismatch, Resubmission
 from gateway.retry import RetryAttempts, RetryPolicy
 from protos import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.common.errors import retry_after_s_from_metadata
@@ -174,21 +185,19 @@ def _error(exc: grpc.RpcError) -> GatewayError:
     )
 
 
+def _delivered(state: FailoverState, message: gateway_pb2.GenerateChunk) -> Chunk | None:
+    """The chunk the caller gets for a message (None: it has those tokens already)."""
+    try:
+        return state.on_chunk(_chunk(message))
+    except PrefixMismatch as exc:
+        raise GatewayError(exc.code, str(exc)) from None
+
+
 def _retry_delay_s(attempts: RetryAttempts | None, error: GatewayError) -> float | None:
     """Seconds to wait before the next attempt; None: raise `error`."""
     if attempts is None:
         return None
     return attempts.next_delay_s(error.code, error.retry_after_s)
-
-
-def _resume_opener(stubs: list, request_id: str, next_index: int, detokenize: bool, timeout):
-    """open_call for resume_stream: Gateway.Resume, each attempt from the first gateway."""
-
-    def open_resume(_gateway: int):
-        state = FailoverState(stubs, request_id, next_index, detokenize)
-        return state, state.next_call(timeout)
-
-    return open_resume
 
 
 class AsyncClient:
@@ -204,10 +213,14 @@ class AsyncClient:
         root_certificates: bytes | None = None,
         failover_addresses: Sequence[str] = (),
         retry: RetryPolicy | None = DEFAULT_RETRY,
+        resubmit: bool = True,
     ) -> None:
+        """resubmit: with failover_addresses, a resume that finds the request nowhere
+        re-submits it (module docstring); False: that stream fails (UNAVAILABLE)."""
         self.address = address
         self.timeout_s = timeout_s
         self.retry = retry
+        self.resubmit = resubmit
         self._channels = [
             aio_gateway_channel(a, api_key, root_certificates)
             for a in (address, *failover_addresses)
@@ -223,13 +236,8 @@ class AsyncClient:
         gateway's stream goes on on a failover gateway."""
         request = build_request(prompt, **with_request_id(kwargs, len(self._stubs) > 1))
         timeout = timeout_s or self.timeout_s
-
-        def open_generate(gateway: int):
-            state = FailoverState(self._stubs, request.request_id, 0, request.detokenize)
-            state.gateway = gateway
-            return state, self._stubs[gateway].Generate(request, timeout=timeout)
-
-        async for chunk in self._retried(open_generate, timeout):
+        opener = generate_opener(self._stubs, request, timeout, self.resubmit)
+        async for chunk in self._retried(opener, timeout):
             yield chunk
 
     async def resume_stream(
@@ -239,12 +247,16 @@ class AsyncClient:
         *,
         detokenize: bool = False,
         timeout_s: float | None = None,
+        resubmission: Resubmission | None = None,
     ) -> AsyncIterator[Chunk]:
         """The stream of a request started through another gateway, from token index
         next_index (the tokens the caller already has); retried (self.retry) until its
-        first chunk, like generate_stream."""
+        first chunk, like generate_stream. With `resubmission` (the original request and
+        the tokens delivered), a request found nowhere is sent again."""
         timeout = timeout_s or self.timeout_s
-        opener = _resume_opener(self._stubs, request_id, next_index, detokenize, timeout)
+        opener = resume_opener(
+            self._stubs, request_id, next_index, detokenize, timeout, resubmission
+        )
         async for chunk in self._retried(opener, timeout):
             yield chunk
 
@@ -271,7 +283,8 @@ class AsyncClient:
         while True:
             try:
                 async for message in call:
-                    yield state.on_chunk(_chunk(message))
+                    if (chunk := _delivered(state, message)) is not None:
+                        yield chunk
                 return
             except grpc.aio.AioRpcError as exc:
                 wait_s = state.retry_wait_s(exc)
@@ -339,10 +352,14 @@ class Client:
         root_certificates: bytes | None = None,
         failover_addresses: Sequence[str] = (),
         retry: RetryPolicy | None = DEFAULT_RETRY,
+        resubmit: bool = True,
     ) -> None:
+        """resubmit: with failover_addresses, a resume that finds the request nowhere
+        re-submits it (module docstring); False: that stream fails (UNAVAILABLE)."""
         self.address = address
         self.timeout_s = timeout_s
         self.retry = retry
+        self.resubmit = resubmit
         self._channels = [
             gateway_channel(a, api_key, root_certificates) for a in (address, *failover_addresses)
         ]
@@ -354,13 +371,9 @@ class Client:
     ) -> Iterator[Chunk]:
         request = build_request(prompt, **with_request_id(kwargs, len(self._stubs) > 1))
         timeout = timeout_s or self.timeout_s
-
-        def open_generate(gateway: int):
-            state = FailoverState(self._stubs, request.request_id, 0, request.detokenize)
-            state.gateway = gateway
-            return state, self._stubs[gateway].Generate(request, timeout=timeout)
-
-        yield from self._retried(open_generate, timeout)
+        yield from self._retried(
+            generate_opener(self._stubs, request, timeout, self.resubmit), timeout
+        )
 
     def resume_stream(
         self,
@@ -369,9 +382,12 @@ class Client:
         *,
         detokenize: bool = False,
         timeout_s: float | None = None,
+        resubmission: Resubmission | None = None,
     ) -> Iterator[Chunk]:
         timeout = timeout_s or self.timeout_s
-        opener = _resume_opener(self._stubs, request_id, next_index, detokenize, timeout)
+        opener = resume_opener(
+            self._stubs, request_id, next_index, detokenize, timeout, resubmission
+        )
         yield from self._retried(opener, timeout)
 
     def _retried(self, open_call, timeout: float) -> Iterator[Chunk]:
@@ -395,7 +411,8 @@ class Client:
         while True:
             try:
                 for message in call:
-                    yield state.on_chunk(_chunk(message))
+                    if (chunk := _delivered(state, message)) is not None:
+                        yield chunk
                 return
             except grpc.RpcError as exc:
                 wait_s = state.retry_wait_s(exc)

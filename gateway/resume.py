@@ -12,9 +12,11 @@
          its worker dies later.
 
 A request that finished while no gateway held it is still answered by its worker for
-the retention window (services/worker/output_ledger.py). A migration that commits while
-the request changes hands may carry the old gateway as owner: a re-homed request
-re-homes again on every move notice it gets, so the destination sends here too.
+the retention window (services/worker/output_ledger.py). A migration racing the re-home:
+the source answers a Rehome only before its handoff fixed the owner (the handoff then
+names this gateway) or after the migration settled (the request is here again, or at
+the destination, which the next sweep finds); a re-homed request re-homes again on
+every move notice it gets, and is re-placed if the destination no longer has it.
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ class Resumer:
             found = await self._sweep(request_id, request.next_index)
             session = self._session(request, found, tracker)
         finally:
-            self._sessions.remove(placeholder)
+            self._sessions.remove(placeholder, served=False)
         session.on_moved = placeholder.on_moved
         self._sessions.add(session)  # no await since the placeholder left: nothing missed
         log.info(
@@ -222,6 +224,10 @@ class Resumer:
             return  # it died: the session's health watch on it re-places the request
         if reply.found:
             _merge(tracker, reply)
+        elif tracker.mark_lost(instance_id, f"not found at {instance_id} after it moved there"):
+            # Gone from where it moved (e.g. aborted there before this re-home): the
+            # session re-places it with prompt + tokens, as if that worker had died.
+            log.warning("moved_request_not_found", request_id=request_id, instance_id=instance_id)
 
 
 def _merge(tracker: RequestTracker, reply: worker_pb2.RehomeResponse) -> None:

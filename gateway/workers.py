@@ -70,8 +70,9 @@ class WorkerPool:
 
     async def submit(self, instance_id: str, address: str, state) -> worker_pb2.SubmitResponse:
         link = self.link(instance_id, address)
-        return await link.stub.Submit(
-            worker_pb2.SubmitRequest(state=state), timeout=self._submit_timeout_s
+        return await _unless_closed(
+            link,
+            link.stub.Submit(worker_pb2.SubmitRequest(state=state), timeout=self._submit_timeout_s),
         )
 
     async def rehome(
@@ -79,12 +80,10 @@ class WorkerPool:
     ) -> worker_pb2.RehomeResponse:
         """Worker.Rehome: the request's outputs come to owner_address from now on."""
         link = self.link(instance_id, address)
-        return await link.stub.Rehome(
-            worker_pb2.RehomeRequest(
-                request_id=request_id, owner_address=owner_address, next_index=next_index
-            ),
-            timeout=self._submit_timeout_s,
+        request = worker_pb2.RehomeRequest(
+            request_id=request_id, owner_address=owner_address, next_index=next_index
         )
+        return await _unless_closed(link, link.stub.Rehome(request, timeout=self._submit_timeout_s))
 
     def abort_soon(self, instance_id: str, request_id: str) -> None:
         """Best-effort Worker.Abort in the background (safe to call from a cancelled task)."""
@@ -97,8 +96,12 @@ class WorkerPool:
         if link is None:
             return False  # lost, or never used: nothing of ours runs there
         try:
-            reply = await link.stub.Abort(
-                worker_pb2.WorkerAbortRequest(request_id=request_id), timeout=self._abort_timeout_s
+            reply = await _unless_closed(
+                link,
+                link.stub.Abort(
+                    worker_pb2.WorkerAbortRequest(request_id=request_id),
+                    timeout=self._abort_timeout_s,
+                ),
             )
         except grpc.aio.AioRpcError as exc:
             log.info(
@@ -141,3 +144,23 @@ class WorkerPool:
         for task in list(self._background):
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(task, timeout=1.0)
+
+
+async def _unless_closed(link: WorkerLink, call):
+    """Await a call on link's channel. The channel closes when the worker is found lost
+    (or moved), and a call still in flight then ends in asyncio.CancelledError, not a
+    status: as UNAVAILABLE here, so that callers handle it like any dead worker instead
+    of passing a cancellation up that nobody asked for (a Resume handler that raised it
+    sent its client no status at all: the stream hung until its deadline)."""
+    try:
+        return await call
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # this task itself is being cancelled
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.aio.Metadata(),
+            grpc.aio.Metadata(),
+            details=f"the channel to instance {link.instance_id} closed during the call",
+        ) from None

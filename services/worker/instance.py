@@ -293,16 +293,22 @@ class WorkerInstance:
                 num_resumed_tokens=len(spec.output_token_ids),
             )
 
-    def rehome(
+    async def rehome(
         self, request_id: str, owner_address: str, next_index: int
     ) -> tuple[RequestHandoff, FinishReason] | None:
         """Gateway failover: the request's outputs go to `owner_address` from now on.
 
         Returns the request with every token produced so far and how it finished, if it
         did (None if it is neither here nor finished here within the retention window);
-        raises ValueError when the client claims more tokens than that. Synchronous, so
-        no step's outputs slip between the tokens returned and the first ones sent to
-        the new owner."""
+        raises ValueError when the client claims more tokens than that. A migration of
+        the request that already fixed its owner in the handoff is waited out first
+        (the request is then here again, or at the destination: None here). After that
+        no await: no step's outputs slip between the tokens returned and the first ones
+        sent to the new owner, and no handoff is made with the old owner after it."""
+        if self.migration is not None and self.migration.source.is_handing_over(request_id):
+            with bind_context(request_id=request_id):
+                log.info("rehome_waits_for_migration", owner=owner_address)
+            await self.migration.source.wait_handed_over(request_id)
         entry = self.router.ledger.get(request_id)
         if entry is None:
             return None

@@ -69,7 +69,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         if request.next_index < 0:
             raise ValueError(f"next_index={request.next_index} must be >= 0")
         with bind_context(request_id=request_id):
-            found = instance.rehome(request_id, owner_address, request.next_index)
+            found = await instance.rehome(request_id, owner_address, request.next_index)
         if found is None:
             return worker_pb2.RehomeResponse(found=False, instance_id=instance.instance_id)
         handoff, finish_reason = found

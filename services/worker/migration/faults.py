@@ -18,6 +18,10 @@ class FaultHooks:
     async def before_commit(self) -> None:
         """After the last stage's bytes were delivered, before CommitMigration."""
 
+    async def after_handoff(self) -> None:
+        """After the handoff (the request's owner gateway among it) was built, before
+        CommitMigration is sent: the window a Rehome on the source must wait out."""
+
     def transfer_id(self, stage_index: int, transfer_id: str) -> str:
         """The data-plane id stage `stage_index`'s bytes are sent under (the offer names
         `transfer_id`: anything else leaves the destination waiting for them)."""

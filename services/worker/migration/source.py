@@ -88,6 +88,10 @@ class _Migration:
     downtime_ms: float = 0.0
     num_rounds: int = 0  # live stages (copy rounds) done; each is one or more transfers
     is_preempted: bool = False  # set from the engine thread by the preemption callback
+    # From the handoff's making (its owner gateway is fixed in it) until the migration
+    # settled (committed and forgotten here, or aborted and running here again).
+    is_handing_over: bool = False
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         self.sent = StageProgress(self.migration_id, self.target.transport_address)
@@ -153,6 +157,24 @@ class MigrationSource:
     def is_migrating(self, request_id: str) -> bool:
         return request_id in self._active
 
+    def is_handing_over(self, request_id: str) -> bool:
+        migration = self._active.get(request_id)
+        return migration is not None and migration.is_handing_over
+
+    async def wait_handed_over(self, request_id: str) -> None:
+        """Until a migration of request_id that already made its handoff has settled.
+
+        A Rehome (gateway failover) waits here before it changes the request's owner:
+        otherwise the owner could change after the handoff fixed the old one, and the
+        destination would send the request's outputs (and this worker its move notice)
+        to the dead gateway. Once settled, the request is either here again (the owner
+        change applies here and to any later handoff) or adopted by the destination,
+        which a Rehome then finds there."""
+        migration = self._active.get(request_id)
+        while migration is not None and migration.is_handing_over:
+            await migration.settled.wait()
+            migration = self._active.get(request_id)
+
     def _on_preempted(self, request_id: str) -> None:  # engine thread
         with self._lock:
             migration = self._active.get(request_id)
@@ -210,6 +232,7 @@ class MigrationSource:
         finally:
             with self._lock:
                 self._active.pop(request_id, None)
+            migration.settled.set()
         result = MigrationResult(
             migration_id=migration_id,
             request_id=request_id,
@@ -373,6 +396,8 @@ class MigrationSource:
             m.set_status(MigrationStatus.COMMITTING)
             await self._faults.before_commit()
             handoff = self._handoff_for(m.request_id, state)
+            m.is_handing_over = True  # a Rehome here waits until the commit settled
+            await self._faults.after_handoff()
             with tracer.start_as_current_span("migration.commit"):
                 committed, detail = await self._commit(
                     client, CommitOffer(m.migration_id, handoff, num_blocks)

@@ -1,11 +1,19 @@
-"""gateway.client_failover: which gateway a dead stream goes on at, from which token."""
+"""gateway.client_failover: which gateway a dead stream goes on at, from which token;
+gateway.client_resubmit: a request found nowhere sent again, its delivered prefix skipped."""
 
 from __future__ import annotations
 
 import grpc
+import pytest
 
-from gateway.client import Chunk
-from gateway.client_failover import FAILOVER_RETRY_S, FailoverState, with_request_id
+from gateway.client import Chunk, build_request
+from gateway.client_failover import (
+    FAILOVER_RETRY_S,
+    FailoverState,
+    generate_opener,
+    with_request_id,
+)
+from gateway.client_resubmit import PrefixMismatch, Resubmission
 from tests.unit.gateway.test_dispatcher import FakeRpcError
 
 UNAVAILABLE = FakeRpcError(grpc.StatusCode.UNAVAILABLE)
@@ -66,3 +74,77 @@ def test_with_failover_the_client_chooses_the_request_id():
     assert len(chosen) == 32 and chosen != with_request_id({}, True)["request_id"]
     assert with_request_id({"request_id": "mine"}, True) == {"request_id": "mine"}
     assert with_request_id({"max_tokens": 4}, False) == {"max_tokens": 4}
+
+
+class GenerateStub(Stub):
+    def Generate(self, request, timeout):
+        self.calls.append(("generate", request.request_id, request.sampling.seed, timeout))
+        return f"{self.name}:generate"
+
+
+NOT_FOUND = FakeRpcError(grpc.StatusCode.NOT_FOUND)
+
+
+def text_chunk(first, tokens, text, finish=None, seed=None) -> Chunk:
+    return Chunk("r", first, tokens, text, finish, "worker-1", seed)
+
+
+def test_a_request_found_nowhere_is_sent_again_and_its_delivered_prefix_skipped():
+    a, b = GenerateStub("a"), GenerateStub("b")
+    resubmission = Resubmission(build_request(prompt_token_ids=[1, 2], request_id="r"))
+    state = FailoverState([a, b], "r", 0, detokenize=True, resubmission=resubmission)
+    assert not resubmission.is_possible  # no seed yet: a new run could sample others
+    state.on_chunk(text_chunk(0, (5, 6), "ab", seed=77))  # the gateway chose seed 77
+    state.on_chunk(text_chunk(2, (7,), "c"))
+    assert state.retry_wait_s(UNAVAILABLE) == 0.0 and state.next_call(9.0) == "b"
+    # b finds it nowhere: it sends the request again, on b, with the seed pinned.
+    assert state.retry_wait_s(NOT_FOUND) == 0.0
+    assert state.next_call(8.0) == "b:generate"
+    assert b.calls[-1] == ("generate", "r", 77, 8.0)
+    assert resubmission.count == 1
+    # The new run's tokens 0-2 are checked and skipped; a chunk across the boundary is
+    # cut to what the caller lacks (its text too).
+    assert state.on_chunk(text_chunk(0, (5,), "a", seed=77)) is None
+    assert state.on_chunk(text_chunk(1, (6, 7, 8), "bcd")) == text_chunk(3, (8,), "d")
+    assert state.on_chunk(text_chunk(4, (9,), "e", finish="length")) == text_chunk(
+        4, (9,), "e", finish="length"
+    )
+    assert state.next_index == 5
+
+
+def test_a_request_sent_again_that_ends_where_the_caller_stands_still_finishes():
+    skip = Resubmission(build_request(seed=3, request_id="r"), [5, 6], "ab").skipper()
+    assert skip.feed(text_chunk(0, (5, 6), "ab")) is None
+    assert skip.feed(text_chunk(2, (), "", finish="length")) == text_chunk(
+        2, (), "", finish="length"
+    )
+
+
+def test_a_request_sent_again_that_differs_fails_rather_than_yield_wrong_tokens():
+    skip = Resubmission(build_request(seed=3, request_id="r"), [5, 6, 7]).skipper()
+    assert skip.feed(text_chunk(0, (5,), "")) is None
+    with pytest.raises(PrefixMismatch) as differs:
+        skip.feed(text_chunk(1, (6, 9), ""))
+    assert differs.value.code == grpc.StatusCode.DATA_LOSS
+    assert "token 2 is 9 where the stream had delivered 7" in str(differs.value)
+
+
+def test_without_a_seed_or_a_resubmission_a_request_found_nowhere_ends_the_stream():
+    unseeded = Resubmission(build_request(request_id="r", temperature=0.8))
+    state = FailoverState([GenerateStub("a")], "r", 0, False, resubmission=unseeded)
+    assert state.retry_wait_s(NOT_FOUND) is None
+    assert FailoverState([GenerateStub("a")], "r", 0, False).retry_wait_s(NOT_FOUND) is None
+    # A seed the caller set is enough, before any chunk arrived.
+    seeded = Resubmission(build_request(request_id="r", seed=5, temperature=0.8))
+    assert FailoverState([Stub("a")], "r", 0, False, seeded).retry_wait_s(NOT_FOUND) == 0.0
+
+
+def test_generate_streams_re_submit_by_default_with_failover_and_not_when_turned_off():
+    request = build_request(prompt_token_ids=[1], request_id="r", seed=4)
+    a, b = GenerateStub("a"), GenerateStub("b")
+    state, call = generate_opener([a, b], request, 5.0, resubmit=True)(1)
+    assert (call, state.gateway, state.resubmission.request.sampling.seed) == ("b:generate", 1, 4)
+    off, _ = generate_opener([a, b], request, 5.0, resubmit=False)(0)
+    alone, _ = generate_opener([a], request, 5.0, resubmit=True)(0)
+    assert off.resubmission is None and alone.resubmission is None  # no failover: none
+    assert off.retry_wait_s(NOT_FOUND) is None

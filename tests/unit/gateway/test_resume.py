@@ -182,3 +182,42 @@ async def test_a_request_in_flight_here_is_not_taken_over_twice():
     await resumer.take_over(gateway_pb2.ResumeRequest(request_id="r", next_index=0))
     with pytest.raises(AlreadyExistsError, match="request_id 'r' is already in flight"):
         await resumer.take_over(gateway_pb2.ResumeRequest(request_id="r", next_index=0))
+
+
+async def test_a_move_to_a_destination_that_no_longer_has_it_re_places_it():
+    pool = FakePool({"src": answer("src", [1])})
+    resumer, sessions = make(pool, "src", "dst")
+    session = await resumer.take_over(gateway_pb2.ResumeRequest(request_id="r", next_index=1))
+    # It moved to dst, where it is gone (aborted before this gateway re-homed it there).
+    notice = OutputDelta(
+        "r", 1, (), moved_to_instance_id="dst", moved_to_address="addr-dst", placement_epoch=1
+    )
+    sessions.on_outputs("src", [notice])
+    for task in list(resumer._background):
+        await task
+    assert pool.calls[-1] == ("dst", "r", "gw-b:1", 0)
+    tracker = session.tracker
+    assert (tracker.instance_id, tracker.needs_placement) == ("dst", True)
+    assert tracker.lost_reason == "not found at dst after it moved there"
+
+
+async def test_only_requests_a_session_here_served_are_aborted_as_orphans():
+    pool = FakePool({"a": answer("a", [1])})
+    resumer, sessions = make(pool, "a")
+    session = await resumer.take_over(gateway_pb2.ResumeRequest(request_id="r", next_index=0))
+    step = [OutputDelta("r", 1, (2,)), OutputDelta("foreign", 0, (7,))]
+    # Another gateway's request (e.g. of the one at this address before a restart: its
+    # client is resuming it elsewhere) is left alone; ours is ours.
+    assert sessions.on_outputs("a", step) == []
+    assert session.tracker.tokens == [1, 2]
+    sessions.remove(session)  # its client left: what still comes is an orphan of ours
+    assert sessions.on_outputs("a", step) == ["r"]
+
+
+async def test_a_failed_take_over_leaves_no_orphan_to_abort():
+    # a re-homed it here, then the resume failed (next_index beyond its tokens): what a
+    # sends here now is not this gateway's to abort (the client may resume again).
+    resumer, sessions = make(FakePool({"a": answer("a", [1, 2])}), "a")
+    with pytest.raises(ValueError, match="next_index=5 is beyond the 2 tokens"):
+        await resumer.take_over(gateway_pb2.ResumeRequest(request_id="r", next_index=5))
+    assert sessions.on_outputs("a", [OutputDelta("r", 2, (3,))]) == []

@@ -371,3 +371,30 @@ async def test_baseline_modes_also_preserve_tokens(cluster, mode):
         assert result.num_stages == 1 and result.num_blocks >= 70 // 4
     await asyncio.wait_for(streams["r"].finished.wait(), 60)
     assert streams["r"].tokens == expected
+
+
+async def test_a_rehome_waits_out_a_handoff_until_the_migration_settled(cluster):
+    """Once the handoff fixed the request's owner, a Rehome on the source must not change
+    it before the commit settled: it waits, then finds the request gone (committed)."""
+    waiters = []
+
+    class RehomeDuringHandoff(FaultHooks):
+        async def after_handoff(self) -> None:
+            waiter = asyncio.create_task(a.source.wait_handed_over("r"))
+            waiters.append(waiter)
+            await asyncio.sleep(0.2)
+            assert not waiter.done()  # held until the migration settles
+
+    a, b, streams = await cluster(a_faults=RehomeDuringHandoff())
+    p = prompt(5, 120)
+    expected = reference_tokens(ENGINE_CONFIG, p, GREEDY)
+    await a.add("r", p, GREEDY)
+    await wait_tokens(streams, "r", 2)
+    assert await a.source.wait_handed_over("r") is None  # not migrating: at once
+    result = await a.source.migrate("r", b.target())
+    assert result.status == MigrationStatus.COMMITTED
+    [waiter] = waiters
+    await asyncio.wait_for(waiter, 5)
+    assert not a.source.is_migrating("r")
+    await asyncio.wait_for(streams["r"].finished.wait(), 60)
+    assert streams["r"].tokens == expected
