@@ -91,6 +91,16 @@ class FailoverState:
             self.failures += 1
             return 0.0
         if (
+            exc.code() == grpc.StatusCode.ALREADY_EXISTS
+            and self._skip is not None  # the request sent again: it runs somewhere after all
+            and self.failures < FAILOVER_ROUNDS * max(len(self.stubs), 1)
+        ):
+            # The resume's sweep missed it (e.g. between a migration's source and its
+            # destination, or on a worker just registered): resume it again.
+            wait_s = FAILOVER_RETRY_S * 2 ** min(self.failures, 3)
+            self.failures += 1
+            return wait_s
+        if (
             exc.code() != grpc.StatusCode.UNAVAILABLE
             or len(self.stubs) < 2
             or not self.request_id

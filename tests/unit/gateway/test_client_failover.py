@@ -148,3 +148,23 @@ def test_generate_streams_re_submit_by_default_with_failover_and_not_when_turned
     alone, _ = generate_opener([a], request, 5.0, resubmit=True)(0)
     assert off.resubmission is None and alone.resubmission is None  # no failover: none
     assert off.retry_wait_s(NOT_FOUND) is None
+
+
+def test_a_request_sent_again_that_runs_after_all_is_resumed_again():
+    """A resume's sweep can miss a running request (mid-migration); sent again, a worker
+    answers ALREADY_EXISTS: the SDK resumes it again instead of failing the stream (a
+    chaos run's violation)."""
+    a, b = GenerateStub("a"), GenerateStub("b")
+    resubmission = Resubmission(build_request(prompt_token_ids=[1], request_id="r", seed=5))
+    state = FailoverState([a, b], "r", 0, detokenize=False, resubmission=resubmission)
+    state.on_chunk(chunk(0, (5, 6), seed=5))
+    assert state.retry_wait_s(UNAVAILABLE) == 0.0 and state.next_call(9.0) == "b"
+    assert state.retry_wait_s(NOT_FOUND) == 0.0 and state.next_call(9.0) == "b:generate"
+    already = FakeRpcError(grpc.StatusCode.ALREADY_EXISTS)
+    assert state.retry_wait_s(already) == 4 * FAILOVER_RETRY_S  # the third failure in a row
+    assert state.next_call(7.0) == "b"  # a Resume, from the tokens the caller has
+    assert b.calls[-1] == ("r", 2, False, 7.0)
+    assert state.on_chunk(chunk(2, (7,))).token_ids == (7,)  # nothing skipped any more
+    # ALREADY_EXISTS of a first Generate (not a re-submission) still ends the stream.
+    fresh = FailoverState([a, b], "r", 0, False, resubmission=resubmission)
+    assert fresh.retry_wait_s(already) is None
