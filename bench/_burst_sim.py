@@ -170,7 +170,6 @@ def sim_config(policy: str, scheduler_flags: tuple[str, ...], costs: dict, **eng
     from services.policies import MigrationConfig
     from services.simulator.config import SimConfig
 
-    lease_s = 3.0  # the scheduler's default lease
     return SimConfig(
         num_instances=engine["num_instances"],
         block_size=engine["block_size"],
@@ -181,10 +180,10 @@ def sim_config(policy: str, scheduler_flags: tuple[str, ...], costs: dict, **eng
         group_config=group_config(scheduler_flags),
         migration_config=MigrationConfig(),
         migration_bandwidth_bytes_per_s=LINK_BYTES_PER_S,
-        # Workers admit between steps; the registry counts a dispatch as pending this
-        # long (services/scheduler/registry.py, InstanceRegistry._pending_ttl).
-        pending_dispatch_ttl_s=min(0.5, lease_s / 4),
-        # Workers report the load their last step left (services/worker/async_engine.py).
+        # Workers admit between steps (services/worker/async_engine.py) ...
+        live_admission=True,
+        # ... and report the load their last step left, plus what arrived since
+        # (services/worker/llumlet.py).
         load_at_step_end=True,
         # The live drop: PrepareJoin, then JoinGroup, each at a member's step boundary.
         group_two_phase_join=True,

@@ -79,7 +79,7 @@ class RequestState(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., output_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., priority: _Optional[int] = ..., num_computed_tokens: _Optional[int] = ..., arrival_time: _Optional[float] = ..., owner_address: _Optional[str] = ..., trace_context: _Optional[_Mapping[str, str]] = ..., placement_epoch: _Optional[int] = ...) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("instance_id", "seq", "num_running", "num_waiting", "num_total_blocks", "num_used_blocks", "num_hol_blocks", "num_running_high_priority", "virtual_usage", "freeness", "is_terminating", "num_preemptions", "num_migrating", "running", "is_integrity_checked", "integrity_error", "num_waiting_blocks", "num_headroom_blocks", "group_id", "group_stage", "layer_start", "layer_end", "freed_weight_bytes")
+    __slots__ = ("instance_id", "seq", "num_running", "num_waiting", "num_total_blocks", "num_used_blocks", "num_hol_blocks", "num_running_high_priority", "virtual_usage", "freeness", "is_terminating", "num_preemptions", "num_migrating", "running", "is_integrity_checked", "integrity_error", "num_waiting_blocks", "num_headroom_blocks", "group_id", "group_stage", "layer_start", "layer_end", "freed_weight_bytes", "arrived_request_ids")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,7 @@ class LoadReport(_message.Message):
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
     FREED_WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ARRIVED_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     seq: int
     num_running: int
@@ -126,7 +127,8 @@ class LoadReport(_message.Message):
     layer_start: int
     layer_end: int
     freed_weight_bytes: int
-    def __init__(self, instance_id: _Optional[str] = ..., seq: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_used_blocks: _Optional[int] = ..., num_hol_blocks: _Optional[int] = ..., num_running_high_priority: _Optional[int] = ..., virtual_usage: _Optional[float] = ..., freeness: _Optional[float] = ..., is_terminating: _Optional[bool] = ..., num_preemptions: _Optional[int] = ..., num_migrating: _Optional[int] = ..., running: _Optional[_Iterable[_Union[RunningRequest, _Mapping]]] = ..., is_integrity_checked: _Optional[bool] = ..., integrity_error: _Optional[str] = ..., num_waiting_blocks: _Optional[int] = ..., num_headroom_blocks: _Optional[int] = ..., group_id: _Optional[str] = ..., group_stage: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., freed_weight_bytes: _Optional[int] = ...) -> None: ...
+    arrived_request_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, instance_id: _Optional[str] = ..., seq: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., num_used_blocks: _Optional[int] = ..., num_hol_blocks: _Optional[int] = ..., num_running_high_priority: _Optional[int] = ..., virtual_usage: _Optional[float] = ..., freeness: _Optional[float] = ..., is_terminating: _Optional[bool] = ..., num_preemptions: _Optional[int] = ..., num_migrating: _Optional[int] = ..., running: _Optional[_Iterable[_Union[RunningRequest, _Mapping]]] = ..., is_integrity_checked: _Optional[bool] = ..., integrity_error: _Optional[str] = ..., num_waiting_blocks: _Optional[int] = ..., num_headroom_blocks: _Optional[int] = ..., group_id: _Optional[str] = ..., group_stage: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., freed_weight_bytes: _Optional[int] = ..., arrived_request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RunningRequest(_message.Message):
     __slots__ = ("request_id", "num_tokens", "num_blocks", "priority")

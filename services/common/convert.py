@@ -186,6 +186,7 @@ def load_to_proto(report: LoadReport) -> common_pb2.LoadReport:
         layer_start=report.layer_start,
         layer_end=report.layer_end,
         freed_weight_bytes=report.freed_weight_bytes,
+        arrived_request_ids=list(report.arrived_request_ids),
     )
 
 
@@ -225,6 +226,7 @@ def load_from_proto(report: common_pb2.LoadReport, block_size: int) -> LoadRepor
         layer_start=report.layer_start,
         layer_end=report.layer_end,
         freed_weight_bytes=report.freed_weight_bytes,
+        arrived_request_ids=tuple(report.arrived_request_ids),
     )
 
 

@@ -68,6 +68,9 @@ class LoadReport:
     layer_start: int = 0
     layer_end: int = 0
     freed_weight_bytes: int = 0
+    # Requests that reached the instance since its previous report: the report counts
+    # them (as waiting until its engine shows them), so they are no longer pending.
+    arrived_request_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

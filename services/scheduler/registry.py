@@ -6,8 +6,10 @@ sequence number so a late report never overwrites a newer one.
 
 Between two reports from an instance the scheduler may dispatch many requests to it.
 Each dispatch is remembered as *pending* demand and added to the instance's load until
-a report younger than the dispatch arrives, so a burst does not all land on the one
-instance that looked freest 50 ms ago.
+a report names it among the requests that reached the instance (the instance counts
+it from then on), so a burst does not all land on the one instance that looked freest
+50 ms ago. A dispatch no report names (the gateway sent the request elsewhere, or it
+failed on the way) stops counting after half a second (a quarter of the lease at most).
 """
 
 from __future__ import annotations
@@ -90,13 +92,16 @@ class InstanceRegistry:
             return False
         now = self._clock()
         record.last_report_at = now
+        # The instance counts these itself now (even in a report overtaken by a newer
+        # one, which then counts them too).
+        arrived = set(report.arrived_request_ids)
         if report.seq > record.report.seq or record.report.seq == 0:
             record.report = report
-            # A report sent after a dispatch reached the worker reflects it; one report
-            # interval is about how long that takes, so drop what is older than that.
-            record.pending = [
-                p for p in record.pending if now - p.dispatched_at < self._pending_ttl()
-            ]
+        record.pending = [
+            p
+            for p in record.pending
+            if p.request_id not in arrived and now - p.dispatched_at < self._pending_ttl()
+        ]
         return True
 
     def _pending_ttl(self) -> float:

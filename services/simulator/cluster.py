@@ -184,7 +184,7 @@ class Simulator:
             created_s=self.loop.now,
             step_overhead_s=self.config.step_overhead_s,
             clock=self._now,
-            pending_ttl_s=self.config.pending_dispatch_ttl_s,
+            live_admission=self.config.live_admission,
             load_at_step_end=self.config.load_at_step_end,
         )
         self.instances[instance_id] = instance

@@ -80,16 +80,16 @@ class SimConfig:
     # Seconds from a request's arrival until it reaches an instance (gateway, dispatch
     # and submit RPCs of the live mesh; 0 = ideal). Counts toward TTFT.
     dispatch_latency_s: float = 0.0
-    # None: a dispatched request joins its instance's engine at once. Set (the live mesh):
-    # it joins between two steps, as the worker admits it, and until then the policies
-    # see it as pending demand for this many seconds after its dispatch, as the live
-    # scheduler's registry does (services/scheduler/registry.py: 0.5 s), then not at all.
-    pending_dispatch_ttl_s: float | None = None
+    # False: a dispatched request joins its instance's engine at once. True (the live
+    # mesh): it joins between two steps, as the worker admits it; meanwhile the worker
+    # reports it as a waiting request (services/worker/llumlet.py, Intake), so the
+    # policies see it from its arrival on.
+    live_admission: bool = False
     # False: the policies see each instance's load as it is at that instant. True (the
     # live mesh): as its worker reports it, a snapshot taken after each engine step,
     # before the requests that arrived meanwhile are admitted and the next step is
-    # scheduled (services/worker/async_engine.py), plus the dispatches of the last
-    # pending_dispatch_ttl_s; a group member's is current (snapshots every micro-batch).
+    # scheduled (services/worker/async_engine.py), plus the requests that reached it
+    # since that snapshot; a group member's is current (snapshots every micro-batch).
     load_at_step_end: bool = False
     # Seconds every engine step costs beyond the cost model (the live worker's serving
     # loop around the engine: output push, asyncio; 0 = ideal).
@@ -144,10 +144,6 @@ class SimConfig:
             raise ConfigError(f"dispatch_latency_s={self.dispatch_latency_s} must be >= 0")
         if self.host_cores is not None and not self.host_cores > 0:
             raise ConfigError(f"host_cores={self.host_cores} must be > 0 (or None)")
-        if self.pending_dispatch_ttl_s is not None and self.pending_dispatch_ttl_s < 0:
-            raise ConfigError(
-                f"pending_dispatch_ttl_s={self.pending_dispatch_ttl_s} must be >= 0 (or None)"
-            )
         if self.host_background_jobs < 0:
             raise ConfigError(f"host_background_jobs={self.host_background_jobs} must be >= 0")
         if self.stream_cpu_per_token_s < 0:

@@ -47,26 +47,26 @@ class SimInstance:
         created_s: float = 0.0,
         step_overhead_s: float = 0.0,
         clock: Callable[[], float] | None = None,
-        pending_ttl_s: float | None = None,
+        live_admission: bool = False,
         load_at_step_end: bool = False,
     ) -> None:
         self.instance_id = instance_id
-        # Live admission (pending_ttl_s set): the worker adds a request to its engine
-        # between two steps, so one dispatched mid-step joins when the step ends; the
-        # scheduler counts it as pending demand (add_pending_dispatches) for pending_ttl_s
-        # after the dispatch, then no longer until the worker reports it.
+        # Live admission: the worker adds a request to its engine between two steps, so
+        # one dispatched mid-step joins when the step ends; until then its report counts
+        # it as a waiting request (add_pending_dispatches; the llumlet's Intake).
         self.clock = clock
-        self.pending_ttl_s = pending_ttl_s
-        self._deferred: list[tuple[float, tuple]] = []  # (dispatched at, add_request args)
+        self.live_admission = live_admission
+        self._deferred: list[tuple] = []  # add_request args, in arrival order
         # Live load reports (load_at_step_end): the worker's engine thread snapshots its
         # load after each step, before it admits what arrived meanwhile and schedules the
         # next one, so the policies see the pool as the last step left it (not the next
-        # step's blocks, not the requests it just admitted) plus every dispatch of the
-        # last pending_ttl_s (the registry's pending demand, services/scheduler/registry.py).
+        # step's blocks), plus every request that reached the worker since that snapshot
+        # (the llumlet's Intake; the registry stops counting a dispatch once the
+        # worker's report names it, within a report interval, which this leaves out).
         self.load_at_step_end = load_at_step_end
         self._reported: tuple | None = None  # engine figures of the last snapshot
         self._reported_group = ""  # the group it was in then
-        self._dispatched: list[tuple[float, int]] = []  # (at, blocks) within the TTL
+        self._unreported: dict[str, int] = {}  # request id -> prompt blocks, since then
         self.engine = LLMEngine.simulated(engine_config, profile)
         self.scheduler = self.engine.scheduler
         self.block_manager = self.engine.block_manager
@@ -114,33 +114,36 @@ class SimInstance:
         if self._load is None:
             self._load = self._compute_load()
         if self._deferred:
-            return self._with_pending(self._load)
+            return self._with_deferred(self._load)
         return self._load
 
     def _reported_load(self) -> InstanceLoad:
         """What the live scheduler sees: the last step-end snapshot (a group member's is
-        taken every micro-batch: the current state) plus the recent dispatches."""
+        taken every micro-batch: the current state) plus what arrived since."""
         if self.group_id or self._reported is None or self._reported_group != self.group_id:
-            self._reported = self._engine_figures()  # joined or left a group: a new pool
-            self._reported_group = self.group_id
+            self._snapshot()  # joined or left a group: a new pool
         load = self._compute_load(self._reported)
-        if self.pending_ttl_s is None or not self._dispatched:
+        if not self._unreported:
             return load
-        assert self.clock is not None
-        now = self.clock()
-        self._dispatched = [(at, n) for at, n in self._dispatched if now - at < self.pending_ttl_s]
         return add_pending_dispatches(
-            load, len(self._dispatched), sum(n for _, n in self._dispatched)
+            load, len(self._unreported), sum(self._unreported.values())
         )
 
-    def _with_pending(self, load: InstanceLoad) -> InstanceLoad:
-        assert self.clock is not None and self.pending_ttl_s is not None
-        now, bm = self.clock(), self.block_manager
-        pending = [
-            args for at, args in self._deferred if now - at < self.pending_ttl_s
-        ]  # still counted by the scheduler
+    def _snapshot(self) -> None:
+        """The worker's snapshot, now: it shows every request in the engine (the
+        deferred ones stay unreported)."""
+        self._reported = self._engine_figures()
+        self._reported_group = self.group_id
+        deferred = {args[0] for args in self._deferred}
+        self._unreported = {i: n for i, n in self._unreported.items() if i in deferred}
+
+    def _with_deferred(self, load: InstanceLoad) -> InstanceLoad:
+        """The exact load plus the requests waiting for the step to end (reported)."""
+        bm = self.block_manager
         return add_pending_dispatches(
-            load, len(pending), sum(bm.num_blocks_for(len(args[1])) for args in pending)
+            load,
+            len(self._deferred),
+            sum(bm.num_blocks_for(len(args[1])) for args in self._deferred),
         )
 
     def _engine_figures(self) -> tuple[int, ...]:
@@ -188,14 +191,14 @@ class SimInstance:
         priority: int,
         arrival_s: float,
     ) -> None:
-        if self.load_at_step_end and self.clock is not None:
-            self._dispatched.append(
-                (self.clock(), self.block_manager.num_blocks_for(len(prompt_token_ids)))
+        if self.load_at_step_end:
+            self._unreported[request_id] = self.block_manager.num_blocks_for(
+                len(prompt_token_ids)
             )
-        if self.pending_ttl_s is not None and self.is_busy:
-            assert self.clock is not None
-            args = (request_id, prompt_token_ids, num_output_tokens, priority, arrival_s)
-            self._deferred.append((self.clock(), args))
+        if self.live_admission and self.is_busy:
+            self._deferred.append(
+                (request_id, prompt_token_ids, num_output_tokens, priority, arrival_s)
+            )
             return
         self._admit(request_id, prompt_token_ids, num_output_tokens, priority, arrival_s)
 
@@ -219,6 +222,7 @@ class SimInstance:
     def remove(self, request_id: str) -> RequestState:
         """Hands a request over (migration commit, or a queued one re-dispatched)."""
         state = self.engine.migration.remove_request(request_id)
+        self._unreported.pop(request_id, None)
         self.touch()
         return state
 
@@ -265,9 +269,8 @@ class SimInstance:
             else self.scheduler.update_from_output(batch, result.sampled_token_ids)
         )
         if self.load_at_step_end:
-            self._reported = self._engine_figures()  # before it admits the deferred ones
-            self._reported_group = self.group_id
+            self._snapshot()  # before it admits the deferred ones
         deferred, self._deferred = self._deferred, []
-        for _, args in deferred:  # between two steps: the worker admits them now
+        for args in deferred:  # between two steps: the worker admits them now
             self._admit(*args)
         return outputs

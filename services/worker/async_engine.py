@@ -215,6 +215,12 @@ class AsyncEngine:
             if outputs or snapshot is not None:
                 self._call_soon(self._on_step, outputs, snapshot)
 
+    def load_changed(self) -> None:
+        """On the engine thread: the next snapshot is taken even if the engine's figures
+        read as before (a request admitted and aborted between two steps: the llumlet
+        counts it until a snapshot taken after its admission)."""
+        self._last_snapshot_key = None
+
     def _maybe_snapshot(self, force: bool) -> EngineSnapshot | None:
         """A new snapshot if the load changed (and, unless forced, the interval passed)."""
         stats = self.engine.stats()

@@ -8,6 +8,7 @@ The servicer calls `submit` / `abort` / `load`; the engine thread calls `on_step
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import replace
 
 from opentelemetry import trace
@@ -276,15 +277,22 @@ class WorkerInstance:
         )
         self.router.register(spec.request_id, spec.owner_address)
         self.router.ledger.open(state)
+        # Reported as waiting from now on: the engine takes it only when its step ends.
+        self.llumlet.note_arrived(
+            spec.request_id, len(spec.prompt_token_ids) + len(spec.output_token_ids)
+        )
         try:
-            await self.async_engine.run(lambda engine: self._admit(engine, state))
+            admitted_at = await self.async_engine.run(lambda engine: self._admit(engine, state))
         except DuplicateRequestError as exc:
+            self.llumlet.note_refused(spec.request_id)
             self.spans.end(spec.request_id, {"llmesh.refused": "duplicate"})
             raise AlreadyExistsError(str(exc)) from None
         except BaseException:
+            self.llumlet.note_refused(spec.request_id)
             self.router.unregister(spec.request_id)
             self.spans.end(spec.request_id, {"llmesh.refused": "error"})
             raise
+        self.llumlet.note_admitted(spec.request_id, admitted_at)
         with trace.use_span(span), bind_context(request_id=spec.request_id):
             log.info(
                 "request_admitted",
@@ -335,8 +343,9 @@ class WorkerInstance:
         )
         return handoff, entry.finish_reason
 
-    def _admit(self, engine: LLMEngine, state) -> None:
-        """On the engine thread: queue the request unless the waiting queue is full."""
+    def _admit(self, engine: LLMEngine, state) -> float:
+        """On the engine thread: queue the request unless the waiting queue is full; when
+        (time.monotonic(): a snapshot taken later shows it)."""
         limit = self.max_waiting_requests
         if limit is not None and len(engine.scheduler.waiting) >= limit:
             raise ResourceExhaustedError(
@@ -345,6 +354,8 @@ class WorkerInstance:
                 SUBMIT_RETRY_AFTER_S,
             )
         engine.migration.import_request(state, [])
+        self.async_engine.load_changed()
+        return time.monotonic()
 
     async def abort(self, request_id: str) -> bool:
         """True if the request was here; its ABORT output follows with the next step."""

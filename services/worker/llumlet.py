@@ -9,6 +9,13 @@ It turns engine snapshots into load reports with the policies' load model
 (`make_instance_load`), so the scheduler, the gateway's fallback and the simulator all
 read the same virtual usage and freeness. The scheduler's commands (drain, migrate)
 come back on the load stream and are handed to the worker here.
+
+A snapshot is taken between two steps, and a request that arrives during a step joins
+the engine only when the step ends: until a snapshot shows it, a report counts it as a
+waiting request (`Intake`). Otherwise a worker in a long step (a 512-token prefill chunk
+takes about a second on a shared CPU) reported an empty queue again and again, the
+scheduler forgot the dispatches it had sent there (its pending entries last 0.5 s,
+services/scheduler/registry.py) and sent it more requests than its pool holds.
 """
 
 from __future__ import annotations
@@ -24,7 +31,12 @@ from services.common.convert import instance_spec_to_proto, load_to_proto
 from services.common.grpc_client import DEFAULT_TIMEOUT_S, aio_channel
 from services.common.logging import get_logger
 from services.common.messages import InstanceSpec, LoadReport
-from services.policies import InstanceLoad, LoadModelConfig, make_instance_load
+from services.policies import (
+    InstanceLoad,
+    LoadModelConfig,
+    add_pending_dispatches,
+    make_instance_load,
+)
 from services.worker.async_engine import EngineSnapshot
 
 log = get_logger(__name__)
@@ -65,6 +77,53 @@ def load_from_snapshot(
     )
 
 
+class Intake:
+    """Requests that reached the worker but that no engine snapshot shows yet.
+
+    `arrived` when the worker takes a request and before it hands it to the engine
+    thread, `admitted` with the engine thread's clock once the engine has it (between
+    two steps), `refused` if it never got in. `unreported(taken_at)` is what a report
+    built from a snapshot taken at `taken_at` must add: every request not admitted yet
+    and every one admitted after that snapshot; older admissions are forgotten.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[int, float | None]] = {}  # id -> (blocks, admitted_at)
+        self._arrived: list[str] = []  # since the last report to the scheduler
+        self.version = 0  # changes whenever a report would read differently
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def arrived(self, request_id: str, num_blocks: int) -> None:
+        self._entries[request_id] = (num_blocks, None)
+        self._arrived.append(request_id)
+        self.version += 1
+
+    def take_arrived(self) -> list[str]:
+        """The requests that arrived since the last call (the next report names them:
+        the scheduler stops counting them as pending dispatches)."""
+        arrived, self._arrived = self._arrived, []
+        return arrived
+
+    def admitted(self, request_id: str, at: float) -> None:
+        entry = self._entries.get(request_id)
+        if entry is not None:
+            self._entries[request_id] = (entry[0], at)
+
+    def refused(self, request_id: str) -> None:
+        if self._entries.pop(request_id, None) is not None:
+            self.version += 1
+
+    def unreported(self, taken_at: float) -> tuple[int, int]:
+        """(requests, blocks) a snapshot taken at `taken_at` does not show."""
+        for request_id in [
+            i for i, (_, at) in self._entries.items() if at is not None and at < taken_at
+        ]:
+            del self._entries[request_id]
+        return len(self._entries), sum(n for n, _ in self._entries.values())
+
+
 @dataclass(frozen=True)
 class GroupReport:
     """What a load report says of this instance's KunServe group and layers."""
@@ -95,6 +154,7 @@ class Llumlet:
         self.is_registered = False
         self._snapshot = initial_snapshot
         self._snapshot_version = 0
+        self.intake = Intake()
         self._seq = 0
         self._changed = asyncio.Event()
         # on_migrate(MigrateCommand): the worker runs a migration the scheduler ordered.
@@ -111,6 +171,19 @@ class Llumlet:
         self.num_migrating = num_migrating
         self._changed.set()
 
+    def note_arrived(self, request_id: str, num_tokens: int) -> None:
+        """A request reached the worker (reported as waiting until a snapshot shows it)."""
+        self.intake.arrived(request_id, -(-num_tokens // max(self.spec.block_size, 1)))
+        self._changed.set()
+
+    def note_admitted(self, request_id: str, at: float) -> None:
+        """The engine took it at `at` (time.monotonic() on the engine thread)."""
+        self.intake.admitted(request_id, at)
+
+    def note_refused(self, request_id: str) -> None:
+        self.intake.refused(request_id)
+        self._changed.set()
+
     def on_snapshot(self, snapshot: EngineSnapshot) -> None:
         """A new engine snapshot (from the engine thread's per-step callback)."""
         self._snapshot = snapshot
@@ -120,9 +193,10 @@ class Llumlet:
     def next_report(self, snapshot: EngineSnapshot | None = None) -> LoadReport:
         """The next report: `snapshot` (default: the latest) through the load model."""
         self._seq += 1
+        snapshot = snapshot or self._snapshot
         load = load_from_snapshot(
             self.spec.instance_id,
-            snapshot or self._snapshot,
+            snapshot,
             self.load_config,
             self.spec.block_size,
             self.is_terminating,
@@ -130,6 +204,7 @@ class Llumlet:
             self.group.group_id,
             self.group.group_stage,
         )
+        load = add_pending_dispatches(load, *self.intake.unreported(snapshot.taken_at))
         g = self.group
         return LoadReport(
             load,
@@ -173,7 +248,13 @@ class Llumlet:
             self._changed.clear()
             # A heartbeat with nothing new reuses the last report (64 running requests
             # make building one cost more than copying it); only seq changes.
-            key = (self._snapshot_version, self.is_terminating, self.num_migrating, self.group)
+            key = (
+                self._snapshot_version,
+                self.intake.version,
+                self.is_terminating,
+                self.num_migrating,
+                self.group,
+            )
             if key != cached_key:
                 cached_key, cached = key, load_to_proto(self.next_report())
                 report = cached
@@ -182,6 +263,13 @@ class Llumlet:
                 report = common_pb2.LoadReport()
                 report.CopyFrom(cached)
                 report.seq = self._seq
+            # Named once: a heartbeat that copies this report must not name them again.
+            arrived = self.intake.take_arrived()
+            if arrived:
+                if report is cached:
+                    report = common_pb2.LoadReport()
+                    report.CopyFrom(cached)
+                report.arrived_request_ids.extend(arrived)
             yield report
             sent_at = loop.time()
             with contextlib.suppress(TimeoutError):

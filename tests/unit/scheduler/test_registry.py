@@ -93,6 +93,45 @@ def test_pending_dispatches_count_until_a_later_report():
     )
 
 
+def test_a_pending_dispatch_ends_when_a_report_names_its_arrival():
+    clock = FakeClock()
+    registry = InstanceRegistry(lease_s=2.0, clock=clock)
+    registry.register(spec("a"))
+    registry.report(load("a", 1, used=10, running=1))
+    registry.note_dispatch("a", "r1", num_blocks=5)
+    registry.note_dispatch("a", "r2", num_blocks=3)
+    clock.now = 0.1
+    # The worker names r1 (and counts it itself, here in its used blocks): r2 stays pending.
+    named = LoadReport(load("a", 2, used=15, running=2).load, 2, arrived_request_ids=("r1",))
+    registry.report(named)
+    [effective] = registry.loads()
+    assert [p.request_id for p in registry.get("a").pending] == ["r2"]
+    assert (effective.virtual_usage, effective.num_waiting, effective.num_waiting_blocks) == (
+        18.0,
+        1,
+        3,
+    )
+    # A report overtaken by a newer one still ends the dispatches it names.
+    registry.report(load("a", 4, used=18, running=3))
+    stale = LoadReport(load("a", 3).load, 3, arrived_request_ids=("r2",))
+    registry.report(stale)
+    assert registry.get("a").pending == []
+    assert registry.get("a").report.seq == 4
+
+
+def test_a_dispatch_no_report_names_stops_counting_after_the_ttl():
+    clock = FakeClock()
+    registry = InstanceRegistry(lease_s=2.0, clock=clock)
+    registry.register(spec("a"))
+    registry.note_dispatch("a", "lost", num_blocks=4)
+    clock.now = 0.4
+    registry.report(load("a", 1))
+    assert [p.request_id for p in registry.get("a").pending] == ["lost"]
+    clock.now = 0.6
+    registry.report(load("a", 2))
+    assert registry.get("a").pending == []
+
+
 def test_lease_must_be_positive():
     with pytest.raises(ValueError, match="lease_s=0"):
         InstanceRegistry(lease_s=0)

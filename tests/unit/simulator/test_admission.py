@@ -1,6 +1,6 @@
-"""Live admission in the simulator (SimConfig.pending_dispatch_ttl_s): a request
-dispatched while its instance steps joins the engine when the step ends; until then the
-policies see it as pending demand for the registry's TTL, then not at all."""
+"""Live admission in the simulator (SimConfig.live_admission): a request dispatched
+while its instance steps joins the engine when the step ends; until then the worker
+reports it as a waiting request, so the policies see it all along."""
 
 import dataclasses
 
@@ -16,7 +16,7 @@ from services.worker.engine.cost_model import TINY_CPU
 def _instance(now):
     config = EngineConfig(block_size=16, num_kv_blocks=40, max_model_len=256)
     return SimInstance(
-        "i00", config, TINY_CPU, LoadModelConfig(), clock=lambda: now[0], pending_ttl_s=0.5
+        "i00", config, TINY_CPU, LoadModelConfig(), clock=lambda: now[0], live_admission=True
     )
 
 
@@ -27,13 +27,11 @@ def test_a_request_dispatched_mid_step_joins_when_the_step_ends():
     assert instance.start_step() is not None  # a's prefill: busy
     instance.add_request("b", [TOKEN_ID] * 40, 4, 0, 0.0)
     assert list(instance.scheduler.requests) == ["a"] and instance.num_deferred == 1
-    # Pending for 0.5 s: one waiting request of 3 blocks (40 tokens) ...
-    now[0] = 0.4
-    load = instance.load()
-    assert (load.num_waiting, load.num_waiting_blocks) == (1, 3)
-    # ... then invisible until the worker admits it.
-    now[0] = 0.6
-    assert (instance.load().num_waiting, instance.load().num_waiting_blocks) == (0, 0)
+    # One waiting request of 3 blocks (40 tokens), however long the step takes: the
+    # worker reports what reached it (the scheduler's pending entry ends with that).
+    for now[0] in (0.4, 5.0):
+        load = instance.load()
+        assert (load.num_waiting, load.num_waiting_blocks) == (1, 3)
     instance.finish_step()
     assert list(instance.scheduler.requests) == ["a", "b"] and instance.num_deferred == 0
     assert instance.load().num_waiting == 1  # in the engine's queue now
@@ -53,7 +51,7 @@ def test_every_request_still_finishes_with_live_admission():
     )  # fmt: skip
     requests = [SimRequest(f"r{i}", 0.002 * i, 40, 30) for i in range(12)]
     ideal = Simulator(config, requests).run()
-    live = Simulator(dataclasses.replace(config, pending_dispatch_ttl_s=0.5), requests).run()
+    live = Simulator(dataclasses.replace(config, live_admission=True), requests).run()
     assert live.summary.num_requests == ideal.summary.num_requests == 12
     # Requests that arrive mid-step wait for its end either way: TTFTs are equal or later.
     by_id = {r.request_id: r for r in ideal.records}
@@ -66,7 +64,7 @@ def test_every_request_still_finishes_with_live_admission():
 def _reporting_instance(now):
     config = EngineConfig(block_size=16, num_kv_blocks=40, max_model_len=256)
     return SimInstance(
-        "i00", config, TINY_CPU, LoadModelConfig(), clock=lambda: now[0], pending_ttl_s=0.5,
+        "i00", config, TINY_CPU, LoadModelConfig(), clock=lambda: now[0], live_admission=True,
         load_at_step_end=True,
     )  # fmt: skip
 
@@ -78,27 +76,28 @@ def test_the_policies_see_the_load_the_last_step_left():
     assert (before.num_used_blocks, before.num_waiting, before.num_running) == (0, 0, 0)
     instance.add_request("a", [TOKEN_ID] * 40, 4, 0, 0.0)
     assert instance.start_step() is not None  # a's prefill allocates 3 blocks
-    # Mid-step: the worker has not reported since; a shows only as a pending dispatch.
-    now[0] = 0.4
+    # Mid-step, however long: no snapshot since a arrived, so the worker reports it as
+    # waiting (3 blocks for its 40 tokens), not yet as running with its blocks.
+    for now[0] in (0.4, 5.0):
+        load = instance.load()
+        assert (load.num_used_blocks, load.num_running, load.num_waiting) == (0, 0, 1)
+        assert load.num_waiting_blocks == 3
+    instance.add_request("b", [TOKEN_ID] * 20, 4, 0, 5.0)  # dispatched mid-step
     load = instance.load()
-    assert (load.num_used_blocks, load.num_running, load.num_waiting) == (0, 0, 1)
-    assert load.num_waiting_blocks == 3
-    now[0] = 0.6  # past the TTL: not at all
-    load = instance.load()
-    assert (load.num_used_blocks, load.num_running, load.num_waiting_blocks) == (0, 0, 0)
-    instance.add_request("b", [TOKEN_ID] * 20, 4, 0, 0.6)  # dispatched mid-step
+    assert (load.num_waiting, load.num_waiting_blocks) == (2, 5)
     instance.finish_step()  # snapshot: a's 3 blocks (+1 for its first token), b not yet in
     load = instance.load()
     assert (load.num_used_blocks, load.num_running, load.num_waiting) == (3, 1, 1)
-    assert load.num_waiting_blocks == 2  # b, still pending (dispatched 0 s ago)
-    assert list(instance.scheduler.requests) == ["a", "b"]  # admitted after the snapshot
-    now[0] = 1.2
+    assert load.num_waiting_blocks == 2  # b: admitted after the snapshot, still reported
+    assert list(instance.scheduler.requests) == ["a", "b"]
+    now[0] = 5.6
     assert instance.start_step() is not None  # a decodes, b's prefill: 2 more blocks
     load = instance.load()
-    assert (load.num_used_blocks, load.num_running, load.num_waiting) == (3, 1, 0)
-    instance.finish_step()
+    assert (load.num_used_blocks, load.num_running, load.num_waiting) == (3, 1, 1)
+    instance.finish_step()  # this snapshot shows b: no longer counted on its own
     load = instance.load()
     assert (load.num_used_blocks, load.num_running, load.num_waiting) == (5, 2, 0)
+    assert load.num_waiting_blocks == 0
 
 
 def test_exact_loads_are_the_default():
@@ -113,7 +112,7 @@ def test_exact_loads_are_the_default():
 def test_every_request_still_finishes_with_step_end_loads():
     config = SimConfig(
         num_instances=2, profile="tiny-cpu", num_kv_blocks=40, max_model_len=256,
-        max_num_batched_tokens=256, policy="llmesh", pending_dispatch_ttl_s=0.5,
+        max_num_batched_tokens=256, policy="llmesh", live_admission=True,
     )  # fmt: skip
     requests = [SimRequest(f"r{i}", 0.002 * i, 40, 30) for i in range(12)]
     exact = Simulator(config, requests).run()

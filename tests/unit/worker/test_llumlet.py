@@ -8,11 +8,11 @@ from services.common.messages import InstanceSpec
 from services.policies import LoadModelConfig
 from services.worker.async_engine import EngineSnapshot
 from services.worker.engine import EngineStats, RequestView
-from services.worker.llumlet import Llumlet, load_from_snapshot
+from services.worker.llumlet import Intake, Llumlet, load_from_snapshot
 
 
 def snapshot(
-    num_running=2, num_waiting=1, used=30, hol=4, waiting_blocks=4, high=0
+    num_running=2, num_waiting=1, used=30, hol=4, waiting_blocks=4, high=0, taken_at=0.0
 ) -> EngineSnapshot:
     stats = EngineStats(
         num_running=num_running,
@@ -30,7 +30,7 @@ def snapshot(
         RequestView("long", 200, 13, 0, 10, False),
         RequestView("short", 40, 3, 1, 2, False),
     )
-    return EngineSnapshot(stats, running, waiting_blocks, taken_at=0.0)
+    return EngineSnapshot(stats, running, waiting_blocks, taken_at=taken_at)
 
 
 def test_virtual_usage_and_freeness_follow_the_load_model():
@@ -65,3 +65,45 @@ async def test_each_report_takes_the_next_sequence_number_and_the_registered_blo
     assert (first.seq, first.load.num_used_blocks, first.load.block_size) == (1, 30, 32)
     assert (second.seq, second.load.num_used_blocks) == (2, 50)
     assert (second.is_integrity_checked, second.integrity_error) == (False, "")
+
+
+def test_the_intake_counts_a_request_until_a_snapshot_after_its_admission():
+    intake = Intake()
+    intake.arrived("a", 3)
+    intake.arrived("b", 2)
+    assert intake.unreported(taken_at=10.0) == (2, 5)  # neither admitted yet
+    intake.admitted("a", at=11.0)
+    assert intake.unreported(taken_at=10.5) == (2, 5)  # that snapshot came before a joined
+    assert intake.unreported(taken_at=11.5) == (1, 2)  # this one shows a: b is left
+    assert len(intake) == 1
+    intake.refused("b")
+    assert intake.unreported(taken_at=11.5) == (0, 0)
+    assert intake.take_arrived() == ["a", "b"] and intake.take_arrived() == []
+
+
+async def test_a_request_that_arrives_mid_step_is_reported_waiting_and_named_once():
+    spec = InstanceSpec("w", "127.0.0.1:1", "tiny", 16, 4, 0, 4, 2048, 258, 257)
+    llumlet = Llumlet(
+        spec, "127.0.0.1:1", LoadModelConfig(), snapshot(taken_at=1.0), report_interval_s=1.0
+    )
+    try:
+        llumlet.note_arrived("r1", 40)  # 3 blocks of 16
+        reports = llumlet._reports()
+        first = await anext(reports)
+        heartbeat = await anext(reports)  # nothing new: the same load, a new seq
+        llumlet.note_admitted("r1", at=2.0)  # the engine took it after that snapshot
+        later = llumlet.next_report()
+        llumlet.on_snapshot(snapshot(num_waiting=2, waiting_blocks=7, taken_at=3.0))
+        shown = llumlet.next_report()
+        await reports.aclose()
+    finally:
+        await llumlet.close()
+    assert (first.num_waiting, first.num_waiting_blocks) == (2, 7)  # 1 + r1, 4 + 3
+    assert first.virtual_usage == 37.0  # 30 used + 4 head-of-line + r1's 3 blocks
+    assert list(first.arrived_request_ids) == ["r1"]
+    assert (heartbeat.seq, list(heartbeat.arrived_request_ids)) == (first.seq + 1, [])
+    assert (heartbeat.num_waiting, heartbeat.num_waiting_blocks) == (2, 7)
+    assert (later.load.num_waiting, later.load.num_waiting_blocks) == (2, 7)
+    # The engine's own snapshot counts r1 now: not twice.
+    assert (shown.load.num_waiting, shown.load.num_waiting_blocks) == (2, 7)
+    assert len(llumlet.intake) == 0
