@@ -125,9 +125,7 @@ class SimInstance:
         load = self._compute_load(self._reported)
         if not self._unreported:
             return load
-        return add_pending_dispatches(
-            load, len(self._unreported), sum(self._unreported.values())
-        )
+        return add_pending_dispatches(load, len(self._unreported), sum(self._unreported.values()))
 
     def _snapshot(self) -> None:
         """The worker's snapshot, now: it shows every request in the engine (the
@@ -192,9 +190,7 @@ class SimInstance:
         arrival_s: float,
     ) -> None:
         if self.load_at_step_end:
-            self._unreported[request_id] = self.block_manager.num_blocks_for(
-                len(prompt_token_ids)
-            )
+            self._unreported[request_id] = self.block_manager.num_blocks_for(len(prompt_token_ids))
         if self.live_admission and self.is_busy:
             self._deferred.append(
                 (request_id, prompt_token_ids, num_output_tokens, priority, arrival_s)
