@@ -12,24 +12,28 @@ import json
 from pathlib import Path
 
 from bench import _burst_sim
+from bench._burst_steps import cost_scale
 from bench._burst_workload import workload
 
 
 def sim_figures(sim: dict, arrivals, measured: dict, progress) -> dict:
     """The simulator's figures for each measured policy (the summary's sim_* keys), each
-    with the other processes that loaded the machine during that policy's run."""
+    with the other processes that loaded the machine during that policy's run and the
+    step costs its workers measured (the profile's shape, that run's level)."""
     figures = {}
     for policy, real in measured.items():
         background = real.get("effective_background_jobs")
         if background is None:  # a run recorded before the mesh's own threads were
             background = real.get("background_jobs") or 0.0
-        figures[policy] = _burst_sim.simulate(policy, sim, arrivals, background)
+        scale = cost_scale(real.get("steps"))
+        figures[policy] = _burst_sim.simulate(policy, sim, arrivals, background, scale)
         progress(f"{policy} (simulated): {figures[policy]}")
     return {
         "sim_p99_ttft_s": {p: f["p99_ttft_s"] for p, f in figures.items()},
         "sim_p50_ttft_s": {p: f["p50_ttft_s"] for p, f in figures.items()},
         "sim_drops": {p: f["drops"] for p, f in figures.items()},
         "sim_background_jobs": {p: f["background_jobs"] for p, f in figures.items()},
+        "sim_cost_scale": {p: f["cost_scale"] for p, f in figures.items()},
         "sim_policies": figures,
     }
 
@@ -64,7 +68,7 @@ def resimulate(path: Path, policies, progress) -> int:
 def print_table(summary: dict) -> None:
     print(f"{'policy':>10} {'p50 ttft s':>10} {'p99 ttft s':>10} {'sim p50':>8} {'sim p99':>8} "
           f"{'sim/real':>8} {'drops':>5} {'sim':>4} {'migr':>5} {'preempt':>7} "
-          f"{'tokens exact':>12} {'bg threads':>10}")  # fmt: skip
+          f"{'tokens exact':>12} {'bg threads':>10} {'step cost':>9}")  # fmt: skip
     for policy, f in summary["policies"].items():
         exact = summary["tokens_identical_per_policy"][policy]
         sim_p50 = summary["sim_p50_ttft_s"].get(policy, float("nan"))
@@ -74,7 +78,8 @@ def print_table(summary: dict) -> None:
         print(f"{policy:>10} {f['p50_ttft_s']:>10.3f} {f['p99_ttft_s']:>10.3f} {sim_p50:>8.3f} "
               f"{sim_p99:>8.3f} {ratio:>8.2f} {f['drops']:>5} {sim_drops!s:>4} "
               f"{f['migrations']:>5} {f['preemptions']:>7} {exact!s:>12} "
-              f"{summary['sim_background_jobs'].get(policy, 0):>10.2f}")  # fmt: skip
+              f"{summary['sim_background_jobs'].get(policy, 0):>10.2f} "
+              f"{summary.get('sim_cost_scale', {}).get(policy) or 1.0:>9.3f}")  # fmt: skip
     for policy, f in summary["policies"].items():
         sim = summary.get("sim_policies", {}).get(policy, {})
         print(f"{policy:>10} slowest [request, TTFT s]: real {f.get('slowest_ttft', '-')}, "

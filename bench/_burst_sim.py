@@ -210,14 +210,22 @@ def engine_knobs(profile, num_instances: int, block_size: int, max_num_seqs: int
     }
 
 
-def simulate(policy: str, sim: dict, arrivals, background_jobs: float = 0.0) -> dict:
+def simulate(
+    policy: str, sim: dict, arrivals, background_jobs: float = 0.0, cost_scale: float | None = None
+) -> dict:
     """Figures of one policy's simulated run (the keys of the measured ones), with
-    `background_jobs` runnable threads of other processes sharing the host's cores."""
+    `background_jobs` runnable threads of other processes sharing the host's cores and
+    every step costing `cost_scale` times the calibrated profile (the CPU / model that
+    run's steps measured: bench/_burst_steps.cost_scale; None = 1)."""
     from services.simulator.cluster import Simulator
     from services.simulator.profiles import get_profile
-    from services.worker.engine.cost_model import CostModelProfile
+    from services.worker.engine.cost_model import FEATURE_NAMES, CostModelProfile
 
     profile = CostModelProfile.from_dict(sim["profile"])
+    if cost_scale is not None:
+        profile = dataclasses.replace(
+            profile, **{name: getattr(profile, name) * cost_scale for name in FEATURE_NAMES}
+        )
     knobs = dict(sim["engine"])
     num_kv_blocks = knobs.pop("num_kv_blocks")
     costs = dict(sim["costs"])
@@ -241,6 +249,7 @@ def simulate(policy: str, sim: dict, arrivals, background_jobs: float = 0.0) -> 
         "preemptions": sum(r.num_preemptions for r in result.records),
         "makespan_s": round(result.makespan_s, 1),
         "background_jobs": round(config.host_background_jobs, 2),
+        "cost_scale": cost_scale,
         # Seconds after the run's start (its first arrival is at 0) each group served.
         "drop_times_s": [round(t, 2) for t in result.groups.drop_times_s],
         "decided_times_s": [round(t, 2) for t in result.groups.decided_times_s],

@@ -120,6 +120,22 @@ def summarise(steps: list[Step], coefficients: tuple[float, ...], windows) -> di
     return out
 
 
+# The phases whose steps set the TTFTs: every request's first token comes in them or
+# waits on their steps (the rest of the run is decodes and group micro-batches).
+SCALE_PHASES = ("residents", "burst")
+
+
+def cost_scale(summary: dict | None) -> float | None:
+    """The CPU the run's steps took over what the calibrated profile says (CPU / model)
+    across SCALE_PHASES: how much dearer a step was in that mesh than in the calibration
+    (SimConfig's profile is scaled by it). None without logged steps."""
+    phases = [summary[p] for p in SCALE_PHASES if summary and summary.get(p)]
+    model = sum(p["model_s"] for p in phases)
+    if not model:
+        return None
+    return round(sum(p["cpu_s"] for p in phases) / model, 3)
+
+
 def join_cpu_s(log_paths: list[Path]) -> list[float]:
     """Engine-thread CPU seconds of every member's join (`group_joined`'s join_cpu_ms):
     what a drop costs a member once it is between steps (SimConfig.group_join_s)."""

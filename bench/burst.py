@@ -24,10 +24,13 @@ alone, idle, with its block manager intact.
 Next to them, the simulator's prediction of the same run (bench/_burst_sim.py): the
 same arrivals and lengths on 4 simulated engines with the workers' pool (159 blocks,
 checked against their load reports), the live scheduler's config parsed from the same
-flags, a cost model of this model calibrated on this host at the start, the mesh's own
-costs from probes of the first mesh, and the machine's cores shared by every step,
-stage, request path and token stream, with the other processes' load measured during
-each policy's run. `fidelity` = simulated / measured P99 TTFT per policy (target:
+flags, a cost model of this model calibrated on this host at the start, each step's
+cost scaled per policy by what that run's steps measured (CPU / model of the workers'
+logged steps over the residents and the burst: the same step cost 1.02-1.26x the
+calibration from one mesh to the next on a quiet host), the mesh's own costs from
+probes of the first mesh, and the machine's cores shared by every step, stage, request
+path and token stream, with the other processes' load measured during each policy's
+run. `fidelity` = simulated / measured P99 TTFT per policy (target:
 within 25%). `--resim FILE` re-predicts a recorded run (its JSON line) without a mesh.
 
 This module is the command: its flags and the summary. The workload is in

@@ -115,6 +115,23 @@ def test_the_sim_config_is_the_live_schedulers_with_the_bench_knobs():
     assert config.stream_cpu_per_token_s == 0.0003
     llmesh = _burst_sim.sim_config("llmesh", GROUP_KNOBS, costs, **engine)
     assert (llmesh.dispatch, llmesh.migration, llmesh.group) == ("freest", "freeness", "llmesh")
+    # The live worker's admission and load reports (services/worker/llumlet.py, Intake).
+    assert (config.live_admission, config.load_at_step_end) == (True, True)
+
+
+def test_a_run_s_measured_step_cost_scales_every_simulated_step():
+    profile = bench_profile()
+    engine = _burst_sim.engine_knobs(profile, 4, 16, 64)
+    costs = {"dispatch_latency_s": 0.0, "step_overhead_s": 0.0, "host_cores": None}
+    sim = _burst_sim.sim_block(profile, 0.0, costs, engine, GROUP_KNOBS)
+    arrivals = workload(_parse(SMALL))
+    plain = _burst_sim.simulate("recompute", sim, arrivals)
+    same = _burst_sim.simulate("recompute", sim, arrivals, cost_scale=1.0)
+    dearer = _burst_sim.simulate("recompute", sim, arrivals, cost_scale=2.0)
+    assert (plain["cost_scale"], same["cost_scale"], dearer["cost_scale"]) == (None, 1.0, 2.0)
+    assert same["ttfts_s"] == plain["ttfts_s"]
+    # Every request's first token needs at least its prefill step: each comes later.
+    assert all(d > p for d, p in zip(dearer["ttfts_s"], plain["ttfts_s"], strict=True))
 
 
 def test_sim_requests_keep_times_and_lengths():
@@ -139,7 +156,7 @@ def test_every_policy_simulates_a_small_burst():
         assert set(figures) == {
             "p50_ttft_s", "p99_ttft_s", "drops", "restores", "migrations", "preemptions",
             "makespan_s", "background_jobs", "slowest_ttft", "drop_times_s", "decided_times_s",
-            "ttfts_s",
+            "ttfts_s", "cost_scale",
         }  # fmt: skip
         # 12 short requests fit 4 x 159 blocks: nobody preempts, nobody drops.
         assert (figures["drops"], figures["preemptions"], figures["drop_times_s"]) == (0, 0, [])

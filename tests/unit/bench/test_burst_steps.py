@@ -3,7 +3,14 @@ model, on hand-written logs."""
 
 import json
 
-from bench._burst_steps import busy_workers, join_cpu_s, read_steps, step_windows, summarise
+from bench._burst_steps import (
+    busy_workers,
+    cost_scale,
+    join_cpu_s,
+    read_steps,
+    step_windows,
+    summarise,
+)
 from bench.burst import _parse
 
 
@@ -86,3 +93,14 @@ def test_join_cpu_comes_from_the_group_joined_lines(tmp_path):
         + '\n{"event": "group_joined", "join_cpu_ms": 7.5}\n'
     )
     assert join_cpu_s([log, tmp_path / "missing.log"]) == [0.0425, 0.0075]
+
+
+def test_the_step_cost_scale_is_cpu_over_model_of_the_phases_that_set_the_ttfts():
+    summary = {
+        "residents": {"model_s": 4.0, "cpu_s": 5.0},
+        "burst": {"model_s": 1.0, "cpu_s": 1.2},
+        "after": {"model_s": 10.0, "cpu_s": 30.0},  # decodes after the burst: left out
+    }
+    assert cost_scale(summary) == 1.24  # (5.0 + 1.2) / (4.0 + 1.0)
+    assert cost_scale({"after": {"model_s": 1.0, "cpu_s": 2.0}}) is None
+    assert cost_scale({}) is None and cost_scale(None) is None
