@@ -84,7 +84,8 @@ class Intake:
     thread, `admitted` with the engine thread's clock once the engine has it (between
     two steps), `refused` if it never got in. `unreported(taken_at)` is what a report
     built from a snapshot taken at `taken_at` must add: every request not admitted yet
-    and every one admitted after that snapshot; older admissions are forgotten.
+    and every one admitted after that snapshot. `forget_before(taken_at)` drops what
+    the llumlet's own snapshot shows now.
     """
 
     def __init__(self) -> None:
@@ -117,11 +118,15 @@ class Intake:
 
     def unreported(self, taken_at: float) -> tuple[int, int]:
         """(requests, blocks) a snapshot taken at `taken_at` does not show."""
+        shown = [n for n, at in self._entries.values() if at is None or at >= taken_at]
+        return len(shown), sum(shown)
+
+    def forget_before(self, taken_at: float) -> None:
+        """Forget the requests admitted before a snapshot taken at `taken_at`."""
         for request_id in [
             i for i, (_, at) in self._entries.items() if at is not None and at < taken_at
         ]:
             del self._entries[request_id]
-        return len(self._entries), sum(n for n, _ in self._entries.values())
 
 
 @dataclass(frozen=True)
@@ -187,6 +192,7 @@ class Llumlet:
     def on_snapshot(self, snapshot: EngineSnapshot) -> None:
         """A new engine snapshot (from the engine thread's per-step callback)."""
         self._snapshot = snapshot
+        self.intake.forget_before(snapshot.taken_at)
         self._snapshot_version += 1
         self._changed.set()
 

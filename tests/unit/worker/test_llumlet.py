@@ -75,9 +75,11 @@ def test_the_intake_counts_a_request_until_a_snapshot_after_its_admission():
     intake.admitted("a", at=11.0)
     assert intake.unreported(taken_at=10.5) == (2, 5)  # that snapshot came before a joined
     assert intake.unreported(taken_at=11.5) == (1, 2)  # this one shows a: b is left
-    assert len(intake) == 1
+    assert len(intake) == 2  # asking forgets nothing (a GetLoad's own fresh snapshot)
+    intake.forget_before(11.5)  # the llumlet's snapshot shows a now
+    assert len(intake) == 1 and intake.unreported(taken_at=10.5) == (1, 2)
     intake.refused("b")
-    assert intake.unreported(taken_at=11.5) == (0, 0)
+    assert intake.unreported(taken_at=11.5) == (0, 0) and len(intake) == 0
     assert intake.take_arrived() == ["a", "b"] and intake.take_arrived() == []
 
 
