@@ -71,7 +71,8 @@ class SimConfig:
     # False: a member joins at its first step boundary after the drop decision. True (the
     # live protocol, services/worker/kunserve/leader.py): PrepareJoin runs at each
     # member's next boundary and the member steps on; once every member has prepared,
-    # JoinGroup runs at each one's next boundary (group_join_s of work there).
+    # JoinGroup runs at each one's next boundary (group_join_s of work there); stage 0,
+    # if it prepared last, joins at that boundary (its JoinGroup is a local call).
     group_two_phase_join: bool = False
     # Knobs of the load model, the migration loop and the auto-scaler (None = fixed fleet).
     load_model: LoadModelConfig = LoadModelConfig()

@@ -64,9 +64,9 @@ def test_negative_join_time_is_rejected():
         dataclasses.replace(TINY, group_join_s=-1.0)
 
 
-def _two_member_drop(**changes):
+def _two_member_drop(members=("i00", "i01"), **changes):
     config = dataclasses.replace(TINY, migration_bandwidth_bytes_per_s=1e18, **changes)
-    policy = ScriptedGroups(["i00", "i01"], drop_at=0.02)  # mid-decode of both
+    policy = ScriptedGroups(list(members), drop_at=0.02)  # mid-decode of both
     requests = [SimRequest(f"r{i}", 0.0, 40, 60) for i in range(2)]
     sim, result = scripted_run(config, requests, policy)
     assert result.groups.decided_times_s == [pytest.approx(0.02)]
@@ -83,3 +83,16 @@ def test_the_two_phase_join_costs_each_member_one_more_step():
     # The join's work starts at that second boundary.
     joined_s, _ = _two_member_drop(group_two_phase_join=True, group_join_s=0.05)
     assert joined_s == pytest.approx(two_formed_s + 0.05)
+
+
+def test_stage_0_that_prepares_last_joins_at_that_boundary():
+    # Both members reach their boundary at the same instant, i00 first. With i01 as
+    # stage 0 it prepares last, and its own JoinGroup (a local call) runs before its
+    # next step: it takes no extra step, the member i00 still takes one.
+    _, one_steps = _two_member_drop()
+    _, steps = _two_member_drop(("i01", "i00"), group_two_phase_join=True)
+    assert steps == [one_steps[0] + 1, one_steps[1]]
+    # Stage 0 first (i00), the member last: JoinGroup reaches the member over the
+    # network, after it started its next step.
+    _, steps = _two_member_drop(("i00", "i01"), group_two_phase_join=True)
+    assert steps == [n + 1 for n in one_steps]
