@@ -137,7 +137,9 @@ class WorkerInstance:
     # ---- KunServe hooks ------------------------------------------------------------------
 
     def _is_grouped(self) -> bool:
-        return self.kunserve is not None and self.kunserve.role is not Role.ALONE
+        """In a group, joining one, or claimed by a PrepareJoin that just ran."""
+        kunserve = self.kunserve
+        return kunserve is not None and (kunserve.role is not Role.ALONE or kunserve.claimed)
 
     def _handoff_for(self, request_id: str, state: RequestState, moves: bool) -> RequestHandoff:
         """What travels with a request to another member; `moves`: its placement
@@ -230,7 +232,9 @@ class WorkerInstance:
         return (
             self.async_engine.snapshot,
             sent,
-            membership.stage if membership is not None and self._is_grouped() else -1,
+            membership.stage
+            if membership is not None and membership.role is not Role.ALONE
+            else -1,
         )
 
     def _migration_count_changed(self) -> None:

@@ -14,6 +14,10 @@ from services.common.groups import KVTransferSpec
 class GroupFaultHooks:
     """No faults: every hook returns at once."""
 
+    async def before_join(self, group_id: str, stage: int) -> None:
+        """At a drop, when a member is told to join (JoinGroup), before its engine
+        exports anything; raising fails that member's join."""
+
     async def before_exchange(self, group_id: str, stage: int) -> None:
         """At a drop, when a member is told to start its KV exchange (stage 0 tells
         itself in-process, the others over gRPC)."""

@@ -46,7 +46,7 @@ from services.worker.engine import (
     plan_group_pool,
 )
 from services.worker.kunserve.pipeline import PipelineDriver
-from services.worker.kunserve.types import GroupError, HandedRequest, JoinReply
+from services.worker.kunserve.types import GroupError, HandedRequest, JoinReply, Role
 
 log = get_logger(__name__)
 tracer = trace.get_tracer("llmesh.worker")
@@ -109,8 +109,14 @@ class GroupLeader:
                 f"stage {s}: {j}" for s, j in zip(members, joins, strict=True) if isinstance(j, BaseException)
             ]  # fmt: skip
             if failed:
-                # Whoever joined reloads; stage 0 requeues what it was handed.
-                self.m.lost("join failed: " + "; ".join(failed))
+                reason = "join failed: " + "; ".join(failed)
+                if m.role is Role.JOINING:
+                    # Stage 0's own join failed (it exported nothing): the members that
+                    # joined reload and take back the requests they handed it.
+                    await self._call_off(members, reason)
+                else:
+                    # Whoever joined reloads; stage 0 requeues what it was handed.
+                    self.m.lost(reason)
                 raise GroupError(f"group {group.group_id} failed to form: " + "; ".join(failed))
             joined = dict(zip(members, joins, strict=True))
             freed = sum(j.freed_weight_bytes for j in joined.values())
@@ -154,14 +160,15 @@ class GroupLeader:
         """Stage 0 calls itself in-process, the others over gRPC."""
         return self.m if member.stage == 0 else self.m.member_client(member)
 
-    async def _call_off(self, members) -> None:
+    async def _call_off(self, members, reason: str = "drop called off") -> None:
         for stage, client in members.items():
             if stage == 0:
                 self.m.call_off_join(self.group.group_id)
             else:
-                # If it does not hear this, its JOINING times out on its own.
+                # A member still JOINING goes back to ALONE (if it does not hear this,
+                # its JOINING times out on its own); one that joined reloads.
                 with contextlib.suppress(Exception):
-                    await client.abort_group(self.group.group_id, "drop called off")
+                    await client.abort_group(self.group.group_id, reason)
 
     async def _adopt(self, joined: dict[int, JoinReply]) -> None:
         """Every member's requests into stage 0's engine, at their group block ids; the

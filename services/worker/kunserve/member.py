@@ -91,6 +91,10 @@ class GroupMembership:
         self.hooks = hooks
         self.config = config
         self.role = Role.ALONE
+        # Set on the engine thread when PrepareJoin accepts, before the role is (on the
+        # event loop): a migration reservation queued behind PrepareJoin on the engine
+        # thread sees it and is refused (it would make the join fail).
+        self.claimed = False
         self.group: GroupSpec | None = None
         self.stage = 0
         self.key = ""  # group id + epoch: prefix of the group's transfer ids
@@ -163,7 +167,7 @@ class GroupMembership:
             return await self.leader.form()
         except BaseException:
             if self.role in (Role.ALONE, Role.JOINING):
-                self.leader, self.role, self.group = None, Role.ALONE, None
+                self.leader, self.role, self.group, self.claimed = None, Role.ALONE, None, False
             raise
 
     async def dissolve_group(self, group_id: str) -> tuple[int, int, float]:
@@ -204,6 +208,16 @@ class GroupMembership:
                 return PrepareReply(
                     False, f"block_size {engine.config.block_size} != group's {group.block_size}"
                 )
+            # Checked again here, between two steps: a migration that began after the
+            # check above has its blocks reserved (or its request suspended) by now.
+            stats = engine.stats()
+            if stats.num_reserved_blocks or stats.num_suspended:
+                return PrepareReply(
+                    False,
+                    f"a migration holds {stats.num_reserved_blocks} reserved blocks and "
+                    f"{stats.num_suspended} suspended requests here",
+                )
+            self.claimed = True
             return PrepareReply(
                 True,
                 "",
@@ -228,7 +242,7 @@ class GroupMembership:
     def call_off_join(self, group_id: str) -> None:
         """Stage 0 gave the drop up before JoinGroup: back to ALONE."""
         if self.role is Role.JOINING and self.group_id == group_id:
-            self.role, self.group = Role.ALONE, None
+            self.role, self.group, self.claimed = Role.ALONE, None, False
 
     # ---- JoinGroup --------------------------------------------------------------------
 
@@ -240,6 +254,15 @@ class GroupMembership:
 
         def drop(engine: LLMEngine):
             cpu_start = time.thread_time()  # the join's own cost (bench burst's simulator)
+            # Before anything is exported: a join that cannot complete must leave every
+            # request where it is (stage 0's abort then tells the others).
+            stats = engine.stats()
+            if stats.num_reserved_blocks or stats.num_suspended:
+                raise GroupError(
+                    f"{self.instance_id} cannot join: a migration holds "
+                    f"{stats.num_reserved_blocks} reserved blocks and {stats.num_suspended} "
+                    "suspended requests"
+                )
             exported: list[tuple[RequestState, tuple[int, ...]]] = []
             staged: dict[tuple[str, int], torch.Tensor] = {}
             for request in list(engine.scheduler.running):
@@ -268,6 +291,7 @@ class GroupMembership:
             "kunserve.drop",
             attributes={"llmesh.group_id": group.group_id, "llmesh.stage": me.stage},
         ) as span:
+            await self.faults.before_join(group.group_id, me.stage)
             exported, staged, change, join_cpu_s = await self.async_engine.run(drop)
             span.set_attribute("llmesh.freed_weight_bytes", change.freed_weight_nbytes)
             span.set_attribute("llmesh.num_requests", len(exported))
@@ -651,6 +675,7 @@ class GroupMembership:
             await self.kv_exchange.close()
             self.kv_exchange = None
         self.role, self.group, self.leader, self.key = Role.ALONE, None, None, ""
+        self.claimed = False
         self.freed_weight_bytes = 0
         self.hooks.on_changed()
 

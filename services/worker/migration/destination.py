@@ -138,6 +138,10 @@ class MigrationDestination:
             raise ValueError(f"num_blocks={offer.num_blocks} must be >= 0")
 
         def reserve(engine: LLMEngine) -> list[int] | str:
+            # Again between two steps: a KunServe PrepareJoin that ran just before
+            # claims this worker, and a reservation would make its join fail.
+            if self._is_draining():
+                return "draining"
             if engine.request_status(offer.request_id) is not None:
                 return "duplicate_request"
             try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
+import threading
+import time
 
 import pytest
 
@@ -398,3 +400,35 @@ async def test_a_rehome_waits_out_a_handoff_until_the_migration_settled(cluster)
     assert not a.source.is_migrating("r")
     await asyncio.wait_for(streams["r"].finished.wait(), 60)
     assert streams["r"].tokens == expected
+
+
+async def test_a_claim_made_on_the_engine_thread_before_the_reservation_refuses_it(cluster):
+    """A KunServe PrepareJoin runs on b's engine thread just before a migration's
+    reservation, after the destination's first draining check: the reservation sees
+    the claim there and is refused, so the join finds no reserved blocks."""
+    a, b, streams = await cluster()
+    claimed = threading.Event()
+    b.destination._is_draining = claimed.is_set
+
+    def prepare_join(engine: LLMEngine) -> None:  # what PrepareJoin's engine call does
+        time.sleep(0.3)  # b's step boundary, while the migration's prepare arrives
+        claimed.set()
+
+    params = SamplingParams(max_tokens=80, ignore_eos=True)
+    p = prompt(4, 60)
+    expected = reference_tokens(ENGINE_CONFIG, p, params)
+    await a.add("r", p, params)
+    await wait_tokens(streams, "r", 5)
+    claim = asyncio.create_task(b.async_engine.run(prepare_join))
+    await asyncio.sleep(0.05)  # the claim holds b's engine thread now
+    result = await a.source.migrate("r", b.target())
+    await claim
+    assert (result.status, result.reason) == (
+        MigrationStatus.ABORTED,
+        "destination_refused: draining",
+    )
+    assert b.destination.num_active == 0
+    assert await b.async_engine.run(lambda e: e.block_manager.num_used_blocks) == 0
+    await asyncio.wait_for(streams["r"].finished.wait(), 60)
+    assert streams["r"].tokens == expected
+    assert set(streams["r"].sources) == {"a"}
