@@ -197,8 +197,11 @@ class Llumlet:
         self._changed.set()
 
     def next_report(self, snapshot: EngineSnapshot | None = None) -> LoadReport:
-        """The next report: `snapshot` (default: the latest) through the load model."""
+        """The next report: `snapshot` (default: the latest, plus the requests that
+        reached the worker since: the intake) through the load model. A snapshot given
+        here (Worker.GetLoad's, taken just now) is reported as the engine has it."""
         self._seq += 1
+        with_intake = snapshot is None
         snapshot = snapshot or self._snapshot
         load = load_from_snapshot(
             self.spec.instance_id,
@@ -210,7 +213,8 @@ class Llumlet:
             self.group.group_id,
             self.group.group_stage,
         )
-        load = add_pending_dispatches(load, *self.intake.unreported(snapshot.taken_at))
+        if with_intake:
+            load = add_pending_dispatches(load, *self.intake.unreported(snapshot.taken_at))
         g = self.group
         return LoadReport(
             load,

@@ -93,6 +93,7 @@ async def test_a_request_that_arrives_mid_step_is_reported_waiting_and_named_onc
         reports = llumlet._reports()
         first = await anext(reports)
         heartbeat = await anext(reports)  # nothing new: the same load, a new seq
+        given = llumlet.next_report(snapshot(taken_at=1.5))  # GetLoad's: as the engine has it
         llumlet.note_admitted("r1", at=2.0)  # the engine took it after that snapshot
         later = llumlet.next_report()
         llumlet.on_snapshot(snapshot(num_waiting=2, waiting_blocks=7, taken_at=3.0))
@@ -105,6 +106,7 @@ async def test_a_request_that_arrives_mid_step_is_reported_waiting_and_named_onc
     assert list(first.arrived_request_ids) == ["r1"]
     assert (heartbeat.seq, list(heartbeat.arrived_request_ids)) == (first.seq + 1, [])
     assert (heartbeat.num_waiting, heartbeat.num_waiting_blocks) == (2, 7)
+    assert (given.load.num_waiting, given.load.num_waiting_blocks) == (1, 4)
     assert (later.load.num_waiting, later.load.num_waiting_blocks) == (2, 7)
     # The engine's own snapshot counts r1 now: not twice.
     assert (shown.load.num_waiting, shown.load.num_waiting_blocks) == (2, 7)
