@@ -147,25 +147,31 @@ def test_requests_going_home_at_a_restore_stream_their_first_tokens_there(
             _survivor_alone_and_clean(mesh, worker)
 
 
+def _drop_fails_tokens_exact(mesh, reference_engine, offset: int, prefix: str):
+    """Streams 6 requests and drops both workers meanwhile: the drop must fail with
+    FAILED_PRECONDITION (returned) and every request finish with its reference tokens."""
+    requests = workload(6, offset, 900)
+    expected = reference_tokens(reference_engine, requests)
+    members = [w.name for w in mesh.workers]
+    outcome = {}
+
+    def during():
+        with pytest.raises(grpc.RpcError) as failed:
+            drop(mesh, members)
+        outcome["error"] = failed.value
+
+    assert run_streams(mesh, requests, prefix, during) == expected
+    error = outcome["error"]
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error
+    return error
+
+
 def test_a_member_dying_before_its_exchange_fails_the_drop_by_name(tmp_path, reference_engine):
     """Stage 1 joins, then dies when told to start its exchange: the drop answers
     FAILED_PRECONDITION naming the stage (it used to answer UNKNOWN), the group breaks
     up, and every request finishes exactly on the survivor."""
-    requests = workload(6, 53, 900)
-    expected = reference_tokens(reference_engine, requests)
     with _mesh(tmp_path, "kill_at_exchange_start") as mesh:
-        members = [w.name for w in mesh.workers]
-        outcome = {}
-
-        def during():
-            with pytest.raises(grpc.RpcError) as failed:
-                drop(mesh, members)
-            outcome["error"] = failed.value
-
-        tokens = run_streams(mesh, requests, "exchange-start-kill", during)
-        assert tokens == expected
-        error = outcome["error"]
-        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error
+        error = _drop_fails_tokens_exact(mesh, reference_engine, 53, "exchange-start-kill")
         assert "KV exchange failed to start: stage 1: UNAVAILABLE" in error.details()
         assert mesh.workers[1].popen.poll() == -signal.SIGKILL
         _survivor_alone_and_clean(mesh, mesh.workers[0])
@@ -178,21 +184,8 @@ def test_stage_0_failing_its_own_join_sends_the_member_home_with_its_requests(
     join fails: the drop answers FAILED_PRECONDITION, stage 1 reloads its layers and
     takes its requests back (they used to be lost, stage 1 left as a group of one),
     stage 0 keeps its own, and every request finishes exactly on the two workers alone."""
-    requests = workload(6, 57, 900)
-    expected = reference_tokens(reference_engine, requests)
     with _mesh(tmp_path, "fail_stage0_join") as mesh:
-        members = [w.name for w in mesh.workers]
-        outcome = {}
-
-        def during():
-            with pytest.raises(grpc.RpcError) as failed:
-                drop(mesh, members)
-            outcome["error"] = failed.value
-
-        tokens = run_streams(mesh, requests, "stage0-join-fails", during)
-        assert tokens == expected
-        error = outcome["error"]
-        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, error
+        error = _drop_fails_tokens_exact(mesh, reference_engine, 57, "stage0-join-fails")
         assert "injected: stage 0 cannot join" in error.details()
         joined = [e for e in log_events(mesh.workers[1].log_path) if e["event"] == "group_joined"]
         assert [e["stage"] for e in joined] == [1]  # it had joined before stage 0 failed
